@@ -1,0 +1,90 @@
+"""The runtime interface every backend implements (numpy in, numpy out; no torch import here).
+
+A runtime holds one loaded artifact (a checkpoint, an ONNX file, an engine) and offers
+  denoise(x_t, t, y) -> eps         x_t float32 (B, C, F, H, W), t float32 (B,), y int32 (B,)
+  step(x_t, t, y, guidance, coefs, noise) -> x_{t-1}   one guided DDPM/DDIM step (diffusion.py)
+The default `step` runs `denoise` and the update on the host; backends with a fused step graph
+override it and may keep x_t on the device between calls (then `step` returns a device handle
+that `to_host` turns into numpy).
+"""
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from vdit_deploy.config import ModelConfig
+from vdit_deploy.diffusion import Schedule, guided_step
+from vdit_deploy.errors import VditError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple          # ints, or strings for dynamic axes ("batch")
+    dtype: str            # numpy dtype name
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.dtype}[{', '.join(str(s) for s in self.shape)}]"
+
+
+class Runtime(ABC):
+    name: str = "?"
+    precision: str = "fp32"
+    device: str = "cpu"
+    config: ModelConfig
+    schedule: Schedule
+
+    @property
+    @abstractmethod
+    def inputs(self) -> list[TensorSpec]: ...
+
+    @property
+    @abstractmethod
+    def outputs(self) -> list[TensorSpec]: ...
+
+    @abstractmethod
+    def denoise(self, x_t: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray: ...
+
+    def step(self, x_t, t: int, y: np.ndarray, guidance: float, coefs: np.ndarray, noise: np.ndarray):
+        return guided_step(self.denoise, x_t, t, y, guidance, coefs, noise, self.config.null_label)
+
+    def check_inputs(self, x_t: np.ndarray, t: np.ndarray, y: np.ndarray) -> None:
+        expected = self.config.video_shape
+        if x_t.ndim != 5 or tuple(x_t.shape[1:]) != expected:
+            raise VditError(f"x_t has shape {tuple(x_t.shape)}, expected (batch, {', '.join(map(str, expected))})")
+        if t.shape != (x_t.shape[0],) or y.shape != (x_t.shape[0],):
+            raise VditError(f"t and y must have shape ({x_t.shape[0]},), got {t.shape} and {y.shape}")
+
+    def describe(self) -> str:
+        return f"{self.name}:{self.precision} on {self.device}"
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# name -> (module, class, what to install). Modules are imported only when asked for.
+RUNTIMES = {
+    "torch": ("vdit_deploy.runtimes.torch_runtime", "TorchRuntime", "pip install 'vdit-deploy[torch]'"),
+    "ort": ("vdit_deploy.runtimes.ort_runtime", "OrtRuntime", "pip install vdit-deploy"),
+}
+
+
+def open_runtime(name: str, artifact, **options) -> Runtime:
+    """Open `artifact` (checkpoint dir, export dir or ONNX file, engine) with the runtime `name`."""
+    if name not in RUNTIMES:
+        raise VditError(f"unknown runtime {name!r}; choose from {', '.join(RUNTIMES)}")
+    module, cls, install = RUNTIMES[name]
+    try:
+        backend = getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        raise VditError(f"runtime {name!r} needs {e.name or e}: {install}") from None
+    return backend(artifact, **options)

@@ -1,0 +1,64 @@
+"""The sampling loop: DDPM or DDIM over any denoiser, with all noise drawn on the host.
+
+Noise comes from one seeded numpy Generator (x_T first, then each stochastic step's z in order),
+so every runtime, PyTorch, ONNX Runtime or TensorRT, sees bit-identical noise for the same seed.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from vdit_deploy.config import ModelConfig
+from vdit_deploy.diffusion import Step, guided_step
+from vdit_deploy.errors import VditError
+
+
+@dataclass
+class SampleTimes:
+    """Wall time of a sample split into the denoiser/runtime steps and the host loop around them."""
+    total: float = 0.0
+    steps: list[float] = field(default_factory=list)
+
+    @property
+    def overhead(self) -> float:
+        return self.total - sum(self.steps)
+
+
+def check_labels(labels, cfg: ModelConfig) -> np.ndarray:
+    y = np.asarray(labels, dtype=np.int32).reshape(-1)
+    bad = y[(y < 0) | (y >= cfg.num_classes)]
+    if bad.size:
+        raise VditError(f"label {int(bad[0])} is out of range: this model has labels 0..{cfg.num_classes - 1}")
+    return y
+
+
+def sample(denoiser, cfg: ModelConfig, labels, steps: list[Step], guidance: float = 1.0, seed: int = 0,
+           progress: bool = False, times: SampleTimes | None = None) -> np.ndarray:
+    """Sample videos (B, C, F, H, W) in float32, one per label.
+
+    `denoiser` is a runtime (anything with the fused `step(x_t, t, y, guidance, coefs, noise)`) or a
+    plain callable `denoise(x_t, t, y) -> eps` on numpy arrays (t float32 (B,), y int32 (B,))."""
+    y = check_labels(labels, cfg)
+    if guidance < 0:
+        raise VditError(f"guidance scale must be >= 0, got {guidance}")
+    step_fn = getattr(denoiser, "step", None)
+    if step_fn is None:
+        def step_fn(x, t, y, g, coefs, noise):
+            return guided_step(denoiser, x, t, y, g, coefs, noise, cfg.null_label)
+    rng = np.random.default_rng(seed)
+    start = time.perf_counter()
+    x = rng.standard_normal((len(y), *cfg.video_shape), dtype=np.float32)            # x_T ~ N(0, I)
+    zeros = np.zeros_like(x)
+    for step in tqdm(steps, desc="sample", unit="step", disable=not progress, leave=False):
+        noise = rng.standard_normal(x.shape, dtype=np.float32) if step.sigma > 0 else zeros
+        t0 = time.perf_counter()
+        x = step_fn(x, step.t, y, guidance, step.coefs, noise)
+        if times is not None:
+            times.steps.append(time.perf_counter() - t0)
+    x = np.asarray(x, dtype=np.float32)   # a runtime may hand back a device-synchronised view
+    if times is not None:
+        times.total = time.perf_counter() - start
+    return x

@@ -1,0 +1,134 @@
+"""Training on Moving Shapes: eps-prediction MSE (Ho et al.), AdamW, EMA weights, label dropout.
+
+The output directory is itself a checkpoint (EMA weights in model.safetensors) plus
+training_state.safetensors (raw weights, optimizer moments), so `--out DIR` can be sampled from
+while training runs and a stopped run resumes where it left off.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vdit_deploy.checkpoint import load_tensors, read_info, save_checkpoint
+from vdit_deploy.config import ModelConfig
+from vdit_deploy.data import MovingShapes
+from vdit_deploy.diffusion import Schedule
+from vdit_deploy.errors import VditError
+from vdit_deploy.model import VideoDiT
+
+TRAINING_STATE = "training_state.safetensors"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup: int = 100
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1     # null label this often, so classifier-free guidance works
+    checkpoint_every: int = 250
+    seed: int = 0
+
+
+def diffusion_loss(model: VideoDiT, x0: torch.Tensor, y: torch.Tensor, alphas_cumprod: torch.Tensor,
+                   gen: torch.Generator) -> torch.Tensor:
+    """MSE between the true noise and the predicted one at a uniformly drawn timestep."""
+    b = x0.shape[0]
+    t = torch.randint(0, len(alphas_cumprod), (b,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    ab = alphas_cumprod[t].view(b, 1, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise                                   # q(x_t | x_0)
+    return F.mse_loss(model(x_t, t, y), noise)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1.0 - decay)
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict:
+    out = {}
+    for idx, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"opt.{idx}.{key}"] = torch.as_tensor(value).float().reshape(-1) if key == "step" else value
+    return out
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict) -> None:
+    state = {}
+    for name, value in tensors.items():
+        if name.startswith("opt."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value.reshape(()) if key == "step" else value
+    sd = opt.state_dict()
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def train(model_cfg: ModelConfig, out: str | Path, cfg: TrainConfig = TrainConfig(),
+          schedule: Schedule = Schedule(), progress: bool = True) -> dict:
+    if model_cfg.in_channels != 3:
+        raise VditError("Moving Shapes videos are RGB: the model needs in_channels=3")
+    out = Path(out)
+    torch.manual_seed(cfg.seed)
+    model = VideoDiT(model_cfg)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if (out / TRAINING_STATE).is_file():   # resume
+        info = read_info(out)
+        if info.model != model_cfg or info.schedule != schedule:
+            raise VditError(f"{out} holds a run with another model config or schedule; choose a new --out")
+        state = load_tensors(out / TRAINING_STATE)
+        model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+        ema.load_state_dict(load_tensors(info.weights))
+        _load_optimizer(opt, state)
+        start = info.step
+    data = MovingShapes(model_cfg.frames, model_cfg.height, model_cfg.width, model_cfg.num_classes, cfg.seed)
+    alphas_cumprod = torch.from_numpy(schedule.alphas_cumprod).float()
+
+    def save(step: int) -> None:
+        extra = {k: v.contiguous() for k, v in _optimizer_tensors(opt).items()}
+        extra.update({f"model.{k}": v for k, v in model.state_dict().items()})
+        save_checkpoint(out, ema.state_dict(), model_cfg, schedule, step, ema=True,
+                        extra_files={TRAINING_STATE: extra})
+
+    losses, t0 = [], time.time()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
+               desc="train", unit="step")
+    model.train()
+    for step in bar:
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        # Seeded per step: a resumed run draws the same batches, timesteps and noise.
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        x0, y = data.batch(np.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size))
+        y = torch.from_numpy(y)
+        y[torch.rand(len(y), generator=gen) < cfg.label_dropout] = model_cfg.null_label
+        loss = diffusion_loss(model, torch.from_numpy(x0), y, alphas_cumprod, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        # EMA decay warms up so that a short run's EMA is not dominated by the random init.
+        ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        losses.append(loss.item())
+        if progress and step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{lr:.1e}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            save(step + 1)
+    bar.close()
+    return {"steps": cfg.steps, "final_loss": float(np.mean(losses[-100:])) if losses else math.nan,
+            "seconds": time.time() - t0}

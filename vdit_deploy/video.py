@@ -1,0 +1,59 @@
+"""Writing sampled videos: .gif, .mp4 (imageio) or .npy (the raw float array), always atomically."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vdit_deploy.errors import VditError
+from vdit_deploy.files import atomic_path
+
+SUFFIXES = (".gif", ".mp4", ".npy")
+
+
+def check_suffix(path: str | Path) -> Path:
+    path = Path(path)
+    if path.suffix.lower() not in SUFFIXES:
+        raise VditError(f"--out {path}: the suffix must be one of {', '.join(SUFFIXES)}")
+    return path
+
+
+def to_frames(videos: np.ndarray, scale: int = 4, columns: int | None = None, pad: int = 1) -> np.ndarray:
+    """(B, 3, F, H, W) in [-1, 1] -> (F, rows*(H'+pad), cols*(W'+pad), 3) uint8 grid, upscaled."""
+    b, c, f, h, w = videos.shape
+    if c not in (1, 3):
+        raise VditError(f"can only draw 1- or 3-channel videos, got {c} channels (write .npy instead)")
+    cols = columns or b
+    rows = -(-b // cols)
+    img = ((np.clip(videos, -1, 1) + 1) * 127.5).round().astype(np.uint8)
+    img = np.repeat(np.repeat(img, scale, axis=3), scale, axis=4)                   # (B, C, F, sH, sW)
+    if c == 1:
+        img = np.repeat(img, 3, axis=1)
+    hs, ws = h * scale + pad, w * scale + pad
+    grid = np.full((f, rows * hs + pad, cols * ws + pad, 3), 255, np.uint8)
+    for i in range(b):
+        r, q = divmod(i, cols)
+        grid[:, pad + r * hs: pad + r * hs + h * scale, pad + q * ws: pad + q * ws + w * scale] = \
+            img[i].transpose(1, 2, 3, 0)
+    return grid
+
+
+def write_video(path: str | Path, videos: np.ndarray, fps: int = 6, scale: int = 4,
+                columns: int | None = None) -> Path:
+    """Write (B, C, F, H, W) videos; several videos become a side-by-side grid."""
+    import imageio.v3 as iio
+
+    path = check_suffix(path)
+    suffix = path.suffix.lower()
+    with atomic_path(path) as tmp:
+        if suffix == ".npy":
+            np.save(tmp, videos.astype(np.float32))
+        elif suffix == ".gif":
+            iio.imwrite(tmp, to_frames(videos, scale, columns), extension=".gif", duration=1000 / fps, loop=0)
+        else:
+            # H.264 wants even sizes: scale 4 + the 1-px border gives odd sizes, so pad once more.
+            frames = to_frames(videos, scale, columns)
+            frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)),
+                            constant_values=255)
+            iio.imwrite(tmp, frames, extension=".mp4", fps=fps, codec="libx264")
+    return path
