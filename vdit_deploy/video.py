@@ -51,9 +51,9 @@ def write_video(path: str | Path, videos: np.ndarray, fps: int = 6, scale: int =
         elif suffix == ".gif":
             iio.imwrite(tmp, to_frames(videos, scale, columns), extension=".gif", duration=1000 / fps, loop=0)
         else:
-            # H.264 wants even sizes: scale 4 + the 1-px border gives odd sizes, so pad once more.
+            # H.264 players want sizes in 16-pixel macro blocks: pad the grid's border (no resampling).
             frames = to_frames(videos, scale, columns)
-            frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)),
+            frames = np.pad(frames, ((0, 0), (0, -frames.shape[1] % 16), (0, -frames.shape[2] % 16), (0, 0)),
                             constant_values=255)
             iio.imwrite(tmp, frames, extension=".mp4", fps=fps, codec="libx264")
     return path
