@@ -75,14 +75,21 @@ class Runtime(ABC):
 RUNTIMES = {
     "torch": ("vdit_deploy.runtimes.torch_runtime", "TorchRuntime", "pip install 'vdit-deploy[torch]'"),
     "ort": ("vdit_deploy.runtimes.ort_runtime", "OrtRuntime", "pip install vdit-deploy"),
+    "trt": ("vdit_deploy.runtimes.trt_runtime", "TrtRuntime", "pip install 'vdit-deploy[trt]'"),
+    "ort-trt": ("vdit_deploy.runtimes.trt_runtime", "OrtTrtRuntime",
+                "pip uninstall onnxruntime && pip install 'vdit-deploy[gpu,trt]'"),
 }
+
+
+def check_runtime_name(name: str) -> str:
+    if name not in RUNTIMES:
+        raise VditError(f"unknown runtime {name!r}; choose from {', '.join(RUNTIMES)}")
+    return name
 
 
 def open_runtime(name: str, artifact, **options) -> Runtime:
     """Open `artifact` (checkpoint dir, export dir or ONNX file, engine) with the runtime `name`."""
-    if name not in RUNTIMES:
-        raise VditError(f"unknown runtime {name!r}; choose from {', '.join(RUNTIMES)}")
-    module, cls, install = RUNTIMES[name]
+    module, cls, install = RUNTIMES[check_runtime_name(name)]
     try:
         backend = getattr(importlib.import_module(module), cls)
     except ImportError as e:

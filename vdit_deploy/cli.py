@@ -75,8 +75,9 @@ def info(path):
 @click.option("--preset", "preset_name", default="tiny", show_default=True, help="Model size.")
 @click.option("--steps", default=3000, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=5e-4, show_default=True, type=click.FloatRange(0, min_open=True))
-@click.option("--schedule", type=click.Choice(["linear", "cosine"]), default="linear", show_default=True)
+@click.option("--lr", default=8e-4, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--schedule", type=click.Choice(["linear", "cosine"]), default="cosine", show_default=True,
+              help="Cosine keeps more of T informative at these small frame sizes (Nichol & Dhariwal).")
 @click.option("--attention", type=click.Choice(["factorized", "factorized_dot_product", "joint"]),
               default=None, help="Override the preset's attention mode.")
 @click.option("--checkpoint-every", default=250, show_default=True, type=click.IntRange(1))
@@ -110,7 +111,7 @@ def sampling_options(f):
                      help="Classifier-free guidance scale (1: off)."),
         click.option("--seed", default=0, show_default=True, type=int),
         click.option("--runtime", default="torch", show_default=True,
-                     help="torch (checkpoint) or ort (ONNX export, no torch needed)."),
+                     help="torch (checkpoint), or ort / trt / ort-trt (ONNX export, no torch needed)."),
         click.option("--precision", default="fp32", show_default=True, help="fp32, fp16, bf16 (runtime-dependent)."),
     ]):
         f = option(f)
@@ -142,8 +143,10 @@ def sample(checkpoint, onnx_path, labels, sampler, steps, eta, guidance, seed, r
     """Sample videos with DDPM or DDIM from a checkpoint or an ONNX export."""
     from vdit_deploy.video import check_suffix, write_video
 
+    from vdit_deploy.runtimes.base import check_runtime_name
+
     check_suffix(out)
-    if runtime == "torch":
+    if check_runtime_name(runtime) == "torch":
         from vdit_deploy.checkpoint import SHIPPED
         artifact = checkpoint or SHIPPED
     else:
@@ -176,6 +179,178 @@ def demo(out, seeds, steps, guidance):
     write_video(out, videos, columns=cfg.num_classes)
     click.echo(f"wrote {out}: columns {', '.join(CLASS_NAMES[:cfg.num_classes])}; {seeds} seed(s) each; "
                f"{steps} DDIM steps, guidance {guidance}, {times.total:.2f} s ({desc})")
+
+
+# ---- plan (memory planner for a deployment target) ---------------------------------------------
+def model_source(preset_name, checkpoint, onnx_path):
+    """--preset / --checkpoint / --onnx -> (ModelConfig, ONNX bytes or None, what it is). Torch-free."""
+    if sum(x is not None for x in (preset_name, checkpoint, onnx_path)) != 1:
+        raise VditError("give exactly one of --preset, --checkpoint or --onnx")
+    if preset_name is not None:
+        from vdit_deploy.config import preset
+        return preset(preset_name), None, f"preset {preset_name}"
+    if checkpoint is not None:
+        from vdit_deploy.checkpoint import read_info
+        return read_info(checkpoint).model, None, f"checkpoint {checkpoint}"
+    from vdit_deploy.export.metadata import find_onnx, read_metadata
+    file = find_onnx(onnx_path)
+    size = file.stat().st_size + sum(p.stat().st_size for p in file.parent.glob(file.name + ".data"))
+    return read_metadata(file).config, size, f"export {file}"
+
+
+@main.command()
+@click.option("--target", default=None, help="Profile name (orin-nano, orin-nx, agx-orin, desktop-gpu) or a .json path.")
+@click.option("--preset", "preset_name", default=None, help="Plan for a preset (tiny, S, B, L, XL).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Plan for a checkpoint's config.")
+@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), default=None,
+              help="Plan for an export (its config and real ONNX size).")
+@click.option("--batch", type=click.IntRange(1), default=None, help="Videos per call. Default: the profile's max.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "best"]), default=None,
+              help="Default: the profile's.")
+@click.option("--frames", type=click.IntRange(1), default=None, help="Override the number of latent frames.")
+@click.option("--list", "list_targets", is_flag=True, help="List the shipped profiles and exit.")
+def plan(target, preset_name, checkpoint, onnx_path, batch, precision, frames, list_targets):
+    """Estimate the memory an engine needs on a target board; exit 1 if it will not fit."""
+    from vdit_deploy.runtimes.profiles import PROFILE_DIR, load_profile, plan_memory, profile_names
+
+    if list_targets:
+        for name in profile_names():
+            click.echo(load_profile(name).describe())
+        click.echo(f"(profiles live in {PROFILE_DIR}; copy one, edit it, pass its path to --target)")
+        return
+    if target is None:
+        raise VditError("--target is required (see `vdit plan --list`)")
+    profile = load_profile(target)
+    cfg, onnx_bytes, what = model_source(preset_name, checkpoint, onnx_path)
+    if frames is not None:
+        cfg = cfg.replace(frames=frames)
+    result = plan_memory(cfg, batch or profile.batch[2], precision or profile.precision, profile,
+                         onnx_bytes=onnx_bytes)
+    click.echo(f"{what}")
+    click.echo(result.table())
+    result.check()
+
+
+# ---- build (TensorRT) ---------------------------------------------------------------------------
+@main.command()
+@click.argument("onnx_dir", type=click.Path(path_type=Path))
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "best"]), default=None,
+              help="Default: the target's, else fp16. int8 builds the Q/DQ graph from `vdit calibrate`.")
+@click.option("--batch", default=None, help="Engine batch range MIN:OPT:MAX (default 1:2:8, or the target's).")
+@click.option("--fixed-batch", type=click.IntRange(1), default=None, help="Static batch N (MIN=OPT=MAX=N).")
+@click.option("--target", default=None, help="Deployment profile (orin-nano, agx-orin, desktop-gpu... or a JSON file).")
+@click.option("--workspace", type=click.IntRange(1), default=None, help="Builder workspace limit, MB.")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=None, help="TensorRT builder optimization level.")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None,
+              help="Engine cache directory (default ONNX_DIR/engines).")
+@click.option("--no-build", is_flag=True, help="Only check the cache: fail, saying what differs, if an engine is stale.")
+def build(onnx_dir, precision, batch, fixed_batch, target, workspace, opt_level, cache_dir, no_build):
+    """Compile an export's step.onnx and denoiser.onnx into cached TensorRT engines."""
+    from vdit_deploy.runtimes.engine_cache import BatchProfile
+    from vdit_deploy.runtimes.trt_build import KINDS, BuildOptions, ensure_engine
+
+    if not onnx_dir.is_dir():
+        raise VditError(f"{onnx_dir}: no such export directory (see `vdit export`)")
+    board = None
+    if target:
+        from vdit_deploy.runtimes.profiles import load_profile
+        board = load_profile(target)
+    precision = precision or (board.precision if board else "fp16")
+    if fixed_batch and batch:
+        raise VditError("pass --batch or --fixed-batch, not both")
+    profile = (BatchProfile.fixed(fixed_batch) if fixed_batch else BatchProfile.parse(batch) if batch
+               else BatchProfile(*board.batch) if board else BatchProfile(1, 2, 8))
+    options = BuildOptions(workspace_mb=workspace or (board.workspace_mib if board else None),
+                           opt_level=opt_level if opt_level is not None else (board.optimization_level if board else None),
+                           dla_core=board.dla_core if board else None, target=board.name if board else None)
+    if board:   # refuse before a long build that cannot fit the board
+        from vdit_deploy.export.metadata import STEP, find_onnx, read_metadata
+        from vdit_deploy.runtimes.profiles import plan_memory
+
+        step_onnx = find_onnx(onnx_dir, STEP)
+        plan = plan_memory(read_metadata(step_onnx).config, profile.max, precision, board,
+                           onnx_bytes=step_onnx.stat().st_size)
+        click.echo(plan.table())
+        plan.check()
+    kinds = [k for k in KINDS if (onnx_dir / f"{k}.onnx").is_file()]
+    if not kinds:
+        raise VditError(f"{onnx_dir} has no step.onnx or denoiser.onnx; run `vdit export` first")
+    for kind in kinds:
+        engine, built = ensure_engine(onnx_dir, kind, precision, profile, options, cache_dir, build=not no_build,
+                                      log=click.echo)
+        how = f"built in {engine.manifest.get('build_seconds', 0):.1f} s" if built else "cached, up to date"
+        click.echo(f"{kind:<9} {engine.path}  ({engine.path.stat().st_size / 1e6:.1f} MB, {precision}, "
+                   f"batch {profile}, {how})")
+
+
+# ---- export / verify (ONNX) ---------------------------------------------------------------------
+def parse_batch_range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise VditError(f"--batch takes MIN:MAX (e.g. 1:8), got {text!r}") from None
+    return lo, hi
+
+
+def print_verify(export_dir, checkpoint, tolerance):
+    from vdit_deploy.export.verify import check, verify
+
+    report = verify(export_dir, checkpoint=checkpoint, tolerance=tolerance)
+    click.echo(report.table())
+    check(report, export_dir)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Export directory (replaced atomically).")
+@click.option("--batch", default="1:8", show_default=True, help="Dynamic batch range MIN:MAX (videos per call).")
+@click.option("--fixed-batch", type=click.IntRange(1), default=None, help="Static batch N (edge builds).")
+@click.option("--opset", default=18, show_default=True, type=click.IntRange(17))
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Compare with PyTorch after export.")
+@click.option("--tolerance", default=1e-4, show_default=True, type=float, help="Relative L2 allowed by --verify.")
+def export(checkpoint, out, batch, fixed_batch, opset, verify, tolerance):
+    """Export a checkpoint to denoiser.onnx and the fused step.onnx (and verify them)."""
+    import time as _time
+
+    from vdit_deploy.export.onnx_export import export_checkpoint
+
+    start = _time.perf_counter()
+    export_checkpoint(checkpoint, out, batch=parse_batch_range(batch), fixed=fixed_batch, opset=opset)
+    sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in sorted(out.iterdir()))
+    click.echo(f"exported {out}: {sizes} in {_time.perf_counter() - start:.1f} s")
+    if verify:
+        print_verify(out, checkpoint, tolerance)
+
+
+@main.command("verify")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="The source checkpoint (default: the path recorded at export).")
+@click.option("--tolerance", default=1e-4, show_default=True, type=float, help="Relative L2 allowed per output.")
+def verify_cmd(export_dir, checkpoint, tolerance):
+    """Compare an export with PyTorch on a real sampling trajectory; exit 1 above tolerance."""
+    print_verify(export_dir, checkpoint, tolerance)
+
+
+# ---- serve-export (NVIDIA Triton model repository) ----------------------------------------------
+@main.command("serve-export")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--triton", "triton_dir", required=True, type=click.Path(path_type=Path),
+              help="Model repository to write (replaced atomically).")
+@click.option("--engine", type=click.Path(path_type=Path), default=None,
+              help="Serve this `vdit build` denoiser engine (.engine with its .json manifest) instead of the ONNX.")
+@click.option("--precision", default="fp32", show_default=True, help="ONNX variant to serve (fp32, fp16, int8...).")
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(1),
+              help="Denoiser instances per GPU.")
+def serve_export(export_dir, triton_dir, engine, precision, instances):
+    """Write an NVIDIA Triton model repository: the denoiser with dynamic batching + the sampler loop."""
+    from vdit_deploy.export.triton import write_triton_repo
+
+    notes = write_triton_repo(export_dir, triton_dir, engine=engine, precision=precision, instances=instances)
+    click.echo(f"wrote Triton model repository {triton_dir}")
+    for note in notes:
+        click.echo(f"  {note}")
+    click.echo("  start it: see docs/serving.md (tritonserver --model-repository ...)")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Every sampler step, DDPM or DDIM, is written as the same affine update
 
-    x0_hat = clip(a * x_t - b * eps, -clip, +clip)
-    x_prev = c_x0 * x0_hat + c_xt * x_t + c_eps * eps + sigma * z
+    x0_hat  = clip(a * x_t - b * eps, -clip, +clip)
+    eps_hat = (a * x_t - x0_hat) / b          # eps consistent with the clipped x0 (= eps if no clipping)
+    x_prev  = c_x0 * x0_hat + c_xt * x_t + c_eps * eps_hat + sigma * z
 
 so that any runtime (numpy, an ONNX graph, a TensorRT engine) implements one formula and the host only
 feeds the step's scalars. The eps-prediction MSE loss lives with training (torch).
@@ -131,15 +132,17 @@ def make_steps(schedule: Schedule, sampler: str, steps: int | None = None, eta: 
             raise VditError(f"ddpm runs all {schedule.num_timesteps} steps; use --sampler ddim for {steps}")
         return ddpm_steps(schedule, clip)
     if sampler == "ddim":
-        return ddim_steps(schedule, steps or 50, eta, clip)
+        return ddim_steps(schedule, 50 if steps is None else steps, eta, clip)
     raise VditError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
 
 
 def apply_step(x_t: np.ndarray, eps: np.ndarray, coefs: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
     """The affine update above, in float32 (what every runtime computes)."""
     a, b, clip, c_x0, c_xt, c_eps, sigma = (np.float32(v) for v in coefs)
-    x0 = np.clip(a * x_t - b * eps, -clip, clip)
-    x_prev = c_x0 * x0 + c_xt * x_t + c_eps * eps
+    ax = a * x_t
+    x0 = np.clip(ax - b * eps, -clip, clip)
+    eps_hat = (ax - x0) / b     # re-derived as in guided-diffusion: keeps DDIM(eta=1) == DDPM with clipping
+    x_prev = c_x0 * x0 + c_xt * x_t + c_eps * eps_hat
     if sigma > 0:
         x_prev = x_prev + sigma * noise
     return x_prev.astype(np.float32)

@@ -31,24 +31,33 @@ TRAINING_STATE = "training_state.safetensors"
 class TrainConfig:
     steps: int = 3000
     batch_size: int = 32
-    lr: float = 5e-4
+    lr: float = 8e-4
     warmup: int = 100
     weight_decay: float = 0.0
     ema_decay: float = 0.999
     label_dropout: float = 0.1     # null label this often, so classifier-free guidance works
+    min_snr_gamma: float = 5.0     # Min-SNR loss weighting (Hang et al. 2023); 0 turns it off
     checkpoint_every: int = 250
     seed: int = 0
 
 
 def diffusion_loss(model: VideoDiT, x0: torch.Tensor, y: torch.Tensor, alphas_cumprod: torch.Tensor,
-                   gen: torch.Generator) -> torch.Tensor:
-    """MSE between the true noise and the predicted one at a uniformly drawn timestep."""
+                   gen: torch.Generator, min_snr_gamma: float = 0.0) -> torch.Tensor:
+    """MSE between the true noise and the predicted one at a uniformly drawn timestep.
+
+    With min_snr_gamma > 0 each sample is weighted by min(SNR, gamma) / SNR: the nearly clean timesteps,
+    whose eps error is large but says little, stop drowning out the noisy ones that decide the global
+    layout (where the shape is, what it is), which converges several times faster."""
     b = x0.shape[0]
     t = torch.randint(0, len(alphas_cumprod), (b,), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
-    ab = alphas_cumprod[t].view(b, 1, 1, 1, 1)
-    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise                                   # q(x_t | x_0)
-    return F.mse_loss(model(x_t, t, y), noise)
+    ab = alphas_cumprod[t]
+    x_t = ab.sqrt().view(b, 1, 1, 1, 1) * x0 + (1 - ab).sqrt().view(b, 1, 1, 1, 1) * noise   # q(x_t | x_0)
+    per_sample = F.mse_loss(model(x_t, t, y), noise, reduction="none").mean(dim=(1, 2, 3, 4))  # (B,)
+    if min_snr_gamma > 0:
+        snr = ab / (1 - ab)
+        per_sample = per_sample * snr.clamp(max=min_snr_gamma) / snr
+    return per_sample.mean()
 
 
 @torch.no_grad()
@@ -77,7 +86,7 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict) -> None:
 
 
 def train(model_cfg: ModelConfig, out: str | Path, cfg: TrainConfig = TrainConfig(),
-          schedule: Schedule = Schedule(), progress: bool = True) -> dict:
+          schedule: Schedule = Schedule("cosine"), progress: bool = True) -> dict:
     if model_cfg.in_channels != 3:
         raise VditError("Moving Shapes videos are RGB: the model needs in_channels=3")
     out = Path(out)
@@ -117,7 +126,7 @@ def train(model_cfg: ModelConfig, out: str | Path, cfg: TrainConfig = TrainConfi
         x0, y = data.batch(np.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size))
         y = torch.from_numpy(y)
         y[torch.rand(len(y), generator=gen) < cfg.label_dropout] = model_cfg.null_label
-        loss = diffusion_loss(model, torch.from_numpy(x0), y, alphas_cumprod, gen)
+        loss = diffusion_loss(model, torch.from_numpy(x0), y, alphas_cumprod, gen, cfg.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

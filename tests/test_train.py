@@ -1,0 +1,34 @@
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from vdit_deploy.config import preset
+from vdit_deploy.errors import VditError
+from vdit_deploy.train import TRAINING_STATE, TrainConfig, train
+
+SMALL = preset("tiny", hidden_size=32, depth=1, num_heads=2, frames=4, height=8, width=8)
+
+
+def test_loss_goes_down(tmp_path):
+    first = train(SMALL, tmp_path / "a", TrainConfig(steps=1, batch_size=16, checkpoint_every=1000), progress=False)
+    later = train(SMALL, tmp_path / "b", TrainConfig(steps=60, batch_size=16, lr=2e-3, warmup=5,
+                                                       checkpoint_every=1000), progress=False)
+    assert later["final_loss"] < 0.6 * first["final_loss"]
+
+
+def test_resume_is_exact(tmp_path):
+    cfg = dict(batch_size=4, checkpoint_every=2)
+    train(SMALL, tmp_path / "straight", TrainConfig(steps=4, **cfg), progress=False)
+    train(SMALL, tmp_path / "resumed", TrainConfig(steps=2, **cfg), progress=False)
+    train(SMALL, tmp_path / "resumed", TrainConfig(steps=4, **cfg), progress=False)
+    for name in ("model.safetensors", TRAINING_STATE):
+        a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "resumed" / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_resume_refuses_another_config(tmp_path):
+    train(SMALL, tmp_path / "run", TrainConfig(steps=1, batch_size=2), progress=False)
+    with pytest.raises(VditError, match="another model config"):
+        train(SMALL.replace(depth=2), tmp_path / "run", TrainConfig(steps=2, batch_size=2), progress=False)
