@@ -1,0 +1,288 @@
+"""TensorRT engine cache: an engine is reused only where it was built for exactly this situation.
+
+A TensorRT engine is a compiled plan for one ONNX graph, one precision, one optimization profile, one
+TensorRT version and one GPU (its name and compute capability). Each engine file sits beside a JSON
+manifest holding those fields (the key) and the engine's own sha256; `EngineCache.lookup` compares
+the key field by field so that a refusal can say *which* one changed. Pure Python and torch-free:
+TensorRT and cuda-python are imported only by `current_environment()`.
+
+Layout of a cache directory (default: <export dir>/engines):
+    step.fp16.b1-2-8.engine        the serialized plan
+    step.fp16.b1-2-8.json          its manifest
+    timing.cache                   TensorRT's tactic timing cache, shared by every build here
+"""
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from vdit_deploy.errors import VditError
+from vdit_deploy.files import atomic_path, sha256_file
+
+MANIFEST_FORMAT = 1
+PRECISIONS = ("fp32", "fp16", "int8", "best")
+TIMING_CACHE = "timing.cache"
+
+
+# ---- optimization profile --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BatchProfile:
+    """The batch range an engine accepts: TensorRT tunes for `opt` and runs anything in [min, max]."""
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self):
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise VditError(f"batch profile must satisfy 1 <= MIN <= OPT <= MAX, got {self}")
+
+    @classmethod
+    def parse(cls, text: str) -> "BatchProfile":
+        """'1:2:8' -> min 1, opt 2, max 8; '4' -> fixed batch 4; 'MIN:MAX' -> opt = max."""
+        parts = str(text).strip().split(":")
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            raise VditError(f"--batch takes MIN:OPT:MAX integers (e.g. 1:2:8), got {text!r}") from None
+        if len(values) == 1:
+            values *= 3
+        elif len(values) == 2:
+            values = [values[0], values[1], values[1]]
+        elif len(values) != 3:
+            raise VditError(f"--batch takes MIN:OPT:MAX (e.g. 1:2:8), got {text!r}")
+        return cls(*values)
+
+    @classmethod
+    def fixed(cls, batch: int) -> "BatchProfile":
+        return cls(batch, batch, batch)
+
+    @property
+    def is_fixed(self) -> bool:
+        return self.min == self.max
+
+    def __str__(self) -> str:
+        return f"{self.min}:{self.opt}:{self.max}"
+
+    def shapes(self, inputs: dict[str, tuple]) -> dict[str, tuple[tuple, tuple, tuple]]:
+        """Input name -> (min, opt, max) shapes. Axis 0 of batched inputs is -1 (dynamic) or a
+        'batch' string in `inputs`; any other dimension must be static."""
+        out = {}
+        for name, shape in inputs.items():
+            dims = list(shape)
+            batched = bool(dims) and (dims[0] == -1 or isinstance(dims[0], str))
+            rest = dims[1:] if batched else dims
+            if any(isinstance(d, str) or d < 0 for d in rest):
+                raise VditError(f"input {name} has a dynamic axis other than the batch: {tuple(shape)}")
+            if batched:
+                out[name] = tuple((b, *rest) for b in (self.min, self.opt, self.max))
+            else:
+                out[name] = (tuple(rest),) * 3
+        return out
+
+    def check(self, batch: int) -> None:
+        if not self.min <= batch <= self.max:
+            raise VditError(f"batch {batch} is outside the engine's profile {self} "
+                            f"(rebuild with `vdit build --batch MIN:OPT:MAX` covering it)")
+
+
+# ---- the cache key -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EngineKey:
+    """Everything an engine depends on. Field names are what a refusal message names."""
+    onnx_sha256: str
+    precision: str
+    profile: str                   # BatchProfile as "MIN:OPT:MAX"
+    tensorrt: str                  # tensorrt.__version__
+    gpu: str                       # device name, e.g. "NVIDIA H100 80GB HBM3"
+    compute_capability: str        # "9.0"
+    options: dict = field(default_factory=dict)   # builder options: opt level, workspace, target...
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise VditError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EngineKey":
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in d]
+        if missing:
+            raise ValueError(f"key lacks {', '.join(missing)}")
+        return cls(**{n: d[n] for n in names})
+
+    def differences(self, other: "EngineKey") -> list[tuple[str, object, object]]:
+        """(field, self's value, other's value) for every field that differs, in field order."""
+        return [(f.name, getattr(self, f.name), getattr(other, f.name)) for f in fields(self)
+                if getattr(self, f.name) != getattr(other, f.name)]
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
+    return text[:12] if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text
+
+
+@dataclass(frozen=True)
+class CachedEngine:
+    path: Path
+    manifest: dict
+
+    @property
+    def key(self) -> EngineKey:
+        return EngineKey.from_dict(self.manifest["key"])
+
+
+class EngineCache:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def timing_cache(self) -> Path:
+        return self.root / TIMING_CACHE
+
+    def paths(self, kind: str, precision: str, profile: BatchProfile) -> tuple[Path, Path]:
+        stem = f"{kind}.{precision}.b{profile.min}-{profile.opt}-{profile.max}"
+        return self.root / f"{stem}.engine", self.root / f"{stem}.json"
+
+    def read_manifest(self, manifest_path: Path) -> dict:
+        """The manifest as a dict; a one-line VditError if it is unreadable or incomplete."""
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            if not isinstance(manifest, dict):
+                raise ValueError("not a JSON object")
+            if manifest.get("format") != MANIFEST_FORMAT:
+                raise ValueError(f"format {manifest.get('format')!r}, expected {MANIFEST_FORMAT}")
+            EngineKey.from_dict(manifest["key"])
+            for name in ("engine", "engine_sha256"):
+                if not isinstance(manifest.get(name), str):
+                    raise ValueError(f"no {name}")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, KeyError, TypeError, VditError) as e:
+            raise VditError(f"engine manifest {manifest_path} is corrupt ({e}); delete it or rebuild") from None
+        return manifest
+
+    def lookup(self, kind: str, key: EngineKey, verify: bool = True) -> tuple[CachedEngine | None, str]:
+        """(the cached engine, "") when one matches `key`, else (None, why not) with the reason in
+        one line: missing, corrupt, or which key fields differ (cached value -> wanted value)."""
+        engine_path, manifest_path = self.paths(kind, key.precision, BatchProfile.parse(key.profile))
+        if manifest_path.is_file():
+            try:
+                manifest = self.read_manifest(manifest_path)
+                cached = CachedEngine(manifest_path.with_name(manifest["engine"]), manifest)
+            except VditError as e:
+                return None, str(e)
+        else:   # another profile or precision of this kind may be cached: name what differs from the nearest
+            others = [e for e in self.entries() if e.manifest.get("kind") == kind]
+            if not others:
+                return None, f"no cached {kind} engine in {self.root}"
+            cached = min(others, key=lambda e: len(e.key.differences(key)))
+        diffs = cached.key.differences(key)
+        if diffs:
+            what = "; ".join(f"{name}: cached {_short(old)}, now {_short(new)}" for name, old, new in diffs)
+            return None, f"cached {kind} engine {cached.path} does not match ({what})"
+        if not cached.path.is_file():
+            return None, f"cached {kind} engine {cached.path} is missing (its manifest is there)"
+        if verify and sha256_file(cached.path) != cached.manifest["engine_sha256"]:
+            return None, f"cached {kind} engine {cached.path} is corrupt (sha256 differs from its manifest)"
+        return cached, ""
+
+    def require(self, kind: str, key: EngineKey) -> CachedEngine:
+        """The matching engine, or a VditError saying what differs (for --no-build)."""
+        cached, why = self.lookup(kind, key)
+        if cached is None:
+            raise VditError(f"{why}; run `vdit build` without --no-build to build it")
+        return cached
+
+    def store(self, kind: str, key: EngineKey, engine: bytes, **extra) -> CachedEngine:
+        """Write the engine, then its manifest, each atomically (a manifest never points at a partial
+        engine; an engine without a manifest is never used)."""
+        engine_path, manifest_path = self.paths(kind, key.precision, BatchProfile.parse(key.profile))
+        with atomic_path(engine_path) as tmp:
+            tmp.write_bytes(engine)
+        manifest = {"format": MANIFEST_FORMAT, "kind": kind, "engine": engine_path.name,
+                    "engine_sha256": sha256_file(engine_path), "engine_bytes": len(engine),
+                    "key": key.to_dict(),
+                    "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    **extra}
+        with atomic_path(manifest_path) as tmp:
+            tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        return CachedEngine(engine_path, manifest)
+
+    def entries(self) -> list[CachedEngine]:
+        out = []
+        for manifest_path in sorted(self.root.glob("*.json")):
+            try:
+                manifest = self.read_manifest(manifest_path)
+            except VditError:
+                continue
+            out.append(CachedEngine(manifest_path.with_name(manifest["engine"]), manifest))
+        return out
+
+
+# ---- the environment part of the key -----------------------------------------------------------------
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str
+    compute_capability: str
+    total_memory: int = 0
+
+
+def gpu_info(device: int = 0) -> GpuInfo:
+    """Name and compute capability of CUDA device `device`, via cuda-python (no torch)."""
+    import glob
+
+    if not glob.glob("/dev/nvidia[0-9]*") and not glob.glob("/dev/nvhost-ctrl*"):   # desktop / Jetson nodes
+        raise VditError("TensorRT needs an NVIDIA GPU and none is present here (no /dev/nvidia* device); "
+                        "use --runtime ort on CPU")
+    cudart = import_cudart()
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0 or count == 0:
+        raise VditError(f"TensorRT needs an NVIDIA GPU with a working driver; CUDA reports "
+                        f"{getattr(err, 'name', err)} ({count or 0} devices)")
+    if device >= count:
+        raise VditError(f"CUDA device {device} asked for, but only {count} present")
+    err, props = cudart.cudaGetDeviceProperties(device)
+    check_cuda(err, "cudaGetDeviceProperties")
+    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+    return GpuInfo(name.rstrip("\x00").strip(), f"{props.major}.{props.minor}", int(props.totalGlobalMem))
+
+
+def import_cudart():
+    """cuda-python's runtime module: `cuda.bindings.runtime` (cuda-python >= 12.6) or `cuda.cudart`."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart   # cuda-python < 12.6 (e.g. older JetPack wheels)
+        except ImportError:
+            raise VditError("TensorRT runtime needs cuda-python: pip install 'vdit-deploy[trt]' "
+                            "(cuda-python matching your CUDA major version)") from None
+    return cudart
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise VditError("TensorRT is not installed: pip install 'vdit-deploy[trt]' (or use the "
+                        "JetPack python3-libnvinfer package on Jetson)") from None
+    except OSError as e:   # the bindings are there but libnvinfer is not
+        raise VditError(f"TensorRT's libraries did not load ({e}); pip install tensorrt-cu12") from None
+    return trt
+
+
+def check_cuda(err, what: str) -> None:
+    code = err[0] if isinstance(err, tuple) else err
+    if int(code) != 0:
+        raise VditError(f"{what} failed: {getattr(code, 'name', code)}")
+
+
+def current_key(onnx_sha256: str, precision: str, profile: BatchProfile, options: dict | None = None,
+                device: int = 0) -> EngineKey:
+    """The key an engine built here and now would have (needs TensorRT and a GPU)."""
+    gpu = gpu_info(device)
+    trt = import_tensorrt()
+    return EngineKey(onnx_sha256, precision, str(profile), trt.__version__, gpu.name, gpu.compute_capability,
+                     dict(options or {}))

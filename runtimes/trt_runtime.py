@@ -1,0 +1,288 @@
+"""Native TensorRT runtime: the whole sampling loop on the GPU, no torch (cuda-python for CUDA).
+
+The fused step engine (step.onnx: guidance + affine update inside) runs with the video on the device:
+    x[0] --step--> x[1] --step--> x[0] ...      two device buffers, ping-pong
+Per step the host uploads only t, y, guidance, coefs (a few bytes) and, on stochastic steps, the
+noise (drawn on the host by sampling.py so every runtime sees the same values). The first step of
+each ping-pong direction runs eagerly (TensorRT does its shape-dependent setup there); then each
+direction is captured once as a CUDA graph and replayed for every later step, so a step costs one
+graph launch plus the uploads. Device buffers are allocated once, for the engine's largest batch.
+"""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+
+from vdit_deploy.errors import VditError
+from vdit_deploy.runtimes.base import Runtime, TensorSpec
+from vdit_deploy.runtimes.engine_cache import check_cuda, gpu_info, import_cudart, import_tensorrt
+
+H2D, D2H = 1, 2   # cudaMemcpyKind values (cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost)
+
+
+class TrtDeviceArray:
+    """The video after a step, still on the GPU; np.asarray waits for the stream and copies it out."""
+
+    def __init__(self, runtime: "TrtRuntime", index: int, shape: tuple, serial: int):
+        self.runtime, self.index, self.shape, self.serial = runtime, index, shape, serial
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.runtime._download(self)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+class _Engine:
+    """One deserialized engine with its context and device buffers sized for the largest batch."""
+
+    def __init__(self, trt, cudart, path: Path, stream, logger):
+        self.trt, self.cudart, self.path, self.stream = trt, cudart, path, stream
+        self.engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise VditError(f"TensorRT could not load {path} (built by another TensorRT version? rebuild it)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self.shapes = {n: tuple(self.engine.get_tensor_shape(n)) for n in names}   # -1: dynamic
+        self.batched = {n for n in self.inputs if self.shapes[n] and self.shapes[n][0] == -1}
+        if self.batched:   # profile 0's (min, opt, max) of a batched input
+            lo, _, hi = self.engine.get_tensor_profile_shape(sorted(self.batched)[0], 0)
+            self.min_batch, self.max_batch = lo[0], hi[0]
+        else:
+            first = self.shapes[self.inputs[0]]
+            self.min_batch = self.max_batch = first[0] if first else 1
+        self.set_batch(self.max_batch)
+        self.buffers = {}   # name -> device pointer, sized for max_batch
+        for name in names:
+            shape = self.context.get_tensor_shape(name)
+            err, ptr = cudart.cudaMalloc(max(int(np.prod(shape)), 1) * self.dtypes[name].itemsize)
+            check_cuda(err, f"cudaMalloc for {name}")
+            check_cuda(cudart.cudaMemset(ptr, 0, max(int(np.prod(shape)), 1) * self.dtypes[name].itemsize),
+                       "cudaMemset")
+            self.buffers[name] = ptr
+            self.context.set_tensor_address(name, ptr)
+        self.batch = self.max_batch
+
+    def set_batch(self, b: int) -> None:
+        if not self.min_batch <= b <= self.max_batch:
+            raise VditError(f"batch {b} is outside the engine {self.path.name}'s profile "
+                            f"{self.min_batch}..{self.max_batch}; rebuild with `vdit build --batch MIN:OPT:MAX`")
+        for name in self.batched:
+            self.context.set_input_shape(name, (b, *self.shapes[name][1:]))
+        self.batch = b
+
+    def upload(self, name: str, array: np.ndarray, ptr: int | None = None) -> None:
+        array = np.ascontiguousarray(array, dtype=self.dtypes[name])
+        check_cuda(self.cudart.cudaMemcpyAsync(ptr or self.buffers[name], array.ctypes.data, array.nbytes,
+                                               self.cudart.cudaMemcpyKind(H2D), self.stream), f"upload {name}")
+
+    def execute(self) -> None:
+        if not self.context.execute_async_v3(int(self.stream)):
+            raise VditError(f"TensorRT failed to run {self.path.name}")
+
+    def specs(self, names) -> list[TensorSpec]:
+        return [TensorSpec(n, tuple("batch" if d == -1 else d for d in self.shapes[n]), self.dtypes[n].name)
+                for n in names]
+
+    def close(self) -> None:
+        for ptr in self.buffers.values():
+            self.cudart.cudaFree(ptr)
+        self.buffers = {}
+        self.context = self.engine = None
+
+
+class TrtRuntime(Runtime):
+    name = "trt"
+
+    def __init__(self, artifact, precision: str = "fp16", cuda_graph: bool = True, build: bool = True,
+                 cache_dir=None, device: int = 0, progress: bool = True):
+        from vdit_deploy.export.metadata import STEP, find_onnx, read_metadata
+        from vdit_deploy.runtimes.trt_build import find_engine
+
+        self.gpu = gpu_info(device)              # one-line errors: no cuda-python / no GPU ...
+        trt, cudart = import_tensorrt(), import_cudart()   # ... / no TensorRT
+        check_cuda(cudart.cudaSetDevice(device), "cudaSetDevice")
+        self.trt, self.cudart, self.precision, self.device = trt, cudart, precision, self.gpu.name
+        self.export = Path(artifact)
+        if self.export.suffix in (".onnx", ".engine"):
+            raise VditError("--runtime trt takes an export directory (engines are cached in DIR/engines)")
+        meta = read_metadata(find_onnx(self.export, STEP))
+        self.config, self.schedule = meta.config, meta.schedule
+        self.build_options = dict(build=build, cache_dir=cache_dir, progress=progress)
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        err, self.stream = cudart.cudaStreamCreateWithFlags(1)   # cudaStreamNonBlocking
+        check_cuda(err, "cudaStreamCreate")
+        self.step_engine = _Engine(trt, cudart, find_engine(self.export, STEP, precision, **self.build_options).path,
+                                   self.stream, self.logger)
+        self._denoiser = None
+        if not {"x_t", "noise"} <= set(self.step_engine.inputs) or self.step_engine.outputs != ["x_prev"]:
+            raise VditError(f"{self.step_engine.path.name} is not a vdit step engine "
+                            f"(inputs {self.step_engine.inputs}, outputs {self.step_engine.outputs})")
+        # ping-pong video buffers: the engine's own x_t and x_prev allocations, swapped every step
+        self.x = [self.step_engine.buffers["x_t"], self.step_engine.buffers["x_prev"]]
+        self.parity, self.serial = 0, 0
+        self.cuda_graph, self.graphs, self.warm = cuda_graph, {}, set()
+        self.graph_error = ""
+        # pinned staging for the noise: the host fills it while the GPU runs the previous step
+        nbytes = self.step_engine.max_batch * int(np.prod(self.config.video_shape)) * 4
+        err, self.pinned = cudart.cudaMallocHost(nbytes)
+        check_cuda(err, "cudaMallocHost")
+        self.pinned_noise = np.ctypeslib.as_array((ctypes.c_float * (nbytes // 4)).from_address(self.pinned))
+        err, self.uploaded = cudart.cudaEventCreateWithFlags(2)   # cudaEventDisableTiming
+        check_cuda(err, "cudaEventCreate")
+
+    # ---- Runtime interface ----------------------------------------------------------------------
+    @property
+    def denoiser(self) -> _Engine:
+        if self._denoiser is None:   # only built/loaded when someone calls denoise()
+            from vdit_deploy.export.metadata import DENOISER
+            from vdit_deploy.runtimes.trt_build import find_engine
+
+            path = find_engine(self.export, DENOISER, self.precision, **self.build_options).path
+            self._denoiser = _Engine(self.trt, self.cudart, path, self.stream, self.logger)
+        return self._denoiser
+
+    @property
+    def inputs(self):
+        return self.step_engine.specs(self.step_engine.inputs)
+
+    @property
+    def outputs(self):
+        return self.step_engine.specs(self.step_engine.outputs)
+
+    def denoise(self, x_t, t, y):
+        x_t, t, y = np.asarray(x_t, np.float32), np.asarray(t), np.asarray(y)
+        self.check_inputs(x_t, t, y)
+        engine = self.denoiser
+        engine.set_batch(x_t.shape[0])
+        for name, value in (("x_t", x_t), ("t", t), ("y", y)):
+            engine.upload(name, value)
+        engine.execute()
+        out_name = engine.outputs[0]
+        out = np.empty(x_t.shape, engine.dtypes[out_name])
+        check_cuda(self.cudart.cudaMemcpyAsync(out.ctypes.data, engine.buffers[out_name], out.nbytes,
+                                               self.cudart.cudaMemcpyKind(D2H), self.stream), "download eps")
+        check_cuda(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        return out.astype(np.float32, copy=False)
+
+    def step(self, x_t, t: int, y, guidance: float, coefs, noise):
+        """One guided step; returns a TrtDeviceArray (np.asarray copies it to the host)."""
+        engine, cudart = self.step_engine, self.cudart
+        y = np.asarray(y)
+        b = x_t.shape[0]
+        if b != engine.batch:
+            engine.set_batch(b)
+            self._drop_graphs()   # graphs hold the old shapes
+        src, dst = self.x[self.parity], self.x[1 - self.parity]
+        on_device = isinstance(x_t, TrtDeviceArray) and x_t.runtime is self and x_t.serial == self.serial
+        if not on_device:   # first step (x_T from the host) or a video from elsewhere
+            x_host = np.asarray(x_t, np.float32)
+            self.check_inputs(x_host, np.zeros(b, np.float32), y)
+            engine.upload("x_t", x_host, src)
+            check_cuda(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")   # x_host may go away
+        scalars = {"t": np.full(b, t, np.float32), "y": y, "guidance": np.float32([guidance]),
+                   "coefs": np.asarray(coefs, np.float32)}
+        for name, value in scalars.items():
+            if name in engine.buffers:
+                engine.upload(name, value)
+        if float(np.asarray(coefs)[6]) > 0:   # sigma > 0: a stochastic step needs this step's noise
+            check_cuda(cudart.cudaEventSynchronize(self.uploaded), "cudaEventSynchronize")   # staging free again
+            n = noise.size
+            self.pinned_noise[:n] = np.asarray(noise, np.float32).reshape(-1)
+            check_cuda(cudart.cudaMemcpyAsync(engine.buffers["noise"], self.pinned, n * 4,
+                                              cudart.cudaMemcpyKind(H2D), self.stream), "upload noise")
+            check_cuda(cudart.cudaEventRecord(self.uploaded, self.stream), "cudaEventRecord")
+        # (sigma == 0: the engine multiplies the stale, finite noise buffer by 0)
+        self._run(self.parity, src, dst)
+        self.parity ^= 1
+        self.serial += 1
+        return TrtDeviceArray(self, self.parity, (b, *self.config.video_shape), self.serial)
+
+    def _run(self, parity: int, src: int, dst: int) -> None:
+        engine, cudart = self.step_engine, self.cudart
+        if parity in self.graphs:
+            check_cuda(cudart.cudaGraphLaunch(self.graphs[parity], self.stream), "cudaGraphLaunch")
+            return
+        engine.context.set_tensor_address("x_t", src)
+        engine.context.set_tensor_address("x_prev", dst)
+        if not self.cuda_graph or parity not in self.warm:
+            engine.execute()          # eager; the first run per direction also warms TensorRT up
+            self.warm.add(parity)
+            return
+        try:
+            check_cuda(cudart.cudaStreamBeginCapture(
+                self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal), "begin capture")
+            engine.execute()
+            err, graph = cudart.cudaStreamEndCapture(self.stream)
+            check_cuda(err, "cudaStreamEndCapture")
+            err, graph_exec = cudart.cudaGraphInstantiate(graph, 0)
+            check_cuda(err, "cudaGraphInstantiate")
+            cudart.cudaGraphDestroy(graph)
+        except VditError as e:   # an engine that cannot be captured (some plugins, DLA) runs eagerly
+            self.cuda_graph, self.graph_error = False, str(e)
+            cudart.cudaGetLastError()
+            engine.execute()
+            return
+        self.graphs[parity] = graph_exec
+        check_cuda(cudart.cudaGraphLaunch(graph_exec, self.stream), "cudaGraphLaunch")
+
+    def _download(self, array: TrtDeviceArray) -> np.ndarray:
+        if array.serial != self.serial:
+            raise VditError("this device video was overwritten by later steps; copy it out before stepping on")
+        out = np.empty(array.shape, np.float32)
+        check_cuda(self.cudart.cudaMemcpyAsync(out.ctypes.data, self.x[array.index], out.nbytes,
+                                               self.cudart.cudaMemcpyKind(D2H), self.stream), "download video")
+        check_cuda(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        return out
+
+    def _drop_graphs(self) -> None:
+        for graph_exec in self.graphs.values():
+            self.cudart.cudaGraphExecDestroy(graph_exec)
+        self.graphs, self.warm = {}, set()
+
+    def describe(self) -> str:
+        graph = "CUDA graph" if self.cuda_graph else f"no CUDA graph{': ' + self.graph_error if self.graph_error else ''}"
+        return f"trt:{self.precision} on {self.gpu.name} ({self.step_engine.path.name}, {graph})"
+
+    def close(self) -> None:
+        if getattr(self, "stream", None) is None:
+            return
+        self.cudart.cudaStreamSynchronize(self.stream)
+        self._drop_graphs()
+        for engine in (self.step_engine, self._denoiser):
+            if engine is not None:
+                engine.close()
+        self.cudart.cudaFreeHost(self.pinned)
+        self.cudart.cudaEventDestroy(self.uploaded)
+        self.cudart.cudaStreamDestroy(self.stream)
+        self.stream = None
+
+
+from vdit_deploy.runtimes.ort_runtime import OrtRuntime  # noqa: E402  (onnxruntime itself loads lazily)
+
+
+class OrtTrtRuntime(OrtRuntime):
+    """ONNX Runtime with the TensorRT execution provider (CUDA for what TensorRT does not take).
+    The EP builds its own engines (cached in DIR/engines/ort-trt via ORT's TensorRT env options)."""
+    name = "ort-trt"
+
+    def __init__(self, artifact, precision: str = "fp32", **options):
+        import os
+
+        root = Path(artifact) if Path(artifact).is_dir() else Path(artifact).parent
+        os.environ.setdefault("ORT_TENSORRT_ENGINE_CACHE_ENABLE", "1")
+        os.environ.setdefault("ORT_TENSORRT_CACHE_PATH", str(root / "engines" / "ort-trt"))
+        graph_precision = precision
+        if precision == "fp16" and not (root / "denoiser.fp16.onnx").is_file():
+            os.environ["ORT_TENSORRT_FP16_ENABLE"] = "1"   # the EP lowers the fp32 graph itself
+            graph_precision = "fp32"
+        options.setdefault("providers", ["tensorrt", "cuda"])
+        super().__init__(artifact, precision=graph_precision, **options)
+        self.name, self.precision = "ort-trt", precision
