@@ -1,0 +1,310 @@
+"""Deployment profiles and the memory planner: will this model, at this batch and precision, fit the board?
+
+A profile is a JSON file (runtimes/profiles/*.json, or any path: copy one and edit it) that fixes what
+`vdit build --target NAME` hands TensorRT: the batch range (min = opt = max on Jetson: fixed shapes),
+precision, builder optimization level, workspace limit, optional DLA core, and the memory the board has.
+
+`plan_memory` estimates, before any build, the bytes one engine needs:
+    weights       num_params x bytes of the engine precision
+    activations   the peak live tensors of one forward (attention score matrices included), x engine batch
+    I/O buffers   the fp32 video tensors the runtime keeps (x_t, noise, x_prev, eps)
+    workspace     the builder's memory-pool limit (the engine's scratch is at most this)
+    CUDA context  driver context + the cuBLAS/cuDNN/TensorRT kernels it loads
+On Jetson CPU and GPU share one memory, so host-side copies count too: the ONNX weights the parser holds
+and the serialized engine while building, the engine file while loading. Torch-free.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from vdit_deploy.config import ModelConfig
+from vdit_deploy.errors import VditError
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+PRECISIONS = ("fp32", "fp16", "int8", "best")
+GIB, MIB = 1 << 30, 1 << 20
+
+# Bytes per weight in the engine and per activation between layers. INT8 engines keep LayerNorm, softmax
+# and the GEMM outputs in fp16, so their activations are counted at 2 bytes; "best" is counted as fp16.
+WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1, "best": 2}
+ACTIVATION_BYTES = {"fp32": 4, "fp16": 2, "int8": 2, "best": 2}
+# Bytes per weight of the ONNX file the builder parses: fp32/fp16 builds read the fp32 export (TensorRT
+# casts); int8 builds read a Q/DQ graph with int8 initializers. Pass onnx_bytes to use the real file.
+ONNX_BYTES = {"fp32": 4, "fp16": 4, "int8": 1, "best": 4}
+
+# What DLA cannot take from this transformer (TensorRT "DLA Supported Layers and Restrictions"): these run
+# on the GPU when gpu_fallback is on, and every GPU<->DLA switch splits the graph into another DLA loadable
+# (at most 16 loaded per core), so expect most of a transformer to stay on the GPU.
+DLA_UNSUPPORTED = (
+    "MatMul between two activations (attention Q.K^T and A.V): DLA only has convolution/fully-connected with constant weights",
+    "LayerNormalization (INormalizationLayer is not a DLA layer)",
+    "Gather (the label embedding lookup)",
+    "Conv3d (tubelet embedding) and 5-D tensors: DLA convolution, elementwise and activation layers are 2-D (NCHW) only",
+    "Softmax: Xavier's DLA has none; Orin's only over a channel/spatial axis, approximate above 1024 elements",
+    "GELU, Sin/Cos (timestep frequencies): DLA activations are ReLU, Sigmoid, TanH, clipped/leaky ReLU only",
+    "dynamic shapes and fp32: DLA needs min = opt = max and runs fp16 or int8",
+)
+
+
+# ---- profiles -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BuildProfile:
+    name: str
+    description: str
+    unified_memory: bool          # Jetson: CPU and GPU share memory_gib, host copies count
+    memory_gib: float             # memory the GPU can address (all of RAM on Jetson)
+    reserved_gib: float           # left to the OS, the CPU side and other processes
+    cuda_context_mib: float       # CUDA context + libraries, measured once per process
+    workspace_mib: int            # TensorRT builder memory-pool limit (MemoryPoolType.WORKSPACE)
+    precision: str                # fp32 | fp16 | int8 | best
+    batch: tuple[int, int, int]   # (min, opt, max) videos per call; min = max: fixed shapes
+    optimization_level: int = 3   # builder_optimization_level 0..5 (TensorRT >= 8.6; older ones ignore it)
+    dla_cores: int = 0            # DLA cores the board has
+    dla_core: int | None = None   # run on this DLA core (None: GPU only)
+    gpu_fallback: bool = True     # layers DLA cannot take run on the GPU (else the build fails)
+    path: str = field(default="", compare=False)
+
+    @property
+    def fixed_shapes(self) -> bool:
+        return self.batch[0] == self.batch[2]
+
+    @property
+    def usable_bytes(self) -> int:
+        return int((self.memory_gib - self.reserved_gib) * GIB)
+
+    def describe(self) -> str:
+        lo, opt, hi = self.batch
+        lines = [f"{self.name}: {self.description}",
+                 f"  memory     {self.memory_gib:g} GiB ({'shared by CPU and GPU' if self.unified_memory else 'GPU'}),"
+                 f" {self.reserved_gib:g} GiB reserved, CUDA context ~{self.cuda_context_mib:g} MiB",
+                 f"  build      {self.precision}, batch {lo}:{opt}:{hi}{' (fixed shapes)' if self.fixed_shapes else ''},"
+                 f" workspace {self.workspace_mib} MiB, optimization level {self.optimization_level}"]
+        if self.dla_core is None:
+            lines.append(f"  DLA        off ({self.dla_cores} core(s) on the board)")
+        else:
+            lines.append(f"  DLA        core {self.dla_core}, GPU fallback {'on' if self.gpu_fallback else 'off'};"
+                         f" DLA cannot take:")
+            lines += [f"    - {item}" for item in DLA_UNSUPPORTED]
+        return "\n".join(lines)
+
+
+def _check(cond: bool, source: str, message: str) -> None:
+    if not cond:
+        raise VditError(f"{source}: {message}")
+
+
+def profile_from_dict(data: dict, source: str = "profile") -> BuildProfile:
+    """Validate a profile's fields, each failure one line naming the file and the field."""
+    if not isinstance(data, dict):
+        raise VditError(f"{source}: a profile is a JSON object")
+    known = {f.name for f in fields(BuildProfile)} - {"path"}
+    unknown = sorted(set(data) - known)
+    _check(not unknown, source, f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    required = ("name", "description", "unified_memory", "memory_gib", "reserved_gib", "cuda_context_mib",
+                "workspace_mib", "precision", "batch")
+    missing = [k for k in required if k not in data]
+    _check(not missing, source, f"missing field(s) {', '.join(missing)}")
+    d = dict(data)
+
+    def number(key, lo, integer=False):
+        v = d[key]
+        ok = isinstance(v, int if integer else (int, float)) and not isinstance(v, bool) and v >= lo
+        _check(ok, source, f"{key} must be {'an integer' if integer else 'a number'} >= {lo}, got {v!r}")
+
+    _check(isinstance(d["name"], str) and d["name"], source, "name must be a non-empty string")
+    _check(isinstance(d["description"], str), source, "description must be a string")
+    for key in ("unified_memory", "gpu_fallback"):
+        _check(isinstance(d.get(key, True), bool), source, f"{key} must be true or false, got {d.get(key)!r}")
+    number("memory_gib", 0.25)
+    number("reserved_gib", 0)
+    number("cuda_context_mib", 0)
+    number("workspace_mib", 1, integer=True)
+    _check(d["reserved_gib"] < d["memory_gib"], source,
+           f"reserved_gib ({d['reserved_gib']}) must be less than memory_gib ({d['memory_gib']})")
+    _check(d["precision"] in PRECISIONS, source,
+           f"precision must be one of {', '.join(PRECISIONS)}, got {d['precision']!r}")
+    b = d["batch"]
+    if isinstance(b, int) and not isinstance(b, bool):
+        b = [b, b, b]
+    ok = (isinstance(b, list) and len(b) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in b)
+          and 1 <= b[0] <= b[1] <= b[2])
+    _check(ok, source, f"batch must be [min, opt, max] with 1 <= min <= opt <= max (or one integer), got {d['batch']!r}")
+    d["batch"] = tuple(b)
+    d.setdefault("optimization_level", 3)
+    _check(d["optimization_level"] in range(6) and not isinstance(d["optimization_level"], bool), source,
+           f"optimization_level must be 0..5, got {d['optimization_level']!r}")
+    d.setdefault("dla_cores", 0)
+    number("dla_cores", 0, integer=True)
+    core = d.setdefault("dla_core", None)
+    if core is not None:
+        _check(isinstance(core, int) and not isinstance(core, bool) and 0 <= core, source,
+               f"dla_core must be null or a core index, got {core!r}")
+        _check(core < d["dla_cores"], source, f"dla_core {core} asked for, but {d['name']} has "
+               f"{d['dla_cores']} DLA core(s) (dla_cores); set dla_core to null")
+        _check(d["precision"] in ("fp16", "int8"), source, f"DLA runs fp16 or int8, not {d['precision']}")
+        _check(d["batch"][0] == d["batch"][2], source, "DLA needs fixed shapes: batch min, opt and max must be equal")
+    return BuildProfile(**d, path=source)
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+
+
+def load_profile(name_or_path: str | Path) -> BuildProfile:
+    """A shipped profile by name (orin-nano, orin-nx, agx-orin, desktop-gpu) or a JSON file's path."""
+    path = Path(name_or_path)
+    if not path.suffix and (PROFILE_DIR / f"{name_or_path}.json").is_file():
+        path = PROFILE_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise VditError(f"unknown target {str(name_or_path)!r}: choose from {', '.join(profile_names())} "
+                        "or give the path of a profile .json (copy one from `vdit plan --list`)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise VditError(f"{path} is not valid JSON: {e}") from None
+    return profile_from_dict(data, str(path))
+
+
+# ---- memory planner -----------------------------------------------------------------------------
+def activation_elements(cfg: ModelConfig) -> dict[str, int]:
+    """Peak live elements of one sample's forward, per sublayer (the largest wins).
+
+    A block's sublayer keeps the residual x (N, D) and its normalised input (N, D) alive while it makes
+    qkv (N, 3D), attention logits and probabilities (2 x heads x L x L per attended sequence), and the
+    attention output (N, D); the MLP makes its hidden (N, M) twice (pre- and post-GELU) and the output.
+    Score matrices are an upper bound: TensorRT's fused attention kernels often never write them."""
+    n, d, heads = cfg.num_tokens, cfg.hidden_size, cfg.num_heads
+    f, h, w = cfg.grid
+    s = h * w
+    m = int(d * cfg.mlp_ratio)
+    if cfg.attention == "factorized":           # spatial then temporal: the larger of the two sublayers
+        scores = max(f * heads * s * s, s * heads * f * f)
+    elif cfg.attention == "factorized_dot_product":   # half the heads over space, half over time, together
+        scores = f * (heads // 2) * s * s + s * (heads // 2) * f * f
+    else:                                        # joint: every token attends to all N
+        scores = heads * n * n
+    attention = 2 * n * d + 3 * n * d + 2 * scores + n * d
+    mlp = 2 * n * d + 2 * n * m + n * d
+    return {"attention": attention, "mlp": mlp}
+
+
+@dataclass
+class MemoryPlan:
+    config: ModelConfig
+    profile: BuildProfile
+    batch: int                    # videos per call
+    engine_batch: int             # denoiser batch: 2 x batch with classifier-free guidance
+    precision: str
+    rows: dict[str, tuple[int, int]]   # name -> (bytes at run time, bytes while building)
+    notes: list[str] = field(default_factory=list)
+    suggestions: list[str] = field(default_factory=list)
+
+    @property
+    def run_bytes(self) -> int:
+        return sum(r for r, _ in self.rows.values())
+
+    @property
+    def build_bytes(self) -> int:
+        return sum(b for _, b in self.rows.values())
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.run_bytes, self.build_bytes)
+
+    @property
+    def available_bytes(self) -> int:
+        return self.profile.usable_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.available_bytes
+
+    def table(self) -> str:
+        p, cfg = self.profile, self.config
+        lines = [f"memory plan: {'x'.join(map(str, cfg.video_shape))} video, {cfg.num_params() / 1e6:.1f}M params, "
+                 f"batch {self.batch} (denoiser batch {self.engine_batch}), {self.precision} on {p.name}",
+                 f"{'':<34}{'run':>11}{'build':>11}"]
+        for name, (run, build) in self.rows.items():
+            lines.append(f"{name:<34}{_gib(run):>11}{_gib(build):>11}")
+        lines.append(f"{'total':<34}{_gib(self.run_bytes):>11}{_gib(self.build_bytes):>11}")
+        lines.append(f"{'usable on ' + p.name:<34}{_gib(self.available_bytes):>11}"
+                     f"   ({p.memory_gib:g} GiB - {p.reserved_gib:g} GiB reserved)")
+        lines.append(f"verdict: {'fits' if self.fits else 'does NOT fit'} "
+                     f"({100 * self.peak_bytes / self.available_bytes:.0f}% of usable memory at peak)")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def refusal(self) -> str:
+        phase = "building" if self.build_bytes > self.run_bytes else "running"
+        msg = (f"{self.precision} at batch {self.batch} needs ~{_gib(self.peak_bytes)} GiB while {phase} but "
+               f"{self.profile.name} has {_gib(self.available_bytes)} GiB usable")
+        if self.suggestions:
+            return msg + "; try " + ", or ".join(self.suggestions)
+        return msg + "; no smaller batch, precision or frame count fits: use a smaller preset or a larger board"
+
+    def check(self) -> "MemoryPlan":
+        """Raise a one-line VditError with a suggestion when the plan does not fit."""
+        if not self.fits:
+            raise VditError(self.refusal())
+        return self
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def _estimate(cfg: ModelConfig, batch: int, precision: str, profile: BuildProfile, guidance: bool,
+              onnx_bytes: int | None) -> MemoryPlan:
+    if precision not in PRECISIONS:
+        raise VditError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if batch < 1:
+        raise VditError(f"batch must be >= 1, got {batch}")
+    eng = 2 * batch if guidance else batch
+    weights = cfg.num_params() * WEIGHT_BYTES[precision]
+    acts = eng * max(activation_elements(cfg).values()) * ACTIVATION_BYTES[precision]
+    video = 4 * cfg.in_channels * cfg.frames * cfg.height * cfg.width
+    io = video * (3 * batch + 2 * eng)          # x_t, noise, x_prev per video + denoiser input and eps
+    workspace = profile.workspace_mib * MIB
+    context = int(profile.cuda_context_mib * MIB)
+    rows = {f"weights ({precision})": (weights, weights),
+            f"activations (peak, batch {eng})": (acts, acts),
+            "I/O buffers (fp32 video)": (io, io),
+            "workspace limit": (workspace, workspace),
+            "CUDA context + libraries": (context, context)}
+    notes = []
+    if profile.unified_memory:
+        onnx = onnx_bytes if onnx_bytes is not None else cfg.num_params() * ONNX_BYTES[precision]
+        rows["ONNX weights held by the parser"] = (0, onnx)
+        rows["serialized engine (host copy)"] = (weights, weights)
+        notes.append("CPU and GPU share memory here: the parsed ONNX and the serialized engine count while "
+                     "building, the engine file while loading")
+    if precision == "best":
+        notes.append("precision best counted as fp16; TensorRT may keep some layers in fp32")
+    notes.append("activations include full attention score matrices: an upper bound where TensorRT fuses attention")
+    return MemoryPlan(cfg, profile, batch, eng, precision, rows, notes)
+
+
+def plan_memory(config: ModelConfig, batch: int, precision: str, profile: BuildProfile,
+                guidance: bool = True, onnx_bytes: int | None = None) -> MemoryPlan:
+    """Estimate the memory of one engine; `plan.check()` refuses with a suggestion when it will not fit.
+    `guidance`: the fused sampler step runs the conditional and null passes as one batch of 2 x batch.
+    `onnx_bytes`: size of the ONNX file(s) the builder will parse, when known."""
+    plan = _estimate(config, batch, precision, profile, guidance, onnx_bytes)
+    if plan.fits:
+        return plan
+    suggestions = []
+    fitting_batch = next((b for b in range(batch - 1, 0, -1)
+                          if _estimate(config, b, precision, profile, guidance, onnx_bytes).fits), None)
+    if fitting_batch:
+        suggestions.append(f"a smaller batch (--batch {fitting_batch} fits)")
+    if precision != "int8" and _estimate(config, batch, "int8", profile, guidance, None).fits:
+        suggestions.append("int8 (--precision int8 after `vdit calibrate` fits)")
+    tt = config.tubelet[0]
+    for frames in range(config.frames - tt, 0, -tt):
+        if _estimate(config.replace(frames=frames), batch, precision, profile, guidance, onnx_bytes).fits:
+            suggestions.append(f"fewer frames ({frames} fit: `vdit plan --frames {frames}`)")
+            break
+    plan.suggestions = suggestions
+    return plan
