@@ -31,6 +31,7 @@ class ExportMetadata:
     precision: str = "fp32"        # fp32 | fp16 | int8-qdq | int8-dynamic
     versions: dict = field(default_factory=dict)   # torch, onnx, exporter, vdit-deploy
     batch: dict = field(default_factory=dict)      # {"min": 1, "max": 8} or {"fixed": 1}
+    checkpoint_path: str = ""      # where it was exported from (optional: `vdit verify` defaults to it)
 
     def to_props(self) -> dict[str, str]:
         return {
@@ -42,6 +43,7 @@ class ExportMetadata:
             "vdit.precision": self.precision,
             "vdit.versions": json.dumps(self.versions, sort_keys=True),
             "vdit.batch": json.dumps(self.batch),
+            **({"vdit.checkpoint": self.checkpoint_path} if self.checkpoint_path else {}),
         }
 
     @classmethod
@@ -57,7 +59,8 @@ class ExportMetadata:
                        checkpoint_sha256=props["vdit.checkpoint_sha256"],
                        precision=props["vdit.precision"],
                        versions=json.loads(props["vdit.versions"]),
-                       batch=json.loads(props["vdit.batch"]))
+                       batch=json.loads(props["vdit.batch"]),
+                       checkpoint_path=props.get("vdit.checkpoint", ""))
         except (json.JSONDecodeError, TypeError) as e:
             raise VditError(f"{source}: vdit metadata is corrupt: {e}") from None
 

@@ -1,0 +1,176 @@
+"""ONNX Runtime backend: samples from an export directory with no torch installed.
+
+denoise() runs denoiser.onnx; step() runs the fused step.onnx (guidance + update in the graph) when
+the export has one. On CUDA/TensorRT the step output stays on the device as an OrtValue bound with
+IO binding, and the next step consumes it in place: per step the host copies only noise and scalars.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vdit_deploy.diffusion import apply_step
+from vdit_deploy.errors import VditError
+from vdit_deploy.export.metadata import DENOISER, STEP, find_onnx, read_metadata
+from vdit_deploy.runtimes.base import Runtime, TensorSpec
+
+# Short names accepted for providers; the default order is the first three where available.
+PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "cpu": "CPUExecutionProvider"}
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
+              "tensor(int64)": np.int64}
+
+
+class DeviceArray:
+    """A video that stays on the accelerator between steps (an OrtValue); np.asarray copies it out."""
+
+    def __init__(self, value):
+        self.value = value
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.value.shape())
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.value.numpy()
+        return out if dtype is None else out.astype(dtype)
+
+
+def resolve_providers(providers) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if providers is None:
+        return [p for p in PROVIDERS.values() if p in available]
+    names = [PROVIDERS.get(p.lower(), p) if isinstance(p, str) else p for p in providers]
+    for name in names:
+        if name not in available:
+            raise VditError(f"ONNX Runtime provider {name} is not available here (available: "
+                            f"{', '.join(available)}); for CUDA/TensorRT install onnxruntime-gpu")
+    return names
+
+
+class _Graph:
+    """One ONNX file: its metadata, session and the input dtypes it wants."""
+
+    def __init__(self, path: Path, kind: str, providers: list[str], options):
+        import onnxruntime as ort
+
+        self.path, self.meta = path, read_metadata(path)
+        if self.meta.kind != kind:
+            raise VditError(f"{path} is a vdit {self.meta.kind} graph, expected a {kind} graph")
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:   # onnxruntime raises its own Fail / InvalidGraph types
+            raise VditError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from None
+        self.dtypes = {i.name: ORT_DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
+        self.output = self.session.get_outputs()[0].name
+        self.lo, self.hi = self.meta.batch_range()
+        self.on_device = self.session.get_providers()[0] != PROVIDERS["cpu"]
+
+    def check_batch(self, b: int) -> None:
+        if not self.lo <= b <= self.hi:
+            have = f"exactly {self.lo}" if self.lo == self.hi else f"{self.lo}..{self.hi}"
+            raise VditError(f"batch {b} is outside what {self.path.name} was exported for ({have}); "
+                            f"re-export with `vdit export --batch MIN:MAX`")
+
+    def feeds(self, **arrays) -> dict:
+        return {k: np.ascontiguousarray(v, dtype=self.dtypes[k]) for k, v in arrays.items()}
+
+    def run(self, **arrays) -> np.ndarray:
+        return self.session.run([self.output], self.feeds(**arrays))[0]
+
+    def run_on_device(self, device_inputs: dict, **arrays) -> DeviceArray:
+        """IO binding: OrtValues in `device_inputs` are bound in place, numpy arrays are copied once,
+        and the output is left on the device for the next call."""
+        binding = self.session.io_binding()
+        for name, value in device_inputs.items():
+            binding.bind_ortvalue_input(name, value)
+        for name, value in self.feeds(**arrays).items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_output(self.output, self.device_type)
+        self.session.run_with_iobinding(binding)
+        return DeviceArray(binding.get_outputs()[0])
+
+    @property
+    def device_type(self) -> str:
+        return "cuda" if self.on_device else "cpu"
+
+
+class OrtRuntime(Runtime):
+    name = "ort"
+
+    def __init__(self, artifact, precision: str = "fp32", providers=None, threads: int | None = None,
+                 optimization: str = "all", spin: bool = True):
+        import onnxruntime as ort
+
+        self.providers = resolve_providers(providers)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
+        if threads:
+            options.intra_op_num_threads = threads
+        if not spin:   # idle ORT threads busy-wait by default: bad when torch shares the process (verify)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        artifact = Path(artifact)
+        path = find_onnx(artifact, DENOISER, precision)
+        if path.is_file() and artifact.is_file() and read_metadata(path).kind == STEP:
+            raise VditError(f"{path} is a fused step graph: pass the export directory or its denoiser.onnx")
+        self.graph = _Graph(path, DENOISER, self.providers, options)
+        self.fused = None
+        if artifact.is_dir():
+            step_name = f"{STEP}.onnx" if precision == "fp32" else f"{STEP}.{precision}.onnx"
+            if (artifact / step_name).is_file():
+                self.fused = _Graph(artifact / step_name, STEP, self.providers, options)
+        meta = self.graph.meta
+        self.config, self.schedule, self.precision = meta.config, meta.schedule, meta.precision
+        self.device = self.graph.session.get_providers()[0].replace("ExecutionProvider", "")
+
+    @property
+    def inputs(self):
+        return [TensorSpec(i.name, tuple(i.shape), ORT_DTYPES.get(i.type, np.float32).__name__)
+                for i in self.graph.session.get_inputs()]
+
+    @property
+    def outputs(self):
+        return [TensorSpec(o.name, tuple(o.shape), ORT_DTYPES.get(o.type, np.float32).__name__)
+                for o in self.graph.session.get_outputs()]
+
+    def denoise(self, x_t, t, y):
+        x_t, t, y = np.asarray(x_t), np.asarray(t), np.asarray(y)
+        self.check_inputs(x_t, t, y)
+        self.graph.check_batch(x_t.shape[0])
+        return self.graph.run(x_t=x_t, t=t, y=y).astype(np.float32, copy=False)
+
+    def step(self, x_t, t: int, y, guidance: float, coefs, noise):
+        b = x_t.shape[0]
+        # Without guidance the 2B fused graph would do twice the work: run the B denoiser + host update.
+        if self.fused is None or (guidance == 1.0 and self.graph.lo <= b <= self.graph.hi):
+            x = np.asarray(x_t, dtype=np.float32)
+            if guidance == 1.0:
+                return apply_step(x, self.denoise(x, np.full(b, t, np.float32), np.asarray(y)), coefs, noise)
+            return super().step(x, t, y, guidance, coefs, noise)
+        y = np.asarray(y)
+        ts = np.full(b, t, np.float32)
+        if isinstance(x_t, DeviceArray) and not self.fused.on_device:
+            x_t = np.asarray(x_t)
+        self.check_inputs(x_t, ts, y)
+        self.fused.check_batch(b)
+        scalars = dict(t=ts, y=y, guidance=np.float32([guidance]), coefs=np.asarray(coefs, np.float32),
+                       noise=noise)
+        if self.fused.on_device:
+            if isinstance(x_t, DeviceArray):
+                return self.fused.run_on_device({"x_t": x_t.value}, **scalars)
+            return self.fused.run_on_device({}, x_t=x_t, **scalars)
+        return self.fused.run(x_t=x_t, **scalars)
+
+    def describe(self) -> str:
+        fused = "fused step" if self.fused else "host step"
+        return f"ort:{self.precision} on {self.device} ({fused})"
