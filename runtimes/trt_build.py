@@ -11,7 +11,7 @@ Precision, and how TensorRT versions differ:
         / pow layers pinned to fp32 with OBEY_PRECISION_CONSTRAINTS (fp16 overflows in their sums).
         TensorRT 11 removed weak typing: it builds the fp16 graph (<kind>.fp16.onnx, made by the
         export's fp16 conversion) as a strongly typed network, which carries its own fp32 islands.
-  int8  the Q/DQ graph (<kind>.int8.onnx, from `vdit calibrate`): explicit quantization, the only
+  int8  the Q/DQ graph (<kind>.int8-qdq.onnx, from `vdit calibrate int8 --mode qdq`): explicit quantization, the only
         INT8 path of TensorRT >= 10.1 that is not deprecated and the only one in 11.x. TensorRT 8.5/8.6
         (JetPack 5) also take implicit INT8 with a calibrator: see `entropy_calibrator`.
   best  the int8 graph where the export has one, else fp16, with every precision flag on (10.x).
@@ -64,9 +64,10 @@ def onnx_for(export: Path, kind: str, precision: str, strongly_typed: bool) -> P
     export = Path(export)
     if export.is_file():
         return export
-    variant = {"fp32": "fp32", "int8": "int8", "fp16": "fp16" if strongly_typed else "fp32"}.get(precision)
+    # int8 builds the static Q/DQ graph; <kind>.int8.onnx is ONNX Runtime's dynamic (MatMulInteger) one
+    variant = {"fp32": "fp32", "int8": "int8-qdq", "fp16": "fp16" if strongly_typed else "fp32"}.get(precision)
     if precision == "best":
-        variant = "int8" if (export / f"{kind}.int8.onnx").is_file() else ("fp16" if strongly_typed else "fp32")
+        variant = "int8-qdq" if (export / f"{kind}.int8-qdq.onnx").is_file() else ("fp16" if strongly_typed else "fp32")
     if variant == "fp16" and not (export / f"{kind}.fp16.onnx").is_file():
         raise VditError(f"TensorRT 11 builds fp16 only from an fp16 graph (strong typing) and {export} has no "
                         f"{kind}.fp16.onnx; export an fp16 variant, or pip install 'tensorrt-cu12<11'")

@@ -140,10 +140,13 @@ def test_onnx_for_precision(tmp_path):
         onnx_for(export, "step", "fp16", True)
     with pytest.raises(VditError, match="vdit calibrate"):
         onnx_for(export, "step", "int8", False)
-    write_export(export, kinds=("step",), suffix=".int8")
+    write_export(export, kinds=("step",), suffix=".int8")        # ONNX Runtime's dynamic INT8: not for TensorRT
+    with pytest.raises(VditError, match="vdit calibrate"):
+        onnx_for(export, "step", "int8", False)
+    write_export(export, kinds=("step",), suffix=".int8-qdq")
     write_export(export, kinds=("step",), suffix=".fp16")
-    assert onnx_for(export, "step", "int8", False).name == "step.int8.onnx"
-    assert onnx_for(export, "step", "best", True).name == "step.int8.onnx"
+    assert onnx_for(export, "step", "int8", False).name == "step.int8-qdq.onnx"
+    assert onnx_for(export, "step", "best", True).name == "step.int8-qdq.onnx"
     assert onnx_for(export, "step", "fp16", True).name == "step.fp16.onnx"
     digest = onnx_digest(export / "step.onnx")
     assert len(digest) == 64 and digest != onnx_digest(export / "denoiser.onnx")

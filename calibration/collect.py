@@ -1,0 +1,193 @@
+"""Calibration sets: the denoiser inputs a deployed sampler really produces, saved for every build.
+
+Activations of a diffusion model change range along the trajectory (pure noise at t=T-1, a nearly
+clean video at t=0), so INT8 ranges fitted on random noise or on one timestep clip the others. A
+set is recorded by running the fp32 sampler the user deploys (sampler, steps, guidance) over
+several seeds and labels and keeping the denoiser's inputs at `timesteps` steps spread evenly over
+the whole trajectory, including the 2B cond + null batch that guidance feeds it.
+
+    <dir>/x_t.npy  (N, C, F, H, W) float32     one row per video in a denoiser call
+    <dir>/t.npy    (N,) float32
+    <dir>/y.npy    (N,) int32                  cond labels, then the null label for guided calls
+    <dir>/manifest.json                        checkpoint sha256, model config, sampler, seeds, shapes
+
+The NAME.npy layout is also what runtimes/trt_build.calibration_batches reads (implicit INT8).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from vdit_deploy.config import ModelConfig
+from vdit_deploy.errors import VditError
+from vdit_deploy.files import atomic_path
+
+FORMAT = "vdit-calibration/1"
+MANIFEST = "manifest.json"
+INPUTS = ("x_t", "t", "y")
+
+
+def open_fp32(artifact):
+    """A checkpoint dir -> the torch runtime; an export dir or .onnx -> ONNX Runtime fp32.
+    Returns (runtime, checkpoint sha256)."""
+    from vdit_deploy.runtimes import open_runtime
+
+    artifact = Path(artifact)
+    if artifact.is_dir() and (artifact / "config.json").is_file():
+        from vdit_deploy.checkpoint import read_info
+        return open_runtime("torch", artifact), read_info(artifact).sha256()
+    from vdit_deploy.export.metadata import find_onnx, read_metadata
+    return open_runtime("ort", artifact), read_metadata(find_onnx(artifact)).checkpoint_sha256
+
+
+def pick_steps(num_steps: int, timesteps: int) -> list[int]:
+    """`timesteps` step indices spread evenly from the first (t near T) to the last (t near 0)."""
+    if not 1 <= timesteps <= num_steps:
+        raise VditError(f"timesteps must be between 1 and the number of sampler steps ({num_steps}), got {timesteps}")
+    return sorted({int(round(i)) for i in np.linspace(0, num_steps - 1, timesteps)})
+
+
+def chunked(denoise, max_batch: int):
+    """A denoise callable that splits calls larger than what a fixed-batch export takes."""
+    def call(x, t, y):
+        if len(x) <= max_batch:
+            return denoise(x, t, y)
+        return np.concatenate([denoise(x[i:i + max_batch], t[i:i + max_batch], y[i:i + max_batch])
+                               for i in range(0, len(x), max_batch)])
+    return call
+
+
+def collect(checkpoint_or_export, out_dir, sampler: str = "ddim", steps: int = 50, guidance: float = 2.0,
+            eta: float = 0.0, seeds=range(4), labels=None, timesteps: int = 8, progress: bool = False) -> Path:
+    """Run the fp32 sampler and record the denoiser inputs at `timesteps` steps of each trajectory.
+    labels: one label per video of a sample (default: every class once). Written atomically."""
+    from vdit_deploy.diffusion import make_steps
+    from vdit_deploy.sampling import check_labels, sample
+
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise VditError("collect needs at least one seed")
+    rt, sha = open_fp32(checkpoint_or_export)
+    with rt:
+        cfg = rt.config
+        y = check_labels(range(cfg.num_classes) if labels is None else labels, cfg)
+        plan = make_steps(rt.schedule, sampler, None if sampler == "ddpm" else steps, eta)
+        keep = set(pick_steps(len(plan), timesteps))
+        max_batch = getattr(getattr(rt, "graph", None), "hi", 1 << 30)
+        denoise = chunked(rt.denoise, max_batch)
+        rows: dict[str, list[np.ndarray]] = {k: [] for k in INPUTS}
+        records = []
+
+        class Recorder:   # a plain-callable denoiser for sample(): host-side guided step, inputs kept
+            index = 0
+
+            def __call__(self, x, t, yy):
+                if self.index in keep:
+                    start = sum(len(a) for a in rows["t"])
+                    for name, a in zip(INPUTS, (x, t, yy)):
+                        rows[name].append(np.array(a, copy=True))
+                    records.append({"seed": seed, "step": self.index, "t": int(t[0]), "rows": [start, start + len(t)]})
+                self.index += 1
+                return denoise(x, t, yy)
+
+        for seed in seeds:
+            rec = Recorder()
+            sample(lambda x, t, yy, rec=rec: rec(x, t, yy), cfg, y, plan, guidance, seed, progress=progress)
+    arrays = {"x_t": np.concatenate(rows["x_t"]).astype(np.float32), "t": np.concatenate(rows["t"]).astype(np.float32),
+              "y": np.concatenate(rows["y"]).astype(np.int32)}
+    manifest = {
+        "format": FORMAT, "checkpoint_sha256": sha, "model_config": cfg.to_dict(),
+        "source": str(Path(checkpoint_or_export).resolve()), "runtime": f"{rt.name}:fp32",
+        "sampler": sampler, "steps": len(plan), "eta": eta, "guidance": guidance, "seeds": seeds,
+        "labels": y.tolist(), "timesteps": sorted({r["t"] for r in records}, reverse=True),
+        "step_indices": sorted(keep), "call_batch": (2 if guidance != 1.0 else 1) * len(y),
+        "shapes": {k: list(a.shape) for k, a in arrays.items()}, "records": records,
+    }
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        for name, a in arrays.items():
+            np.save(tmp / f"{name}.npy", a)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return out_dir
+
+
+class CalibrationSet:
+    """A loaded set: arrays (N rows), the manifest, and batches in the denoiser's own call sizes."""
+
+    def __init__(self, path: Path, manifest: dict, arrays: dict[str, np.ndarray]):
+        self.path, self.manifest, self.arrays = path, manifest, arrays
+
+    def __len__(self) -> int:
+        return len(self.arrays["t"])
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.manifest["model_config"])
+
+    def batches(self, lo: int = 1, hi: int | None = None):
+        """{x_t, t, y} dicts: one per recorded denoiser call, cut to at most `hi` rows; chunks under
+        `lo` rows (a fixed-batch graph's ragged tail) are left out."""
+        for r in self.manifest["records"]:
+            start, end = r["rows"]
+            step = hi or end - start
+            for i in range(start, end, step):
+                j = min(i + step, end)
+                if j - i >= lo:
+                    yield {k: self.arrays[k][i:j] for k in INPUTS}
+
+
+def onnx_session(path, threads: int | None = None):
+    """A plain ONNX Runtime CPU session (all graph optimizations) for calibration and reports."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise VditError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from None
+
+
+def run_onnx(path, cset: "CalibrationSet", threads: int | None = None) -> np.ndarray:
+    """eps for every row of the set from one .onnx file (in the graph's batch range), float32 (N, ...)."""
+    from vdit_deploy.export.metadata import read_metadata
+
+    lo, hi = read_metadata(path).batch_range()
+    session = onnx_session(path, threads)
+    outs = [session.run(None, {k: np.ascontiguousarray(v) for k, v in b.items()})[0].astype(np.float32)
+            for b in cset.batches(lo, hi)]
+    return np.concatenate(outs)
+
+
+def load_calibration_set(path, expect_sha256: str | None = None,
+                         expect_config: ModelConfig | None = None) -> CalibrationSet:
+    """Load a set; refuse one made for another checkpoint (sha256) or model shape (config)."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise VditError(f"{path} is not a calibration set (no {MANIFEST}); run `vdit calibrate collect`")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except json.JSONDecodeError as e:
+        raise VditError(f"{path / MANIFEST} is corrupt: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise VditError(f"{path / MANIFEST} is not a vdit calibration manifest (format {manifest.get('format')!r})")
+    if expect_sha256 and manifest["checkpoint_sha256"] != expect_sha256:
+        raise VditError(f"calibration set {path} was recorded with checkpoint sha256:{manifest['checkpoint_sha256'][:12]}, "
+                        f"not this model's sha256:{expect_sha256[:12]}; collect a new set for it")
+    if expect_config is not None and ModelConfig.from_dict(manifest["model_config"]) != expect_config:
+        raise VditError(f"calibration set {path} was recorded for another model shape "
+                        f"(video {tuple(manifest['shapes']['x_t'][1:])}, expected {expect_config.video_shape}); "
+                        "collect a new set for it")
+    arrays = {}
+    for name in INPUTS:
+        file = path / f"{name}.npy"
+        if not file.is_file():
+            raise VditError(f"calibration set {path} lacks {file.name}")
+        arrays[name] = np.load(file)
+        if list(arrays[name].shape) != manifest["shapes"][name]:
+            raise VditError(f"{file} has shape {arrays[name].shape}, the manifest says {manifest['shapes'][name]}")
+    return CalibrationSet(path, manifest, arrays)

@@ -1,0 +1,50 @@
+"""Which model layer an ONNX node came from, so precision rules can name layers, not node ids.
+
+The dynamo exporter records each node's module path in the `pkg.torch.onnx.name_scopes` metadata:
+    ['', 'model', 'model.blocks.0', 'model.blocks.0.attn_space', 'model.blocks.0.attn_space.qkv', 'linear_3']
+node_path() turns that into "blocks.0.attn_space.qkv/linear" (module path / op, numbering dropped);
+patterns (regular expressions, re.search) select nodes by that path, by node name or by op type.
+"""
+from __future__ import annotations
+
+import ast
+import re
+
+# Ops that carry the weights and the compute that INT8 speeds up.
+COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
+
+
+def node_path(node) -> str:
+    props = {p.key: p.value for p in node.metadata_props}
+    try:
+        scopes = ast.literal_eval(props.get("pkg.torch.onnx.name_scopes", "[]"))
+    except (ValueError, SyntaxError):
+        scopes = []
+    if len(scopes) < 2:
+        return node.name
+    module = re.sub(r"^model\.?", "", scopes[-2])
+    return f"{module}/{re.sub(r'_[0-9]+$', '', scopes[-1])}"
+
+
+def matches(node, patterns) -> bool:
+    """A node matches a pattern if the pattern finds its layer path, its name, or equals its op type."""
+    path = node_path(node)
+    return any(p == node.op_type or re.search(p, path) or re.search(p, node.name) for p in patterns)
+
+
+def select(model, patterns, op_types=None) -> list[str]:
+    """Names of the nodes (of op_types, if given) that match any pattern."""
+    return [n.name for n in model.graph.node
+            if (op_types is None or n.op_type in op_types) and matches(n, patterns)]
+
+
+def layer_groups(model, op_types=COMPUTE_OPS) -> dict[str, list[str]]:
+    """{layer: node names} for the compute nodes: one group per Linear / Conv module and one per
+    attention core (its QK^T and AV matmuls), in graph order."""
+    groups: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        if n.op_type in op_types:
+            path = node_path(n)
+            key = path.rsplit("/", 1)[0] if path.endswith(("/linear", "/conv3d")) else path.replace("/", ".")
+            groups.setdefault(key, []).append(n.name)
+    return groups

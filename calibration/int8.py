@@ -1,0 +1,125 @@
+"""INT8 with onnxruntime.quantization: a static Q/DQ graph for TensorRT and a dynamic one for CPUs.
+
+    denoiser.int8-qdq.onnx  static: weights per-channel, activations per-tensor, symmetric int8 ranges
+                            fitted on a calibration set (collect.py). Explicit quantization: ONNX
+                            Runtime runs it anywhere and TensorRT builds it as an INT8 engine.
+    denoiser.int8.onnx      dynamic: int8 weights, activation ranges measured per call
+                            (DynamicQuantizeLinear + MatMulInteger). On AVX-512 VNNI CPUs it is the
+                            fastest INT8 form in ONNX Runtime, and needs no calibration ranges.
+`vdit sample --runtime ort --precision int8` picks the dynamic graph; `vdit build --precision int8`
+(TensorRT) the Q/DQ one.
+
+Only the compute layers (MatMul / Gemm / Conv with constant weights) are quantized. Layers that the
+sensitivity sweep (sensitivity.py) shows to dominate the error stay float (DEFAULT_SENSITIVE):
+adaLN modulation (one matmul per sample whose output scales every token: its error is applied
+everywhere), the final projection (writes eps directly), the tubelet embedding (its input x_t spans
+very different ranges from t=T-1 to 0: alone it cost most of the Q/DQ error), and the timestep /
+label embeddings. The
+attention cores (QK^T, softmax, AV) have no weights and stay float too.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from pathlib import Path
+
+from vdit_deploy.calibration.graph import COMPUTE_OPS, select
+from vdit_deploy.errors import VditError
+from vdit_deploy.export.metadata import DENOISER, find_onnx, read_metadata
+
+MODES = {"qdq": "int8-qdq", "dynamic": "int8"}           # mode -> file precision tag
+METHODS = ("minmax", "percentile", "entropy")
+DEFAULT_METHOD = "percentile"   # measured best on the shipped tiny model (docs/calibration.md)
+DEFAULT_SENSITIVE = (r"adaLN_modulation", r"^final_layer", r"^t_embedder", r"^y_embedder", r"^tubelet_embed",
+                     r"scaled_dot_product_attention")
+
+
+def variant_path(export_dir, mode: str) -> Path:
+    if mode not in MODES:
+        raise VditError(f"int8 mode must be one of {', '.join(MODES)}, got {mode!r}")
+    return find_onnx(export_dir, DENOISER).with_name(f"{DENOISER}.{MODES[mode]}.onnx")
+
+
+@contextlib.contextmanager
+def quiet():
+    """onnxruntime.quantization prints progress and logs a pre-processing hint on the root logger."""
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.getLogger().setLevel(level)
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader over a calibration set, in the graph's batch sizes."""
+
+    def __init__(self, cset, lo: int, hi: int):
+        self.it = iter(cset.batches(lo, hi))
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str = DEFAULT_METHOD,
+                  keep_fp=DEFAULT_SENSITIVE, only=None, out=None, per_channel: bool = True) -> Path:
+    """export_dir/denoiser.onnx -> denoiser.int8.onnx (dynamic) or denoiser.int8-qdq.onnx (qdq).
+
+    keep_fp: patterns (calibration/graph.py) of layers left in float. only: if given, quantize only
+    the nodes matching these patterns (the sensitivity sweep). out: another output path.
+    calib_dir is required for qdq; for dynamic it is only checked against the model."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    from vdit_deploy.calibration.collect import load_calibration_set
+    from vdit_deploy.calibration.fp16 import save_variant
+
+    if method not in METHODS:
+        raise VditError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
+    src = find_onnx(export_dir, DENOISER)
+    out = Path(out) if out else variant_path(export_dir, mode)
+    meta = read_metadata(src)
+    cset = None
+    if calib_dir is not None:
+        cset = load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.config)
+    elif mode == "qdq":
+        raise VditError("static Q/DQ quantization needs a calibration set: run `vdit calibrate collect` first")
+    model = onnx.load(str(src))
+    compute = select(model, [*COMPUTE_OPS], COMPUTE_OPS)
+    excluded = set(select(model, keep_fp, COMPUTE_OPS)) if keep_fp else set()
+    nodes = [n for n in compute if n not in excluded]
+    if only is not None:
+        nodes = select(model, only, COMPUTE_OPS)
+    if not nodes:
+        raise VditError("no layer is left to quantize (check --keep-fp / the layer patterns)")
+    # MatMulConstBOnly: attention's activation x activation matmuls stay float.
+    common = dict(op_types_to_quantize=list(COMPUTE_OPS), per_channel=per_channel, nodes_to_quantize=nodes)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp, quiet():
+        raw = Path(tmp) / "q.onnx"
+        try:
+            if mode == "dynamic":
+                quantize_dynamic(model, raw, weight_type=QuantType.QInt8,
+                                 extra_options={"MatMulConstBOnly": True}, **common)
+            else:
+                lo, hi = meta.batch_range()
+                calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                         "entropy": CalibrationMethod.Entropy}[method]
+                # Symmetric int8 on both sides: what TensorRT's explicit quantization requires.
+                quantize_static(model, raw, _Reader(cset, lo, hi), quant_format=QuantFormat.QDQ,
+                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=calib,
+                                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                               "MatMulConstBOnly": True, "CalibPercentile": 99.99,
+                                               "CalibTensorRangeSymmetric": True},
+                                calibration_providers=["CPUExecutionProvider"], **common)
+        except VditError:
+            raise
+        except Exception as e:   # onnxruntime.quantization raises plain ValueError / RuntimeError
+            raise VditError(f"{mode} INT8 quantization failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        quantized = onnx.load(str(raw))
+        del quantized.metadata_props[:]
+        quantized.metadata_props.extend(model.metadata_props)
+    return save_variant(quantized, out, MODES[mode])

@@ -1,0 +1,62 @@
+"""Per-layer INT8 sensitivity: quantize one layer group at a time, measure the eps error it adds.
+
+    vdit calibrate sensitivity EXPORT_DIR --calib CALIB_DIR
+
+Each compute layer (a Linear / Conv module, graph.layer_groups) is quantized alone, everything else
+stays fp32, and the calibration set is run through it: the eps relative L2 against fp32 is the error
+that layer alone costs. The ranking shows why DEFAULT_SENSITIVE layers are kept in float.
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from vdit_deploy.calibration.graph import layer_groups, matches
+from vdit_deploy.export.metadata import DENOISER, find_onnx, read_metadata
+
+
+@dataclass
+class LayerError:
+    layer: str
+    nodes: int
+    eps_rel_l2: float
+    kept_fp: bool          # matched by the keep-in-float patterns (DEFAULT_SENSITIVE)
+
+
+def sensitivity(export_dir, calib_dir, mode: str = "dynamic", method: str = "minmax",
+                layers: str | None = None, keep_fp=None, progress=None) -> list[LayerError]:
+    """Errors per layer group, largest first. layers: a regex restricting which groups are tried."""
+    import onnx
+
+    from vdit_deploy.calibration.collect import load_calibration_set, run_onnx
+    from vdit_deploy.calibration.int8 import DEFAULT_SENSITIVE, quantize_int8
+    from vdit_deploy.metrics import rel_l2
+
+    keep_fp = DEFAULT_SENSITIVE if keep_fp is None else keep_fp
+    src = find_onnx(export_dir, DENOISER)
+    meta = read_metadata(src)
+    cset = load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.config)
+    model = onnx.load(str(src), load_external_data=False)
+    by_name = {n.name: n for n in model.graph.node}
+    groups = {k: v for k, v in layer_groups(model).items() if layers is None or re.search(layers, k)}
+    ref = run_onnx(src, cset)
+    out = []
+    with tempfile.TemporaryDirectory(dir=src.parent) as tmp:
+        for i, (layer, nodes) in enumerate(groups.items()):
+            path = Path(tmp) / f"{i}.onnx"
+            quantize_int8(export_dir, calib_dir, mode=mode, method=method, keep_fp=(),
+                          only=[f"^{re.escape(n)}$" for n in nodes], out=path)
+            err = rel_l2(run_onnx(path, cset), ref)
+            out.append(LayerError(layer, len(nodes), err, any(matches(by_name[n], keep_fp) for n in nodes)))
+            if progress:
+                progress(out[-1])
+    return sorted(out, key=lambda e: -e.eps_rel_l2)
+
+
+def table(errors: list[LayerError]) -> str:
+    lines = [f"{'layer':<48} {'nodes':>5} {'eps rel L2':>11}  kept in float"]
+    for e in errors:
+        lines.append(f"{e.layer:<48} {e.nodes:>5} {e.eps_rel_l2:>11.3e}  {'yes' if e.kept_fp else ''}")
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""Calibration sets, fp16 / INT8 graphs, sensitivity and the accuracy report on the tiny preset.
+
+The tiny_checkpoint fixture is random (adaLN-Zero perturbed): these tests check the mechanics and
+loose error bounds; the accuracy targets on the shipped checkpoint live in benchmarks/bench_int8.py
+and `vdit calibrate report`."""
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from vdit_deploy.calibration.collect import collect, load_calibration_set, pick_steps, run_onnx
+from vdit_deploy.calibration.fp16 import FP32_OPS, check_fp16, convert_fp16
+from vdit_deploy.calibration.int8 import quantize_int8
+from vdit_deploy.checkpoint import read_info
+from vdit_deploy.cli import main
+from vdit_deploy.errors import VditError
+from vdit_deploy.metrics import rel_l2
+
+from conftest import trt_skip_reason
+
+
+@pytest.fixture(scope="module")
+def export(tiny_export, tmp_path_factory):
+    """A private copy: the variants written here must not show up in other tests' export."""
+    return shutil.copytree(tiny_export, tmp_path_factory.mktemp("calib") / "export")
+
+
+@pytest.fixture(scope="module")
+def calib(export, tmp_path_factory):
+    # 6 DDIM steps, guidance 2 (2B = 2 rows per call), 3 recorded steps: 6 rows
+    return collect(export, tmp_path_factory.mktemp("calib") / "set", steps=6, seeds=range(1), labels=[1],
+                   timesteps=3)
+
+
+@pytest.fixture(scope="module")
+def reference(export, calib):
+    return run_onnx(export / "denoiser.onnx", load_calibration_set(calib))
+
+
+def test_pick_steps_spans_the_trajectory():
+    assert pick_steps(50, 8) == [0, 7, 14, 21, 28, 35, 42, 49]
+    assert pick_steps(5, 1) == [0]
+    with pytest.raises(VditError, match="timesteps"):
+        pick_steps(5, 6)
+
+
+def test_collect_writes_manifest(calib, tiny_checkpoint):
+    m = json.loads((calib / "manifest.json").read_text())
+    assert m["checkpoint_sha256"] == read_info(tiny_checkpoint).sha256()
+    assert m["sampler"] == "ddim" and m["steps"] == 6 and m["guidance"] == 2.0 and m["seeds"] == [0]
+    assert m["step_indices"] == [0, 2, 5]                      # first, middle, last step
+    assert m["timesteps"][0] > 800 and m["timesteps"][-1] == 0  # from near T down to 0
+    assert m["shapes"] == {"x_t": [6, 3, 8, 16, 16], "t": [6], "y": [6]}
+    cset = load_calibration_set(calib)
+    assert sorted(set(cset.arrays["y"].tolist())) == [1, 4]    # cond label and the null label (guidance)
+    assert [len(b["t"]) for b in cset.batches()] == [2, 2, 2]
+
+
+def test_collect_from_checkpoint(tiny_checkpoint, tmp_path):
+    path = collect(tiny_checkpoint, tmp_path / "set", steps=3, seeds=[5], labels=[0, 2], guidance=1.0, timesteps=2)
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["runtime"] == "torch:fp32" and m["call_batch"] == 2 and m["shapes"]["x_t"][0] == 4
+    assert m["checkpoint_sha256"] == read_info(tiny_checkpoint).sha256()
+
+
+def test_foreign_set_is_refused(calib, export, tmp_path):
+    from vdit_deploy.config import preset
+
+    with pytest.raises(VditError, match="another model shape"):
+        load_calibration_set(calib, expect_config=preset("tiny").replace(frames=4))
+    foreign = shutil.copytree(calib, tmp_path / "foreign")
+    m = json.loads((foreign / "manifest.json").read_text())
+    m["checkpoint_sha256"] = "f" * 64
+    (foreign / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(VditError, match="recorded with checkpoint") as e:
+        quantize_int8(export, foreign, mode="qdq")
+    assert "\n" not in str(e.value)
+    result = CliRunner().invoke(main, ["calibrate", "int8", str(export), "--calib", str(foreign)])
+    assert result.exit_code == 1 and result.output.startswith("Error: calibration set")
+    assert not (export / "denoiser.int8.onnx").exists()
+
+
+def test_fp16_keeps_float_io_and_blocked_ops(export, calib, reference):
+    path = convert_fp16(export, calib)
+    model = onnx.load(str(path))   # the converter records every tensor's new type in value_info
+    f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    assert all(v.type.tensor_type.elem_type == f32 for v in [*model.graph.input[:2], *model.graph.output])
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]}
+    blocked = [n for n in model.graph.node if n.op_type in FP32_OPS]
+    assert {"LayerNormalization", "Softmax", "Sin", "Cos"} <= {n.op_type for n in blocked}
+    assert all(types.get(o, f32) == f32 for n in blocked for o in n.output)
+    assert sum(i.data_type == f16 for i in model.graph.initializer) > 10      # the weights did become fp16
+    report = check_fp16(export, calib)
+    assert report["nonfinite"] == 0 and report["rows"] == 6
+    assert 0 < report["eps_rel_l2"] < 5e-3
+    assert set(report["eps_rel_l2_per_t"]) == set(json.loads((calib / "manifest.json").read_text())["timesteps"])
+
+
+@pytest.mark.parametrize("mode,op", [("dynamic", "MatMulInteger"), ("qdq", "QuantizeLinear")])
+def test_int8_runs_and_stays_close(export, calib, reference, mode, op):
+    from vdit_deploy.export.metadata import read_metadata
+
+    path = quantize_int8(export, calib, mode=mode)
+    assert path.name == {"dynamic": "denoiser.int8.onnx", "qdq": "denoiser.int8-qdq.onnx"}[mode]
+    assert read_metadata(path).precision == {"dynamic": "int8", "qdq": "int8-qdq"}[mode]
+    count = lambda p: sum(n.op_type == op for n in onnx.load(str(p)).graph.node)
+    assert count(path) > 0
+    got = run_onnx(path, load_calibration_set(calib))
+    err = rel_l2(got, reference)
+    assert np.isfinite(got).all() and 0 < err < 0.15
+    worse = quantize_int8(export, calib, mode=mode, per_channel=False, keep_fp=(),
+                          out=export / f"worse.{mode}.onnx")                 # everything, per-tensor weights
+    assert count(worse) > count(path)                  # the sensitive layers (adaLN, final layer...) stayed float
+    assert rel_l2(run_onnx(worse, load_calibration_set(calib)), reference) > err
+
+
+def test_qdq_methods(export, calib, reference):
+    errs = {}
+    for method in ("percentile", "entropy"):
+        path = quantize_int8(export, calib, mode="qdq", method=method, out=export / f"q-{method}.onnx")
+        errs[method] = rel_l2(run_onnx(path, load_calibration_set(calib)), reference)
+    assert all(0 < e < 0.3 for e in errs.values()), errs
+
+
+def test_sensitivity_ranks_layers(export, calib):
+    from vdit_deploy.calibration.sensitivity import sensitivity, table
+
+    errors = sensitivity(export, calib, layers=r"blocks\.0\.mlp|final_layer\.linear")
+    assert {e.layer for e in errors} == {"blocks.0.mlp.0", "blocks.0.mlp.2", "final_layer.linear"}
+    assert all(e.eps_rel_l2 > 0 for e in errors)
+    assert errors == sorted(errors, key=lambda e: -e.eps_rel_l2)
+    assert [e.kept_fp for e in errors if e.layer == "final_layer.linear"] == [True]
+    assert "final_layer.linear" in table(errors)
+
+
+def test_report_files(export, calib, tmp_path):
+    from vdit_deploy.calibration.report import accuracy_report
+
+    convert_fp16(export)
+    quantize_int8(export, calib, mode="dynamic")
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["calibrate", "report", str(export), "--steps", "4", "--seeds", "1",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["results"]) == {"fp16", "int8"} and len(report["timesteps"]) == 4
+    assert report["results"]["fp16"]["psnr_db"] > report["results"]["int8"]["psnr_db"]
+    assert len(report["results"]["int8"]["eps_rel_l2_per_step"]) == 4
+    assert (out / "eps_error.png").stat().st_size > 0
+    assert report["files"]["gif_columns"] == ["fp32", "fp16", "int8"]
+    import imageio.v3 as iio
+    frames = iio.imread(out / "samples.gif", index=None)
+    assert frames.shape[:3] == (8, 4 * 65 + 1, 3 * 65 + 1)   # 4 labels in rows, fp32 | fp16 | int8 (16 px x4 + pad)
+    with pytest.raises(VditError, match="denoiser.bf16.onnx"):
+        accuracy_report(export, ["bf16"], steps=2, out_dir=tmp_path / "r2")
+
+
+def test_cli_collect(export, tmp_path):
+    result = CliRunner().invoke(main, ["calibrate", "collect", str(export), "--out", str(tmp_path / "s"),
+                                       "--steps", "3", "--seeds", "1", "--label", "0", "--timesteps", "2"])
+    assert result.exit_code == 0, result.output
+    assert "4 rows" in result.output
+
+
+@pytest.mark.gpu
+def test_trt_calibration_cache(export, calib):
+    reason = trt_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    result = CliRunner().invoke(main, ["calibrate", "trt-cache", str(export), "--calib", str(calib)])
+    assert result.exit_code == 0, result.output
+    assert (export / "denoiser.calib.cache").stat().st_size > 0
