@@ -292,7 +292,21 @@ def parse_batch_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+def needs_torch(what: str):
+    """Export and verify run the PyTorch model: without torch, say so in one line."""
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec("torch") is not None:
+            import torch  # noqa: F401
+            return
+    except ImportError:
+        pass
+    raise VditError(f"vdit {what} needs torch: pip install 'vdit-deploy[torch]' (sampling an export does not)")
+
+
 def print_verify(export_dir, checkpoint, tolerance):
+    needs_torch("verify")
     from vdit_deploy.export.verify import check, verify
 
     report = verify(export_dir, checkpoint=checkpoint, tolerance=tolerance)
@@ -312,6 +326,7 @@ def export(checkpoint, out, batch, fixed_batch, opset, verify, tolerance):
     """Export a checkpoint to denoiser.onnx and the fused step.onnx (and verify them)."""
     import time as _time
 
+    needs_torch("export")
     from vdit_deploy.export.onnx_export import export_checkpoint
 
     start = _time.perf_counter()
@@ -351,6 +366,167 @@ def serve_export(export_dir, triton_dir, engine, precision, instances):
     for note in notes:
         click.echo(f"  {note}")
     click.echo("  start it: see docs/serving.md (tritonserver --model-repository ...)")
+
+
+# ---- compare (every runtime side by side) -------------------------------------------------------
+@main.command()
+@click.argument("source", required=False, type=click.Path(path_type=Path))
+@click.option("--runtimes", default="torch:fp32,ort:fp32,ort:fp16,ort:int8,trt:fp16,trt:int8", show_default=True,
+              help="RUNTIME:PRECISION list; those that cannot run here are listed as skipped, with the reason.")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(1), help="DDIM steps.")
+@click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
+@click.option("--guidance", default=2.0, show_default=True, type=float)
+@click.option("--batch", "batches", default="1,4", show_default=True, help="Batch sizes (videos per sample).")
+@click.option("--seeds", default="0-1", show_default=True, help="Seeds, e.g. 0-3 or 0,5.")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(1), help="Timed samples after 1 warm-up.")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="CPU threads for every runtime (torch and ONNX Runtime), for a fair CPU comparison.")
+@click.option("--min-psnr", default=30.0, show_default=True, type=float, help="Rows under this PSNR (dB) turn red.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Report directory: report.json, report.md, plots, samples.gif, cached artifacts/.")
+def compare(source, runtimes, steps, sampler, guidance, batches, seeds, repeats, threads, min_psnr, out):
+    """Latency and accuracy of every runtime and precision, side by side (SOURCE: checkpoint or export
+    directory; default: the shipped checkpoint)."""
+    import shlex
+
+    from vdit_deploy.checkpoint import SHIPPED
+    from vdit_deploy.compare import compare as run_compare, format_table, parse_ints
+
+    report = run_compare(source or SHIPPED, out, runtimes, steps=steps, batches=parse_ints(batches, "--batch"),
+                         seeds=parse_ints(seeds, "--seeds"), sampler=sampler, guidance=guidance, repeats=repeats,
+                         threads=threads, min_psnr=min_psnr, log=lambda m: click.echo(m, err=True),
+                         command=shlex.join(["vdit", *sys.argv[1:]]))
+    click.echo(format_table(report, color=True))
+    for note in report["notes"]:
+        click.echo(f"note: {note}")
+    click.echo(f"reference {report['reference']}; wrote {out / 'report.json'}, {out / 'report.md'}"
+               + "".join(f", {out / f}" for k, f in report["files"].items() if f and k not in ("json", "markdown")))
+
+
+# ---- calibrate (INT8 / FP16) --------------------------------------------------------------------
+@main.group(cls=Cli)
+def calibrate():
+    """Calibration sets, fp16 and INT8 graphs, per-layer sensitivity and the accuracy report."""
+
+
+def calib_option(required=True):
+    return click.option("--calib", "calib_dir", type=click.Path(path_type=Path), required=required,
+                        default=None, help="Calibration set from `vdit calibrate collect`.")
+
+
+@calibrate.command("collect")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Calibration set directory.")
+@click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(1))
+@click.option("--guidance", default=2.0, show_default=True, type=float)
+@click.option("--eta", default=0.0, show_default=True, type=float)
+@click.option("--seeds", default=4, show_default=True, type=click.IntRange(1), help="Seeds 0..N-1.")
+@click.option("--label", "labels", multiple=True, help="Labels per sample (default: every class).")
+@click.option("--timesteps", default=8, show_default=True, type=click.IntRange(1),
+              help="Steps recorded per trajectory, spread from t=T-1 to 0.")
+def calibrate_collect(source, out, sampler, steps, guidance, eta, seeds, labels, timesteps):
+    """Record denoiser inputs from the fp32 sampler (SOURCE: checkpoint or export directory)."""
+    import json
+
+    from vdit_deploy.calibration.collect import collect
+
+    path = collect(source, out, sampler, steps, guidance, eta, range(seeds), parse_labels(labels) if labels else None,
+                   timesteps, progress=True)
+    m = json.loads((path / "manifest.json").read_text())
+    click.echo(f"wrote {path}: {m['shapes']['x_t'][0]} rows, t = {', '.join(map(str, m['timesteps']))} "
+               f"({m['sampler']} {m['steps']} steps, guidance {m['guidance']}, seeds {m['seeds']})")
+
+
+@calibrate.command("fp16")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@calib_option(required=False)
+def calibrate_fp16(export_dir, calib_dir):
+    """Write denoiser.fp16.onnx (norms, softmax, pow, exp and the timestep embedding stay fp32)."""
+    from vdit_deploy.calibration.fp16 import check_fp16, convert_fp16
+
+    path = convert_fp16(export_dir, calib_dir)
+    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if calib_dir is not None:
+        r = check_fp16(export_dir, calib_dir)
+        click.echo(f"checked on {r['rows']} calibration rows: no inf/NaN, eps rel L2 {r['eps_rel_l2']:.2e}")
+
+
+@calibrate.command("int8")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@calib_option(required=False)
+@click.option("--mode", type=click.Choice(["dynamic", "qdq"]), default="dynamic", show_default=True,
+              help="dynamic: fastest on CPU (denoiser.int8.onnx); qdq: static Q/DQ for TensorRT (denoiser.int8-qdq.onnx).")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default=None,
+              help="Activation range calibration for qdq (default: the measured best).")
+@click.option("--keep-fp", multiple=True, help="Layer pattern (regex on e.g. 'blocks.0.mlp.0/linear') kept in float; "
+              "replaces the default sensitive set. 'none' quantizes everything.")
+def calibrate_int8(export_dir, calib_dir, mode, method, keep_fp):
+    """Write an INT8 denoiser graph; sensitive layers stay float."""
+    from vdit_deploy.calibration.int8 import DEFAULT_METHOD, DEFAULT_SENSITIVE, quantize_int8
+
+    keep = DEFAULT_SENSITIVE if not keep_fp else (() if keep_fp == ("none",) else keep_fp)
+    path = quantize_int8(export_dir, calib_dir, mode=mode, method=method or DEFAULT_METHOD, keep_fp=keep)
+    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); kept in float: {', '.join(keep) or 'nothing'}")
+    if calib_dir is not None:
+        from vdit_deploy.calibration.collect import load_calibration_set, run_onnx
+        from vdit_deploy.export.metadata import find_onnx
+        from vdit_deploy.metrics import rel_l2
+
+        cset = load_calibration_set(calib_dir)
+        click.echo(f"eps rel L2 vs fp32 on the calibration set: "
+                   f"{rel_l2(run_onnx(path, cset), run_onnx(find_onnx(export_dir), cset)):.3e}")
+
+
+@calibrate.command("sensitivity")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@calib_option()
+@click.option("--mode", type=click.Choice(["dynamic", "qdq"]), default="dynamic", show_default=True)
+@click.option("--layers", default=None, help="Regex: only the layer groups it finds (e.g. 'blocks.0').")
+def calibrate_sensitivity(export_dir, calib_dir, mode, layers):
+    """Quantize one layer at a time and print the eps error each adds, largest first."""
+    from vdit_deploy.calibration.sensitivity import sensitivity, table
+
+    click.echo(table(sensitivity(export_dir, calib_dir, mode=mode, layers=layers)))
+
+
+@calibrate.command("report")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--precisions", default="fp16,int8", show_default=True, help="Comma-separated graph variants.")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(1))
+@click.option("--seeds", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--guidance", default=2.0, show_default=True, type=float)
+@click.option("--out", default="calibration-report", show_default=True, type=click.Path(path_type=Path))
+def calibrate_report(export_dir, precisions, steps, seeds, guidance, out):
+    """Each precision vs fp32, same noise: eps error per timestep (plot), PSNR/SSIM, GIF grid."""
+    from vdit_deploy.calibration.report import accuracy_report, summary
+
+    report = accuracy_report(export_dir, [p for p in precisions.split(",") if p], steps, range(seeds),
+                             out_dir=out, guidance=guidance)
+    click.echo(summary(report))
+    click.echo(f"wrote {out}/: {', '.join(str(v) for k, v in report['files'].items() if k != 'gif_columns')}")
+    for note in report["notes"]:
+        click.echo(f"note: {note}")
+
+
+@calibrate.command("trt-cache")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@calib_option()
+@click.option("--batch", default=2, show_default=True, type=click.IntRange(1), help="Calibration batch size.")
+def calibrate_trt_cache(export_dir, calib_dir, batch):
+    """TensorRT implicit-INT8 calibration cache (TensorRT 8.x-10.x, e.g. JetPack 5) from the set; needs a GPU."""
+    from vdit_deploy.calibration.collect import load_calibration_set
+    from vdit_deploy.export.metadata import DENOISER, find_onnx, read_metadata
+    from vdit_deploy.runtimes.engine_cache import BatchProfile
+    from vdit_deploy.runtimes.trt_build import build_engine
+
+    onnx_path = find_onnx(export_dir, DENOISER)
+    meta = read_metadata(onnx_path)
+    load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.config)   # refuse a foreign set first
+    lo, hi = meta.batch_range()
+    build_engine(onnx_path, "int8", BatchProfile(lo, min(max(batch, lo), hi), hi), calibration=calib_dir,
+                 log=click.echo)
+    click.echo(f"wrote {onnx_path.with_name(onnx_path.stem + '.calib.cache')}")
 
 
 if __name__ == "__main__":
