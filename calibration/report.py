@@ -18,6 +18,7 @@ import numpy as np
 
 from vdit_deploy.errors import VditError
 from vdit_deploy.files import atomic_path
+from vdit_deploy.plots import plot_error_vs_timestep
 
 PSNR_TARGETS = {"fp16": 40.0, "int8": 30.0, "int8-qdq": 30.0}   # dB against fp32 (issue 4)
 
@@ -93,25 +94,9 @@ def accuracy_report(export_dir, precisions=("fp16", "int8"), steps: int = 50, se
 
 
 def plot_eps_error(report: dict, path: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")   # files only, never a window
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=80)
-    for p, r in report["results"].items():
-        ax.plot(report["timesteps"], np.maximum(r["eps_rel_l2_per_step"], 1e-12), marker=".",
-                label=f"{p}: {r['psnr_db']:.1f} dB")
-    ax.set_yscale("log")
-    ax.invert_xaxis()   # sampling runs from t = T-1 down to 0
-    ax.set_xlabel("timestep t (sampling order →)")
-    ax.set_ylabel("eps relative L2 vs fp32")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    curves = [(f"{p}: {r['psnr_db']:.1f} dB", report["timesteps"], r["eps_rel_l2_per_step"])
+              for p, r in report["results"].items()]
+    return plot_error_vs_timestep(curves, path, "eps relative L2 vs fp32")
 
 
 def summary(report: dict) -> str:

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from vdit_deploy.cli import main
 from vdit_deploy.config import PRESETS, preset
 from vdit_deploy.errors import VditError
-from vdit_deploy.runtimes.profiles import (DLA_UNSUPPORTED, GIB, PROFILE_DIR, WEIGHT_BYTES, activation_elements,
+from vdit_deploy.runtimes.profiles import (DLA_UNSUPPORTED, PROFILE_DIR, WEIGHT_BYTES, activation_elements,
                                            load_profile, plan_memory, profile_names)
 
 TARGETS = ("orin-nano", "orin-nx", "agx-orin", "desktop-gpu")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -166,7 +165,6 @@ def sample(checkpoint, onnx_path, labels, sampler, steps, eta, guidance, seed, r
 @click.option("--guidance", default=2.0, show_default=True, type=float)
 def demo(out, seeds, steps, guidance):
     """Sample every class of the shipped checkpoint (DDIM) into one GIF grid."""
-    import numpy as np
 
     from vdit_deploy.checkpoint import SHIPPED, read_info
     from vdit_deploy.data import CLASS_NAMES

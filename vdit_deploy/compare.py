@@ -42,6 +42,7 @@ from vdit_deploy.diffusion import guided_step, make_steps
 from vdit_deploy.errors import VditError
 from vdit_deploy.files import atomic_path, sha256_file
 from vdit_deploy.metrics import max_abs, psnr, rel_l2, ssim
+from vdit_deploy.plots import plot_error_vs_timestep, pyplot, save
 
 SCHEMA_VERSION = 1
 DEFAULT_RUNTIMES = "torch:fp32,ort:fp32,ort:fp16,ort:int8,trt:fp16,trt:int8"
@@ -654,16 +655,9 @@ def write_outputs(report: dict, out: Path) -> dict:
     return files
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")   # files only, never a window
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_latency(rows: list[dict], path: Path) -> Path:
     """Median latency per runtime, one bar group per batch; whiskers reach p90."""
-    plt = _pyplot()
+    plt = pyplot()
     labels = list(dict.fromkeys(r["label"] for r in rows))
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=80)
@@ -683,30 +677,12 @@ def plot_latency(rows: list[dict], path: Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("latency: median, whisker to p90", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_errors(rows: list[dict], path: Path) -> Path:
     """eps relative L2 against timestep, one line per runtime (smallest batch)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=80)
     b = min((r["batch"] for r in rows), default=1)
-    for r in rows:
-        acc = r["accuracy"]
-        if r["batch"] == b and acc and not acc["reference"]:
-            ax.plot(r["timesteps"], np.maximum(acc["eps_rel_l2_per_step"], 1e-12), marker=".", label=r["label"])
-    ax.set_yscale("log")
-    ax.invert_xaxis()   # sampling runs from t = T-1 down to 0
-    ax.set_xlabel("timestep t (sampling order →)")
-    ax.set_ylabel("eps relative L2 vs reference")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    curves = [(r["label"], r["timesteps"], r["accuracy"]["eps_rel_l2_per_step"]) for r in rows
+              if r["batch"] == b and r["accuracy"] and not r["accuracy"]["reference"]]
+    return plot_error_vs_timestep(curves, path, "eps relative L2 vs reference")

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from vdit_deploy.errors import VditError
 
