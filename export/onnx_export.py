@@ -217,7 +217,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, batch: tuple[
         den_meta, step_meta = {"min": den_batch[0], "max": den_batch[1]}, {"min": batch[0], "max": batch[1]}
     bname = "batch" if fixed is None else str(fixed)
     out_dir = Path(out_dir)
-    with atomic_path(out_dir, is_dir=True) as tmp:
+    with atomic_path(out_dir, is_dir=True, marker=f"{DENOISER}.onnx") as tmp:
         meta = ExportMetadata(DENOISER, io=_io(cfg, DENOISER, bname), batch=den_meta, **common)
         _export(denoiser, (x, t, y), tmp / f"{DENOISER}.onnx", DENOISER_INPUTS, DENOISER_OUTPUTS,
                 (True, True, True), den_batch, opset, meta.to_props(), external_data)

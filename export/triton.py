@@ -211,7 +211,7 @@ def write_triton_repo(export_dir: str | Path, out_dir: str | Path, engine: str |
     if max_batch < 2:
         raise VditError(f"the denoiser accepts at most batch {max_batch}; guidance needs 2 per video")
     max_videos = max_batch // 2          # guidance runs each video twice (cond + null) in one call
-    with atomic_path(out_dir, is_dir=True) as tmp:
+    with atomic_path(out_dir, is_dir=True, marker=f"{DENOISER_MODEL}/config.pbtxt") as tmp:
         den = tmp / DENOISER_MODEL / "1"
         den.mkdir(parents=True)
         if engine is not None:

@@ -83,3 +83,13 @@ def test_demo_writes_a_gif_grid(tmp_path):
     import imageio.v3 as iio
     frames = iio.imread(out)
     assert frames.shape[0] == 8 and frames.shape[2] > 3 * frames.shape[1]   # 4 classes side by side
+
+
+def test_outputs_never_replace_a_foreign_directory(tiny_checkpoint, tmp_path):
+    """`--out` pointing at a source folder must not swallow it: only an earlier artifact is replaced."""
+    foreign = tmp_path / "src"
+    foreign.mkdir()
+    (foreign / "keep.py").write_text("x = 1\n")
+    result = run("train", "--steps", 1, "--batch-size", 2, "--out", foreign)
+    assert result.exit_code == 1 and "refusing to replace" in result.output
+    assert (foreign / "keep.py").read_text() == "x = 1\n" and len(list(foreign.iterdir())) == 1

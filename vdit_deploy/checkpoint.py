@@ -64,7 +64,7 @@ def save_checkpoint(path: str | Path, state_dict: dict, model: ModelConfig, sche
     extra_files: {name: {tensor name: tensor}} further safetensors files (e.g. training state)."""
     from safetensors.torch import save_file
 
-    with atomic_path(path, is_dir=True) as tmp:
+    with atomic_path(path, is_dir=True, marker=CONFIG) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp / WEIGHTS))
         for name, tensors in (extra_files or {}).items():
             save_file(tensors, str(tmp / name))

@@ -8,11 +8,29 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from vdit_deploy.errors import VditError
+
+
+def check_replaceable(path: Path, marker: str | None) -> None:
+    """Refuse (one line) to overwrite a directory that is not empty and not an earlier artifact."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise VditError(f"{path} exists and is not a directory")
+    if any(path.iterdir()) and not (marker and (path / marker).exists()):
+        raise VditError(f"refusing to replace {path}: it is not empty and holds no {marker or 'artifact'} "
+                        f"from an earlier run; choose a new or empty directory")
+
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, is_dir: bool = False):
-    """Yield a temporary sibling of `path`; move it onto `path` only if the block succeeds."""
+def atomic_path(path: str | os.PathLike, is_dir: bool = False, marker: str | None = None):
+    """Yield a temporary sibling of `path`; move it onto `path` only if the block succeeds.
+
+    A directory artifact replaces an existing directory only when that one is empty or holds
+    `marker` (an earlier artifact of the same kind): `--out src/` must never swallow a source tree."""
     path = Path(path)
+    if is_dir:
+        check_replaceable(path, marker)
     path.parent.mkdir(parents=True, exist_ok=True)
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))

@@ -22,6 +22,7 @@ from vdit_deploy.config import ModelConfig
 from vdit_deploy.data import MovingShapes
 from vdit_deploy.diffusion import Schedule
 from vdit_deploy.errors import VditError
+from vdit_deploy.files import check_replaceable
 from vdit_deploy.model import VideoDiT
 
 TRAINING_STATE = "training_state.safetensors"
@@ -90,6 +91,7 @@ def train(model_cfg: ModelConfig, out: str | Path, cfg: TrainConfig = TrainConfi
     if model_cfg.in_channels != 3:
         raise VditError("Moving Shapes videos are RGB: the model needs in_channels=3")
     out = Path(out)
+    check_replaceable(out, TRAINING_STATE)   # fail before training, not at the first checkpoint
     torch.manual_seed(cfg.seed)
     model = VideoDiT(model_cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
