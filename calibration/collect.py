@@ -106,7 +106,7 @@ def collect(checkpoint_or_export, out_dir, sampler: str = "ddim", steps: int = 5
         "shapes": {k: list(a.shape) for k, a in arrays.items()}, "records": records,
     }
     out_dir = Path(out_dir)
-    with atomic_path(out_dir, is_dir=True) as tmp:
+    with atomic_path(out_dir, is_dir=True, marker=MANIFEST) as tmp:
         for name, a in arrays.items():
             np.save(tmp / f"{name}.npy", a)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -136,6 +136,28 @@ class CalibrationSet:
                 j = min(i + step, end)
                 if j - i >= lo:
                     yield {k: self.arrays[k][i:j] for k in INPUTS}
+
+    def step_batches(self, schedule, lo: int = 1, hi: int | None = None):
+        """Inputs of the fused step graph that make the same denoiser calls as batches(): x_t, t, y of
+        each call's cond half (the graph rebuilds the 2B cond + null batch), the manifest's guidance,
+        the coefs of that step of the manifest's plan, and seeded noise; cut to at most `hi` videos."""
+        from vdit_deploy.diffusion import make_steps
+
+        m = self.manifest
+        plan = make_steps(schedule, m["sampler"], None if m["sampler"] == "ddpm" else m["steps"], m["eta"])
+        guided = m["guidance"] != 1.0
+        for r in m["records"]:
+            start, end = r["rows"]
+            cond_end = start + (end - start) // 2 if guided else end
+            coefs = plan[r["step"]].coefs
+            step = hi or cond_end - start
+            for i in range(start, cond_end, step):
+                j = min(i + step, cond_end)
+                if j - i >= lo:
+                    x = self.arrays["x_t"][i:j]
+                    noise = np.random.default_rng([r["seed"], r["step"], i]).standard_normal(x.shape, dtype=np.float32)
+                    yield {"x_t": x, "t": self.arrays["t"][i:j], "y": self.arrays["y"][i:j],
+                           "guidance": np.float32([m["guidance"]]), "coefs": coefs, "noise": noise}
 
 
 def onnx_session(path, threads: int | None = None):

@@ -6,6 +6,10 @@ significant digits of the angle) overflow or lose what diffusion needs. onnxrunt
 converter (onnxruntime.transformers.float16, shipped with onnxruntime) casts everything else and
 inserts Casts around the blocked nodes; inputs and outputs stay float32 so callers do not change.
 TensorRT's fp16 build pins the same layer types (runtimes/trt_build.py FP32_LAYER_TYPES).
+
+The fused step graph gets the same treatment (step.fp16.onnx: what a strongly typed TensorRT 11
+fp16 build compiles), except that the step's own arithmetic stays fp32 too: a*x_t reaches ~600 near
+t=T, and the re-derived eps (a*x_t - x0)/b would keep only fp16's 3 digits of that difference.
 """
 from __future__ import annotations
 
@@ -13,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vdit_deploy.calibration.graph import select
+from vdit_deploy.calibration.graph import select, step_nodes
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.metadata import DENOISER, find_onnx, read_metadata
+from vdit_deploy.export.metadata import DENOISER, STEP, find_onnx, read_metadata
 from vdit_deploy.files import atomic_path
 
 FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Exp", "Sin", "Cos")
@@ -37,25 +41,79 @@ def save_variant(model, path: Path, precision: str) -> Path:
     return path
 
 
-def convert_fp16(export_dir, calib_dir=None, keep_fp32=FP32_LAYERS) -> Path:
-    """export_dir/denoiser.onnx -> export_dir/denoiser.fp16.onnx (float32 I/O); with calib_dir the
-    result is checked on the calibration set and refused if it makes any inf/NaN."""
+def variant_sources(export_dir) -> list[Path]:
+    """The fp32 graphs a precision variant is made from: denoiser.onnx, and step.onnx beside it when
+    export_dir is an export directory that has one."""
+    src = find_onnx(export_dir, DENOISER)
+    step = src.with_name(f"{STEP}.onnx")
+    return [src, step] if Path(export_dir).is_dir() and step.is_file() else [src]
+
+
+def to_fp16(src: Path, kind: str, keep_fp32=FP32_LAYERS):
+    """One fp32 graph -> an fp16 onnx model (float32 I/O) with the blocked ops and layers in fp32."""
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    export_dir = Path(export_dir)
-    src = find_onnx(export_dir, DENOISER)
     model = onnx.load(str(src))
-    blocked_nodes = select(model, keep_fp32)
+    blocked_nodes = select(model, keep_fp32) + (step_nodes(model) if kind == STEP else [])
     model = convert_float_to_float16(model, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST + list(FP32_OPS),
                                      node_block_list=blocked_nodes)
-    out = save_variant(model, src.with_name(f"{DENOISER}.fp16.onnx"), "fp16")
+    return drop_round_trips(model)
+
+
+def drop_round_trips(model):
+    """The converter stores every blocked node's output as fp16 and casts it back to fp32 for the next
+    blocked node (fp32 -> fp16 -> fp32), so a chain of "fp32" ops still rounds to fp16 between ops: the
+    sin-cos angle t*freq, the step's a*x_t. Feed such consumers the fp32 tensor itself."""
+    from onnx import TensorProto, helper
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    g = model.graph
+    dtype = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.value_info, *g.output]}
+    dtype.update({i.name: i.data_type for i in g.initializer})
+    producer = {o: n for n in g.node for o in n.output}
+    cast_to = lambda n: next((a.i for a in n.attribute if a.name == "to"), None) if n.op_type == "Cast" else None
+    outputs = {o.name for o in g.output}
+    renamed, dropped = {}, set()
+    for n in g.node:
+        up = producer.get(n.input[0]) if cast_to(n) == TensorProto.FLOAT else None
+        if up is not None and cast_to(up) == TensorProto.FLOAT16 and dtype.get(up.input[0]) == TensorProto.FLOAT:
+            if n.output[0] in outputs:          # the graph output keeps its name: an Identity of the fp32 value
+                n.CopyFrom(helper.make_node("Identity", [up.input[0]], [n.output[0]], name=n.name))
+            else:
+                renamed[n.output[0]] = up.input[0]
+                dropped.add(n.name)
+    kept = [n for n in g.node if n.name not in dropped]
+    for n in kept:
+        n.input[:] = [renamed.get(i, i) for i in n.input]
+    used = {i for n in kept for i in n.input} | outputs        # fp16 casts that fed only the dropped ones
+    kept = [n for n in kept if not (cast_to(n) == TensorProto.FLOAT16 and n.output[0] not in used)]
+    del g.node[:]
+    g.node.extend(kept)
+    live = {o for n in kept for o in n.output}      # (the converter's entries for inputs can be stale)
+    keep_info = [v for v in g.value_info if v.name in live]
+    del g.value_info[:]
+    g.value_info.extend(keep_info)
+    OnnxModel.graph_topological_sort(g)     # the converter appends its Casts at the end of the node list
+    return model
+
+
+def convert_fp16(export_dir, calib_dir=None, keep_fp32=FP32_LAYERS) -> Path:
+    """export_dir/denoiser.onnx -> export_dir/denoiser.fp16.onnx (float32 I/O), and step.onnx ->
+    step.fp16.onnx when the export has one; with calib_dir the denoiser is checked on the calibration
+    set first and both are refused if it makes any inf/NaN. Returns the denoiser's path."""
+    export_dir = Path(export_dir)
+    src, *step = variant_sources(export_dir)
+    out = save_variant(to_fp16(src, DENOISER, keep_fp32), src.with_name(f"{DENOISER}.fp16.onnx"), "fp16")
     if calib_dir is not None:
         report = check_fp16(export_dir, calib_dir)
         if report["nonfinite"]:
-            out.unlink()
+            for path in [out, *(p.with_name(f"{STEP}.fp16.onnx") for p in step)]:
+                path.unlink(missing_ok=True)
             raise VditError(f"fp16 graph makes inf/NaN on {report['nonfinite']} calibration rows "
                             f"(first at t={report['nonfinite_t'][0]:g}); not written")
+    for path in step:
+        save_variant(to_fp16(path, STEP, keep_fp32), path.with_name(f"{STEP}.fp16.onnx"), "fp16")
     return out
 
 

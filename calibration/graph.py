@@ -4,6 +4,9 @@ The dynamo exporter records each node's module path in the `pkg.torch.onnx.name_
     ['', 'model', 'model.blocks.0', 'model.blocks.0.attn_space', 'model.blocks.0.attn_space.qkv', 'linear_3']
 node_path() turns that into "blocks.0.attn_space.qkv/linear" (module path / op, numbering dropped);
 patterns (regular expressions, re.search) select nodes by that path, by node name or by op type.
+In the fused step graph the denoiser is the submodule `denoiser` (export/onnx_export.FusedStep): its
+prefix is dropped too, so one pattern names the same layer in denoiser.onnx and step.onnx, and
+step_nodes() picks the step's own arithmetic (guidance mix, clip, affine update).
 """
 from __future__ import annotations
 
@@ -14,16 +17,26 @@ import re
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
 
 
-def node_path(node) -> str:
+def _scopes(node) -> list[str]:
     props = {p.key: p.value for p in node.metadata_props}
     try:
-        scopes = ast.literal_eval(props.get("pkg.torch.onnx.name_scopes", "[]"))
+        return ast.literal_eval(props.get("pkg.torch.onnx.name_scopes", "[]"))
     except (ValueError, SyntaxError):
-        scopes = []
+        return []
+
+
+def node_path(node) -> str:
+    scopes = _scopes(node)
     if len(scopes) < 2:
         return node.name
-    module = re.sub(r"^model\.?", "", scopes[-2])
+    module = re.sub(r"^(model|denoiser)\.?", "", scopes[-2])
     return f"{module}/{re.sub(r'_[0-9]+$', '', scopes[-1])}"
+
+
+def step_nodes(model) -> list[str]:
+    """Names of a fused step graph's own nodes: those of FusedStep.forward itself (scopes ['', op]),
+    not of its denoiser submodule. Step graphs only: in denoiser.onnx this picks the model's top-level ops."""
+    return [n.name for n in model.graph.node if len(scopes := _scopes(n)) == 2 and scopes[0] == ""]
 
 
 def matches(node, patterns) -> bool:

@@ -6,8 +6,10 @@
     denoiser.int8.onnx      dynamic: int8 weights, activation ranges measured per call
                             (DynamicQuantizeLinear + MatMulInteger). On AVX-512 VNNI CPUs it is the
                             fastest INT8 form in ONNX Runtime, and needs no calibration ranges.
+    step.int8-qdq.onnx      the fused step graph with the same Q/DQ rules, calibrated on the same
+                            denoiser calls (its guidance, clip and affine update stay float).
 `vdit sample --runtime ort --precision int8` picks the dynamic graph; `vdit build --precision int8`
-(TensorRT) the Q/DQ one.
+(TensorRT) the Q/DQ ones.
 
 Only the compute layers (MatMul / Gemm / Conv with constant weights) are quantized. Layers that the
 sensitivity sweep (sensitivity.py) shows to dominate the error stay float (DEFAULT_SENSITIVE):
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from vdit_deploy.calibration.graph import COMPUTE_OPS, select
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.metadata import DENOISER, find_onnx, read_metadata
+from vdit_deploy.export.metadata import DENOISER, STEP, find_onnx, read_metadata
 
 MODES = {"qdq": "int8-qdq", "dynamic": "int8"}           # mode -> file precision tag
 METHODS = ("minmax", "percentile", "entropy")
@@ -55,10 +57,10 @@ def quiet():
 
 
 class _Reader:
-    """onnxruntime's CalibrationDataReader over a calibration set, in the graph's batch sizes."""
+    """onnxruntime's CalibrationDataReader over an iterator of feed dicts."""
 
-    def __init__(self, cset, lo: int, hi: int):
-        self.it = iter(cset.batches(lo, hi))
+    def __init__(self, batches):
+        self.it = iter(batches)
 
     def get_next(self):
         return next(self.it, None)
@@ -66,27 +68,46 @@ class _Reader:
 
 def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str = DEFAULT_METHOD,
                   keep_fp=DEFAULT_SENSITIVE, only=None, out=None, per_channel: bool = True) -> Path:
-    """export_dir/denoiser.onnx -> denoiser.int8.onnx (dynamic) or denoiser.int8-qdq.onnx (qdq).
+    """export_dir/denoiser.onnx -> denoiser.int8.onnx (dynamic) or denoiser.int8-qdq.onnx (qdq); qdq
+    also makes step.int8-qdq.onnx from the export's fused step graph (what TensorRT's int8 build
+    compiles), calibrated on the same denoiser calls. Returns the denoiser's path.
 
     keep_fp: patterns (calibration/graph.py) of layers left in float. only: if given, quantize only
-    the nodes matching these patterns (the sensitivity sweep). out: another output path.
-    calib_dir is required for qdq; for dynamic it is only checked against the model."""
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-
+    the nodes matching these patterns (the sensitivity sweep). out: another output path for the
+    denoiser (no step graph then). calib_dir is required for qdq; for dynamic it is only checked
+    against the model."""
     from vdit_deploy.calibration.collect import load_calibration_set
-    from vdit_deploy.calibration.fp16 import save_variant
+    from vdit_deploy.calibration.fp16 import variant_sources
 
     if method not in METHODS:
         raise VditError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
-    src = find_onnx(export_dir, DENOISER)
-    out = Path(out) if out else variant_path(export_dir, mode)
+    src, *step = variant_sources(export_dir)
     meta = read_metadata(src)
     cset = None
     if calib_dir is not None:
         cset = load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.config)
     elif mode == "qdq":
         raise VditError("static Q/DQ quantization needs a calibration set: run `vdit calibrate collect` first")
+    rules = dict(mode=mode, method=method, keep_fp=keep_fp, only=only, per_channel=per_channel)
+    path = quantize_graph(src, Path(out) if out else variant_path(export_dir, mode),
+                          cset and (lambda lo, hi: cset.batches(lo, hi)), **rules)
+    # dynamic INT8 is ONNX Runtime's CPU form, where a host-side step costs the same as a fused one
+    if mode == "qdq" and out is None and only is None:
+        for graph in step:
+            quantize_graph(graph, graph.with_name(f"{STEP}.{MODES[mode]}.onnx"),
+                           lambda lo, hi: cset.step_batches(meta.schedule, lo, hi), **rules)
+    return path
+
+
+def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_fp, only, per_channel: bool) -> Path:
+    """One fp32 graph (denoiser or fused step) -> its INT8 variant at `out`. batches(lo, hi): feed
+    dicts in the graph's batch range for static calibration (qdq). The step's own arithmetic has no
+    MatMul / Gemm / Conv: it stays float."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    from vdit_deploy.calibration.fp16 import save_variant
+
     model = onnx.load(str(src))
     compute = select(model, [*COMPUTE_OPS], COMPUTE_OPS)
     excluded = set(select(model, keep_fp, COMPUTE_OPS)) if keep_fp else set()
@@ -104,11 +125,11 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
                 quantize_dynamic(model, raw, weight_type=QuantType.QInt8,
                                  extra_options={"MatMulConstBOnly": True}, **common)
             else:
-                lo, hi = meta.batch_range()
+                lo, hi = read_metadata(src).batch_range()
                 calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                          "entropy": CalibrationMethod.Entropy}[method]
                 # Symmetric int8 on both sides: what TensorRT's explicit quantization requires.
-                quantize_static(model, raw, _Reader(cset, lo, hi), quant_format=QuantFormat.QDQ,
+                quantize_static(model, raw, _Reader(batches(lo, hi)), quant_format=QuantFormat.QDQ,
                                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=calib,
                                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
@@ -118,7 +139,8 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
         except VditError:
             raise
         except Exception as e:   # onnxruntime.quantization raises plain ValueError / RuntimeError
-            raise VditError(f"{mode} INT8 quantization failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+            raise VditError(f"{mode} INT8 quantization of {src.name} failed: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0]}") from None
         quantized = onnx.load(str(raw))
         del quantized.metadata_props[:]
         quantized.metadata_props.extend(model.metadata_props)

@@ -1,8 +1,9 @@
 """ONNX Runtime backend: samples from an export directory with no torch installed.
 
 denoise() runs denoiser.onnx; step() runs the fused step.onnx (guidance + update in the graph) when
-the export has one. On CUDA/TensorRT the step output stays on the device as an OrtValue bound with
-IO binding, and the next step consumes it in place: per step the host copies only noise and scalars.
+the export has one (step.fp16.onnx / step.int8-qdq.onnx from `vdit calibrate` for those precisions).
+On CUDA/TensorRT the step output stays on the device as an OrtValue bound with IO binding, and the
+next step consumes it in place: per step the host copies only noise and scalars.
 """
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ Precision, and how TensorRT versions differ:
   fp32  the fp32 graph; TF32 off so "fp32" means fp32.
   fp16  TensorRT 10: the fp32 graph with BuilderFlag.FP16 (weak typing), LayerNorm / Softmax / reduce
         / pow layers pinned to fp32 with OBEY_PRECISION_CONSTRAINTS (fp16 overflows in their sums).
-        TensorRT 11 removed weak typing: it builds the fp16 graph (<kind>.fp16.onnx, made by the
-        export's fp16 conversion) as a strongly typed network, which carries its own fp32 islands.
+        TensorRT 11 removed weak typing: it builds the fp16 graph (<kind>.fp16.onnx, made by
+        `vdit calibrate fp16`) as a strongly typed network, which carries its own fp32 islands.
   int8  the Q/DQ graph (<kind>.int8-qdq.onnx, from `vdit calibrate int8 --mode qdq`): explicit quantization, the only
         INT8 path of TensorRT >= 10.1 that is not deprecated and the only one in 11.x. TensorRT 8.5/8.6
         (JetPack 5) also take implicit INT8 with a calibrator: see `entropy_calibrator`.

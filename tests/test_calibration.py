@@ -97,6 +97,53 @@ def test_fp16_keeps_float_io_and_blocked_ops(export, calib, reference):
     assert report["nonfinite"] == 0 and report["rows"] == 6
     assert 0 < report["eps_rel_l2"] < 5e-3
     assert set(report["eps_rel_l2_per_t"]) == set(json.loads((calib / "manifest.json").read_text())["timesteps"])
+    # a blocked op reads fp32 straight from the blocked op before it: no fp32 -> fp16 -> fp32 round trip
+    producer = {o: n for n in model.graph.node for o in n.output}
+    sin = next(n for n in model.graph.node if n.op_type == "Sin")
+    assert producer[sin.input[0]].op_type == "Mul"                      # the angle t * freq, not a Cast
+
+
+def test_fp16_step_keeps_its_arithmetic_fp32(export):
+    from vdit_deploy.calibration.graph import step_nodes
+
+    convert_fp16(export)
+    model = onnx.load(str(export / "step.fp16.onnx"))
+    f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    assert all(v.type.tensor_type.elem_type in (f32, onnx.TensorProto.INT32) for v in [*model.graph.input, *model.graph.output])
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]}
+    own = [n for n in model.graph.node if n.name in set(step_nodes(model))]
+    assert {"Min", "Max", "Div"} <= {n.op_type for n in own}            # clip and the eps re-derivation
+    assert not [o for n in own for o in n.output if types.get(o) == f16]   # (Shape / Expand of y are int)
+    assert sum(i.data_type == f16 for i in model.graph.initializer) > 10
+    onnx.checker.check_model(str(export / "step.fp16.onnx"), full_check=True)   # also: topologically sorted
+
+
+@pytest.mark.parametrize("precision,tol", [("fp16", 1e-3), ("int8-qdq", 1e-2)])
+def test_fused_step_equals_host_step(export, calib, precision, tol):
+    """step.<precision>.onnx is what TensorRT builds and what ONNX Runtime runs: it must be the same
+    precision's denoiser plus the fp32 host update, on trajectory inputs, deterministic and noisy steps."""
+    from vdit_deploy.diffusion import guided_step, make_steps
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.runtimes.trt_build import onnx_for
+
+    if precision == "fp16":
+        convert_fp16(export)
+    else:
+        quantize_int8(export, calib, mode="qdq")
+    tensorrt_precision = {"fp16": "fp16", "int8-qdq": "int8"}[precision]
+    assert onnx_for(export, "step", tensorrt_precision, True).name == f"step.{precision}.onnx"
+    cset = load_calibration_set(calib)
+    with open_runtime("ort", export, precision=precision) as rt:
+        assert rt.describe() == f"ort:{precision} on CPU (fused step)" and rt.fused.meta.precision == precision
+        ddpm = make_steps(rt.schedule, "ddpm")                           # sigma > 0: the noise input counts
+        feeds = list(cset.step_batches(rt.schedule))
+        assert len(feeds) == 3 and all(len(f["x_t"]) == 1 and f["guidance"][0] == 2.0 for f in feeds)
+        for f in feeds:
+            t = int(f["t"][0])
+            for coefs in (f["coefs"], ddpm[len(ddpm) - 1 - t].coefs):
+                got = rt.step(f["x_t"], t, f["y"], 2.0, coefs, f["noise"])
+                ref = guided_step(rt.denoise, f["x_t"], t, f["y"], 2.0, coefs, f["noise"], rt.config.null_label)
+                assert np.isfinite(got).all() and rel_l2(got, ref) < tol, (t, rel_l2(got, ref))
 
 
 @pytest.mark.parametrize("mode,op", [("dynamic", "MatMulInteger"), ("qdq", "QuantizeLinear")])
@@ -108,6 +155,10 @@ def test_int8_runs_and_stays_close(export, calib, reference, mode, op):
     assert read_metadata(path).precision == {"dynamic": "int8", "qdq": "int8-qdq"}[mode]
     count = lambda p: sum(n.op_type == op for n in onnx.load(str(p)).graph.node)
     assert count(path) > 0
+    step = export / f"step.{read_metadata(path).precision}.onnx"       # the fused step: Q/DQ (TensorRT) only
+    assert step.is_file() == (mode == "qdq")
+    if mode == "qdq":                                                   # same layers quantized as the denoiser
+        assert count(step) == count(path) and read_metadata(step).kind == "step"
     got = run_onnx(path, load_calibration_set(calib))
     err = rel_l2(got, reference)
     assert np.isfinite(got).all() and 0 < err < 0.15

@@ -440,7 +440,8 @@ def calibrate_collect(source, out, sampler, steps, guidance, eta, seeds, labels,
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @calib_option(required=False)
 def calibrate_fp16(export_dir, calib_dir):
-    """Write denoiser.fp16.onnx (norms, softmax, pow, exp and the timestep embedding stay fp32)."""
+    """Write denoiser.fp16.onnx and step.fp16.onnx (norms, softmax, pow, exp, the timestep embedding
+    and the step's update stay fp32)."""
     from vdit_deploy.calibration.fp16 import check_fp16, convert_fp16
 
     path = convert_fp16(export_dir, calib_dir)
@@ -454,7 +455,8 @@ def calibrate_fp16(export_dir, calib_dir):
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @calib_option(required=False)
 @click.option("--mode", type=click.Choice(["dynamic", "qdq"]), default="dynamic", show_default=True,
-              help="dynamic: fastest on CPU (denoiser.int8.onnx); qdq: static Q/DQ for TensorRT (denoiser.int8-qdq.onnx).")
+              help="dynamic: fastest on CPU (denoiser.int8.onnx); qdq: static Q/DQ for TensorRT "
+              "(denoiser.int8-qdq.onnx and step.int8-qdq.onnx).")
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default=None,
               help="Activation range calibration for qdq (default: the measured best).")
 @click.option("--keep-fp", multiple=True, help="Layer pattern (regex on e.g. 'blocks.0.mlp.0/linear') kept in float; "
