@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vdit_deploy.metrics import psnr
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -63,11 +65,6 @@ def timed(fn, repeats: int) -> float:
         fn()
         samples.append(time.perf_counter() - t0)
     return float(np.median(samples))
-
-
-def psnr(a, b) -> float:
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
 
 
 def bench_runtime(label, opener, cfg, steps, reference, repeats):

@@ -25,7 +25,6 @@ Older TensorRT (JetPack 5: TRT 8.5 / 8.6), for readers porting this file:
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from vdit_deploy.errors import VditError
-from vdit_deploy.files import atomic_path
+from vdit_deploy.files import atomic_path, sha256_files
 from vdit_deploy.runtimes.engine_cache import (BatchProfile, CachedEngine, EngineCache, EngineKey,
                                                check_cuda, gpu_info, import_cudart, import_tensorrt)
 
@@ -43,13 +42,7 @@ KINDS = ("step", "denoiser")
 
 def onnx_digest(path: Path) -> str:
     """sha256 of an .onnx file and of its external-data file, if it has one (<name>.data)."""
-    digest = hashlib.sha256()
-    for part in (path, path.with_name(path.name + ".data")):
-        if part.is_file():
-            with open(part, "rb") as f:
-                while block := f.read(1 << 20):
-                    digest.update(block)
-    return digest.hexdigest()
+    return sha256_files(p for p in (path, path.with_name(path.name + ".data")) if p.is_file())
 
 
 def strongly_typed_only(trt) -> bool:

@@ -54,9 +54,15 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False, marker: str | Non
         raise
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def sha256_files(paths, chunk: int = 1 << 20) -> str:
+    """One sha256 over the bytes of several files, in order (an .onnx and its external data)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    return sha256_files([path])
