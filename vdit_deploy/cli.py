@@ -111,7 +111,8 @@ def sampling_options(f):
         click.option("--seed", default=0, show_default=True, type=int),
         click.option("--runtime", default="torch", show_default=True,
                      help="torch (checkpoint), or ort / trt / ort-trt (ONNX export, no torch needed)."),
-        click.option("--precision", default="fp32", show_default=True, help="fp32, fp16, bf16 (runtime-dependent)."),
+        click.option("--precision", default="fp32", show_default=True, help="torch: fp32, fp16, bf16; ort: fp32, fp16, int8, int8-qdq (from `vdit calibrate`); "
+                          "trt: fp32, fp16, int8, best."),
     ]):
         f = option(f)
     return f
@@ -133,7 +134,7 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
 @main.command()
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help=f"Default: {SHIPPED_HELP}.")
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), default=None,
-              help="Export directory or .onnx file (for --runtime ort).")
+              help="Export directory or .onnx file (for --runtime ort, trt, ort-trt).")
 @click.option("--label", "labels", multiple=True, default=("0",), show_default=True,
               help="Class label(s); repeat or comma-separate for several videos.")
 @sampling_options
