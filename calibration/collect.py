@@ -64,7 +64,7 @@ def collect(checkpoint_or_export, out_dir, sampler: str = "ddim", steps: int = 5
     """Run the fp32 sampler and record the denoiser inputs at `timesteps` steps of each trajectory.
     labels: one label per video of a sample (default: every class once). Written atomically."""
     from vdit_deploy.diffusion import make_steps
-    from vdit_deploy.sampling import check_labels, sample
+    from vdit_deploy.sampling import DenoiseRecorder, check_labels, sample
 
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -79,22 +79,14 @@ def collect(checkpoint_or_export, out_dir, sampler: str = "ddim", steps: int = 5
         denoise = chunked(rt.denoise, max_batch)
         rows: dict[str, list[np.ndarray]] = {k: [] for k in INPUTS}
         records = []
-
-        class Recorder:   # a plain-callable denoiser for sample(): host-side guided step, inputs kept
-            index = 0
-
-            def __call__(self, x, t, yy):
-                if self.index in keep:
-                    start = sum(len(a) for a in rows["t"])
-                    for name, a in zip(INPUTS, (x, t, yy)):
-                        rows[name].append(np.array(a, copy=True))
-                    records.append({"seed": seed, "step": self.index, "t": int(t[0]), "rows": [start, start + len(t)]})
-                self.index += 1
-                return denoise(x, t, yy)
-
         for seed in seeds:
-            rec = Recorder()
-            sample(lambda x, t, yy, rec=rec: rec(x, t, yy), cfg, y, plan, guidance, seed, progress=progress)
+            rec = DenoiseRecorder(denoise, keep)   # host-side guided step: one call per sampler step
+            sample(rec, cfg, y, plan, guidance, seed, progress=progress)
+            for index, x, t, yy, _ in rec.calls:
+                start = sum(len(a) for a in rows["t"])
+                for name, a in zip(INPUTS, (x, t, yy)):
+                    rows[name].append(a)
+                records.append({"seed": seed, "step": index, "t": int(t[0]), "rows": [start, start + len(t)]})
     arrays = {"x_t": np.concatenate(rows["x_t"]).astype(np.float32), "t": np.concatenate(rows["t"]).astype(np.float32),
               "y": np.concatenate(rows["y"]).astype(np.int32)}
     manifest = {

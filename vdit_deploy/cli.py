@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -141,9 +142,8 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .gif, .mp4 or .npy.")
 def sample(checkpoint, onnx_path, labels, sampler, steps, eta, guidance, seed, runtime, precision, out):
     """Sample videos with DDPM or DDIM from a checkpoint or an ONNX export."""
-    from vdit_deploy.video import check_suffix, write_video
-
     from vdit_deploy.runtimes.base import check_runtime_name
+    from vdit_deploy.video import check_suffix, write_video
 
     check_suffix(out)
     if check_runtime_name(runtime) == "torch":
@@ -166,7 +166,6 @@ def sample(checkpoint, onnx_path, labels, sampler, steps, eta, guidance, seed, r
 @click.option("--guidance", default=2.0, show_default=True, type=float)
 def demo(out, seeds, steps, guidance):
     """Sample every class of the shipped checkpoint (DDIM) into one GIF grid."""
-
     from vdit_deploy.checkpoint import SHIPPED, read_info
     from vdit_deploy.data import CLASS_NAMES
     from vdit_deploy.video import check_suffix, write_video
@@ -323,15 +322,13 @@ def print_verify(export_dir, checkpoint, tolerance):
 @click.option("--tolerance", default=1e-4, show_default=True, type=float, help="Relative L2 allowed by --verify.")
 def export(checkpoint, out, batch, fixed_batch, opset, verify, tolerance):
     """Export a checkpoint to denoiser.onnx and the fused step.onnx (and verify them)."""
-    import time as _time
-
     needs_torch("export")
     from vdit_deploy.export.onnx_export import export_checkpoint
 
-    start = _time.perf_counter()
+    start = time.perf_counter()
     export_checkpoint(checkpoint, out, batch=parse_batch_range(batch), fixed=fixed_batch, opset=opset)
     sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in sorted(out.iterdir()))
-    click.echo(f"exported {out}: {sizes} in {_time.perf_counter() - start:.1f} s")
+    click.echo(f"exported {out}: {sizes} in {time.perf_counter() - start:.1f} s")
     if verify:
         print_verify(out, checkpoint, tolerance)
 

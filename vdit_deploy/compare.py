@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vdit_deploy.diffusion import guided_step, make_steps
+from vdit_deploy.diffusion import make_steps
 from vdit_deploy.errors import VditError
 from vdit_deploy.files import atomic_path, sha256_file
 from vdit_deploy.metrics import max_abs, psnr, rel_l2, ssim
@@ -326,23 +326,6 @@ def labels_for(seed: int, batch: int, num_classes: int) -> np.ndarray:
     return np.array([(seed + i) % num_classes for i in range(batch)], np.int32)
 
 
-class _Recorder:
-    """A sampler `step` that drives `denoise` on the host and keeps every call's inputs and eps."""
-
-    def __init__(self, denoise, null_label: int):
-        self.denoise, self.null_label, self.calls, self.seconds = denoise, null_label, [], []
-
-    def _timed(self, x, t, y):
-        start = time.perf_counter()
-        eps = self.denoise(x, t, y)
-        self.seconds.append(time.perf_counter() - start)
-        self.calls.append((x, t, y, eps))
-        return eps
-
-    def step(self, x, t, y, guidance, coefs, noise):
-        return guided_step(self._timed, x, t, y, guidance, coefs, noise, self.null_label)
-
-
 def measure(target: Target, artifact: Path, batch: int, seeds: list[int], sampler: str, steps: int,
             eta: float, guidance: float, repeats: int, reference: dict, options: dict,
             record: bool = False) -> dict:
@@ -350,7 +333,7 @@ def measure(target: Target, artifact: Path, batch: int, seeds: list[int], sample
     ({} when there is none). record=True: this run is the reference; it records its denoiser calls and
     returns them under "_recorded"."""
     from vdit_deploy.runtimes import open_runtime
-    from vdit_deploy.sampling import SampleTimes, sample
+    from vdit_deploy.sampling import DenoiseRecorder, SampleTimes, sample
 
     row = {"runtime": target.runtime, "precision": target.precision, "label": target.label, "batch": batch}
     mem = PeakRss().start()
@@ -383,9 +366,9 @@ def measure(target: Target, artifact: Path, batch: int, seeds: list[int], sample
         recorded, denoise_s, eps_err = {}, [], []
         for seed in seeds:
             if record:              # the reference: record each denoiser call's inputs and eps
-                rec = _Recorder(rt.denoise, cfg.null_label)
+                rec = DenoiseRecorder(rt.denoise)
                 sample(rec, cfg, labels_for(seed, batch, cfg.num_classes), plan, guidance, seed)
-                recorded[seed] = rec.calls
+                recorded[seed] = [call[1:] for call in rec.calls]
                 denoise_s += rec.seconds
             elif seed in reference:  # teacher forcing: this runtime's eps on the reference's inputs
                 errs = []

@@ -27,6 +27,27 @@ class SampleTimes:
         return self.total - sum(self.steps)
 
 
+class DenoiseRecorder:
+    """A plain `denoise(x_t, t, y)` for `sample()` that keeps what the sampler asked for: each call's
+    index, inputs and eps (only the indices in `keep`, when given) and each call's seconds.
+    Calibration records the inputs it will quantize for; compare records the reference trajectory."""
+
+    def __init__(self, denoise, keep=None):
+        self.denoise, self.keep = denoise, keep
+        self.calls: list[tuple] = []        # (index, x_t, t, y, eps)
+        self.seconds: list[float] = []
+        self.index = 0
+
+    def __call__(self, x_t, t, y):
+        start = time.perf_counter()
+        eps = self.denoise(x_t, t, y)
+        self.seconds.append(time.perf_counter() - start)
+        if self.keep is None or self.index in self.keep:
+            self.calls.append((self.index, x_t, t, y, eps))
+        self.index += 1
+        return eps
+
+
 def check_labels(labels, cfg: ModelConfig) -> np.ndarray:
     y = np.asarray(labels, dtype=np.int32).reshape(-1)
     bad = y[(y < 0) | (y >= cfg.num_classes)]
