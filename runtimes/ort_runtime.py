@@ -42,18 +42,31 @@ class DeviceArray:
         return out if dtype is None else out.astype(dtype)
 
 
-def resolve_providers(providers) -> list[str]:
+# CUDA EP settings: fp32 means fp32 (TF32 matmuls off, as in PyTorch); cuDNN picks its fastest algorithms.
+CUDA_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "EXHAUSTIVE"}
+
+
+def resolve_providers(providers) -> list:
+    """Short or full provider names -> what InferenceSession takes, CUDA with CUDA_OPTIONS.
+    onnxruntime-gpu links CUDA/cuDNN dynamically: preload_dlls() finds them in the nvidia-* wheels
+    (PyTorch's CUDA wheels bring the same ones), so no LD_LIBRARY_PATH is needed."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
     if providers is None:
-        return [p for p in PROVIDERS.values() if p in available]
-    names = [PROVIDERS.get(p.lower(), p) if isinstance(p, str) else p for p in providers]
+        names = [p for p in PROVIDERS.values() if p in available]
+    else:
+        names = [PROVIDERS.get(p.lower(), p) if isinstance(p, str) else p for p in providers]
     for name in names:
         if name not in available:
             raise VditError(f"ONNX Runtime provider {name} is not available here (available: "
                             f"{', '.join(available)}); for CUDA/TensorRT install onnxruntime-gpu")
-    return names
+    if PROVIDERS["cuda"] in names and hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception:   # libraries elsewhere (LD_LIBRARY_PATH, JetPack): the session says if not found
+            pass
+    return [(name, CUDA_OPTIONS) if name == PROVIDERS["cuda"] else name for name in names]
 
 
 class _Graph:

@@ -1,29 +1,90 @@
-"""PyTorch eager runtime: the fp32 reference, plus fp16/bf16 autocast-free casts of the model."""
+"""PyTorch runtime: the fp32 reference on CPU, and the GPU baseline a user would otherwise pick.
+
+Precisions fp32 / fp16 / bf16 cast the whole model (no autocast). On any device `step` runs the same
+fused guided step as step.onnx (export/onnx_export.FusedStep: cond + null batch, guidance, update) with
+the video kept on the device between steps; `compile` wraps that step in torch.compile
+("reduce-overhead": CUDA graphs, "max-autotune": Triton GEMM autotuning plus CUDA graphs, "default").
+"""
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from vdit_deploy.checkpoint import load_model
 from vdit_deploy.errors import VditError
 from vdit_deploy.runtimes.base import Runtime, TensorSpec
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
+class TorchDeviceArray:
+    """A video that stays on the torch device between steps; np.asarray copies it to the host."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.tensor.shape)
+
+    @property
+    def ndim(self) -> int:
+        return self.tensor.ndim
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.tensor.float().cpu().numpy()
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+class _Float32IO(nn.Module):
+    """The model in its precision behind float32 inputs/outputs, so the sampler state stays fp32."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x_t, t, y):
+        return self.model(x_t.to(self.dtype), t, y).float()
+
+
+class _Unguided(nn.Module):
+    """A step without classifier-free guidance: one B batch, then the same update as FusedStep."""
+
+    def __init__(self, denoiser: nn.Module):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x_t, t, y, coefs, noise):
+        from vdit_deploy.export.onnx_export import apply_step
+
+        return apply_step(x_t, self.denoiser(x_t, t, y), coefs, noise)
 
 
 class TorchRuntime(Runtime):
     name = "torch"
 
-    def __init__(self, checkpoint, precision: str = "fp32", device: str | None = None):
+    def __init__(self, checkpoint, precision: str = "fp32", device: str | None = None,
+                 compile: str | None = None):
+        from vdit_deploy.export.onnx_export import FusedStep
+
         if precision not in DTYPES:
             raise VditError(f"torch runtime precision must be one of {', '.join(DTYPES)}, got {precision!r}")
+        if compile is not None and compile not in COMPILE_MODES:
+            raise VditError(f"torch.compile mode must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise VditError("torch runtime: device cuda asked for, but torch sees no CUDA GPU")
-        self.precision, self.device = precision, device
+        self.precision, self.device, self.compile = precision, device, compile
         self.model, self.info = load_model(checkpoint, device)
         self.model.to(DTYPES[precision])
         self.config, self.schedule = self.info.model, self.info.schedule
+        denoiser = _Float32IO(self.model, DTYPES[precision])
+        guided, unguided = FusedStep(denoiser, self.config.null_label).eval(), _Unguided(denoiser).eval()
+        if compile:
+            guided, unguided = (torch.compile(m, mode=compile, dynamic=False) for m in (guided, unguided))
+        self.guided, self.unguided = guided, unguided
 
     @property
     def inputs(self):
@@ -34,11 +95,38 @@ class TorchRuntime(Runtime):
     def outputs(self):
         return [TensorSpec("eps", ("batch", *self.config.video_shape), "float32")]
 
+    def _tensor(self, array, dtype=torch.float32) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, dtype, non_blocking=True)
+
     @torch.inference_mode()
     def denoise(self, x_t: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
         self.check_inputs(x_t, t, y)
-        dtype = DTYPES[self.precision]
-        eps = self.model(torch.from_numpy(np.ascontiguousarray(x_t)).to(self.device, dtype),
-                         torch.from_numpy(np.ascontiguousarray(t, np.float32)).to(self.device),
-                         torch.from_numpy(np.ascontiguousarray(y)).to(self.device, torch.long))
+        eps = self.model(self._tensor(x_t, DTYPES[self.precision]), self._tensor(np.asarray(t, np.float32)),
+                         self._tensor(y, torch.long))
         return eps.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def step(self, x_t, t: int, y, guidance: float, coefs, noise):
+        """One guided step on the device; returns a TorchDeviceArray (np.asarray copies it out)."""
+        y = np.asarray(y)
+        b = x_t.shape[0]
+        if isinstance(x_t, TorchDeviceArray):
+            x = x_t.tensor
+        else:
+            x_host = np.asarray(x_t, np.float32)
+            self.check_inputs(x_host, np.zeros(b, np.float32), y)
+            x = self._tensor(x_host)
+        if self.compile:   # a new step of a CUDA-graph tree: earlier outputs may be reused
+            torch.compiler.cudagraph_mark_step_begin()
+        t_, y_ = self._tensor(np.full(b, t, np.float32)), self._tensor(y, torch.int32)
+        coefs_, noise_ = self._tensor(np.asarray(coefs, np.float32)), self._tensor(noise)
+        if guidance == 1.0:   # no null pass: half the work of the 2B guided batch
+            x_prev = self.unguided(x, t_, y_, coefs_, noise_)
+        else:
+            x_prev = self.guided(x, t_, y_, self._tensor(np.float32([guidance])), coefs_, noise_)
+        # CUDA-graph outputs live in the graph's memory pool and are overwritten by the next replay
+        return TorchDeviceArray(x_prev.clone() if self.compile else x_prev)
+
+    def describe(self) -> str:
+        compiled = f", torch.compile {self.compile}" if self.compile else ""
+        return f"torch:{self.precision} on {self.device}{compiled}"

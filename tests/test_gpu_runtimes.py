@@ -1,0 +1,81 @@
+"""The GPU runtimes that run without TensorRT: PyTorch on CUDA (eager and torch.compile with CUDA
+graphs) and ONNX Runtime's CUDA provider with the fused step bound on the device. Marked `gpu`:
+skipped where there is no NVIDIA GPU; benchmarks/gpu_check.sh runs them."""
+import numpy as np
+import pytest
+
+from vdit_deploy.diffusion import make_steps
+from vdit_deploy.metrics import psnr, rel_l2
+from vdit_deploy.runtimes import open_runtime
+from vdit_deploy.sampling import sample
+
+pytestmark = pytest.mark.gpu
+
+
+def ort_cuda_skip_reason():
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "onnxruntime has no CUDAExecutionProvider: pip uninstall onnxruntime && pip install onnxruntime-gpu"
+    return None
+
+
+def inputs(cfg, b=2, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((b, *cfg.video_shape), dtype=np.float32)
+    return x, np.full(b, 500, np.float32), np.arange(b, dtype=np.int32) % cfg.num_classes
+
+
+def test_torch_cuda_matches_cpu_and_keeps_the_video_on_the_gpu(tiny_checkpoint):
+    from vdit_deploy.runtimes.torch_runtime import TorchDeviceArray
+
+    with open_runtime("torch", tiny_checkpoint, device="cpu") as cpu, \
+            open_runtime("torch", tiny_checkpoint, device="cuda") as gpu:
+        x, t, y = inputs(cpu.config)
+        assert rel_l2(gpu.denoise(x, t, y), cpu.denoise(x, t, y)) < 1e-3   # cuDNN may use TF32 convs
+        steps = make_steps(cpu.schedule, "ddim", 8)
+        step = steps[3]
+        out = gpu.step(x, step.t, y, 2.0, step.coefs, np.zeros_like(x))
+        assert isinstance(out, TorchDeviceArray) and out.tensor.is_cuda
+        ref = sample(cpu, cpu.config, [0, 1], steps, guidance=2.0, seed=3)
+        got = sample(gpu, gpu.config, [0, 1], steps, guidance=2.0, seed=3)
+        assert psnr(got, ref) > 50
+
+
+def test_torch_compile_cuda_graphs_match_eager(tiny_checkpoint):
+    """reduce-overhead replays a CUDA graph whose output buffer the next replay overwrites: the runtime
+    hands back copies, so an earlier step's video must survive later steps unchanged."""
+    with open_runtime("torch", tiny_checkpoint, precision="fp16", device="cuda") as eager, \
+            open_runtime("torch", tiny_checkpoint, precision="fp16", device="cuda", compile="reduce-overhead") as graph:
+        steps = make_steps(eager.schedule, "ddim", 6)
+        x, _, y = inputs(eager.config)
+        first = graph.step(x, steps[0].t, y, 2.0, steps[0].coefs, np.zeros_like(x))
+        kept = np.asarray(first).copy()
+        second = graph.step(first, steps[1].t, y, 2.0, steps[1].coefs, np.zeros_like(x))
+        assert np.array_equal(np.asarray(first), kept) and not np.array_equal(np.asarray(second), kept)
+        ref = sample(eager, eager.config, [0, 3], steps, guidance=2.0, seed=1)
+        got = sample(graph, graph.config, [0, 3], steps, guidance=2.0, seed=1)
+        assert np.isfinite(got).all() and psnr(got, ref) > 40
+
+
+@pytest.mark.parametrize("precision,min_psnr", [("fp32", 60.0), ("fp16", 30.0)])
+def test_ort_cuda_fused_step_stays_on_device_and_matches_cpu(tiny_export, precision, min_psnr):
+    reason = ort_cuda_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from vdit_deploy.calibration.fp16 import convert_fp16
+    from vdit_deploy.runtimes.ort_runtime import DeviceArray
+
+    if precision == "fp16" and not (tiny_export / "step.fp16.onnx").is_file():
+        convert_fp16(tiny_export)
+    with open_runtime("ort", tiny_export, providers=["cpu"]) as cpu, \
+            open_runtime("ort", tiny_export, precision=precision, providers=["cuda"]) as gpu:
+        assert gpu.fused is not None and gpu.fused.on_device
+        x, _, y = inputs(cpu.config)
+        steps = make_steps(cpu.schedule, "ddim", 8)
+        out = gpu.step(x, steps[0].t, y, 2.0, steps[0].coefs, np.zeros_like(x))
+        assert isinstance(out, DeviceArray)
+        out = gpu.step(out, steps[1].t, y, 2.0, steps[1].coefs, np.zeros_like(x))   # bound in place
+        ref = sample(cpu, cpu.config, [0, 2], steps, guidance=2.0, seed=5)
+        got = sample(gpu, gpu.config, [0, 2], steps, guidance=2.0, seed=5)
+        assert psnr(got, ref) > min_psnr

@@ -1,0 +1,32 @@
+"""The PyTorch runtime's fused step (the GPU baseline's code path, run here on the CPU)."""
+import numpy as np
+import pytest
+
+from vdit_deploy.diffusion import guided_step, make_steps
+from vdit_deploy.errors import VditError
+from vdit_deploy.runtimes import open_runtime
+from vdit_deploy.runtimes.torch_runtime import TorchDeviceArray
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.5])
+def test_step_on_device_equals_the_host_update(tiny_checkpoint, guidance):
+    with open_runtime("torch", tiny_checkpoint, device="cpu") as rt:
+        cfg = rt.config
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((2, *cfg.video_shape), dtype=np.float32)
+        y = np.array([0, 3], np.int32)
+        step = make_steps(rt.schedule, "ddim", 10, eta=1.0)[4]      # a stochastic step: noise matters
+        noise = rng.standard_normal(x.shape, dtype=np.float32)
+        out = rt.step(x, step.t, y, guidance, step.coefs, noise)
+        assert isinstance(out, TorchDeviceArray) and out.shape == x.shape
+        ref = guided_step(rt.denoise, x, step.t, y, guidance, step.coefs, noise, cfg.null_label)
+        np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5)
+        # the device video feeds the next step without a host round trip
+        again = rt.step(out, step.t, y, guidance, step.coefs, noise)
+        np.testing.assert_allclose(np.asarray(again), guided_step(rt.denoise, ref, step.t, y, guidance, step.coefs,
+                                                                  noise, cfg.null_label), atol=5e-5)
+
+
+def test_unknown_compile_mode_is_one_line(tiny_checkpoint):
+    with pytest.raises(VditError, match="torch.compile mode must be one of"):
+        open_runtime("torch", tiny_checkpoint, device="cpu", compile="fastest")
