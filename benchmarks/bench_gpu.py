@@ -266,6 +266,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=HERE / "gpu")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                     help="cpu: a smoke run of this script where there is no GPU (numbers mean nothing)")
+    ap.add_argument("--rows", default="",
+                    help="comma-separated labels of the rows to run, e.g. 'torch fp32,ort cuda fp16' (default: all)")
     ap.add_argument("--prepare", action="store_true",
                     help="only write the checkpoints, exports and fp16 variants under --work (no GPU needed)")
     args = ap.parse_args(argv)
@@ -299,6 +301,8 @@ def main(argv=None):
         cfg, ckpt, export = prepare(name, args.work)
         reference = None   # per preset: torch eager fp32 is the first row
         for label, opener in runs_for(ckpt, export, modes, args.device):
+            if args.rows and label not in args.rows.split(","):
+                continue
             base = {"preset": name, "runtime": label, "shape": "x".join(map(str, cfg.video_shape))}
             if isinstance(opener, str):
                 row = {**base, "skipped": opener}

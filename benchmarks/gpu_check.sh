@@ -37,7 +37,8 @@ if ! "$PYTHON" -c "import vdit_deploy.runtimes, sys; sys.exit(not vdit_deploy.__
     rm -rf "$WORK/shim" && mkdir -p "$shim"
     for f in vdit_deploy/*; do ln -s "$PWD/$f" "$shim/"; done
     for stage_dir in export runtimes calibration; do ln -s "$PWD/$stage_dir" "$shim/$stage_dir"; done
-    export PYTHONPATH="$WORK/shim${PYTHONPATH:+:$PYTHONPATH}"
+    # PYTHONSAFEPATH: `python -m pytest` must not put this checkout (vdit_deploy/ without its stages) first
+    export PYTHONPATH="$WORK/shim${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1
     echo "gpu_check: pip could not install this checkout; using a link tree at $WORK/shim"
   fi
 fi

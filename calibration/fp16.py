@@ -61,6 +61,19 @@ def to_fp16(src: Path, kind: str, keep_fp32=FP32_LAYERS):
     return drop_round_trips(model)
 
 
+def unique_outputs(nodes):
+    """onnxruntime < 1.32's converter adds one Cast per consumer of a shared fp16 tensor, all named
+    alike and writing the same output: ONNX Runtime then refuses the graph ("two nodes with same node
+    name"). Keep the first node that writes each tensor; the repeats are identical Casts."""
+    written, unique = set(), []
+    for n in nodes:
+        if n.op_type == "Cast" and n.output[0] in written:
+            continue
+        written.update(n.output)
+        unique.append(n)
+    return unique
+
+
 def drop_round_trips(model):
     """The converter stores every blocked node's output as fp16 and casts it back to fp32 for the next
     blocked node (fp32 -> fp16 -> fp32), so a chain of "fp32" ops still rounds to fp16 between ops: the
@@ -88,10 +101,11 @@ def drop_round_trips(model):
         n.input[:] = [renamed.get(i, i) for i in n.input]
     used = {i for n in kept for i in n.input} | outputs        # fp16 casts that fed only the dropped ones
     kept = [n for n in kept if not (cast_to(n) == TensorProto.FLOAT16 and n.output[0] not in used)]
+    kept = unique_outputs(kept)
     del g.node[:]
     g.node.extend(kept)
     live = {o for n in kept for o in n.output}      # (the converter's entries for inputs can be stale)
-    keep_info = [v for v in g.value_info if v.name in live]
+    keep_info = list({v.name: v for v in g.value_info if v.name in live}.values())
     del g.value_info[:]
     g.value_info.extend(keep_info)
     OnnxModel.graph_topological_sort(g)     # the converter appends its Casts at the end of the node list

@@ -224,3 +224,18 @@ def test_trt_calibration_cache(export, calib):
     result = CliRunner().invoke(main, ["calibrate", "trt-cache", str(export), "--calib", str(calib)])
     assert result.exit_code == 0, result.output
     assert (export / "denoiser.calib.cache").stat().st_size > 0
+
+
+def test_fp16_graph_has_one_writer_per_tensor():
+    """onnxruntime < 1.32's fp16 converter repeats a shared Cast per consumer (same name, same output);
+    ONNX Runtime refuses such a graph. unique_outputs keeps one."""
+    from onnx import TensorProto, helper
+
+    from vdit_deploy.calibration.fp16 import unique_outputs
+
+    cast = lambda: helper.make_node("Cast", ["h"], ["h_cast_to_fp32"], to=TensorProto.FLOAT, name="h_cast_to_fp32_node")
+    nodes = [helper.make_node("Relu", ["x"], ["h"], name="relu"), cast(),
+             helper.make_node("Exp", ["h_cast_to_fp32"], ["a"], name="exp"), cast(),
+             helper.make_node("Log", ["h_cast_to_fp32"], ["b"], name="log")]
+    kept = unique_outputs(nodes)
+    assert [n.name for n in kept] == ["relu", "h_cast_to_fp32_node", "exp", "log"]
