@@ -119,7 +119,7 @@ def bind_call(qualname: str, overloads: list, args: tuple, kwargs: dict, classes
                for name, t, default in params if name in bound and name != "self"):
             return bound
     signatures = "\n    ".join(o["signature"] for o in overloads)
-    got = ", ".join([type(a).__name__ for a in args[1:] if True] + [f"{k}={type(v).__name__}" for k, v in kwargs.items()])
+    got = ", ".join([type(a).__name__ for a in args] + [f"{k}={type(v).__name__}" for k, v in kwargs.items()])
     raise TypeError(f"{qualname}(): incompatible function arguments. The following argument types are "
                     f"supported:\n    {signatures}\n\nInvoked with: {got}")
 
@@ -169,7 +169,8 @@ class World:
         self.next_handle += 0x100
         return self.next_handle
 
-    def check_device(self, ptr, nbytes: int, what: str) -> bool:
+    def check_device(self, ptr, nbytes: int) -> bool:
+        """[ptr, ptr + nbytes) lies inside one live device allocation."""
         base = next((p for p, size in self.device.items() if p <= int(ptr) < p + size), None)
         return base is not None and int(ptr) + nbytes <= base + self.device[base]
 
@@ -595,7 +596,7 @@ class CudaBehaviour:
         return ("cudaSuccess",) if world.host.pop(int(ptr), None) is not None else ("cudaErrorInvalidValue",)
 
     def cudaMemset(world, m, n, devPtr, value, count):
-        return ("cudaSuccess",) if world.check_device(devPtr, int(count), "memset") else ("cudaErrorInvalidValue",)
+        return ("cudaSuccess",) if world.check_device(devPtr, int(count)) else ("cudaErrorInvalidValue",)
 
     def _copy(world, m, dst, src, count, kind):
         kinds = m._enums["cudaMemcpyKind"]
@@ -603,7 +604,7 @@ class CudaBehaviour:
             raise TypeError(f"cudaMemcpy: kind must be a cudaMemcpyKind, got {kind!r}")
         device = {kinds.cudaMemcpyHostToDevice: [dst], kinds.cudaMemcpyDeviceToHost: [src],
                   kinds.cudaMemcpyDeviceToDevice: [dst, src]}.get(kind, [])
-        ok = all(world.check_device(p, int(count), "copy") for p in device)
+        ok = all(world.check_device(p, int(count)) for p in device)
         return "cudaSuccess" if ok else "cudaErrorInvalidValue"   # host memory is never touched
 
     def cudaMemcpy(world, m, n, dst, src, count, kind):
@@ -889,7 +890,7 @@ class Behaviour:
             if calibrator.read_calibration_cache() is None:
                 names = [t._fake["name"] for t in network._fake["inputs"]]
                 while (pointers := calibrator.get_batch(names)) is not None:
-                    assert len(pointers) == len(names) and all(world.check_device(p, 1, "calib") for p in pointers)
+                    assert len(pointers) == len(names) and all(world.check_device(p, 1) for p in pointers)
                     record["calibrated"] = True
                 calibrator.write_calibration_cache(b"FAKE-CALIBRATION-CACHE")
         profile = c["profiles"][0]._fake["shapes"] if c["profiles"] else {}
@@ -969,11 +970,11 @@ class Behaviour:
         if stream is None or stream.destroyed:
             return False
         for name, io in engine["io"].items():
-            shape = tuple(IExecutionContext_shape(world, self, name))
+            shape = Behaviour.IExecutionContext__get_tensor_shape(world, self, name)._fake["shape"]
             if -1 in shape or name not in self._fake["addresses"]:
                 return False
             nbytes = int(np.prod(shape)) * np.dtype(NUMPY[io["dtype"]]).itemsize
-            if not world.check_device(self._fake["addresses"][name], max(nbytes, 1), name):
+            if not world.check_device(self._fake["addresses"][name], max(nbytes, 1)):
                 return False
         if stream.capture != "none":
             if world.fail_launch_in_capture:
@@ -986,10 +987,6 @@ class Behaviour:
 
     def tensorrt__nptype(world, trt_type):
         return NUMPY[trt_type.name]
-
-
-def IExecutionContext_shape(world, context, name):
-    return Behaviour.IExecutionContext__get_tensor_shape(world, context, name)._fake["shape"]
 
 
 def _tuple(dims):
