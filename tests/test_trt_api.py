@@ -453,6 +453,50 @@ def test_batch_outside_the_profile_and_refused_addresses(monkeypatch, export):
             engine.bind("x_t", 0)
 
 
+@pytest.mark.parametrize("trt_version,precision", [("10.13.3.9", "fp16"), (TRT_11, "fp32")])
+def test_real_tiny_export_builds_and_samples(monkeypatch, tiny_export, tmp_path, trt_version, precision):
+    """API conformance and control flow (not numerics) on the real exported graphs: the build pins
+    every LayerNormalization, Softmax and Pow (GELU's x**3) layer on 10.x fp16, and sample() runs the
+    fused step through warm-up, capture and replay with stochastic steps."""
+    import shutil
+
+    from vdit_deploy.diffusion import make_steps
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.sampling import sample
+
+    export = shutil.copytree(tiny_export, tmp_path / "export")
+    world = fake(monkeypatch, trt_version)
+    with open_runtime("trt", export, precision=precision, progress=False) as rt:
+        steps = make_steps(rt.schedule, "ddim", 5, eta=1.0)   # eta 1: stochastic steps upload noise
+        video = sample(rt, rt.config, [0, 1], steps, guidance=2.0, seed=0)
+        assert video.shape == (2, *rt.config.video_shape) and rt.cuda_graph
+        assert [kind for kind, _ in world.launches] == ["execute"] * 2 + ["graph"] * 3
+    assert world.leaks() == {}
+    ops = [n.op_type for n in onnx.load(str(export / "step.onnx"), load_external_data=False).graph.node]
+    pinned = world.builds[0]["precisions"]
+    if precision == "fp16":
+        assert len(pinned) == sum(op in ("LayerNormalization", "Softmax", "Pow") for op in ops) > 0
+        types = world.builds[0]["layer_types"]
+        assert sum(types[name] == "ELEMENTWISE" for name in pinned) == ops.count("Pow") > 0
+    else:
+        assert not pinned and world.builds[0]["strongly_typed"]
+
+
+def test_cli_build_and_no_build(monkeypatch, export):
+    """Control flow (not numerics): `vdit build` builds both engines, then `--no-build` finds them
+    cached, and a different profile with --no-build fails in one line naming it."""
+    from vdit_deploy.cli import main
+
+    fake(monkeypatch)
+    first = CliRunner().invoke(main, ["build", str(export), "--precision", "fp16", "--batch", "1:2:4"])
+    assert first.exit_code == 0, first.output
+    assert first.stdout.count("built in") == 2
+    again = CliRunner().invoke(main, ["build", str(export), "--precision", "fp16", "--batch", "1:2:4", "--no-build"])
+    assert again.exit_code == 0 and again.stdout.count("cached, up to date") == 2, again.output
+    other = CliRunner().invoke(main, ["build", str(export), "--precision", "fp16", "--batch", "1:1:2", "--no-build"])
+    assert other.exit_code == 1 and other.output.startswith("Error: ") and "profile: cached 1:2:4" in other.output
+
+
 def test_every_tensorrt_name_is_exercised(monkeypatch, export, tmp_path):
     """API conformance (not numerics): running every build path and the runtime against each
     supported TensorRT touches each `trt.X[.Y]` the source names in at least one version, and never
