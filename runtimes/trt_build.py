@@ -13,13 +13,13 @@ has no BuilderFlag.FP16, see `strongly_typed_only`):
         TensorRT 11 removed weak typing: it builds the fp16 graph (<kind>.fp16.onnx, made by
         `vdit calibrate fp16`) as a strongly typed network, which carries its own fp32 islands.
   int8  the Q/DQ graph (<kind>.int8-qdq.onnx, from `vdit calibrate int8 --mode qdq`): explicit quantization, the only
-        INT8 path of TensorRT >= 10.1 that is not deprecated and the only one in 11.x. TensorRT 8.5/8.6
-        (JetPack 5) and 10.x (JetPack 6) also take implicit INT8 with a calibrator: see `entropy_calibrator`.
+        INT8 path of TensorRT >= 10.1 that is not deprecated and the only one in 11.x. TensorRT 10.x
+        (10.3 on JetPack 6) also takes implicit INT8 with a calibrator: see `entropy_calibrator`.
   best  the int8 graph where the export has one, else fp16, with every precision flag on (10.x).
 Supported: TensorRT 10.x (10.3 is JetPack 6) and 11.x; import_tensorrt refuses 8.x in one line.
 tests/test_trt_api.py runs this file against strict fakes generated from the recorded APIs of 10.3,
 10.13, 10.16 and 11.4 (API conformance and control flow only, never numerics).
-Older TensorRT (JetPack 5: TRT 8.5 / 8.6), for readers porting this file:
+Older TensorRT (JetPack 5: TRT 8.5 / 8.6, unsupported), for readers porting this file:
   - create_network() needs 1 << NetworkDefinitionCreationFlag.EXPLICIT_BATCH (implicit by default in 10).
   - set_memory_pool_limit(WORKSPACE, n) exists from 8.4; before it, config.max_workspace_size = n.
   - build_serialized_network exists from 8.0; builder.build_engine (returns an ICudaEngine) is gone in 10.
@@ -107,7 +107,7 @@ def calibration_batches(source, batch_size: int) -> Iterator[dict[str, np.ndarra
 def entropy_calibrator(trt, batches: Iterable[dict], batch_size: int, cache_path: Path):
     """An IInt8EntropyCalibrator2 feeding `batches` from device memory and keeping TensorRT's
     calibration cache at `cache_path` (reused by later builds, e.g. on the Jetson itself).
-    Implicit INT8: TensorRT 8.x-10.x only (deprecated in 10.1, removed in 11)."""
+    Implicit INT8: TensorRT 10.x here (deprecated in 10.1, removed in 11; 8.x had it too)."""
     cudart = import_cudart()
 
     class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
@@ -283,7 +283,7 @@ def build_engine(onnx_path: Path, precision: str, profile: BatchProfile, options
         if precision in ("fp16", "best"):
             pinned = pin_fp32_layers(trt, network)
             config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        if calibration is not None:                   # implicit INT8 (TRT 8.x-10.x, no Q/DQ in the graph)
+        if calibration is not None:                   # implicit INT8 (TensorRT 10.x, no Q/DQ in the graph)
             calib_cache = (timing_cache.parent if timing_cache else onnx_path.parent) / f"{onnx_path.stem}.calib.cache"
             calibrator = entropy_calibrator(trt, calibration_batches(calibration, profile.opt), profile.opt,
                                             calib_cache)
