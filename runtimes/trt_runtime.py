@@ -20,7 +20,8 @@ import numpy as np
 
 from vdit_deploy.errors import VditError
 from vdit_deploy.runtimes.base import Runtime, TensorSpec
-from vdit_deploy.runtimes.engine_cache import check_cuda, gpu_info, import_cudart, import_tensorrt, tensorrt_logger
+from vdit_deploy.runtimes.engine_cache import (check_cuda, gpu_info, import_cudart, import_tensorrt,
+                                               tensorrt_logger)
 
 H2D, D2H = 1, 2   # cudaMemcpyKind values (cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost)
 
