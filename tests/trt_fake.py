@@ -863,7 +863,7 @@ class Behaviour:
         trt, c = self._fake["trt"], config._fake
         flags = sorted(f.name for f in c["set_flags"])
         layers = network._fake["layers"]
-        record = {"flags": flags, "strongly_typed": network._fake["strong"], "network_flags": network._fake["flags"],
+        record = {"flags": flags, "strongly_typed": network._fake["strong"],
                   "precisions": {l._fake["name"]: l._fake["precision"].name for l in layers if l._fake["precision"]},
                   "output_types": {l._fake["name"]: {i: t.name for i, t in l._fake["output_types"].items()}
                                    for l in layers if l._fake["output_types"]},
