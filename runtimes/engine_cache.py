@@ -231,9 +231,7 @@ class GpuInfo:
 
 def gpu_info(device: int = 0) -> GpuInfo:
     """Name and compute capability of CUDA device `device`, via cuda-python (no torch)."""
-    import glob
-
-    if not glob.glob("/dev/nvidia[0-9]*") and not glob.glob("/dev/nvhost-ctrl*"):   # desktop / Jetson nodes
+    if not nvidia_device_present():
         raise VditError("TensorRT needs an NVIDIA GPU and none is present here (no /dev/nvidia* device); "
                         "use --runtime ort on CPU")
     cudart = import_cudart()
@@ -247,6 +245,13 @@ def gpu_info(device: int = 0) -> GpuInfo:
     check_cuda(err, "cudaGetDeviceProperties")
     name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
     return GpuInfo(name.rstrip("\x00").strip(), f"{props.major}.{props.minor}", int(props.totalGlobalMem))
+
+
+def nvidia_device_present() -> bool:
+    """An NVIDIA device node exists (desktop /dev/nvidia0.., Jetson /dev/nvhost-ctrl..)."""
+    import glob
+
+    return bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/nvhost-ctrl*"))
 
 
 def import_cudart():
@@ -263,14 +268,36 @@ def import_cudart():
 
 
 def import_tensorrt():
+    """The tensorrt module (10.x or 11.x), or a one-line VditError saying what is missing."""
     try:
         import tensorrt as trt
-    except ImportError:
+    except ModuleNotFoundError as e:
+        if e.name != "tensorrt":   # the bindings are there; a module they load is not (e.g. tensorrt_libs)
+            raise VditError(f"TensorRT's Python bindings are installed but its libraries did not load ({e}); "
+                            "pip install tensorrt-cu12 (or tensorrt-cu13)") from None
         raise VditError("TensorRT is not installed: pip install 'vdit-deploy[trt]' (or use the "
                         "JetPack python3-libnvinfer package on Jetson)") from None
-    except OSError as e:   # the bindings are there but libnvinfer is not
-        raise VditError(f"TensorRT's libraries did not load ({e}); pip install tensorrt-cu12") from None
+    except (ImportError, OSError) as e:   # the bindings are there but libnvinfer is not
+        reason = " ".join(str(e).split())
+        raise VditError(f"TensorRT's Python bindings are installed but its libraries did not load ({reason}); "
+                        "pip install tensorrt-cu12 (or tensorrt-cu13)") from None
+    major = int(trt.__version__.split(".")[0])
+    if major < 10:   # JetPack 5 (TensorRT 8.5/8.6): see the porting notes in trt_build.py
+        raise VditError(f"TensorRT {trt.__version__} is not supported: vdit needs TensorRT >= 10 "
+                        "(JetPack 6 or later on Jetson); use --runtime ort there")
     return trt
+
+
+_LOGGER: tuple = (None, None)   # (tensorrt module, its Logger)
+
+
+def tensorrt_logger(trt):
+    """The process's one trt.Logger, shared by builder, parser and runtime: TensorRT keeps the first
+    logger it is given and warns when another arrives."""
+    global _LOGGER
+    if _LOGGER[0] is not trt:
+        _LOGGER = (trt, trt.Logger(trt.Logger.WARNING))
+    return _LOGGER[1]
 
 
 def check_cuda(err, what: str) -> None:

@@ -5,17 +5,21 @@
 builds step.onnx (the fused guided sampler step) and denoiser.onnx into <EXPORT_DIR>/engines, each
 with a manifest (engine_cache.py) so a later build or `vdit sample --runtime trt` reuses it.
 
-Precision, and how TensorRT versions differ:
-  fp32  the fp32 graph; TF32 off so "fp32" means fp32.
+Precision, and how TensorRT versions differ (the build path is chosen by capability: TensorRT 11
+has no BuilderFlag.FP16, see `strongly_typed_only`):
+  fp32  the fp32 graph; TF32 off (TensorRT enables it by default, 11.x too) so "fp32" means fp32.
   fp16  TensorRT 10: the fp32 graph with BuilderFlag.FP16 (weak typing), LayerNorm / Softmax / reduce
         / pow layers pinned to fp32 with OBEY_PRECISION_CONSTRAINTS (fp16 overflows in their sums).
         TensorRT 11 removed weak typing: it builds the fp16 graph (<kind>.fp16.onnx, made by
         `vdit calibrate fp16`) as a strongly typed network, which carries its own fp32 islands.
   int8  the Q/DQ graph (<kind>.int8-qdq.onnx, from `vdit calibrate int8 --mode qdq`): explicit quantization, the only
-        INT8 path of TensorRT >= 10.1 that is not deprecated and the only one in 11.x. TensorRT 8.5/8.6
-        (JetPack 5) also take implicit INT8 with a calibrator: see `entropy_calibrator`.
+        INT8 path of TensorRT >= 10.1 that is not deprecated and the only one in 11.x. TensorRT 10.x
+        (10.3 on JetPack 6) also takes implicit INT8 with a calibrator: see `entropy_calibrator`.
   best  the int8 graph where the export has one, else fp16, with every precision flag on (10.x).
-Older TensorRT (JetPack 5: TRT 8.5 / 8.6), for readers porting this file:
+Supported: TensorRT 10.x (10.3 is JetPack 6) and 11.x; import_tensorrt refuses 8.x in one line.
+tests/test_trt_api.py runs this file against strict fakes generated from the recorded APIs of 10.3,
+10.13, 10.16 and 11.4 (API conformance and control flow only, never numerics).
+Older TensorRT (JetPack 5: TRT 8.5 / 8.6, unsupported), for readers porting this file:
   - create_network() needs 1 << NetworkDefinitionCreationFlag.EXPLICIT_BATCH (implicit by default in 10).
   - set_memory_pool_limit(WORKSPACE, n) exists from 8.4; before it, config.max_workspace_size = n.
   - build_serialized_network exists from 8.0; builder.build_engine (returns an ICudaEngine) is gone in 10.
@@ -35,7 +39,8 @@ import numpy as np
 from vdit_deploy.errors import VditError
 from vdit_deploy.files import atomic_path, sha256_files
 from vdit_deploy.runtimes.engine_cache import (BatchProfile, CachedEngine, EngineCache, EngineKey,
-                                               check_cuda, gpu_info, import_cudart, import_tensorrt)
+                                               check_cuda, gpu_info, import_cudart, import_tensorrt,
+                                               tensorrt_logger)
 
 KINDS = ("step", "denoiser")
 
@@ -102,7 +107,7 @@ def calibration_batches(source, batch_size: int) -> Iterator[dict[str, np.ndarra
 def entropy_calibrator(trt, batches: Iterable[dict], batch_size: int, cache_path: Path):
     """An IInt8EntropyCalibrator2 feeding `batches` from device memory and keeping TensorRT's
     calibration cache at `cache_path` (reused by later builds, e.g. on the Jetson itself).
-    Implicit INT8: TensorRT 8.x-10.x only (deprecated in 10.1, removed in 11)."""
+    Implicit INT8: TensorRT 10.x here (deprecated in 10.1, removed in 11; 8.x had it too)."""
     cudart = import_cudart()
 
     class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
@@ -110,6 +115,7 @@ def entropy_calibrator(trt, batches: Iterable[dict], batch_size: int, cache_path
             trt.IInt8EntropyCalibrator2.__init__(self)
             self.batches = iter(batches)
             self.device: dict[str, tuple[int, int]] = {}   # name -> (pointer, bytes)
+            self.reused = False                              # TensorRT was handed an existing cache
 
         def get_batch_size(self):
             return batch_size
@@ -135,7 +141,10 @@ def entropy_calibrator(trt, batches: Iterable[dict], batch_size: int, cache_path
             return pointers
 
         def read_calibration_cache(self):
-            return cache_path.read_bytes() if cache_path.is_file() else None
+            if not cache_path.is_file():
+                return None
+            self.reused = True
+            return cache_path.read_bytes()
 
         def write_calibration_cache(self, cache):
             with atomic_path(cache_path) as tmp:
@@ -199,14 +208,18 @@ class BuildOptions:
 
 
 def pin_fp32_layers(trt, network) -> int:
-    """Set fp32 precision on overflow-prone layers (and pow: x**2 in decomposed LayerNorms)."""
+    """Set fp32 precision on overflow-prone layers (and pow: x**2 in decomposed LayerNorms) whose
+    outputs are floating point (a REDUCE over shape integers stays integer)."""
     types = {getattr(trt.LayerType, name) for name in FP32_LAYER_TYPES if hasattr(trt.LayerType, name)}
+    floats = {trt.float32, trt.float16}
     pinned = 0
     for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        is_pow = (layer.type == trt.LayerType.ELEMENTWISE
-                  and getattr(layer, "op", None) == trt.ElementWiseOperation.POW)
-        if layer.type in types or is_pow:
+        layer = network.get_layer(i)   # a plain ILayer: cast to reach the element-wise op (as polygraphy does)
+        if layer.type == trt.LayerType.ELEMENTWISE:
+            layer.__class__ = trt.IElementWiseLayer
+        is_pow = layer.type == trt.LayerType.ELEMENTWISE and layer.op == trt.ElementWiseOperation.POW
+        outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
+        if (layer.type in types or is_pow) and all(out.dtype in floats for out in outputs):
             layer.precision = trt.float32
             for j in range(layer.num_outputs):
                 layer.set_output_type(j, trt.float32)
@@ -214,18 +227,30 @@ def pin_fp32_layers(trt, network) -> int:
     return pinned
 
 
+def use_timing_cache(config, path: Path, log: Callable[[str], None]):
+    """Give the builder the timing cache at `path` when it was made here (same GPU and TensorRT),
+    else a new one: a foreign cache (a desktop's on a Jetson) would mislead tactic selection."""
+    blob = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(blob)
+    if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache
+    log(f"note: timing cache {path} was made on another GPU or TensorRT version; starting a new one")
+    cache = config.create_timing_cache(b"")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise VditError("TensorRT could not create a timing cache")
+    return cache
+
+
 def build_engine(onnx_path: Path, precision: str, profile: BatchProfile, options: BuildOptions = BuildOptions(),
                  timing_cache: Path | None = None, calibration=None, progress: bool = True,
                  log: Callable[[str], None] = print) -> tuple[bytes, dict]:
     """Parse `onnx_path`, build a serialized engine; returns (engine bytes, facts for the manifest)."""
     trt = import_tensorrt()
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = tensorrt_logger(trt)
     builder = trt.Builder(logger)
     strong = strongly_typed_only(trt)   # 10.x builds Q/DQ graphs weakly typed, with the flags below
     flags = 0
-    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") and int(trt.__version__.split(".")[0]) < 10:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)   # TRT 8.x: implicit by default
-    if strong and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+    if strong:   # 11.x: every network is strongly typed; the flag says so explicitly
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -241,14 +266,16 @@ def build_engine(onnx_path: Path, precision: str, profile: BatchProfile, options
         opt_profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
             opt_profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(opt_profile)
+        if config.add_optimization_profile(opt_profile) < 0:
+            raise VditError(f"TensorRT refused the optimization profile {shapes} for {onnx_path.name}")
     elif not profile.is_fixed or any(s[0] != profile.min for n, s in inputs.items() if s):
         log(f"note: {onnx_path.name} has static shapes {inputs}; the batch profile {profile} does not apply")
 
     pinned = 0
+    calibrator = None
+    if precision == "fp32":   # every TensorRT version enables TF32 by default
+        config.clear_flag(trt.BuilderFlag.TF32)
     if not strong:   # weak typing (TensorRT <= 10): precision comes from builder flags
-        if precision == "fp32":
-            config.clear_flag(trt.BuilderFlag.TF32)
         if precision in ("fp16", "int8", "best"):
             config.set_flag(trt.BuilderFlag.FP16)     # int8 graphs keep their unquantized parts in fp16
         if precision in ("int8", "best"):
@@ -256,12 +283,13 @@ def build_engine(onnx_path: Path, precision: str, profile: BatchProfile, options
         if precision in ("fp16", "best"):
             pinned = pin_fp32_layers(trt, network)
             config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        if calibration is not None:                   # implicit INT8 (TRT 8.x-10.x, no Q/DQ in the graph)
-            cache = (timing_cache.parent if timing_cache else onnx_path.parent) / f"{onnx_path.stem}.calib.cache"
-            config.int8_calibrator = entropy_calibrator(
-                trt, calibration_batches(calibration, profile.opt), profile.opt, cache)
-            if opt_profile is not None:
-                config.set_calibration_profile(opt_profile)   # calibrate at the profile's opt shapes
+        if calibration is not None:                   # implicit INT8 (TensorRT 10.x, no Q/DQ in the graph)
+            calib_cache = (timing_cache.parent if timing_cache else onnx_path.parent) / f"{onnx_path.stem}.calib.cache"
+            calibrator = entropy_calibrator(trt, calibration_batches(calibration, profile.opt), profile.opt,
+                                            calib_cache)
+            config.int8_calibrator = calibrator
+            if opt_profile is not None and not config.set_calibration_profile(opt_profile):   # opt shapes
+                raise VditError(f"TensorRT refused the calibration profile for {onnx_path.name}")
     elif calibration is not None:
         raise VditError("TensorRT 11 has no implicit INT8 calibration: build the Q/DQ graph from `vdit calibrate`")
 
@@ -278,11 +306,8 @@ def build_engine(onnx_path: Path, precision: str, profile: BatchProfile, options
                         if not config.can_run_on_DLA(network.get_layer(i))]
         log(f"DLA core {options.dla_core}: {len(dla_fallback)}/{network.num_layers} layers fall back to the GPU")
 
-    cache = None
-    if timing_cache is not None:   # tactic timings survive between builds: rebuilds take seconds, not minutes
-        blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
-        cache = config.create_timing_cache(blob)
-        config.set_timing_cache(cache, ignore_mismatch=True)   # a foreign cache is ignored, not an error
+    # tactic timings survive between builds: rebuilds take seconds, not minutes
+    cache = use_timing_cache(config, timing_cache, log) if timing_cache is not None else None
     if progress and (monitor := progress_monitor(trt)) is not None:
         config.progress_monitor = monitor
 
@@ -300,6 +325,9 @@ def build_engine(onnx_path: Path, precision: str, profile: BatchProfile, options
              "inputs": {name: [list(s) for s in shape] for name, shape in shapes.items()}}
     if options.dla_core is not None:
         facts["dla_gpu_fallback_layers"] = dla_fallback
+    if calibrator is not None:
+        facts["calibration_cache"] = str(calib_cache)
+        facts["calibration_cache_reused"] = calibrator.reused
     return bytes(serialized), facts
 
 

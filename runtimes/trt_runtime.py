@@ -7,6 +7,9 @@ noise (drawn on the host by sampling.py so every runtime sees the same values). 
 each ping-pong direction runs eagerly (TensorRT does its shape-dependent setup there); then each
 direction is captured once as a CUDA graph and replayed for every later step, so a step costs one
 graph launch plus the uploads. Device buffers are allocated once, for the engine's largest batch.
+An engine that cannot be captured (some plugins, DLA) runs eagerly from then on (`_capture_graph`).
+cuda-python 11.8 to 13.x and TensorRT 10.x/11.x: tests/test_trt_api.py runs this file against strict
+fakes of those APIs (conformance and control flow, never numerics).
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ import numpy as np
 
 from vdit_deploy.errors import VditError
 from vdit_deploy.runtimes.base import Runtime, TensorSpec
-from vdit_deploy.runtimes.engine_cache import check_cuda, gpu_info, import_cudart, import_tensorrt
+from vdit_deploy.runtimes.engine_cache import (check_cuda, gpu_info, import_cudart, import_tensorrt,
+                                               tensorrt_logger)
 
 H2D, D2H = 1, 2   # cudaMemcpyKind values (cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost)
 
@@ -61,13 +65,12 @@ class _Engine:
         self.set_batch(self.max_batch)
         self.buffers = {}   # name -> device pointer, sized for max_batch
         for name in names:
-            shape = self.context.get_tensor_shape(name)
-            err, ptr = cudart.cudaMalloc(max(int(np.prod(shape)), 1) * self.dtypes[name].itemsize)
+            nbytes = max(int(np.prod(tuple(self.context.get_tensor_shape(name)))), 1) * self.dtypes[name].itemsize
+            err, ptr = cudart.cudaMalloc(nbytes)
             check_cuda(err, f"cudaMalloc for {name}")
-            check_cuda(cudart.cudaMemset(ptr, 0, max(int(np.prod(shape)), 1) * self.dtypes[name].itemsize),
-                       "cudaMemset")
             self.buffers[name] = ptr
-            self.context.set_tensor_address(name, ptr)
+            check_cuda(cudart.cudaMemset(ptr, 0, nbytes), "cudaMemset")
+            self.bind(name, ptr)
         self.batch = self.max_batch
 
     def set_batch(self, b: int) -> None:
@@ -75,8 +78,13 @@ class _Engine:
             raise VditError(f"batch {b} is outside the engine {self.path.name}'s profile "
                             f"{self.min_batch}..{self.max_batch}; rebuild with `vdit build --batch MIN:OPT:MAX`")
         for name in self.batched:
-            self.context.set_input_shape(name, (b, *self.shapes[name][1:]))
+            if not self.context.set_input_shape(name, (b, *self.shapes[name][1:])):
+                raise VditError(f"TensorRT refused batch {b} for input {name} of {self.path.name}")
         self.batch = b
+
+    def bind(self, name: str, ptr: int) -> None:
+        if not self.context.set_tensor_address(name, ptr):
+            raise VditError(f"TensorRT refused the device address of {name} in {self.path.name}")
 
     def upload(self, name: str, array: np.ndarray, ptr: int | None = None) -> None:
         array = np.ascontiguousarray(array, dtype=self.dtypes[name])
@@ -116,7 +124,7 @@ class TrtRuntime(Runtime):
         meta = read_metadata(find_onnx(self.export, STEP))
         self.config, self.schedule = meta.config, meta.schedule
         self.build_options = dict(build=build, cache_dir=cache_dir, progress=progress)
-        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.logger = tensorrt_logger(trt)   # the builder's too
         err, self.stream = cudart.cudaStreamCreateWithFlags(1)   # cudaStreamNonBlocking
         check_cuda(err, "cudaStreamCreate")
         self.step_engine = _Engine(trt, cudart, find_engine(self.export, STEP, precision, **self.build_options).path,
@@ -210,28 +218,42 @@ class TrtRuntime(Runtime):
         if parity in self.graphs:
             check_cuda(cudart.cudaGraphLaunch(self.graphs[parity], self.stream), "cudaGraphLaunch")
             return
-        engine.context.set_tensor_address("x_t", src)
-        engine.context.set_tensor_address("x_prev", dst)
-        if not self.cuda_graph or parity not in self.warm:
-            engine.execute()          # eager; the first run per direction also warms TensorRT up
-            self.warm.add(parity)
-            return
+        engine.bind("x_t", src)
+        engine.bind("x_prev", dst)
+        if self.cuda_graph and parity in self.warm:
+            graph_exec = self._capture_graph(engine.execute)
+            if graph_exec is not None:
+                self.graphs[parity] = graph_exec
+                check_cuda(cudart.cudaGraphLaunch(graph_exec, self.stream), "cudaGraphLaunch")
+                return
+        engine.execute()          # eager: the first run per direction warms TensorRT up; also the fall-back
+        self.warm.add(parity)
+
+    def _capture_graph(self, launch) -> object | None:
+        """Capture what `launch()` enqueues on the stream as an executable CUDA graph. When that
+        fails (an engine that cannot be captured: some plugins, DLA) the capture is still ended and
+        the graph destroyed, so the stream is usable again; returns None and the runtime stays eager."""
+        cudart = self.cudart
+        graph = None
         try:
             check_cuda(cudart.cudaStreamBeginCapture(
-                self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal), "begin capture")
-            engine.execute()
-            err, graph = cudart.cudaStreamEndCapture(self.stream)
+                self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture")
+            try:
+                launch()
+            finally:   # always leave capture mode, even when launch() failed
+                err, graph = cudart.cudaStreamEndCapture(self.stream)
             check_cuda(err, "cudaStreamEndCapture")
-            err, graph_exec = cudart.cudaGraphInstantiate(graph, 0)
-            check_cuda(err, "cudaGraphInstantiate")
-            cudart.cudaGraphDestroy(graph)
-        except VditError as e:   # an engine that cannot be captured (some plugins, DLA) runs eagerly
+            # WithFlags: one signature from cuda-python 11.8 to 13.x (cudaGraphInstantiate's changed in 12.0)
+            err, graph_exec = cudart.cudaGraphInstantiateWithFlags(graph, 0)
+            check_cuda(err, "cudaGraphInstantiateWithFlags")
+            return graph_exec
+        except VditError as e:
             self.cuda_graph, self.graph_error = False, str(e)
-            cudart.cudaGetLastError()
-            engine.execute()
-            return
-        self.graphs[parity] = graph_exec
-        check_cuda(cudart.cudaGraphLaunch(graph_exec, self.stream), "cudaGraphLaunch")
+            cudart.cudaGetLastError()   # clear the error the failed capture left
+            return None
+        finally:
+            if graph is not None:      # the executable graph (if any) does not need it
+                cudart.cudaGraphDestroy(graph)
 
     def _download(self, array: TrtDeviceArray) -> np.ndarray:
         if array.serial != self.serial:

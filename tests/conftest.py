@@ -39,14 +39,18 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def trt_skip_reason() -> str | None:
-    """Why TensorRT tests cannot run here (None when they can): no GPU, no tensorrt, no cuda-python."""
-    import importlib.util
+    """Why TensorRT tests cannot run here (None when they can): no GPU; TensorRT missing, too old, or
+    its bindings installed without their libraries (libnvinfer); no cuda-python."""
+    from vdit_deploy.errors import VditError
+    from vdit_deploy.runtimes.engine_cache import import_cudart, import_tensorrt
 
     if not has_nvidia_gpu():
         return "needs an NVIDIA GPU (none here): run benchmarks/gpu_check.sh on a GPU machine"
-    for module, install in (("tensorrt", "pip install 'vdit-deploy[trt]'"), ("cuda", "pip install cuda-python")):
-        if importlib.util.find_spec(module) is None:
-            return f"needs {module}: {install}"
+    try:   # importing, not just finding the module: the bindings can be there without libnvinfer
+        import_tensorrt()
+        import_cudart()
+    except VditError as e:
+        return str(e)
     return None
 
 

@@ -522,9 +522,12 @@ def calibrate_trt_cache(export_dir, calib_dir, batch):
     meta = read_metadata(onnx_path)
     load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.config)   # refuse a foreign set first
     lo, hi = meta.batch_range()
-    build_engine(onnx_path, "int8", BatchProfile(lo, min(max(batch, lo), hi), hi), calibration=calib_dir,
-                 log=click.echo)
-    click.echo(f"wrote {onnx_path.with_name(onnx_path.stem + '.calib.cache')}")
+    _, facts = build_engine(onnx_path, "int8", BatchProfile(lo, min(max(batch, lo), hi), hi),
+                            calibration=calib_dir, log=click.echo)
+    if facts["calibration_cache_reused"]:
+        click.echo(f"reused {facts['calibration_cache']} (delete it to calibrate again)")
+    else:
+        click.echo(f"wrote {facts['calibration_cache']}")
 
 
 if __name__ == "__main__":
