@@ -512,7 +512,7 @@ def calibrate_report(export_dir, precisions, steps, seeds, guidance, out):
 @calib_option()
 @click.option("--batch", default=2, show_default=True, type=click.IntRange(1), help="Calibration batch size.")
 def calibrate_trt_cache(export_dir, calib_dir, batch):
-    """TensorRT implicit-INT8 calibration cache (TensorRT 8.x-10.x, e.g. JetPack 5) from the set; needs a GPU."""
+    """TensorRT implicit-INT8 calibration cache (TensorRT 10.x weakly typed, e.g. JetPack 6; 11.x uses Q/DQ) from the set; needs a GPU."""
     from vdit_deploy.calibration.collect import load_calibration_set
     from vdit_deploy.export.metadata import DENOISER, find_onnx, read_metadata
     from vdit_deploy.runtimes.engine_cache import BatchProfile
