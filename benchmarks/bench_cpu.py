@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -30,25 +29,13 @@ if "--threads" in sys.argv:   # BLAS reads its thread count at import: set it be
 import numpy as np
 import torch
 
-from vdit_deploy.checkpoint import save_checkpoint
+from common import median_seconds, random_checkpoint
 from vdit_deploy.config import preset
 from vdit_deploy.diffusion import Schedule, make_steps
 from vdit_deploy.export.onnx_export import export_checkpoint
-from vdit_deploy.model import VideoDiT
 from vdit_deploy.runtimes.ort_runtime import OrtRuntime
 from vdit_deploy.runtimes.torch_runtime import TorchRuntime
 from vdit_deploy.sampling import SampleTimes, sample
-
-
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def gemm_rate(n: int = 2048, repeats: int = 5) -> dict:
@@ -56,26 +43,15 @@ def gemm_rate(n: int = 2048, repeats: int = 5) -> dict:
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     b = a.T.copy()
     flops = 2 * n ** 3
-    rates = {"numpy": flops / median_time(lambda: a @ b, repeats) / 1e9}
+    rates = {"numpy": flops / median_seconds(lambda: a @ b, repeats) / 1e9}
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    rates["torch"] = flops / median_time(lambda: torch.matmul(ta, tb), repeats) / 1e9
+    rates["torch"] = flops / median_seconds(lambda: torch.matmul(ta, tb), repeats) / 1e9
     rates["best"] = max(rates.values())
     return rates
 
 
-def random_checkpoint(name: str, root: Path) -> Path:
-    torch.manual_seed(0)
-    cfg = preset(name)
-    model = VideoDiT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    save_checkpoint(root / name, model.state_dict(), cfg, Schedule(), step=0, ema=False)
-    return root / name
-
-
 def bench_preset(name, batches, sample_batches, repeats, sample_steps, root, gemm, log, threads=None):
-    ckpt = random_checkpoint(name, root)
+    ckpt = random_checkpoint(preset(name), root / name)
     start = time.perf_counter()
     export_checkpoint(ckpt, root / f"{name}-onnx", batch=(1, max(2, *batches, *sample_batches)))
     log(f"[{name}] exported in {time.perf_counter() - start:.1f} s")
@@ -87,7 +63,7 @@ def bench_preset(name, batches, sample_batches, repeats, sample_steps, root, gem
         x = rng.standard_normal((b, *cfg.video_shape), dtype=np.float32)
         t, y = np.full(b, 500, np.float32), (np.arange(b) % cfg.num_classes).astype(np.int32)
         for rt_name, rt in runtimes.items():
-            sec = median_time(lambda: rt.denoise(x, t, y), repeats)
+            sec = median_seconds(lambda: rt.denoise(x, t, y), repeats)
             gflops = cfg.flops(b) / sec / 1e9
             rows.append(dict(preset=name, runtime=rt_name, what="denoiser call", batch=b, seconds=sec,
                              gflops=gflops, gemm_fraction=gflops / gemm["best"]))

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import median_seconds, random_checkpoint
 from vdit_deploy.metrics import psnr, rel_l2
 
 HERE = Path(__file__).resolve().parent
@@ -39,37 +40,6 @@ def config_for(name: str):
     if name == "B16":   # the issue's shape: B preset at 16x32x32 latents
         return preset("B", frames=16)
     return preset(name)
-
-
-def random_checkpoint(cfg, path: Path) -> Path:
-    """Random weights with the adaLN-Zero gates opened, so outputs are not trivially zero."""
-    import torch
-
-    from vdit_deploy.checkpoint import save_checkpoint
-    from vdit_deploy.diffusion import Schedule
-    from vdit_deploy.model import VideoDiT
-
-    if (path / "config.json").is_file():
-        return path
-    torch.manual_seed(0)
-    model = VideoDiT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    save_checkpoint(path, model.state_dict(), cfg, Schedule(), step=0, ema=False)
-    return path
-
-
-def median_seconds(fn, repeats: int, sync=lambda: None) -> float:
-    fn()
-    sync()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        samples.append(time.perf_counter() - t0)
-    return float(np.median(samples))
 
 
 def bare_step_seconds(rt, x, t, y, guidance, coefs, noise, repeats: int, sync) -> float | None:
@@ -86,7 +56,7 @@ def bare_step_seconds(rt, x, t, y, guidance, coefs, noise, repeats: int, sync) -
             if rt.compile:
                 torch.compiler.cudagraph_mark_step_begin()
             rt.guided(*args)
-        return median_seconds(run, repeats, sync)
+        return median_seconds(run, repeats, sync=sync)
     if rt.name == "ort" and rt.fused is not None:
         import onnxruntime as ort
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import random_checkpoint
 from vdit_deploy.calibration.collect import load_calibration_set, onnx_session, run_onnx
 from vdit_deploy.metrics import rel_l2
 
@@ -25,23 +26,12 @@ VARIANTS = (("fp32", "denoiser.onnx"), ("int8-dynamic", "denoiser.int8.onnx"),
 
 
 def s_export(work: Path) -> Path:
-    import torch
-
-    from vdit_deploy.checkpoint import save_checkpoint
     from vdit_deploy.config import preset
-    from vdit_deploy.diffusion import Schedule
     from vdit_deploy.export.onnx_export import export_checkpoint
-    from vdit_deploy.model import VideoDiT
 
-    ckpt, export = work / "S_ckpt", work / "S_export"
+    export = work / "S_export"
     if not (export / "denoiser.onnx").is_file():
-        torch.manual_seed(0)
-        model = VideoDiT(preset("S"))
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.02 * torch.randn_like(p))
-        save_checkpoint(ckpt, model.state_dict(), preset("S"), Schedule(), step=0, ema=False)
-        export_checkpoint(ckpt, export, fixed=1)
+        export_checkpoint(random_checkpoint(preset("S"), work / "S_ckpt"), export, fixed=1)
     return export
 
 

@@ -4,7 +4,7 @@ A TensorRT engine is a compiled plan for one ONNX graph, one precision, one opti
 TensorRT version and one GPU (its name and compute capability). Each engine file sits beside a JSON
 manifest holding those fields (the key) and the engine's own sha256; `EngineCache.lookup` compares
 the key field by field so that a refusal can say *which* one changed. Pure Python and torch-free:
-TensorRT and cuda-python are imported only by `current_environment()`.
+TensorRT and cuda-python are imported only by `import_tensorrt()` / `import_cudart()` and `gpu_info()`.
 
 Layout of a cache directory (default: <export dir>/engines):
     step.fp16.b1-2-8.engine        the serialized plan
@@ -305,11 +305,3 @@ def check_cuda(err, what: str) -> None:
     if int(code) != 0:
         raise VditError(f"{what} failed: {getattr(code, 'name', code)}")
 
-
-def current_key(onnx_sha256: str, precision: str, profile: BatchProfile, options: dict | None = None,
-                device: int = 0) -> EngineKey:
-    """The key an engine built here and now would have (needs TensorRT and a GPU)."""
-    gpu = gpu_info(device)
-    trt = import_tensorrt()
-    return EngineKey(onnx_sha256, precision, str(profile), trt.__version__, gpu.name, gpu.compute_capability,
-                     dict(options or {}))
