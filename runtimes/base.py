@@ -76,7 +76,7 @@ RUNTIMES = {
     "torch": ("vdit_deploy.runtimes.torch_runtime", "TorchRuntime", "pip install 'vdit-deploy[torch]'"),
     "ort": ("vdit_deploy.runtimes.ort_runtime", "OrtRuntime", "pip install vdit-deploy"),
     "trt": ("vdit_deploy.runtimes.trt_runtime", "TrtRuntime", "pip install 'vdit-deploy[trt]'"),
-    "ort-trt": ("vdit_deploy.runtimes.trt_runtime", "OrtTrtRuntime",
+    "ort-trt": ("vdit_deploy.runtimes.ort_runtime", "OrtTrtRuntime",
                 "pip uninstall onnxruntime && pip install 'vdit-deploy[gpu,trt]'"),
 }
 

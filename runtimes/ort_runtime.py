@@ -46,8 +46,9 @@ class DeviceArray:
 CUDA_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "EXHAUSTIVE"}
 
 
-def resolve_providers(providers) -> list:
-    """Short or full provider names -> what InferenceSession takes, CUDA with CUDA_OPTIONS.
+def resolve_providers(providers, options: dict | None = None) -> list:
+    """Short or full provider names -> what InferenceSession takes: (name, options) pairs, CUDA with
+    CUDA_OPTIONS, any provider with `options[name]` (e.g. the TensorRT EP's engine cache).
     onnxruntime-gpu links CUDA/cuDNN dynamically: preload_dlls() finds them in the nvidia-* wheels
     (PyTorch's CUDA wheels bring the same ones), so no LD_LIBRARY_PATH is needed."""
     import onnxruntime as ort
@@ -66,7 +67,8 @@ def resolve_providers(providers) -> list:
             ort.preload_dlls()
         except Exception:   # libraries elsewhere (LD_LIBRARY_PATH, JetPack): the session says if not found
             pass
-    return [(name, CUDA_OPTIONS) if name == PROVIDERS["cuda"] else name for name in names]
+    options = {PROVIDERS["cuda"]: CUDA_OPTIONS, **(options or {})}
+    return [(name, options[name]) if name in options else name for name in names]
 
 
 class _Graph:
@@ -120,10 +122,10 @@ class OrtRuntime(Runtime):
     name = "ort"
 
     def __init__(self, artifact, precision: str = "fp32", providers=None, threads: int | None = None,
-                 optimization: str = "all", spin: bool = True):
+                 optimization: str = "all", spin: bool = True, provider_options: dict | None = None):
         import onnxruntime as ort
 
-        self.providers = resolve_providers(providers)
+        self.providers = resolve_providers(providers, provider_options)
         options = ort.SessionOptions()
         options.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -188,3 +190,21 @@ class OrtRuntime(Runtime):
     def describe(self) -> str:
         fused = "fused step" if self.fused else "host step"
         return f"ort:{self.precision} on {self.device} ({fused})"
+
+
+class OrtTrtRuntime(OrtRuntime):
+    """ONNX Runtime with the TensorRT execution provider (CUDA for what TensorRT does not take).
+    The EP builds its own engines, cached in DIR/engines/ort-trt; fp16 without an fp16 graph lets the
+    EP lower the fp32 graph itself. Settings go in as provider options, not process environment."""
+    name = "ort-trt"
+
+    def __init__(self, artifact, precision: str = "fp32", **options):
+        root = Path(artifact) if Path(artifact).is_dir() else Path(artifact).parent
+        lower_fp32 = precision == "fp16" and not (root / f"{DENOISER}.fp16.onnx").is_file()
+        trt_options = {"trt_engine_cache_enable": "True", "trt_timing_cache_enable": "True",
+                       "trt_engine_cache_path": str(root / "engines" / "ort-trt"),
+                       "trt_fp16_enable": str(lower_fp32)}
+        options.setdefault("providers", ["tensorrt", "cuda"])
+        options["provider_options"] = {PROVIDERS["tensorrt"]: trt_options, **options.get("provider_options", {})}
+        super().__init__(artifact, precision="fp32" if lower_fp32 else precision, **options)
+        self.name, self.precision = "ort-trt", precision

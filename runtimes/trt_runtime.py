@@ -285,26 +285,3 @@ class TrtRuntime(Runtime):
         self.cudart.cudaEventDestroy(self.uploaded)
         self.cudart.cudaStreamDestroy(self.stream)
         self.stream = None
-
-
-from vdit_deploy.runtimes.ort_runtime import OrtRuntime  # noqa: E402  (onnxruntime itself loads lazily)
-
-
-class OrtTrtRuntime(OrtRuntime):
-    """ONNX Runtime with the TensorRT execution provider (CUDA for what TensorRT does not take).
-    The EP builds its own engines (cached in DIR/engines/ort-trt via ORT's TensorRT env options)."""
-    name = "ort-trt"
-
-    def __init__(self, artifact, precision: str = "fp32", **options):
-        import os
-
-        root = Path(artifact) if Path(artifact).is_dir() else Path(artifact).parent
-        os.environ.setdefault("ORT_TENSORRT_ENGINE_CACHE_ENABLE", "1")
-        os.environ.setdefault("ORT_TENSORRT_CACHE_PATH", str(root / "engines" / "ort-trt"))
-        graph_precision = precision
-        if precision == "fp16" and not (root / "denoiser.fp16.onnx").is_file():
-            os.environ["ORT_TENSORRT_FP16_ENABLE"] = "1"   # the EP lowers the fp32 graph itself
-            graph_precision = "fp32"
-        options.setdefault("providers", ["tensorrt", "cuda"])
-        super().__init__(artifact, precision=graph_precision, **options)
-        self.name, self.precision = "ort-trt", precision

@@ -119,3 +119,19 @@ def test_cli_sample_ort_errors_are_one_line(tiny_export, tmp_path):
     result = runner.invoke(main, ["sample", "--runtime", "ort", "--onnx", str(tiny_export), "--label", "0,1,2,3,0",
                                   "--steps", "2", "--out", str(tmp_path / "a.npy")])
     assert result.exit_code == 1 and result.output.count("\n") == 1 and "batch 5 is outside" in result.output
+
+
+def test_ort_trt_without_the_provider_is_one_line_and_leaves_the_environment_alone(tiny_export):
+    import os
+
+    before = dict(os.environ)
+    with pytest.raises(VditError, match="TensorrtExecutionProvider is not available here"):
+        open_runtime("ort-trt", tiny_export, precision="fp16")
+    assert dict(os.environ) == before
+
+
+def test_provider_options_ride_with_the_provider():
+    from vdit_deploy.runtimes.ort_runtime import resolve_providers
+
+    assert resolve_providers(["cpu"], {"CPUExecutionProvider": {"x": "1"}}) == [("CPUExecutionProvider", {"x": "1"})]
+    assert resolve_providers(["cpu"]) == ["CPUExecutionProvider"]
