@@ -19,7 +19,7 @@ import numpy as np
 
 from vdit_deploy.calibration.graph import select, step_nodes
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.metadata import DENOISER, STEP, find_onnx, read_metadata
+from vdit_deploy.export.metadata import DENOISER, STEP, find_onnx, read_metadata, stamp
 from vdit_deploy.files import atomic_path
 
 FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Exp", "Sin", "Cos")
@@ -30,11 +30,7 @@ def save_variant(model, path: Path, precision: str) -> Path:
     """Stamp vdit.precision on a converted graph and write it atomically beside the fp32 one."""
     import onnx
 
-    props = {p.key: p.value for p in model.metadata_props}
-    props["vdit.precision"] = precision
-    del model.metadata_props[:]
-    for k, v in props.items():
-        model.metadata_props.add(key=k, value=v)
+    stamp(model, {"vdit.precision": precision})
     model.producer_name = "vdit-deploy"
     with atomic_path(path) as tmp:
         onnx.save(model, str(tmp))

@@ -169,25 +169,8 @@ def load_profile(name_or_path: str | Path) -> BuildProfile:
 
 # ---- memory planner -----------------------------------------------------------------------------
 def activation_elements(cfg: ModelConfig) -> dict[str, int]:
-    """Peak live elements of one sample's forward, per sublayer (the largest wins).
-
-    A block's sublayer keeps the residual x (N, D) and its normalised input (N, D) alive while it makes
-    qkv (N, 3D), attention logits and probabilities (2 x heads x L x L per attended sequence), and the
-    attention output (N, D); the MLP makes its hidden (N, M) twice (pre- and post-GELU) and the output.
-    Score matrices are an upper bound: TensorRT's fused attention kernels often never write them."""
-    n, d, heads = cfg.num_tokens, cfg.hidden_size, cfg.num_heads
-    f, h, w = cfg.grid
-    s = h * w
-    m = int(d * cfg.mlp_ratio)
-    if cfg.attention == "factorized":           # spatial then temporal: the larger of the two sublayers
-        scores = max(f * heads * s * s, s * heads * f * f)
-    elif cfg.attention == "factorized_dot_product":   # half the heads over space, half over time, together
-        scores = f * (heads // 2) * s * s + s * (heads // 2) * f * f
-    else:                                        # joint: every token attends to all N
-        scores = heads * n * n
-    attention = 2 * n * d + 3 * n * d + 2 * scores + n * d
-    mlp = 2 * n * d + 2 * n * m + n * d
-    return {"attention": attention, "mlp": mlp}
+    """Peak live elements of one sample's forward, per sublayer (ModelConfig.activation_elements)."""
+    return cfg.activation_elements()
 
 
 @dataclass
