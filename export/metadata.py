@@ -220,6 +220,23 @@ def find_onnx(path: str | Path, kind: str = DENOISER, precision: str = "fp32") -
     return path / name
 
 
+def check_export_out(out: str | Path) -> Path:
+    """Before exporting into `out`: it must be writable, and, when it exists, hold only what an export
+    writes. Re-exporting replaces the whole directory, so fp16/int8 variants, engines or calibration
+    sets kept there (made from the old graphs) would silently go: refuse and name them instead."""
+    from vdit_deploy.files import check_output
+
+    out = check_output(out, is_dir=True, marker=file_name(DENOISER))
+    if out.is_dir():
+        own = {file_name(k) for k in KINDS} | {file_name(k) + ".data" for k in KINDS}
+        others = sorted(p.name for p in out.iterdir() if p.name not in own)
+        if others and (out / file_name(DENOISER)).is_file():
+            raise VditError(f"{out} also holds {', '.join(others[:4])}{' ...' if len(others) > 4 else ''}, "
+                            "made from the graphs a new export replaces; move or delete them, or export to "
+                            "another --out")
+    return out
+
+
 def describe_onnx(path: str | Path) -> str:
     """Human-readable metadata of an .onnx file or of every .onnx file in an export directory."""
     path = Path(path)

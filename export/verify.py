@@ -34,8 +34,8 @@ FP32_TOLERANCE = 1e-4
 # Lossy variants: the mean relative L2 over the replayed calls against PyTorch fp32. Their worst calls,
 # near t = 0, reach several times the mean, so the mean is what is held. Measured on the shipped checkpoint
 # (10-step eta=1 trajectory, a 1-seed 4-timestep calibration set): fp16 2.7e-3, int8 4.5e-2, int8-qdq
-# 9.8e-2; the tolerances leave 4-7x for other models and sets, and a broken graph is off by ~1.
-PRECISION_TOLERANCE = {"fp32": FP32_TOLERANCE, "fp16": 2e-2, "int8": 2e-1, "int8-qdq": 4e-1}
+# 9.8e-2; the tolerances leave 3-7x for other models and sets, and a broken graph is off by ~1.
+PRECISION_TOLERANCE = {"fp32": FP32_TOLERANCE, "fp16": 2e-2, "int8": 2e-1, "int8-qdq": 3e-1}
 
 
 @dataclass

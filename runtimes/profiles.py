@@ -269,6 +269,17 @@ def _estimate(cfg: ModelConfig, batch: int, precision: str, profile: BuildProfil
     return MemoryPlan(cfg, profile, batch, eng, precision, rows, notes)
 
 
+def _largest(lo: int, hi: int, ok) -> int | None:
+    """The largest n in lo..hi with ok(n), for ok true up to some n and false above: a binary search,
+    so `--batch 1000000000` costs 30 estimates, not a billion."""
+    if hi < lo or not ok(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
+
+
 def plan_memory(config: ModelConfig, batch: int, precision: str, profile: BuildProfile,
                 guidance: bool = True, onnx_bytes: int | None = None) -> MemoryPlan:
     """Estimate the memory of one engine; `plan.check()` refuses with a suggestion when it will not fit.
@@ -278,16 +289,16 @@ def plan_memory(config: ModelConfig, batch: int, precision: str, profile: BuildP
     if plan.fits:
         return plan
     suggestions = []
-    fitting_batch = next((b for b in range(batch - 1, 0, -1)
-                          if _estimate(config, b, precision, profile, guidance, onnx_bytes).fits), None)
+    fits = lambda b: _estimate(config, b, precision, profile, guidance, onnx_bytes).fits   # monotone in b
+    fitting_batch = _largest(1, batch - 1, fits)
     if fitting_batch:
         suggestions.append(f"a smaller batch (--batch {fitting_batch} fits)")
     if precision != "int8" and _estimate(config, batch, "int8", profile, guidance, None).fits:
         suggestions.append("int8 (--precision int8 after `vdit calibrate` fits)")
     tt = config.tubelet[0]
-    for frames in range(config.frames - tt, 0, -tt):
-        if _estimate(config.replace(frames=frames), batch, precision, profile, guidance, onnx_bytes).fits:
-            suggestions.append(f"fewer frames ({frames} fit: `vdit plan --frames {frames}`)")
-            break
+    fitting = _largest(1, config.frames // tt - 1, lambda k: _estimate(config.replace(frames=k * tt), batch, precision,
+                                                                        profile, guidance, onnx_bytes).fits)
+    if fitting:
+        suggestions.append(f"fewer frames ({fitting * tt} fit: `vdit plan --frames {fitting * tt}`)")
     plan.suggestions = suggestions
     return plan

@@ -54,9 +54,10 @@ def read_info(path: str | Path) -> CheckpointInfo:
 
 def parse_config(meta, path: Path, where: str) -> CheckpointInfo:
     """config.json's content -> CheckpointInfo, every field checked (vdit_deploy/validate.py)."""
+    v.obj(meta, "checkpoint config", where=where, extra_ok=True)
+    if meta.get("format") != FORMAT:
+        v.fail(where, f"not a vdit checkpoint config (format {v.show(meta.get('format'))}, expected {FORMAT!r})")
     v.obj(meta, "checkpoint config", required=("format", "model", "schedule", "step", "ema"), where=where)
-    if meta["format"] != FORMAT:
-        v.fail(where, f"not a vdit checkpoint config (format {v.show(meta['format'])}, expected {FORMAT!r})")
     return CheckpointInfo(path, ModelConfig.from_dict(meta["model"], where), v.schedule(meta["schedule"], where),
                           v.integer(meta["step"], "step", 0, where=where), v.boolean(meta["ema"], "ema", where))
 

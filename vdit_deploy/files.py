@@ -52,6 +52,14 @@ def check_output(path: str | os.PathLike, is_dir: bool = False, marker: str | No
     return path
 
 
+def check_inside(path: Path, root: Path) -> Path:
+    """Refuse a file that is, or goes through, a link leading out of `root` (copying it would copy
+    whatever the link points at into an artifact)."""
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise VditError(f"{path} is a link to {path.resolve()}, outside {root}; copy the file itself there")
+    return path
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
