@@ -182,7 +182,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data, where: str = "model config") -> "ModelConfig":
         known = [f.name for f in dataclasses.fields(cls)]
-        v.obj(data, "model config", optional=known, where=where)
+        v.obj(data, "model config", optional=known, where="" if where == "model config" else where)
         if "tubelet" in data:
             v.int_list(data["tubelet"], "tubelet", 3, 1, MAX_SIZE, where)
         try:
