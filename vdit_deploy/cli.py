@@ -35,9 +35,9 @@ def _terminate(signum, frame):
 class Cli(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            signal.signal(signal.SIGTERM, _terminate)
+            previous = signal.signal(signal.SIGTERM, _terminate)
         except ValueError:    # not the main thread (an embedding application): leave its handlers alone
-            pass
+            previous = None
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.ClickException as e:    # usage errors: one line and exit 1, like every user error
@@ -46,6 +46,9 @@ class Cli(click.Group):
         except click.Abort:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx):
