@@ -16,11 +16,12 @@ The NAME.npy layout is also what runtimes/trt_build.calibration_batches reads (i
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
-from vdit_deploy.config import ModelConfig
+from vdit_deploy.config import ModelConfig, check_memory
 from vdit_deploy.errors import VditError
 from vdit_deploy import validate as v
 from vdit_deploy.files import atomic_path, check_output
@@ -79,6 +80,9 @@ def collect(checkpoint_or_export, out_dir, sampler: str = "ddim", steps: int = 5
         y = check_labels(range(cfg.num_classes) if labels is None else labels, cfg)
         plan = make_steps(rt.schedule, sampler, None if sampler == "ddpm" else steps, eta)
         keep = set(pick_steps(len(plan), timesteps))
+        rows = len(seeds) * len(keep) * (2 if guidance != 1.0 else 1) * len(y)
+        check_memory(rows * 4 * math.prod(cfg.video_shape) + cfg.memory_bytes(2 * len(y)),
+                     f"a calibration set of {rows} rows")
         max_batch = getattr(getattr(rt, "graph", None), "hi", 1 << 30)
         denoise = chunked(rt.denoise, max_batch)
         rows: dict[str, list[np.ndarray]] = {k: [] for k in INPUTS}

@@ -173,6 +173,9 @@ CASES = [
     ("seed-abc", "sample --checkpoint {ws}/ckpt --seed abc --out {ws}/v.gif", "'abc' is not a valid integer"),
     ("unknown-command", "smaple", "No such command"),
     ("serve-link-out", "serve-export {ws}/linked --triton {ws}/triton", "outside"),
+    ("export-fixed-batch-huge", "export {ws}/ckpt --out {ws}/x --fixed-batch 10000000", "GiB of memory, more than"),
+    ("collect-too-many-rows", "calibrate collect {ws}/export --seeds 100000000 --out {ws}/c3", "GiB of memory"),
+    ("calibrate-unknown", "calibrate bogus", "No such command"),
     ("reexport-variants", "export {ws}/ckpt --out {ws}/with_variant", "made from the graphs a new export replaces"),
 ]
 
@@ -190,6 +193,11 @@ def test_bad_input_is_one_line_exit_1_and_changes_nothing(ws, case, args, messag
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     assert message in lines[0] and "Traceback" not in result.output
     assert snapshot(ws) == before
+
+
+def test_bare_command_prints_help_and_exits_0():
+    result = run("calibrate")
+    assert result.exit_code == 0 and result.output.startswith("Usage:")
 
 
 def test_real_process_usage_error_is_one_line_exit_1(tmp_path):

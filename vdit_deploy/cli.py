@@ -40,6 +40,9 @@ class Cli(click.Group):
             previous = None
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:   # bare `vdit` / `vdit calibrate`: the help itself
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
         except click.ClickException as e:    # usage errors: one line and exit 1, like every user error
             where = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) else ""
             fail(e.format_message() + where)
@@ -394,12 +397,17 @@ def print_verify(export_dir, checkpoint, tolerance):
 def export(checkpoint, out, batch, fixed_batch, opset, verify, tolerance):
     """Export a checkpoint to denoiser.onnx and the fused step.onnx (and verify them)."""
     needs_torch("export")
+    from vdit_deploy.checkpoint import read_info
+    from vdit_deploy.config import check_memory
     from vdit_deploy.export.metadata import check_export_out
     from vdit_deploy.export.onnx_export import export_checkpoint
 
     check_export_out(out)
+    lo, hi = parse_batch_range(batch)
+    example = fixed_batch or max(2, lo)          # the batch the exporter traces with (and twice that)
+    check_memory(read_info(checkpoint).model.memory_bytes(2 * example), f"exporting at batch {example}")
     start = time.perf_counter()
-    export_checkpoint(checkpoint, out, batch=parse_batch_range(batch), fixed=fixed_batch, opset=opset)
+    export_checkpoint(checkpoint, out, batch=(lo, hi), fixed=fixed_batch, opset=opset)
     sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in sorted(out.iterdir()))
     click.echo(f"exported {out}: {sizes} in {time.perf_counter() - start:.1f} s")
     if verify:
