@@ -16,13 +16,15 @@ The NAME.npy layout is also what runtimes/trt_build.calibration_batches reads (i
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
-from vdit_deploy.config import ModelConfig
+from vdit_deploy.config import ModelConfig, check_memory
 from vdit_deploy.errors import VditError
-from vdit_deploy.files import atomic_path
+from vdit_deploy import validate as v
+from vdit_deploy.files import atomic_path, check_output
 
 FORMAT = "vdit-calibration/1"
 MANIFEST = "manifest.json"
@@ -69,12 +71,18 @@ def collect(checkpoint_or_export, out_dir, sampler: str = "ddim", steps: int = 5
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise VditError("collect needs at least one seed")
+    out_dir = check_output(out_dir, is_dir=True, marker=MANIFEST)   # before sampling, not after
+    v.number(guidance, "guidance", 0)
+    v.number(eta, "eta", 0)
     rt, sha = open_fp32(checkpoint_or_export)
     with rt:
         cfg = rt.config
         y = check_labels(range(cfg.num_classes) if labels is None else labels, cfg)
         plan = make_steps(rt.schedule, sampler, None if sampler == "ddpm" else steps, eta)
         keep = set(pick_steps(len(plan), timesteps))
+        rows = len(seeds) * len(keep) * (2 if guidance != 1.0 else 1) * len(y)
+        check_memory(rows * 4 * math.prod(cfg.video_shape) + cfg.memory_bytes(2 * len(y)),
+                     f"a calibration set of {rows} rows")
         max_batch = getattr(getattr(rt, "graph", None), "hi", 1 << 30)
         denoise = chunked(rt.denoise, max_batch)
         rows: dict[str, list[np.ndarray]] = {k: [] for k in INPUTS}
@@ -89,6 +97,10 @@ def collect(checkpoint_or_export, out_dir, sampler: str = "ddim", steps: int = 5
                 records.append({"seed": seed, "step": index, "t": int(t[0]), "rows": [start, start + len(t)]})
     arrays = {"x_t": np.concatenate(rows["x_t"]).astype(np.float32), "t": np.concatenate(rows["t"]).astype(np.float32),
               "y": np.concatenate(rows["y"]).astype(np.int32)}
+    for name, a in arrays.items():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise VditError(f"the sampler fed the denoiser NaN/inf ({name}): the model gives non-finite output; "
+                            "no calibration set written")
     manifest = {
         "format": FORMAT, "checkpoint_sha256": sha, "model_config": cfg.to_dict(),
         "source": str(Path(checkpoint_or_export).resolve()), "runtime": f"{rt.name}:fp32",
@@ -97,7 +109,6 @@ def collect(checkpoint_or_export, out_dir, sampler: str = "ddim", steps: int = 5
         "step_indices": sorted(keep), "call_batch": (2 if guidance != 1.0 else 1) * len(y),
         "shapes": {k: list(a.shape) for k, a in arrays.items()}, "records": records,
     }
-    out_dir = Path(out_dir)
     with atomic_path(out_dir, is_dir=True, marker=MANIFEST) as tmp:
         for name, a in arrays.items():
             np.save(tmp / f"{name}.npy", a)
@@ -177,31 +188,79 @@ def run_onnx(path, cset: "CalibrationSet", threads: int | None = None) -> np.nda
     return np.concatenate(outs)
 
 
+def check_manifest(manifest, where: str) -> dict:
+    """The manifest's schema: what load_calibration_set and the INT8 calibration read from it."""
+    v.obj(manifest, "calibration manifest", required=("format", "checkpoint_sha256", "model_config", "sampler",
+                                                      "steps", "eta", "guidance", "shapes", "records"),
+          where=where, extra_ok=True)
+    if manifest["format"] != FORMAT:
+        v.fail(where, f"not a vdit calibration manifest (format {v.show(manifest['format'])}, expected {FORMAT!r})")
+    v.sha256_hex(manifest["checkpoint_sha256"], "checkpoint_sha256", where)
+    v.string(manifest["sampler"], "sampler", where=where)
+    v.integer(manifest["steps"], "steps", 1, where=where)
+    v.number(manifest["eta"], "eta", 0, where=where)
+    v.number(manifest["guidance"], "guidance", 0, where=where)
+    v.obj(manifest["shapes"], "shapes", required=INPUTS, where=where)
+    for name in INPUTS:
+        v.int_list(manifest["shapes"][name], f"shapes.{name}", None, 0, where=where)
+    rows = manifest["shapes"]["t"][0] if manifest["shapes"]["t"] else 0
+    if not isinstance(manifest["records"], list):
+        v.fail(where, "records must be a list")
+    for r in manifest["records"]:
+        v.obj(r, "a record", required=("seed", "step", "t", "rows"), where=where)
+        v.integer(r["step"], "a record's step", 0, manifest["steps"] - 1, where)
+        v.integer(r["seed"], "a record's seed", 0, where=where)
+        start, end = v.int_list(r["rows"], "a record's rows", 2, 0, rows, where)
+        if start >= end:
+            v.fail(where, f"a record's rows must be [start, end) with start < end, got {r['rows']}")
+    return manifest
+
+
+DTYPES = {"x_t": np.float32, "t": np.float32, "y": np.int32}
+
+
 def load_calibration_set(path, expect_sha256: str | None = None,
                          expect_config: ModelConfig | None = None) -> CalibrationSet:
-    """Load a set; refuse one made for another checkpoint (sha256) or model shape (config)."""
+    """Load a set; refuse one made for another checkpoint (sha256) or model shape (config), and one
+    whose manifest or arrays are malformed (schema, dtypes, shapes, NaN/inf)."""
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise VditError(f"{path} is not a calibration set (no {MANIFEST}); run `vdit calibrate collect`")
+    where = str(path / MANIFEST)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-    except json.JSONDecodeError as e:
-        raise VditError(f"{path / MANIFEST} is corrupt: {e}") from None
-    if manifest.get("format") != FORMAT:
-        raise VditError(f"{path / MANIFEST} is not a vdit calibration manifest (format {manifest.get('format')!r})")
+    except (ValueError, RecursionError) as e:
+        raise VditError(f"{where} is corrupt: {str(e)[:200]}") from None
+    check_manifest(manifest, where)
+    config = ModelConfig.from_dict(manifest["model_config"], where)
     if expect_sha256 and manifest["checkpoint_sha256"] != expect_sha256:
         raise VditError(f"calibration set {path} was recorded with checkpoint sha256:{manifest['checkpoint_sha256'][:12]}, "
                         f"not this model's sha256:{expect_sha256[:12]}; collect a new set for it")
-    if expect_config is not None and ModelConfig.from_dict(manifest["model_config"]) != expect_config:
+    if expect_config is not None and config != expect_config:
         raise VditError(f"calibration set {path} was recorded for another model shape "
-                        f"(video {tuple(manifest['shapes']['x_t'][1:])}, expected {expect_config.video_shape}); "
+                        f"(video {config.video_shape}, expected {expect_config.video_shape}); "
                         "collect a new set for it")
+    shapes = manifest["shapes"]
+    n = shapes["t"][0] if len(shapes["t"]) == 1 else None
+    expected = {"x_t": [n, *config.video_shape], "t": [n], "y": [n]}
     arrays = {}
     for name in INPUTS:
         file = path / f"{name}.npy"
         if not file.is_file():
             raise VditError(f"calibration set {path} lacks {file.name}")
-        arrays[name] = np.load(file)
-        if list(arrays[name].shape) != manifest["shapes"][name]:
-            raise VditError(f"{file} has shape {arrays[name].shape}, the manifest says {manifest['shapes'][name]}")
+        if shapes[name] != expected[name]:
+            raise VditError(f"{where}: shapes.{name} is {shapes[name]}, expected {expected[name]}")
+        try:
+            a = np.load(file, allow_pickle=False)   # never unpickle
+        except (ValueError, OSError, EOFError) as e:
+            raise VditError(f"{file} is not a readable .npy array (truncated, or holds objects): "
+                            f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__}") from None
+        if a.dtype != DTYPES[name] or list(a.shape) != shapes[name]:
+            raise VditError(f"{file} is {a.dtype}{list(a.shape)}, the manifest says "
+                            f"{np.dtype(DTYPES[name])}{shapes[name]}")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise VditError(f"{file} holds NaN or inf values")
+        arrays[name] = a
+    if not ((arrays["y"] >= 0) & (arrays["y"] <= config.null_label)).all():
+        raise VditError(f"{path / 'y.npy'} holds labels outside 0..{config.null_label}")
     return CalibrationSet(path, manifest, arrays)

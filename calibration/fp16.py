@@ -19,8 +19,8 @@ import numpy as np
 
 from vdit_deploy.calibration.graph import select, step_nodes
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.metadata import DENOISER, STEP, find_onnx, read_metadata
-from vdit_deploy.files import atomic_path
+from vdit_deploy.export.metadata import DENOISER, STEP, find_onnx, read_metadata, stamp
+from vdit_deploy.files import atomic_path, check_output, temp_dir
 
 FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Exp", "Sin", "Cos")
 FP32_LAYERS = (r"^t_embedder/",)       # the timestep embedding: sin-cos of t, then its MLP
@@ -30,11 +30,7 @@ def save_variant(model, path: Path, precision: str) -> Path:
     """Stamp vdit.precision on a converted graph and write it atomically beside the fp32 one."""
     import onnx
 
-    props = {p.key: p.value for p in model.metadata_props}
-    props["vdit.precision"] = precision
-    del model.metadata_props[:]
-    for k, v in props.items():
-        model.metadata_props.add(key=k, value=v)
+    stamp(model, {"vdit.precision": precision})
     model.producer_name = "vdit-deploy"
     with atomic_path(path) as tmp:
         onnx.save(model, str(tmp))
@@ -114,18 +110,29 @@ def drop_round_trips(model):
 
 def convert_fp16(export_dir, calib_dir=None, keep_fp32=FP32_LAYERS) -> Path:
     """export_dir/denoiser.onnx -> export_dir/denoiser.fp16.onnx (float32 I/O), and step.onnx ->
-    step.fp16.onnx when the export has one; with calib_dir the denoiser is checked on the calibration
-    set first and both are refused if it makes any inf/NaN. Returns the denoiser's path."""
+    step.fp16.onnx when the export has one; with calib_dir the set is loaded and checked against the
+    export first, the converted denoiser is run on it before anything is written, and both graphs are
+    refused if it makes any inf/NaN. Returns the denoiser's path."""
+    from vdit_deploy.calibration.collect import load_calibration_set
+
     export_dir = Path(export_dir)
     src, *step = variant_sources(export_dir)
-    out = save_variant(to_fp16(src, DENOISER, keep_fp32), src.with_name(f"{DENOISER}.fp16.onnx"), "fp16")
-    if calib_dir is not None:
-        report = check_fp16(export_dir, calib_dir)
+    out = src.with_name(f"{DENOISER}.fp16.onnx")
+    for path in [out, *(p.with_name(f"{STEP}.fp16.onnx") for p in step)]:
+        check_output(path)
+    cset = None
+    if calib_dir is not None:     # a typo'd or foreign set is refused before any conversion or write
+        meta = read_metadata(src)
+        cset = load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.config)
+    model = to_fp16(src, DENOISER, keep_fp32)
+    if cset is not None:
+        with temp_dir(out) as tmp:
+            save_variant(model, tmp / out.name, "fp16")
+            report = fp16_errors(tmp / out.name, src, cset)
         if report["nonfinite"]:
-            for path in [out, *(p.with_name(f"{STEP}.fp16.onnx") for p in step)]:
-                path.unlink(missing_ok=True)
             raise VditError(f"fp16 graph makes inf/NaN on {report['nonfinite']} calibration rows "
                             f"(first at t={report['nonfinite_t'][0]:g}); not written")
+    save_variant(model, out, "fp16")
     for path in step:
         save_variant(to_fp16(path, STEP, keep_fp32), path.with_name(f"{STEP}.fp16.onnx"), "fp16")
     return out
@@ -133,12 +140,17 @@ def convert_fp16(export_dir, calib_dir=None, keep_fp32=FP32_LAYERS) -> Path:
 
 def check_fp16(export_dir, calib_dir, precision: str = "fp16") -> dict:
     """Run the calibration set through the fp16 graph and fp32: inf/NaN rows and eps error per t."""
-    from vdit_deploy.calibration.collect import load_calibration_set, run_onnx
-    from vdit_deploy.metrics import rel_l2
+    from vdit_deploy.calibration.collect import load_calibration_set
 
     ref_path, path = find_onnx(export_dir, DENOISER), find_onnx(export_dir, DENOISER, precision)
     meta = read_metadata(ref_path)
-    cset = load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.config)
+    return fp16_errors(path, ref_path, load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.config))
+
+
+def fp16_errors(path: Path, ref_path: Path, cset) -> dict:
+    from vdit_deploy.calibration.collect import run_onnx
+    from vdit_deploy.metrics import rel_l2
+
     got, ref = run_onnx(path, cset), run_onnx(ref_path, cset)
     bad = ~np.isfinite(got.reshape(len(got), -1)).all(axis=1)
     t = cset.arrays["t"][:len(got)]

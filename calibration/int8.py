@@ -24,12 +24,12 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import tempfile
 from pathlib import Path
 
 from vdit_deploy.calibration.graph import COMPUTE_OPS, select
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import DENOISER, STEP, find_onnx, read_metadata
+from vdit_deploy.files import check_output, temp_dir
 
 MODES = {"qdq": "int8-qdq", "dynamic": "int8"}           # mode -> file precision tag
 METHODS = ("minmax", "percentile", "entropy")
@@ -83,6 +83,7 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
         raise VditError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
     src, *step = variant_sources(export_dir)
     meta = read_metadata(src)
+    check_output(Path(out) if out else variant_path(export_dir, mode))
     cset = None
     if calib_dir is not None:
         cset = load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.config)
@@ -118,7 +119,7 @@ def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_f
         raise VditError("no layer is left to quantize (check --keep-fp / the layer patterns)")
     # MatMulConstBOnly: attention's activation x activation matmuls stay float.
     common = dict(op_types_to_quantize=list(COMPUTE_OPS), per_channel=per_channel, nodes_to_quantize=nodes)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp, quiet():
+    with temp_dir(out) as tmp, quiet():
         raw = Path(tmp) / "q.onnx"
         try:
             if mode == "dynamic":

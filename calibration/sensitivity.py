@@ -9,12 +9,12 @@ that layer alone costs. The ranking shows why DEFAULT_SENSITIVE layers are kept 
 from __future__ import annotations
 
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from vdit_deploy.calibration.graph import layer_groups, matches
 from vdit_deploy.export.metadata import DENOISER, find_onnx, read_metadata
+from vdit_deploy.files import temp_dir
 
 
 @dataclass
@@ -43,7 +43,7 @@ def sensitivity(export_dir, calib_dir, mode: str = "dynamic", method: str = "min
     groups = {k: v for k, v in layer_groups(model).items() if layers is None or re.search(layers, k)}
     ref = run_onnx(src, cset)
     out = []
-    with tempfile.TemporaryDirectory(dir=src.parent) as tmp:
+    with temp_dir(src.with_name("sensitivity")) as tmp:
         for i, (layer, nodes) in enumerate(groups.items()):
             path = Path(tmp) / f"{i}.onnx"
             quantize_int8(export_dir, calib_dir, mode=mode, method=method, keep_fp=(),

@@ -5,20 +5,40 @@ An export directory holds
     step.onnx       (x_t, t, y, guidance, coefs, noise) -> x_prev: one guided DDPM/DDIM step
 and later stages add precision variants beside them (denoiser.fp16.onnx, denoiser.int8.onnx, ...).
 Each file's metadata_props hold the keys below as JSON strings. Torch-free: runtimes read this.
+
+Metadata is checked before use: every field against its schema (vdit_deploy/validate.py), the
+`vdit.digest` of the fields that decide what a sample is (kind, config, schedule, I/O, batch,
+checkpoint hash) against their content, so an edited schedule or frame count is refused rather
+than sampled, the video shape against the graph's own input, and, when a directory is opened,
+every graph in it against the others (one checkpoint, config and schedule).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vdit_deploy import validate as v
 from vdit_deploy.config import ModelConfig
 from vdit_deploy.diffusion import COEF_NAMES, Schedule
 from vdit_deploy.errors import VditError
 
 DENOISER, STEP = "denoiser", "step"
-KEYS = ("vdit.kind", "vdit.model_config", "vdit.schedule", "vdit.io", "vdit.checkpoint_sha256",
-        "vdit.precision", "vdit.versions", "vdit.batch")
+KINDS = (DENOISER, STEP)
+PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")     # file tags: denoiser.onnx, denoiser.<tag>.onnx
+# What a sample depends on: a digest of these catches edits. The precision tag is left out (variants
+# restamp it) and checked against the file name instead.
+DIGESTED = ("vdit.kind", "vdit.model_config", "vdit.schedule", "vdit.io", "vdit.checkpoint_sha256", "vdit.batch")
+KEYS = (*DIGESTED, "vdit.precision", "vdit.versions", "vdit.digest")
+
+
+class NotVditGraph(VditError):
+    """The file is not a vdit graph at all (not ONNX, or no vdit metadata): others may live beside ours."""
+
+
+def digest(props: dict[str, str]) -> str:
+    return hashlib.sha256("\n".join(f"{k}={props[k]}" for k in DIGESTED).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -34,7 +54,7 @@ class ExportMetadata:
     checkpoint_path: str = ""      # where it was exported from (optional: `vdit verify` defaults to it)
 
     def to_props(self) -> dict[str, str]:
-        return {
+        props = {
             "vdit.kind": self.kind,
             "vdit.model_config": self.config.to_json(),
             "vdit.schedule": json.dumps(self.schedule.to_dict()),
@@ -45,24 +65,46 @@ class ExportMetadata:
             "vdit.batch": json.dumps(self.batch),
             **({"vdit.checkpoint": self.checkpoint_path} if self.checkpoint_path else {}),
         }
+        return {**props, "vdit.digest": digest(props)}
 
     @classmethod
     def from_props(cls, props: dict[str, str], source: str = "model") -> "ExportMetadata":
         missing = [k for k in KEYS if k not in props]
         if missing:
-            raise VditError(f"{source} is not a vdit export (metadata lacks {', '.join(missing)})")
-        try:
-            return cls(kind=props["vdit.kind"],
-                       config=ModelConfig.from_dict(json.loads(props["vdit.model_config"])),
-                       schedule=Schedule(**json.loads(props["vdit.schedule"])),
-                       io=json.loads(props["vdit.io"]),
-                       checkpoint_sha256=props["vdit.checkpoint_sha256"],
-                       precision=props["vdit.precision"],
-                       versions=json.loads(props["vdit.versions"]),
-                       batch=json.loads(props["vdit.batch"]),
-                       checkpoint_path=props.get("vdit.checkpoint", ""))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise VditError(f"{source}: vdit metadata is corrupt: {e}") from None
+            hint = "; it was exported by an older vdit-deploy: re-export" if missing == ["vdit.digest"] else ""
+            raise NotVditGraph(f"{source} is not a vdit export (metadata lacks {', '.join(missing)}){hint}")
+        if props["vdit.digest"] != digest(props):
+            raise VditError(f"{source}: its vdit metadata was edited after export (the digest of kind, config, "
+                            "schedule, I/O, batch and checkpoint hash does not match); re-export it")
+        where = f"{source} metadata"
+
+        def parsed(key):
+            try:
+                return json.loads(props[key])
+            except (ValueError, RecursionError) as e:
+                raise VditError(f"{where}: {key} is not valid JSON: {str(e)[:100]}") from None
+
+        io, batch, versions = parsed("vdit.io"), parsed("vdit.batch"), parsed("vdit.versions")
+        v.obj(io, "vdit.io", required=("inputs", "outputs"), where=where)
+        for direction in ("inputs", "outputs"):
+            if not isinstance(io[direction], list):
+                v.fail(where, f"vdit.io {direction} must be a list")
+            for spec in io[direction]:
+                v.obj(spec, f"a vdit.io {direction[:-1]}", required=("name", "shape", "dtype"), optional=("layout",),
+                      where=where)
+                v.string(spec["name"], "an I/O name", where=where)
+                v.string(spec["dtype"], "an I/O dtype", where=where)
+                if not isinstance(spec["shape"], list):
+                    v.fail(where, f"the shape of {spec['name']} must be a list")
+        v.obj(versions, "vdit.versions", where=where, extra_ok=True)
+        return cls(kind=v.string(props["vdit.kind"], "vdit.kind", KINDS, where),
+                   config=ModelConfig.from_dict(parsed("vdit.model_config"), where),
+                   schedule=v.schedule(parsed("vdit.schedule"), where),
+                   io=io,
+                   checkpoint_sha256=v.sha256_hex(props["vdit.checkpoint_sha256"], "vdit.checkpoint_sha256", where),
+                   precision=v.string(props["vdit.precision"], "vdit.precision", PRECISIONS, where),
+                   versions=versions, batch=check_batch(batch, where),
+                   checkpoint_path=props.get("vdit.checkpoint", ""))
 
     def batch_range(self) -> tuple[int, int]:
         if "fixed" in self.batch:
@@ -70,18 +112,97 @@ class ExportMetadata:
         return self.batch.get("min", 1), self.batch.get("max", 2 ** 31 - 1)
 
 
+def check_batch(batch, where: str) -> dict:
+    """vdit.batch: {"min": lo, "max": hi} with 1 <= lo <= hi, or {"fixed": n}."""
+    if isinstance(batch, dict) and "fixed" in batch:
+        v.obj(batch, "vdit.batch", required=("fixed",), where=where)
+        v.integer(batch["fixed"], "fixed batch", 1, v.INT32_MAX, where)
+        return batch
+    v.obj(batch, "vdit.batch", required=("min", "max"), where=where)
+    lo = v.integer(batch["min"], "batch min", 1, v.INT32_MAX, where)
+    v.integer(batch["max"], "batch max", lo, v.INT32_MAX, where)
+    return batch
+
+
+def stamp(model, changes: dict[str, str]) -> None:
+    """Set metadata props of an onnx ModelProto (a precision variant's tag, a test's edit) and
+    re-sign the digest: the one sanctioned way to change an export's metadata."""
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update(changes)
+    if all(k in props for k in DIGESTED):
+        props["vdit.digest"] = digest(props)
+    del model.metadata_props[:]
+    for k, value in props.items():
+        model.metadata_props.add(key=k, value=value)
+
+
+_CACHE: dict[tuple, ExportMetadata] = {}
+
+
 def read_metadata(path: str | Path) -> ExportMetadata:
-    """Read the vdit metadata of one .onnx file without loading its weights."""
+    """Read and check the vdit metadata of one .onnx file without loading its external weights: the
+    schema, the digest, and the video shape against the graph's own x_t input."""
     import onnx
 
     path = Path(path)
     if not path.is_file():
         raise VditError(f"{path}: no such ONNX file")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key in _CACHE:
+        return _CACHE[key]
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:   # onnx raises DecodeError, ValueError... for non-ONNX bytes
-        raise VditError(f"{path} is not an ONNX model: {type(e).__name__}") from None
-    return ExportMetadata.from_props({p.key: p.value for p in model.metadata_props}, str(path))
+        raise NotVditGraph(f"{path} is not an ONNX model: {type(e).__name__}") from None
+    meta = ExportMetadata.from_props({p.key: p.value for p in model.metadata_props}, str(path))
+    x_t = next((i for i in model.graph.input if i.name == "x_t"), None)
+    if x_t is not None:
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in x_t.type.tensor_type.shape.dim]
+        if dims[1:] != list(meta.config.video_shape):
+            raise VditError(f"{path}: the graph takes x_t of shape {dims[1:]} per video, its metadata says "
+                            f"{list(meta.config.video_shape)}; the metadata does not belong to this graph")
+    _CACHE[key] = meta
+    return meta
+
+
+def file_name(kind: str, precision: str = "fp32") -> str:
+    return f"{kind}.onnx" if precision == "fp32" else f"{kind}.{precision}.onnx"
+
+
+def check_export_dir(path: str | Path, skipped: list[str] | None = None) -> dict[Path, ExportMetadata]:
+    """Every vdit graph of an export directory -> its metadata, refusing a directory whose graphs come
+    from different checkpoints, configs or schedules, or whose file names contradict their metadata
+    (denoiser.fp16.onnx must be an fp16 denoiser). Other .onnx files (names vdit does not give, or no
+    vdit graph at all) are passed over, the reason appended to `skipped`; a graph under one of vdit's
+    names whose metadata is edited or corrupt is refused."""
+    path = Path(path)
+    metas = {}
+    ours = {file_name(k, p) for k in KINDS for p in PRECISIONS}
+    for file in sorted(path.glob("*.onnx")):
+        if file.name not in ours:
+            if skipped is not None:
+                skipped.append(f"{file.name}: not a file name vdit gives a graph ({', '.join(sorted(ours))})")
+            continue
+        try:
+            meta = read_metadata(file)
+        except NotVditGraph as e:
+            if skipped is not None:
+                skipped.append(str(e))
+            continue
+        if file.name != file_name(meta.kind, meta.precision):
+            raise VditError(f"{file} holds a {meta.precision} {meta.kind} graph, which would be named "
+                            f"{file_name(meta.kind, meta.precision)}; rename or remove it")
+        metas[file] = meta
+    if metas:
+        first_file, first = next(iter(metas.items()))
+        for file, meta in metas.items():
+            for what, a, b in (("checkpoint", meta.checkpoint_sha256, first.checkpoint_sha256),
+                               ("model config", meta.config, first.config), ("schedule", meta.schedule, first.schedule)):
+                if a != b:
+                    raise VditError(f"{file.name} and {first_file.name} in {path} come from a different {what}; "
+                                    f"an export directory holds the graphs of one export (re-export it)")
+    return metas
 
 
 def find_onnx(path: str | Path, kind: str = DENOISER, precision: str = "fp32") -> Path:
@@ -91,11 +212,29 @@ def find_onnx(path: str | Path, kind: str = DENOISER, precision: str = "fp32") -
         return path
     if not path.is_dir():
         raise VditError(f"{path}: no such export directory or ONNX file")
-    name = f"{kind}.onnx" if precision == "fp32" else f"{kind}.{precision}.onnx"
+    check_export_dir(path)
+    name = file_name(kind, precision)
     if not (path / name).is_file():
         have = ", ".join(sorted(p.name for p in path.glob("*.onnx"))) or "no .onnx files"
         raise VditError(f"{path} has no {name} (it has {have}); run `vdit export` or `vdit calibrate` first")
     return path / name
+
+
+def check_export_out(out: str | Path) -> Path:
+    """Before exporting into `out`: it must be writable, and, when it exists, hold only what an export
+    writes. Re-exporting replaces the whole directory, so fp16/int8 variants, engines or calibration
+    sets kept there (made from the old graphs) would silently go: refuse and name them instead."""
+    from vdit_deploy.files import check_output
+
+    out = check_output(out, is_dir=True, marker=file_name(DENOISER))
+    if out.is_dir():
+        own = {file_name(k) for k in KINDS} | {file_name(k) + ".data" for k in KINDS}
+        others = sorted(p.name for p in out.iterdir() if p.name not in own)
+        if others and (out / file_name(DENOISER)).is_file():
+            raise VditError(f"{out} also holds {', '.join(others[:4])}{' ...' if len(others) > 4 else ''}, "
+                            "made from the graphs a new export replaces; move or delete them, or export to "
+                            "another --out")
+    return out
 
 
 def describe_onnx(path: str | Path) -> str:

@@ -19,7 +19,6 @@ import contextlib
 import io
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from vdit_deploy.checkpoint import load_model
 from vdit_deploy.diffusion import COEF_NAMES
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import DENOISER, STEP, ExportMetadata
-from vdit_deploy.files import atomic_path
+from vdit_deploy.files import atomic_path, check_output, temp_dir
 
 OPSET = 18                     # LayerNormalization needs 17; 18 is the dynamo exporter's native opset
 DEFAULT_BATCH = (1, 8)         # videos per call; denoiser.onnx also takes 2x that (cond + null)
@@ -132,9 +131,8 @@ def export_denoiser(module: nn.Module, example_inputs: tuple, out_path: str | Pa
     if len(example_inputs) != 3:
         raise VditError(f"example_inputs must be (x_t, t, y), got {len(example_inputs)} tensors")
     batch = _check_batch(batch, fixed_batch, example_inputs[0].shape[0])
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent) as tmp:
-        tmp = Path(tmp)            # same filesystem: the renames below are atomic
+    check_output(out_path)
+    with temp_dir(out_path) as tmp:   # same filesystem: the renames below are atomic
         _export(module, example_inputs, tmp / out_path.name, DENOISER_INPUTS, DENOISER_OUTPUTS,
                 (True, True, True), batch, opset, metadata, external_data)
         for file in tmp.iterdir():   # the .onnx last: a reader never sees it without its .data

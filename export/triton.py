@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vdit_deploy.errors import VditError
-from vdit_deploy.files import atomic_path
+from vdit_deploy.files import atomic_path, check_inside
 
 DENOISER_MODEL, SAMPLER_MODEL = "vdit_denoiser", "vdit_sampler"
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64"}
@@ -211,6 +211,10 @@ def write_triton_repo(export_dir: str | Path, out_dir: str | Path, engine: str |
     if max_batch < 2:
         raise VditError(f"the denoiser accepts at most batch {max_batch}; guidance needs 2 per video")
     max_videos = max_batch // 2          # guidance runs each video twice (cond + null) in one call
+    data = onnx_path.with_name(onnx_path.name + ".data")
+    for file in (onnx_path, data):
+        if file.exists() or file.is_symlink():
+            check_inside(file, onnx_path.parent)
     with atomic_path(out_dir, is_dir=True, marker=f"{DENOISER_MODEL}/config.pbtxt") as tmp:
         den = tmp / DENOISER_MODEL / "1"
         den.mkdir(parents=True)
@@ -218,7 +222,6 @@ def write_triton_repo(export_dir: str | Path, out_dir: str | Path, engine: str |
             shutil.copyfile(engine, den / model_file)
         else:
             shutil.copyfile(onnx_path, den / model_file)
-            data = onnx_path.with_name(onnx_path.name + ".data")
             if data.is_file():   # external weights keep the name the graph refers to
                 shutil.copyfile(data, den / data.name)
         (tmp / DENOISER_MODEL / "config.pbtxt").write_text(denoiser_config(meta.io, platform, max_batch, instances))

@@ -169,25 +169,8 @@ def load_profile(name_or_path: str | Path) -> BuildProfile:
 
 # ---- memory planner -----------------------------------------------------------------------------
 def activation_elements(cfg: ModelConfig) -> dict[str, int]:
-    """Peak live elements of one sample's forward, per sublayer (the largest wins).
-
-    A block's sublayer keeps the residual x (N, D) and its normalised input (N, D) alive while it makes
-    qkv (N, 3D), attention logits and probabilities (2 x heads x L x L per attended sequence), and the
-    attention output (N, D); the MLP makes its hidden (N, M) twice (pre- and post-GELU) and the output.
-    Score matrices are an upper bound: TensorRT's fused attention kernels often never write them."""
-    n, d, heads = cfg.num_tokens, cfg.hidden_size, cfg.num_heads
-    f, h, w = cfg.grid
-    s = h * w
-    m = int(d * cfg.mlp_ratio)
-    if cfg.attention == "factorized":           # spatial then temporal: the larger of the two sublayers
-        scores = max(f * heads * s * s, s * heads * f * f)
-    elif cfg.attention == "factorized_dot_product":   # half the heads over space, half over time, together
-        scores = f * (heads // 2) * s * s + s * (heads // 2) * f * f
-    else:                                        # joint: every token attends to all N
-        scores = heads * n * n
-    attention = 2 * n * d + 3 * n * d + 2 * scores + n * d
-    mlp = 2 * n * d + 2 * n * m + n * d
-    return {"attention": attention, "mlp": mlp}
+    """Peak live elements of one sample's forward, per sublayer (ModelConfig.activation_elements)."""
+    return cfg.activation_elements()
 
 
 @dataclass
@@ -286,6 +269,17 @@ def _estimate(cfg: ModelConfig, batch: int, precision: str, profile: BuildProfil
     return MemoryPlan(cfg, profile, batch, eng, precision, rows, notes)
 
 
+def _largest(lo: int, hi: int, ok) -> int | None:
+    """The largest n in lo..hi with ok(n), for ok true up to some n and false above: a binary search,
+    so `--batch 1000000000` costs 30 estimates, not a billion."""
+    if hi < lo or not ok(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
+
+
 def plan_memory(config: ModelConfig, batch: int, precision: str, profile: BuildProfile,
                 guidance: bool = True, onnx_bytes: int | None = None) -> MemoryPlan:
     """Estimate the memory of one engine; `plan.check()` refuses with a suggestion when it will not fit.
@@ -295,16 +289,16 @@ def plan_memory(config: ModelConfig, batch: int, precision: str, profile: BuildP
     if plan.fits:
         return plan
     suggestions = []
-    fitting_batch = next((b for b in range(batch - 1, 0, -1)
-                          if _estimate(config, b, precision, profile, guidance, onnx_bytes).fits), None)
+    fits = lambda b: _estimate(config, b, precision, profile, guidance, onnx_bytes).fits   # monotone in b
+    fitting_batch = _largest(1, batch - 1, fits)
     if fitting_batch:
         suggestions.append(f"a smaller batch (--batch {fitting_batch} fits)")
     if precision != "int8" and _estimate(config, batch, "int8", profile, guidance, None).fits:
         suggestions.append("int8 (--precision int8 after `vdit calibrate` fits)")
     tt = config.tubelet[0]
-    for frames in range(config.frames - tt, 0, -tt):
-        if _estimate(config.replace(frames=frames), batch, precision, profile, guidance, onnx_bytes).fits:
-            suggestions.append(f"fewer frames ({frames} fit: `vdit plan --frames {frames}`)")
-            break
+    fitting = _largest(1, config.frames // tt - 1, lambda k: _estimate(config.replace(frames=k * tt), batch, precision,
+                                                                        profile, guidance, onnx_bytes).fits)
+    if fitting:
+        suggestions.append(f"fewer frames ({fitting * tt} fit: `vdit plan --frames {fitting * tt}`)")
     plan.suggestions = suggestions
     return plan

@@ -289,14 +289,13 @@ def test_triton_sampling_loop_matches_vdit_sample(tiny_export):
 def test_serve_export_refusals(tiny_export, tmp_path):
     import onnx
 
+    from vdit_deploy.export.metadata import stamp
     from vdit_deploy.export.triton import write_triton_repo
 
     fixed = tmp_path / "fixed"
     fixed.mkdir()
     model = onnx.load(str(tiny_export / "denoiser.onnx"))
-    for prop in model.metadata_props:
-        if prop.key == "vdit.batch":
-            prop.value = json.dumps({"fixed": 1})
+    stamp(model, {"vdit.batch": json.dumps({"fixed": 1})})   # a consistent edit: the digest re-signed
     onnx.save(model, str(fixed / "denoiser.onnx"))
     with pytest.raises(VditError, match="fixed batch of 1; Triton's dynamic batching needs"):
         write_triton_repo(fixed, tmp_path / "repo")

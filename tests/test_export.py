@@ -46,7 +46,7 @@ def test_export_is_checker_clean_with_metadata(tiny_export, tiny_checkpoint):
 def test_ort_matches_torch_on_a_trajectory(tiny_export):
     report = verify(tiny_export, batches=(1, 3), num_steps=6, picks=3)
     assert report.ok, report.table()
-    assert {(r.graph, r.output) for r in report.rows} == {("denoiser", "eps"), ("step", "x_prev")}
+    assert {(r.graph, r.output) for r in report.rows} == {("denoiser.onnx", "eps"), ("step.onnx", "x_prev")}
     for row in report.rows:
         assert row.calls == 6 and row.rel_l2 < 1e-4 and row.max_abs > 0
 
@@ -61,7 +61,7 @@ def test_verify_fails_on_a_perturbed_export(tiny_export, tiny_checkpoint, tmp_pa
     onnx.save(model, str(bad / "denoiser.onnx"))
     result = CliRunner().invoke(main, ["verify", str(bad), "--checkpoint", str(tiny_checkpoint)])
     assert result.exit_code == 1, result.output
-    assert "Error: " in result.output and "denoiser.onnx eps relative L2" in result.output
+    assert "Error: " in result.output and "denoiser.onnx eps error" in result.output
     row = next(line for line in result.output.splitlines() if line.startswith("denoiser"))
     assert row.endswith("FAIL") and float(row.split()[4]) > 1e-4          # the rel L2 column
     assert "polygraphy: denoiser.onnx FAILED" in result.output or "not installed" in result.output
@@ -77,7 +77,9 @@ def test_cli_fixed_batch_export_and_verify(tiny_checkpoint, tmp_path):
     out = tmp_path / "edge"
     result = CliRunner().invoke(main, ["export", str(tiny_checkpoint), "--out", str(out), "--fixed-batch", "1"])
     assert result.exit_code == 0, result.output
-    assert "denoiser" in result.output and "FAIL" not in result.output
+    assert "FAIL" not in result.output
+    rows = {line.split()[0]: int(line.split()[2]) for line in result.output.splitlines() if line.endswith(" ok")}
+    assert rows["denoiser.onnx"] > 0 and rows["step.onnx"] > 0     # the batch-1 denoiser is compared too
     for kind in ("denoiser", "step"):
         model = onnx.load(str(out / f"{kind}.onnx"), load_external_data=False)
         assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 8, 16, 16]

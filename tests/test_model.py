@@ -103,5 +103,5 @@ def test_flops_follow_attention_cost():
 def test_config_roundtrip():
     cfg = preset("tiny", attention="joint")
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(VditError, match="unknown model config fields: colour"):
+    with pytest.raises(VditError, match="model config has unknown field.s. colour"):
         ModelConfig.from_dict({**cfg.to_dict(), "colour": 1})

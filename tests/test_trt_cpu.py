@@ -40,7 +40,7 @@ def write_export(root, cfg=None, kinds=("step", "denoiser"), suffix=""):
         graph = helper.make_graph([helper.make_node("Identity", ["x_t"], [out.name])], kind, [x], [out])
         model = helper.make_model(graph)
         meta = ExportMetadata(kind, cfg, Schedule(), {"inputs": [], "outputs": []}, "0" * 64,
-                              batch={"min": 1, "max": 8})
+                              batch={"min": 1, "max": 8}, precision=suffix[1:] or "fp32")
         for k, v in meta.to_props().items():
             model.metadata_props.add(key=k, value=v)
         onnx.save(model, str(root / f"{kind}{suffix}.onnx"))

@@ -10,7 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from vdit_deploy.config import ModelConfig
+from vdit_deploy import validate as v
+from vdit_deploy.config import ModelConfig, check_memory
 from vdit_deploy.diffusion import Schedule
 from vdit_deploy.errors import VditError
 from vdit_deploy.files import atomic_path, sha256_file
@@ -43,14 +44,22 @@ def read_info(path: str | Path) -> CheckpointInfo:
     for name in (CONFIG, WEIGHTS):
         if not (path / name).is_file():
             raise VditError(f"checkpoint {path} has no {name}")
+    where = str(path / CONFIG)
     try:
         meta = json.loads((path / CONFIG).read_text())
-        if meta.get("format") != FORMAT:
-            raise VditError(f"{path / CONFIG} is not a vdit checkpoint config (format {meta.get('format')!r})")
-        return CheckpointInfo(path, ModelConfig.from_dict(meta["model"]), Schedule(**meta["schedule"]),
-                              int(meta["step"]), bool(meta["ema"]))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise VditError(f"{path / CONFIG} is not a valid checkpoint config: {e}") from None
+    except (ValueError, RecursionError) as e:   # JSONDecodeError, UnicodeDecodeError, too deep
+        raise VditError(f"{where} is not valid JSON: {str(e)[:200]}") from None
+    return parse_config(meta, path, where)
+
+
+def parse_config(meta, path: Path, where: str) -> CheckpointInfo:
+    """config.json's content -> CheckpointInfo, every field checked (vdit_deploy/validate.py)."""
+    v.obj(meta, "checkpoint config", where=where, extra_ok=True)
+    if meta.get("format") != FORMAT:
+        v.fail(where, f"not a vdit checkpoint config (format {v.show(meta.get('format'))}, expected {FORMAT!r})")
+    v.obj(meta, "checkpoint config", required=("format", "model", "schedule", "step", "ema"), where=where)
+    return CheckpointInfo(path, ModelConfig.from_dict(meta["model"], where), v.schedule(meta["schedule"], where),
+                          v.integer(meta["step"], "step", 0, where=where), v.boolean(meta["ema"], "ema", where))
 
 
 def write_config(path: Path, model: ModelConfig, schedule: Schedule, step: int, ema: bool) -> None:
@@ -86,6 +95,7 @@ def load_model(path: str | Path = SHIPPED, device: str = "cpu"):
     from vdit_deploy.model import VideoDiT
 
     info = read_info(path)
+    check_memory(info.model.memory_bytes(batch=2), f"the model of {path}")   # before VideoDiT allocates
     model = VideoDiT(info.model)
     state = load_tensors(info.weights)
     expected = model.state_dict()
@@ -97,5 +107,7 @@ def load_model(path: str | Path = SHIPPED, device: str = "cpu"):
         if tensor.shape != expected[name].shape:
             raise VditError(f"{info.weights}: {name} has shape {tuple(tensor.shape)}, "
                             f"config expects {tuple(expected[name].shape)}")
+        if not tensor.is_floating_point() or not bool(tensor.isfinite().all()):
+            raise VditError(f"{info.weights}: {name} holds NaN or inf values (or is not floating point)")
     model.load_state_dict(state)
     return model.to(device).eval(), info

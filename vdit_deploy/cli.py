@@ -1,6 +1,13 @@
-"""`vdit`: the command line. Every user error is one line on stderr and a non-zero exit."""
+"""`vdit`: the command line.
+
+Exit codes: 0 success; 1 a user error, also a usage error (bad option value, unknown command), printed
+as one `Error: ...` line on stderr; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). Interrupted or
+terminated runs remove their temporaries; no output file is ever left half-written. Anything else, with
+a traceback, is a bug.
+"""
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -8,33 +15,96 @@ from pathlib import Path
 import click
 
 from vdit_deploy.errors import VditError
+from vdit_deploy.files import check_output
 
 SHIPPED_HELP = "the shipped tiny demo checkpoint"
+SEED = click.IntRange(0, 2 ** 32 - 1)
+
+
+def fail(message: str, code: int = 1):
+    click.echo("Error: " + " ".join(str(message).split()), err=True)   # always one line
+    sys.exit(code)
+
+
+def _terminate(signum, frame):
+    # An exception, not an exit from C: atomic writes and temporary directories clean up on the way out.
+    click.echo("Terminated.", err=True)
+    raise SystemExit(128 + signum)
 
 
 class Cli(click.Group):
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            previous = signal.signal(signal.SIGTERM, _terminate)
+        except ValueError:    # not the main thread (an embedding application): leave its handlers alone
+            previous = None
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:   # bare `vdit` / `vdit calibrate`: the help itself
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
+        except click.ClickException as e:    # usage errors: one line and exit 1, like every user error
+            where = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) else ""
+            fail(e.format_message() + where)
+        except click.Abort:
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        sys.exit(code if isinstance(code, int) else 0)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except VditError as e:
-            click.echo(f"Error: {e}", err=True)
-            sys.exit(1)
+            fail(str(e))
+        except OSError as e:          # the file system said no: disk full, permissions, a vanished file
+            fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+        except MemoryError:
+            fail("out of memory; use a smaller model, batch or video")
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
 
 
+class Finite(click.ParamType):
+    """A float that is finite and in range: nan and inf parse as floats, and would sample NaN videos."""
+    name = "number"
+
+    def __init__(self, lo: float | None = None, lo_open: bool = False):
+        self.lo, self.lo_open = lo, lo_open
+
+    def convert(self, value, param, ctx):
+        from vdit_deploy import validate
+
+        try:
+            return validate.number(float(value), "the value", self.lo, lo_open=self.lo_open)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        except VditError as e:
+            self.fail(str(e), param, ctx)
+
+
 @click.group(cls=Cli)
 @click.version_option(package_name="vdit-deploy")
 def main():
-    """vdit-deploy: a video diffusion transformer from checkpoint to a fast, verified sampler."""
+    """vdit-deploy: a video diffusion transformer from checkpoint to a fast, verified sampler.
+
+    Exit codes: 0 success, 1 user or usage error (one `Error:` line), 130 interrupted, 143 terminated."""
 
 
 def parse_labels(labels: tuple[str, ...]) -> list[int]:
+    from vdit_deploy.validate import INT32_MAX
+
     try:
-        return [int(v) for item in labels for v in item.split(",")]
+        out = [int(v) for item in labels for v in item.split(",")]
     except ValueError:
         raise VditError(f"--label takes integers, got {' '.join(labels)}") from None
+    bad = [v for v in out if not 0 <= v <= INT32_MAX]
+    if bad:
+        raise VditError(f"label {bad[0]} is out of range: labels are class indices 0, 1, 2, ...")
+    return out
 
 
 # ---- info ---------------------------------------------------------------------------------------
@@ -75,13 +145,13 @@ def info(path):
 @click.option("--preset", "preset_name", default="tiny", show_default=True, help="Model size.")
 @click.option("--steps", default=3000, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=8e-4, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--lr", default=8e-4, show_default=True, type=Finite(0, lo_open=True))
 @click.option("--schedule", type=click.Choice(["linear", "cosine"]), default="cosine", show_default=True,
               help="Cosine keeps more of T informative at these small frame sizes (Nichol & Dhariwal).")
 @click.option("--attention", type=click.Choice(["factorized", "factorized_dot_product", "joint"]),
               default=None, help="Override the preset's attention mode.")
 @click.option("--checkpoint-every", default=250, show_default=True, type=click.IntRange(1))
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Run directory; it is a checkpoint (EMA weights) and resumes if it exists.")
 def train(preset_name, steps, batch_size, lr, schedule, attention, checkpoint_every, seed, out):
@@ -104,12 +174,12 @@ def train(preset_name, steps, batch_size, lr, schedule, attention, checkpoint_ev
 def sampling_options(f):
     for option in reversed([
         click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True),
-        click.option("--steps", default=50, show_default=True, type=int,
-                     help="DDIM steps (1..T); DDPM always runs all T."),
-        click.option("--eta", default=0.0, show_default=True, type=float, help="DDIM noise (0: deterministic)."),
-        click.option("--guidance", default=2.0, show_default=True, type=float,
+        click.option("--steps", default=None, type=int,
+                     help="DDIM steps (1..T, default 50); DDPM runs all T (giving another number is an error)."),
+        click.option("--eta", default=0.0, show_default=True, type=Finite(0), help="DDIM noise (0: deterministic)."),
+        click.option("--guidance", default=2.0, show_default=True, type=Finite(0),
                      help="Classifier-free guidance scale (1: off)."),
-        click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--seed", default=0, show_default=True, type=SEED),
         click.option("--runtime", default="torch", show_default=True,
                      help="torch (checkpoint), or ort / trt / ort-trt (ONNX export, no torch needed)."),
         click.option("--precision", default="fp32", show_default=True, help="torch: fp32, fp16, bf16; ort: fp32, fp16, int8, int8-qdq (from `vdit calibrate`); "
@@ -124,9 +194,12 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
     from vdit_deploy.runtimes import open_runtime
     from vdit_deploy.sampling import SampleTimes, check_labels, sample
 
+    from vdit_deploy.config import check_memory
+
     with open_runtime(runtime_name, artifact, precision=precision, **(options or {})) as rt:
         check_labels(labels, rt.config)
-        plan = make_steps(rt.schedule, sampler, None if sampler == "ddpm" else steps, eta)
+        check_memory(rt.config.memory_bytes(2 * len(labels)), f"sampling {len(labels)} videos")
+        plan = make_steps(rt.schedule, sampler, steps, eta)
         times = SampleTimes()
         videos = sample(rt, rt.config, labels, plan, guidance, seed, progress=True, times=times)
         return videos, times, rt.describe()
@@ -145,7 +218,7 @@ def sample(checkpoint, onnx_path, labels, sampler, steps, eta, guidance, seed, r
     from vdit_deploy.runtimes.base import check_runtime_name
     from vdit_deploy.video import check_suffix, write_video
 
-    check_suffix(out)
+    check_output(check_suffix(out))
     if check_runtime_name(runtime) == "torch":
         from vdit_deploy.checkpoint import SHIPPED
         artifact = checkpoint or SHIPPED
@@ -163,14 +236,14 @@ def sample(checkpoint, onnx_path, labels, sampler, steps, eta, guidance, seed, r
 @click.option("--out", default="demo.gif", show_default=True, type=click.Path(path_type=Path))
 @click.option("--seeds", default=2, show_default=True, type=click.IntRange(1, 8), help="Rows of the grid.")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 1000))
-@click.option("--guidance", default=2.0, show_default=True, type=float)
+@click.option("--guidance", default=2.0, show_default=True, type=Finite(0))
 def demo(out, seeds, steps, guidance):
     """Sample every class of the shipped checkpoint (DDIM) into one GIF grid."""
     from vdit_deploy.checkpoint import SHIPPED, read_info
     from vdit_deploy.data import CLASS_NAMES
     from vdit_deploy.video import check_suffix, write_video
 
-    check_suffix(out)
+    check_output(check_suffix(out))
     cfg = read_info(SHIPPED).model
     labels = [c for _ in range(seeds) for c in range(cfg.num_classes)]
     videos, times, desc = run_sampler("torch", SHIPPED, "fp32", labels, "ddim", steps, 0.0, guidance, seed=0)
@@ -319,14 +392,22 @@ def print_verify(export_dir, checkpoint, tolerance):
 @click.option("--fixed-batch", type=click.IntRange(1), default=None, help="Static batch N (edge builds).")
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(17))
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Compare with PyTorch after export.")
-@click.option("--tolerance", default=1e-4, show_default=True, type=float, help="Relative L2 allowed by --verify.")
+@click.option("--tolerance", default=1e-4, show_default=True, type=Finite(0, lo_open=True),
+              help="fp32 error allowed by --verify (relative L2, see `vdit verify --help`).")
 def export(checkpoint, out, batch, fixed_batch, opset, verify, tolerance):
     """Export a checkpoint to denoiser.onnx and the fused step.onnx (and verify them)."""
     needs_torch("export")
+    from vdit_deploy.checkpoint import read_info
+    from vdit_deploy.config import check_memory
+    from vdit_deploy.export.metadata import check_export_out
     from vdit_deploy.export.onnx_export import export_checkpoint
 
+    check_export_out(out)
+    lo, hi = parse_batch_range(batch)
+    example = fixed_batch or max(2, lo)          # the batch the exporter traces with (and twice that)
+    check_memory(read_info(checkpoint).model.memory_bytes(2 * example), f"exporting at batch {example}")
     start = time.perf_counter()
-    export_checkpoint(checkpoint, out, batch=parse_batch_range(batch), fixed=fixed_batch, opset=opset)
+    export_checkpoint(checkpoint, out, batch=(lo, hi), fixed=fixed_batch, opset=opset)
     sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in sorted(out.iterdir()))
     click.echo(f"exported {out}: {sizes} in {time.perf_counter() - start:.1f} s")
     if verify:
@@ -337,9 +418,12 @@ def export(checkpoint, out, batch, fixed_batch, opset, verify, tolerance):
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="The source checkpoint (default: the path recorded at export).")
-@click.option("--tolerance", default=1e-4, show_default=True, type=float, help="Relative L2 allowed per output.")
+@click.option("--tolerance", default=1e-4, show_default=True, type=Finite(0, lo_open=True),
+              help="Error allowed for the fp32 graphs; fp16/int8 variants have their own (export/verify.py).")
 def verify_cmd(export_dir, checkpoint, tolerance):
-    """Compare an export with PyTorch on a real sampling trajectory; exit 1 above tolerance."""
+    """Compare every graph of an export (fp32 and each fp16/int8 variant) with PyTorch on a real sampling
+    trajectory; exit 1 above tolerance or when nothing could be checked. Error is relative L2 against the
+    output's scale: ||eps|| for a denoiser, the sum of the update's term magnitudes for a step."""
     print_verify(export_dir, checkpoint, tolerance)
 
 
@@ -371,13 +455,13 @@ def serve_export(export_dir, triton_dir, engine, precision, instances):
               help="RUNTIME:PRECISION list; those that cannot run here are listed as skipped, with the reason.")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1), help="DDIM steps.")
 @click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
-@click.option("--guidance", default=2.0, show_default=True, type=float)
+@click.option("--guidance", default=2.0, show_default=True, type=Finite(0))
 @click.option("--batch", "batches", default="1,4", show_default=True, help="Batch sizes (videos per sample).")
 @click.option("--seeds", default="0-1", show_default=True, help="Seeds, e.g. 0-3 or 0,5.")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(1), help="Timed samples after 1 warm-up.")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="CPU threads for every runtime (torch and ONNX Runtime), for a fair CPU comparison.")
-@click.option("--min-psnr", default=30.0, show_default=True, type=float, help="Rows under this PSNR (dB) turn red.")
+@click.option("--min-psnr", default=30.0, show_default=True, type=Finite(), help="Rows under this PSNR (dB) turn red.")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Report directory: report.json, report.md, plots, samples.gif, cached artifacts/.")
 def compare(source, runtimes, steps, sampler, guidance, batches, seeds, repeats, threads, min_psnr, out):
@@ -386,6 +470,8 @@ def compare(source, runtimes, steps, sampler, guidance, batches, seeds, repeats,
     import shlex
 
     from vdit_deploy.checkpoint import SHIPPED
+
+    check_output(out / "report.json")
     from vdit_deploy.compare import compare as run_compare, format_table, parse_ints
 
     report = run_compare(source or SHIPPED, out, runtimes, steps=steps, batches=parse_ints(batches, "--batch"),
@@ -415,8 +501,8 @@ def calib_option(required=True):
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Calibration set directory.")
 @click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1))
-@click.option("--guidance", default=2.0, show_default=True, type=float)
-@click.option("--eta", default=0.0, show_default=True, type=float)
+@click.option("--guidance", default=2.0, show_default=True, type=Finite(0))
+@click.option("--eta", default=0.0, show_default=True, type=Finite(0))
 @click.option("--seeds", default=4, show_default=True, type=click.IntRange(1), help="Seeds 0..N-1.")
 @click.option("--label", "labels", multiple=True, help="Labels per sample (default: every class).")
 @click.option("--timesteps", default=8, show_default=True, type=click.IntRange(1),
@@ -493,12 +579,13 @@ def calibrate_sensitivity(export_dir, calib_dir, mode, layers):
 @click.option("--precisions", default="fp16,int8", show_default=True, help="Comma-separated graph variants.")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1))
 @click.option("--seeds", default=2, show_default=True, type=click.IntRange(1))
-@click.option("--guidance", default=2.0, show_default=True, type=float)
+@click.option("--guidance", default=2.0, show_default=True, type=Finite(0))
 @click.option("--out", default="calibration-report", show_default=True, type=click.Path(path_type=Path))
 def calibrate_report(export_dir, precisions, steps, seeds, guidance, out):
     """Each precision vs fp32, same noise: eps error per timestep (plot), PSNR/SSIM, GIF grid."""
     from vdit_deploy.calibration.report import accuracy_report, summary
 
+    check_output(out / "report.json")
     report = accuracy_report(export_dir, [p for p in precisions.split(",") if p], steps, range(seeds),
                              out_dir=out, guidance=guidance)
     click.echo(summary(report))

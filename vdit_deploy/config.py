@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass
 
+from vdit_deploy import validate as v
 from vdit_deploy.errors import VditError
 
 ATTENTION_MODES = ("factorized", "factorized_dot_product", "joint")
+# Upper bounds that no model this toolchain runs comes near; they keep arithmetic on sizes (numpy shapes,
+# int32 labels) sane. Whether a model fits in memory is decided by check_memory, not by these.
+MAX_SIZE, MAX_WIDTH, MAX_DEPTH, MAX_CLASSES = 1 << 16, 1 << 16, 4096, 1 << 24
 
 
 @dataclass(frozen=True)
@@ -33,26 +39,40 @@ class ModelConfig:
     freq_embed_size: int = 256
 
     def __post_init__(self):
-        object.__setattr__(self, "tubelet", tuple(int(v) for v in self.tubelet))
+        if not isinstance(self.tubelet, (list, tuple)) or len(self.tubelet) != 3:
+            raise VditError(f"model config: tubelet must be a list of 3 integers, got {self.tubelet!r}")
+        object.__setattr__(self, "tubelet", tuple(self.tubelet))
         self.validate()
 
-    def validate(self) -> None:
+    def validate(self, where: str = "model config") -> None:
+        """Types, ranges and the cross-field rules: one VditError line for the first that fails."""
+        for name in ("in_channels", "frames", "height", "width"):
+            v.integer(getattr(self, name), name, 1, MAX_SIZE, where)
+        v.int_list(list(self.tubelet), "tubelet", 3, 1, MAX_SIZE, where)
+        v.integer(self.hidden_size, "hidden_size", 4, MAX_WIDTH, where)
+        v.integer(self.depth, "depth", 1, MAX_DEPTH, where)
+        v.integer(self.num_heads, "num_heads", 1, self.hidden_size, where)
+        v.number(self.mlp_ratio, "mlp_ratio", 0, 64, lo_open=True, where=where)
+        v.string(self.attention, "attention", ATTENTION_MODES, where)
+        v.integer(self.num_classes, "num_classes", 1, MAX_CLASSES, where)
+        v.integer(self.freq_embed_size, "freq_embed_size", 2, MAX_WIDTH, where)
+        if self.freq_embed_size % 2:
+            v.fail(where, f"freq_embed_size={self.freq_embed_size} must be even (sin and cos halves)")
+        if int(self.hidden_size * self.mlp_ratio) < 1:
+            v.fail(where, f"mlp_ratio={self.mlp_ratio} leaves the MLP no hidden units at hidden_size={self.hidden_size}")
         tt, p, _ = self.tubelet
         if self.tubelet[1] != self.tubelet[2]:
-            raise VditError(f"tubelet must be square in space (tt, p, p), got {self.tubelet}")
+            v.fail(where, f"tubelet must be square in space (tt, p, p), got {self.tubelet}")
         for name, size, step in (("frames", self.frames, tt), ("height", self.height, p),
                                  ("width", self.width, p)):
-            if size <= 0 or step <= 0 or size % step:
-                raise VditError(f"{name}={size} is not divisible by the tubelet size {step} "
-                                f"(tubelet {self.tubelet})")
-        if self.attention not in ATTENTION_MODES:
-            raise VditError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
+            if size % step:
+                v.fail(where, f"{name}={size} is not divisible by the tubelet size {step} (tubelet {self.tubelet})")
         if self.hidden_size % self.num_heads:
-            raise VditError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+            v.fail(where, f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.attention == "factorized_dot_product" and self.num_heads % 2:
-            raise VditError("factorized_dot_product splits heads between space and time: num_heads must be even")
+            v.fail(where, "factorized_dot_product splits heads between space and time: num_heads must be even")
         if (self.hidden_size // self.num_heads) % 2 or self.hidden_size % 4:
-            raise VditError(f"hidden_size={self.hidden_size} must be divisible by 4 for sin-cos positions")
+            v.fail(where, f"hidden_size={self.hidden_size} must be divisible by 4 for sin-cos positions")
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -104,6 +124,38 @@ class ModelConfig:
         macs += d * 2 * d + n * d * patch_dim                   # final adaLN and projection
         return 2 * macs * batch
 
+    def activation_elements(self) -> dict[str, int]:
+        """Peak live elements of one sample's forward, per sublayer (the largest wins).
+
+        A block's sublayer keeps the residual x (N, D) and its normalised input (N, D) alive while it makes
+        qkv (N, 3D), attention logits and probabilities (2 x heads x L x L per attended sequence), and the
+        attention output (N, D); the MLP makes its hidden (N, M) twice (pre- and post-GELU) and the output.
+        Score matrices are an upper bound: fused attention kernels often never write them."""
+        n, d, heads = self.num_tokens, self.hidden_size, self.num_heads
+        f, h, w = self.grid
+        s = h * w
+        m = int(d * self.mlp_ratio)
+        if self.attention == "factorized":           # spatial then temporal: the larger of the two sublayers
+            scores = max(f * heads * s * s, s * heads * f * f)
+        elif self.attention == "factorized_dot_product":   # half the heads over space, half over time, together
+            scores = f * (heads // 2) * s * s + s * (heads // 2) * f * f
+        else:                                        # joint: every token attends to all N
+            scores = heads * n * n
+        attention = 2 * n * d + 3 * n * d + 2 * scores + n * d
+        mlp = 2 * n * d + 2 * n * m + n * d
+        return {"attention": attention, "mlp": mlp}
+
+    def memory_bytes(self, batch: int, training: bool = False) -> int:
+        """fp32 bytes PyTorch needs for `batch` samples per forward: the weights (training: also the
+        gradients, two AdamW moments and the EMA copy), the largest sublayer's live activations (training
+        keeps every block's for the backward pass) and a few video-sized tensors."""
+        weights = 4 * self.num_params()
+        acts = 4 * batch * max(self.activation_elements().values())
+        video = 4 * batch * math.prod(self.video_shape)
+        if training:
+            return 5 * weights + 2 * self.depth * acts + 4 * video
+        return weights + acts + 6 * video
+
     def num_params(self) -> int:
         """Parameter count (exact: matches the torch module; no positional table, it is fixed)."""
         d = self.hidden_size
@@ -128,18 +180,39 @@ class ModelConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise VditError(f"unknown model config fields: {', '.join(sorted(unknown))}")
+    def from_dict(cls, data, where: str = "model config") -> "ModelConfig":
+        known = [f.name for f in dataclasses.fields(cls)]
+        v.obj(data, "model config", optional=known, where="" if where == "model config" else where)
+        if "tubelet" in data:
+            v.int_list(data["tubelet"], "tubelet", 3, 1, MAX_SIZE, where)
         try:
             return cls(**data)
-        except TypeError as e:
-            raise VditError(f"invalid model config: {e}") from None
+        except VditError as e:
+            if where == "model config":
+                raise
+            raise VditError(f"{where}: {e}") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def available_memory() -> int:
+    """Bytes this machine can still hand out (MemAvailable), else its physical memory."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(nbytes: int, what: str) -> None:
+    """Refuse, before allocating, work that cannot fit: the OOM killer gives no error message."""
+    limit = available_memory()
+    if nbytes > limit:
+        raise VditError(f"{what} needs about {nbytes / 2 ** 30:,.1f} GiB of memory, more than the "
+                        f"{limit / 2 ** 30:,.1f} GiB available here; use a smaller model, batch or video")
 
 
 # DiT's widths and depths (Peebles & Xie, Table 1). The tiny preset is the CPU-trainable demo.

@@ -1,9 +1,16 @@
-"""Atomic artifact writes and content hashes: an artifact is either complete or absent."""
+"""Atomic artifact writes and content hashes: an artifact is either complete or absent.
+
+Temporaries are hidden siblings named `.<artifact>.<pid>.<random>.tmp`: the pid says whose they are,
+so the next run that writes the same artifact removes those of processes that no longer exist (a run
+killed with SIGKILL, or by a power cut, leaves nothing behind for good). SIGTERM is turned into an
+exception by the CLI, so a terminated run removes its own temporaries on the way out.
+"""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,20 +29,95 @@ def check_replaceable(path: Path, marker: str | None) -> None:
                         f"from an earlier run; choose a new or empty directory")
 
 
+def check_output(path: str | os.PathLike, is_dir: bool = False, marker: str | None = None) -> Path:
+    """Everything that would make writing `path` fail, checked before the expensive work that makes it:
+    a directory where a file goes (or the reverse), a foreign directory, a parent that is a file, and a
+    place this process cannot create files in (read-only, /proc, no permission). Creates nothing."""
+    path = Path(path)
+    if is_dir:
+        check_replaceable(path, marker)
+    elif path.is_dir():
+        raise VditError(f"{path} is a directory; give a file name")
+    parent = path.parent
+    while not parent.exists():      # the nearest existing ancestor is where the parents would be made
+        parent = parent.parent
+    if not parent.is_dir():
+        raise VditError(f"cannot write {path}: {parent} is not a directory")
+    try:   # a real probe: os.access says yes to root on read-only file systems and /proc
+        fd, probe = tempfile.mkstemp(prefix=".vdit-probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise VditError(f"cannot write {path}: {e.strerror or e} in {parent}") from None
+    return path
+
+
+def check_inside(path: Path, root: Path) -> Path:
+    """Refuse a file that is, or goes through, a link leading out of `root` (copying it would copy
+    whatever the link points at into an artifact)."""
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise VditError(f"{path} is a link to {path.resolve()}, outside {root}; copy the file itself there")
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:    # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove `.<name>.<pid>.*.tmp*` siblings of `path` left by processes that are gone, and a
+    `.<name>.old` left between the two renames of a directory swap. Returns what was removed."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\..*\.tmp")
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for entry in path.parent.iterdir():
+        m = pattern.match(entry.name)
+        stale = (m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1)))) \
+            or entry.name == f".{path.name}.old"
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def temp_dir(near: str | os.PathLike):
+    """A scratch directory beside `near` (same file system: renames out of it are atomic), removed
+    when the block ends, and by the next run if this process is killed."""
+    near = Path(near)
+    near.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(near)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{near.name}.{os.getpid()}.", suffix=".tmp", dir=near.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, is_dir: bool = False, marker: str | None = None):
     """Yield a temporary sibling of `path`; move it onto `path` only if the block succeeds.
 
     A directory artifact replaces an existing directory only when that one is empty or holds
     `marker` (an earlier artifact of the same kind): `--out src/` must never swallow a source tree."""
-    path = Path(path)
+    path = check_output(path, is_dir, marker)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VditError(f"cannot create {path.parent}: {e.strerror or e}") from None
+    remove_stale_temporaries(path)
+    prefix = f".{path.name}.{os.getpid()}."
     if is_dir:
-        check_replaceable(path, marker)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=path.parent))
     else:
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp" + path.suffix, dir=path.parent)
         os.close(fd)
         tmp = Path(name)
     try:

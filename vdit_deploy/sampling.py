@@ -80,6 +80,10 @@ def sample(denoiser, cfg: ModelConfig, labels, steps: list[Step], guidance: floa
         if times is not None:
             times.steps.append(time.perf_counter() - t0)
     x = np.asarray(x, dtype=np.float32)   # a runtime may hand back a device-synchronised view
+    bad = int(np.count_nonzero(~np.isfinite(x)))
+    if bad:   # say so rather than hand back (and write) a black video
+        raise VditError(f"the sampled videos hold NaN or inf in {bad} of {x.size} values: the model, its weights "
+                        "or the graph give non-finite output")
     if times is not None:
         times.total = time.perf_counter() - start
     return x

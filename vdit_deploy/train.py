@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vdit_deploy.checkpoint import load_tensors, read_info, save_checkpoint
-from vdit_deploy.config import ModelConfig
+from vdit_deploy import validate as v
+from vdit_deploy.config import ModelConfig, check_memory
 from vdit_deploy.data import MovingShapes
 from vdit_deploy.diffusion import Schedule
 from vdit_deploy.errors import VditError
-from vdit_deploy.files import check_replaceable
+from vdit_deploy.files import check_output
 from vdit_deploy.model import VideoDiT
 
 TRAINING_STATE = "training_state.safetensors"
@@ -40,6 +41,17 @@ class TrainConfig:
     min_snr_gamma: float = 5.0     # Min-SNR loss weighting (Hang et al. 2023); 0 turns it off
     checkpoint_every: int = 250
     seed: int = 0
+
+    def __post_init__(self):
+        where = "training config"
+        for name in ("steps", "batch_size", "warmup", "checkpoint_every"):
+            v.integer(getattr(self, name), name, 1, where=where)
+        v.integer(self.seed, "seed", 0, 2 ** 32 - 1, where)
+        v.number(self.lr, "lr", 0, lo_open=True, where=where)
+        v.number(self.weight_decay, "weight_decay", 0, where=where)
+        v.number(self.ema_decay, "ema_decay", 0, 1, where=where)
+        v.number(self.label_dropout, "label_dropout", 0, 1, where=where)
+        v.number(self.min_snr_gamma, "min_snr_gamma", 0, where=where)
 
 
 def diffusion_loss(model: VideoDiT, x0: torch.Tensor, y: torch.Tensor, alphas_cumprod: torch.Tensor,
@@ -90,8 +102,8 @@ def train(model_cfg: ModelConfig, out: str | Path, cfg: TrainConfig = TrainConfi
           schedule: Schedule = Schedule("cosine"), progress: bool = True) -> dict:
     if model_cfg.in_channels != 3:
         raise VditError("Moving Shapes videos are RGB: the model needs in_channels=3")
-    out = Path(out)
-    check_replaceable(out, TRAINING_STATE)   # fail before training, not at the first checkpoint
+    out = check_output(out, is_dir=True, marker=TRAINING_STATE)   # fail before training, not at a checkpoint
+    check_memory(model_cfg.memory_bytes(cfg.batch_size, training=True), f"training at batch {cfg.batch_size}")
     torch.manual_seed(cfg.seed)
     model = VideoDiT(model_cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -106,6 +118,8 @@ def train(model_cfg: ModelConfig, out: str | Path, cfg: TrainConfig = TrainConfi
         ema.load_state_dict(load_tensors(info.weights))
         _load_optimizer(opt, state)
         start = info.step
+        if start >= cfg.steps:
+            raise VditError(f"{out} is already trained to step {start}; pass --steps above {start} to go on")
     data = MovingShapes(model_cfg.frames, model_cfg.height, model_cfg.width, model_cfg.num_classes, cfg.seed)
     alphas_cumprod = torch.from_numpy(schedule.alphas_cumprod).float()
 
@@ -129,17 +143,20 @@ def train(model_cfg: ModelConfig, out: str | Path, cfg: TrainConfig = TrainConfi
         y = torch.from_numpy(y)
         y[torch.rand(len(y), generator=gen) < cfg.label_dropout] = model_cfg.null_label
         loss = diffusion_loss(model, torch.from_numpy(x0), y, alphas_cumprod, gen, cfg.min_snr_gamma)
+        if not math.isfinite(value := loss.item()):   # never step (or save) on NaN weights
+            raise VditError(f"the loss became {value} at step {step + 1}: training diverged (try a lower --lr); "
+                            f"{out} keeps its last checkpoint")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         # EMA decay warms up so that a short run's EMA is not dominated by the random init.
         ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        losses.append(loss.item())
+        losses.append(value)
         if progress and step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{lr:.1e}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             save(step + 1)
     bar.close()
-    return {"steps": cfg.steps, "final_loss": float(np.mean(losses[-100:])) if losses else math.nan,
+    return {"steps": cfg.steps, "final_loss": float(np.mean(losses[-100:])),
             "seconds": time.time() - t0}

@@ -1,0 +1,137 @@
+"""Seeded fuzzing of the three kinds of JSON users hand-edit: checkpoint config.json, export metadata and
+calibration manifests. Each mutated document is either accepted or refused with one VditError line;
+any other exception (KeyError, TypeError, ZeroDivisionError, OverflowError...) is a bug."""
+import copy
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from vdit_deploy.checkpoint import parse_config
+from vdit_deploy.cli import main
+from vdit_deploy.errors import VditError
+from vdit_deploy.export.metadata import ExportMetadata, digest
+
+CASES = 300
+ODD_VALUES = [None, True, False, 0, -1, 1, 2, 3, 7, 2 ** 31, 10 ** 30, -10 ** 30, 0.5, -0.5, 1e308, float("nan"),
+              float("inf"), "", "abc", "1", [], {}, [1, 2], [2, 2, 2], [0, 0, 0], {"a": 1}, "x" * 1000]
+
+
+def mutate(rng: np.random.Generator, doc):
+    """One random edit somewhere in a JSON tree: a value replaced by an odd one, a key deleted or added,
+    a container emptied, or a number scaled."""
+    doc = copy.deepcopy(doc)
+    paths = []
+
+    def walk(node, path):
+        paths.append(path)
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, path + [k])
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, path + [i])
+
+    walk(doc, [])
+    path = paths[rng.integers(len(paths))]
+    if not path:
+        return ODD_VALUES[rng.integers(len(ODD_VALUES))]
+    parent = doc
+    for key in path[:-1]:
+        parent = parent[key]
+    key, op = path[-1], rng.integers(5)
+    if op == 0:
+        parent[key] = ODD_VALUES[rng.integers(len(ODD_VALUES))]
+    elif op == 1 and isinstance(parent, dict):
+        del parent[key]
+    elif op == 2 and isinstance(parent, dict):
+        parent["unexpected_" + str(rng.integers(100))] = 1
+    elif op == 3 and isinstance(parent[key], (int, float)) and not isinstance(parent[key], bool):
+        parent[key] = parent[key] * [-1, 0, 2, 1000, 10 ** 9][rng.integers(5)]
+    else:
+        parent[key] = type(parent[key])() if isinstance(parent[key], (dict, list, str)) else None
+    return doc
+
+
+def mutations(seed: int, doc, n: int):
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        out = doc
+        for _ in range(rng.integers(1, 4)):
+            out = mutate(rng, out)
+        yield out
+
+
+def assert_one_line_or_ok(fn, *args):
+    try:
+        fn(*args)
+    except VditError as e:
+        assert "\n" not in str(e) and str(e), repr(e)
+
+
+def test_fuzz_checkpoint_config(tiny_checkpoint, tmp_path):
+    good = json.loads((tiny_checkpoint / "config.json").read_text())
+    for doc in mutations(0, good, CASES):
+        assert_one_line_or_ok(parse_config, doc, tiny_checkpoint, "config.json")
+
+
+def test_fuzz_checkpoint_config_through_the_cli(tiny_checkpoint, tmp_path):
+    """A few mutated files through `vdit info`, as a user meets them: exit 0, or 1 with one line."""
+    good = json.loads((tiny_checkpoint / "config.json").read_text())
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    os.link(tiny_checkpoint / "model.safetensors", ckpt / "model.safetensors")
+    rng = np.random.default_rng(1)
+    for i, doc in enumerate(mutations(1, good, 40)):
+        text = json.dumps(doc)
+        if i % 4 == 0:   # and raw text damage: truncation
+            text = text[:rng.integers(len(text))]
+        (ckpt / "config.json").write_text(text)
+        result = CliRunner().invoke(main, ["info", str(ckpt)])
+        assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+        if result.exit_code:
+            assert result.exit_code == 1 and result.output.count("\n") == 1 and result.output.startswith("Error: ")
+
+
+@pytest.mark.parametrize("resign", [False, True], ids=["edited", "edited-and-re-signed"])
+def test_fuzz_export_metadata(tiny_export, resign):
+    import onnx
+
+    model = onnx.load(str(tiny_export / "denoiser.onnx"), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    # the props are strings holding JSON: fuzz the decoded tree, then encode the strings again
+    tree = {k: json.loads(v) if k not in ("vdit.kind", "vdit.precision", "vdit.checkpoint_sha256", "vdit.digest",
+                                          "vdit.checkpoint") else v for k, v in props.items()}
+    for doc in mutations(2 + resign, tree, CASES):
+        if not isinstance(doc, dict):
+            doc = {"vdit.kind": doc}
+        edited = {k: v if isinstance(v, str) else json.dumps(v) for k, v in doc.items()}
+        if resign and all(k in edited for k in ("vdit.kind", "vdit.model_config", "vdit.schedule", "vdit.io",
+                                                "vdit.checkpoint_sha256", "vdit.batch")):
+            edited["vdit.digest"] = digest(edited)
+        assert_one_line_or_ok(ExportMetadata.from_props, edited, "denoiser.onnx")
+
+
+def test_fuzz_calibration_manifest(tiny_export, tmp_path):
+    from vdit_deploy.calibration.collect import collect, load_calibration_set
+    from vdit_deploy.export.metadata import read_metadata
+
+    good_dir = collect(tiny_export, tmp_path / "calib", steps=3, seeds=[0], timesteps=2)
+    meta = read_metadata(tiny_export / "denoiser.onnx")
+    good = json.loads((good_dir / "manifest.json").read_text())
+    for i, doc in enumerate(mutations(4, good, CASES)):
+        case = tmp_path / f"c{i}"
+        case.mkdir()
+        for name in ("x_t.npy", "t.npy", "y.npy"):
+            os.link(good_dir / name, case / name)
+        (case / "manifest.json").write_text(json.dumps(doc))
+
+        def load_and_batch():
+            cset = load_calibration_set(case, meta.checkpoint_sha256, meta.config)
+            list(cset.batches(1, 4))                    # what int8 calibration then reads from it
+            list(cset.step_batches(meta.schedule, 1, 4))
+        assert_one_line_or_ok(load_and_batch)
+        shutil.rmtree(case)
