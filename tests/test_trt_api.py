@@ -33,7 +33,7 @@ TRT_10_3, TRT_11 = "10.3.0", "11.4.0.106"
 
 
 # ---- a small export whose graphs hold the layers the build treats specially ----------------------------
-def step_graph(kind: str, qdq: bool = False) -> onnx.ModelProto:
+def step_graph(kind: str, qdq: bool = False, precision: str = "fp32") -> onnx.ModelProto:
     """step (x_t, t, y, guidance, coefs, noise -> x_prev) or denoiser (x_t, t, y -> eps): a decomposed
     LayerNorm (ReduceMean, Sub, Pow, Sqrt, Div), a Softmax, and an integer REDUCE over x_t's shape."""
     video = ["batch", *CFG.video_shape]
@@ -74,7 +74,8 @@ def step_graph(kind: str, qdq: bool = False) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, kind, inputs, [helper.make_tensor_value_info(out, TensorProto.FLOAT, video)],
                               initializer=consts)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    meta = ExportMetadata(kind, CFG, Schedule(), {"inputs": [], "outputs": []}, "0" * 64, batch={"min": 1, "max": 8})
+    meta = ExportMetadata(kind, CFG, Schedule(), {"inputs": [], "outputs": []}, "0" * 64, batch={"min": 1, "max": 8},
+                          precision=precision)
     for k, v in meta.to_props().items():
         model.metadata_props.add(key=k, value=v)
     return model
@@ -86,8 +87,8 @@ def export(tmp_path):
     root.mkdir()
     for kind in ("step", "denoiser"):
         onnx.save(step_graph(kind), str(root / f"{kind}.onnx"))
-        onnx.save(step_graph(kind), str(root / f"{kind}.fp16.onnx"))   # stands in for `vdit calibrate fp16`
-        onnx.save(step_graph(kind, qdq=True), str(root / f"{kind}.int8-qdq.onnx"))
+        onnx.save(step_graph(kind, precision="fp16"), str(root / f"{kind}.fp16.onnx"))   # for `vdit calibrate fp16`
+        onnx.save(step_graph(kind, qdq=True, precision="int8-qdq"), str(root / f"{kind}.int8-qdq.onnx"))
     return root
 
 
