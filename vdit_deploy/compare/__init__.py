@@ -98,8 +98,8 @@ def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps:
                 row = measure(target, arts.path(target), batch, seeds, sampler, steps, eta, guidance,
                               repeats, recorded.get(batch, {}), options, record=record)
             except Exception as e:   # a backend's own error types too: one row fails, the rest go on
-                reason = str(e) if isinstance(e, VditError) else \
-                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                first_line = (str(e).splitlines() or [""])[0]
+                reason = str(e) if isinstance(e, VditError) else f"{type(e).__name__}: {first_line}"
                 if batch == batches[0]:
                     skipped[target] = reason
                     bar.update(len(batches))
