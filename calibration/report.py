@@ -2,10 +2,11 @@
 
     vdit calibrate report EXPORT_DIR --out REPORT_DIR
 
-For every precision (denoiser.<precision>.onnx) and seed:
-  - eps relative L2 per timestep, on the fp32 trajectory's own inputs (the per-call error, not
-    compounded): a line per precision in eps_error.png;
-  - the final videos of full independent trajectories (same seed, same noise): PSNR and SSIM;
+The numbers are `vdit compare`'s (vdit_deploy.compare.measure), on ONNX Runtime CPU only, for every
+precision (denoiser.<precision>.onnx) and seed:
+  - eps relative L2 per timestep, on the fp32 trajectory's own inputs (teacher forcing: the per-call
+    error, not compounded): a line per precision in eps_error.png;
+  - the final videos of full independent trajectories (same seed, same noise): PSNR and SSIM, worst seed;
   - a GIF grid, one row per sample, one column per precision (fp32 | fp16 | int8 ...).
 report.json holds all numbers. matplotlib is optional (pip install 'vdit-deploy[report]').
 """
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vdit_deploy.errors import VditError
+from vdit_deploy.compare.measure import accuracy, record_calls, teacher_forced
+from vdit_deploy.compare.report import fmt, write_gif
 from vdit_deploy.files import atomic_path
 from vdit_deploy.plots import plot_error_vs_timestep
 
@@ -27,7 +29,6 @@ def accuracy_report(export_dir, precisions=("fp16", "int8"), steps: int = 50, se
                     out_dir="calibration-report", sampler: str = "ddim", guidance: float = 2.0,
                     eta: float = 0.0) -> dict:
     from vdit_deploy.diffusion import make_steps
-    from vdit_deploy.metrics import psnr, rel_l2, ssim
     from vdit_deploy.runtimes.ort_runtime import OrtRuntime
     from vdit_deploy.sampling import check_labels, sample
 
@@ -38,38 +39,19 @@ def accuracy_report(export_dir, precisions=("fp16", "int8"), steps: int = 50, se
     plan = make_steps(ref.schedule, sampler, None if sampler == "ddpm" else steps, eta)
     rts = {p: OrtRuntime(export_dir, p, providers=["cpu"]) for p in precisions}
     seeds = [int(s) for s in seeds]
-    eps_err = {p: np.zeros((len(seeds), len(plan))) for p in precisions}
-    videos = {p: [] for p in ("fp32", *precisions)}
-    for i, seed in enumerate(seeds):
-        k = iter(range(len(plan)))
-
-        def fp32_and_probe(x, t, yy):   # fp32 trajectory; each precision evaluated on the same inputs
-            eps = ref.denoise(x, t, yy)
-            j = next(k)
-            for p, rt in rts.items():
-                eps_err[p][i, j] = rel_l2(rt.denoise(x, t, yy), eps)
-            return eps
-
-        videos["fp32"].append(sample(fp32_and_probe, cfg, y, plan, guidance, seed))
-        for p, rt in rts.items():
-            videos[p].append(sample(rt.denoise, cfg, y, plan, guidance, seed))   # host step: same update as fp32
-    ref_v = np.concatenate(videos["fp32"])
+    recorded = {seed: record_calls(ref.denoise, cfg, y, plan, guidance, seed) for seed in seeds}
+    videos = {"fp32": {seed: video for seed, (video, _, _) in recorded.items()}}
     results = {}
-    for p in precisions:
-        got = np.concatenate(videos[p])
-        finite = bool(np.isfinite(got).all())
-        results[p] = {
-            "file": rts[p].graph.path.name,
-            "psnr_db": psnr(got, ref_v) if finite else float("nan"),
-            "psnr_db_per_video": [psnr(g, r) for g, r in zip(got, ref_v)],
-            "ssim": ssim(got, ref_v) if finite else float("nan"),
-            "finite": finite,
-            "eps_rel_l2_mean": float(eps_err[p].mean()),
-            "eps_rel_l2_per_step": eps_err[p].mean(axis=0).tolist(),
-            "target_psnr_db": PSNR_TARGETS.get(p),
-        }
-        results[p]["meets_target"] = (results[p]["target_psnr_db"] is None
-                                      or results[p]["psnr_db"] >= results[p]["target_psnr_db"])
+    for p, rt in rts.items():
+        # host step (plain denoise) for every precision: the same update as the fp32 trajectory
+        videos[p] = {seed: sample(rt.denoise, cfg, y, plan, guidance, seed) for seed in seeds}
+        eps_err = [teacher_forced(rt.denoise, recorded[seed][1])[0] for seed in seeds]
+        acc = accuracy(videos[p], videos["fp32"], eps_err, seeds)
+        target = PSNR_TARGETS.get(p)
+        # TODO(issue 11 item 3): public Runtime property (the graph file it loaded) instead of `graph`
+        results[p] = {"file": rt.graph.path.name, **acc, "target_psnr_db": target,
+                      "meets_target": acc["finite"] and (target is None or acc["psnr_db"] is None
+                                                         or acc["psnr_db"] >= target)}
     report = {"export": str(export_dir), "sampler": sampler, "steps": len(plan), "guidance": guidance, "eta": eta,
               "seeds": seeds, "labels": y.tolist(), "timesteps": [s.t for s in plan], "results": results,
               "files": {"json": "report.json"}, "notes": []}
@@ -78,23 +60,16 @@ def accuracy_report(export_dir, precisions=("fp16", "int8"), steps: int = 50, se
         report["files"]["plot"] = plot_eps_error(report, out_dir / "eps_error.png").name
     except ImportError:
         report["notes"].append("plot skipped: matplotlib is not installed (pip install 'vdit-deploy[report]')")
-    try:
-        from vdit_deploy.video import write_video
-
-        columns = ["fp32", *precisions]
-        grid = np.stack([np.concatenate(videos[c]) for c in columns], axis=1)   # (samples, cols, ...)
-        grid = grid.reshape(-1, *grid.shape[2:])                    # (samples * columns, C, F, H, W)
-        write_video(out_dir / "samples.gif", grid, columns=len(columns))
-        report["files"]["gif"], report["files"]["gif_columns"] = "samples.gif", columns
-    except VditError as e:
-        report["notes"].append(f"GIF skipped: {e}")
+    columns = {c: np.concatenate([videos[c][seed] for seed in seeds]) for c in ("fp32", *precisions)}
+    if gif := write_gif(out_dir / "samples.gif", columns, report["notes"]):   # one row per (seed, label)
+        report["files"]["gif"], report["files"]["gif_columns"] = gif, list(columns)
     with atomic_path(out_dir / "report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 
 def plot_eps_error(report: dict, path: Path) -> Path:
-    curves = [(f"{p}: {r['psnr_db']:.1f} dB", report["timesteps"], r["eps_rel_l2_per_step"])
+    curves = [(f"{p}: {fmt(r['psnr_db'], '.1f')} dB", report["timesteps"], r["eps_rel_l2_per_step"])
               for p, r in report["results"].items()]
     return plot_error_vs_timestep(curves, path, "eps relative L2 vs fp32")
 
@@ -104,7 +79,8 @@ def summary(report: dict) -> str:
     for p, r in report["results"].items():
         target = "" if r["target_psnr_db"] is None else (
             f">= {r['target_psnr_db']:g} dB {'ok' if r['meets_target'] else 'MISSED'}")
-        lines.append(f"{p:<10} {r['file']:<24} {r['psnr_db']:>8.2f} {r['ssim']:>7.4f} {r['eps_rel_l2_mean']:>10.3e}  {target}")
+        lines.append(f"{p:<10} {r['file']:<24} {fmt(r['psnr_db'], '.2f'):>8} {fmt(r['ssim'], '.4f'):>7} "
+                     f"{r['eps_rel_l2_mean']:>10.3e}  {target}")
     lines.append(f"{report['steps']} {report['sampler']} steps, guidance {report['guidance']}, "
                  f"seeds {report['seeds']}, labels {report['labels']}")
     return "\n".join(lines)

@@ -200,6 +200,8 @@ def test_report_files(export, calib, tmp_path):
     assert set(report["results"]) == {"fp16", "int8"} and len(report["timesteps"]) == 4
     assert report["results"]["fp16"]["psnr_db"] > report["results"]["int8"]["psnr_db"]
     assert len(report["results"]["int8"]["eps_rel_l2_per_step"]) == 4
+    int8 = report["results"]["int8"]   # `vdit compare`'s accuracy fields: worst seed, per seed
+    assert int8["finite"] and int8["psnr_db"] == min(s["psnr_db"] for s in int8["per_seed"])
     assert (out / "eps_error.png").stat().st_size > 0
     assert report["files"]["gif_columns"] == ["fp32", "fp16", "int8"]
     import imageio.v3 as iio

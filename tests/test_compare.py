@@ -1,13 +1,16 @@
 """`vdit compare` on the tiny checkpoint: real runtimes, real numbers, checked for sanity (not values)."""
+import copy
 import json
 import shutil
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from conftest import trt_skip_reason
 from vdit_deploy.cli import main
 from vdit_deploy.compare import SCHEMA_VERSION, Artifacts, Target, compare, format_table, parse_ints, parse_runtimes
+from vdit_deploy.compare.measure import accuracy
 from vdit_deploy.errors import VditError
 
 RUNTIMES = "torch:fp32,ort:fp32,ort:fp16,ort:int8,trt:fp16"
@@ -133,7 +136,8 @@ def test_cli_missing_source_is_one_line(tmp_path):
     assert result.exit_code == 1 and result.output.startswith("Error:") and "Traceback" not in result.output
 
 
-def test_ort_fp32_is_the_reference_when_the_checkpoint_is_gone(report, tmp_path):
+@pytest.mark.parametrize("runtimes", ["torch:fp32,ort:int8", "ort:int8,ort:fp32"], ids=["added", "asked-last"])
+def test_ort_fp32_is_the_reference_when_the_checkpoint_is_gone(report, tmp_path, runtimes):
     import onnx
 
     export_dir = tmp_path / "export"
@@ -143,8 +147,24 @@ def test_ort_fp32_is_the_reference_when_the_checkpoint_is_gone(report, tmp_path)
         if prop.key == "vdit.checkpoint":
             prop.value = str(tmp_path / "moved-away")
     onnx.save(model, str(export_dir / "denoiser.onnx"))
-    data = compare(export_dir, tmp_path / "r", "torch:fp32,ort:int8", steps=2, batches=[1], seeds=[0],
+    data = compare(export_dir, tmp_path / "r", runtimes, steps=2, batches=[1], seeds=[0],
                    repeats=1, threads=1, progress=False, log=lambda m: None)
     assert data["reference"] == "ort:fp32" and "moved-away" in data["skipped"][0]["reason"]
+    # the reference runs first wherever it was asked for, so every other row is scored against it
     assert [r["label"] for r in data["results"]] == ["ort:fp32", "ort:int8"]
     assert data["results"][1]["accuracy"]["eps_rel_l2_mean"] > 1e-4 and "torch:fp32 is unavailable" in data["notes"][0]
+
+
+def test_non_finite_videos_are_not_bit_identical(report):
+    """Neither a NaN video nor an identical one has a PSNR: `finite` tells them apart in the JSON and the table."""
+    ref = np.random.default_rng(0).standard_normal((1, 3, 2, 8, 8)).astype(np.float32)
+    bad = ref.copy()
+    bad[0, 0, 0, 0, 0] = np.nan
+    acc = accuracy({0: ref.copy(), 1: bad}, {0: ref, 1: ref}, [[0.0], [0.5]], [0, 1])
+    assert acc["per_seed"][0]["finite"] and acc["per_seed"][0]["psnr_db"] is None     # bit-identical
+    assert not acc["per_seed"][1]["finite"] and not acc["finite"] and acc["eps_rel_l2_max"] == 0.5
+    data = copy.deepcopy(report[1])
+    row = rows_by_label(data)["ort:fp32"]
+    row["accuracy"].update(finite=False, psnr_db=None)
+    line = next(line for line in format_table(data, color=False).splitlines() if line.startswith("ort:fp32"))
+    assert "non-finite" in line and "identical" not in line

@@ -27,6 +27,7 @@ def test_built_wheel_imports_the_stages(tmp_path):
     wheel = next(tmp_path.glob("vdit_deploy-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "vdit_deploy/export/__init__.py" in names and "vdit_deploy/runtimes/base.py" in names
+    assert "vdit_deploy/compare/measure.py" in names   # a subpackage of vdit_deploy/ itself, listed too
     assert "vdit_deploy/assets/tiny/model.safetensors" in names
     assert not any(n.startswith(("export/", "runtimes/", "calibration/", "tests/")) for n in names)
     env_dir = tmp_path / "venv"

@@ -1,0 +1,146 @@
+"""`vdit compare`: every runtime and precision side by side, latency and accuracy, in one command.
+
+It spans the whole pipeline (export, calibration, runtimes, metrics, video), so it lives in the
+package root beside sampling.py rather than in one stage's folder.
+
+    source (checkpoint or export dir)
+      -> artifacts.py: the file each runtime loads (checkpoint: exported + fp16/int8 variants under
+         OUT/artifacts/<sha>, reused when the checkpoint hash matches; export dir: used as it is)
+      -> measure.py: the reference (torch:fp32; ort:fp32 when torch or the checkpoint is missing)
+         samples every (batch, seed) and records each denoiser call's inputs and eps; then every other
+         runtime: load + first call, 1 warm-up sample, timed samples, then its denoiser on the
+         reference's recorded inputs (teacher forcing: eps error per timestep without drift)
+      -> machine.py: what it ran on, and each row's host and device memory
+      -> report.py: report.json (SCHEMA_VERSION, docs/compare.md), report.md, latency.png,
+         error_vs_timestep.png, samples.gif
+
+All noise comes from the same seeded host generator (sampling.py) and labels are (seed + i) % classes,
+so every runtime sees identical inputs. No torch import here: an edge box compares ORT/TensorRT alone.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from datetime import datetime, timezone
+from pathlib import Path
+
+from vdit_deploy.compare.artifacts import Artifacts, Target, parse_runtimes
+from vdit_deploy.compare.machine import machine_info
+from vdit_deploy.compare.measure import measure
+from vdit_deploy.compare.report import SCHEMA_VERSION, format_table, write_outputs
+from vdit_deploy.errors import VditError
+
+__all__ = ["DEFAULT_RUNTIMES", "SCHEMA_VERSION", "Artifacts", "Target", "compare", "format_table", "parse_ints",
+           "parse_runtimes"]
+
+DEFAULT_RUNTIMES = "torch:fp32,ort:fp32,ort:fp16,ort:int8,trt:fp16,trt:int8"
+REFERENCES = (Target("torch", "fp32"), Target("ort", "fp32"))   # the first that runs is the reference
+
+
+def parse_ints(text: str, what: str) -> list[int]:
+    """'0-3' -> [0, 1, 2, 3]; '1,4' -> [1, 4]; ranges and lists mix ('0-1,5')."""
+    out = []
+    try:
+        for part in filter(None, (s.strip() for s in str(text).split(","))):
+            lo, dash, hi = part.partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+    except ValueError:
+        raise VditError(f"{what} takes integers like 0-3 or 1,4; got {text!r}") from None
+    if not out:
+        raise VditError(f"{what} is empty")
+    return list(dict.fromkeys(out))
+
+
+def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps: int = 50,
+            batches=(1, 4), seeds=(0, 1), sampler: str = "ddim", eta: float = 0.0, guidance: float = 2.0,
+            repeats: int = 5, threads: int | None = None, min_psnr: float = 30.0, progress: bool = True,
+            log=print, command: str | None = None) -> dict:
+    """Run the comparison and write report.json, report.md, the plots and the GIF under `out`."""
+    from tqdm import tqdm
+
+    from vdit_deploy.runtimes.base import RUNTIMES
+
+    source, out = Path(source), Path(out)
+    if not source.exists():
+        raise VditError(f"{source}: no such checkpoint or export directory")
+    targets = parse_runtimes(runtimes) if isinstance(runtimes, str) else list(runtimes)
+    batches, seeds = sorted(set(batches)), list(seeds)
+    if min(batches) < 1 or repeats < 1:
+        raise VditError("batch sizes and --repeats must be >= 1")
+    torch_ref, ort_ref = REFERENCES
+    targets = [torch_ref] + [t for t in targets if t != torch_ref]   # the reference runs, asked for or not
+    if threads and importlib.util.find_spec("torch") and any(t.runtime == "torch" for t in targets):
+        import torch
+        torch.set_num_threads(threads)
+    for t in targets:   # load backends before any memory baseline, so no row pays for an import
+        try:
+            importlib.import_module(RUNTIMES[t.runtime][0])
+        except ImportError:
+            pass
+    arts = Artifacts(source, out, targets, batches, sampler, steps, eta, guidance, seeds, log=log)
+    skipped, rows, done = dict(arts.skipped), [], set()
+    recorded = {}   # {batch: {seed: (video, denoiser calls)}}: the reference's, what the others are scored on
+    bar = tqdm(total=len(targets) * len(batches), desc="compare", unit="run", disable=not progress)
+
+    def run(target: Target, record: bool = False) -> bool:
+        """Measure `target` at every batch -> whether it ran. Failing at the first batch skips it, with
+        the reason; failing at a later one fails that row only."""
+        done.add(target)
+        if target not in targets:   # the fall-back reference, run for the purpose
+            bar.total += len(batches)
+        if target in skipped:
+            bar.update(len(batches))
+            return False
+        options = {"threads": threads} if threads and target.runtime in ("ort", "ort-trt") else {}
+        for batch in batches:
+            bar.set_postfix_str(f"{target.label} batch {batch}")
+            try:
+                row = measure(target, arts.path(target), batch, seeds, sampler, steps, eta, guidance,
+                              repeats, recorded.get(batch, {}), options, record=record)
+            except Exception as e:   # a backend's own error types too: one row fails, the rest go on
+                first_line = (str(e).splitlines() or [""])[0]
+                reason = str(e) if isinstance(e, VditError) else f"{type(e).__name__}: {first_line}"
+                if batch == batches[0]:
+                    skipped[target] = reason
+                    bar.update(len(batches))
+                    return False
+                row = {"runtime": target.runtime, "precision": target.precision, "label": target.label,
+                       "batch": batch, "status": "failed", "reason": reason}
+            if "_recorded" in row:
+                recorded[batch] = row.pop("_recorded")
+            rows.append(row)
+            bar.update(1)
+        return True
+
+    # the reference first, chosen explicitly: torch:fp32, else ort:fp32; then every other target in order
+    reference = next((r for r in REFERENCES if run(r, record=True)), None)
+    for target in targets:
+        if target not in done:
+            run(target)
+    bar.close()
+    notes = []
+    if reference == ort_ref:
+        notes.append(f"reference is ort:fp32: torch:fp32 is unavailable ({skipped[torch_ref]})")
+    elif reference is None:
+        notes.append("no reference could run (torch:fp32 and ort:fp32 both skipped): accuracy is empty")
+    for row in rows:
+        acc = row.get("accuracy")
+        if acc and not acc["reference"]:   # non-finite videos are below any threshold
+            acc["below_threshold"] = not acc["finite"] or (acc["psnr_db"] is not None and acc["psnr_db"] < min_psnr)
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "source": {"path": str(source.resolve()), "kind": arts.kind,
+                   "checkpoint": str(arts.checkpoint) if arts.checkpoint else None,
+                   "checkpoint_sha256": arts.sha, "export_dir": str(arts.export)},
+        "settings": {"sampler": sampler, "steps": steps, "eta": eta, "guidance": guidance, "batches": batches,
+                     "seeds": seeds, "labels": "(seed + i) % num_classes for video i", "warmup": 1,
+                     "repeats": repeats, "threads": threads, "min_psnr_db": min_psnr,
+                     "calibration_seeds": arts.calib["seeds"]},
+        "reference": reference.label if reference else None, "notes": notes, "machine": machine_info(),
+        "results": rows, "skipped": [{"runtime": t.runtime, "precision": t.precision, "label": t.label,
+                                      "reason": r} for t, r in skipped.items()],
+    }
+    write_outputs(report, out)
+    return report

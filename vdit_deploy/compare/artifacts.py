@@ -1,0 +1,169 @@
+"""Which file each runtime loads, made on the spot from a checkpoint or taken as it is from an export.
+
+From a checkpoint: exported, with the fp16/int8 variants the targets need, under OUT/artifacts/<sha>,
+reused while the checkpoint's hash matches. From an export directory: used as it is (a missing
+variant is the runtime's own skip reason). Targets that cannot get an artifact are `skipped`, with
+the reason, rather than failing the whole comparison."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vdit_deploy.errors import VditError
+from vdit_deploy.files import sha256_file
+
+CALIBRATION_SEED_OFFSET = 1000                   # calibrate on other seeds than the ones evaluated
+
+
+@dataclass(frozen=True)
+class Target:
+    """One column of the comparison: a runtime and the precision of the graph or engine it loads."""
+    runtime: str       # a RUNTIMES name
+    precision: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.runtime}:{self.precision}"
+
+
+def parse_runtimes(text: str) -> list[Target]:
+    """'ort:int8, torch' -> [Target("ort", "int8"), Target("torch", "fp32")], duplicates dropped."""
+    from vdit_deploy.runtimes.base import check_runtime_name
+
+    targets = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, _, precision = item.partition(":")
+        target = Target(check_runtime_name(name), precision or "fp32")
+        if target not in targets:
+            targets.append(target)
+    if not targets:
+        raise VditError("--runtimes is empty; e.g. torch:fp32,ort:fp16")
+    return targets
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def _export_covers(export_dir: Path, sha: str, max_batch: int) -> bool:
+    from vdit_deploy.export.metadata import read_metadata
+
+    try:
+        meta = read_metadata(export_dir / "denoiser.onnx")
+    except VditError:
+        return False
+    lo, hi = meta.batch_range()
+    return meta.checkpoint_sha256 == sha and lo <= 1 and hi >= 2 * max_batch
+
+
+def _probe(target: Target) -> None:
+    """Fail fast, with the runtime's own one-line reason, before building variants it could not run."""
+    if target.runtime == "trt":
+        from vdit_deploy.runtimes.engine_cache import gpu_info, import_tensorrt
+        gpu_info()
+        import_tensorrt()
+    elif target.runtime == "ort-trt":
+        from vdit_deploy.runtimes.ort_runtime import resolve_providers
+        resolve_providers(["tensorrt", "cuda"])
+
+
+class Artifacts:
+    """Where each runtime's artifact lives; targets that cannot get one are `skipped` with the reason."""
+
+    def __init__(self, source: Path, out: Path, targets: list[Target], batches: list[int], sampler: str,
+                 steps: int, eta: float, guidance: float, seeds: list[int], log=print):
+        from vdit_deploy.export.metadata import find_onnx, read_metadata
+
+        self.log = log
+        self.skipped: dict[Target, str] = {}
+        if _is_checkpoint(source):
+            self.kind, self.checkpoint = "checkpoint", source
+            self.sha = sha256_file(source / "model.safetensors")
+            self.export = out / "artifacts" / self.sha[:16]
+            if all(t.runtime == "torch" for t in targets):
+                pass                                   # nothing to export
+            elif not _export_covers(self.export, self.sha, max(batches)):
+                try:
+                    from vdit_deploy.export.onnx_export import export_checkpoint
+                except ImportError:
+                    raise VditError("comparing ONNX/TensorRT runtimes from a checkpoint exports it, which needs "
+                                    "torch: pip install 'vdit-deploy[torch]', or pass an export directory") from None
+                log(f"exporting {source} -> {self.export}")
+                export_checkpoint(source, self.export, batch=(1, max(8, max(batches))))
+            else:
+                log(f"reusing {self.export} (checkpoint sha256 {self.sha[:12]} matches)")
+        else:
+            self.kind, self.export = "export", source
+            meta = read_metadata(find_onnx(source))   # a one-line error when it is neither
+            self.sha = meta.checkpoint_sha256
+            ckpt = Path(meta.checkpoint_path) if meta.checkpoint_path else None
+            if ckpt is None or not (ckpt / "model.safetensors").is_file():
+                self.checkpoint, why = None, f"the export's source checkpoint {ckpt or '(not recorded)'} is not there"
+            elif sha256_file(ckpt / "model.safetensors") != self.sha:
+                self.checkpoint, why = None, f"{ckpt} has changed since the export (sha256 differs)"
+            else:
+                self.checkpoint, why = ckpt, ""
+            if self.checkpoint is None:
+                for t in targets:
+                    if t.runtime == "torch":
+                        self.skipped[t] = f"needs the checkpoint: {why}"
+        self.calib = dict(sampler=sampler, steps=steps, eta=eta, guidance=guidance,
+                          seeds=[CALIBRATION_SEED_OFFSET + s for s in seeds[:2]])
+        if self.kind == "checkpoint":
+            for t in targets:
+                if t not in self.skipped:
+                    self._variant(t)
+
+    def path(self, target: Target) -> Path:
+        return self.checkpoint if target.runtime == "torch" else self.export
+
+    def _variant(self, target: Target) -> None:
+        """Build the ONNX precision variant `target` reads (checkpoint sources only; cached by name)."""
+        if target.runtime == "torch" or target.precision == "fp32":
+            return
+        try:
+            _probe(target)
+        except VditError as e:
+            self.skipped[target] = str(e)
+            return
+        try:
+            if target.precision == "fp16":
+                if not (self.export / "denoiser.fp16.onnx").is_file():
+                    from vdit_deploy.calibration.fp16 import convert_fp16
+                    self.log("converting to fp16")
+                    convert_fp16(self.export, self._calibration_set())   # refused if it makes inf/NaN
+            elif target.precision == "int8":
+                mode = "qdq" if target.runtime == "trt" else "dynamic"   # dynamic: ORT's fast CPU form
+                name = "denoiser.int8-qdq.onnx" if mode == "qdq" else "denoiser.int8.onnx"
+                if not (self.export / name).is_file():
+                    from vdit_deploy.calibration.int8 import quantize_int8
+                    self.log(f"quantizing to int8 ({mode})")
+                    quantize_int8(self.export, self._calibration_set(), mode=mode)
+        except ImportError as e:
+            self.skipped[target] = f"cannot build its {target.precision} graph: {e} (see `vdit calibrate`)"
+        except VditError as e:
+            self.skipped[target] = f"cannot build its {target.precision} graph: {e}"
+
+    def _calibration_set(self) -> Path:
+        """Activations from the same sampler settings as the comparison (other seeds), collected once."""
+        c = self.calib
+        calib_dir = self.export / f"calib-{c['sampler']}{c['steps']}-g{c['guidance']:g}-eta{c['eta']:g}"
+        if not calib_dir.is_dir():
+            from vdit_deploy.calibration.collect import collect
+            self.log(f"collecting a calibration set -> {calib_dir}")
+            collect(self.checkpoint or self.export, calib_dir, sampler=c["sampler"], steps=c["steps"],
+                    guidance=c["guidance"], eta=c["eta"], seeds=c["seeds"], timesteps=min(8, c["steps"]))
+        return calib_dir
+
+
+def artifact_files(rt, target: Target, artifact: Path) -> list[Path]:
+    """The files the opened runtime actually loaded (weights, graphs, engines), with external data."""
+    if target.runtime == "torch":
+        return [Path(artifact) / "model.safetensors"]
+    files = []
+    # TODO(issue 11 item 3): public Runtime property (the files it loaded) instead of these attributes
+    for attr in ("graph", "fused", "step_engine", "_denoiser"):
+        path = getattr(getattr(rt, attr, None), "path", None)
+        if path is not None:
+            files += [Path(path), *sorted(Path(path).parent.glob(Path(path).name + ".data"))]
+    return files
