@@ -113,8 +113,3 @@ def regex(pattern: str, name: str, where: str = "") -> str:
     except re.error as e:
         fail(where, f"{name} {pattern!r} is not a valid regular expression: {e}")
     return pattern
-
-
-def finite_option(value: float, name: str, lo: float | None = None, lo_open: bool = False) -> float:
-    """A command-line float (already parsed): finite, and in range."""
-    return number(float(value), name, lo, lo_open=lo_open)
