@@ -61,7 +61,7 @@ def chunked(denoise, max_batch: int):
     return call
 
 
-def collect(checkpoint_or_export, out_dir, sampler: str = "ddim", steps: int = 50, guidance: float = 2.0,
+def collect(checkpoint_or_export, out_dir, sampler: str = "ddim", steps: int | None = None, guidance: float = 2.0,
             eta: float = 0.0, seeds=range(4), labels=None, timesteps: int = 8, progress: bool = False) -> Path:
     """Run the fp32 sampler and record the denoiser inputs at `timesteps` steps of each trajectory.
     labels: one label per video of a sample (default: every class once). Written atomically."""
@@ -78,7 +78,7 @@ def collect(checkpoint_or_export, out_dir, sampler: str = "ddim", steps: int = 5
     with rt:
         cfg = rt.config
         y = check_labels(range(cfg.num_classes) if labels is None else labels, cfg)
-        plan = make_steps(rt.schedule, sampler, None if sampler == "ddpm" else steps, eta)
+        plan = make_steps(rt.schedule, sampler, steps, eta)   # ddpm: all T; another count is refused
         keep = set(pick_steps(len(plan), timesteps))
         rows = len(seeds) * len(keep) * (2 if guidance != 1.0 else 1) * len(y)
         check_memory(rows * 4 * math.prod(cfg.video_shape) + cfg.memory_bytes(2 * len(y)),

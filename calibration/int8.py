@@ -26,7 +26,7 @@ import io
 import logging
 from pathlib import Path
 
-from vdit_deploy.calibration.graph import COMPUTE_OPS, select
+from vdit_deploy.calibration.graph import COMPUTE_OPS, check_patterns, select
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import DENOISER, STEP, find_onnx, read_metadata
 from vdit_deploy.files import check_output, temp_dir
@@ -79,6 +79,7 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
     from vdit_deploy.calibration.collect import load_calibration_set
     from vdit_deploy.calibration.fp16 import variant_sources
 
+    check_patterns([*keep_fp, *(only or ())])     # before any graph is loaded or written
     if method not in METHODS:
         raise VditError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
     src, *step = variant_sources(export_dir)

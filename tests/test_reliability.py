@@ -176,6 +176,10 @@ CASES = [
     ("export-fixed-batch-huge", "export {ws}/ckpt --out {ws}/x --fixed-batch 10000000", "GiB of memory, more than"),
     ("collect-too-many-rows", "calibrate collect {ws}/export --seeds 100000000 --out {ws}/c3", "GiB of memory"),
     ("calibrate-unknown", "calibrate bogus", "No such command"),
+    ("collect-ddpm-steps", "calibrate collect {ws}/export --sampler ddpm --steps 2 --out {ws}/c4", "ddpm runs all"),
+    ("int8-bad-regex", "calibrate int8 {ws}/export --keep-fp (", "not a valid regular expression"),
+    ("sensitivity-bad-regex", "calibrate sensitivity {ws}/export --calib {ws}/calib --layers (",
+     "not a valid regular expression"),
     ("reexport-variants", "export {ws}/ckpt --out {ws}/with_variant", "made from the graphs a new export replaces"),
 ]
 

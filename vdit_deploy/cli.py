@@ -500,7 +500,7 @@ def calib_option(required=True):
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Calibration set directory.")
 @click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
-@click.option("--steps", default=50, show_default=True, type=click.IntRange(1))
+@click.option("--steps", default=None, type=click.IntRange(1), help="DDIM steps (default 50); DDPM runs all T.")
 @click.option("--guidance", default=2.0, show_default=True, type=Finite(0))
 @click.option("--eta", default=0.0, show_default=True, type=Finite(0))
 @click.option("--seeds", default=4, show_default=True, type=click.IntRange(1), help="Seeds 0..N-1.")

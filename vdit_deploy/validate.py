@@ -104,6 +104,12 @@ def schedule(data, where: str = ""):
         fail(where, f"invalid schedule: {e}")
 
 
-def finite_option(value: float, name: str, lo: float | None = None, lo_open: bool = False) -> float:
-    """A command-line float (already parsed): finite, and in range."""
-    return number(float(value), name, lo, lo_open=lo_open)
+def regex(pattern: str, name: str, where: str = "") -> str:
+    """A regular expression that compiles (users type them for --keep-fp and --layers)."""
+    import re
+
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        fail(where, f"{name} {pattern!r} is not a valid regular expression: {e}")
+    return pattern
