@@ -68,8 +68,8 @@ def record_trajectory(torch_rt, batch: int, num_steps: int, picks: int, seed: in
     records = []
 
     class Recorder:
-        def step(self, x, t, y, g, coefs, noise):
-            out = guided_step(torch_rt.denoise, x, t, y, g, coefs, noise, cfg.null_label)
+        def step(self, x, t, y, g, coefs, noise, state=None):
+            out = guided_step(torch_rt.denoise, x, t, y, g, coefs, noise, cfg.null_label, state)
             if len(records_seen) in keep:
                 records.append(((x, t, y, g, coefs, noise), out))
             records_seen.append(t)
@@ -149,8 +149,7 @@ def verify(export_dir: str | Path, checkpoint: str | Path | None = None, toleran
                 feeds.append({"x_t": xx, "t": tt, "y": yy})
                 refs.append({"eps": ref})
             if stp is not None:
-                stp.add(ort_rt.fused.run(x_t=x, t=np.full(b, t, np.float32), y=y, guidance=np.float32([g]),
-                                         coefs=coefs, noise=noise), x_prev)
+                stp.add(np.asarray(ort_rt.step(x, t, y, g, coefs, noise)), x_prev)   # guided: the fused graph
     report.rows = [r for r in (den, stp) if r is not None and r.calls]
     if polygraphy and feeds:
         report.polygraphy = _polygraphy_compare(den_path, feeds, refs, tolerance, save_polygraphy)

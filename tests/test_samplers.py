@@ -130,6 +130,82 @@ def test_bad_input_is_one_line(kwargs, message):
 def test_multistep_plan_needs_a_state():
     plan = make_steps(Schedule(), "unipc", 5)
     x = np.zeros(SHAPE, np.float32)
+    apply_step(x, x, plan[0].coefs, None)            # the first step reads no state (it may go unkept)
     with pytest.raises(VditError, match="SolverState"):
-        apply_step(x, x, plan[0].coefs, None)
+        apply_step(x, x, plan[1].coefs, None)
     assert all(s.multistep for s in plan) and not any(s.multistep for s in make_steps(Schedule(), "ddim", 5))
+
+
+# ---- the fused step graph -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ort_rt(tiny_export):
+    from vdit_deploy.runtimes import open_runtime
+
+    with open_runtime("ort", tiny_export) as rt:
+        yield rt
+
+
+@pytest.mark.parametrize("sampler", ["dpm++", "unipc"])
+def test_ort_fused_step_equals_host_update(ort_rt, sampler):
+    """step.onnx (guidance, update and solver state in the graph) against the numpy update on the same
+    ORT denoiser, step by step along a real trajectory, the state included."""
+    from vdit_deploy.diffusion import guided_step
+
+    cfg = ort_rt.config
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, *cfg.video_shape), dtype=np.float32)
+    y, zeros = np.array([1, 3], np.int32), np.zeros_like(x)
+    fused, host, corr_seen = SolverState(), SolverState(), 0.0
+    for step in make_steps(ort_rt.schedule, sampler, 6):
+        got = np.asarray(ort_rt.step(x, step.t, y, 2.0, step.coefs, zeros, fused))
+        ref = guided_step(ort_rt.denoise, x, step.t, y, 2.0, step.coefs, zeros, cfg.null_label, host)
+        for a, b in ((got, ref), (fused.x0_prev, host.x0_prev), (fused.corr, host.corr)):
+            a = np.asarray(a)
+            assert np.linalg.norm(a - b) <= 1e-5 * max(np.linalg.norm(b), 1e-3)
+        x, corr_seen = got, max(corr_seen, float(np.abs(host.corr).max()))
+    assert np.abs(host.x0_prev).max() > 0.1 and (sampler == "dpm++" or corr_seen > 0.1)   # the state was used
+
+
+def old_step_graph(export_dir, out_dir):
+    """An export dir whose step.onnx has the interface from before the multistep samplers: inputs
+    (x_t, t, y, guidance, coefs (7,), noise), output x_prev only (here x_prev = x_t + coefs[6] noise)."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from vdit_deploy.export.metadata import read_metadata
+
+    out_dir.mkdir()
+    shutil.copy(export_dir / "denoiser.onnx", out_dir / "denoiser.onnx")
+    meta = read_metadata(export_dir / "step.onnx")
+    video = ["batch", *meta.config.video_shape]
+    inputs = [helper.make_tensor_value_info("x_t", TensorProto.FLOAT, video),
+              helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch"]),
+              helper.make_tensor_value_info("y", TensorProto.INT32, ["batch"]),
+              helper.make_tensor_value_info("guidance", TensorProto.FLOAT, [1]),
+              helper.make_tensor_value_info("coefs", TensorProto.FLOAT, [7]),
+              helper.make_tensor_value_info("noise", TensorProto.FLOAT, video)]
+    nodes = [helper.make_node("Slice", ["coefs", "six", "seven"], ["sigma"]),
+             helper.make_node("Mul", ["sigma", "noise"], ["scaled"]),
+             helper.make_node("Add", ["x_t", "scaled"], ["x_prev"])]
+    consts = [helper.make_tensor("six", TensorProto.INT64, [1], [6]), helper.make_tensor("seven", TensorProto.INT64, [1], [7])]
+    graph = helper.make_graph(nodes, "step", inputs, [helper.make_tensor_value_info("x_prev", TensorProto.FLOAT, video)],
+                              initializer=consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    for k, v in meta.to_props().items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.save(model, str(out_dir / "step.onnx"))
+    return out_dir
+
+
+def test_old_step_graph_runs_ddim_and_refuses_multistep(tiny_export, tmp_path):
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.sampling import sample
+
+    with open_runtime("ort", old_step_graph(tiny_export, tmp_path / "old")) as rt:
+        video = sample(rt, rt.config, [0], make_steps(rt.schedule, "ddim", 3, eta=1.0), guidance=2.0)
+        assert np.isfinite(video).all()                                  # 7 coefs fed to the old graph
+        with pytest.raises(VditError, match="re-export") as e:
+            sample(rt, rt.config, [0], make_steps(rt.schedule, "dpm++", 3), guidance=2.0)
+    assert "\n" not in str(e.value)

@@ -157,10 +157,6 @@ def _prediction_coefs(schedule: Schedule, t: int, prediction: str) -> tuple[floa
     raise VditError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
 
 
-def _x0_coefs(schedule: Schedule, t: int) -> tuple[float, float]:
-    return _prediction_coefs(schedule, t, "eps")
-
-
 def _ddim_coefs(schedule: Schedule, t: int, prediction: str, clip: float, c_x0: float, c_xt: float,
                 c_eps: float, sigma: float) -> np.ndarray:
     """DDPM/DDIM coefficients written for eps; for a v model the eps term becomes x0 and x_t terms,
@@ -331,9 +327,9 @@ def apply_step(x_t: np.ndarray, out: np.ndarray, coefs: np.ndarray, noise: np.nd
     x0 = np.clip(ax - b * out, -clip, clip)
     eps_hat = (ax - x0) / b     # re-derived as in guided-diffusion: keeps DDIM(eta=1) == DDPM with clipping
     x_prev = c_x0 * x0 + c_xt * x_t + c_eps * eps_hat
-    if len(c) > SINGLE_STEP_COEFS and (state is not None or c[SINGLE_STEP_COEFS:].any()):
-        if state is None:
-            raise VditError("a multistep solver step needs its SolverState (sampling.sample passes one)")
+    if len(c) > SINGLE_STEP_COEFS and state is None and c[SINGLE_STEP_COEFS:SINGLE_STEP_COEFS + 2].any():
+        raise VditError("this multistep solver step reads the previous ones' SolverState: pass it (sampling.sample does)")
+    if len(c) > SINGLE_STEP_COEFS and state is not None:
         c_x0_prev, c_corr, d_x0, d_xt, d_x0_prev, d_corr = c[SINGLE_STEP_COEFS:]
         zeros = np.zeros_like(x_t)
         x0_prev = zeros if state.x0_prev is None else np.asarray(state.x0_prev, np.float32)
