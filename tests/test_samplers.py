@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from vdit_deploy.diffusion import (Schedule, SolverState, apply_step, make_steps, solver_timesteps)
+from vdit_deploy.diffusion import LAMBDA_MIN, Schedule, SolverState, apply_step, make_steps, solver_timesteps
 from vdit_deploy.errors import VditError
 
 SHAPE = (2, 3, 2, 4, 4)       # (B, C, F, H, W): small, the math is per element
@@ -47,14 +47,15 @@ def our_trajectory(plan, x: np.ndarray, schedule, prediction, channels: int):
     return [s.t for s in plan], xs
 
 
-def make_diffusers(sampler: str, schedule: Schedule, prediction: str, spacing: str, order: int, learned: bool):
+def make_diffusers(sampler: str, schedule: Schedule, prediction: str, spacing: str, order: int, learned: bool,
+                   lambda_min: float = -math.inf):
     from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
     common = dict(num_train_timesteps=schedule.num_timesteps, trained_betas=schedule.betas,
                   prediction_type={"eps": "epsilon", "v": "v_prediction"}[prediction], timestep_spacing=spacing,
                   solver_order=order, lower_order_final=True, final_sigmas_type="zero")
     if sampler == "dpm++":
-        return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_type="midpoint",
+        return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_type="midpoint", lambda_min_clipped=lambda_min,
                                            variance_type="learned_range" if learned else None, **common)
     return UniPCMultistepScheduler(solver_type="bh2", predict_x0=True, **common)
 
@@ -67,6 +68,8 @@ CASES += [(m, "cosine", n, p, s, 2, False, 1e-5) for m in SOLVERS for n in (5, 1
 CASES += [(m, "linear", 10, "v", "trailing", 2, False, 1e-5) for m in SOLVERS]
 CASES += [(m, "cosine", 20, "eps", "leading", 2, True, 1e-5) for m in SOLVERS]
 CASES += [(m, "linear", 5, "eps", "trailing", 1, False, 1e-5) for m in SOLVERS]
+# diffusers' defaults start at t=999 (lambda_min -inf); ours start at LAMBDA_MIN (DPM-Solver++ has that
+# option in diffusers, UniPC has not): checked below with the DPM-Solver++ scheduler.
 # Cosine's t=999 has alpha_bar 2.4e-9: an eps model's x0 = (x_t - sigma eps) / alpha is a 5e-5 part of
 # x_t scaled up 2e4 times, so float32 (diffusers' as ours) leaves x0 only to ~1e-3 there; from the
 # next step on both solvers agree again. That floor, checked, not hidden:
@@ -80,7 +83,8 @@ def test_trajectory_matches_diffusers(sampler, kind, steps, prediction, spacing,
     channels = 2 * SHAPE[1] if learned else SHAPE[1]
     theirs_t, theirs = diffusers_trajectory(make_diffusers(sampler, schedule, prediction, spacing, order, learned),
                                             steps, x_T, schedule, prediction, channels)
-    plan = make_steps(schedule, sampler, steps, clip=math.inf, order=order, spacing=spacing, prediction=prediction)
+    plan = make_steps(schedule, sampler, steps, clip=math.inf, order=order, spacing=spacing, prediction=prediction,
+                      lambda_min=-math.inf)
     ours_t, ours = our_trajectory(plan, x_T, schedule, prediction, channels)
     assert ours_t == theirs_t
     for i, (a, b) in enumerate(zip(ours, theirs)):
@@ -89,10 +93,23 @@ def test_trajectory_matches_diffusers(sampler, kind, steps, prediction, spacing,
     assert np.abs(ours[-1] - ours[0]).max() > 0.1          # the trajectory went somewhere
 
 
+@pytest.mark.parametrize("kind,spacing", [("cosine", "linspace"), ("cosine", "trailing"), ("linear", "leading")])
+def test_lambda_min_matches_diffusers(kind, spacing):
+    """Our default start (LAMBDA_MIN) is diffusers' lambda_min_clipped: same timesteps, same trajectory."""
+    schedule = Schedule(kind, 1000)
+    x_T = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
+    scheduler = make_diffusers("dpm++", schedule, "v", spacing, 2, False, lambda_min=LAMBDA_MIN)
+    theirs_t, theirs = diffusers_trajectory(scheduler, 10, x_T, schedule, "v", 3)
+    ours_t, ours = our_trajectory(make_steps(schedule, "dpm++", 10, clip=math.inf, spacing=spacing, prediction="v"),
+                                  x_T, schedule, "v", 3)
+    assert ours_t == theirs_t and ours_t[0] < 999
+    assert max(np.linalg.norm(a - b) / np.linalg.norm(b) for a, b in zip(ours, theirs)) < 1e-5
+
+
 def test_first_order_dpm_solver_is_ddim():
     """DPM-Solver++ of order 1 is DDIM (Lu et al.): the same update on the same timesteps."""
     schedule = Schedule("cosine", 1000)
-    dpm = make_steps(schedule, "dpm++", 8, order=1)
+    dpm = make_steps(schedule, "dpm++", 8, order=1, lambda_min=-math.inf)
     rng = np.random.default_rng(2)
     x, out = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(2))
     for i, step in enumerate(dpm):
@@ -103,10 +120,16 @@ def test_first_order_dpm_solver_is_ddim():
 
 
 def test_spacings():
-    assert solver_timesteps(1000, 5, "linspace").tolist() == [999, 799, 599, 400, 200]
-    assert solver_timesteps(1000, 5, "leading").tolist() == [830, 664, 498, 332, 166]
-    assert solver_timesteps(1000, 5, "trailing").tolist() == [999, 799, 599, 399, 199]
-    assert make_steps(Schedule(), "dpm++", 1)[0].t == 999
+    linear = Schedule("linear")
+    assert solver_timesteps(linear, 5, "linspace").tolist() == [999, 799, 599, 400, 200]
+    assert solver_timesteps(linear, 5, "leading").tolist() == [830, 664, 498, 332, 166]
+    assert solver_timesteps(linear, 5, "trailing").tolist() == [999, 799, 599, 399, 199]
+    assert make_steps(linear, "dpm++", 1, lambda_min=-math.inf)[0].t == 999
+    # the default start: the first t whose log(alpha/sigma) reaches LAMBDA_MIN
+    for schedule in (linear, Schedule("cosine")):
+        t0 = make_steps(schedule, "unipc", 10)[0].t
+        lam = lambda t: 0.5 * math.log(schedule.alpha_bar(t) / (1 - schedule.alpha_bar(t)))
+        assert lam(t0) >= LAMBDA_MIN > lam(t0 + 1)
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -209,3 +232,75 @@ def test_old_step_graph_runs_ddim_and_refuses_multistep(tiny_export, tmp_path):
         with pytest.raises(VditError, match="re-export") as e:
             sample(rt, rt.config, [0], make_steps(rt.schedule, "dpm++", 3), guidance=2.0)
     assert "\n" not in str(e.value)
+
+
+# ---- the command line -----------------------------------------------------------------------------
+def run_cli(*args):
+    from click.testing import CliRunner
+
+    from vdit_deploy.cli import main
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sampler", "euler"], "sampler must be one of ddpm, ddim, dpm++, unipc, got 'euler'"),
+    (["--sampler", "dpm++", "--order", "3"], "dpm++ has orders 1 and 2, got 3"),
+    (["--sampler", "unipc", "--steps", "0"], "steps must be between 1 and 1000, got 0"),
+    (["--sampler", "unipc", "--steps", "1001"], "steps must be between 1 and 1000, got 1001"),
+    (["--sampler", "ddim", "--order", "2"], "ddim has no order option"),
+    (["--spacing", "karras"], "timestep spacing must be one of linspace, leading, trailing"),
+])
+def test_cli_bad_sampler_input_is_one_line(tiny_checkpoint, tmp_path, args, message):
+    result = run_cli("sample", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "v.npy", *args)
+    assert result.exit_code == 1 and message in result.output and result.output.count("\n") == 1, result.output
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("sampler", ["dpm++", "unipc"])
+def test_cli_ort_fused_multistep_matches_torch(tiny_checkpoint, tiny_export, tmp_path, sampler):
+    """`vdit sample` with a multistep solver: the ORT fused graph (state in the graph) gives the PyTorch
+    runtime's host-side video."""
+    videos = {}
+    for runtime, source in (("torch", ["--checkpoint", tiny_checkpoint]), ("ort", ["--onnx", tiny_export])):
+        out = tmp_path / f"{runtime}.npy"
+        result = run_cli("sample", *source, "--runtime", runtime, "--sampler", sampler, "--steps", 4,
+                         "--label", "0,3", "--out", out)
+        assert result.exit_code == 0, result.output
+        assert f"4 {sampler} steps" in result.output
+        videos[runtime] = np.load(out)
+    assert np.linalg.norm(videos["ort"] - videos["torch"]) < 1e-4 * np.linalg.norm(videos["torch"])
+
+
+def test_cli_old_export_is_refused_with_re_export(tiny_export, tmp_path):
+    old = old_step_graph(tiny_export, tmp_path / "old")
+    result = run_cli("sample", "--runtime", "ort", "--onnx", old, "--sampler", "unipc", "--steps", 3,
+                     "--out", tmp_path / "v.npy")
+    assert result.exit_code == 1 and "re-export" in result.output and result.output.count("\n") == 1, result.output
+    assert run_cli("sample", "--runtime", "ort", "--onnx", old, "--sampler", "ddim", "--steps", 2,
+                   "--out", tmp_path / "v.npy").exit_code == 0
+
+
+def test_calibration_set_follows_the_sampler(tiny_export, tmp_path):
+    import json
+
+    from vdit_deploy.calibration.collect import load_calibration_set
+    from vdit_deploy.export.metadata import read_metadata
+
+    result = run_cli("calibrate", "collect", tiny_export, "--out", tmp_path / "c", "--sampler", "unipc",
+                     "--steps", 4, "--seeds", 1, "--label", "0", "--timesteps", 4)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    schedule = read_metadata(tiny_export / "denoiser.onnx").schedule
+    plan = make_steps(schedule, "unipc", 4)
+    assert manifest["sampler"] == "unipc" and manifest["timesteps"] == [s.t for s in plan]
+    # the step graph's calibration feeds carry that plan's coefs and a state the graph accepts
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(tiny_export / "step.onnx"), providers=["CPUExecutionProvider"])
+    feeds = list(load_calibration_set(tmp_path / "c").step_batches(schedule))
+    assert np.array_equal(feeds[1]["coefs"], plan[1].coefs)
+    assert np.isfinite(session.run(None, feeds[1])[0]).all()
+
+
+def test_compare_refuses_a_bad_sampler_before_exporting(tmp_path):
+    result = run_cli("compare", "--sampler", "heun", "--out", tmp_path / "r")
+    assert result.exit_code == 1 and "sampler must be one of" in result.output and not (tmp_path / "r").exists()

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vdit_deploy.diffusion import make_steps
+from vdit_deploy.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS, Schedule, make_steps
 from vdit_deploy.errors import VditError
 from vdit_deploy.files import atomic_path, sha256_file
 from vdit_deploy.metrics import max_abs, psnr, rel_l2, ssim
@@ -433,8 +433,8 @@ def accuracy(videos: dict, refs: dict, eps_err: list[list[float]], seeds: list[i
 
 
 # ---- the whole comparison -------------------------------------------------------------------------
-def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps: int = 50,
-            batches=(1, 4), seeds=(0, 1), sampler: str = "ddim", eta: float = 0.0, guidance: float = 2.0,
+def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps: int | None = None,
+            batches=(1, 4), seeds=(0, 1), sampler: str = DEFAULT_SAMPLER, eta: float = 0.0, guidance: float = 2.0,
             repeats: int = 5, threads: int | None = None, min_psnr: float = 30.0, progress: bool = True,
             log=print, command: str | None = None) -> dict:
     """Run the comparison and write report.json, report.md, the plots and the GIF under `out`."""
@@ -445,6 +445,8 @@ def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps:
     source, out = Path(source), Path(out)
     if not source.exists():
         raise VditError(f"{source}: no such checkpoint or export directory")
+    make_steps(Schedule(), sampler, steps, eta)      # a bad sampler, order or step count fails before any export
+    steps = DEFAULT_STEPS.get(sampler) if steps is None else steps
     targets = parse_runtimes(runtimes) if isinstance(runtimes, str) else list(runtimes)
     batches, seeds = sorted(set(batches)), list(seeds)
     if min(batches) < 1 or repeats < 1:

@@ -87,7 +87,13 @@ SAMPLERS = ("ddpm", "ddim", "dpm++", "unipc")
 MULTISTEP_ORDERS = {"dpm++": (1, 2), "unipc": (1, 2)}
 SPACINGS = ("linspace", "leading", "trailing")
 PREDICTIONS = ("eps", "v")
-DEFAULT_STEPS = {"ddim": 50, "dpm++": 20, "unipc": 20}
+DEFAULT_SAMPLER = "dpm++"
+DEFAULT_STEPS = {"ddim": 50, "dpm++": 20, "unipc": 20}     # chosen from the quality-per-step table (README)
+# The solvers start where log(alpha/sigma) >= LAMBDA_MIN (diffusers' lambda_min_clipped): below it an
+# eps model's x0 = (x_t - sigma eps) / alpha is its error times sigma/alpha (2e4 at cosine's t=999), and
+# a few-step solver weights that x0 by the next step's alpha. -3.5 (signal 3% of the noise; Stable
+# Diffusion's samplers start at -2.7) was the best of -inf..-3 on the shipped checkpoint (README).
+LAMBDA_MIN = -3.5
 
 
 @dataclass(frozen=True)
@@ -128,22 +134,27 @@ def check_steps(num_timesteps: int, steps: int) -> None:
         raise VditError(f"steps must be between 1 and {num_timesteps}, got {steps}")
 
 
-def solver_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -> np.ndarray:
-    """Descending timesteps of a multistep solver, as diffusers spaces them (Lin et al. 2023, table 2);
-    the solver then goes from the last one to the clean video. linspace and leading leave t=0 out."""
-    check_steps(num_timesteps, steps)
-    T = num_timesteps
+def solver_timesteps(schedule: Schedule, steps: int, spacing: str = "linspace",
+                     lambda_min: float = -math.inf) -> np.ndarray:
+    """Descending timesteps of a multistep solver, as diffusers spaces them (Lin et al. 2023, table 2)
+    over the timesteps whose log(alpha/sigma) is >= lambda_min; the solver then goes from the last one
+    to the clean video. linspace and leading leave t=0 out."""
+    T = schedule.num_timesteps
+    check_steps(T, steps)
+    ab = schedule.alphas_cumprod
+    top = T - int(np.sum(0.5 * np.log(ab / (1 - ab)) < lambda_min))    # diffusers' last_timestep
     if spacing == "linspace":
-        ts = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1]
+        ts = np.linspace(0, top - 1, steps + 1).round()[::-1][:-1]
     elif spacing == "leading":
-        ts = (np.arange(0, steps + 1) * (T // (steps + 1))).round()[::-1][:-1]
+        ts = (np.arange(0, steps + 1) * (top // (steps + 1))).round()[::-1][:-1]
     elif spacing == "trailing":
-        ts = np.arange(T, 0, -T / steps).round() - 1
+        ts = np.arange(top, 0, -T / steps).round() - 1
     else:
         raise VditError(f"timestep spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
     ts = ts.astype(np.int64)
     if len(ts) != steps or np.any(np.diff(ts) >= 0) or ts[-1] < 0:
-        raise VditError(f"{steps} steps with {spacing} spacing repeat timesteps of T={T}; use fewer steps")
+        raise VditError(f"{steps} steps with {spacing} spacing repeat timesteps of T={T} (from t={top - 1}); "
+                        "use fewer steps")
     return ts
 
 
@@ -205,9 +216,9 @@ def _check_order(sampler: str, order: int) -> None:
         raise VditError(f"{sampler} has orders {have}, got {order}")
 
 
-def _solver_grid(schedule: Schedule, steps: int, spacing: str):
+def _solver_grid(schedule: Schedule, steps: int, spacing: str, lambda_min: float):
     """Timesteps and per-point (alpha, sigma, lambda) with the clean end appended (lambda = inf)."""
-    ts = solver_timesteps(schedule.num_timesteps, steps, spacing)
+    ts = solver_timesteps(schedule, steps, spacing, lambda_min)
     ab = schedule.alpha_bar(ts).astype(np.float64)
     alpha = np.append(np.sqrt(ab), 1.0)
     sigma = np.append(np.sqrt(1 - ab), 0.0)
@@ -217,14 +228,14 @@ def _solver_grid(schedule: Schedule, steps: int, spacing: str):
 
 
 def dpm_solver_steps(schedule: Schedule, steps: int = 20, order: int = 2, spacing: str = "linspace",
-                     prediction: str = "eps", clip: float = 1.0) -> list[Step]:
+                     prediction: str = "eps", clip: float = 1.0, lambda_min: float = LAMBDA_MIN) -> list[Step]:
     """DPM-Solver++(2M) (Lu et al. 2022, midpoint form as in diffusers): first order at the first step
     and at the last one (to sigma 0, where the second-order term is undefined), second order between:
 
         x_next = (sigma_next / sigma) x - alpha_next (e^-h - 1) (x0 + (x0 - x0_prev) / (2 r)),
         r = (lambda - lambda_prev) / h."""
     _check_order("dpm++", order)
-    ts, alpha, sigma, lam = _solver_grid(schedule, steps, spacing)
+    ts, alpha, sigma, lam = _solver_grid(schedule, steps, spacing, lambda_min)
     out = []
     for i, t in enumerate(ts):
         a, b = _prediction_coefs(schedule, int(t), prediction)
@@ -263,14 +274,14 @@ def _unipc_terms(alpha, sigma, lam, i: int, order: int) -> tuple[float, float, f
 
 
 def unipc_steps(schedule: Schedule, steps: int = 20, order: int = 2, spacing: str = "linspace",
-                prediction: str = "eps", clip: float = 1.0) -> list[Step]:
+                prediction: str = "eps", clip: float = 1.0, lambda_min: float = LAMBDA_MIN) -> list[Step]:
     """UniPC with the bh2 predictor and corrector (diffusers' UniPCMultistepScheduler, predict_x0).
     At step i the model sees the predicted x_i; the corrected x_i = corr + K_i x0 (x_0 itself at i = 0)
     feeds the predictor of x_{i+1} and, through corr', the corrector at step i+1. Orders follow diffusers:
     1 at the first and the last step (lower_order_final), `order` between; each corrector has the order
     of the predictor before it. The last predictor's output is the sample (no corrector after it)."""
     _check_order("unipc", order)
-    ts, alpha, sigma, lam = _solver_grid(schedule, steps, spacing)
+    ts, alpha, sigma, lam = _solver_grid(schedule, steps, spacing, lambda_min)
     n = len(ts)
     orders = [min(order, n - i, i + 1) for i in range(n)]
     out, K = [], 0.0
@@ -293,9 +304,9 @@ def unipc_steps(schedule: Schedule, steps: int = 20, order: int = 2, spacing: st
 
 def make_steps(schedule: Schedule, sampler: str, steps: int | None = None, eta: float = 0.0,
                clip: float = 1.0, order: int | None = None, spacing: str = "linspace",
-               prediction: str = "eps") -> list[Step]:
+               prediction: str = "eps", lambda_min: float = LAMBDA_MIN) -> list[Step]:
     """The plan of a sampler: ddpm (all T steps), ddim (eta, timesteps linspace with t=0), or the
-    multistep ODE solvers dpm++ and unipc (order, spacing). steps None: the sampler's default."""
+    multistep ODE solvers dpm++ and unipc (order, spacing, lambda_min). steps None: the sampler's default."""
     if sampler not in SAMPLERS:
         raise VditError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if order is not None and sampler not in MULTISTEP_ORDERS:
@@ -312,7 +323,7 @@ def make_steps(schedule: Schedule, sampler: str, steps: int | None = None, eta: 
     if eta:
         raise VditError(f"{sampler} is a deterministic ODE solver: eta must be 0, got {eta}")
     solver = dpm_solver_steps if sampler == "dpm++" else unipc_steps
-    return solver(schedule, steps, 2 if order is None else order, spacing, prediction, clip)
+    return solver(schedule, steps, 2 if order is None else order, spacing, prediction, clip, lambda_min)
 
 
 def apply_step(x_t: np.ndarray, out: np.ndarray, coefs: np.ndarray, noise: np.ndarray | None,
