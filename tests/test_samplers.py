@@ -304,3 +304,30 @@ def test_calibration_set_follows_the_sampler(tiny_export, tmp_path):
 def test_compare_refuses_a_bad_sampler_before_exporting(tmp_path):
     result = run_cli("compare", "--sampler", "heun", "--out", tmp_path / "r")
     assert result.exit_code == 1 and "sampler must be one of" in result.output and not (tmp_path / "r").exists()
+
+
+# ---- TensorRT: the solver state in the ping-pong buffers and CUDA graphs (GPU only) -----------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampler", ["dpm++", "unipc"])
+def test_trt_multistep_matches_torch_with_and_without_cuda_graph(tiny_checkpoint, tmp_path, sampler):
+    from conftest import trt_skip_reason
+
+    reason = trt_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from vdit_deploy.export.onnx_export import export_checkpoint
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.sampling import sample
+
+    export_dir = export_checkpoint(tiny_checkpoint, tmp_path / "export", batch=(1, 4))
+    with open_runtime("torch", tiny_checkpoint, precision="fp32", device="cpu") as ref:
+        plan = make_steps(ref.schedule, sampler, 8)
+        want = sample(ref, ref.config, [0, 1], plan, guidance=2.0, seed=3)
+    outs = {}
+    for graph in (True, False):
+        with open_runtime("trt", export_dir, precision="fp32", cuda_graph=graph, progress=False) as rt:
+            outs[graph] = sample(rt, rt.config, [0, 1], plan, guidance=2.0, seed=3)
+            again = sample(rt, rt.config, [0, 1], plan, guidance=2.0, seed=3)   # the state restarts at zero
+    np.testing.assert_array_equal(outs[True], outs[False])
+    np.testing.assert_array_equal(outs[True], again)
+    assert np.linalg.norm(outs[True] - want) < 1e-3 * np.linalg.norm(want)
