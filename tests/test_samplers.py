@@ -106,6 +106,18 @@ def test_lambda_min_matches_diffusers(kind, spacing):
     assert max(np.linalg.norm(a - b) / np.linalg.norm(b) for a, b in zip(ours, theirs)) < 1e-5
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++", "unipc"])
+def test_v_prediction_model_samples_what_the_eps_model_does(sampler):
+    """The same denoiser handed out as v instead of eps (model_fn's two outputs imply the same x0) gives
+    the same trajectory, with x0 clipping on: DDIM's eps term is rewritten in x0 and x_t for v models.
+    (Linear: DDIM starts at t=999, where cosine's eps -> x0 is float32-limited to ~1e-3, see CASES.)"""
+    schedule = Schedule("linear", 1000)
+    x_T = np.random.default_rng(4).standard_normal(SHAPE).astype(np.float32)
+    runs = [our_trajectory(make_steps(schedule, sampler, 10, prediction=p), x_T, schedule, p, 3)[1] for p in ("eps", "v")]
+    for a, b in zip(*runs):
+        assert np.linalg.norm(a - b) < 1e-4 * np.linalg.norm(b)
+
+
 def test_first_order_dpm_solver_is_ddim():
     """DPM-Solver++ of order 1 is DDIM (Lu et al.): the same update on the same timesteps."""
     schedule = Schedule("cosine", 1000)
