@@ -2,7 +2,7 @@
 
 On the shipped checkpoint (PyTorch fp32, CPU), for every sampler and step count: the final videos'
 PSNR / SSIM against 250-step DDIM from the same x_T and labels (seeds x one video per class, guidance
-2, the samplers' defaults otherwise), and the wall time of a sample. The solvers run from each
+2, the samplers' defaults otherwise), and the wall time of a sample (the fastest of the seeds' runs). The solvers run from each
 --lambda-mins start (-inf: t=999 as diffusers' defaults; the default LAMBDA_MIN). On S (random weights:
 speed does not depend on them) only the time: a few guided steps of each sampler are timed and the
 per-step median is multiplied by the step count (a sample is N identical denoiser calls plus the host
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -61,7 +62,8 @@ def quality(steps_list, seeds, lambda_mins, log) -> dict:
                              "first_t": plan[0].t, "steps": n,
                              "psnr_db": float(np.mean(psnrs)),
                              "psnr_min_db": float(np.min(psnrs)), "ssim": float(np.mean(ssims)),
-                             "sample_s": statistics.median(totals), "videos_per_sample": len(labels)})
+                             "sample_s": min(totals), "videos_per_sample": len(labels),
+                             "load_1m": os.getloadavg()[0]})   # the machine is shared: min over seeds, load noted
                 log(f"  {label(rows[-1]):<16} {n:>3} steps: PSNR {rows[-1]['psnr_db']:.2f} dB (min {rows[-1]['psnr_min_db']:.2f}), "
                     f"SSIM {rows[-1]['ssim']:.4f}, {rows[-1]['sample_s']:.2f} s")
     return {"checkpoint": str(SHIPPED), "runtime": "torch:fp32 cpu", "guidance": GUIDANCE, "seeds": list(seeds),

@@ -11,8 +11,8 @@ from vdit_deploy.diffusion import DEFAULT_SAMPLER
 from vdit_deploy.errors import VditError
 
 SHIPPED_HELP = "the shipped tiny demo checkpoint"
-SAMPLER_HELP = ("dpm++ (DPM-Solver++ 2M) or unipc (UniPC-bh2): multistep ODE solvers, 20 steps by default; "
-                "ddim (50 steps by default); ddpm (all T steps).")
+SAMPLER_HELP = ("unipc (UniPC-bh2, 15 steps by default) or dpm++ (DPM-Solver++ 2M, 20 steps): multistep ODE "
+                "solvers; ddim (50 steps by default); ddpm (all T steps).")
 STEPS_HELP = "Denoiser calls, 1..T (default: the sampler's; ddpm always runs all T)."
 
 
