@@ -95,9 +95,12 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
                           cset and (lambda lo, hi: cset.batches(lo, hi)), **rules)
     # dynamic INT8 is ONNX Runtime's CPU form, where a host-side step costs the same as a fused one
     if mode == "qdq" and out is None and only is None:
+        import onnx
+
         for graph in step:
+            names = [i.name for i in onnx.load(str(graph), load_external_data=False).graph.input]
             quantize_graph(graph, graph.with_name(f"{STEP}.{MODES[mode]}.onnx"),
-                           lambda lo, hi: cset.step_batches(meta.schedule, lo, hi), **rules)
+                           lambda lo, hi: cset.step_batches(meta.schedule, lo, hi, names), **rules)
     return path
 
 

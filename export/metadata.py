@@ -2,7 +2,8 @@
 
 An export directory holds
     denoiser.onnx   (x_t, t, y) -> eps
-    step.onnx       (x_t, t, y, guidance, coefs, noise) -> x_prev: one guided DDPM/DDIM step
+    step.onnx       (x_t, t, y, guidance, coefs, noise, x0_prev, corr) -> x_prev, x0, corr_next:
+                    one guided sampler step with the multistep solvers' state (STEP_STATE)
 and later stages add precision variants beside them (denoiser.fp16.onnx, denoiser.int8.onnx, ...).
 Each file's metadata_props hold the keys below as JSON strings. Torch-free: runtimes read this.
 
@@ -260,3 +261,6 @@ def describe_onnx(path: str | Path) -> str:
 
 
 STEP_COEFS = COEF_NAMES   # the order of step.onnx's `coefs` input
+# step.onnx's solver state: (input, the output the next step feeds into it). Graphs exported before the
+# multistep solvers lack them (and take only the first 7 coefs): they run DDPM/DDIM only.
+STEP_STATE = (("x0_prev", "x0"), ("corr", "corr_next"))
