@@ -7,6 +7,8 @@ the video kept on the device between steps; `compile` wraps that step in torch.c
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -76,6 +78,8 @@ class TorchRuntime(Runtime):
         if compile is not None and compile not in COMPILE_MODES:
             raise VditError(f"torch.compile mode must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+            raise VditError(f"torch runtime device must be cpu, cuda or cuda:N, got {device!r}")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise VditError("torch runtime: device cuda asked for, but torch sees no CUDA GPU")
         self.precision, self.device, self.compile = precision, device, compile

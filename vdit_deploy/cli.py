@@ -221,22 +221,31 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
 @click.option("--label", "labels", multiple=True, default=("0",), show_default=True,
               help="Class label(s); repeat or comma-separate for several videos.")
 @sampling_options
+@click.option("--device", default=None, help="--runtime torch: cpu, cuda or cuda:N (default: cuda where there is one).")
+@click.option("--compile", "compile_mode", type=click.Choice(["default", "reduce-overhead", "max-autotune"]),
+              default=None, help="--runtime torch: torch.compile the sampler step (reduce-overhead: CUDA graphs).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .gif, .mp4 or .npy.")
-def sample(checkpoint, onnx_path, labels, sampler, steps, order, spacing, eta, guidance, seed, runtime, precision, out):
+def sample(checkpoint, onnx_path, labels, sampler, steps, order, spacing, eta, guidance, seed, runtime, precision,
+           device, compile_mode, out):
     """Sample videos (DPM-Solver++, UniPC, DDIM or DDPM) from a checkpoint or an ONNX export."""
     from vdit_deploy.runtimes.base import check_runtime_name
     from vdit_deploy.video import check_suffix, write_video
 
     check_output(check_suffix(out))
+    options = {}
     if check_runtime_name(runtime) == "torch":
         from vdit_deploy.checkpoint import SHIPPED
         artifact = checkpoint or SHIPPED
+        options = {"device": device, "compile": compile_mode}
     else:
         if onnx_path is None:
             raise VditError(f"--runtime {runtime} samples from an export: pass --onnx DIR (see `vdit export`)")
+        if device or compile_mode:
+            raise VditError("--device and --compile are for --runtime torch (ONNX Runtime picks its provider; "
+                            "TensorRT runs on the GPU its engine was built for)")
         artifact = onnx_path
     videos, times, desc = run_sampler(runtime, artifact, precision, parse_labels(labels), sampler, steps,
-                                      eta, guidance, seed, order=order, spacing=spacing)
+                                      eta, guidance, seed, options, order=order, spacing=spacing)
     write_video(out, videos)
     click.echo(f"wrote {out}: {len(videos)} video(s), {len(times.steps)} {sampler} steps in {times.total:.2f} s ({desc})")
 
