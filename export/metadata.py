@@ -142,7 +142,8 @@ _CACHE: dict[tuple, ExportMetadata] = {}
 
 def read_metadata(path: str | Path) -> ExportMetadata:
     """Read and check the vdit metadata of one .onnx file without loading its external weights: the
-    schema, the digest, and the video shape against the graph's own x_t input."""
+    schema, the digest, and the video shape and class count against the graph's own x_t input and
+    label table."""
     import onnx
 
     path = Path(path)
@@ -163,6 +164,10 @@ def read_metadata(path: str | Path) -> ExportMetadata:
         if dims[1:] != list(meta.config.video_shape):
             raise VditError(f"{path}: the graph takes x_t of shape {dims[1:]} per video, its metadata says "
                             f"{list(meta.config.video_shape)}; the metadata does not belong to this graph")
+    table = next((i for i in model.graph.initializer if i.name.endswith("y_embedder.weight")), None)
+    if table is not None and table.dims[0] != meta.config.num_classes + 1:   # labels 0..C-1 and the null label
+        raise VditError(f"{path}: the graph's label table has {table.dims[0]} rows, its metadata says "
+                        f"num_classes={meta.config.num_classes} (+1 null); the metadata does not belong to this graph")
     _CACHE[key] = meta
     return meta
 

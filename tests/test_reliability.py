@@ -93,6 +93,8 @@ def ws(tmp_path_factory, tiny_checkpoint, tiny_export):
         **json.loads(_prop(ex / "denoiser.onnx", "vdit.model_config")), "frames": 16})}, resign=True)
     edit_export(ex, root / "meta_classes", {"vdit.model_config": json.dumps({
         **json.loads(_prop(ex / "denoiser.onnx", "vdit.model_config")), "num_classes": 9})}, resign=False)
+    edit_export(ex, root / "meta_classes_signed", {"vdit.model_config": json.dumps({
+        **json.loads(_prop(ex / "denoiser.onnx", "vdit.model_config")), "num_classes": 9})}, resign=True)
     edit_export(ex, root / "meta_batch", {"vdit.batch": '"abc"'}, resign=True)
     edit_export(ex, root / "meta_sched", {"vdit.schedule": json.dumps({"kind": "cosine", "num_timesteps": 1000})},
                 resign=False)
@@ -133,6 +135,8 @@ CASES = [
     ("config-truncated", "info {ws}/cfg_trunc", "is not valid JSON"),
     ("meta-frames-signed", "sample --runtime ort --onnx {ws}/meta_frames --out {ws}/v.gif", "the graph takes x_t of shape"),
     ("meta-classes-edited", "sample --runtime ort --onnx {ws}/meta_classes --out {ws}/v.gif", "metadata was edited"),
+    ("meta-classes-signed", "sample --runtime ort --onnx {ws}/meta_classes_signed --label 7 --out {ws}/v.gif",
+     "label table has 5 rows"),
     ("meta-batch-str", "sample --runtime ort --onnx {ws}/meta_batch --out {ws}/v.gif", "vdit.batch must be a JSON object"),
     ("label-huge", "sample --checkpoint {ws}/ckpt --label 99999999999999999999 --out {ws}/v.gif", "label 99999999999999999999 is out of range"),
     ("seed-negative", "sample --checkpoint {ws}/ckpt --seed -1 --out {ws}/v.gif", "Invalid value for '--seed'"),
