@@ -8,7 +8,6 @@ Supported: TensorRT 10.3 (JetPack 6, weakly typed, calibrators), 10.13, 10.16 an
 typed only); cuda-python 11.8, 12.2 (cuda.cudart), 12.9 and 13.4. TensorRT 8.6 is refused in one line.
 """
 import ast
-import json
 import re
 from pathlib import Path
 
@@ -102,6 +101,16 @@ def build(export, precision, **kw):
     return build_engine(export / {"fp32": "step.onnx", "fp16": "step.onnx", "int8": "step.int8-qdq.onnx",
                                   "best": "step.int8-qdq.onnx"}[precision],
                         precision, BatchProfile(1, 2, 4), progress=False, log=lambda m: None, **kw)
+
+
+def open_built(export, precision, **options):
+    """`vdit build`'s part (find or build both engines), then the runtime, which only loads them."""
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.runtimes.trt_build import KINDS, find_engine
+
+    for kind in KINDS:
+        find_engine(export, kind, precision, build=True, progress=False, log=lambda m: None)
+    return open_runtime("trt", export, precision=precision, **options)
 
 
 # ---- 1. static: every cudart call and tensorrt name in the source, per recorded version -----------------
@@ -393,7 +402,7 @@ def test_runtime_warm_up_capture_and_replay(monkeypatch, export, trt_version, cu
     from vdit_deploy.runtimes import open_runtime
 
     world = fake(monkeypatch, trt_version, cudart_version)
-    with open_runtime("trt", export, precision="fp32", progress=False) as rt:
+    with open_built(export, "fp32") as rt:
         out = run_steps(rt, 6)
         assert out.shape == (2, *CFG.video_shape) and rt.cuda_graph and "CUDA graph" in rt.describe()
         assert [kind for kind, _ in world.launches] == ["execute", "execute", "graph", "graph", "graph", "graph"]
@@ -408,6 +417,23 @@ def test_runtime_warm_up_capture_and_replay(monkeypatch, export, trt_version, cu
     assert all(not s.destroyed or s.capture == "none" for s in world.streams.values())
 
 
+def test_runtime_loads_engines_and_never_builds(monkeypatch, export):
+    """Control flow (not numerics): opening the runtime on an export without engines builds nothing
+    and says, in one line, which `vdit build` to run; after that build it opens."""
+    from vdit_deploy.runtimes import open_runtime
+
+    world = fake(monkeypatch)
+    with pytest.raises(VditError, match=r"no step engine for fp16 .*run `vdit build .* --precision fp16`") as e:
+        open_runtime("trt", export, precision="fp16")
+    assert "\n" not in str(e.value) and world.builds == []
+    with open_built(export, "fp16") as rt:
+        built = len(world.builds)
+        assert [f.parent.name for f in rt.files] == ["engines"] and rt.batch_range == (1, 8)
+        assert len(world.builds) == built == 2 and len(rt.files) == 2   # the denoiser engine is loaded, not built
+    with open_runtime("trt", export, precision="fp16") as rt:
+        assert len(world.builds) == 2
+
+
 @pytest.mark.parametrize("cudart_version", CUDART_VERSIONS)
 def test_capture_failure_ends_capture_and_falls_back(monkeypatch, export, cudart_version):
     """Control flow (not numerics): when the engine cannot run inside a capture, the capture is ended
@@ -416,7 +442,7 @@ def test_capture_failure_ends_capture_and_falls_back(monkeypatch, export, cudart
     from vdit_deploy.runtimes import open_runtime
 
     world = fake(monkeypatch, TRT_10_3, cudart_version, fail_launch_in_capture=True)
-    with open_runtime("trt", export, precision="fp16", progress=False) as rt:
+    with open_built(export, "fp16") as rt:
         run_steps(rt, 5)
         assert not rt.cuda_graph and "no CUDA graph" in rt.describe() and "failed to run" in rt.graph_error
         assert [kind for kind, _ in world.launches] == ["execute"] * 5
@@ -434,7 +460,7 @@ def test_failed_instantiate_destroys_the_graph(monkeypatch, export, cudart_versi
     from vdit_deploy.runtimes import open_runtime
 
     world = fake(monkeypatch, TRT_11, cudart_version, fail_instantiate=True)
-    with open_runtime("trt", export, precision="fp32", progress=False) as rt:
+    with open_built(export, "fp32") as rt:
         run_steps(rt, 4)
         assert not rt.cuda_graph and "cudaGraphInstantiateWithFlags failed" in rt.graph_error
         assert [kind for kind, _ in world.launches] == ["execute"] * 4 and not world.graphs
@@ -447,7 +473,7 @@ def test_batch_outside_the_profile_and_refused_addresses(monkeypatch, export):
     from vdit_deploy.runtimes import open_runtime
 
     fake(monkeypatch)
-    with open_runtime("trt", export, precision="fp32", progress=False) as rt:
+    with open_built(export, "fp32") as rt:
         engine = rt.step_engine
         with pytest.raises(VditError, match="outside the engine"):
             engine.set_batch(engine.max_batch + 1)
@@ -471,7 +497,7 @@ def test_real_tiny_export_builds_and_samples(monkeypatch, tiny_export, tmp_path,
 
     export = shutil.copytree(tiny_export, tmp_path / "export")
     world = fake(monkeypatch, trt_version)
-    with open_runtime("trt", export, precision=precision, progress=False) as rt:
+    with open_built(export, precision) as rt:
         steps = make_steps(rt.schedule, "ddim", 5, eta=1.0)   # eta 1: stochastic steps upload noise
         video = sample(rt, rt.config, [0, 1], steps, guidance=2.0, seed=0)
         assert video.shape == (2, *rt.config.video_shape) and rt.cuda_graph
@@ -526,7 +552,7 @@ def test_every_tensorrt_name_is_exercised(monkeypatch, export, tmp_path):
                 (tmp_path / "step.calib.cache").unlink(missing_ok=True)
                 build_engine(export / "step.onnx", "int8", BatchProfile(1, 2, 4), calibration=calib,
                              timing_cache=tmp_path / "t.cache", progress=False, log=lambda msg: None)
-            with open_runtime("trt", export, precision="fp32", progress=False) as rt:
+            with open_built(export, "fp32") as rt:
                 run_steps(rt, 4)
             used |= {name.removeprefix("tensorrt.") for name in world.used}
     _, names, _ = source_calls()
