@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 import trt_fake
+from conftest import open_built
 from trt_fake import CUDART_VERSIONS, TRT_SUPPORTED, TRT_UNSUPPORTED, World, install, surface
 from vdit_deploy.config import preset
 from vdit_deploy.diffusion import Schedule
@@ -101,16 +102,6 @@ def build(export, precision, **kw):
     return build_engine(export / {"fp32": "step.onnx", "fp16": "step.onnx", "int8": "step.int8-qdq.onnx",
                                   "best": "step.int8-qdq.onnx"}[precision],
                         precision, BatchProfile(1, 2, 4), progress=False, log=lambda m: None, **kw)
-
-
-def open_built(export, precision, **options):
-    """`vdit build`'s part (find or build both engines), then the runtime, which only loads them."""
-    from vdit_deploy.runtimes import open_runtime
-    from vdit_deploy.runtimes.trt_build import KINDS, find_engine
-
-    for kind in KINDS:
-        find_engine(export, kind, precision, build=True, progress=False, log=lambda m: None)
-    return open_runtime("trt", export, precision=precision, **options)
 
 
 # ---- 1. static: every cudart call and tensorrt name in the source, per recorded version -----------------
@@ -396,11 +387,9 @@ def run_steps(rt, n, stochastic_every=2):
 @pytest.mark.parametrize("trt_version", [TRT_10_3, TRT_11])
 @pytest.mark.parametrize("cudart_version", CUDART_VERSIONS)
 def test_runtime_warm_up_capture_and_replay(monkeypatch, export, trt_version, cudart_version):
-    """Control flow (not numerics): TrtRuntime builds and loads the engines, runs the first step of
+    """Control flow (not numerics): TrtRuntime loads the built engines, runs the first step of
     each ping-pong direction eagerly, captures each direction once as a CUDA graph, then replays the
     graphs; builder and runtime share one Logger; closing frees every device resource."""
-    from vdit_deploy.runtimes import open_runtime
-
     world = fake(monkeypatch, trt_version, cudart_version)
     with open_built(export, "fp32") as rt:
         out = run_steps(rt, 6)
@@ -439,7 +428,6 @@ def test_capture_failure_ends_capture_and_falls_back(monkeypatch, export, cudart
     """Control flow (not numerics): when the engine cannot run inside a capture, the capture is ended
     (the stream leaves capture mode), nothing leaks, the step still runs eagerly, and every later
     step too; describe() says why."""
-    from vdit_deploy.runtimes import open_runtime
 
     world = fake(monkeypatch, TRT_10_3, cudart_version, fail_launch_in_capture=True)
     with open_built(export, "fp16") as rt:
@@ -457,7 +445,6 @@ def test_capture_failure_ends_capture_and_falls_back(monkeypatch, export, cudart
 def test_failed_instantiate_destroys_the_graph(monkeypatch, export, cudart_version):
     """Control flow (not numerics): cudaGraphInstantiateWithFlags failing leaves no graph behind and
     the runtime continues eagerly."""
-    from vdit_deploy.runtimes import open_runtime
 
     world = fake(monkeypatch, TRT_11, cudart_version, fail_instantiate=True)
     with open_built(export, "fp32") as rt:
@@ -470,7 +457,6 @@ def test_failed_instantiate_destroys_the_graph(monkeypatch, export, cudart_versi
 def test_batch_outside_the_profile_and_refused_addresses(monkeypatch, export):
     """Control flow (not numerics): set_input_shape and set_tensor_address results are checked: a
     refusal is a one-line VditError, not a launch with stale shapes or addresses."""
-    from vdit_deploy.runtimes import open_runtime
 
     fake(monkeypatch)
     with open_built(export, "fp32") as rt:
@@ -492,7 +478,6 @@ def test_real_tiny_export_builds_and_samples(monkeypatch, tiny_export, tmp_path,
     import shutil
 
     from vdit_deploy.diffusion import make_steps
-    from vdit_deploy.runtimes import open_runtime
     from vdit_deploy.sampling import sample
 
     export = shutil.copytree(tiny_export, tmp_path / "export")
@@ -532,7 +517,6 @@ def test_every_tensorrt_name_is_exercised(monkeypatch, export, tmp_path):
     """API conformance (not numerics): running every build path and the runtime against each
     supported TensorRT touches each `trt.X[.Y]` the source names in at least one version, and never
     one a version lacks (the fake would raise): so every version-specific name sits behind a guard."""
-    from vdit_deploy.runtimes import open_runtime
     from vdit_deploy.runtimes.trt_build import BuildOptions, build_engine
 
     calib = tmp_path / "calib"
