@@ -182,7 +182,8 @@ def sampling_options(f):
                      help="Classifier-free guidance scale (1: off)."),
         click.option("--seed", default=0, show_default=True, type=SEED),
         click.option("--runtime", default="torch", show_default=True,
-                     help="torch (checkpoint), or ort / trt / ort-trt (ONNX export, no torch needed)."),
+                     help="torch (checkpoint), or ort / trt / ort-trt (ONNX export, no torch needed; "
+                          "trt loads the engines `vdit build` made)."),
         click.option("--precision", default="fp32", show_default=True, help=precisions_help()),
     ]):
         f = option(f)
