@@ -103,7 +103,3 @@ def schedule(data, where: str = ""):
     except (TypeError, ValueError) as e:
         fail(where, f"invalid schedule: {e}")
 
-
-def finite_option(value: float, name: str, lo: float | None = None, lo_open: bool = False) -> float:
-    """A command-line float (already parsed): finite, and in range."""
-    return number(float(value), name, lo, lo_open=lo_open)
