@@ -28,7 +28,7 @@ import numpy as np
 from vdit_deploy.diffusion import COEF_NAMES, guide, guided_step, make_steps
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import DENOISER, STEP, check_export_dir
-from vdit_deploy.export.variants import FP16, FP32, INT8_DYNAMIC, INT8_QDQ
+from vdit_deploy.export.variants import FP16, FP32, INT8_DYNAMIC, INT8_QDQ, variant_file
 from vdit_deploy.files import sha256_file
 
 FP32_TOLERANCE = 1e-4
@@ -241,7 +241,7 @@ def verify(export_dir: str | Path, checkpoint: str | Path | None = None, toleran
                 for i, j in pieces(2 * b, lo, hi):
                     ref = torch_rt.denoise(xx[i:j], tt[i:j], yy[i:j])
                     row.add(session.run(None, {"x_t": xx[i:j], "t": tt[i:j], "y": yy[i:j]})[0], ref)
-                    if path.name == f"{DENOISER}.onnx":
+                    if path.name == variant_file(DENOISER):
                         feeds.append({"x_t": xx[i:j], "t": tt[i:j], "y": yy[i:j]})
                         refs.append({"eps": ref})
         if row.calls:
@@ -249,7 +249,7 @@ def verify(export_dir: str | Path, checkpoint: str | Path | None = None, toleran
         else:
             report.skipped.append(f"{path.name}: no replayed call fits its batch range {lo}..{hi}")
     if polygraphy and feeds:
-        report.polygraphy = _polygraphy_compare(export_dir / f"{DENOISER}.onnx", feeds, refs, tolerance,
+        report.polygraphy = _polygraphy_compare(export_dir / variant_file(DENOISER), feeds, refs, tolerance,
                                                 save_polygraphy)
     torch_rt.close()
     return report

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.variants import DENOISER, FP16, INT8_DYNAMIC, INT8_QDQ, find_variant, runtime_graph
+from vdit_deploy.export.variants import (DENOISER, FP16, INT8_DYNAMIC, INT8_QDQ, find_variant, runtime_graph,
+                                         variant_file)
 from vdit_deploy.files import sha256_file
 
 CALIBRATION_SEED_OFFSET = 1000                   # calibrate on other seeds than the ones evaluated
@@ -51,7 +52,7 @@ def _export_covers(export_dir: Path, sha: str, max_batch: int) -> bool:
     from vdit_deploy.export.metadata import read_metadata
 
     try:
-        meta = read_metadata(export_dir / "denoiser.onnx")
+        meta = read_metadata(export_dir / variant_file(DENOISER))
     except VditError:
         return False
     lo, hi = meta.batch_range()
