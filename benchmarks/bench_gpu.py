@@ -51,7 +51,7 @@ def bare_step_seconds(rt, x, t, y, guidance, coefs, noise, repeats: int, sync) -
     if rt.name == "torch":
         dev = lambda a, dt=torch.float32: torch.from_numpy(np.ascontiguousarray(a)).to(rt.device, dt)   # noqa: E731
         args = (dev(x), dev(np.full(len(y), t, np.float32)), dev(y, torch.int32), dev(np.float32([guidance])),
-                dev(coefs), dev(noise))
+                dev(coefs), dev(noise), dev(np.zeros_like(x)), dev(np.zeros_like(x)))   # + solver state
 
         def run():
             if rt.compile:
@@ -61,13 +61,18 @@ def bare_step_seconds(rt, x, t, y, guidance, coefs, noise, repeats: int, sync) -
     if rt.name == "ort" and rt.fused is not None:
         import onnxruntime as ort
 
+        from vdit_deploy.diffusion import SINGLE_STEP_COEFS
+        from vdit_deploy.export.metadata import STEP_STATE
+
         graph = rt.fused
         binding = graph.session.io_binding()
+        state = {name: np.zeros_like(x) for name, _ in STEP_STATE} if graph.has_state else {}
         feeds = graph.feeds(x_t=x, t=np.full(len(y), t, np.float32), y=y, guidance=np.float32([guidance]),
-                            coefs=coefs, noise=noise)
+                            coefs=coefs if graph.has_state else coefs[:SINGLE_STEP_COEFS], noise=noise, **state)
         for name, value in feeds.items():
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, graph.device_type, 0))
-        binding.bind_output(graph.output, graph.device_type)
+        for output in graph.output_names:
+            binding.bind_output(output, graph.device_type)
         return median_seconds(lambda: graph.session.run_with_iobinding(binding), repeats)
     if rt.name == "trt":
         def run():

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from vdit_deploy.config import ModelConfig, check_memory
+from vdit_deploy.diffusion import DEFAULT_SAMPLER
 from vdit_deploy.errors import VditError
 from vdit_deploy import validate as v
 from vdit_deploy.files import atomic_path, check_output
@@ -61,10 +62,12 @@ def chunked(denoise, max_batch: int):
     return call
 
 
-def collect(checkpoint_or_export, out_dir, sampler: str = "ddim", steps: int = 50, guidance: float = 2.0,
-            eta: float = 0.0, seeds=range(4), labels=None, timesteps: int = 8, progress: bool = False) -> Path:
-    """Run the fp32 sampler and record the denoiser inputs at `timesteps` steps of each trajectory.
-    labels: one label per video of a sample (default: every class once). Written atomically."""
+def collect(checkpoint_or_export, out_dir, sampler: str = DEFAULT_SAMPLER, steps: int | None = None,
+            guidance: float = 2.0, eta: float = 0.0, seeds=range(4), labels=None, timesteps: int = 8,
+            progress: bool = False, order: int | None = None, spacing: str = "linspace") -> Path:
+    """Run the fp32 sampler (the one deployed: its timesteps are the ones INT8 ranges must cover) and
+    record the denoiser inputs at `timesteps` steps of each trajectory. steps None: the sampler's
+    default. labels: one label per video of a sample (default: every class once). Written atomically."""
     from vdit_deploy.diffusion import make_steps
     from vdit_deploy.sampling import DenoiseRecorder, check_labels, sample
 
@@ -78,7 +81,7 @@ def collect(checkpoint_or_export, out_dir, sampler: str = "ddim", steps: int = 5
     with rt:
         cfg = rt.config
         y = check_labels(range(cfg.num_classes) if labels is None else labels, cfg)
-        plan = make_steps(rt.schedule, sampler, None if sampler == "ddpm" else steps, eta)
+        plan = make_steps(rt.schedule, sampler, steps, eta, order=order, spacing=spacing)   # ddpm: all T; another count is refused
         keep = set(pick_steps(len(plan), timesteps))
         rows = len(seeds) * len(keep) * (2 if guidance != 1.0 else 1) * len(y)
         check_memory(rows * 4 * math.prod(cfg.video_shape) + cfg.memory_bytes(2 * len(y)),
@@ -103,7 +106,8 @@ def collect(checkpoint_or_export, out_dir, sampler: str = "ddim", steps: int = 5
     manifest = {
         "format": FORMAT, "checkpoint_sha256": sha, "model_config": cfg.to_dict(),
         "source": str(Path(checkpoint_or_export).resolve()), "runtime": f"{rt.name}:fp32",
-        "sampler": sampler, "steps": len(plan), "eta": eta, "guidance": guidance, "seeds": seeds,
+        "sampler": sampler, "steps": len(plan), "order": order, "spacing": spacing, "eta": eta,
+        "guidance": guidance, "seeds": seeds,
         "labels": y.tolist(), "timesteps": sorted({r["t"] for r in records}, reverse=True),
         "step_indices": sorted(keep), "call_batch": (2 if guidance != 1.0 else 1) * len(y),
         "shapes": {k: list(a.shape) for k, a in arrays.items()}, "records": records,
@@ -139,14 +143,19 @@ class CalibrationSet:
                 if j - i >= lo:
                     yield {k: self.arrays[k][i:j] for k in INPUTS}
 
-    def step_batches(self, schedule, lo: int = 1, hi: int | None = None):
+    def step_batches(self, schedule, lo: int = 1, hi: int | None = None, inputs=None):
         """Inputs of the fused step graph that make the same denoiser calls as batches(): x_t, t, y of
         each call's cond half (the graph rebuilds the 2B cond + null batch), the manifest's guidance,
-        the coefs of that step of the manifest's plan, and seeded noise; cut to at most `hi` videos."""
-        from vdit_deploy.diffusion import make_steps
+        the coefs of that step of the manifest's plan, seeded noise and a zero solver state (it only
+        enters the step's float update); cut to at most `hi` videos. inputs: the names the graph
+        takes (a step graph from before the multistep samplers has no state and 7 coefs)."""
+        from vdit_deploy.diffusion import SINGLE_STEP_COEFS, make_steps
+        from vdit_deploy.export.metadata import STEP_STATE
 
         m = self.manifest
-        plan = make_steps(schedule, m["sampler"], None if m["sampler"] == "ddpm" else m["steps"], m["eta"])
+        plan = make_steps(schedule, m["sampler"], None if m["sampler"] == "ddpm" else m["steps"], m["eta"],
+                          order=m.get("order"), spacing=m.get("spacing", "linspace"))
+        single = inputs is not None and not {i for i, _ in STEP_STATE} <= set(inputs)
         guided = m["guidance"] != 1.0
         for r in m["records"]:
             start, end = r["rows"]
@@ -158,8 +167,13 @@ class CalibrationSet:
                 if j - i >= lo:
                     x = self.arrays["x_t"][i:j]
                     noise = np.random.default_rng([r["seed"], r["step"], i]).standard_normal(x.shape, dtype=np.float32)
-                    yield {"x_t": x, "t": self.arrays["t"][i:j], "y": self.arrays["y"][i:j],
-                           "guidance": np.float32([m["guidance"]]), "coefs": coefs, "noise": noise}
+                    feed = {"x_t": x, "t": self.arrays["t"][i:j], "y": self.arrays["y"][i:j],
+                            "guidance": np.float32([m["guidance"]]), "coefs": coefs, "noise": noise,
+                            **{name: np.zeros_like(x) for name, _ in STEP_STATE}}
+                    if single:
+                        feed = {k: v for k, v in feed.items() if k in inputs}
+                        feed["coefs"] = coefs[:SINGLE_STEP_COEFS]
+                    yield feed
 
 
 def onnx_session(path, threads: int | None = None):

@@ -39,6 +39,11 @@ def step_nodes(model) -> list[str]:
     return [n.name for n in model.graph.node if len(scopes := _scopes(n)) == 2 and scopes[0] == ""]
 
 
+def check_patterns(patterns) -> list[str]:
+    from vdit_deploy.validate import regex
+    return [regex(p, "layer pattern") for p in patterns]
+
+
 def matches(node, patterns) -> bool:
     """A node matches a pattern if the pattern finds its layer path, its name, or equals its op type."""
     path = node_path(node)
@@ -47,6 +52,7 @@ def matches(node, patterns) -> bool:
 
 def select(model, patterns, op_types=None) -> list[str]:
     """Names of the nodes (of op_types, if given) that match any pattern."""
+    check_patterns(patterns)
     return [n.name for n in model.graph.node
             if (op_types is None or n.op_type in op_types) and matches(n, patterns)]
 

@@ -26,7 +26,7 @@ import io
 import logging
 from pathlib import Path
 
-from vdit_deploy.calibration.graph import COMPUTE_OPS, select
+from vdit_deploy.calibration.graph import COMPUTE_OPS, check_patterns, select
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import DENOISER, STEP, find_onnx, read_metadata
 from vdit_deploy.export.variants import INT8_DYNAMIC, INT8_QDQ, variant_file
@@ -80,6 +80,7 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
     from vdit_deploy.calibration.collect import load_calibration_set
     from vdit_deploy.calibration.fp16 import variant_sources
 
+    check_patterns([*keep_fp, *(only or ())])     # before any graph is loaded or written
     if method not in METHODS:
         raise VditError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
     src, *step = variant_sources(export_dir)
@@ -95,9 +96,12 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
                           cset and (lambda lo, hi: cset.batches(lo, hi)), **rules)
     # dynamic INT8 is ONNX Runtime's CPU form, where a host-side step costs the same as a fused one
     if mode == "qdq" and out is None and only is None:
+        import onnx
+
         for graph in step:
+            names = [i.name for i in onnx.load(str(graph), load_external_data=False).graph.input]
             quantize_graph(graph, graph.with_name(variant_file(STEP, MODES[mode])),
-                           lambda lo, hi: cset.step_batches(meta.schedule, lo, hi), **rules)
+                           lambda lo, hi: cset.step_batches(meta.schedule, lo, hi, names), **rules)
     return path
 
 

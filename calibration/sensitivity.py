@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from vdit_deploy.calibration.graph import layer_groups, matches
+from vdit_deploy.calibration.graph import check_patterns, layer_groups, matches
 from vdit_deploy.export.metadata import DENOISER, find_onnx, read_metadata
 from vdit_deploy.files import temp_dir
 
@@ -35,6 +35,7 @@ def sensitivity(export_dir, calib_dir, mode: str = "dynamic", method: str = "min
     from vdit_deploy.metrics import rel_l2
 
     keep_fp = DEFAULT_SENSITIVE if keep_fp is None else keep_fp
+    check_patterns([*keep_fp, *([layers] if layers else [])])
     src = find_onnx(export_dir, DENOISER)
     meta = read_metadata(src)
     cset = load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.config)

@@ -2,7 +2,8 @@
 
 An export directory holds
     denoiser.onnx   (x_t, t, y) -> eps
-    step.onnx       (x_t, t, y, guidance, coefs, noise) -> x_prev: one guided DDPM/DDIM step
+    step.onnx       (x_t, t, y, guidance, coefs, noise, x0_prev, corr) -> x_prev, x0, corr_next:
+                    one guided sampler step with the multistep solvers' state (STEP_STATE)
 and later stages add precision variants beside them (named in variants.py: denoiser.fp16.onnx, ...).
 Each file's metadata_props hold the keys below as JSON strings. Torch-free: runtimes read this.
 
@@ -26,6 +27,7 @@ from vdit_deploy.errors import VditError
 from vdit_deploy.export.variants import (DENOISER, GRAPH_PRECISIONS, KINDS, OLD_TAGS, STEP,
                                          all_variant_files, find_variant, graph_precision, variant_file,
                                          variant_files)
+
 # What a sample depends on: a digest of these catches edits. The precision tag is left out (variants
 # restamp it) and checked against the file name instead.
 DIGESTED = ("vdit.kind", "vdit.model_config", "vdit.schedule", "vdit.io", "vdit.checkpoint_sha256", "vdit.batch")
@@ -141,7 +143,8 @@ _CACHE: dict[tuple, ExportMetadata] = {}
 
 def read_metadata(path: str | Path) -> ExportMetadata:
     """Read and check the vdit metadata of one .onnx file without loading its external weights: the
-    schema, the digest, and the video shape against the graph's own x_t input."""
+    schema, the digest, and the video shape and class count against the graph's own x_t input and
+    label table."""
     import onnx
 
     path = Path(path)
@@ -162,6 +165,10 @@ def read_metadata(path: str | Path) -> ExportMetadata:
         if dims[1:] != list(meta.config.video_shape):
             raise VditError(f"{path}: the graph takes x_t of shape {dims[1:]} per video, its metadata says "
                             f"{list(meta.config.video_shape)}; the metadata does not belong to this graph")
+    table = next((i for i in model.graph.initializer if i.name.endswith("y_embedder.weight")), None)
+    if table is not None and table.dims[0] != meta.config.num_classes + 1:   # labels 0..C-1 and the null label
+        raise VditError(f"{path}: the graph's label table has {table.dims[0]} rows, its metadata says "
+                        f"num_classes={meta.config.num_classes} (+1 null); the metadata does not belong to this graph")
     _CACHE[key] = meta
     return meta
 
@@ -254,3 +261,8 @@ def describe_onnx(path: str | Path) -> str:
         lines.append(f"  versions   {json.dumps(meta.versions, sort_keys=True)}")
         lines.append(f"  GFLOP/call {cfg.flops() / 1e9:.3f} at batch 1")
     return "\n".join(lines)
+
+
+# step.onnx's solver state: (input, the output the next step feeds into it). Graphs exported before the
+# multistep solvers lack them (and take only the first 7 coefs): they run DDPM/DDIM only.
+STEP_STATE = (("x0_prev", "x0"), ("corr", "corr_next"))

@@ -1,10 +1,11 @@
 """Checkpoint -> ONNX: the denoiser graph and the fused sampler-step graph, with vdit metadata.
 
     denoiser.onnx  (x_t (B,C,F,H,W) f32, t (B,) f32, y (B,) i32) -> eps (B,C,F,H,W) f32
-    step.onnx      (x_t, t, y, guidance (1,) f32, coefs (7,) f32, noise (B,C,F,H,W) f32) -> x_prev
-                   classifier-free guidance (cond + null label as one 2B batch) and the DDPM/DDIM
-                   affine update of diffusion.apply_step inside the graph: a GPU runtime keeps the video
-                   on the device for the whole loop, the host only feeds scalars and noise.
+    step.onnx      (x_t, t, y, guidance (1,) f32, coefs (13,) f32, noise, x0_prev, corr) -> x_prev, x0, corr_next
+                   classifier-free guidance (cond + null label as one 2B batch) and the affine update of
+                   diffusion.apply_step inside the graph, with the multistep solvers' state (previous x0,
+                   UniPC's corrector part; all (B,C,F,H,W) f32) in and out: a GPU runtime keeps the video
+                   and the state on the device for the whole loop, the host only feeds scalars and noise.
 
 Exporter: torch.onnx's dynamo exporter (torch.export + onnxscript + its graph optimizer). On the tiny
 preset it gives 420 nodes against TorchScript's 1466: TorchScript traces every `x.shape[i]` into
@@ -28,7 +29,7 @@ import torch.nn as nn
 from vdit_deploy.checkpoint import load_model
 from vdit_deploy.diffusion import COEF_NAMES
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.metadata import ExportMetadata
+from vdit_deploy.export.metadata import STEP_STATE, ExportMetadata
 from vdit_deploy.export.variants import DENOISER, STEP, variant_file
 from vdit_deploy.files import atomic_path, check_output, temp_dir
 
@@ -37,34 +38,38 @@ DEFAULT_BATCH = (1, 8)         # videos per call; denoiser.onnx also takes 2x th
 PROTOBUF_LIMIT = 2 ** 31       # a single ONNX file cannot exceed 2 GB: larger models keep weights beside it
 
 DENOISER_INPUTS, DENOISER_OUTPUTS = ("x_t", "t", "y"), ("eps",)
-STEP_INPUTS, STEP_OUTPUTS = ("x_t", "t", "y", "guidance", "coefs", "noise"), ("x_prev",)
+STEP_INPUTS = ("x_t", "t", "y", "guidance", "coefs", "noise", *(i for i, _ in STEP_STATE))
+STEP_OUTPUTS = ("x_prev", *(o for _, o in STEP_STATE))
 
 
 # ---- the graphs ------------------------------------------------------------------------------
-def apply_step(x_t: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def apply_step(x_t, eps, coefs, noise, x0_prev, corr) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """diffusion.apply_step in torch, op for op (tests compare the graph with the numpy version)."""
-    a, b, clip, c_x0, c_xt, c_eps, sigma = coefs.unbind(0)                       # scalars
+    a, b, clip, c_x0, c_xt, c_eps, sigma, c_x0_prev, c_corr, d_x0, d_xt, d_x0_prev, d_corr = coefs.unbind(0)
+    eps = eps[:, :x_t.shape[1]]                                                  # learned sigma: eps/v first
     ax = a * x_t
     x0 = torch.minimum(torch.maximum(ax - b * eps, -clip), clip)                 # Min/Max: no Clip-with-inputs
     eps_hat = (ax - x0) / b
     x_prev = c_x0 * x0 + c_xt * x_t + c_eps * eps_hat
-    return x_prev + sigma * noise                                                # sigma = 0: noise is zeros
+    x_prev = x_prev + c_x0_prev * x0_prev + c_corr * corr
+    corr_next = d_x0 * x0 + d_xt * x_t + d_x0_prev * x0_prev + d_corr * corr
+    return x_prev + sigma * noise, x0, corr_next                                 # sigma = 0: noise is zeros
 
 
 class FusedStep(nn.Module):
-    """One guided sampler step: (x_t, t, y, guidance, coefs, noise) -> x_prev."""
+    """One guided sampler step: (x_t, t, y, guidance, coefs, noise, x0_prev, corr) -> (x_prev, x0, corr_next)."""
 
     def __init__(self, denoiser: nn.Module, null_label: int):
         super().__init__()
         self.denoiser, self.null_label = denoiser, null_label
 
-    def forward(self, x_t, t, y, guidance, coefs, noise):
+    def forward(self, x_t, t, y, guidance, coefs, noise, x0_prev, corr):
         both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]),
                              torch.cat([y, torch.full_like(y, self.null_label)]))   # (2B, C, F, H, W)
         b = x_t.shape[0]
         eps_cond, eps_null = both[:b], both[b:]        # slices, not chunk(2): chunk's ceil-div guard pins B
         eps = eps_null + guidance * (eps_cond - eps_null)                          # guidance (1,)
-        return apply_step(x_t, eps, coefs, noise)
+        return apply_step(x_t, eps, coefs, noise, x0_prev, corr)
 
 
 def _weights_bytes(module: nn.Module) -> int:
@@ -170,8 +175,12 @@ def _io(cfg, kind: str, batch_name: str) -> dict:
     if kind == STEP:
         inputs += [spec("guidance", [1], "float32", "classifier-free guidance scale"),
                    spec("coefs", [len(COEF_NAMES)], "float32", " ".join(COEF_NAMES)),
-                   spec("noise", video, "float32", "N(0, I) for sigma > 0, else zeros")]
-        outputs = [spec("x_prev", video, "float32", "NCFHW video at the next (earlier) timestep")]
+                   spec("noise", video, "float32", "N(0, I) for sigma > 0, else zeros"),
+                   spec("x0_prev", video, "float32", "the previous step's x0 output (zeros at the first step)"),
+                   spec("corr", video, "float32", "the previous step's corr_next output (zeros at the first step)")]
+        outputs = [spec("x_prev", video, "float32", "NCFHW video at the next (earlier) timestep"),
+                   spec("x0", video, "float32", "this step's clipped data prediction (the next x0_prev)"),
+                   spec("corr_next", video, "float32", "UniPC's corrector part for the next step (the next corr)")]
     else:
         outputs = [spec("eps", video, "float32", "NCFHW predicted noise")]
     return {"inputs": inputs, "outputs": outputs}
@@ -220,9 +229,10 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, batch: tuple[
         meta = ExportMetadata(DENOISER, io=_io(cfg, DENOISER, bname), batch=den_meta, **common)
         _export(denoiser, (x, t, y), tmp / variant_file(DENOISER), DENOISER_INPUTS, DENOISER_OUTPUTS,
                 (True, True, True), den_batch, opset, meta.to_props(), external_data)
-        coefs = torch.tensor([1.5, 0.5, 1.0, 0.9, 0.0, 0.4, 0.1])
+        coefs = torch.tensor([1.5, 0.5, 1.0, 0.9, 0.0, 0.4, 0.1, 0.2, 0.3, 0.5, 0.1, 0.2, 0.3])
+        state = (torch.randn_like(x), torch.randn_like(x))
         meta = ExportMetadata(STEP, io=_io(cfg, STEP, bname), batch=step_meta, **common)
-        _export(FusedStep(denoiser, cfg.null_label), (x, t, y, torch.tensor([2.0]), coefs, torch.randn_like(x)),
-                tmp / variant_file(STEP), STEP_INPUTS, STEP_OUTPUTS, (True, True, True, False, False, True),
+        _export(FusedStep(denoiser, cfg.null_label), (x, t, y, torch.tensor([2.0]), coefs, torch.randn_like(x), *state),
+                tmp / variant_file(STEP), STEP_INPUTS, STEP_OUTPUTS, (True, True, True, False, False, True, True, True),
                 step_batch, opset, meta.to_props(), external_data)
     return out_dir

@@ -27,7 +27,7 @@ import numpy as np
 
 from vdit_deploy.diffusion import COEF_NAMES, guide, guided_step, make_steps
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.metadata import DENOISER, STEP, check_export_dir
+from vdit_deploy.export.metadata import DENOISER, STEP, STEP_STATE, check_export_dir
 from vdit_deploy.export.variants import FP16, FP32, INT8_DYNAMIC, INT8_QDQ, variant_file
 from vdit_deploy.files import sha256_file
 
@@ -117,10 +117,10 @@ def record_trajectory(torch_rt, batch: int, num_steps: int, picks: int, seed: in
     records = []
 
     class Recorder:
-        def step(self, x, t, y, g, coefs, noise):
+        def step(self, x, t, y, g, coefs, noise, state=None):
             b, raw = len(x), []
             out = guided_step(lambda *a: raw.append(torch_rt.denoise(*a)) or raw[-1], x, t, y, g, coefs, noise,
-                              cfg.null_label)
+                              cfg.null_label, state)
             eps = raw[0] if g == 1.0 else guide(raw[0][:b], raw[0][b:], g)
             if len(seen) in keep:
                 records.append(((x, t, y, g, coefs, noise), eps, out))
@@ -226,13 +226,19 @@ def verify(export_dir: str | Path, checkpoint: str | Path | None = None, toleran
         row = Comparison(path.name, "x_prev" if m.kind == STEP else "eps", tolerances[m.precision],
                          "worst" if m.precision == "fp32" else "mean")
         session = _session(path)
+        inputs = {i.name: i for i in session.get_inputs()}
+        n_coefs = inputs["coefs"].shape[0] if "coefs" in inputs else 0   # 7 in graphs from before the solvers
+        state_inputs = [name for name, _ in STEP_STATE if name in inputs]
         lo, hi = m.batch_range()
         for b, records in trajectories.items():
             for (x, t, y, g, coefs, noise), eps, x_prev in records:
                 if m.kind == STEP:
                     if lo <= b <= hi:
-                        got = session.run(None, {"x_t": x, "t": np.full(b, t, np.float32), "y": y,
-                                                 "guidance": np.float32([g]), "coefs": coefs, "noise": noise})[0]
+                        feed = {"x_t": x, "t": np.full(b, t, np.float32), "y": y, "guidance": np.float32([g]),
+                                "coefs": coefs[:n_coefs], "noise": noise}
+                        # a DDIM trajectory carries no solver state: zeros, as at a multistep solver's first step
+                        feed.update({name: np.zeros_like(x) for name in state_inputs})
+                        got = session.run(["x_prev"], feed)[0]
                         row.add(got, x_prev, step_scale(x, eps, coefs, noise))
                     continue
                 # the denoiser call a host-side guided step makes: cond + null as one 2B batch

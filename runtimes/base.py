@@ -3,10 +3,11 @@
 A runtime holds one loaded artifact (a checkpoint, an ONNX file, an engine) and offers
   files, batch_range                what it loaded and the videos per denoise() call it takes
   denoise(x_t, t, y) -> eps         x_t float32 (B, C, F, H, W), t float32 (B,), y int32 (B,)
-  step(x_t, t, y, guidance, coefs, noise) -> x_{t-1}   one guided DDPM/DDIM step (diffusion.py)
+  step(x_t, t, y, guidance, coefs, noise, state=None) -> x_{t-1}   one guided sampler step (diffusion.py);
+      a multistep solver's SolverState (previous x0, UniPC's corrector part) is read and replaced
 The default `step` runs `denoise` and the update on the host; backends with a fused step graph
-override it and may keep x_t on the device between calls (then `step` returns a device handle
-that `to_host` turns into numpy).
+override it and may keep x_t and the state on the device between calls (then `step` returns a
+device handle that np.asarray turns into numpy).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from vdit_deploy.config import ModelConfig
-from vdit_deploy.diffusion import Schedule, guided_step
+from vdit_deploy.diffusion import Schedule, SolverState, guided_step
 from vdit_deploy.errors import VditError
 
 
@@ -60,8 +61,9 @@ class Runtime(ABC):
     @abstractmethod
     def denoise(self, x_t: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray: ...
 
-    def step(self, x_t, t: int, y: np.ndarray, guidance: float, coefs: np.ndarray, noise: np.ndarray):
-        return guided_step(self.denoise, x_t, t, y, guidance, coefs, noise, self.config.null_label)
+    def step(self, x_t, t: int, y: np.ndarray, guidance: float, coefs: np.ndarray, noise: np.ndarray,
+             state: SolverState | None = None):
+        return guided_step(self.denoise, x_t, t, y, guidance, coefs, noise, self.config.null_label, state)
 
     def check_inputs(self, x_t: np.ndarray, t: np.ndarray, y: np.ndarray) -> None:
         expected = self.config.video_shape

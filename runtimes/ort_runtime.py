@@ -3,8 +3,9 @@
 denoise() runs denoiser.onnx; step() runs the fused step.onnx (guidance + update in the graph) when
 the export has one (step.fp16.onnx / step.int8-qdq.onnx from `vdit calibrate` for those precisions).
 --precision names the graph (export/variants.py); int8 is the dynamic one, denoiser.int8-dynamic.onnx.
-On CUDA/TensorRT the step output stays on the device as an OrtValue bound with IO binding, and the
-next step consumes it in place: per step the host copies only noise and scalars.
+On CUDA/TensorRT the step outputs (the video and a multistep solver's state) stay on the device as
+OrtValues bound with IO binding, and the next step consumes them in place: per step the host copies
+only noise and scalars.
 """
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vdit_deploy.diffusion import apply_step
+from vdit_deploy.diffusion import SINGLE_STEP_COEFS, SolverState, apply_step
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.metadata import DENOISER, STEP, find_onnx, read_metadata
+from vdit_deploy.export.metadata import DENOISER, STEP, STEP_STATE, find_onnx, read_metadata
 from vdit_deploy.export.variants import FP16, find_variant, runtime_graph, with_data
 from vdit_deploy.runtimes.base import Runtime, TensorSpec
 
@@ -88,6 +89,8 @@ class _Graph:
             raise VditError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from None
         self.dtypes = {i.name: ORT_DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
         self.output = self.session.get_outputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.has_state = all(i in self.dtypes for i, _ in STEP_STATE)   # a step graph from before dpm++/unipc: no
         self.lo, self.hi = self.meta.batch_range()
         self.on_device = self.session.get_providers()[0] != PROVIDERS["cpu"]
 
@@ -103,17 +106,21 @@ class _Graph:
     def run(self, **arrays) -> np.ndarray:
         return self.session.run([self.output], self.feeds(**arrays))[0]
 
-    def run_on_device(self, device_inputs: dict, **arrays) -> DeviceArray:
+    def run_all(self, **arrays) -> list[np.ndarray]:
+        return self.session.run(self.output_names, self.feeds(**arrays))
+
+    def run_on_device(self, device_inputs: dict, **arrays) -> list[DeviceArray]:
         """IO binding: OrtValues in `device_inputs` are bound in place, numpy arrays are copied once,
-        and the output is left on the device for the next call."""
+        and the outputs (in graph order) are left on the device for the next call."""
         binding = self.session.io_binding()
         for name, value in device_inputs.items():
             binding.bind_ortvalue_input(name, value)
         for name, value in self.feeds(**arrays).items():
             binding.bind_cpu_input(name, value)
-        binding.bind_output(self.output, self.device_type)
+        for name in self.output_names:
+            binding.bind_output(name, self.device_type)
         self.session.run_with_iobinding(binding)
-        return DeviceArray(binding.get_outputs()[0])
+        return [DeviceArray(v) for v in binding.get_outputs()]
 
     @property
     def device_type(self) -> str:
@@ -174,27 +181,42 @@ class OrtRuntime(Runtime):
         self.graph.check_batch(x_t.shape[0])
         return self.graph.run(x_t=x_t, t=t, y=y).astype(np.float32, copy=False)
 
-    def step(self, x_t, t: int, y, guidance: float, coefs, noise):
+    def step(self, x_t, t: int, y, guidance: float, coefs, noise, state: SolverState | None = None):
         b = x_t.shape[0]
         # Without guidance the 2B fused graph would do twice the work: run the B denoiser + host update.
         if self.fused is None or (guidance == 1.0 and self.graph.lo <= b <= self.graph.hi):
             x = np.asarray(x_t, dtype=np.float32)
             if guidance == 1.0:
-                return apply_step(x, self.denoise(x, np.full(b, t, np.float32), np.asarray(y)), coefs, noise)
-            return super().step(x, t, y, guidance, coefs, noise)
+                return apply_step(x, self.denoise(x, np.full(b, t, np.float32), np.asarray(y)), coefs, noise, state)
+            return super().step(x, t, y, guidance, coefs, noise, state)
         y = np.asarray(y)
         ts = np.full(b, t, np.float32)
+        coefs = np.asarray(coefs, np.float32)
+        if not self.fused.has_state:
+            if state is not None:
+                raise VditError(f"{self.fused.path} was exported before the multistep samplers (it has no solver "
+                                "state inputs); re-export it with `vdit export` to sample with dpm++ or unipc")
+            coefs = coefs[:SINGLE_STEP_COEFS]
         if isinstance(x_t, DeviceArray) and not self.fused.on_device:
             x_t = np.asarray(x_t)
         self.check_inputs(x_t, ts, y)
         self.fused.check_batch(b)
-        scalars = dict(t=ts, y=y, guidance=np.float32([guidance]), coefs=np.asarray(coefs, np.float32),
-                       noise=noise)
-        if self.fused.on_device:
-            if isinstance(x_t, DeviceArray):
-                return self.fused.run_on_device({"x_t": x_t.value}, **scalars)
-            return self.fused.run_on_device({}, x_t=x_t, **scalars)
-        return self.fused.run(x_t=x_t, **scalars)
+        feeds = dict(t=ts, y=y, guidance=np.float32([guidance]), coefs=coefs, noise=noise)
+        on_device = {}
+        for name in ["x_t", *(i for i, _ in STEP_STATE)] if self.fused.has_state else ["x_t"]:
+            value = x_t if name == "x_t" else getattr(state, name, None)
+            if value is None:                 # before the first step the state is zeros
+                value = np.zeros(x_t.shape, np.float32)
+            if isinstance(value, DeviceArray) and self.fused.on_device:
+                on_device[name] = value.value
+            else:
+                feeds[name] = np.asarray(value)
+        outs = (self.fused.run_on_device(on_device, **feeds) if self.fused.on_device
+                else self.fused.run_all(**feeds))
+        if state is not None:             # this step's outputs are the next step's state inputs
+            for (name, _), value in zip(STEP_STATE, outs[1:]):
+                setattr(state, name, value)
+        return outs[0]
 
     def describe(self) -> str:
         fused = "fused step" if self.fused else "host step"

@@ -7,6 +7,7 @@ the video kept on the device between steps; `compile` wraps that step in torch.c
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,9 @@ import torch
 import torch.nn as nn
 
 from vdit_deploy.checkpoint import WEIGHTS, load_model
+from vdit_deploy.diffusion import SolverState
 from vdit_deploy.errors import VditError
+from vdit_deploy.export.metadata import STEP_STATE
 from vdit_deploy.export.variants import check_precision
 from vdit_deploy.runtimes.base import Runtime, TensorSpec
 
@@ -59,10 +62,10 @@ class _Unguided(nn.Module):
         super().__init__()
         self.denoiser = denoiser
 
-    def forward(self, x_t, t, y, coefs, noise):
+    def forward(self, x_t, t, y, coefs, noise, x0_prev, corr):
         from vdit_deploy.export.onnx_export import apply_step
 
-        return apply_step(x_t, self.denoiser(x_t, t, y), coefs, noise)
+        return apply_step(x_t, self.denoiser(x_t, t, y), coefs, noise, x0_prev, corr)
 
 
 class TorchRuntime(Runtime):
@@ -76,6 +79,8 @@ class TorchRuntime(Runtime):
         if compile is not None and compile not in COMPILE_MODES:
             raise VditError(f"torch.compile mode must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+            raise VditError(f"torch runtime device must be cpu, cuda or cuda:N, got {device!r}")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise VditError("torch runtime: device cuda asked for, but torch sees no CUDA GPU")
         self.precision, self.device, self.compile = precision, device, compile
@@ -113,8 +118,9 @@ class TorchRuntime(Runtime):
         return eps.float().cpu().numpy()
 
     @torch.inference_mode()
-    def step(self, x_t, t: int, y, guidance: float, coefs, noise):
-        """One guided step on the device; returns a TorchDeviceArray (np.asarray copies it out)."""
+    def step(self, x_t, t: int, y, guidance: float, coefs, noise, state: SolverState | None = None):
+        """One guided step on the device; returns a TorchDeviceArray (np.asarray copies it out). A
+        multistep solver's state (previous x0, UniPC's corrector part) stays on the device too."""
         y = np.asarray(y)
         b = x_t.shape[0]
         if isinstance(x_t, TorchDeviceArray):
@@ -123,16 +129,23 @@ class TorchRuntime(Runtime):
             x_host = np.asarray(x_t, np.float32)
             self.check_inputs(x_host, np.zeros(b, np.float32), y)
             x = self._tensor(x_host)
+        solver = [getattr(state, name, None) for name, _ in STEP_STATE]
+        solver = [v.tensor if isinstance(v, TorchDeviceArray) else torch.zeros_like(x) if v is None else self._tensor(v)
+                  for v in solver]                                   # zeros before a solver's first step
         if self.compile:   # a new step of a CUDA-graph tree: earlier outputs may be reused
             torch.compiler.cudagraph_mark_step_begin()
         t_, y_ = self._tensor(np.full(b, t, np.float32)), self._tensor(y, torch.int32)
         coefs_, noise_ = self._tensor(np.asarray(coefs, np.float32)), self._tensor(noise)
         if guidance == 1.0:   # no null pass: half the work of the 2B guided batch
-            x_prev = self.unguided(x, t_, y_, coefs_, noise_)
+            outs = self.unguided(x, t_, y_, coefs_, noise_, *solver)
         else:
-            x_prev = self.guided(x, t_, y_, self._tensor(np.float32([guidance])), coefs_, noise_)
+            outs = self.guided(x, t_, y_, self._tensor(np.float32([guidance])), coefs_, noise_, *solver)
         # CUDA-graph outputs live in the graph's memory pool and are overwritten by the next replay
-        return TorchDeviceArray(x_prev.clone() if self.compile else x_prev)
+        x_prev, *next_state = (o.clone() if self.compile else o for o in outs)
+        if state is not None:   # this step's outputs are the next step's state inputs
+            for (name, _), value in zip(STEP_STATE, next_state):
+                setattr(state, name, TorchDeviceArray(value))
+        return TorchDeviceArray(x_prev)
 
     def describe(self) -> str:
         compiled = f", torch.compile {self.compile}" if self.compile else ""

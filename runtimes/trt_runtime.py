@@ -2,6 +2,8 @@
 
 The fused step engine (step.onnx: guidance + affine update inside) runs with the video on the device:
     x[0] --step--> x[1] --step--> x[0] ...      two device buffers, ping-pong
+and so does a multistep solver's state (x0_prev <-> x0, corr <-> corr_next: two more pairs that swap
+with the video, inside the same CUDA graphs).
 Per step the host uploads only t, y, guidance, coefs (a few bytes) and, on stochastic steps, the
 noise (drawn on the host by sampling.py so every runtime sees the same values). The first step of
 each ping-pong direction runs eagerly (TensorRT does its shape-dependent setup there); then each
@@ -29,8 +31,9 @@ H2D, D2H = 1, 2   # cudaMemcpyKind values (cudaMemcpyHostToDevice, cudaMemcpyDev
 class TrtDeviceArray:
     """The video after a step, still on the GPU; np.asarray waits for the stream and copies it out."""
 
-    def __init__(self, runtime: "TrtRuntime", index: int, shape: tuple, serial: int):
+    def __init__(self, runtime: "TrtRuntime", index: int, shape: tuple, serial: int, buffers=None):
         self.runtime, self.index, self.shape, self.serial = runtime, index, shape, serial
+        self.buffers = buffers     # the ping-pong pair it lives in (None: the video's)
 
     @property
     def ndim(self) -> int:
@@ -111,7 +114,7 @@ class TrtRuntime(Runtime):
 
     def __init__(self, artifact, precision: str = "fp16", cuda_graph: bool = True, cache_dir=None, device: int = 0):
         """Loads engines `vdit build` made (trt_build.ensure_engine); it never builds one itself."""
-        from vdit_deploy.export.metadata import STEP, find_onnx, read_metadata
+        from vdit_deploy.export.metadata import STEP, STEP_STATE, find_onnx, read_metadata
         from vdit_deploy.export.variants import check_precision
 
         self.gpu = gpu_info(device)              # one-line errors: no cuda-python / no GPU ...
@@ -130,11 +133,14 @@ class TrtRuntime(Runtime):
         check_cuda(err, "cudaStreamCreate")
         self.step_engine = _Engine(trt, cudart, self._engine_path(STEP), self.stream, self.logger)
         self._denoiser = None
-        if not {"x_t", "noise"} <= set(self.step_engine.inputs) or self.step_engine.outputs != ["x_prev"]:
+        if not {"x_t", "noise"} <= set(self.step_engine.inputs) or "x_prev" not in self.step_engine.outputs:
             raise VditError(f"{self.step_engine.path.name} is not a vdit step engine "
                             f"(inputs {self.step_engine.inputs}, outputs {self.step_engine.outputs})")
         # ping-pong video buffers: the engine's own x_t and x_prev allocations, swapped every step
         self.x = [self.step_engine.buffers["x_t"], self.step_engine.buffers["x_prev"]]
+        # the solver state's pairs (input, output, [buffers]); an engine from an older export has none
+        self.state_buffers = [(i, o, [self.step_engine.buffers[i], self.step_engine.buffers[o]])
+                              for i, o in STEP_STATE if i in self.step_engine.buffers]
         self.parity, self.serial = 0, 0
         self.cuda_graph, self.graphs, self.warm = cuda_graph, {}, set()
         self.graph_error = ""
@@ -191,9 +197,14 @@ class TrtRuntime(Runtime):
         check_cuda(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         return out.astype(np.float32, copy=False)
 
-    def step(self, x_t, t: int, y, guidance: float, coefs, noise):
-        """One guided step; returns a TrtDeviceArray (np.asarray copies it to the host)."""
+    def step(self, x_t, t: int, y, guidance: float, coefs, noise, state=None):
+        """One guided step; returns a TrtDeviceArray (np.asarray copies it to the host). A multistep
+        solver's state stays in the engine's buffers; `state` holds handles to them."""
         engine, cudart = self.step_engine, self.cudart
+        if state is not None and not self.state_buffers:
+            raise VditError(f"{engine.path.name} was built from a step.onnx exported before the multistep samplers "
+                            "(no solver state inputs); re-export with `vdit export` to sample with dpm++ or unipc")
+        coefs = np.asarray(coefs, np.float32)[:engine.shapes["coefs"][0]]   # older engines take 7
         y = np.asarray(y)
         b = x_t.shape[0]
         if b != engine.batch:
@@ -206,11 +217,20 @@ class TrtRuntime(Runtime):
             self.check_inputs(x_host, np.zeros(b, np.float32), y)
             engine.upload("x_t", x_host, src)
             check_cuda(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")   # x_host may go away
-        scalars = {"t": np.full(b, t, np.float32), "y": y, "guidance": np.float32([guidance]),
-                   "coefs": np.asarray(coefs, np.float32)}
+        scalars = {"t": np.full(b, t, np.float32), "y": y, "guidance": np.float32([guidance]), "coefs": coefs}
         for name, value in scalars.items():
             if name in engine.buffers:
                 engine.upload(name, value)
+        for name, _, buffers in self.state_buffers if state is not None else ():
+            value = getattr(state, name)
+            if isinstance(value, TrtDeviceArray) and value.runtime is self and value.serial == self.serial:
+                continue                      # the previous step's output, already in place
+            if value is None:                 # a new trajectory: the state starts at zero
+                check_cuda(cudart.cudaMemsetAsync(buffers[self.parity], 0, b * int(np.prod(self.config.video_shape)) * 4,
+                                                  self.stream), "cudaMemsetAsync")
+            else:
+                engine.upload(name, np.asarray(value, np.float32), buffers[self.parity])
+                check_cuda(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         if float(np.asarray(coefs)[6]) > 0:   # sigma > 0: a stochastic step needs this step's noise
             check_cuda(cudart.cudaEventSynchronize(self.uploaded), "cudaEventSynchronize")   # staging free again
             n = noise.size
@@ -222,7 +242,10 @@ class TrtRuntime(Runtime):
         self._run(self.parity, src, dst)
         self.parity ^= 1
         self.serial += 1
-        return TrtDeviceArray(self, self.parity, (b, *self.config.video_shape), self.serial)
+        shape = (b, *self.config.video_shape)
+        for name, _, buffers in self.state_buffers if state is not None else ():
+            setattr(state, name, TrtDeviceArray(self, self.parity, shape, self.serial, buffers))
+        return TrtDeviceArray(self, self.parity, shape, self.serial)
 
     def _run(self, parity: int, src: int, dst: int) -> None:
         engine, cudart = self.step_engine, self.cudart
@@ -231,6 +254,9 @@ class TrtRuntime(Runtime):
             return
         engine.bind("x_t", src)
         engine.bind("x_prev", dst)
+        for name, out, buffers in self.state_buffers:     # the solver state swaps with the video
+            engine.bind(name, buffers[parity])
+            engine.bind(out, buffers[1 - parity])
         if self.cuda_graph and parity in self.warm:
             graph_exec = self._capture_graph(engine.execute)
             if graph_exec is not None:
@@ -270,7 +296,7 @@ class TrtRuntime(Runtime):
         if array.serial != self.serial:
             raise VditError("this device video was overwritten by later steps; copy it out before stepping on")
         out = np.empty(array.shape, np.float32)
-        check_cuda(self.cudart.cudaMemcpyAsync(out.ctypes.data, self.x[array.index], out.nbytes,
+        check_cuda(self.cudart.cudaMemcpyAsync(out.ctypes.data, (array.buffers or self.x)[array.index], out.nbytes,
                                                self.cudart.cudaMemcpyKind(D2H), self.stream), "download video")
         check_cuda(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         return out

@@ -31,8 +31,8 @@ def export(tiny_export, tmp_path_factory):
 @pytest.fixture(scope="module")
 def calib(export, tmp_path_factory):
     # 6 DDIM steps, guidance 2 (2B = 2 rows per call), 3 recorded steps: 6 rows
-    return collect(export, tmp_path_factory.mktemp("calib") / "set", steps=6, seeds=range(1), labels=[1],
-                   timesteps=3)
+    return collect(export, tmp_path_factory.mktemp("calib") / "set", sampler="ddim", steps=6, seeds=range(1),
+                   labels=[1], timesteps=3)
 
 
 @pytest.fixture(scope="module")

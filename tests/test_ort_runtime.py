@@ -52,7 +52,7 @@ def test_sample_cli_without_torch_matches_torch(tiny_export, runtimes, tmp_path)
     code = ("import sys; sys.modules['torch'] = None\n"          # `import torch` now raises ImportError
             "from vdit_deploy.cli import main\n"
             f"main(['sample', '--runtime', 'ort', '--onnx', {str(tiny_export)!r}, '--label', '0,3',"
-            f" '--steps', '10', '--eta', '0.5', '--seed', '7', '--out', {str(out)!r}])")
+            f" '--sampler', 'ddim', '--steps', '10', '--eta', '0.5', '--seed', '7', '--out', {str(out)!r}])")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "ort:fp32 on CPU (fused step)" in run.stdout

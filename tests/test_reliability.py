@@ -93,6 +93,8 @@ def ws(tmp_path_factory, tiny_checkpoint, tiny_export):
         **json.loads(_prop(ex / "denoiser.onnx", "vdit.model_config")), "frames": 16})}, resign=True)
     edit_export(ex, root / "meta_classes", {"vdit.model_config": json.dumps({
         **json.loads(_prop(ex / "denoiser.onnx", "vdit.model_config")), "num_classes": 9})}, resign=False)
+    edit_export(ex, root / "meta_classes_signed", {"vdit.model_config": json.dumps({
+        **json.loads(_prop(ex / "denoiser.onnx", "vdit.model_config")), "num_classes": 9})}, resign=True)
     edit_export(ex, root / "meta_batch", {"vdit.batch": '"abc"'}, resign=True)
     edit_export(ex, root / "meta_sched", {"vdit.schedule": json.dumps({"kind": "cosine", "num_timesteps": 1000})},
                 resign=False)
@@ -133,6 +135,8 @@ CASES = [
     ("config-truncated", "info {ws}/cfg_trunc", "is not valid JSON"),
     ("meta-frames-signed", "sample --runtime ort --onnx {ws}/meta_frames --out {ws}/v.gif", "the graph takes x_t of shape"),
     ("meta-classes-edited", "sample --runtime ort --onnx {ws}/meta_classes --out {ws}/v.gif", "metadata was edited"),
+    ("meta-classes-signed", "sample --runtime ort --onnx {ws}/meta_classes_signed --label 7 --out {ws}/v.gif",
+     "label table has 5 rows"),
     ("meta-batch-str", "sample --runtime ort --onnx {ws}/meta_batch --out {ws}/v.gif", "vdit.batch must be a JSON object"),
     ("label-huge", "sample --checkpoint {ws}/ckpt --label 99999999999999999999 --out {ws}/v.gif", "label 99999999999999999999 is out of range"),
     ("seed-negative", "sample --checkpoint {ws}/ckpt --seed -1 --out {ws}/v.gif", "Invalid value for '--seed'"),
@@ -176,6 +180,10 @@ CASES = [
     ("export-fixed-batch-huge", "export {ws}/ckpt --out {ws}/x --fixed-batch 10000000", "GiB of memory, more than"),
     ("collect-too-many-rows", "calibrate collect {ws}/export --seeds 100000000 --out {ws}/c3", "GiB of memory"),
     ("calibrate-unknown", "calibrate bogus", "No such command"),
+    ("collect-ddpm-steps", "calibrate collect {ws}/export --sampler ddpm --steps 2 --out {ws}/c4", "ddpm runs all"),
+    ("int8-bad-regex", "calibrate int8 {ws}/export --keep-fp (", "not a valid regular expression"),
+    ("sensitivity-bad-regex", "calibrate sensitivity {ws}/export --calib {ws}/calib --layers (",
+     "not a valid regular expression"),
     ("reexport-variants", "export {ws}/ckpt --out {ws}/with_variant", "made from the graphs a new export replaces"),
 ]
 

@@ -30,3 +30,36 @@ def test_step_on_device_equals_the_host_update(tiny_checkpoint, guidance):
 def test_unknown_compile_mode_is_one_line(tiny_checkpoint):
     with pytest.raises(VditError, match="torch.compile mode must be one of"):
         open_runtime("torch", tiny_checkpoint, device="cpu", compile="fastest")
+
+
+@pytest.mark.parametrize("sampler", ["dpm++", "unipc"])
+def test_multistep_state_stays_on_the_device_and_matches_the_host_solver(tiny_checkpoint, sampler):
+    from vdit_deploy.diffusion import SolverState
+    from vdit_deploy.sampling import sample
+
+    with open_runtime("torch", tiny_checkpoint, device="cpu") as rt:
+        plan = make_steps(rt.schedule, sampler, 6)
+        on_device = sample(rt, rt.config, [0, 2], plan, guidance=2.0, seed=4)
+        on_host = sample(rt.denoise, rt.config, [0, 2], plan, guidance=2.0, seed=4)
+        np.testing.assert_allclose(on_device, on_host, atol=1e-4)
+        state = SolverState()
+        x = np.zeros((1, *rt.config.video_shape), np.float32)
+        rt.step(x, plan[0].t, np.array([1], np.int32), 2.0, plan[0].coefs, x, state)
+        assert isinstance(state.x0_prev, TorchDeviceArray) and isinstance(state.corr, TorchDeviceArray)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", "tpu"], "device must be cpu, cuda or cuda:N"),
+    (["--runtime", "ort", "--onnx", ".", "--device", "cuda"], "--device and --compile are for --runtime torch"),
+    (["--compile", "fastest"], "Invalid value for '--compile'"),
+])
+def test_sample_device_and_compile_options_fail_in_one_line(tmp_path, args, message):
+    from click.testing import CliRunner
+
+    from vdit_deploy.cli import main
+
+    out = tmp_path / "v.gif"
+    result = CliRunner().invoke(main, ["sample", *args, "--out", str(out)])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0]
+    assert not out.exists()

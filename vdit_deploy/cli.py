@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from vdit_deploy.diffusion import DEFAULT_SAMPLER
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.variants import ENGINE_PRECISIONS, precisions_help, variant_file
 from vdit_deploy.files import check_output
@@ -31,6 +32,11 @@ def _terminate(signum, frame):
     # An exception, not an exit from C: atomic writes and temporary directories clean up on the way out.
     click.echo("Terminated.", err=True)
     raise SystemExit(128 + signum)
+
+
+SAMPLER_HELP = ("unipc (UniPC-bh2, 15 steps by default) or dpm++ (DPM-Solver++ 2M, 20 steps): multistep ODE "
+                "solvers; ddim (50 steps by default); ddpm (all T steps).")
+STEPS_HELP = "Denoiser calls, 1..T (default: the sampler's; ddpm always runs all T)."
 
 
 class Cli(click.Group):
@@ -174,9 +180,11 @@ def train(preset_name, steps, batch_size, lr, schedule, attention, checkpoint_ev
 # ---- sample / demo ------------------------------------------------------------------------------
 def sampling_options(f):
     for option in reversed([
-        click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True),
-        click.option("--steps", default=None, type=int,
-                     help="DDIM steps (1..T, default 50); DDPM runs all T (giving another number is an error)."),
+        click.option("--sampler", default=DEFAULT_SAMPLER, show_default=True, help=SAMPLER_HELP),
+        click.option("--steps", default=None, type=int, help=STEPS_HELP),
+        click.option("--order", default=None, type=int, help="dpm++ / unipc order: 1 or 2 (default 2)."),
+        click.option("--spacing", default="linspace", show_default=True,
+                     help="dpm++ / unipc timestep spacing: linspace, leading or trailing (as in diffusers)."),
         click.option("--eta", default=0.0, show_default=True, type=Finite(0), help="DDIM noise (0: deterministic)."),
         click.option("--guidance", default=2.0, show_default=True, type=Finite(0),
                      help="Classifier-free guidance scale (1: off)."),
@@ -190,7 +198,8 @@ def sampling_options(f):
     return f
 
 
-def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, guidance, seed, options=None):
+def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, guidance, seed, options=None,
+                order=None, spacing="linspace"):
     from vdit_deploy.diffusion import make_steps
     from vdit_deploy.runtimes import open_runtime
     from vdit_deploy.sampling import SampleTimes, check_labels, sample
@@ -200,7 +209,7 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
     with open_runtime(runtime_name, artifact, precision=precision, **(options or {})) as rt:
         check_labels(labels, rt.config)
         check_memory(rt.config.memory_bytes(2 * len(labels)), f"sampling {len(labels)} videos")
-        plan = make_steps(rt.schedule, sampler, steps, eta)
+        plan = make_steps(rt.schedule, sampler, steps, eta, order=order, spacing=spacing)
         times = SampleTimes()
         videos = sample(rt, rt.config, labels, plan, guidance, seed, progress=True, times=times)
         return videos, times, rt.describe()
@@ -213,24 +222,33 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
 @click.option("--label", "labels", multiple=True, default=("0",), show_default=True,
               help="Class label(s); repeat or comma-separate for several videos.")
 @sampling_options
+@click.option("--device", default=None, help="--runtime torch: cpu, cuda or cuda:N (default: cuda where there is one).")
+@click.option("--compile", "compile_mode", type=click.Choice(["default", "reduce-overhead", "max-autotune"]),
+              default=None, help="--runtime torch: torch.compile the sampler step (reduce-overhead: CUDA graphs).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .gif, .mp4 or .npy.")
-def sample(checkpoint, onnx_path, labels, sampler, steps, eta, guidance, seed, runtime, precision, out):
-    """Sample videos with DDPM or DDIM from a checkpoint or an ONNX export."""
+def sample(checkpoint, onnx_path, labels, sampler, steps, order, spacing, eta, guidance, seed, runtime, precision,
+           device, compile_mode, out):
+    """Sample videos (DPM-Solver++, UniPC, DDIM or DDPM) from a checkpoint or an ONNX export."""
     from vdit_deploy.runtimes.base import check_runtime_name
     from vdit_deploy.video import check_suffix, write_video
 
     check_output(check_suffix(out))
+    options = {}
     if check_runtime_name(runtime) == "torch":
         from vdit_deploy.checkpoint import SHIPPED
         artifact = checkpoint or SHIPPED
+        options = {"device": device, "compile": compile_mode}
     else:
         if onnx_path is None:
             raise VditError(f"--runtime {runtime} samples from an export: pass --onnx DIR (see `vdit export`)")
+        if device or compile_mode:
+            raise VditError("--device and --compile are for --runtime torch (ONNX Runtime picks its provider; "
+                            "TensorRT runs on the GPU its engine was built for)")
         artifact = onnx_path
     videos, times, desc = run_sampler(runtime, artifact, precision, parse_labels(labels), sampler, steps,
-                                      eta, guidance, seed)
+                                      eta, guidance, seed, options, order=order, spacing=spacing)
     write_video(out, videos)
-    click.echo(f"wrote {out}: {len(videos)} video(s), {len(times.steps)} steps in {times.total:.2f} s ({desc})")
+    click.echo(f"wrote {out}: {len(videos)} video(s), {len(times.steps)} {sampler} steps in {times.total:.2f} s ({desc})")
 
 
 @main.command()
@@ -454,8 +472,9 @@ def serve_export(export_dir, triton_dir, engine, precision, instances):
 @click.argument("source", required=False, type=click.Path(path_type=Path))
 @click.option("--runtimes", default="torch:fp32,ort:fp32,ort:fp16,ort:int8,trt:fp16,trt:int8", show_default=True,
               help="RUNTIME:PRECISION list; those that cannot run here are listed as skipped, with the reason.")
-@click.option("--steps", default=50, show_default=True, type=click.IntRange(1), help="DDIM steps.")
-@click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
+@click.option("--steps", default=None, type=click.IntRange(1), help=STEPS_HELP)
+@click.option("--sampler", default=DEFAULT_SAMPLER, show_default=True,
+              help=f"{SAMPLER_HELP} The calibration set for INT8 follows it.")
 @click.option("--guidance", default=2.0, show_default=True, type=Finite(0))
 @click.option("--batch", "batches", default="1,4", show_default=True, help="Batch sizes (videos per sample).")
 @click.option("--seeds", default="0-1", show_default=True, help="Seeds, e.g. 0-3 or 0,5.")
@@ -500,8 +519,9 @@ def calib_option(required=True):
 @calibrate.command("collect")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Calibration set directory.")
-@click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
-@click.option("--steps", default=50, show_default=True, type=click.IntRange(1))
+@click.option("--sampler", default=DEFAULT_SAMPLER, show_default=True,
+              help=f"The sampler you deploy (its timesteps are the ones INT8 ranges must cover): {SAMPLER_HELP}")
+@click.option("--steps", default=None, type=click.IntRange(1), help=STEPS_HELP)
 @click.option("--guidance", default=2.0, show_default=True, type=Finite(0))
 @click.option("--eta", default=0.0, show_default=True, type=Finite(0))
 @click.option("--seeds", default=4, show_default=True, type=click.IntRange(1), help="Seeds 0..N-1.")

@@ -1,13 +1,21 @@
-"""Diffusion math in numpy (no torch): schedules, q(x_t|x_0), posteriors, DDPM and DDIM steps.
+"""Diffusion math in numpy (no torch): schedules, q(x_t|x_0), posteriors, and the samplers DDPM, DDIM,
+DPM-Solver++ (2M) and UniPC (bh2).
 
-Every sampler step, DDPM or DDIM, is written as the same affine update
+Every sampler step is written as the same affine update of the model output `out` (eps or v)
 
-    x0_hat  = clip(a * x_t - b * eps, -clip, +clip)
-    eps_hat = (a * x_t - x0_hat) / b          # eps consistent with the clipped x0 (= eps if no clipping)
-    x_prev  = c_x0 * x0_hat + c_xt * x_t + c_eps * eps_hat + sigma * z
+    x0_hat  = clip(a * x_t - b * out, -clip, +clip)   # the data prediction
+    eps_hat = (a * x_t - x0_hat) / b          # out consistent with the clipped x0 (= out if no clipping)
+    x_prev  = c_x0 * x0_hat + c_xt * x_t + c_eps * eps_hat + c_x0_prev * x0_prev + c_corr * corr + sigma * z
 
-so that any runtime (numpy, an ONNX graph, a TensorRT engine) implements one formula and the host only
-feeds the step's scalars. The eps-prediction MSE loss lives with training (torch).
+plus, for the multistep solvers, the state the next step reads (SolverState):
+
+    x0_prev' = x0_hat                         # DPM-Solver++ and UniPC extrapolate from the last x0
+    corr'    = d_x0 * x0_hat + d_xt * x_t + d_x0_prev * x0_prev + d_corr * corr
+
+(UniPC's corrector: the corrected sample at the next step is corr' + k * x0_hat', so corr' is the part
+of it known before the next model call), so that any runtime (numpy, an ONNX graph, a TensorRT engine)
+implements one formula, keeps x_t, x0_prev and corr on the device, and the host only feeds the step's
+scalars. DDPM and DDIM have zero state coefficients. The eps-prediction MSE loss lives with training.
 """
 from __future__ import annotations
 
@@ -72,44 +80,118 @@ class Schedule:
 
 
 # ---- samplers as sequences of affine steps ---------------------------------------------------
-COEF_NAMES = ("a", "b", "clip", "c_x0", "c_xt", "c_eps", "sigma")
-SAMPLERS = ("ddpm", "ddim")
+COEF_NAMES = ("a", "b", "clip", "c_x0", "c_xt", "c_eps", "sigma",            # every step graph
+              "c_x0_prev", "c_corr", "d_x0", "d_xt", "d_x0_prev", "d_corr")  # multistep solvers' state
+SINGLE_STEP_COEFS = 7      # step graphs exported before the multistep solvers take only the first 7
+SAMPLERS = ("ddpm", "ddim", "dpm++", "unipc")
+MULTISTEP_ORDERS = {"dpm++": (1, 2), "unipc": (1, 2)}
+SPACINGS = ("linspace", "leading", "trailing")
+PREDICTIONS = ("eps", "v")
+# From the quality-per-step table (README): UniPC at 15 steps and DPM-Solver++ at 20 come as close to
+# 250-step DDIM as DDIM at 50 does.
+DEFAULT_SAMPLER = "unipc"
+DEFAULT_STEPS = {"ddim": 50, "dpm++": 20, "unipc": 15}
+# The solvers start where log(alpha/sigma) >= LAMBDA_MIN (diffusers' lambda_min_clipped): below it an
+# eps model's x0 = (x_t - sigma eps) / alpha is its error times sigma/alpha (2e4 at cosine's t=999), and
+# a few-step solver weights that x0 by the next step's alpha. -3.5 (signal 3% of the noise; Stable
+# Diffusion's samplers start at -2.7) was the best of -inf..-3 on the shipped checkpoint (README).
+LAMBDA_MIN = -3.5
 
 
 @dataclass(frozen=True)
 class Step:
     t: int            # the timestep fed to the denoiser
-    coefs: np.ndarray  # float32 (7,) in COEF_NAMES order
+    coefs: np.ndarray  # float32 (13,) in COEF_NAMES order
+    multistep: bool = False   # reads or writes the solver state (x0_prev, corr)
 
     @property
     def sigma(self) -> float:
         return float(self.coefs[6])
 
 
+@dataclass
+class SolverState:
+    """What a multistep solver carries from one step to the next: the previous data prediction and
+    UniPC's corrector part. None before the first step (read as zeros). A runtime may keep device
+    handles here; the step that reads them replaces them with its outputs."""
+    x0_prev: object = None
+    corr: object = None
+
+
+def _coefs(a, b, clip, c_x0=0.0, c_xt=0.0, c_eps=0.0, sigma=0.0, c_x0_prev=0.0, c_corr=0.0,
+           d_x0=0.0, d_xt=0.0, d_x0_prev=0.0, d_corr=0.0) -> np.ndarray:
+    return np.array([a, b, clip, c_x0, c_xt, c_eps, sigma, c_x0_prev, c_corr, d_x0, d_xt, d_x0_prev, d_corr],
+                    np.float32)
+
+
 def timestep_subset(num_timesteps: int, steps: int) -> np.ndarray:
     """Evenly spaced, descending timesteps for a respaced sampler (DDIM's "uniform" skip)."""
-    if not 1 <= steps <= num_timesteps:
-        raise VditError(f"steps must be between 1 and {num_timesteps}, got {steps}")
+    check_steps(num_timesteps, steps)
     ts = np.round(np.linspace(0, num_timesteps - 1, steps)).astype(np.int64)
     return ts[::-1].copy()
 
 
-def _x0_coefs(schedule: Schedule, t: int) -> tuple[float, float]:
+def check_steps(num_timesteps: int, steps: int) -> None:
+    if not 1 <= steps <= num_timesteps:
+        raise VditError(f"steps must be between 1 and {num_timesteps}, got {steps}")
+
+
+def solver_timesteps(schedule: Schedule, steps: int, spacing: str = "linspace",
+                     lambda_min: float = -math.inf) -> np.ndarray:
+    """Descending timesteps of a multistep solver, as diffusers spaces them (Lin et al. 2023, table 2)
+    over the timesteps whose log(alpha/sigma) is >= lambda_min; the solver then goes from the last one
+    to the clean video. linspace and leading leave t=0 out."""
+    T = schedule.num_timesteps
+    check_steps(T, steps)
+    ab = schedule.alphas_cumprod
+    top = T - int(np.sum(0.5 * np.log(ab / (1 - ab)) < lambda_min))    # diffusers' last_timestep
+    if spacing == "linspace":
+        ts = np.linspace(0, top - 1, steps + 1).round()[::-1][:-1]
+    elif spacing == "leading":
+        ts = (np.arange(0, steps + 1) * (top // (steps + 1))).round()[::-1][:-1]
+    elif spacing == "trailing":
+        ts = np.arange(top, 0, -T / steps).round() - 1
+    else:
+        raise VditError(f"timestep spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+    ts = ts.astype(np.int64)
+    if len(ts) != steps or np.any(np.diff(ts) >= 0) or ts[-1] < 0:
+        raise VditError(f"{steps} steps with {spacing} spacing repeat timesteps of T={T} (from t={top - 1}); "
+                        "use fewer steps")
+    return ts
+
+
+def _prediction_coefs(schedule: Schedule, t: int, prediction: str) -> tuple[float, float]:
+    """(a, b) with x0 = a * x_t - b * out, for a model predicting eps or v (Salimans & Ho 2022)."""
     ab = float(schedule.alpha_bar(t))
-    return 1.0 / math.sqrt(ab), math.sqrt(1.0 / ab - 1.0)
+    if prediction == "eps":
+        return 1.0 / math.sqrt(ab), math.sqrt(1.0 / ab - 1.0)
+    if prediction == "v":
+        return math.sqrt(ab), math.sqrt(1.0 - ab)
+    raise VditError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
 
 
-def ddpm_steps(schedule: Schedule, clip: float = 1.0) -> list[Step]:
+def _ddim_coefs(schedule: Schedule, t: int, prediction: str, clip: float, c_x0: float, c_xt: float,
+                c_eps: float, sigma: float) -> np.ndarray:
+    """DDPM/DDIM coefficients written for eps; for a v model the eps term becomes x0 and x_t terms,
+    eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab), since eps_hat would be v there."""
+    a, b = _prediction_coefs(schedule, t, prediction)
+    if prediction == "v" and c_eps:
+        ab = float(schedule.alpha_bar(t))
+        c_x0, c_xt, c_eps = c_x0 - c_eps * math.sqrt(ab / (1 - ab)), c_xt + c_eps / math.sqrt(1 - ab), 0.0
+    return _coefs(a, b, clip, c_x0, c_xt, c_eps, sigma)
+
+
+def ddpm_steps(schedule: Schedule, clip: float = 1.0, prediction: str = "eps") -> list[Step]:
     """Ancestral sampling over all T steps: x_{t-1} = posterior mean(x0_hat, x_t) + sqrt(var) z."""
     out = []
     for t in range(schedule.num_timesteps - 1, -1, -1):
-        a, b = _x0_coefs(schedule, t)
         c0, ct, var = schedule.posterior(t)
-        out.append(Step(t, np.array([a, b, clip, c0, ct, 0.0, math.sqrt(var)], np.float32)))
+        out.append(Step(t, _ddim_coefs(schedule, t, prediction, clip, c0, ct, 0.0, math.sqrt(var))))
     return out
 
 
-def ddim_steps(schedule: Schedule, steps: int, eta: float = 0.0, clip: float = 1.0) -> list[Step]:
+def ddim_steps(schedule: Schedule, steps: int, eta: float = 0.0, clip: float = 1.0,
+               prediction: str = "eps") -> list[Step]:
     """DDIM (Song et al. 2021) over a respaced subset; eta=0 is deterministic, eta=1 is DDPM-like."""
     if eta < 0:
         raise VditError(f"eta must be >= 0, got {eta}")
@@ -119,30 +201,155 @@ def ddim_steps(schedule: Schedule, steps: int, eta: float = 0.0, clip: float = 1
         t_prev = int(ts[i + 1]) if i + 1 < len(ts) else -1
         ab, ab_prev = float(schedule.alpha_bar(t)), float(schedule.alpha_bar(t_prev))
         sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab)) * math.sqrt(1 - ab / ab_prev)
-        a, b = _x0_coefs(schedule, int(t))
         c_eps = math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0))
-        out.append(Step(int(t), np.array([a, b, clip, math.sqrt(ab_prev), 0.0, c_eps, sigma], np.float32)))
+        out.append(Step(int(t), _ddim_coefs(schedule, int(t), prediction, clip, math.sqrt(ab_prev), 0.0, c_eps, sigma)))
+    return out
+
+
+# ---- multistep ODE solvers in data prediction (x0) form ------------------------------------------
+# alpha_t = sqrt(ab_t), sigma_t = sqrt(1 - ab_t), lambda_t = log(alpha_t / sigma_t); the last step goes to
+# the clean video (alpha 1, sigma 0, lambda +inf), as DDIM does and diffusers' final_sigmas_type="zero".
+# With h = lambda_next - lambda_now both solvers need exp(-h) = (sigma_next / alpha_next) / (sigma_now /
+# alpha_now), which is 0 at the clean end, and lambda differences of earlier steps, which are finite.
+
+def _check_order(sampler: str, order: int) -> None:
+    if order not in MULTISTEP_ORDERS[sampler]:
+        have = " and ".join(map(str, MULTISTEP_ORDERS[sampler]))
+        raise VditError(f"{sampler} has orders {have}, got {order}")
+
+
+def _solver_grid(schedule: Schedule, steps: int, spacing: str, lambda_min: float):
+    """Timesteps and per-point (alpha, sigma, lambda) with the clean end appended (lambda = inf)."""
+    ts = solver_timesteps(schedule, steps, spacing, lambda_min)
+    ab = schedule.alpha_bar(ts).astype(np.float64)
+    alpha = np.append(np.sqrt(ab), 1.0)
+    sigma = np.append(np.sqrt(1 - ab), 0.0)
+    with np.errstate(divide="ignore"):
+        lam = np.log(alpha) - np.log(sigma)
+    return ts, alpha, sigma, lam
+
+
+def dpm_solver_steps(schedule: Schedule, steps: int = 20, order: int = 2, spacing: str = "linspace",
+                     prediction: str = "eps", clip: float = 1.0, lambda_min: float = LAMBDA_MIN) -> list[Step]:
+    """DPM-Solver++(2M) (Lu et al. 2022, midpoint form as in diffusers): first order at the first step
+    and at the last one (to sigma 0, where the second-order term is undefined), second order between:
+
+        x_next = (sigma_next / sigma) x - alpha_next (e^-h - 1) (x0 + (x0 - x0_prev) / (2 r)),
+        r = (lambda - lambda_prev) / h."""
+    _check_order("dpm++", order)
+    ts, alpha, sigma, lam = _solver_grid(schedule, steps, spacing, lambda_min)
+    out = []
+    for i, t in enumerate(ts):
+        a, b = _prediction_coefs(schedule, int(t), prediction)
+        exp_neg_h = (sigma[i + 1] / alpha[i + 1]) / (sigma[i] / alpha[i])
+        c_x0 = -alpha[i + 1] * (exp_neg_h - 1.0)               # first order: DDIM in x0 form
+        c_x0_prev = 0.0
+        if order == 2 and 0 < i < len(ts) - 1:
+            r = (lam[i] - lam[i - 1]) / (lam[i + 1] - lam[i])
+            c_x0, c_x0_prev = c_x0 * (1 + 0.5 / r), -c_x0 * 0.5 / r
+        out.append(Step(int(t), _coefs(a, b, clip, c_x0=c_x0, c_xt=sigma[i + 1] / sigma[i], c_x0_prev=c_x0_prev),
+                        multistep=True))
+    return out
+
+
+def _unipc_terms(alpha, sigma, lam, i: int, order: int) -> tuple[float, float, float, float, float]:
+    """UniPC-bh2 (Zhao et al. 2023) from point i to i+1 with x0 = m_i, x0_prev = m_{i-1}:
+        predictor  x_{i+1}   = A x_i + P0 m_i + P1 m_{i-1}
+        corrector  x_{i+1}^c = A x_i + C0 m_i + C1 m_{i-1} + K m_{i+1}    (run once m_{i+1} is known)
+    Returns (A, P0, P1, C0, C1, K); order 1 has P1 = C1 = 0."""
+    A = sigma[i + 1] / sigma[i]
+    h_phi_1 = (sigma[i + 1] / alpha[i + 1]) / (sigma[i] / alpha[i]) - 1.0    # expm1(-h)
+    base = -alpha[i + 1] * h_phi_1                                           # the first-order x0 term
+    B_h = h_phi_1                                                            # bh2
+    if order == 1:
+        return A, base, 0.0, base + alpha[i + 1] * B_h * 0.5, 0.0, -alpha[i + 1] * B_h * 0.5
+    hh = -(lam[i + 1] - lam[i])
+    rk = (lam[i - 1] - lam[i]) / (lam[i + 1] - lam[i])
+    h_phi_k = h_phi_1 / hh - 1.0                                             # b_k as in diffusers
+    rhs = np.array([h_phi_k / B_h, (h_phi_k / hh - 0.5) * 2.0 / B_h])
+    rho_c = np.linalg.solve(np.array([[1.0, 1.0], [rk, 1.0]]), rhs)         # corrector weights
+    # the D1 = (m_{i-1} - m_i) / rk terms: predictor weight 1/2, corrector rho_c[0]
+    p = alpha[i + 1] * B_h * 0.5 / rk
+    c = alpha[i + 1] * B_h * rho_c[0] / rk
+    K = -alpha[i + 1] * B_h * rho_c[1]
+    return A, base + p, -p, base + c - K, -c, K
+
+
+def unipc_steps(schedule: Schedule, steps: int = 20, order: int = 2, spacing: str = "linspace",
+                prediction: str = "eps", clip: float = 1.0, lambda_min: float = LAMBDA_MIN) -> list[Step]:
+    """UniPC with the bh2 predictor and corrector (diffusers' UniPCMultistepScheduler, predict_x0).
+    At step i the model sees the predicted x_i; the corrected x_i = corr + K_i x0 (x_0 itself at i = 0)
+    feeds the predictor of x_{i+1} and, through corr', the corrector at step i+1. Orders follow diffusers:
+    1 at the first and the last step (lower_order_final), `order` between; each corrector has the order
+    of the predictor before it. The last predictor's output is the sample (no corrector after it)."""
+    _check_order("unipc", order)
+    ts, alpha, sigma, lam = _solver_grid(schedule, steps, spacing, lambda_min)
+    n = len(ts)
+    orders = [min(order, n - i, i + 1) for i in range(n)]
+    out, K = [], 0.0
+    for i, t in enumerate(ts):
+        a, b = _prediction_coefs(schedule, int(t), prediction)
+        A, P0, P1, _, _, _ = _unipc_terms(alpha, sigma, lam, i, orders[i])
+        # x_i^c = corr + K x0 (i > 0) or x_t (i = 0); predictor and next corrector both start from it
+        if i == 0:
+            coefs = dict(c_xt=A, c_x0=P0, c_x0_prev=P1)
+        else:
+            coefs = dict(c_corr=A, c_x0=A * K + P0, c_x0_prev=P1)
+        if i + 1 < n:   # the corrector at step i + 1 uses the order of this step's predictor
+            _, _, _, C0, C1, K_next = _unipc_terms(alpha, sigma, lam, i, orders[i])
+            start = dict(d_xt=A) if i == 0 else dict(d_corr=A)
+            coefs.update(start, d_x0=(A * K if i else 0.0) + C0, d_x0_prev=C1)
+            K = K_next
+        out.append(Step(int(t), _coefs(a, b, clip, **coefs), multistep=True))
     return out
 
 
 def make_steps(schedule: Schedule, sampler: str, steps: int | None = None, eta: float = 0.0,
-               clip: float = 1.0) -> list[Step]:
+               clip: float = 1.0, order: int | None = None, spacing: str = "linspace",
+               prediction: str = "eps", lambda_min: float = LAMBDA_MIN) -> list[Step]:
+    """The plan of a sampler: ddpm (all T steps), ddim (eta, timesteps linspace with t=0), or the
+    multistep ODE solvers dpm++ and unipc (order, spacing, lambda_min). steps None: the sampler's default."""
+    if sampler not in SAMPLERS:
+        raise VditError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if order is not None and sampler not in MULTISTEP_ORDERS:
+        raise VditError(f"{sampler} has no order option (it is for {' and '.join(MULTISTEP_ORDERS)})")
+    if spacing != "linspace" and sampler not in MULTISTEP_ORDERS:
+        raise VditError(f"{sampler} has no timestep spacing option (it is for {' and '.join(MULTISTEP_ORDERS)})")
     if sampler == "ddpm":
         if steps not in (None, schedule.num_timesteps):
             raise VditError(f"ddpm runs all {schedule.num_timesteps} steps; use --sampler ddim for {steps}")
-        return ddpm_steps(schedule, clip)
+        return ddpm_steps(schedule, clip, prediction)
+    steps = DEFAULT_STEPS[sampler] if steps is None else steps
     if sampler == "ddim":
-        return ddim_steps(schedule, 50 if steps is None else steps, eta, clip)
-    raise VditError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        return ddim_steps(schedule, steps, eta, clip, prediction)
+    if eta:
+        raise VditError(f"{sampler} is a deterministic ODE solver: eta must be 0, got {eta}")
+    solver = dpm_solver_steps if sampler == "dpm++" else unipc_steps
+    return solver(schedule, steps, 2 if order is None else order, spacing, prediction, clip, lambda_min)
 
 
-def apply_step(x_t: np.ndarray, eps: np.ndarray, coefs: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
-    """The affine update above, in float32 (what every runtime computes)."""
-    a, b, clip, c_x0, c_xt, c_eps, sigma = (np.float32(v) for v in coefs)
+def apply_step(x_t: np.ndarray, out: np.ndarray, coefs: np.ndarray, noise: np.ndarray | None,
+               state: SolverState | None = None) -> np.ndarray:
+    """The affine update above, in float32 (what every runtime computes). `out` is the model output;
+    a learned-sigma model's 2C channels hold eps/v first: the update uses those C. `state`, when given,
+    is read and replaced by this step's (x0_hat, corr')."""
+    c = np.asarray(coefs, np.float32)
+    a, b, clip, c_x0, c_xt, c_eps, sigma = c[:SINGLE_STEP_COEFS]
+    out = out[:, :x_t.shape[1]]
     ax = a * x_t
-    x0 = np.clip(ax - b * eps, -clip, clip)
+    x0 = np.clip(ax - b * out, -clip, clip)
     eps_hat = (ax - x0) / b     # re-derived as in guided-diffusion: keeps DDIM(eta=1) == DDPM with clipping
     x_prev = c_x0 * x0 + c_xt * x_t + c_eps * eps_hat
+    if len(c) > SINGLE_STEP_COEFS and state is None and c[SINGLE_STEP_COEFS:SINGLE_STEP_COEFS + 2].any():
+        raise VditError("this multistep solver step reads the previous ones' SolverState: pass it (sampling.sample does)")
+    if len(c) > SINGLE_STEP_COEFS and state is not None:
+        c_x0_prev, c_corr, d_x0, d_xt, d_x0_prev, d_corr = c[SINGLE_STEP_COEFS:]
+        zeros = np.zeros_like(x_t)
+        x0_prev = zeros if state.x0_prev is None else np.asarray(state.x0_prev, np.float32)
+        corr = zeros if state.corr is None else np.asarray(state.corr, np.float32)
+        x_prev = x_prev + c_x0_prev * x0_prev + c_corr * corr
+        state.x0_prev, state.corr = x0.astype(np.float32), (d_x0 * x0 + d_xt * x_t + d_x0_prev * x0_prev
+                                                             + d_corr * corr).astype(np.float32)
     if sigma > 0:
         x_prev = x_prev + sigma * noise
     return x_prev.astype(np.float32)
@@ -154,7 +361,7 @@ def guide(eps_cond: np.ndarray, eps_null: np.ndarray, scale: float) -> np.ndarra
 
 
 def guided_step(denoise, x_t: np.ndarray, t: int, y: np.ndarray, guidance: float, coefs: np.ndarray,
-                noise: np.ndarray | None, null_label: int) -> np.ndarray:
+                noise: np.ndarray | None, null_label: int, state: SolverState | None = None) -> np.ndarray:
     """One sampler step driven by any `denoise(x_t, t, y) -> eps` on numpy arrays.
     With guidance != 1 the conditional and null-label passes run as one batch of 2B."""
     b = x_t.shape[0]
@@ -164,4 +371,4 @@ def guided_step(denoise, x_t: np.ndarray, t: int, y: np.ndarray, guidance: float
         both = denoise(np.concatenate([x_t, x_t]), np.full(2 * b, t, np.float32),
                        np.concatenate([y, np.full(b, null_label, y.dtype)]))
         eps = guide(both[:b], both[b:], guidance)
-    return apply_step(x_t, eps, coefs, noise)
+    return apply_step(x_t, eps, coefs, noise, state)

@@ -1,4 +1,4 @@
-"""The sampling loop: DDPM or DDIM over any denoiser, with all noise drawn on the host.
+"""The sampling loop: DDPM, DDIM, DPM-Solver++ or UniPC over any denoiser, with all noise drawn on the host.
 
 Noise comes from one seeded numpy Generator (x_T first, then each stochastic step's z in order),
 so every runtime, PyTorch, ONNX Runtime or TensorRT, sees bit-identical noise for the same seed.
@@ -12,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vdit_deploy.config import ModelConfig
-from vdit_deploy.diffusion import Step, guided_step
+from vdit_deploy.diffusion import SolverState, Step, guided_step
 from vdit_deploy.errors import VditError
 
 
@@ -60,23 +60,25 @@ def sample(denoiser, cfg: ModelConfig, labels, steps: list[Step], guidance: floa
            progress: bool = False, times: SampleTimes | None = None) -> np.ndarray:
     """Sample videos (B, C, F, H, W) in float32, one per label.
 
-    `denoiser` is a runtime (anything with the fused `step(x_t, t, y, guidance, coefs, noise)`) or a
-    plain callable `denoise(x_t, t, y) -> eps` on numpy arrays (t float32 (B,), y int32 (B,))."""
+    `denoiser` is a runtime (anything with the fused `step(x_t, t, y, guidance, coefs, noise, state)`)
+    or a plain callable `denoise(x_t, t, y) -> eps` on numpy arrays (t float32 (B,), y int32 (B,)).
+    A multistep plan (dpm++, unipc) carries one SolverState through its steps (on the runtime's device)."""
     y = check_labels(labels, cfg)
     if guidance < 0:
         raise VditError(f"guidance scale must be >= 0, got {guidance}")
     step_fn = getattr(denoiser, "step", None)
     if step_fn is None:
-        def step_fn(x, t, y, g, coefs, noise):
-            return guided_step(denoiser, x, t, y, g, coefs, noise, cfg.null_label)
+        def step_fn(x, t, y, g, coefs, noise, state):
+            return guided_step(denoiser, x, t, y, g, coefs, noise, cfg.null_label, state)
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
     x = rng.standard_normal((len(y), *cfg.video_shape), dtype=np.float32)            # x_T ~ N(0, I)
     zeros = np.zeros_like(x)
+    state = SolverState() if any(s.multistep for s in steps) else None
     for step in tqdm(steps, desc="sample", unit="step", disable=not progress, leave=False):
         noise = rng.standard_normal(x.shape, dtype=np.float32) if step.sigma > 0 else zeros
         t0 = time.perf_counter()
-        x = step_fn(x, step.t, y, guidance, step.coefs, noise)
+        x = step_fn(x, step.t, y, guidance, step.coefs, noise, state)
         if times is not None:
             times.steps.append(time.perf_counter() - t0)
     x = np.asarray(x, dtype=np.float32)   # a runtime may hand back a device-synchronised view

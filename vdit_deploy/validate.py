@@ -103,3 +103,13 @@ def schedule(data, where: str = ""):
     except (TypeError, ValueError) as e:
         fail(where, f"invalid schedule: {e}")
 
+
+def regex(pattern: str, name: str, where: str = "") -> str:
+    """A regular expression that compiles (users type them for --keep-fp and --layers)."""
+    import re
+
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        fail(where, f"{name} {pattern!r} is not a valid regular expression: {e}")
+    return pattern

@@ -28,6 +28,7 @@ from vdit_deploy.compare.artifacts import Artifacts, Target, parse_runtimes
 from vdit_deploy.compare.machine import machine_info
 from vdit_deploy.compare.measure import measure
 from vdit_deploy.compare.report import SCHEMA_VERSION, format_table, write_outputs
+from vdit_deploy.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS, Schedule, make_steps
 from vdit_deploy.errors import VditError
 
 __all__ = ["DEFAULT_RUNTIMES", "SCHEMA_VERSION", "Artifacts", "Target", "compare", "format_table", "parse_ints",
@@ -51,8 +52,8 @@ def parse_ints(text: str, what: str) -> list[int]:
     return list(dict.fromkeys(out))
 
 
-def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps: int = 50,
-            batches=(1, 4), seeds=(0, 1), sampler: str = "ddim", eta: float = 0.0, guidance: float = 2.0,
+def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps: int | None = None,
+            batches=(1, 4), seeds=(0, 1), sampler: str = DEFAULT_SAMPLER, eta: float = 0.0, guidance: float = 2.0,
             repeats: int = 5, threads: int | None = None, min_psnr: float = 30.0, progress: bool = True,
             log=print, command: str | None = None) -> dict:
     """Run the comparison and write report.json, report.md, the plots and the GIF under `out`."""
@@ -63,6 +64,8 @@ def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps:
     source, out = Path(source), Path(out)
     if not source.exists():
         raise VditError(f"{source}: no such checkpoint or export directory")
+    make_steps(Schedule(), sampler, steps, eta)      # a bad sampler, order or step count fails before any export
+    steps = DEFAULT_STEPS.get(sampler) if steps is None else steps
     targets = parse_runtimes(runtimes) if isinstance(runtimes, str) else list(runtimes)
     batches, seeds = sorted(set(batches)), list(seeds)
     if min(batches) < 1 or repeats < 1:

@@ -1,0 +1,345 @@
+"""DPM-Solver++(2M) and UniPC-bh2: whole trajectories against diffusers (a peer implementation), the
+fused ONNX step against the host update, and the one-line refusals."""
+import math
+
+import numpy as np
+import pytest
+
+from vdit_deploy.diffusion import LAMBDA_MIN, Schedule, SolverState, apply_step, make_steps, solver_timesteps
+from vdit_deploy.errors import VditError
+
+SHAPE = (2, 3, 2, 4, 4)       # (B, C, F, H, W): small, the math is per element
+
+
+def model_fn(x: np.ndarray, t: int, schedule: Schedule, prediction: str = "eps", channels: int = 3) -> np.ndarray:
+    """A fixed, deterministic stand-in for a denoiser: a bounded data prediction, smooth and nonlinear
+    in x and t, handed out as the eps or v that implies it (so x0 stays in range at every noise level
+    and the solvers' orders make a difference). channels=6: a learned-sigma model (variance after eps)."""
+    ab = float(schedule.alpha_bar(t))
+    alpha, sigma = math.sqrt(ab), math.sqrt(1 - ab)
+    x0 = np.tanh(1.5 * x) * (0.8 + 0.1 * math.cos(t / 300)) + 0.05 * np.sin(3 * x)
+    eps = (x - alpha * x0) / sigma
+    out = eps if prediction == "eps" else alpha * eps - sigma * x0
+    if channels == 2 * x.shape[1]:
+        out = np.concatenate([out, np.full_like(out, 7.0)], axis=1)    # junk a solver must ignore
+    return out.astype(np.float32)
+
+
+def diffusers_trajectory(scheduler, steps: int, x: np.ndarray, schedule, prediction, channels: int):
+    import torch
+
+    scheduler.set_timesteps(steps)
+    xs, sample = [], torch.from_numpy(x)
+    for t in scheduler.timesteps:
+        out = torch.from_numpy(model_fn(sample.numpy(), int(t), schedule, prediction, channels))
+        if channels != x.shape[1] and type(scheduler).__name__.startswith("UniPC"):
+            out = out[:, :x.shape[1]]          # UniPC's pipelines cut the variance channels themselves
+        sample = scheduler.step(out, t, sample).prev_sample
+        xs.append(sample.numpy().copy())
+    return [int(t) for t in scheduler.timesteps], xs
+
+
+def our_trajectory(plan, x: np.ndarray, schedule, prediction, channels: int):
+    state, xs = SolverState(), []
+    for step in plan:
+        x = apply_step(x, model_fn(x, step.t, schedule, prediction, channels), step.coefs, None, state)
+        xs.append(x)
+    return [s.t for s in plan], xs
+
+
+def make_diffusers(sampler: str, schedule: Schedule, prediction: str, spacing: str, order: int, learned: bool,
+                   lambda_min: float = -math.inf):
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    common = dict(num_train_timesteps=schedule.num_timesteps, trained_betas=schedule.betas,
+                  prediction_type={"eps": "epsilon", "v": "v_prediction"}[prediction], timestep_spacing=spacing,
+                  solver_order=order, lower_order_final=True, final_sigmas_type="zero")
+    if sampler == "dpm++":
+        return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_type="midpoint", lambda_min_clipped=lambda_min,
+                                           variance_type="learned_range" if learned else None, **common)
+    return UniPCMultistepScheduler(solver_type="bh2", predict_x0=True, **common)
+
+
+# (sampler, schedule, steps, prediction, spacing, order, learned sigma, relative tolerance)
+SOLVERS = ("dpm++", "unipc")
+CASES = [(m, "linear", n, "eps", "linspace", 2, False, 1e-5) for m in SOLVERS for n in (5, 10, 20)]
+CASES += [(m, "cosine", n, p, s, 2, False, 1e-5) for m in SOLVERS for n in (5, 10, 20)
+          for p, s in (("eps", "leading"), ("v", "linspace"))]
+CASES += [(m, "linear", 10, "v", "trailing", 2, False, 1e-5) for m in SOLVERS]
+CASES += [(m, "cosine", 20, "eps", "leading", 2, True, 1e-5) for m in SOLVERS]
+CASES += [(m, "linear", 5, "eps", "trailing", 1, False, 1e-5) for m in SOLVERS]
+# diffusers' defaults start at t=999 (lambda_min -inf); ours start at LAMBDA_MIN (DPM-Solver++ has that
+# option in diffusers, UniPC has not): checked below with the DPM-Solver++ scheduler.
+# Cosine's t=999 has alpha_bar 2.4e-9: an eps model's x0 = (x_t - sigma eps) / alpha is a 5e-5 part of
+# x_t scaled up 2e4 times, so float32 (diffusers' as ours) leaves x0 only to ~1e-3 there; from the
+# next step on both solvers agree again. That floor, checked, not hidden:
+CASES += [(m, "cosine", n, "eps", "linspace", 2, False, 1e-3) for m in SOLVERS for n in (5, 20)]
+
+
+@pytest.mark.parametrize("sampler,kind,steps,prediction,spacing,order,learned,tolerance", CASES)
+def test_trajectory_matches_diffusers(sampler, kind, steps, prediction, spacing, order, learned, tolerance):
+    schedule = Schedule(kind, 1000)
+    x_T = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    channels = 2 * SHAPE[1] if learned else SHAPE[1]
+    theirs_t, theirs = diffusers_trajectory(make_diffusers(sampler, schedule, prediction, spacing, order, learned),
+                                            steps, x_T, schedule, prediction, channels)
+    plan = make_steps(schedule, sampler, steps, clip=math.inf, order=order, spacing=spacing, prediction=prediction,
+                      lambda_min=-math.inf)
+    ours_t, ours = our_trajectory(plan, x_T, schedule, prediction, channels)
+    assert ours_t == theirs_t
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        rel = np.linalg.norm(a - b) / np.linalg.norm(b)
+        assert rel < tolerance, (i, rel)
+    assert np.abs(ours[-1] - ours[0]).max() > 0.1          # the trajectory went somewhere
+
+
+@pytest.mark.parametrize("kind,spacing", [("cosine", "linspace"), ("cosine", "trailing"), ("linear", "leading")])
+def test_lambda_min_matches_diffusers(kind, spacing):
+    """Our default start (LAMBDA_MIN) is diffusers' lambda_min_clipped: same timesteps, same trajectory."""
+    schedule = Schedule(kind, 1000)
+    x_T = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
+    scheduler = make_diffusers("dpm++", schedule, "v", spacing, 2, False, lambda_min=LAMBDA_MIN)
+    theirs_t, theirs = diffusers_trajectory(scheduler, 10, x_T, schedule, "v", 3)
+    ours_t, ours = our_trajectory(make_steps(schedule, "dpm++", 10, clip=math.inf, spacing=spacing, prediction="v"),
+                                  x_T, schedule, "v", 3)
+    assert ours_t == theirs_t and ours_t[0] < 999
+    assert max(np.linalg.norm(a - b) / np.linalg.norm(b) for a, b in zip(ours, theirs)) < 1e-5
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++", "unipc"])
+def test_v_prediction_model_samples_what_the_eps_model_does(sampler):
+    """The same denoiser handed out as v instead of eps (model_fn's two outputs imply the same x0) gives
+    the same trajectory, with x0 clipping on: DDIM's eps term is rewritten in x0 and x_t for v models.
+    (Linear: DDIM starts at t=999, where cosine's eps -> x0 is float32-limited to ~1e-3, see CASES.)"""
+    schedule = Schedule("linear", 1000)
+    x_T = np.random.default_rng(4).standard_normal(SHAPE).astype(np.float32)
+    runs = [our_trajectory(make_steps(schedule, sampler, 10, prediction=p), x_T, schedule, p, 3)[1] for p in ("eps", "v")]
+    for a, b in zip(*runs):
+        assert np.linalg.norm(a - b) < 1e-4 * np.linalg.norm(b)
+
+
+def test_first_order_dpm_solver_is_ddim():
+    """DPM-Solver++ of order 1 is DDIM (Lu et al.): the same update on the same timesteps."""
+    schedule = Schedule("cosine", 1000)
+    dpm = make_steps(schedule, "dpm++", 8, order=1, lambda_min=-math.inf)
+    rng = np.random.default_rng(2)
+    x, out = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(2))
+    for i, step in enumerate(dpm):
+        ab, ab_next = schedule.alpha_bar(step.t), schedule.alpha_bar(dpm[i + 1].t if i + 1 < len(dpm) else -1)
+        x0 = np.clip((x - math.sqrt(1 - ab) * out) / math.sqrt(ab), -1, 1)
+        ddim = math.sqrt(ab_next) * x0 + math.sqrt(1 - ab_next) * (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
+        np.testing.assert_allclose(apply_step(x, out, step.coefs, None, SolverState()), ddim, rtol=1e-4, atol=1e-4)
+
+
+def test_spacings():
+    linear = Schedule("linear")
+    assert solver_timesteps(linear, 5, "linspace").tolist() == [999, 799, 599, 400, 200]
+    assert solver_timesteps(linear, 5, "leading").tolist() == [830, 664, 498, 332, 166]
+    assert solver_timesteps(linear, 5, "trailing").tolist() == [999, 799, 599, 399, 199]
+    assert make_steps(linear, "dpm++", 1, lambda_min=-math.inf)[0].t == 999
+    # the default start: the first t whose log(alpha/sigma) reaches LAMBDA_MIN
+    for schedule in (linear, Schedule("cosine")):
+        t0 = make_steps(schedule, "unipc", 10)[0].t
+        lam = lambda t: 0.5 * math.log(schedule.alpha_bar(t) / (1 - schedule.alpha_bar(t)))
+        assert lam(t0) >= LAMBDA_MIN > lam(t0 + 1)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(sampler="euler"), "sampler must be one of ddpm, ddim, dpm.., unipc, got 'euler'"),
+    (dict(sampler="dpm++", order=3), r"dpm\+\+ has orders 1 and 2, got 3"),
+    (dict(sampler="unipc", order=0), "unipc has orders 1 and 2, got 0"),
+    (dict(sampler="ddim", order=2), "ddim has no order option"),
+    (dict(sampler="dpm++", steps=0), "steps must be between 1 and 1000, got 0"),
+    (dict(sampler="unipc", steps=1001), "steps must be between 1 and 1000, got 1001"),
+    (dict(sampler="unipc", steps=1000, spacing="leading"), "repeat timesteps"),
+    (dict(sampler="dpm++", spacing="karras"), "timestep spacing must be one of linspace, leading, trailing"),
+    (dict(sampler="dpm++", prediction="x0"), "prediction must be one of eps, v"),
+    (dict(sampler="dpm++", eta=0.5), "deterministic ODE solver"),
+])
+def test_bad_input_is_one_line(kwargs, message):
+    with pytest.raises(VditError, match=message) as e:
+        make_steps(Schedule(), **kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_multistep_plan_needs_a_state():
+    plan = make_steps(Schedule(), "unipc", 5)
+    x = np.zeros(SHAPE, np.float32)
+    apply_step(x, x, plan[0].coefs, None)            # the first step reads no state (it may go unkept)
+    with pytest.raises(VditError, match="SolverState"):
+        apply_step(x, x, plan[1].coefs, None)
+    assert all(s.multistep for s in plan) and not any(s.multistep for s in make_steps(Schedule(), "ddim", 5))
+
+
+# ---- the fused step graph -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ort_rt(tiny_export):
+    from vdit_deploy.runtimes import open_runtime
+
+    with open_runtime("ort", tiny_export) as rt:
+        yield rt
+
+
+@pytest.mark.parametrize("sampler", ["dpm++", "unipc"])
+def test_ort_fused_step_equals_host_update(ort_rt, sampler):
+    """step.onnx (guidance, update and solver state in the graph) against the numpy update on the same
+    ORT denoiser, step by step along a real trajectory, the state included."""
+    from vdit_deploy.diffusion import guided_step
+
+    cfg = ort_rt.config
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, *cfg.video_shape), dtype=np.float32)
+    y, zeros = np.array([1, 3], np.int32), np.zeros_like(x)
+    fused, host, corr_seen = SolverState(), SolverState(), 0.0
+    for step in make_steps(ort_rt.schedule, sampler, 6):
+        got = np.asarray(ort_rt.step(x, step.t, y, 2.0, step.coefs, zeros, fused))
+        ref = guided_step(ort_rt.denoise, x, step.t, y, 2.0, step.coefs, zeros, cfg.null_label, host)
+        for a, b in ((got, ref), (fused.x0_prev, host.x0_prev), (fused.corr, host.corr)):
+            a = np.asarray(a)
+            assert np.linalg.norm(a - b) <= 1e-5 * max(np.linalg.norm(b), 1e-3)
+        x, corr_seen = got, max(corr_seen, float(np.abs(host.corr).max()))
+    assert np.abs(host.x0_prev).max() > 0.1 and (sampler == "dpm++" or corr_seen > 0.1)   # the state was used
+
+
+def old_step_graph(export_dir, out_dir):
+    """An export dir whose step.onnx has the interface from before the multistep samplers: inputs
+    (x_t, t, y, guidance, coefs (7,), noise), output x_prev only (here x_prev = x_t + coefs[6] noise)."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from vdit_deploy.export.metadata import read_metadata
+
+    out_dir.mkdir()
+    shutil.copy(export_dir / "denoiser.onnx", out_dir / "denoiser.onnx")
+    meta = read_metadata(export_dir / "step.onnx")
+    video = ["batch", *meta.config.video_shape]
+    inputs = [helper.make_tensor_value_info("x_t", TensorProto.FLOAT, video),
+              helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch"]),
+              helper.make_tensor_value_info("y", TensorProto.INT32, ["batch"]),
+              helper.make_tensor_value_info("guidance", TensorProto.FLOAT, [1]),
+              helper.make_tensor_value_info("coefs", TensorProto.FLOAT, [7]),
+              helper.make_tensor_value_info("noise", TensorProto.FLOAT, video)]
+    nodes = [helper.make_node("Slice", ["coefs", "six", "seven"], ["sigma"]),
+             helper.make_node("Mul", ["sigma", "noise"], ["scaled"]),
+             helper.make_node("Add", ["x_t", "scaled"], ["x_prev"])]
+    consts = [helper.make_tensor("six", TensorProto.INT64, [1], [6]), helper.make_tensor("seven", TensorProto.INT64, [1], [7])]
+    graph = helper.make_graph(nodes, "step", inputs, [helper.make_tensor_value_info("x_prev", TensorProto.FLOAT, video)],
+                              initializer=consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    for k, v in meta.to_props().items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.save(model, str(out_dir / "step.onnx"))
+    return out_dir
+
+
+def test_old_step_graph_runs_ddim_and_refuses_multistep(tiny_export, tmp_path):
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.sampling import sample
+
+    with open_runtime("ort", old_step_graph(tiny_export, tmp_path / "old")) as rt:
+        video = sample(rt, rt.config, [0], make_steps(rt.schedule, "ddim", 3, eta=1.0), guidance=2.0)
+        assert np.isfinite(video).all()                                  # 7 coefs fed to the old graph
+        with pytest.raises(VditError, match="re-export") as e:
+            sample(rt, rt.config, [0], make_steps(rt.schedule, "dpm++", 3), guidance=2.0)
+    assert "\n" not in str(e.value)
+
+
+# ---- the command line -----------------------------------------------------------------------------
+def run_cli(*args):
+    from click.testing import CliRunner
+
+    from vdit_deploy.cli import main
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sampler", "euler"], "sampler must be one of ddpm, ddim, dpm++, unipc, got 'euler'"),
+    (["--sampler", "dpm++", "--order", "3"], "dpm++ has orders 1 and 2, got 3"),
+    (["--sampler", "unipc", "--steps", "0"], "steps must be between 1 and 1000, got 0"),
+    (["--sampler", "unipc", "--steps", "1001"], "steps must be between 1 and 1000, got 1001"),
+    (["--sampler", "ddim", "--order", "2"], "ddim has no order option"),
+    (["--spacing", "karras"], "timestep spacing must be one of linspace, leading, trailing"),
+])
+def test_cli_bad_sampler_input_is_one_line(tiny_checkpoint, tmp_path, args, message):
+    result = run_cli("sample", "--checkpoint", tiny_checkpoint, "--out", tmp_path / "v.npy", *args)
+    assert result.exit_code == 1 and message in result.output and result.output.count("\n") == 1, result.output
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("sampler", ["dpm++", "unipc"])
+def test_cli_ort_fused_multistep_matches_torch(tiny_checkpoint, tiny_export, tmp_path, sampler):
+    """`vdit sample` with a multistep solver: the ORT fused graph (state in the graph) gives the PyTorch
+    runtime's host-side video."""
+    videos = {}
+    for runtime, source in (("torch", ["--checkpoint", tiny_checkpoint]), ("ort", ["--onnx", tiny_export])):
+        out = tmp_path / f"{runtime}.npy"
+        result = run_cli("sample", *source, "--runtime", runtime, "--sampler", sampler, "--steps", 4,
+                         "--label", "0,3", "--out", out)
+        assert result.exit_code == 0, result.output
+        assert f"4 {sampler} steps" in result.output
+        videos[runtime] = np.load(out)
+    assert np.linalg.norm(videos["ort"] - videos["torch"]) < 1e-4 * np.linalg.norm(videos["torch"])
+
+
+def test_cli_old_export_is_refused_with_re_export(tiny_export, tmp_path):
+    old = old_step_graph(tiny_export, tmp_path / "old")
+    result = run_cli("sample", "--runtime", "ort", "--onnx", old, "--sampler", "unipc", "--steps", 3,
+                     "--out", tmp_path / "v.npy")
+    assert result.exit_code == 1 and "re-export" in result.output and result.output.count("\n") == 1, result.output
+    assert run_cli("sample", "--runtime", "ort", "--onnx", old, "--sampler", "ddim", "--steps", 2,
+                   "--out", tmp_path / "v.npy").exit_code == 0
+
+
+def test_calibration_set_follows_the_sampler(tiny_export, tmp_path):
+    import json
+
+    from vdit_deploy.calibration.collect import load_calibration_set
+    from vdit_deploy.export.metadata import read_metadata
+
+    result = run_cli("calibrate", "collect", tiny_export, "--out", tmp_path / "c", "--sampler", "unipc",
+                     "--steps", 4, "--seeds", 1, "--label", "0", "--timesteps", 4)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    schedule = read_metadata(tiny_export / "denoiser.onnx").schedule
+    plan = make_steps(schedule, "unipc", 4)
+    assert manifest["sampler"] == "unipc" and manifest["timesteps"] == [s.t for s in plan]
+    # the step graph's calibration feeds carry that plan's coefs and a state the graph accepts
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(tiny_export / "step.onnx"), providers=["CPUExecutionProvider"])
+    feeds = list(load_calibration_set(tmp_path / "c").step_batches(schedule))
+    assert np.array_equal(feeds[1]["coefs"], plan[1].coefs)
+    assert np.isfinite(session.run(None, feeds[1])[0]).all()
+
+
+def test_compare_refuses_a_bad_sampler_before_exporting(tmp_path):
+    result = run_cli("compare", "--sampler", "heun", "--out", tmp_path / "r")
+    assert result.exit_code == 1 and "sampler must be one of" in result.output and not (tmp_path / "r").exists()
+
+
+# ---- TensorRT: the solver state in the ping-pong buffers and CUDA graphs (GPU only) -----------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampler", ["dpm++", "unipc"])
+def test_trt_multistep_matches_torch_with_and_without_cuda_graph(tiny_checkpoint, tmp_path, sampler):
+    from conftest import open_built, trt_skip_reason
+
+    reason = trt_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from vdit_deploy.export.onnx_export import export_checkpoint
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.sampling import sample
+
+    export_dir = export_checkpoint(tiny_checkpoint, tmp_path / "export", batch=(1, 4))
+    with open_runtime("torch", tiny_checkpoint, precision="fp32", device="cpu") as ref:
+        plan = make_steps(ref.schedule, sampler, 8)
+        want = sample(ref, ref.config, [0, 1], plan, guidance=2.0, seed=3)
+    outs = {}
+    for graph in (True, False):
+        with open_built(export_dir, "fp32", cuda_graph=graph) as rt:
+            outs[graph] = sample(rt, rt.config, [0, 1], plan, guidance=2.0, seed=3)
+            again = sample(rt, rt.config, [0, 1], plan, guidance=2.0, seed=3)   # the state restarts at zero
+    np.testing.assert_array_equal(outs[True], outs[False])
+    np.testing.assert_array_equal(outs[True], again)
+    assert np.linalg.norm(outs[True] - want) < 1e-3 * np.linalg.norm(want)
