@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from common import median_seconds, random_checkpoint
+from vdit_deploy.export.variants import FP16, INT8_QDQ, STEP, find_variant, variant_file
 from vdit_deploy.metrics import psnr, rel_l2
 
 HERE = Path(__file__).resolve().parent
@@ -145,6 +146,16 @@ def bench_runtime(label, opener, cfg, steps_n, repeats, reference, device):
     return row, (eps, video)
 
 
+def open_trt(export: Path, precision: str):
+    """Build (or find cached) the engines, then load them: the runtime itself never builds."""
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.runtimes.trt_build import KINDS, find_engine
+
+    for kind in KINDS:
+        find_engine(export, kind, precision, build=True)
+    return open_runtime("trt", export, precision=precision)
+
+
 def runs_for(ckpt, export, compile_modes, device):
     import onnxruntime as ort
 
@@ -165,10 +176,10 @@ def runs_for(ckpt, export, compile_modes, device):
     try:
         import tensorrt  # noqa: F401
         for p in ("fp32", "fp16", "int8"):
-            if p == "int8" and not (export / "step.int8-qdq.onnx").is_file():
-                runs.append(("trt int8", "no step.int8-qdq.onnx (vdit calibrate int8 --mode qdq)"))
+            if p == "int8" and find_variant(export, STEP, INT8_QDQ) is None:
+                runs.append(("trt int8", f"no {variant_file(STEP, INT8_QDQ)} (vdit calibrate int8 --mode qdq)"))
                 continue
-            runs.append((f"trt {p}", lambda p=p: open_runtime("trt", export, precision=p)))
+            runs.append((f"trt {p}", lambda p=p: open_trt(export, p)))
     except Exception as e:   # ImportError, or OSError when the bindings find no libnvinfer
         runs.append(("trt", f"tensorrt does not import: {type(e).__name__}: {str(e).splitlines()[0][:120]}"))
     return runs
@@ -219,11 +230,11 @@ def prepare(name: str, work: Path):
     cfg = config_for(name)
     ckpt = SHIPPED if name == "tiny" else random_checkpoint(cfg, work / f"ckpt-{name}")
     export = work / f"export-{name}"
-    if not (export / "step.onnx").is_file():
+    if find_variant(export, STEP) is None:
         t0 = time.perf_counter()
         export_checkpoint(ckpt, export, batch=(1, 2))
         print(f"[{name}] exported in {time.perf_counter() - t0:.1f} s", flush=True)
-    if not (export / "step.fp16.onnx").is_file():
+    if find_variant(export, STEP, FP16) is None:
         t0 = time.perf_counter()
         convert_fp16(export)
         print(f"[{name}] fp16 variants in {time.perf_counter() - t0:.1f} s", flush=True)

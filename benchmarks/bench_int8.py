@@ -19,10 +19,10 @@ import numpy as np
 
 from common import random_checkpoint
 from vdit_deploy.calibration.collect import load_calibration_set, onnx_session, run_onnx
+from vdit_deploy.export.variants import DENOISER, FP16, FP32, INT8_DYNAMIC, INT8_QDQ, variant_file
 from vdit_deploy.metrics import rel_l2
 
-VARIANTS = (("fp32", "denoiser.onnx"), ("int8-dynamic", "denoiser.int8.onnx"),
-            ("int8-qdq", "denoiser.int8-qdq.onnx"), ("fp16", "denoiser.fp16.onnx"))
+VARIANTS = (FP32, INT8_DYNAMIC, INT8_QDQ, FP16)   # rows in this order: fp32 first, the speed-up base
 
 
 def s_export(work: Path) -> Path:
@@ -91,10 +91,11 @@ def main():
         lo, hi = (1, 1) if name != "tiny" else (2, 2)
         feed = next(cset.batches(lo, hi))
         base = None
-        for variant, file in VARIANTS:
-            lat = latency(export / file, feed, args.repeats, args.threads)
+        for variant in VARIANTS:
+            file = export / variant_file(DENOISER, variant)
+            lat = latency(file, feed, args.repeats, args.threads)
             base = base or lat["median_ms"]
-            err = rel_l2(run_onnx(export / file, cset), ref)
+            err = rel_l2(run_onnx(file, cset), ref)
             rows.append({"preset": name, "variant": variant, "batch": len(feed["t"]), **lat,
                          "speedup_vs_fp32": base / lat["median_ms"], "eps_rel_l2": err})
             print(f"{name:<5} {variant:<13} batch {len(feed['t'])}  {lat['median_ms']:9.2f} ms  "

@@ -86,8 +86,7 @@ def collect(checkpoint_or_export, out_dir, sampler: str = DEFAULT_SAMPLER, steps
         rows = len(seeds) * len(keep) * (2 if guidance != 1.0 else 1) * len(y)
         check_memory(rows * 4 * math.prod(cfg.video_shape) + cfg.memory_bytes(2 * len(y)),
                      f"a calibration set of {rows} rows")
-        max_batch = getattr(getattr(rt, "graph", None), "hi", 1 << 30)
-        denoise = chunked(rt.denoise, max_batch)
+        denoise = chunked(rt.denoise, rt.batch_range[1])
         rows: dict[str, list[np.ndarray]] = {k: [] for k in INPUTS}
         records = []
         for seed in seeds:

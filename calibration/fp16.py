@@ -20,6 +20,7 @@ import numpy as np
 from vdit_deploy.calibration.graph import select, step_nodes
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import DENOISER, STEP, find_onnx, read_metadata, stamp
+from vdit_deploy.export.variants import FP16, variant_file
 from vdit_deploy.files import atomic_path, check_output, temp_dir
 
 FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Exp", "Sin", "Cos")
@@ -41,7 +42,7 @@ def variant_sources(export_dir) -> list[Path]:
     """The fp32 graphs a precision variant is made from: denoiser.onnx, and step.onnx beside it when
     export_dir is an export directory that has one."""
     src = find_onnx(export_dir, DENOISER)
-    step = src.with_name(f"{STEP}.onnx")
+    step = src.with_name(variant_file(STEP))
     return [src, step] if Path(export_dir).is_dir() and step.is_file() else [src]
 
 
@@ -117,8 +118,8 @@ def convert_fp16(export_dir, calib_dir=None, keep_fp32=FP32_LAYERS) -> Path:
 
     export_dir = Path(export_dir)
     src, *step = variant_sources(export_dir)
-    out = src.with_name(f"{DENOISER}.fp16.onnx")
-    for path in [out, *(p.with_name(f"{STEP}.fp16.onnx") for p in step)]:
+    out = src.with_name(variant_file(DENOISER, FP16))
+    for path in [out, *(p.with_name(variant_file(STEP, FP16)) for p in step)]:
         check_output(path)
     cset = None
     if calib_dir is not None:     # a typo'd or foreign set is refused before any conversion or write
@@ -134,7 +135,7 @@ def convert_fp16(export_dir, calib_dir=None, keep_fp32=FP32_LAYERS) -> Path:
                             f"(first at t={report['nonfinite_t'][0]:g}); not written")
     save_variant(model, out, "fp16")
     for path in step:
-        save_variant(to_fp16(path, STEP, keep_fp32), path.with_name(f"{STEP}.fp16.onnx"), "fp16")
+        save_variant(to_fp16(path, STEP, keep_fp32), path.with_name(variant_file(STEP, FP16)), FP16)
     return out
 
 

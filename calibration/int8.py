@@ -3,7 +3,7 @@
     denoiser.int8-qdq.onnx  static: weights per-channel, activations per-tensor, symmetric int8 ranges
                             fitted on a calibration set (collect.py). Explicit quantization: ONNX
                             Runtime runs it anywhere and TensorRT builds it as an INT8 engine.
-    denoiser.int8.onnx      dynamic: int8 weights, activation ranges measured per call
+    denoiser.int8-dynamic.onnx  dynamic: int8 weights, activation ranges measured per call
                             (DynamicQuantizeLinear + MatMulInteger). On AVX-512 VNNI CPUs it is the
                             fastest INT8 form in ONNX Runtime, and needs no calibration ranges.
     step.int8-qdq.onnx      the fused step graph with the same Q/DQ rules, calibrated on the same
@@ -29,9 +29,10 @@ from pathlib import Path
 from vdit_deploy.calibration.graph import COMPUTE_OPS, check_patterns, select
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import DENOISER, STEP, find_onnx, read_metadata
+from vdit_deploy.export.variants import INT8_DYNAMIC, INT8_QDQ, variant_file
 from vdit_deploy.files import check_output, temp_dir
 
-MODES = {"qdq": "int8-qdq", "dynamic": "int8"}           # mode -> file precision tag
+MODES = {"qdq": INT8_QDQ, "dynamic": INT8_DYNAMIC}       # mode -> file precision tag
 METHODS = ("minmax", "percentile", "entropy")
 DEFAULT_METHOD = "percentile"   # measured best on the shipped tiny model (docs/calibration.md)
 DEFAULT_SENSITIVE = (r"adaLN_modulation", r"^final_layer", r"^t_embedder", r"^y_embedder", r"^tubelet_embed",
@@ -41,7 +42,7 @@ DEFAULT_SENSITIVE = (r"adaLN_modulation", r"^final_layer", r"^t_embedder", r"^y_
 def variant_path(export_dir, mode: str) -> Path:
     if mode not in MODES:
         raise VditError(f"int8 mode must be one of {', '.join(MODES)}, got {mode!r}")
-    return find_onnx(export_dir, DENOISER).with_name(f"{DENOISER}.{MODES[mode]}.onnx")
+    return find_onnx(export_dir, DENOISER).with_name(variant_file(DENOISER, MODES[mode]))
 
 
 @contextlib.contextmanager
@@ -68,7 +69,7 @@ class _Reader:
 
 def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str = DEFAULT_METHOD,
                   keep_fp=DEFAULT_SENSITIVE, only=None, out=None, per_channel: bool = True) -> Path:
-    """export_dir/denoiser.onnx -> denoiser.int8.onnx (dynamic) or denoiser.int8-qdq.onnx (qdq); qdq
+    """export_dir/denoiser.onnx -> denoiser.int8-dynamic.onnx (dynamic) or denoiser.int8-qdq.onnx (qdq); qdq
     also makes step.int8-qdq.onnx from the export's fused step graph (what TensorRT's int8 build
     compiles), calibrated on the same denoiser calls. Returns the denoiser's path.
 
@@ -99,7 +100,7 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
 
         for graph in step:
             names = [i.name for i in onnx.load(str(graph), load_external_data=False).graph.input]
-            quantize_graph(graph, graph.with_name(f"{STEP}.{MODES[mode]}.onnx"),
+            quantize_graph(graph, graph.with_name(variant_file(STEP, MODES[mode])),
                            lambda lo, hi: cset.step_batches(meta.schedule, lo, hi, names), **rules)
     return path
 

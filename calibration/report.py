@@ -3,7 +3,7 @@
     vdit calibrate report EXPORT_DIR --out REPORT_DIR
 
 The numbers are `vdit compare`'s (vdit_deploy.compare.measure), on ONNX Runtime CPU only, for every
-precision (denoiser.<precision>.onnx) and seed:
+precision (the graph ONNX Runtime loads for it: int8 is denoiser.int8-dynamic.onnx) and seed:
   - eps relative L2 per timestep, on the fp32 trajectory's own inputs (teacher forcing: the per-call
     error, not compounded): a line per precision in eps_error.png;
   - the final videos of full independent trajectories (same seed, same noise): PSNR and SSIM, worst seed;
@@ -19,10 +19,11 @@ import numpy as np
 
 from vdit_deploy.compare.measure import accuracy, record_calls, teacher_forced
 from vdit_deploy.compare.report import fmt, write_gif
+from vdit_deploy.export.variants import FP16, INT8_DYNAMIC, INT8_QDQ
 from vdit_deploy.files import atomic_path
 from vdit_deploy.plots import plot_error_vs_timestep
 
-PSNR_TARGETS = {"fp16": 40.0, "int8": 30.0, "int8-qdq": 30.0}   # dB against fp32 (issue 4)
+PSNR_TARGETS = {FP16: 40.0, INT8_DYNAMIC: 30.0, INT8_QDQ: 30.0}   # dB against fp32 (issue 4), by graph
 
 
 def accuracy_report(export_dir, precisions=("fp16", "int8"), steps: int = 50, seeds=range(2), labels=None,
@@ -47,9 +48,8 @@ def accuracy_report(export_dir, precisions=("fp16", "int8"), steps: int = 50, se
         videos[p] = {seed: sample(rt.denoise, cfg, y, plan, guidance, seed) for seed in seeds}
         eps_err = [teacher_forced(rt.denoise, recorded[seed][1])[0] for seed in seeds]
         acc = accuracy(videos[p], videos["fp32"], eps_err, seeds)
-        target = PSNR_TARGETS.get(p)
-        # TODO(issue 11 item 3): public Runtime property (the graph file it loaded) instead of `graph`
-        results[p] = {"file": rt.graph.path.name, **acc, "target_psnr_db": target,
+        target = PSNR_TARGETS.get(rt.precision)   # the loaded graph's: int8 is int8-dynamic
+        results[p] = {"file": rt.files[0].name, **acc, "target_psnr_db": target,
                       "meets_target": acc["finite"] and (target is None or acc["psnr_db"] is None
                                                          or acc["psnr_db"] >= target)}
     report = {"export": str(export_dir), "sampler": sampler, "steps": len(plan), "guidance": guidance, "eta": eta,

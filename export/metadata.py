@@ -4,7 +4,7 @@ An export directory holds
     denoiser.onnx   (x_t, t, y) -> eps
     step.onnx       (x_t, t, y, guidance, coefs, noise, x0_prev, corr) -> x_prev, x0, corr_next:
                     one guided sampler step with the multistep solvers' state (STEP_STATE)
-and later stages add precision variants beside them (denoiser.fp16.onnx, denoiser.int8.onnx, ...).
+and later stages add precision variants beside them (named in variants.py: denoiser.fp16.onnx, ...).
 Each file's metadata_props hold the keys below as JSON strings. Torch-free: runtimes read this.
 
 Metadata is checked before use: every field against its schema (vdit_deploy/validate.py), the
@@ -22,12 +22,12 @@ from pathlib import Path
 
 from vdit_deploy import validate as v
 from vdit_deploy.config import ModelConfig
-from vdit_deploy.diffusion import COEF_NAMES, Schedule
+from vdit_deploy.diffusion import Schedule
 from vdit_deploy.errors import VditError
+from vdit_deploy.export.variants import (DENOISER, GRAPH_PRECISIONS, KINDS, OLD_TAGS, STEP,
+                                         all_variant_files, find_variant, graph_precision, variant_file,
+                                         variant_files)
 
-DENOISER, STEP = "denoiser", "step"
-KINDS = (DENOISER, STEP)
-PRECISIONS = ("fp32", "fp16", "int8", "int8-qdq")     # file tags: denoiser.onnx, denoiser.<tag>.onnx
 # What a sample depends on: a digest of these catches edits. The precision tag is left out (variants
 # restamp it) and checked against the file name instead.
 DIGESTED = ("vdit.kind", "vdit.model_config", "vdit.schedule", "vdit.io", "vdit.checkpoint_sha256", "vdit.batch")
@@ -49,7 +49,7 @@ class ExportMetadata:
     schedule: Schedule
     io: dict                       # {"inputs": [{name, shape, dtype, layout}], "outputs": [...]}
     checkpoint_sha256: str
-    precision: str = "fp32"        # fp32 | fp16 | int8-qdq | int8-dynamic
+    precision: str = "fp32"        # a GRAPH_PRECISIONS tag (variants.py); older tags are read as today's
     versions: dict = field(default_factory=dict)   # torch, onnx, exporter, vdit-deploy
     batch: dict = field(default_factory=dict)      # {"min": 1, "max": 8} or {"fixed": 1}
     checkpoint_path: str = ""      # where it was exported from (optional: `vdit verify` defaults to it)
@@ -103,7 +103,8 @@ class ExportMetadata:
                    schedule=v.schedule(parsed("vdit.schedule"), where),
                    io=io,
                    checkpoint_sha256=v.sha256_hex(props["vdit.checkpoint_sha256"], "vdit.checkpoint_sha256", where),
-                   precision=v.string(props["vdit.precision"], "vdit.precision", PRECISIONS, where),
+                   precision=graph_precision(v.string(props["vdit.precision"], "vdit.precision",
+                                                     (*GRAPH_PRECISIONS, *OLD_TAGS), where)),
                    versions=versions, batch=check_batch(batch, where),
                    checkpoint_path=props.get("vdit.checkpoint", ""))
 
@@ -172,10 +173,6 @@ def read_metadata(path: str | Path) -> ExportMetadata:
     return meta
 
 
-def file_name(kind: str, precision: str = "fp32") -> str:
-    return f"{kind}.onnx" if precision == "fp32" else f"{kind}.{precision}.onnx"
-
-
 def check_export_dir(path: str | Path, skipped: list[str] | None = None) -> dict[Path, ExportMetadata]:
     """Every vdit graph of an export directory -> its metadata, refusing a directory whose graphs come
     from different checkpoints, configs or schedules, or whose file names contradict their metadata
@@ -184,7 +181,7 @@ def check_export_dir(path: str | Path, skipped: list[str] | None = None) -> dict
     names whose metadata is edited or corrupt is refused."""
     path = Path(path)
     metas = {}
-    ours = {file_name(k, p) for k in KINDS for p in PRECISIONS}
+    ours = all_variant_files()
     for file in sorted(path.glob("*.onnx")):
         if file.name not in ours:
             if skipped is not None:
@@ -196,9 +193,9 @@ def check_export_dir(path: str | Path, skipped: list[str] | None = None) -> dict
             if skipped is not None:
                 skipped.append(str(e))
             continue
-        if file.name != file_name(meta.kind, meta.precision):
+        if file.name not in variant_files(meta.kind, meta.precision):
             raise VditError(f"{file} holds a {meta.precision} {meta.kind} graph, which would be named "
-                            f"{file_name(meta.kind, meta.precision)}; rename or remove it")
+                            f"{variant_file(meta.kind, meta.precision)}; rename or remove it")
         metas[file] = meta
     if metas:
         first_file, first = next(iter(metas.items()))
@@ -219,11 +216,12 @@ def find_onnx(path: str | Path, kind: str = DENOISER, precision: str = "fp32") -
     if not path.is_dir():
         raise VditError(f"{path}: no such export directory or ONNX file")
     check_export_dir(path)
-    name = file_name(kind, precision)
-    if not (path / name).is_file():
+    found = find_variant(path, kind, precision)
+    if found is None:
         have = ", ".join(sorted(p.name for p in path.glob("*.onnx"))) or "no .onnx files"
-        raise VditError(f"{path} has no {name} (it has {have}); run `vdit export` or `vdit calibrate` first")
-    return path / name
+        raise VditError(f"{path} has no {variant_file(kind, precision)} (it has {have}); run `vdit export` or "
+                        "`vdit calibrate` first")
+    return found
 
 
 def check_export_out(out: str | Path) -> Path:
@@ -232,11 +230,11 @@ def check_export_out(out: str | Path) -> Path:
     sets kept there (made from the old graphs) would silently go: refuse and name them instead."""
     from vdit_deploy.files import check_output
 
-    out = check_output(out, is_dir=True, marker=file_name(DENOISER))
+    out = check_output(out, is_dir=True, marker=variant_file(DENOISER))
     if out.is_dir():
-        own = {file_name(k) for k in KINDS} | {file_name(k) + ".data" for k in KINDS}
+        own = {variant_file(k) for k in KINDS} | {variant_file(k) + ".data" for k in KINDS}
         others = sorted(p.name for p in out.iterdir() if p.name not in own)
-        if others and (out / file_name(DENOISER)).is_file():
+        if others and (out / variant_file(DENOISER)).is_file():
             raise VditError(f"{out} also holds {', '.join(others[:4])}{' ...' if len(others) > 4 else ''}, "
                             "made from the graphs a new export replaces; move or delete them, or export to "
                             "another --out")
@@ -265,7 +263,6 @@ def describe_onnx(path: str | Path) -> str:
     return "\n".join(lines)
 
 
-STEP_COEFS = COEF_NAMES   # the order of step.onnx's `coefs` input
 # step.onnx's solver state: (input, the output the next step feeds into it). Graphs exported before the
 # multistep solvers lack them (and take only the first 7 coefs): they run DDPM/DDIM only.
 STEP_STATE = (("x0_prev", "x0"), ("corr", "corr_next"))

@@ -29,7 +29,8 @@ import torch.nn as nn
 from vdit_deploy.checkpoint import load_model
 from vdit_deploy.diffusion import COEF_NAMES
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.metadata import DENOISER, STEP, STEP_STATE, ExportMetadata
+from vdit_deploy.export.metadata import STEP_STATE, ExportMetadata
+from vdit_deploy.export.variants import DENOISER, STEP, variant_file
 from vdit_deploy.files import atomic_path, check_output, temp_dir
 
 OPSET = 18                     # LayerNormalization needs 17; 18 is the dynamo exporter's native opset
@@ -224,14 +225,14 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, batch: tuple[
         den_meta, step_meta = {"min": den_batch[0], "max": den_batch[1]}, {"min": batch[0], "max": batch[1]}
     bname = "batch" if fixed is None else str(fixed)
     out_dir = Path(out_dir)
-    with atomic_path(out_dir, is_dir=True, marker=f"{DENOISER}.onnx") as tmp:
+    with atomic_path(out_dir, is_dir=True, marker=variant_file(DENOISER)) as tmp:
         meta = ExportMetadata(DENOISER, io=_io(cfg, DENOISER, bname), batch=den_meta, **common)
-        _export(denoiser, (x, t, y), tmp / f"{DENOISER}.onnx", DENOISER_INPUTS, DENOISER_OUTPUTS,
+        _export(denoiser, (x, t, y), tmp / variant_file(DENOISER), DENOISER_INPUTS, DENOISER_OUTPUTS,
                 (True, True, True), den_batch, opset, meta.to_props(), external_data)
         coefs = torch.tensor([1.5, 0.5, 1.0, 0.9, 0.0, 0.4, 0.1, 0.2, 0.3, 0.5, 0.1, 0.2, 0.3])
         state = (torch.randn_like(x), torch.randn_like(x))
         meta = ExportMetadata(STEP, io=_io(cfg, STEP, bname), batch=step_meta, **common)
         _export(FusedStep(denoiser, cfg.null_label), (x, t, y, torch.tensor([2.0]), coefs, torch.randn_like(x), *state),
-                tmp / f"{STEP}.onnx", STEP_INPUTS, STEP_OUTPUTS, (True, True, True, False, False, True, True, True),
+                tmp / variant_file(STEP), STEP_INPUTS, STEP_OUTPUTS, (True, True, True, False, False, True, True, True),
                 step_batch, opset, meta.to_props(), external_data)
     return out_dir

@@ -1,6 +1,7 @@
 """The runtime interface every backend implements (numpy in, numpy out; no torch import here).
 
 A runtime holds one loaded artifact (a checkpoint, an ONNX file, an engine) and offers
+  files, batch_range                what it loaded and the videos per denoise() call it takes
   denoise(x_t, t, y) -> eps         x_t float32 (B, C, F, H, W), t float32 (B,), y int32 (B,)
   step(x_t, t, y, guidance, coefs, noise, state=None) -> x_{t-1}   one guided sampler step (diffusion.py);
       a multistep solver's SolverState (previous x0, UniPC's corrector part) is read and replaced
@@ -13,6 +14,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -45,6 +47,16 @@ class Runtime(ABC):
     @property
     @abstractmethod
     def outputs(self) -> list[TensorSpec]: ...
+
+    @property
+    @abstractmethod
+    def files(self) -> list[Path]:
+        """The files it loaded (weights, graphs, engines, with their external data), the main one first."""
+
+    @property
+    def batch_range(self) -> tuple[int, int]:
+        """(min, max) rows per denoise() call; a guided step runs twice its videos through the graph."""
+        return 1, 2 ** 31 - 1
 
     @abstractmethod
     def denoise(self, x_t: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray: ...

@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from vdit_deploy.errors import VditError
+from vdit_deploy.export.variants import ENGINE_PRECISIONS
 from vdit_deploy.files import atomic_path, sha256_file
 
 MANIFEST_FORMAT = 1
-PRECISIONS = ("fp32", "fp16", "int8", "best")
 TIMING_CACHE = "timing.cache"
 
 
@@ -100,8 +100,8 @@ class EngineKey:
     options: dict = field(default_factory=dict)   # builder options: opt level, workspace, target...
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise VditError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in ENGINE_PRECISIONS:
+            raise VditError(f"precision must be one of {', '.join(ENGINE_PRECISIONS)}, got {self.precision!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -2,6 +2,7 @@
 
 denoise() runs denoiser.onnx; step() runs the fused step.onnx (guidance + update in the graph) when
 the export has one (step.fp16.onnx / step.int8-qdq.onnx from `vdit calibrate` for those precisions).
+--precision names the graph (export/variants.py); int8 is the dynamic one, denoiser.int8-dynamic.onnx.
 On CUDA/TensorRT the step outputs (the video and a multistep solver's state) stay on the device as
 OrtValues bound with IO binding, and the next step consumes them in place: per step the host copies
 only noise and scalars.
@@ -15,6 +16,7 @@ import numpy as np
 from vdit_deploy.diffusion import SINGLE_STEP_COEFS, SolverState, apply_step
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import DENOISER, STEP, STEP_STATE, find_onnx, read_metadata
+from vdit_deploy.export.variants import FP16, find_variant, runtime_graph, with_data
 from vdit_deploy.runtimes.base import Runtime, TensorSpec
 
 # Short names accepted for providers; the default order is the first three where available.
@@ -142,19 +144,26 @@ class OrtRuntime(Runtime):
             options.intra_op_num_threads = threads
         if not spin:   # idle ORT threads busy-wait by default: bad when torch shares the process (verify)
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        artifact = Path(artifact)
-        path = find_onnx(artifact, DENOISER, precision)
+        artifact, graph = Path(artifact), runtime_graph(self.name, precision)
+        path = find_onnx(artifact, DENOISER, graph)
         if path.is_file() and artifact.is_file() and read_metadata(path).kind == STEP:
             raise VditError(f"{path} is a fused step graph: pass the export directory or its denoiser.onnx")
         self.graph = _Graph(path, DENOISER, self.providers, options)
         self.fused = None
-        if artifact.is_dir():
-            step_name = f"{STEP}.onnx" if precision == "fp32" else f"{STEP}.{precision}.onnx"
-            if (artifact / step_name).is_file():
-                self.fused = _Graph(artifact / step_name, STEP, self.providers, options)
+        step = find_variant(artifact, STEP, graph) if artifact.is_dir() else None
+        if step is not None:
+            self.fused = _Graph(step, STEP, self.providers, options)
         meta = self.graph.meta
         self.config, self.schedule, self.precision = meta.config, meta.schedule, meta.precision
         self.device = self.graph.session.get_providers()[0].replace("ExecutionProvider", "")
+
+    @property
+    def files(self):
+        return [f for g in (self.graph, self.fused) if g is not None for f in with_data(g.path)]
+
+    @property
+    def batch_range(self):
+        return self.graph.lo, self.graph.hi
 
     @property
     def inputs(self):
@@ -222,7 +231,7 @@ class OrtTrtRuntime(OrtRuntime):
 
     def __init__(self, artifact, precision: str = "fp32", **options):
         root = Path(artifact) if Path(artifact).is_dir() else Path(artifact).parent
-        lower_fp32 = precision == "fp16" and not (root / f"{DENOISER}.fp16.onnx").is_file()
+        lower_fp32 = precision == FP16 and find_variant(root, DENOISER, FP16) is None
         trt_options = {"trt_engine_cache_enable": "True", "trt_timing_cache_enable": "True",
                        "trt_engine_cache_path": str(root / "engines" / "ort-trt"),
                        "trt_fp16_enable": str(lower_fp32)}

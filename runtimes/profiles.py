@@ -21,9 +21,9 @@ from pathlib import Path
 
 from vdit_deploy.config import ModelConfig
 from vdit_deploy.errors import VditError
+from vdit_deploy.export.variants import ENGINE_PRECISIONS
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
-PRECISIONS = ("fp32", "fp16", "int8", "best")
 GIB, MIB = 1 << 30, 1 << 20
 
 # Bytes per weight in the engine and per activation between layers. INT8 engines keep LayerNorm, softmax
@@ -123,8 +123,8 @@ def profile_from_dict(data: dict, source: str = "profile") -> BuildProfile:
     number("workspace_mib", 1, integer=True)
     _check(d["reserved_gib"] < d["memory_gib"], source,
            f"reserved_gib ({d['reserved_gib']}) must be less than memory_gib ({d['memory_gib']})")
-    _check(d["precision"] in PRECISIONS, source,
-           f"precision must be one of {', '.join(PRECISIONS)}, got {d['precision']!r}")
+    _check(d["precision"] in ENGINE_PRECISIONS, source,
+           f"precision must be one of {', '.join(ENGINE_PRECISIONS)}, got {d['precision']!r}")
     b = d["batch"]
     if isinstance(b, int) and not isinstance(b, bool):
         b = [b, b, b]
@@ -240,8 +240,8 @@ def _gib(n: int) -> str:
 
 def _estimate(cfg: ModelConfig, batch: int, precision: str, profile: BuildProfile, guidance: bool,
               onnx_bytes: int | None) -> MemoryPlan:
-    if precision not in PRECISIONS:
-        raise VditError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in ENGINE_PRECISIONS:
+        raise VditError(f"precision must be one of {', '.join(ENGINE_PRECISIONS)}, got {precision!r}")
     if batch < 1:
         raise VditError(f"batch must be >= 1, got {batch}")
     eng = 2 * batch if guidance else batch

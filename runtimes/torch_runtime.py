@@ -8,15 +8,17 @@ the video kept on the device between steps; `compile` wraps that step in torch.c
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from vdit_deploy.checkpoint import load_model
+from vdit_deploy.checkpoint import WEIGHTS, load_model
 from vdit_deploy.diffusion import SolverState
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import STEP_STATE
+from vdit_deploy.export.variants import check_precision
 from vdit_deploy.runtimes.base import Runtime, TensorSpec
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -73,8 +75,7 @@ class TorchRuntime(Runtime):
                  compile: str | None = None):
         from vdit_deploy.export.onnx_export import FusedStep
 
-        if precision not in DTYPES:
-            raise VditError(f"torch runtime precision must be one of {', '.join(DTYPES)}, got {precision!r}")
+        check_precision(self.name, precision)
         if compile is not None and compile not in COMPILE_MODES:
             raise VditError(f"torch.compile mode must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -83,6 +84,7 @@ class TorchRuntime(Runtime):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise VditError("torch runtime: device cuda asked for, but torch sees no CUDA GPU")
         self.precision, self.device, self.compile = precision, device, compile
+        self.checkpoint = Path(checkpoint)
         self.model, self.info = load_model(checkpoint, device)
         self.model.to(DTYPES[precision])
         self.config, self.schedule = self.info.model, self.info.schedule
@@ -91,6 +93,10 @@ class TorchRuntime(Runtime):
         if compile:
             guided, unguided = (torch.compile(m, mode=compile, dynamic=False) for m in (guided, unguided))
         self.guided, self.unguided = guided, unguided
+
+    @property
+    def files(self):
+        return [self.checkpoint / WEIGHTS]
 
     @property
     def inputs(self):

@@ -37,17 +37,19 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from vdit_deploy.errors import VditError
+from vdit_deploy.export.variants import (DENOISER, FP16, FP32, STEP, find_variant, runtime_graph, variant_file,
+                                         with_data)
 from vdit_deploy.files import atomic_path, sha256_files
 from vdit_deploy.runtimes.engine_cache import (BatchProfile, CachedEngine, EngineCache, EngineKey,
                                                check_cuda, gpu_info, import_cudart, import_tensorrt,
                                                tensorrt_logger)
 
-KINDS = ("step", "denoiser")
+KINDS = (STEP, DENOISER)   # build order: sampling needs the step engine, denoise() the other
 
 
 def onnx_digest(path: Path) -> str:
     """sha256 of an .onnx file and of its external-data file, if it has one (<name>.data)."""
-    return sha256_files(p for p in (path, path.with_name(path.name + ".data")) if p.is_file())
+    return sha256_files(with_data(path))
 
 
 def strongly_typed_only(trt) -> bool:
@@ -62,14 +64,15 @@ def onnx_for(export: Path, kind: str, precision: str, strongly_typed: bool) -> P
     export = Path(export)
     if export.is_file():
         return export
-    # int8 builds the static Q/DQ graph; <kind>.int8.onnx is ONNX Runtime's dynamic (MatMulInteger) one
-    variant = {"fp32": "fp32", "int8": "int8-qdq", "fp16": "fp16" if strongly_typed else "fp32"}.get(precision)
-    if precision == "best":
-        variant = "int8-qdq" if (export / f"{kind}.int8-qdq.onnx").is_file() else ("fp16" if strongly_typed else "fp32")
-    if variant == "fp16" and not (export / f"{kind}.fp16.onnx").is_file():
+    graph = runtime_graph("trt", precision)   # int8 and best: the Q/DQ graph, not ONNX Runtime's dynamic one
+    if precision == "best" and find_variant(export, kind, graph) is None:
+        graph = FP16
+    if graph == FP16 and not strongly_typed:
+        graph = FP32                          # weak typing: the fp32 graph with BuilderFlag.FP16
+    if graph == FP16 and find_variant(export, kind, FP16) is None:
         raise VditError(f"TensorRT 11 builds fp16 only from an fp16 graph (strong typing) and {export} has no "
-                        f"{kind}.fp16.onnx; export an fp16 variant, or pip install 'tensorrt-cu12<11'")
-    return find_onnx(export, kind, variant)
+                        f"{variant_file(kind, FP16)}; export an fp16 variant, or pip install 'tensorrt-cu12<11'")
+    return find_onnx(export, kind, graph)
 
 
 # ---- calibration data (implicit INT8 on older TensorRT) -------------------------------------------
@@ -356,10 +359,11 @@ def ensure_engine(export: str | Path, kind: str, precision: str, profile: BatchP
     return cache.store(kind, key, engine, **facts), True
 
 
-def find_engine(export: str | Path, kind: str, precision: str, build: bool = True, cache_dir=None,
+def find_engine(export: str | Path, kind: str, precision: str, build: bool = False, cache_dir=None,
                 progress: bool = True, log: Callable[[str], None] = print) -> CachedEngine:
-    """For the runtime: any cached engine of this kind and precision that matches this GPU, TensorRT
-    and ONNX (whatever batch profile `vdit build` chose), else build one for the export's batch range."""
+    """Any cached engine of this kind and precision that matches this GPU, TensorRT and ONNX (whatever
+    batch profile `vdit build` chose). None: a one-line error naming the `vdit build` to run, or with
+    build=True (benchmarks, `vdit compare`) one is built for the export's batch range."""
     from vdit_deploy.export.metadata import read_metadata
 
     gpu = gpu_info()
@@ -375,7 +379,9 @@ def find_engine(export: str | Path, kind: str, precision: str, build: bool = Tru
             cached, _ = cache.lookup(kind, key)   # re-checks the engine's sha256
             if cached is not None:
                 return cached
+    if not build:
+        raise VditError(f"{export} has no {kind} engine for {precision} on this GPU and TensorRT {trt.__version__} "
+                        f"(from {onnx_path.name}); run `vdit build {export} --precision {precision}` first")
     lo, hi = read_metadata(onnx_path).batch_range()
     profile = BatchProfile(lo, lo, min(hi, max(lo, 8)))
-    return ensure_engine(export, kind, precision, profile, cache_dir=cache_dir, build=build,
-                         progress=progress, log=log)[0]
+    return ensure_engine(export, kind, precision, profile, cache_dir=cache_dir, progress=progress, log=log)[0]

@@ -112,26 +112,26 @@ class _Engine:
 class TrtRuntime(Runtime):
     name = "trt"
 
-    def __init__(self, artifact, precision: str = "fp16", cuda_graph: bool = True, build: bool = True,
-                 cache_dir=None, device: int = 0, progress: bool = True):
+    def __init__(self, artifact, precision: str = "fp16", cuda_graph: bool = True, cache_dir=None, device: int = 0):
+        """Loads engines `vdit build` made (trt_build.ensure_engine); it never builds one itself."""
         from vdit_deploy.export.metadata import STEP, STEP_STATE, find_onnx, read_metadata
-        from vdit_deploy.runtimes.trt_build import find_engine
+        from vdit_deploy.export.variants import check_precision
 
         self.gpu = gpu_info(device)              # one-line errors: no cuda-python / no GPU ...
         trt, cudart = import_tensorrt(), import_cudart()   # ... / no TensorRT
         check_cuda(cudart.cudaSetDevice(device), "cudaSetDevice")
-        self.trt, self.cudart, self.precision, self.device = trt, cudart, precision, self.gpu.name
+        self.trt, self.cudart, self.device = trt, cudart, self.gpu.name
+        self.precision = check_precision(self.name, precision)
         self.export = Path(artifact)
         if self.export.suffix in (".onnx", ".engine"):
             raise VditError("--runtime trt takes an export directory (engines are cached in DIR/engines)")
         meta = read_metadata(find_onnx(self.export, STEP))
         self.config, self.schedule = meta.config, meta.schedule
-        self.build_options = dict(build=build, cache_dir=cache_dir, progress=progress)
+        self.cache_dir = cache_dir
         self.logger = tensorrt_logger(trt)   # the builder's too
         err, self.stream = cudart.cudaStreamCreateWithFlags(1)   # cudaStreamNonBlocking
         check_cuda(err, "cudaStreamCreate")
-        self.step_engine = _Engine(trt, cudart, find_engine(self.export, STEP, precision, **self.build_options).path,
-                                   self.stream, self.logger)
+        self.step_engine = _Engine(trt, cudart, self._engine_path(STEP), self.stream, self.logger)
         self._denoiser = None
         if not {"x_t", "noise"} <= set(self.step_engine.inputs) or "x_prev" not in self.step_engine.outputs:
             raise VditError(f"{self.step_engine.path.name} is not a vdit step engine "
@@ -152,16 +152,27 @@ class TrtRuntime(Runtime):
         err, self.uploaded = cudart.cudaEventCreateWithFlags(2)   # cudaEventDisableTiming
         check_cuda(err, "cudaEventCreate")
 
+    def _engine_path(self, kind: str) -> Path:
+        from vdit_deploy.runtimes.trt_build import find_engine
+
+        return find_engine(self.export, kind, self.precision, build=False, cache_dir=self.cache_dir).path
+
     # ---- Runtime interface ----------------------------------------------------------------------
     @property
     def denoiser(self) -> _Engine:
-        if self._denoiser is None:   # only built/loaded when someone calls denoise()
+        if self._denoiser is None:   # only loaded when someone calls denoise()
             from vdit_deploy.export.metadata import DENOISER
-            from vdit_deploy.runtimes.trt_build import find_engine
 
-            path = find_engine(self.export, DENOISER, self.precision, **self.build_options).path
-            self._denoiser = _Engine(self.trt, self.cudart, path, self.stream, self.logger)
+            self._denoiser = _Engine(self.trt, self.cudart, self._engine_path(DENOISER), self.stream, self.logger)
         return self._denoiser
+
+    @property
+    def files(self):
+        return [e.path for e in (self.step_engine, self._denoiser) if e is not None]
+
+    @property
+    def batch_range(self):
+        return self.denoiser.min_batch, self.denoiser.max_batch
 
     @property
     def inputs(self):

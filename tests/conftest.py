@@ -60,3 +60,13 @@ def tiny_export(tiny_checkpoint, tmp_path_factory):
     from vdit_deploy.export.onnx_export import export_checkpoint
 
     return export_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "tiny", batch=(1, 4))
+
+
+def open_built(export, precision, **options):
+    """`vdit build`'s part (find or build both engines), then the TensorRT runtime, which only loads them."""
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.runtimes.trt_build import KINDS, find_engine
+
+    for kind in KINDS:
+        find_engine(export, kind, precision, build=True, progress=False, log=lambda m: None)
+    return open_runtime("trt", export, precision=precision, **options)

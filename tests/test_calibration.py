@@ -80,7 +80,7 @@ def test_foreign_set_is_refused(calib, export, tmp_path):
     assert "\n" not in str(e.value)
     result = CliRunner().invoke(main, ["calibrate", "int8", str(export), "--calib", str(foreign)])
     assert result.exit_code == 1 and result.output.startswith("Error: calibration set")
-    assert not (export / "denoiser.int8.onnx").exists()
+    assert not (export / "denoiser.int8-dynamic.onnx").exists()
 
 
 def test_fp16_keeps_float_io_and_blocked_ops(export, calib, reference):
@@ -134,7 +134,8 @@ def test_fused_step_equals_host_step(export, calib, precision, tol):
     assert onnx_for(export, "step", tensorrt_precision, True).name == f"step.{precision}.onnx"
     cset = load_calibration_set(calib)
     with open_runtime("ort", export, precision=precision) as rt:
-        assert rt.describe() == f"ort:{precision} on CPU (fused step)" and rt.fused.meta.precision == precision
+        assert rt.describe() == f"ort:{precision} on CPU (fused step)"
+        assert [f.name for f in rt.files] == [f"denoiser.{precision}.onnx", f"step.{precision}.onnx"]
         ddpm = make_steps(rt.schedule, "ddpm")                           # sigma > 0: the noise input counts
         feeds = list(cset.step_batches(rt.schedule))
         assert len(feeds) == 3 and all(len(f["x_t"]) == 1 and f["guidance"][0] == 2.0 for f in feeds)
@@ -151,8 +152,8 @@ def test_int8_runs_and_stays_close(export, calib, reference, mode, op):
     from vdit_deploy.export.metadata import read_metadata
 
     path = quantize_int8(export, calib, mode=mode)
-    assert path.name == {"dynamic": "denoiser.int8.onnx", "qdq": "denoiser.int8-qdq.onnx"}[mode]
-    assert read_metadata(path).precision == {"dynamic": "int8", "qdq": "int8-qdq"}[mode]
+    assert path.name == {"dynamic": "denoiser.int8-dynamic.onnx", "qdq": "denoiser.int8-qdq.onnx"}[mode]
+    assert read_metadata(path).precision == {"dynamic": "int8-dynamic", "qdq": "int8-qdq"}[mode]
     count = lambda p: sum(n.op_type == op for n in onnx.load(str(p)).graph.node)
     assert count(path) > 0
     step = export / f"step.{read_metadata(path).precision}.onnx"       # the fused step: Q/DQ (TensorRT) only
@@ -166,6 +167,29 @@ def test_int8_runs_and_stays_close(export, calib, reference, mode, op):
                           out=export / f"worse.{mode}.onnx")                 # everything, per-tensor weights
     assert count(worse) > count(path)                  # the sensitive layers (adaLN, final layer...) stayed float
     assert rel_l2(run_onnx(worse, load_calibration_set(calib)), reference) > err
+
+
+def test_old_dynamic_int8_name_stays_readable(export, calib, tmp_path):
+    """Releases before int8-dynamic wrote denoiser.int8.onnx stamped "int8": found and run as int8-dynamic;
+    `--precision int8` on ONNX Runtime is that graph (TensorRT's int8 is the Q/DQ one)."""
+    from vdit_deploy.export.metadata import check_export_dir, find_onnx, read_metadata, stamp
+    from vdit_deploy.runtimes import open_runtime
+
+    new = quantize_int8(export, calib, mode="dynamic")
+    old = shutil.copytree(export, tmp_path / "old", ignore=shutil.ignore_patterns("*.int8-dynamic.onnx", "calib*"))
+    model = onnx.load(str(new))
+    stamp(model, {"vdit.precision": "int8"})
+    onnx.save(model, str(old / "denoiser.int8.onnx"))
+    assert find_onnx(old, "denoiser", "int8-dynamic").name == "denoiser.int8.onnx"
+    assert read_metadata(old / "denoiser.int8.onnx").precision == "int8-dynamic"
+    assert old / "denoiser.int8.onnx" in check_export_dir(old)
+    for precision in ("int8", "int8-dynamic"):
+        with open_runtime("ort", old, precision=precision) as rt, open_runtime("ort", export, precision="int8") as now:
+            assert [f.name for f in rt.files] == ["denoiser.int8.onnx"] and rt.precision == "int8-dynamic"
+            assert [f.name for f in now.files] == ["denoiser.int8-dynamic.onnx"]
+            x = np.random.default_rng(0).standard_normal((2, *rt.config.video_shape), dtype=np.float32)
+            t, y = np.float32([10, 500]), np.int32([0, 1])
+            assert np.array_equal(rt.denoise(x, t, y), now.denoise(x, t, y))
 
 
 def test_qdq_methods(export, calib, reference):

@@ -26,7 +26,7 @@ def runtimes(tiny_export, tiny_checkpoint):
 
 def test_runtime_interface(runtimes):
     ort_rt, _ = runtimes
-    assert isinstance(ort_rt, OrtRuntime) and ort_rt.fused is not None
+    assert isinstance(ort_rt, OrtRuntime) and [f.name for f in ort_rt.files] == ["denoiser.onnx", "step.onnx"]
     assert [s.name for s in ort_rt.inputs] == ["x_t", "t", "y"] and ort_rt.outputs[0].name == "eps"
     assert ort_rt.inputs[0].shape[1:] == ort_rt.config.video_shape and ort_rt.inputs[2].dtype == "int32"
     assert ort_rt.describe() == "ort:fp32 on CPU (fused step)"

@@ -322,7 +322,7 @@ def test_compare_refuses_a_bad_sampler_before_exporting(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("sampler", ["dpm++", "unipc"])
 def test_trt_multistep_matches_torch_with_and_without_cuda_graph(tiny_checkpoint, tmp_path, sampler):
-    from conftest import trt_skip_reason
+    from conftest import open_built, trt_skip_reason
 
     reason = trt_skip_reason()
     if reason:
@@ -337,7 +337,7 @@ def test_trt_multistep_matches_torch_with_and_without_cuda_graph(tiny_checkpoint
         want = sample(ref, ref.config, [0, 1], plan, guidance=2.0, seed=3)
     outs = {}
     for graph in (True, False):
-        with open_runtime("trt", export_dir, precision="fp32", cuda_graph=graph, progress=False) as rt:
+        with open_built(export_dir, "fp32", cuda_graph=graph) as rt:
             outs[graph] = sample(rt, rt.config, [0, 1], plan, guidance=2.0, seed=3)
             again = sample(rt, rt.config, [0, 1], plan, guidance=2.0, seed=3)   # the state restarts at zero
     np.testing.assert_array_equal(outs[True], outs[False])

@@ -8,7 +8,6 @@ Supported: TensorRT 10.3 (JetPack 6, weakly typed, calibrators), 10.13, 10.16 an
 typed only); cuda-python 11.8, 12.2 (cuda.cudart), 12.9 and 13.4. TensorRT 8.6 is refused in one line.
 """
 import ast
-import json
 import re
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 import trt_fake
+from conftest import open_built
 from trt_fake import CUDART_VERSIONS, TRT_SUPPORTED, TRT_UNSUPPORTED, World, install, surface
 from vdit_deploy.config import preset
 from vdit_deploy.diffusion import Schedule
@@ -387,13 +387,11 @@ def run_steps(rt, n, stochastic_every=2):
 @pytest.mark.parametrize("trt_version", [TRT_10_3, TRT_11])
 @pytest.mark.parametrize("cudart_version", CUDART_VERSIONS)
 def test_runtime_warm_up_capture_and_replay(monkeypatch, export, trt_version, cudart_version):
-    """Control flow (not numerics): TrtRuntime builds and loads the engines, runs the first step of
+    """Control flow (not numerics): TrtRuntime loads the built engines, runs the first step of
     each ping-pong direction eagerly, captures each direction once as a CUDA graph, then replays the
     graphs; builder and runtime share one Logger; closing frees every device resource."""
-    from vdit_deploy.runtimes import open_runtime
-
     world = fake(monkeypatch, trt_version, cudart_version)
-    with open_runtime("trt", export, precision="fp32", progress=False) as rt:
+    with open_built(export, "fp32") as rt:
         out = run_steps(rt, 6)
         assert out.shape == (2, *CFG.video_shape) and rt.cuda_graph and "CUDA graph" in rt.describe()
         assert [kind for kind, _ in world.launches] == ["execute", "execute", "graph", "graph", "graph", "graph"]
@@ -408,15 +406,31 @@ def test_runtime_warm_up_capture_and_replay(monkeypatch, export, trt_version, cu
     assert all(not s.destroyed or s.capture == "none" for s in world.streams.values())
 
 
+def test_runtime_loads_engines_and_never_builds(monkeypatch, export):
+    """Control flow (not numerics): opening the runtime on an export without engines builds nothing
+    and says, in one line, which `vdit build` to run; after that build it opens."""
+    from vdit_deploy.runtimes import open_runtime
+
+    world = fake(monkeypatch)
+    with pytest.raises(VditError, match=r"no step engine for fp16 .*run `vdit build .* --precision fp16`") as e:
+        open_runtime("trt", export, precision="fp16")
+    assert "\n" not in str(e.value) and world.builds == []
+    with open_built(export, "fp16") as rt:
+        built = len(world.builds)
+        assert [f.parent.name for f in rt.files] == ["engines"] and rt.batch_range == (1, 8)
+        assert len(world.builds) == built == 2 and len(rt.files) == 2   # the denoiser engine is loaded, not built
+    with open_runtime("trt", export, precision="fp16") as rt:
+        assert len(world.builds) == 2
+
+
 @pytest.mark.parametrize("cudart_version", CUDART_VERSIONS)
 def test_capture_failure_ends_capture_and_falls_back(monkeypatch, export, cudart_version):
     """Control flow (not numerics): when the engine cannot run inside a capture, the capture is ended
     (the stream leaves capture mode), nothing leaks, the step still runs eagerly, and every later
     step too; describe() says why."""
-    from vdit_deploy.runtimes import open_runtime
 
     world = fake(monkeypatch, TRT_10_3, cudart_version, fail_launch_in_capture=True)
-    with open_runtime("trt", export, precision="fp16", progress=False) as rt:
+    with open_built(export, "fp16") as rt:
         run_steps(rt, 5)
         assert not rt.cuda_graph and "no CUDA graph" in rt.describe() and "failed to run" in rt.graph_error
         assert [kind for kind, _ in world.launches] == ["execute"] * 5
@@ -431,10 +445,9 @@ def test_capture_failure_ends_capture_and_falls_back(monkeypatch, export, cudart
 def test_failed_instantiate_destroys_the_graph(monkeypatch, export, cudart_version):
     """Control flow (not numerics): cudaGraphInstantiateWithFlags failing leaves no graph behind and
     the runtime continues eagerly."""
-    from vdit_deploy.runtimes import open_runtime
 
     world = fake(monkeypatch, TRT_11, cudart_version, fail_instantiate=True)
-    with open_runtime("trt", export, precision="fp32", progress=False) as rt:
+    with open_built(export, "fp32") as rt:
         run_steps(rt, 4)
         assert not rt.cuda_graph and "cudaGraphInstantiateWithFlags failed" in rt.graph_error
         assert [kind for kind, _ in world.launches] == ["execute"] * 4 and not world.graphs
@@ -444,10 +457,9 @@ def test_failed_instantiate_destroys_the_graph(monkeypatch, export, cudart_versi
 def test_batch_outside_the_profile_and_refused_addresses(monkeypatch, export):
     """Control flow (not numerics): set_input_shape and set_tensor_address results are checked: a
     refusal is a one-line VditError, not a launch with stale shapes or addresses."""
-    from vdit_deploy.runtimes import open_runtime
 
     fake(monkeypatch)
-    with open_runtime("trt", export, precision="fp32", progress=False) as rt:
+    with open_built(export, "fp32") as rt:
         engine = rt.step_engine
         with pytest.raises(VditError, match="outside the engine"):
             engine.set_batch(engine.max_batch + 1)
@@ -466,12 +478,11 @@ def test_real_tiny_export_builds_and_samples(monkeypatch, tiny_export, tmp_path,
     import shutil
 
     from vdit_deploy.diffusion import make_steps
-    from vdit_deploy.runtimes import open_runtime
     from vdit_deploy.sampling import sample
 
     export = shutil.copytree(tiny_export, tmp_path / "export")
     world = fake(monkeypatch, trt_version)
-    with open_runtime("trt", export, precision=precision, progress=False) as rt:
+    with open_built(export, precision) as rt:
         steps = make_steps(rt.schedule, "ddim", 5, eta=1.0)   # eta 1: stochastic steps upload noise
         video = sample(rt, rt.config, [0, 1], steps, guidance=2.0, seed=0)
         assert video.shape == (2, *rt.config.video_shape) and rt.cuda_graph
@@ -506,7 +517,6 @@ def test_every_tensorrt_name_is_exercised(monkeypatch, export, tmp_path):
     """API conformance (not numerics): running every build path and the runtime against each
     supported TensorRT touches each `trt.X[.Y]` the source names in at least one version, and never
     one a version lacks (the fake would raise): so every version-specific name sits behind a guard."""
-    from vdit_deploy.runtimes import open_runtime
     from vdit_deploy.runtimes.trt_build import BuildOptions, build_engine
 
     calib = tmp_path / "calib"
@@ -526,7 +536,7 @@ def test_every_tensorrt_name_is_exercised(monkeypatch, export, tmp_path):
                 (tmp_path / "step.calib.cache").unlink(missing_ok=True)
                 build_engine(export / "step.onnx", "int8", BatchProfile(1, 2, 4), calibration=calib,
                              timing_cache=tmp_path / "t.cache", progress=False, log=lambda msg: None)
-            with open_runtime("trt", export, precision="fp32", progress=False) as rt:
+            with open_built(export, "fp32") as rt:
                 run_steps(rt, 4)
             used |= {name.removeprefix("tensorrt.") for name in world.used}
     _, names, _ = source_calls()

@@ -4,7 +4,7 @@ installs them and runs `pytest -m gpu`)."""
 import numpy as np
 import pytest
 
-from conftest import trt_skip_reason
+from conftest import open_built, trt_skip_reason
 
 REASON = trt_skip_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
@@ -45,7 +45,7 @@ def test_denoise_matches_torch(export_dir, tiny_checkpoint, precision, tol):
         x = rng.standard_normal((2, *cfg.video_shape), dtype=np.float32)
         t, y = np.array([10, 700], np.float32), np.array([0, 3], np.int32)
         want = ref.denoise(x, t, y)
-    with open_runtime("trt", export_dir, precision=precision, progress=False) as rt:
+    with open_built(export_dir, precision) as rt:
         assert rel_l2(rt.denoise(x, t, y), want) < tol
 
 
@@ -60,7 +60,7 @@ def test_sample_matches_torch_with_and_without_cuda_graph(export_dir, tiny_check
         want = sample(ref, ref.config, [0, 1], steps, guidance=2.0, seed=3)
     outs = {}
     for graph in (True, False):
-        with open_runtime("trt", export_dir, precision="fp32", cuda_graph=graph, progress=False) as rt:
+        with open_built(export_dir, "fp32", cuda_graph=graph) as rt:
             outs[graph] = sample(rt, rt.config, [0, 1], steps, guidance=2.0, seed=3)
             assert rt.cuda_graph == graph, rt.describe()
     np.testing.assert_array_equal(outs[True], outs[False])

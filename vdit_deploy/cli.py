@@ -16,6 +16,7 @@ import click
 
 from vdit_deploy.diffusion import DEFAULT_SAMPLER
 from vdit_deploy.errors import VditError
+from vdit_deploy.export.variants import ENGINE_PRECISIONS, precisions_help, variant_file
 from vdit_deploy.files import check_output
 
 SHIPPED_HELP = "the shipped tiny demo checkpoint"
@@ -189,9 +190,9 @@ def sampling_options(f):
                      help="Classifier-free guidance scale (1: off)."),
         click.option("--seed", default=0, show_default=True, type=SEED),
         click.option("--runtime", default="torch", show_default=True,
-                     help="torch (checkpoint), or ort / trt / ort-trt (ONNX export, no torch needed)."),
-        click.option("--precision", default="fp32", show_default=True, help="torch: fp32, fp16, bf16; ort: fp32, fp16, int8, int8-qdq (from `vdit calibrate`); "
-                          "trt: fp32, fp16, int8, best."),
+                     help="torch (checkpoint), or ort / trt / ort-trt (ONNX export, no torch needed; "
+                          "trt loads the engines `vdit build` made)."),
+        click.option("--precision", default="fp32", show_default=True, help=precisions_help()),
     ]):
         f = option(f)
     return f
@@ -294,7 +295,7 @@ def model_source(preset_name, checkpoint, onnx_path):
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), default=None,
               help="Plan for an export (its config and real ONNX size).")
 @click.option("--batch", type=click.IntRange(1), default=None, help="Videos per call. Default: the profile's max.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "best"]), default=None,
+@click.option("--precision", type=click.Choice(ENGINE_PRECISIONS), default=None,
               help="Default: the profile's.")
 @click.option("--frames", type=click.IntRange(1), default=None, help="Override the number of latent frames.")
 @click.option("--list", "list_targets", is_flag=True, help="List the shipped profiles and exit.")
@@ -323,7 +324,7 @@ def plan(target, preset_name, checkpoint, onnx_path, batch, precision, frames, l
 # ---- build (TensorRT) ---------------------------------------------------------------------------
 @main.command()
 @click.argument("onnx_dir", type=click.Path(path_type=Path))
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "best"]), default=None,
+@click.option("--precision", type=click.Choice(ENGINE_PRECISIONS), default=None,
               help="Default: the target's, else fp16. int8 builds the Q/DQ graph from `vdit calibrate`.")
 @click.option("--batch", default=None, help="Engine batch range MIN:OPT:MAX (default 1:2:8, or the target's).")
 @click.option("--fixed-batch", type=click.IntRange(1), default=None, help="Static batch N (MIN=OPT=MAX=N).")
@@ -361,7 +362,7 @@ def build(onnx_dir, precision, batch, fixed_batch, target, workspace, opt_level,
                            onnx_bytes=step_onnx.stat().st_size)
         click.echo(plan.table())
         plan.check()
-    kinds = [k for k in KINDS if (onnx_dir / f"{k}.onnx").is_file()]
+    kinds = [k for k in KINDS if (onnx_dir / variant_file(k)).is_file()]
     if not kinds:
         raise VditError(f"{onnx_dir} has no step.onnx or denoiser.onnx; run `vdit export` first")
     for kind in kinds:
@@ -559,7 +560,7 @@ def calibrate_fp16(export_dir, calib_dir):
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @calib_option(required=False)
 @click.option("--mode", type=click.Choice(["dynamic", "qdq"]), default="dynamic", show_default=True,
-              help="dynamic: fastest on CPU (denoiser.int8.onnx); qdq: static Q/DQ for TensorRT "
+              help="dynamic: fastest on CPU (denoiser.int8-dynamic.onnx); qdq: static Q/DQ for TensorRT "
               "(denoiser.int8-qdq.onnx and step.int8-qdq.onnx).")
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default=None,
               help="Activation range calibration for qdq (default: the measured best).")
@@ -596,7 +597,7 @@ def calibrate_sensitivity(export_dir, calib_dir, mode, layers):
 
 @calibrate.command("report")
 @click.argument("export_dir", type=click.Path(path_type=Path))
-@click.option("--precisions", default="fp16,int8", show_default=True, help="Comma-separated graph variants.")
+@click.option("--precisions", default="fp16,int8", show_default=True, help="Comma-separated ONNX Runtime precisions (int8: the int8-dynamic graph; int8-qdq).")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1))
 @click.option("--seeds", default=2, show_default=True, type=click.IntRange(1))
 @click.option("--guidance", default=2.0, show_default=True, type=Finite(0))

@@ -2,14 +2,17 @@
 
 From a checkpoint: exported, with the fp16/int8 variants the targets need, under OUT/artifacts/<sha>,
 reused while the checkpoint's hash matches. From an export directory: used as it is (a missing
-variant is the runtime's own skip reason). Targets that cannot get an artifact are `skipped`, with
-the reason, rather than failing the whole comparison."""
+variant is the runtime's own skip reason). TensorRT targets get their engines built (or reused) here:
+the runtime only loads them. Targets that cannot get an artifact are `skipped`, with the reason,
+rather than failing the whole comparison."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
 from vdit_deploy.errors import VditError
+from vdit_deploy.export.variants import (DENOISER, FP16, INT8_DYNAMIC, INT8_QDQ, find_variant, runtime_graph,
+                                         variant_file)
 from vdit_deploy.files import sha256_file
 
 CALIBRATION_SEED_OFFSET = 1000                   # calibrate on other seeds than the ones evaluated
@@ -49,7 +52,7 @@ def _export_covers(export_dir: Path, sha: str, max_batch: int) -> bool:
     from vdit_deploy.export.metadata import read_metadata
 
     try:
-        meta = read_metadata(export_dir / "denoiser.onnx")
+        meta = read_metadata(export_dir / variant_file(DENOISER))
     except VditError:
         return False
     lo, hi = meta.batch_range()
@@ -113,6 +116,9 @@ class Artifacts:
             for t in targets:
                 if t not in self.skipped:
                     self._variant(t)
+        for t in targets:
+            if t.runtime == "trt" and t not in self.skipped:
+                self._engines(t)
 
     def path(self, target: Target) -> Path:
         return self.checkpoint if target.runtime == "torch" else self.export
@@ -127,22 +133,32 @@ class Artifacts:
             self.skipped[target] = str(e)
             return
         try:
-            if target.precision == "fp16":
-                if not (self.export / "denoiser.fp16.onnx").is_file():
-                    from vdit_deploy.calibration.fp16 import convert_fp16
-                    self.log("converting to fp16")
-                    convert_fp16(self.export, self._calibration_set())   # refused if it makes inf/NaN
-            elif target.precision == "int8":
-                mode = "qdq" if target.runtime == "trt" else "dynamic"   # dynamic: ORT's fast CPU form
-                name = "denoiser.int8-qdq.onnx" if mode == "qdq" else "denoiser.int8.onnx"
-                if not (self.export / name).is_file():
-                    from vdit_deploy.calibration.int8 import quantize_int8
-                    self.log(f"quantizing to int8 ({mode})")
-                    quantize_int8(self.export, self._calibration_set(), mode=mode)
+            graph = runtime_graph(target.runtime, target.precision)
+            if target.precision == "best" or find_variant(self.export, DENOISER, graph) is not None:
+                return                               # best: what the export has (trt_build.onnx_for)
+            if graph == FP16:
+                from vdit_deploy.calibration.fp16 import convert_fp16
+                self.log("converting to fp16")
+                convert_fp16(self.export, self._calibration_set())   # refused if it makes inf/NaN
+            elif graph in (INT8_DYNAMIC, INT8_QDQ):
+                from vdit_deploy.calibration.int8 import MODES, quantize_int8
+                mode = next(m for m, p in MODES.items() if p == graph)   # dynamic: ORT's fast CPU form
+                self.log(f"quantizing to int8 ({mode})")
+                quantize_int8(self.export, self._calibration_set(), mode=mode)
         except ImportError as e:
             self.skipped[target] = f"cannot build its {target.precision} graph: {e} (see `vdit calibrate`)"
         except VditError as e:
             self.skipped[target] = f"cannot build its {target.precision} graph: {e}"
+
+    def _engines(self, target: Target) -> None:
+        """Build (or find cached) the step and denoiser engines a trt target loads."""
+        from vdit_deploy.runtimes.trt_build import KINDS, find_engine
+
+        try:
+            for kind in KINDS:
+                find_engine(self.export, kind, target.precision, build=True, log=self.log)
+        except VditError as e:
+            self.skipped[target] = str(e)
 
     def _calibration_set(self) -> Path:
         """Activations from the same sampler settings as the comparison (other seeds), collected once."""
@@ -154,16 +170,3 @@ class Artifacts:
             collect(self.checkpoint or self.export, calib_dir, sampler=c["sampler"], steps=c["steps"],
                     guidance=c["guidance"], eta=c["eta"], seeds=c["seeds"], timesteps=min(8, c["steps"]))
         return calib_dir
-
-
-def artifact_files(rt, target: Target, artifact: Path) -> list[Path]:
-    """The files the opened runtime actually loaded (weights, graphs, engines), with external data."""
-    if target.runtime == "torch":
-        return [Path(artifact) / "model.safetensors"]
-    files = []
-    # TODO(issue 11 item 3): public Runtime property (the files it loaded) instead of these attributes
-    for attr in ("graph", "fused", "step_engine", "_denoiser"):
-        path = getattr(getattr(rt, attr, None), "path", None)
-        if path is not None:
-            files += [Path(path), *sorted(Path(path).parent.glob(Path(path).name + ".data"))]
-    return files

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vdit_deploy.compare.artifacts import Target, artifact_files
+from vdit_deploy.compare.artifacts import Target
 from vdit_deploy.compare.machine import PeakRss, device_memory_mb
 from vdit_deploy.diffusion import make_steps
 from vdit_deploy.metrics import max_abs, psnr, rel_l2, ssim
@@ -120,7 +120,7 @@ def measure(target: Target, artifact: Path, batch: int, seeds: list[int], sample
                 errors, seconds = teacher_forced(rt.denoise, reference[seed][1])
                 eps_err.append(errors)
                 denoise_s += seconds
-        files = artifact_files(rt, target, artifact)
+        files = rt.files   # what it actually loaded (weights, graphs, engines), with external data
         row["describe"] = rt.describe()
         row["graph_precision"] = rt.precision
     finally:
