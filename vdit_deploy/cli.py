@@ -524,7 +524,7 @@ def calib_option(required=True):
 @click.option("--steps", default=None, type=click.IntRange(1), help=STEPS_HELP)
 @click.option("--guidance", default=2.0, show_default=True, type=Finite(0))
 @click.option("--eta", default=0.0, show_default=True, type=Finite(0))
-@click.option("--seeds", default=4, show_default=True, type=click.IntRange(1), help="Seeds 0..N-1.")
+@click.option("--seeds", default=4, show_default=True, type=click.IntRange(1, 10 ** 6), help="Seeds 0..N-1.")
 @click.option("--label", "labels", multiple=True, help="Labels per sample (default: every class).")
 @click.option("--timesteps", default=8, show_default=True, type=click.IntRange(1),
               help="Steps recorded per trajectory, spread from t=T-1 to 0.")
