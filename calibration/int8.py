@@ -151,3 +151,12 @@ def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_f
         del quantized.metadata_props[:]
         quantized.metadata_props.extend(model.metadata_props)
     return save_variant(quantized, out, MODES[mode])
+
+
+def calibration_error(path, export_dir, calib_dir) -> float:
+    """eps relative L2 of an INT8 graph against the fp32 denoiser on the calibration set."""
+    from vdit_deploy.calibration.collect import load_calibration_set, run_onnx
+    from vdit_deploy.metrics import rel_l2
+
+    cset = load_calibration_set(calib_dir)
+    return rel_l2(run_onnx(path, cset), run_onnx(find_onnx(export_dir), cset))

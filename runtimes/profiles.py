@@ -302,3 +302,20 @@ def plan_memory(config: ModelConfig, batch: int, precision: str, profile: BuildP
         suggestions.append(f"fewer frames ({fitting * tt} fit: `vdit plan --frames {fitting * tt}`)")
     plan.suggestions = suggestions
     return plan
+
+
+def model_for_plan(preset_name=None, checkpoint=None, onnx_path=None) -> tuple[ModelConfig, int | None, str]:
+    """What `vdit plan` sizes: exactly one of a preset, a checkpoint's config or an export (then its real
+    ONNX size too) -> (config, ONNX bytes or None, what it is). Torch-free."""
+    if sum(x is not None for x in (preset_name, checkpoint, onnx_path)) != 1:
+        raise VditError("give exactly one of --preset, --checkpoint or --onnx")
+    if preset_name is not None:
+        from vdit_deploy.config import preset
+        return preset(preset_name), None, f"preset {preset_name}"
+    if checkpoint is not None:
+        from vdit_deploy.checkpoint import read_info
+        return read_info(checkpoint).model, None, f"checkpoint {checkpoint}"
+    from vdit_deploy.export.metadata import find_onnx, read_metadata
+    file = find_onnx(onnx_path)
+    size = file.stat().st_size + sum(p.stat().st_size for p in file.parent.glob(file.name + ".data"))
+    return read_metadata(file).config, size, f"export {file}"

@@ -385,3 +385,65 @@ def find_engine(export: str | Path, kind: str, precision: str, build: bool = Fal
     lo, hi = read_metadata(onnx_path).batch_range()
     profile = BatchProfile(lo, lo, min(hi, max(lo, 8)))
     return ensure_engine(export, kind, precision, profile, cache_dir=cache_dir, progress=progress, log=log)[0]
+
+
+@dataclass
+class BuiltEngine:
+    kind: str
+    engine: CachedEngine
+    built: bool          # False: the cache already held it
+    precision: str
+    profile: BatchProfile
+
+
+def build_export(export: str | Path, precision: str | None = None, batch: str | None = None,
+                 fixed_batch: int | None = None, target: str | Path | None = None, workspace_mb: int | None = None,
+                 opt_level: int | None = None, cache_dir=None, build: bool = True,
+                 log: Callable[[str], None] = print) -> list[BuiltEngine]:
+    """`vdit build`: every graph kind of an export dir to a cached engine. Explicit options win over the
+    deployment profile `target` (its precision, batch range, workspace, optimization level, DLA core),
+    which wins over the defaults (fp16, batch 1:2:8); with a target the memory plan is checked (and
+    logged) before a long build that cannot fit the board."""
+    from vdit_deploy.runtimes.profiles import load_profile, plan_memory
+
+    export = Path(export)
+    if not export.is_dir():
+        raise VditError(f"{export}: no such export directory (see `vdit export`)")
+    if fixed_batch and batch:
+        raise VditError("pass --batch or --fixed-batch, not both")
+    board = load_profile(target) if target else None
+    precision = precision or (board.precision if board else FP16)
+    profile = (BatchProfile.fixed(fixed_batch) if fixed_batch else BatchProfile.parse(batch) if batch
+               else BatchProfile(*board.batch) if board else BatchProfile(1, 2, 8))
+    options = BuildOptions(workspace_mb=workspace_mb or (board.workspace_mib if board else None),
+                           opt_level=opt_level if opt_level is not None else (board.optimization_level if board else None),
+                           dla_core=board.dla_core if board else None, target=board.name if board else None)
+    kinds = [k for k in KINDS if (export / variant_file(k)).is_file()]
+    if not kinds:
+        raise VditError(f"{export} has no step.onnx or denoiser.onnx; run `vdit export` first")
+    if board:
+        from vdit_deploy.export.metadata import find_onnx, read_metadata
+
+        step_onnx = find_onnx(export, STEP)
+        plan = plan_memory(read_metadata(step_onnx).config, profile.max, precision, board,
+                           onnx_bytes=step_onnx.stat().st_size)
+        log(plan.table())
+        plan.check()
+    return [BuiltEngine(kind, *ensure_engine(export, kind, precision, profile, options, cache_dir, build=build, log=log),
+                        precision, profile) for kind in kinds]
+
+
+def calibration_cache(export: str | Path, calib_dir, batch: int = 2,
+                      log: Callable[[str], None] = print) -> dict:
+    """TensorRT 10.x implicit-INT8 calibration of the export's denoiser on a calibration set (checked
+    to belong to this export first); returns the build facts (calibration_cache, ..._reused)."""
+    from vdit_deploy.calibration.collect import load_calibration_set
+    from vdit_deploy.export.metadata import find_onnx, read_metadata
+
+    onnx_path = find_onnx(export, DENOISER)
+    meta = read_metadata(onnx_path)
+    load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.config)   # refuse a foreign set first
+    lo, hi = meta.batch_range()
+    _, facts = build_engine(onnx_path, "int8", BatchProfile(lo, min(max(batch, lo), hi), hi),
+                            calibration=calib_dir, log=log)
+    return facts

@@ -32,3 +32,12 @@ def test_resume_refuses_another_config(tmp_path):
     train(SMALL, tmp_path / "run", TrainConfig(steps=1, batch_size=2), progress=False)
     with pytest.raises(VditError, match="another model config"):
         train(SMALL.replace(depth=2), tmp_path / "run", TrainConfig(steps=2, batch_size=2), progress=False)
+
+
+def test_latent_presets_are_retargeted_to_moving_shapes_and_say_so():
+    from vdit_deploy.config import preset
+    from vdit_deploy.train import moving_shapes_config
+
+    cfg, note = moving_shapes_config(preset("S"))
+    assert (cfg.in_channels, cfg.num_classes) == (3, 4) and "in_channels 3 (was 4)" in note
+    assert moving_shapes_config(preset("tiny")) == (preset("tiny"), None)

@@ -16,7 +16,7 @@ import click
 
 from vdit_deploy.diffusion import DEFAULT_SAMPLER
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.variants import ENGINE_PRECISIONS, precisions_help, variant_file
+from vdit_deploy.export.variants import ENGINE_PRECISIONS, precisions_help
 from vdit_deploy.files import check_output
 
 SHIPPED_HELP = "the shipped tiny demo checkpoint"
@@ -165,11 +165,11 @@ def train(preset_name, steps, batch_size, lr, schedule, attention, checkpoint_ev
     """Train on the generated Moving Shapes videos (resumable)."""
     from vdit_deploy.config import preset
     from vdit_deploy.diffusion import Schedule
-    from vdit_deploy.train import TrainConfig, train as run_training
+    from vdit_deploy.train import TrainConfig, moving_shapes_config, train as run_training
 
-    cfg = preset(preset_name, **({"attention": attention} if attention else {}))
-    if cfg.in_channels != 3 or cfg.num_classes > 4:
-        cfg = cfg.replace(in_channels=3, num_classes=4)   # latent presets, trained on RGB Moving Shapes
+    cfg, note = moving_shapes_config(preset(preset_name, **({"attention": attention} if attention else {})))
+    if note:
+        click.echo(f"note: {note}")
     result = run_training(cfg, out, TrainConfig(steps=steps, batch_size=batch_size, lr=lr,
                                                 checkpoint_every=checkpoint_every, seed=seed),
                           Schedule(schedule))
@@ -272,22 +272,6 @@ def demo(out, seeds, steps, guidance):
 
 
 # ---- plan (memory planner for a deployment target) ---------------------------------------------
-def model_source(preset_name, checkpoint, onnx_path):
-    """--preset / --checkpoint / --onnx -> (ModelConfig, ONNX bytes or None, what it is). Torch-free."""
-    if sum(x is not None for x in (preset_name, checkpoint, onnx_path)) != 1:
-        raise VditError("give exactly one of --preset, --checkpoint or --onnx")
-    if preset_name is not None:
-        from vdit_deploy.config import preset
-        return preset(preset_name), None, f"preset {preset_name}"
-    if checkpoint is not None:
-        from vdit_deploy.checkpoint import read_info
-        return read_info(checkpoint).model, None, f"checkpoint {checkpoint}"
-    from vdit_deploy.export.metadata import find_onnx, read_metadata
-    file = find_onnx(onnx_path)
-    size = file.stat().st_size + sum(p.stat().st_size for p in file.parent.glob(file.name + ".data"))
-    return read_metadata(file).config, size, f"export {file}"
-
-
 @main.command()
 @click.option("--target", default=None, help="Profile name (orin-nano, orin-nx, agx-orin, desktop-gpu) or a .json path.")
 @click.option("--preset", "preset_name", default=None, help="Plan for a preset (tiny, S, B, L, XL).")
@@ -301,7 +285,7 @@ def model_source(preset_name, checkpoint, onnx_path):
 @click.option("--list", "list_targets", is_flag=True, help="List the shipped profiles and exit.")
 def plan(target, preset_name, checkpoint, onnx_path, batch, precision, frames, list_targets):
     """Estimate the memory an engine needs on a target board; exit 1 if it will not fit."""
-    from vdit_deploy.runtimes.profiles import PROFILE_DIR, load_profile, plan_memory, profile_names
+    from vdit_deploy.runtimes.profiles import PROFILE_DIR, load_profile, model_for_plan, plan_memory, profile_names
 
     if list_targets:
         for name in profile_names():
@@ -311,7 +295,7 @@ def plan(target, preset_name, checkpoint, onnx_path, batch, precision, frames, l
     if target is None:
         raise VditError("--target is required (see `vdit plan --list`)")
     profile = load_profile(target)
-    cfg, onnx_bytes, what = model_source(preset_name, checkpoint, onnx_path)
+    cfg, onnx_bytes, what = model_for_plan(preset_name, checkpoint, onnx_path)
     if frames is not None:
         cfg = cfg.replace(frames=frames)
     result = plan_memory(cfg, batch or profile.batch[2], precision or profile.precision, profile,
@@ -336,41 +320,13 @@ def plan(target, preset_name, checkpoint, onnx_path, batch, precision, frames, l
 @click.option("--no-build", is_flag=True, help="Only check the cache: fail, saying what differs, if an engine is stale.")
 def build(onnx_dir, precision, batch, fixed_batch, target, workspace, opt_level, cache_dir, no_build):
     """Compile an export's step.onnx and denoiser.onnx into cached TensorRT engines."""
-    from vdit_deploy.runtimes.engine_cache import BatchProfile
-    from vdit_deploy.runtimes.trt_build import KINDS, BuildOptions, ensure_engine
+    from vdit_deploy.runtimes.trt_build import build_export
 
-    if not onnx_dir.is_dir():
-        raise VditError(f"{onnx_dir}: no such export directory (see `vdit export`)")
-    board = None
-    if target:
-        from vdit_deploy.runtimes.profiles import load_profile
-        board = load_profile(target)
-    precision = precision or (board.precision if board else "fp16")
-    if fixed_batch and batch:
-        raise VditError("pass --batch or --fixed-batch, not both")
-    profile = (BatchProfile.fixed(fixed_batch) if fixed_batch else BatchProfile.parse(batch) if batch
-               else BatchProfile(*board.batch) if board else BatchProfile(1, 2, 8))
-    options = BuildOptions(workspace_mb=workspace or (board.workspace_mib if board else None),
-                           opt_level=opt_level if opt_level is not None else (board.optimization_level if board else None),
-                           dla_core=board.dla_core if board else None, target=board.name if board else None)
-    if board:   # refuse before a long build that cannot fit the board
-        from vdit_deploy.export.metadata import STEP, find_onnx, read_metadata
-        from vdit_deploy.runtimes.profiles import plan_memory
-
-        step_onnx = find_onnx(onnx_dir, STEP)
-        plan = plan_memory(read_metadata(step_onnx).config, profile.max, precision, board,
-                           onnx_bytes=step_onnx.stat().st_size)
-        click.echo(plan.table())
-        plan.check()
-    kinds = [k for k in KINDS if (onnx_dir / variant_file(k)).is_file()]
-    if not kinds:
-        raise VditError(f"{onnx_dir} has no step.onnx or denoiser.onnx; run `vdit export` first")
-    for kind in kinds:
-        engine, built = ensure_engine(onnx_dir, kind, precision, profile, options, cache_dir, build=not no_build,
-                                      log=click.echo)
-        how = f"built in {engine.manifest.get('build_seconds', 0):.1f} s" if built else "cached, up to date"
-        click.echo(f"{kind:<9} {engine.path}  ({engine.path.stat().st_size / 1e6:.1f} MB, {precision}, "
-                   f"batch {profile}, {how})")
+    for b in build_export(onnx_dir, precision, batch, fixed_batch, target, workspace, opt_level, cache_dir,
+                          build=not no_build, log=click.echo):
+        how = f"built in {b.engine.manifest.get('build_seconds', 0):.1f} s" if b.built else "cached, up to date"
+        click.echo(f"{b.kind:<9} {b.engine.path}  ({b.engine.path.stat().st_size / 1e6:.1f} MB, {b.precision}, "
+                   f"batch {b.profile}, {how})")
 
 
 # ---- export / verify (ONNX) ---------------------------------------------------------------------
@@ -568,19 +524,13 @@ def calibrate_fp16(export_dir, calib_dir):
               "replaces the default sensitive set. 'none' quantizes everything.")
 def calibrate_int8(export_dir, calib_dir, mode, method, keep_fp):
     """Write an INT8 denoiser graph; sensitive layers stay float."""
-    from vdit_deploy.calibration.int8 import DEFAULT_METHOD, DEFAULT_SENSITIVE, quantize_int8
+    from vdit_deploy.calibration.int8 import DEFAULT_METHOD, DEFAULT_SENSITIVE, calibration_error, quantize_int8
 
     keep = DEFAULT_SENSITIVE if not keep_fp else (() if keep_fp == ("none",) else keep_fp)
     path = quantize_int8(export_dir, calib_dir, mode=mode, method=method or DEFAULT_METHOD, keep_fp=keep)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); kept in float: {', '.join(keep) or 'nothing'}")
     if calib_dir is not None:
-        from vdit_deploy.calibration.collect import load_calibration_set, run_onnx
-        from vdit_deploy.export.metadata import find_onnx
-        from vdit_deploy.metrics import rel_l2
-
-        cset = load_calibration_set(calib_dir)
-        click.echo(f"eps rel L2 vs fp32 on the calibration set: "
-                   f"{rel_l2(run_onnx(path, cset), run_onnx(find_onnx(export_dir), cset)):.3e}")
+        click.echo(f"eps rel L2 vs fp32 on the calibration set: {calibration_error(path, export_dir, calib_dir):.3e}")
 
 
 @calibrate.command("sensitivity")
@@ -621,17 +571,9 @@ def calibrate_report(export_dir, precisions, steps, seeds, guidance, out):
 @click.option("--batch", default=2, show_default=True, type=click.IntRange(1), help="Calibration batch size.")
 def calibrate_trt_cache(export_dir, calib_dir, batch):
     """TensorRT implicit-INT8 calibration cache (TensorRT 10.x weakly typed, e.g. JetPack 6; 11.x uses Q/DQ) from the set; needs a GPU."""
-    from vdit_deploy.calibration.collect import load_calibration_set
-    from vdit_deploy.export.metadata import DENOISER, find_onnx, read_metadata
-    from vdit_deploy.runtimes.engine_cache import BatchProfile
-    from vdit_deploy.runtimes.trt_build import build_engine
+    from vdit_deploy.runtimes.trt_build import calibration_cache
 
-    onnx_path = find_onnx(export_dir, DENOISER)
-    meta = read_metadata(onnx_path)
-    load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.config)   # refuse a foreign set first
-    lo, hi = meta.batch_range()
-    _, facts = build_engine(onnx_path, "int8", BatchProfile(lo, min(max(batch, lo), hi), hi),
-                            calibration=calib_dir, log=click.echo)
+    facts = calibration_cache(export_dir, calib_dir, batch, log=click.echo)
     if facts["calibration_cache_reused"]:
         click.echo(f"reused {facts['calibration_cache']} (delete it to calibrate again)")
     else:

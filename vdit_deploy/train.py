@@ -54,6 +54,16 @@ class TrainConfig:
         v.number(self.min_snr_gamma, "min_snr_gamma", 0, where=where)
 
 
+
+def moving_shapes_config(cfg: ModelConfig) -> tuple[ModelConfig, str | None]:
+    """The config trained on Moving Shapes (RGB pixels, 4 classes) and, when that differs from `cfg`
+    (the latent presets S..XL take 4 channels and 1000 classes), a note saying what changed."""
+    if cfg.in_channels == 3 and cfg.num_classes <= 4:
+        return cfg, None
+    changed = cfg.replace(in_channels=3, num_classes=4)
+    return changed, (f"Moving Shapes is RGB with 4 classes: training this preset with in_channels 3 (was "
+                     f"{cfg.in_channels}) and num_classes 4 (was {cfg.num_classes})")
+
 def diffusion_loss(model: VideoDiT, x0: torch.Tensor, y: torch.Tensor, alphas_cumprod: torch.Tensor,
                    gen: torch.Generator, min_snr_gamma: float = 0.0) -> torch.Tensor:
     """MSE between the true noise and the predicted one at a uniformly drawn timestep.
