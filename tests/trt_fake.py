@@ -605,7 +605,10 @@ class CudaBehaviour:
         device = {kinds.cudaMemcpyHostToDevice: [dst], kinds.cudaMemcpyDeviceToHost: [src],
                   kinds.cudaMemcpyDeviceToDevice: [dst, src]}.get(kind, [])
         ok = all(world.check_device(p, int(count)) for p in device)
-        return "cudaSuccess" if ok else "cudaErrorInvalidValue"   # host memory is never touched
+        if ok and kind == kinds.cudaMemcpyDeviceToHost:
+            # nothing is computed, so a download reads zeros: never the garbage of an uninitialised array
+            ctypes.memset(int(dst), 0, int(count))
+        return "cudaSuccess" if ok else "cudaErrorInvalidValue"   # host memory is otherwise never touched
 
     def cudaMemcpy(world, m, n, dst, src, count, kind):
         return (CudaBehaviour._copy(world, m, dst, src, count, kind),)
