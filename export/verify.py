@@ -88,7 +88,7 @@ class VerifyReport:
         for r in self.rows:
             lines.append(f"{r.graph:<24} {r.output:<7} {r.calls:>5} {r.max_abs:>10.3e} {r.rel_l2:>10.3e} "
                          f"{r.error:>10.3e} {r.tolerance:>9.0e}  {'ok' if r.ok else 'FAIL'}")
-        lines.append("error: relative L2 against the output's conditioning scale (export/verify.py), worst call "
+        lines.append("the error column: relative L2 against the output's conditioning scale (export/verify.py), worst call "
                      "for fp32, mean over calls for fp16/int8")
         lines += [f"skipped: {s}" for s in self.skipped]
         lines.append(f"polygraphy: {self.polygraphy}")
