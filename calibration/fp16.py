@@ -19,8 +19,8 @@ import numpy as np
 
 from vdit_deploy.calibration.graph import select, step_nodes
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.metadata import DENOISER, STEP, find_onnx, read_metadata, stamp
-from vdit_deploy.export.variants import FP16, variant_file
+from vdit_deploy.export.metadata import find_onnx, read_metadata, stamp
+from vdit_deploy.export.variants import DENOISER, FP16, STEP, variant_file
 from vdit_deploy.files import atomic_path, check_output, temp_dir
 
 FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Exp", "Sin", "Cos")

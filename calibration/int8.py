@@ -28,8 +28,8 @@ from pathlib import Path
 
 from vdit_deploy.calibration.graph import COMPUTE_OPS, check_patterns, select
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.metadata import DENOISER, STEP, find_onnx, read_metadata
-from vdit_deploy.export.variants import INT8_DYNAMIC, INT8_QDQ, variant_file
+from vdit_deploy.export.metadata import find_onnx, read_metadata
+from vdit_deploy.export.variants import DENOISER, INT8_DYNAMIC, INT8_QDQ, STEP, variant_file
 from vdit_deploy.files import check_output, temp_dir
 
 MODES = {"qdq": INT8_QDQ, "dynamic": INT8_DYNAMIC}       # mode -> file precision tag

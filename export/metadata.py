@@ -24,7 +24,7 @@ from vdit_deploy import validate as v
 from vdit_deploy.config import ModelConfig
 from vdit_deploy.diffusion import Schedule
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.variants import (DENOISER, GRAPH_PRECISIONS, KINDS, OLD_TAGS, STEP,
+from vdit_deploy.export.variants import (DENOISER, GRAPH_PRECISIONS, KINDS, OLD_TAGS,
                                          all_variant_files, find_variant, graph_precision, variant_file,
                                          variant_files)
 

@@ -27,8 +27,8 @@ import numpy as np
 
 from vdit_deploy.diffusion import COEF_NAMES, guide, guided_step, make_steps
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.metadata import DENOISER, STEP, STEP_STATE, check_export_dir
-from vdit_deploy.export.variants import FP16, FP32, INT8_DYNAMIC, INT8_QDQ, variant_file
+from vdit_deploy.export.metadata import STEP_STATE, check_export_dir
+from vdit_deploy.export.variants import DENOISER, FP16, FP32, INT8_DYNAMIC, INT8_QDQ, STEP, variant_file
 from vdit_deploy.files import sha256_file
 
 FP32_TOLERANCE = 1e-4

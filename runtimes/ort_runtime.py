@@ -15,8 +15,8 @@ import numpy as np
 
 from vdit_deploy.diffusion import SINGLE_STEP_COEFS, SolverState, apply_step
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.metadata import DENOISER, STEP, STEP_STATE, find_onnx, read_metadata
-from vdit_deploy.export.variants import FP16, find_variant, runtime_graph, with_data
+from vdit_deploy.export.metadata import STEP_STATE, find_onnx, read_metadata
+from vdit_deploy.export.variants import DENOISER, FP16, STEP, find_variant, runtime_graph, with_data
 from vdit_deploy.runtimes.base import Runtime, TensorSpec
 
 # Short names accepted for providers; the default order is the first three where available.

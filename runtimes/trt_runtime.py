@@ -114,7 +114,8 @@ class TrtRuntime(Runtime):
 
     def __init__(self, artifact, precision: str = "fp16", cuda_graph: bool = True, cache_dir=None, device: int = 0):
         """Loads engines `vdit build` made (trt_build.ensure_engine); it never builds one itself."""
-        from vdit_deploy.export.metadata import STEP, STEP_STATE, find_onnx, read_metadata
+        from vdit_deploy.export.metadata import STEP_STATE, find_onnx, read_metadata
+        from vdit_deploy.export.variants import STEP
         from vdit_deploy.export.variants import check_precision
 
         self.gpu = gpu_info(device)              # one-line errors: no cuda-python / no GPU ...
