@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from vdit_deploy.checkpoint import load_model
+from vdit_deploy.checkpoint import load_model, read_info
+from vdit_deploy.config import check_memory
 from vdit_deploy.diffusion import COEF_NAMES
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import STEP_STATE, ExportMetadata
@@ -204,12 +205,13 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, batch: tuple[
     host-side guided step (cond + null) fits. fixed=N: static shapes, both graphs take exactly N."""
     if opset < 17:
         raise VditError(f"opset must be >= 17 (LayerNormalization), got {opset}")
+    n = fixed or max(2, batch[0])            # the batch traced (the fused step runs twice that)
+    check_memory(read_info(checkpoint).model.memory_bytes(2 * n), f"exporting at batch {n}")   # before loading
     model, info = load_model(checkpoint)
     cfg = info.model
     for p in model.parameters():
         p.requires_grad_(False)
     denoiser = model      # fed y as int32: nn.Embedding's Gather takes it, so no Cast in the graph
-    n = fixed or max(2, batch[0])
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, *cfg.video_shape, generator=g)
     t = torch.full((n,), info.schedule.num_timesteps / 2)

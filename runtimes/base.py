@@ -85,6 +85,9 @@ class Runtime(ABC):
         self.close()
 
 
+# torch.compile modes of the torch runtime's step ("reduce-overhead": CUDA graphs); torch-free, for the CLI.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
 # name -> (module, class, what to install). Modules are imported only when asked for.
 RUNTIMES = {
     "torch": ("vdit_deploy.runtimes.torch_runtime", "TorchRuntime", "pip install 'vdit-deploy[torch]'"),

@@ -88,8 +88,8 @@ class _Graph:
         except Exception as e:   # onnxruntime raises its own Fail / InvalidGraph types
             raise VditError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from None
         self.dtypes = {i.name: ORT_DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
-        self.output = self.session.get_outputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output = self.output_names[0]
         self.has_state = all(i in self.dtypes for i, _ in STEP_STATE)   # a step graph from before dpm++/unipc: no
         self.lo, self.hi = self.meta.batch_range()
         self.on_device = self.session.get_providers()[0] != PROVIDERS["cpu"]
@@ -238,4 +238,4 @@ class OrtTrtRuntime(OrtRuntime):
         options.setdefault("providers", ["tensorrt", "cuda"])
         options["provider_options"] = {PROVIDERS["tensorrt"]: trt_options, **options.get("provider_options", {})}
         super().__init__(artifact, precision="fp32" if lower_fp32 else precision, **options)
-        self.name, self.precision = "ort-trt", precision
+        self.precision = precision   # the asked one: fp16 may run the fp32 graph lowered by the EP

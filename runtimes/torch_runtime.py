@@ -19,10 +19,9 @@ from vdit_deploy.diffusion import SolverState
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import STEP_STATE
 from vdit_deploy.export.variants import check_precision
-from vdit_deploy.runtimes.base import Runtime, TensorSpec
+from vdit_deploy.runtimes.base import COMPILE_MODES, Runtime, TensorSpec
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 class TorchDeviceArray:

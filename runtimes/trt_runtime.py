@@ -115,8 +115,7 @@ class TrtRuntime(Runtime):
     def __init__(self, artifact, precision: str = "fp16", cuda_graph: bool = True, cache_dir=None, device: int = 0):
         """Loads engines `vdit build` made (trt_build.ensure_engine); it never builds one itself."""
         from vdit_deploy.export.metadata import STEP_STATE, find_onnx, read_metadata
-        from vdit_deploy.export.variants import STEP
-        from vdit_deploy.export.variants import check_precision
+        from vdit_deploy.export.variants import STEP, check_precision
 
         self.gpu = gpu_info(device)              # one-line errors: no cuda-python / no GPU ...
         trt, cudart = import_tensorrt(), import_cudart()   # ... / no TensorRT
@@ -162,7 +161,7 @@ class TrtRuntime(Runtime):
     @property
     def denoiser(self) -> _Engine:
         if self._denoiser is None:   # only loaded when someone calls denoise()
-            from vdit_deploy.export.metadata import DENOISER
+            from vdit_deploy.export.variants import DENOISER
 
             self._denoiser = _Engine(self.trt, self.cudart, self._engine_path(DENOISER), self.stream, self.logger)
         return self._denoiser

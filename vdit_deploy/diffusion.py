@@ -289,14 +289,13 @@ def unipc_steps(schedule: Schedule, steps: int = 20, order: int = 2, spacing: st
     out, K = [], 0.0
     for i, t in enumerate(ts):
         a, b = _prediction_coefs(schedule, int(t), prediction)
-        A, P0, P1, _, _, _ = _unipc_terms(alpha, sigma, lam, i, orders[i])
+        A, P0, P1, C0, C1, K_next = _unipc_terms(alpha, sigma, lam, i, orders[i])
         # x_i^c = corr + K x0 (i > 0) or x_t (i = 0); predictor and next corrector both start from it
         if i == 0:
             coefs = dict(c_xt=A, c_x0=P0, c_x0_prev=P1)
         else:
             coefs = dict(c_corr=A, c_x0=A * K + P0, c_x0_prev=P1)
         if i + 1 < n:   # the corrector at step i + 1 uses the order of this step's predictor
-            _, _, _, C0, C1, K_next = _unipc_terms(alpha, sigma, lam, i, orders[i])
             start = dict(d_xt=A) if i == 0 else dict(d_corr=A)
             coefs.update(start, d_x0=(A * K if i else 0.0) + C0, d_x0_prev=C1)
             K = K_next
