@@ -1,17 +1,21 @@
 """What an export carries: everything a runtime needs to sample, stored in the ONNX metadata.
 
 An export directory holds
-    denoiser.onnx   (x_t, t, y) -> eps
-    step.onnx       (x_t, t, y, guidance, coefs, noise, x0_prev, corr) -> x_prev, x0, corr_next:
-                    one guided sampler step with the multistep solvers' state (STEP_STATE)
+    denoiser.onnx          (x_t, t, *cond) -> out
+    step.onnx              (x_t, t, *cond, *null_cond, guidance, coefs, noise, x0_prev, corr)
+                           -> x_prev, x0, corr_next: one guided sampler step with the multistep
+                           solvers' state (STEP_STATE)
+    null_cond.safetensors  the null conditioning guidance pairs with the prompt (contract.py)
 and later stages add precision variants beside them (named in variants.py: denoiser.fp16.onnx, ...).
 Each file's metadata_props hold the keys below as JSON strings. Torch-free: runtimes read this.
+The model contract (vdit.contract: conditioning inputs, output kind, latent shape, schedule, null
+conditioning hash) is what every stage reads; vdit.model names the architecture and its own config.
 
 Metadata is checked before use: every field against its schema (vdit_deploy/validate.py), the
-`vdit.digest` of the fields that decide what a sample is (kind, config, schedule, I/O, batch,
+`vdit.digest` of the fields that decide what a sample is (kind, contract, model, I/O, batch,
 checkpoint hash) against their content, so an edited schedule or frame count is refused rather
 than sampled, the video shape against the graph's own input, and, when a directory is opened,
-every graph in it against the others (one checkpoint, config and schedule).
+every graph in it against the others (one checkpoint, contract and model).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from pathlib import Path
 
 from vdit_deploy import validate as v
 from vdit_deploy.config import ModelConfig
+from vdit_deploy.contract import BUILTIN, NULL_FILE, Contract
 from vdit_deploy.diffusion import Schedule
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.variants import (DENOISER, GRAPH_PRECISIONS, KINDS, OLD_TAGS,
@@ -30,7 +35,7 @@ from vdit_deploy.export.variants import (DENOISER, GRAPH_PRECISIONS, KINDS, OLD_
 
 # What a sample depends on: a digest of these catches edits. The precision tag is left out (variants
 # restamp it) and checked against the file name instead.
-DIGESTED = ("vdit.kind", "vdit.model_config", "vdit.schedule", "vdit.io", "vdit.checkpoint_sha256", "vdit.batch")
+DIGESTED = ("vdit.kind", "vdit.contract", "vdit.model", "vdit.io", "vdit.checkpoint_sha256", "vdit.batch")
 KEYS = (*DIGESTED, "vdit.precision", "vdit.versions", "vdit.digest")
 
 
@@ -45,8 +50,8 @@ def digest(props: dict[str, str]) -> str:
 @dataclass(frozen=True)
 class ExportMetadata:
     kind: str                      # "denoiser" | "step"
-    config: ModelConfig
-    schedule: Schedule
+    contract: Contract
+    model: dict                    # {"class": "module:Class", "config": {the architecture's own config}}
     io: dict                       # {"inputs": [{name, shape, dtype, layout}], "outputs": [...]}
     checkpoint_sha256: str
     precision: str = "fp32"        # a GRAPH_PRECISIONS tag (variants.py); older tags are read as today's
@@ -57,8 +62,8 @@ class ExportMetadata:
     def to_props(self) -> dict[str, str]:
         props = {
             "vdit.kind": self.kind,
-            "vdit.model_config": self.config.to_json(),
-            "vdit.schedule": json.dumps(self.schedule.to_dict()),
+            "vdit.contract": json.dumps(self.contract.to_dict(), sort_keys=True),
+            "vdit.model": json.dumps(self.model, sort_keys=True),
             "vdit.io": json.dumps(self.io),
             "vdit.checkpoint_sha256": self.checkpoint_sha256,
             "vdit.precision": self.precision,
@@ -71,12 +76,15 @@ class ExportMetadata:
     @classmethod
     def from_props(cls, props: dict[str, str], source: str = "model") -> "ExportMetadata":
         missing = [k for k in KEYS if k not in props]
+        if missing and "vdit.kind" in props and "vdit.contract" in missing:
+            raise VditError(f"{source} was exported by an older vdit-deploy (its metadata has no model contract): "
+                            "re-export it with `vdit export`")
         if missing:
             hint = "; it was exported by an older vdit-deploy: re-export" if missing == ["vdit.digest"] else ""
             raise NotVditGraph(f"{source} is not a vdit export (metadata lacks {', '.join(missing)}){hint}")
         if props["vdit.digest"] != digest(props):
-            raise VditError(f"{source}: its vdit metadata was edited after export (the digest of kind, config, "
-                            "schedule, I/O, batch and checkpoint hash does not match); re-export it")
+            raise VditError(f"{source}: its vdit metadata was edited after export (the digest of kind, contract, "
+                            "model, I/O, batch and checkpoint hash does not match); re-export it")
         where = f"{source} metadata"
 
         def parsed(key):
@@ -86,6 +94,12 @@ class ExportMetadata:
                 raise VditError(f"{where}: {key} is not valid JSON: {str(e)[:100]}") from None
 
         io, batch, versions = parsed("vdit.io"), parsed("vdit.batch"), parsed("vdit.versions")
+        model = parsed("vdit.model")
+        v.obj(model, "vdit.model", required=("class", "config"), where=where)
+        v.string(model["class"], "vdit.model class", where=where)
+        v.obj(model["config"], "vdit.model config", where=where, extra_ok=True)
+        if model["class"] == BUILTIN:
+            ModelConfig.from_dict(model["config"], where)
         v.obj(io, "vdit.io", required=("inputs", "outputs"), where=where)
         for direction in ("inputs", "outputs"):
             if not isinstance(io[direction], list):
@@ -99,14 +113,21 @@ class ExportMetadata:
                     v.fail(where, f"the shape of {spec['name']} must be a list")
         v.obj(versions, "vdit.versions", where=where, extra_ok=True)
         return cls(kind=v.string(props["vdit.kind"], "vdit.kind", KINDS, where),
-                   config=ModelConfig.from_dict(parsed("vdit.model_config"), where),
-                   schedule=v.schedule(parsed("vdit.schedule"), where),
-                   io=io,
+                   contract=Contract.from_dict(parsed("vdit.contract"), where), model=model, io=io,
                    checkpoint_sha256=v.sha256_hex(props["vdit.checkpoint_sha256"], "vdit.checkpoint_sha256", where),
                    precision=graph_precision(v.string(props["vdit.precision"], "vdit.precision",
                                                      (*GRAPH_PRECISIONS, *OLD_TAGS), where)),
                    versions=versions, batch=check_batch(batch, where),
                    checkpoint_path=props.get("vdit.checkpoint", ""))
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.contract.schedule
+
+    @property
+    def config(self) -> ModelConfig | None:
+        """The built-in model's config (FLOPs, memory plans); None for another architecture."""
+        return ModelConfig.from_dict(self.model["config"]) if self.model["class"] == BUILTIN else None
 
     def batch_range(self) -> tuple[int, int]:
         if "fixed" in self.batch:
@@ -144,7 +165,7 @@ _CACHE: dict[tuple, ExportMetadata] = {}
 def read_metadata(path: str | Path) -> ExportMetadata:
     """Read and check the vdit metadata of one .onnx file without loading its external weights: the
     schema, the digest, and the video shape and class count against the graph's own x_t input and
-    label table."""
+    label table (the built-in model's)."""
     import onnx
 
     path = Path(path)
@@ -162,13 +183,14 @@ def read_metadata(path: str | Path) -> ExportMetadata:
     x_t = next((i for i in model.graph.input if i.name == "x_t"), None)
     if x_t is not None:
         dims = [d.dim_value if d.HasField("dim_value") else None for d in x_t.type.tensor_type.shape.dim]
-        if dims[1:] != list(meta.config.video_shape):
+        if dims[1:] != list(meta.contract.latent):
             raise VditError(f"{path}: the graph takes x_t of shape {dims[1:]} per video, its metadata says "
-                            f"{list(meta.config.video_shape)}; the metadata does not belong to this graph")
+                            f"{list(meta.contract.latent)}; the metadata does not belong to this graph")
+    cfg = meta.config
     table = next((i for i in model.graph.initializer if i.name.endswith("y_embedder.weight")), None)
-    if table is not None and table.dims[0] != meta.config.num_classes + 1:   # labels 0..C-1 and the null label
+    if cfg is not None and table is not None and table.dims[0] != cfg.num_classes + 1:   # labels and the null label
         raise VditError(f"{path}: the graph's label table has {table.dims[0]} rows, its metadata says "
-                        f"num_classes={meta.config.num_classes} (+1 null); the metadata does not belong to this graph")
+                        f"num_classes={cfg.num_classes} (+1 null); the metadata does not belong to this graph")
     _CACHE[key] = meta
     return meta
 
@@ -201,7 +223,7 @@ def check_export_dir(path: str | Path, skipped: list[str] | None = None) -> dict
         first_file, first = next(iter(metas.items()))
         for file, meta in metas.items():
             for what, a, b in (("checkpoint", meta.checkpoint_sha256, first.checkpoint_sha256),
-                               ("model config", meta.config, first.config), ("schedule", meta.schedule, first.schedule)):
+                               ("model", meta.model, first.model), ("contract", meta.contract, first.contract)):
                 if a != b:
                     raise VditError(f"{file.name} and {first_file.name} in {path} come from a different {what}; "
                                     f"an export directory holds the graphs of one export (re-export it)")
@@ -232,7 +254,7 @@ def check_export_out(out: str | Path) -> Path:
 
     out = check_output(out, is_dir=True, marker=variant_file(DENOISER))
     if out.is_dir():
-        own = {variant_file(k) for k in KINDS} | {variant_file(k) + ".data" for k in KINDS}
+        own = {variant_file(k) for k in KINDS} | {variant_file(k) + ".data" for k in KINDS} | {NULL_FILE}
         others = sorted(p.name for p in out.iterdir() if p.name not in own)
         if others and (out / variant_file(DENOISER)).is_file():
             raise VditError(f"{out} also holds {', '.join(others[:4])}{' ...' if len(others) > 4 else ''}, "
@@ -248,10 +270,12 @@ def describe_onnx(path: str | Path) -> str:
     lines = []
     for file in files:
         meta = read_metadata(file)
-        cfg = meta.config
+        cfg, contract = meta.config, meta.contract
         lines.append(f"{file}  ({file.stat().st_size / 1e6:.1f} MB, {meta.kind}, {meta.precision})")
-        lines.append(f"  model      {cfg.to_json()}")
-        lines.append(f"  schedule   {meta.schedule.kind}, T={meta.schedule.num_timesteps}")
+        lines.append(f"  model      {meta.model['class']} {json.dumps(meta.model['config'], sort_keys=True)[:300]}")
+        lines.append(f"  contract   latent {list(contract.latent)}, output {contract.output}, "
+                     f"cond {contract.describe_cond()}")
+        lines.append(f"  schedule   {json.dumps(meta.schedule.to_dict())}")
         lines.append(f"  batch      {meta.batch}")
         for direction in ("inputs", "outputs"):
             for spec in meta.io.get(direction, []):
@@ -259,10 +283,11 @@ def describe_onnx(path: str | Path) -> str:
                              f"  {spec.get('layout', '')}")
         lines.append(f"  checkpoint sha256:{meta.checkpoint_sha256}")
         lines.append(f"  versions   {json.dumps(meta.versions, sort_keys=True)}")
-        lines.append(f"  GFLOP/call {cfg.flops() / 1e9:.3f} at batch 1")
+        if cfg is not None:
+            lines.append(f"  GFLOP/call {cfg.flops() / 1e9:.3f} at batch 1")
     return "\n".join(lines)
 
 
-# step.onnx's solver state: (input, the output the next step feeds into it). Graphs exported before the
-# multistep solvers lack them (and take only the first 7 coefs): they run DDPM/DDIM only.
+# step.onnx's solver state: (input, the output the next step feeds into it).
 STEP_STATE = (("x0_prev", "x0"), ("corr", "corr_next"))
+NULL_PREFIX = "null_"      # step.onnx's null conditioning inputs: null_<name> for each conditioning input

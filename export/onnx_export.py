@@ -1,18 +1,23 @@
-"""Checkpoint -> ONNX: the denoiser graph and the fused sampler-step graph, with vdit metadata.
+"""A model (vdit checkpoint, diffusers directory, any nn.Module with a contract) -> ONNX graphs with metadata.
 
-    denoiser.onnx  (x_t (B,C,F,H,W) f32, t (B,) f32, y (B,) i32) -> eps (B,C,F,H,W) f32
-    step.onnx      (x_t, t, y, guidance (1,) f32, coefs (13,) f32, noise, x0_prev, corr) -> x_prev, x0, corr_next
-                   classifier-free guidance (cond + null label as one 2B batch) and the affine update of
-                   diffusion.apply_step inside the graph, with the multistep solvers' state (previous x0,
-                   UniPC's corrector part; all (B,C,F,H,W) f32) in and out: a GPU runtime keeps the video
-                   and the state on the device for the whole loop, the host only feeds scalars and noise.
+    denoiser.onnx  (x_t (B,C,F,H,W) f32, t (B,) f32, *cond) -> out (B,kC,F,H,W) f32      (contract.py)
+    step.onnx      (x_t, t, *cond, *null_cond, guidance (1,) f32, coefs (16,) f32, noise, x0_prev, corr)
+                   -> x_prev, x0, corr_next
+                   classifier-free guidance (the conditioning and the null conditioning as one 2B batch,
+                   null inputs named null_<name>), the conversion of eps/v/x0 and the affine update of
+                   diffusion.apply_step inside the graph, a learned variance (eps+var models) for DDPM's
+                   ancestral noise, with the multistep solvers' state (previous x0, UniPC's corrector
+                   part; all (B,C,F,H,W) f32) in and out: a GPU runtime keeps the video and the state on
+                   the device for the whole loop, the host only feeds scalars and noise.
+    null_cond.safetensors  the null conditioning, batch 1 (the runtimes repeat it into null_<name>)
 
 Exporter: torch.onnx's dynamo exporter (torch.export + onnxscript + its graph optimizer). On the tiny
 preset it gives 420 nodes against TorchScript's 1466: TorchScript traces every `x.shape[i]` into
 Shape/Gather/Unsqueeze/Concat chains (101 Shape, 187 Unsqueeze, 505 Constant, 35 Cast, int64
 arithmetic between the layers), while dynamo keeps symbolic shapes in torch.export and folds them
 into 8 Shape ops, LayerNormalization and plain MatMul/Softmax attention, with no Sequence ops. Fewer
-int64 shape subgraphs is what TensorRT's parser and its dynamic-shape profiles want.
+int64 shape subgraphs is what TensorRT's parser and its dynamic-shape profiles want. The batch and
+the contract's named axes (a text model's token count) stay dynamic.
 """
 from __future__ import annotations
 
@@ -23,14 +28,15 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from vdit_deploy.checkpoint import load_model, read_info
 from vdit_deploy.config import check_memory
+from vdit_deploy.contract import BATCH, Contract
 from vdit_deploy.diffusion import COEF_NAMES
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.metadata import STEP_STATE, ExportMetadata
+from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, ExportMetadata
 from vdit_deploy.export.variants import DENOISER, STEP, variant_file
 from vdit_deploy.files import atomic_path, check_output, temp_dir
 
@@ -38,56 +44,95 @@ OPSET = 18                     # LayerNormalization needs 17; 18 is the dynamo e
 DEFAULT_BATCH = (1, 8)         # videos per call; denoiser.onnx also takes 2x that (cond + null)
 PROTOBUF_LIMIT = 2 ** 31       # a single ONNX file cannot exceed 2 GB: larger models keep weights beside it
 
-DENOISER_INPUTS, DENOISER_OUTPUTS = ("x_t", "t", "y"), ("eps",)
-STEP_INPUTS = ("x_t", "t", "y", "guidance", "coefs", "noise", *(i for i, _ in STEP_STATE))
+STEP_TAIL = ("guidance", "coefs", "noise", *(i for i, _ in STEP_STATE))
 STEP_OUTPUTS = ("x_prev", *(o for _, o in STEP_STATE))
 
 
+def denoiser_inputs(contract: Contract) -> tuple:
+    return ("x_t", "t", *contract.names)
+
+
+def step_inputs(contract: Contract) -> tuple:
+    return ("x_t", "t", *contract.names, *(NULL_PREFIX + n for n in contract.names), *STEP_TAIL)
+
+
 # ---- the graphs ------------------------------------------------------------------------------
-def apply_step(x_t, eps, coefs, noise, x0_prev, corr) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """diffusion.apply_step in torch, op for op (tests compare the graph with the numpy version)."""
-    a, b, clip, c_x0, c_xt, c_eps, sigma, c_x0_prev, c_corr, d_x0, d_xt, d_x0_prev, d_corr = coefs.unbind(0)
-    eps = eps[:, :x_t.shape[1]]                                                  # learned sigma: eps/v first
+def apply_step(x_t, out, coefs, noise, x0_prev, corr) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """diffusion.apply_step in torch, op for op (tests compare the graph with the numpy version).
+    `out` is the model output: eps, v or x0 in its first C channels (the coefs convert), then, for an
+    eps+var model, the learned variance v_var in [-1, 1]: DDPM's noise std is then
+    exp((log_var_min + (v_var + 1) / 2 (log_var_max - log_var_min)) / 2) (Nichol & Dhariwal 2021)."""
+    (a, b, clip, c_x0, c_xt, c_eps, sigma, c_x0_prev, c_corr, d_x0, d_xt, d_x0_prev, d_corr,
+     log_var_min, log_var_max, learned_var) = coefs.unbind(0)
+    c = x_t.shape[1]
+    pred = out[:, :c]
     ax = a * x_t
-    x0 = torch.minimum(torch.maximum(ax - b * eps, -clip), clip)                 # Min/Max: no Clip-with-inputs
+    x0 = torch.minimum(torch.maximum(ax - b * pred, -clip), clip)                # Min/Max: no Clip-with-inputs
     eps_hat = (ax - x0) / b
     x_prev = c_x0 * x0 + c_xt * x_t + c_eps * eps_hat
     x_prev = x_prev + c_x0_prev * x0_prev + c_corr * corr
     corr_next = d_x0 * x0 + d_xt * x_t + d_x0_prev * x0_prev + d_corr * corr
-    return x_prev + sigma * noise, x0, corr_next                                 # sigma = 0: noise is zeros
+    std = sigma                                                                   # sigma = 0: noise is zeros
+    if out.shape[1] == 2 * c:                                                     # eps+var: learned std
+        frac = (out[:, c:] + 1) * 0.5
+        std = std + learned_var * torch.exp(0.5 * (log_var_min + frac * (log_var_max - log_var_min)))
+    return x_prev + std * noise, x0, corr_next
+
+
+def guide(out_cond, out_null, guidance, channels: int):
+    """Classifier-free guidance on the prediction's C channels; a learned variance comes from the
+    conditional pass (as DiT does: guidance would push it out of [-1, 1])."""
+    pred = out_null[:, :channels] + guidance * (out_cond[:, :channels] - out_null[:, :channels])
+    return torch.cat([pred, out_cond[:, channels:]], 1) if out_cond.shape[1] > channels else pred
 
 
 class FusedStep(nn.Module):
-    """One guided sampler step: (x_t, t, y, guidance, coefs, noise, x0_prev, corr) -> (x_prev, x0, corr_next)."""
+    """One guided sampler step: (x_t, t, *cond, *null_cond, guidance, coefs, noise, x0_prev, corr)
+    -> (x_prev, x0, corr_next)."""
 
-    def __init__(self, denoiser: nn.Module, null_label: int):
+    def __init__(self, denoiser: nn.Module, n_cond: int):
         super().__init__()
-        self.denoiser, self.null_label = denoiser, null_label
+        self.denoiser, self.n_cond = denoiser, n_cond
 
-    def forward(self, x_t, t, y, guidance, coefs, noise, x0_prev, corr):
+    def forward(self, x_t, t, *rest):
+        n = self.n_cond
+        cond, null, (guidance, coefs, noise, x0_prev, corr) = rest[:n], rest[n:2 * n], rest[2 * n:]
         both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                             torch.cat([y, torch.full_like(y, self.null_label)]))   # (2B, C, F, H, W)
+                             *(torch.cat([c, u]) for c, u in zip(cond, null)))   # (2B, kC, F, H, W)
         b = x_t.shape[0]
-        eps_cond, eps_null = both[:b], both[b:]        # slices, not chunk(2): chunk's ceil-div guard pins B
-        eps = eps_null + guidance * (eps_cond - eps_null)                          # guidance (1,)
-        return apply_step(x_t, eps, coefs, noise, x0_prev, corr)
+        out = guide(both[:b], both[b:], guidance, x_t.shape[1])   # slices, not chunk(2): chunk pins B
+        return apply_step(x_t, out, coefs, noise, x0_prev, corr)
+
+
+class Unguided(nn.Module):
+    """A step without classifier-free guidance: one B batch, then the same update as FusedStep."""
+
+    def __init__(self, denoiser: nn.Module, n_cond: int):
+        super().__init__()
+        self.denoiser, self.n_cond = denoiser, n_cond
+
+    def forward(self, x_t, t, *rest):
+        cond, (coefs, noise, x0_prev, corr) = rest[:self.n_cond], rest[self.n_cond:]
+        return apply_step(x_t, self.denoiser(x_t, t, *cond), coefs, noise, x0_prev, corr)
 
 
 def _weights_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-def _dynamic_shapes(n_inputs: int, batched: tuple[bool, ...], batch: tuple[int, int] | None):
-    if batch is None:
-        return None
-    dim = torch.export.Dim("batch", min=batch[0], max=batch[1])
-    return tuple({0: dim} if b else None for b in batched[:n_inputs])
+def _dynamic_shapes(axes: list, ranges: dict):
+    """Per input, its named axes ("batch", "seq", ... or None for fixed) -> torch.export dynamic shapes;
+    an axis whose range is one value stays static. None when nothing is dynamic."""
+    dims = {name: torch.export.Dim(name, min=lo, max=hi) for name, (lo, hi) in ranges.items() if lo < hi}
+    shapes = tuple({i: dims[a] for i, a in enumerate(names) if a in dims} or None for names in axes)
+    return shapes if any(shapes) else None
 
 
 def _export(module: nn.Module, example_inputs: tuple, path: Path, input_names, output_names,
-            batched: tuple[bool, ...], batch: tuple[int, int] | None, opset: int,
+            axes: list, ranges: dict, opset: int,
             metadata: dict[str, str] | None, external_data: bool | None) -> Path:
-    """Export with dynamo, stamp metadata, save (external data over 2 GB), then check the saved file."""
+    """Export with dynamo, stamp metadata, save (external data over 2 GB), then check the saved file.
+    axes: each input's axis names (None for fixed axes); ranges: axis name -> (min, max)."""
     import onnx
 
     module = module.eval()
@@ -101,16 +146,16 @@ def _export(module: nn.Module, example_inputs: tuple, path: Path, input_names, o
             program = torch.onnx.export(
                 module, tuple(example_inputs), dynamo=True, opset_version=opset, optimize=True,
                 input_names=list(input_names), output_names=list(output_names),
-                dynamic_shapes=_dynamic_shapes(len(example_inputs), batched, batch),
-                verbose=False, report=False)
+                dynamic_shapes=_dynamic_shapes(axes, ranges), verbose=False, report=False)
     except Exception as e:   # torch.export raises many types; keep the user-facing error one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise VditError(f"ONNX export of {type(module).__name__} failed: {type(e).__name__}: {first}") from None
-    if batch is not None:   # the exporter may fall back to static shapes with only a warning
-        dim = program.model.graph.inputs[0].shape[0]          # onnx_ir: int (static) or SymbolicDim
-        if isinstance(dim, int):
-            raise VditError(f"ONNX export of {type(module).__name__}: the batch axis came out static ({dim}); "
-                            "the model's forward must not depend on the batch size")
+    for value, names in zip(program.model.graph.inputs, axes):   # the exporter may fall back to static shapes
+        for i, name in enumerate(names):                           # with only a warning
+            lo, hi = ranges.get(name, (1, 1))
+            if lo < hi and isinstance(value.shape[i], int):            # onnx_ir: int (static) or SymbolicDim
+                raise VditError(f"ONNX export of {type(module).__name__}: axis {name} of {value.name} came out "
+                                f"static ({value.shape[i]}); the model's forward must not depend on it")
     program.model.metadata_props.update(metadata or {})
     program.model.producer_name = "vdit-deploy"
     program.save(str(path), external_data=external_data)
@@ -123,30 +168,37 @@ def _export(module: nn.Module, example_inputs: tuple, path: Path, input_names, o
 
 
 def export_denoiser(module: nn.Module, example_inputs: tuple, out_path: str | Path,
-                    batch: tuple[int, int] | None = DEFAULT_BATCH, fixed_batch: int | None = None,
-                    opset: int = OPSET, metadata: dict[str, str] | None = None,
+                    input_names: tuple = ("x_t", "t", "y"), batch: tuple[int, int] | None = DEFAULT_BATCH,
+                    fixed_batch: int | None = None, opset: int = OPSET, metadata: dict[str, str] | None = None,
                     external_data: bool | None = None) -> Path:
-    """Export any `module(x_t, t, y) -> eps` to one .onnx file (inputs x_t, t, y; output eps).
+    """Export any `module(x_t, t, *cond) -> out` to one .onnx file with a dynamic batch (no vdit metadata
+    unless given; export_source writes a whole export directory).
 
-    example_inputs: (x_t, t, y) tensors; their batch size must lie in `batch` (min, max), the dynamic
-    batch range, or equal `fixed_batch` for a fixed-shape export (edge builds). metadata: extra
-    metadata_props (vdit exports pass ExportMetadata.to_props()). external_data: keep weights in
-    `<name>.data` beside the file (None: only when they exceed 2 GB). Written atomically."""
+    example_inputs: tensors named by input_names; their batch size must lie in `batch` (min, max), the
+    dynamic batch range, or equal `fixed_batch` for a fixed-shape export (edge builds). external_data:
+    keep weights in `<name>.data` beside the file (None: only when they exceed 2 GB). Written atomically."""
     out_path = Path(out_path)
     if out_path.suffix != ".onnx":
         raise VditError(f"{out_path}: the output file must end in .onnx")
-    if len(example_inputs) != 3:
-        raise VditError(f"example_inputs must be (x_t, t, y), got {len(example_inputs)} tensors")
+    if len(example_inputs) != len(input_names):
+        raise VditError(f"example_inputs must be {', '.join(input_names)}: got {len(example_inputs)} tensors")
     batch = _check_batch(batch, fixed_batch, example_inputs[0].shape[0])
     check_output(out_path)
     with temp_dir(out_path) as tmp:   # same filesystem: the renames below are atomic
-        _export(module, example_inputs, tmp / out_path.name, DENOISER_INPUTS, DENOISER_OUTPUTS,
-                (True, True, True), batch, opset, metadata, external_data)
-        for file in tmp.iterdir():   # the .onnx last: a reader never sees it without its .data
-            if file.suffix != ".onnx":
-                os.replace(file, out_path.parent / file.name)
-        os.replace(tmp / out_path.name, out_path)
+        _write(module, example_inputs, tmp / out_path.name, input_names, ("out",),
+               [[BATCH] + [None] * (x.dim() - 1) for x in example_inputs], {BATCH: batch or (1, 1)}, opset,
+               metadata, external_data, out_path.parent)
     return out_path
+
+
+def _write(module, example, tmp_path: Path, input_names, output_names, axes, ranges, opset, metadata,
+           external_data, dest: Path | None = None) -> None:
+    _export(module, example, tmp_path, input_names, output_names, axes, ranges, opset, metadata, external_data)
+    if dest is not None:
+        for file in tmp_path.parent.iterdir():   # the .onnx last: a reader never sees it without its .data
+            if file.suffix != ".onnx":
+                os.replace(file, dest / file.name)
+        os.replace(tmp_path, dest / tmp_path.name)
 
 
 def _check_batch(batch, fixed_batch, example_batch):
@@ -166,24 +218,28 @@ def _check_batch(batch, fixed_batch, example_batch):
     return lo, hi
 
 
-# ---- a vdit checkpoint -> export directory ---------------------------------------------------
-def _io(cfg, kind: str, batch_name: str) -> dict:
-    video = [batch_name, *cfg.video_shape]
+# ---- a model -> export directory ------------------------------------------------------------------
+def _io(contract: Contract, kind: str, batch_name: str) -> dict:
+    video = [batch_name, *contract.latent]
     spec = lambda name, shape, dtype, layout: {"name": name, "shape": shape, "dtype": dtype, "layout": layout}
+    cond = [spec(c.name, [batch_name, *c.shape[1:]], c.dtype, c.doc or "conditioning") for c in contract.cond]
     inputs = [spec("x_t", video, "float32", "NCFHW noisy video latents"),
-              spec("t", [batch_name], "float32", "diffusion timestep 0..T-1"),
-              spec("y", [batch_name], "int32", f"class label 0..{cfg.num_classes - 1}, {cfg.null_label}=null")]
+              spec("t", [batch_name], "float32", f"diffusion timestep 0..{contract.schedule.num_timesteps - 1}"),
+              *cond]
     if kind == STEP:
+        inputs += [{**c, "name": NULL_PREFIX + c["name"], "layout": "null conditioning (null_cond.safetensors, "
+                                                                     "repeated over the batch)"} for c in cond]
         inputs += [spec("guidance", [1], "float32", "classifier-free guidance scale"),
                    spec("coefs", [len(COEF_NAMES)], "float32", " ".join(COEF_NAMES)),
-                   spec("noise", video, "float32", "N(0, I) for sigma > 0, else zeros"),
+                   spec("noise", video, "float32", "N(0, I) for a stochastic step, else zeros"),
                    spec("x0_prev", video, "float32", "the previous step's x0 output (zeros at the first step)"),
                    spec("corr", video, "float32", "the previous step's corr_next output (zeros at the first step)")]
         outputs = [spec("x_prev", video, "float32", "NCFHW video at the next (earlier) timestep"),
                    spec("x0", video, "float32", "this step's clipped data prediction (the next x0_prev)"),
                    spec("corr_next", video, "float32", "UniPC's corrector part for the next step (the next corr)")]
     else:
-        outputs = [spec("eps", video, "float32", "NCFHW predicted noise")]
+        out = [batch_name, contract.out_channels, *contract.latent[1:]]
+        outputs = [spec("out", out, "float32", f"NCFHW model output: {contract.output}")]
     return {"inputs": inputs, "outputs": outputs}
 
 
@@ -196,45 +252,77 @@ def versions() -> dict:
             "vdit-deploy": vdit_deploy.__version__, "exporter": "torch.onnx dynamo"}
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_BATCH,
-                      fixed: int | None = None, opset: int = OPSET,
-                      external_data: bool | None = None) -> Path:
-    """checkpoint dir -> out_dir/{denoiser,step}.onnx, written atomically (the directory is replaced).
+def example_inputs(contract: Contract, batch: int, seed: int = 0) -> tuple:
+    """Traced inputs: random video, mid-schedule t, random conditioning; named axes at a size inside
+    their range that no other axis has (torch.export would tie equal sizes together)."""
+    rng = np.random.default_rng(seed)
+    sizes = {name: min(hi, max(lo, 7)) for name, (lo, hi) in contract.axes.items()}
+    cond = contract.example_cond(batch, rng, sizes)
+    x = torch.from_numpy(rng.standard_normal((batch, *contract.latent), dtype=np.float32))
+    t = torch.full((batch,), contract.schedule.num_timesteps / 2)
+    return (x, t, *(torch.from_numpy(cond[name]) for name in contract.names))
+
+
+def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_BATCH, fixed: int | None = None,
+                  opset: int = OPSET, external_data: bool | None = None) -> Path:
+    """A Source (sources.py: module + contract + null conditioning) -> out_dir/{denoiser,step}.onnx and
+    null_cond.safetensors, written atomically (the directory is replaced).
 
     batch (min, max) is the number of videos per call; denoiser.onnx accepts up to 2*max so that a
-    host-side guided step (cond + null) fits. fixed=N: static shapes, both graphs take exactly N."""
+    host-side guided step (cond + null) fits. fixed=N: a static batch, both graphs take exactly N (the
+    contract's named axes stay dynamic)."""
+    from vdit_deploy.contract import save_null
+
     if opset < 17:
         raise VditError(f"opset must be >= 17 (LayerNormalization), got {opset}")
+    contract, denoiser = source.contract, source.module.eval()
     n = fixed or max(2, batch[0])            # the batch traced (the fused step runs twice that)
-    check_memory(read_info(checkpoint).model.memory_bytes(2 * n), f"exporting at batch {n}")   # before loading
-    model, info = load_model(checkpoint)
-    cfg = info.model
-    for p in model.parameters():
-        p.requires_grad_(False)
-    denoiser = model      # fed y as int32: nn.Embedding's Gather takes it, so no Cast in the graph
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, *cfg.video_shape, generator=g)
-    t = torch.full((n,), info.schedule.num_timesteps / 2)
-    y = torch.arange(n, dtype=torch.int32) % cfg.num_classes
-    common = dict(config=cfg, schedule=info.schedule, checkpoint_sha256=info.sha256(), versions=versions(),
-                  checkpoint_path=str(Path(checkpoint).resolve()))
+    example = example_inputs(contract, n)
+    x = example[0]
+    common = dict(contract=contract, model=source.model, checkpoint_sha256=source.sha256 or "0" * 64,
+                  versions=versions(), checkpoint_path=str(Path(source.path).resolve()) if source.path else "")
     if fixed is not None:
-        den_batch = step_batch = None
+        den_range = step_range = (fixed, fixed)
         den_meta, step_meta = {"fixed": fixed}, {"fixed": fixed}
     else:
         _check_batch(batch, None, n)
-        den_batch, step_batch = (batch[0], 2 * batch[1]), tuple(batch)
-        den_meta, step_meta = {"min": den_batch[0], "max": den_batch[1]}, {"min": batch[0], "max": batch[1]}
+        den_range, step_range = (batch[0], 2 * batch[1]), tuple(batch)
+        den_meta, step_meta = {"min": den_range[0], "max": den_range[1]}, {"min": batch[0], "max": batch[1]}
     bname = "batch" if fixed is None else str(fixed)
+    video_axes = [BATCH] + [None] * 4
+    cond_axes = [[a if isinstance(a, str) else None for a in c.shape] for c in contract.cond]
+    null = [torch.from_numpy(np.repeat(source.null[name], n, 0)) for name in contract.names]
     out_dir = Path(out_dir)
     with atomic_path(out_dir, is_dir=True, marker=variant_file(DENOISER)) as tmp:
-        meta = ExportMetadata(DENOISER, io=_io(cfg, DENOISER, bname), batch=den_meta, **common)
-        _export(denoiser, (x, t, y), tmp / variant_file(DENOISER), DENOISER_INPUTS, DENOISER_OUTPUTS,
-                (True, True, True), den_batch, opset, meta.to_props(), external_data)
-        coefs = torch.tensor([1.5, 0.5, 1.0, 0.9, 0.0, 0.4, 0.1, 0.2, 0.3, 0.5, 0.1, 0.2, 0.3])
+        meta = ExportMetadata(DENOISER, io=_io(contract, DENOISER, bname), batch=den_meta, **common)
+        _export(denoiser, example, tmp / variant_file(DENOISER), denoiser_inputs(contract), ("out",),
+                [video_axes, [BATCH], *cond_axes], {**contract.axes, BATCH: den_range}, opset, meta.to_props(),
+                external_data)
+        coefs = torch.linspace(0.1, 1.5, len(COEF_NAMES))
         state = (torch.randn_like(x), torch.randn_like(x))
-        meta = ExportMetadata(STEP, io=_io(cfg, STEP, bname), batch=step_meta, **common)
-        _export(FusedStep(denoiser, cfg.null_label), (x, t, y, torch.tensor([2.0]), coefs, torch.randn_like(x), *state),
-                tmp / variant_file(STEP), STEP_INPUTS, STEP_OUTPUTS, (True, True, True, False, False, True, True, True),
-                step_batch, opset, meta.to_props(), external_data)
+        meta = ExportMetadata(STEP, io=_io(contract, STEP, bname), batch=step_meta, **common)
+        _export(FusedStep(denoiser, len(contract.cond)), (*example, *null, torch.tensor([2.0]), coefs,
+                                                          torch.randn_like(x), *state),
+                tmp / variant_file(STEP), step_inputs(contract), STEP_OUTPUTS,
+                [video_axes, [BATCH], *cond_axes, *cond_axes, [None], [None], video_axes, video_axes, video_axes],
+                {**contract.axes, BATCH: step_range}, opset, meta.to_props(), external_data)
+        if contract.cond:
+            save_null(contract, source.null, tmp)
     return out_dir
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_BATCH,
+                      fixed: int | None = None, opset: int = OPSET, external_data: bool | None = None,
+                      **source_options) -> Path:
+    """A model directory (vdit checkpoint or diffusers save_pretrained) -> export directory. The model
+    is sized before it is loaded (a vdit checkpoint from its config, a diffusers one from its weights)."""
+    from vdit_deploy.checkpoint import read_info
+    from vdit_deploy.sources import is_diffusers_dir, load_source
+
+    if opset < 17:
+        raise VditError(f"opset must be >= 17 (LayerNormalization), got {opset}")
+    n = fixed or max(2, batch[0])
+    if not is_diffusers_dir(checkpoint):
+        check_memory(read_info(checkpoint).model.memory_bytes(2 * n), f"exporting at batch {n}")   # before loading
+    source = load_source(checkpoint, **source_options)
+    return export_source(source, out_dir, batch, fixed, opset, external_data)

@@ -1,10 +1,13 @@
 """The runtime interface every backend implements (numpy in, numpy out; no torch import here).
 
-A runtime holds one loaded artifact (a checkpoint, an ONNX file, an engine) and offers
+A runtime holds one loaded artifact (a model directory, an ONNX file, an engine) and offers
+  contract, null                    the model contract (contract.py) and its null conditioning (batch 1)
   files, batch_range                what it loaded and the videos per denoise() call it takes
-  denoise(x_t, t, y) -> eps         x_t float32 (B, C, F, H, W), t float32 (B,), y int32 (B,)
-  step(x_t, t, y, guidance, coefs, noise, state=None) -> x_{t-1}   one guided sampler step (diffusion.py);
-      a multistep solver's SolverState (previous x0, UniPC's corrector part) is read and replaced
+  denoise(x_t, t, cond) -> out      x_t float32 (B, C, F, H, W), t float32 (B,), cond: name -> array
+                                    (the contract's conditioning, batch first); out (B, kC, F, H, W)
+  step(x_t, t, cond, guidance, coefs, noise, state=None) -> x_{t-1}   one guided sampler step
+      (diffusion.py; the null conditioning is the runtime's own); a multistep solver's SolverState
+      (previous x0, UniPC's corrector part) is read and replaced
 The default `step` runs `denoise` and the update on the host; backends with a fused step graph
 override it and may keep x_t and the state on the device between calls (then `step` returns a
 device handle that np.asarray turns into numpy).
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vdit_deploy.config import ModelConfig
+from vdit_deploy.contract import Contract
 from vdit_deploy.diffusion import Schedule, SolverState, guided_step
 from vdit_deploy.errors import VditError
 
@@ -37,8 +40,12 @@ class Runtime(ABC):
     name: str = "?"
     precision: str = "fp32"
     device: str = "cpu"
-    config: ModelConfig
-    schedule: Schedule
+    contract: Contract
+    null: dict                    # name -> batch-1 array
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.contract.schedule
 
     @property
     @abstractmethod
@@ -59,18 +66,21 @@ class Runtime(ABC):
         return 1, 2 ** 31 - 1
 
     @abstractmethod
-    def denoise(self, x_t: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray: ...
+    def denoise(self, x_t: np.ndarray, t: np.ndarray, cond: dict) -> np.ndarray: ...
 
-    def step(self, x_t, t: int, y: np.ndarray, guidance: float, coefs: np.ndarray, noise: np.ndarray,
+    def step(self, x_t, t: int, cond: dict, guidance: float, coefs: np.ndarray, noise: np.ndarray,
              state: SolverState | None = None):
-        return guided_step(self.denoise, x_t, t, y, guidance, coefs, noise, self.config.null_label, state)
+        null = self.contract.null_batch(self.null, cond) if guidance != 1.0 else None
+        return guided_step(self.denoise, x_t, t, cond, null, guidance, coefs, noise, state)
 
-    def check_inputs(self, x_t: np.ndarray, t: np.ndarray, y: np.ndarray) -> None:
-        expected = self.config.video_shape
+    def check_inputs(self, x_t: np.ndarray, t: np.ndarray, cond: dict) -> dict:
+        """-> cond in the contract's dtypes; one-line errors for shapes and names."""
+        expected = tuple(self.contract.latent)
         if x_t.ndim != 5 or tuple(x_t.shape[1:]) != expected:
             raise VditError(f"x_t has shape {tuple(x_t.shape)}, expected (batch, {', '.join(map(str, expected))})")
-        if t.shape != (x_t.shape[0],) or y.shape != (x_t.shape[0],):
-            raise VditError(f"t and y must have shape ({x_t.shape[0]},), got {t.shape} and {y.shape}")
+        if t.shape != (x_t.shape[0],):
+            raise VditError(f"t must have shape ({x_t.shape[0]},), got {t.shape}")
+        return self.contract.check_cond(cond, x_t.shape[0])
 
     def describe(self) -> str:
         return f"{self.name}:{self.precision} on {self.device}"

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vdit_deploy.diffusion import SINGLE_STEP_COEFS, SolverState, apply_step
+from vdit_deploy.contract import load_null
+from vdit_deploy.diffusion import SolverState, apply_step
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.metadata import STEP_STATE, find_onnx, read_metadata
+from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, find_onnx, read_metadata
 from vdit_deploy.export.variants import DENOISER, FP16, STEP, find_variant, runtime_graph, with_data
 from vdit_deploy.runtimes.base import Runtime, TensorSpec
 
@@ -90,7 +91,6 @@ class _Graph:
         self.dtypes = {i.name: ORT_DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.output = self.output_names[0]
-        self.has_state = all(i in self.dtypes for i, _ in STEP_STATE)   # a step graph from before dpm++/unipc: no
         self.lo, self.hi = self.meta.batch_range()
         self.on_device = self.session.get_providers()[0] != PROVIDERS["cpu"]
 
@@ -154,7 +154,8 @@ class OrtRuntime(Runtime):
         if step is not None:
             self.fused = _Graph(step, STEP, self.providers, options)
         meta = self.graph.meta
-        self.config, self.schedule, self.precision = meta.config, meta.schedule, meta.precision
+        self.contract, self.precision = meta.contract, meta.precision
+        self.null = load_null(self.contract, path.parent)
         self.device = self.graph.session.get_providers()[0].replace("ExecutionProvider", "")
 
     @property
@@ -175,35 +176,30 @@ class OrtRuntime(Runtime):
         return [TensorSpec(o.name, tuple(o.shape), ORT_DTYPES.get(o.type, np.float32).__name__)
                 for o in self.graph.session.get_outputs()]
 
-    def denoise(self, x_t, t, y):
-        x_t, t, y = np.asarray(x_t), np.asarray(t), np.asarray(y)
-        self.check_inputs(x_t, t, y)
+    def denoise(self, x_t, t, cond):
+        x_t, t = np.asarray(x_t), np.asarray(t)
+        cond = self.check_inputs(x_t, t, cond)
         self.graph.check_batch(x_t.shape[0])
-        return self.graph.run(x_t=x_t, t=t, y=y).astype(np.float32, copy=False)
+        return self.graph.run(x_t=x_t, t=t, **cond).astype(np.float32, copy=False)
 
-    def step(self, x_t, t: int, y, guidance: float, coefs, noise, state: SolverState | None = None):
+    def step(self, x_t, t: int, cond, guidance: float, coefs, noise, state: SolverState | None = None):
         b = x_t.shape[0]
         # Without guidance the 2B fused graph would do twice the work: run the B denoiser + host update.
         if self.fused is None or (guidance == 1.0 and self.graph.lo <= b <= self.graph.hi):
             x = np.asarray(x_t, dtype=np.float32)
             if guidance == 1.0:
-                return apply_step(x, self.denoise(x, np.full(b, t, np.float32), np.asarray(y)), coefs, noise, state)
-            return super().step(x, t, y, guidance, coefs, noise, state)
-        y = np.asarray(y)
+                return apply_step(x, self.denoise(x, np.full(b, t, np.float32), cond), coefs, noise, state)
+            return super().step(x, t, cond, guidance, coefs, noise, state)
         ts = np.full(b, t, np.float32)
-        coefs = np.asarray(coefs, np.float32)
-        if not self.fused.has_state:
-            if state is not None:
-                raise VditError(f"{self.fused.path} was exported before the multistep samplers (it has no solver "
-                                "state inputs); re-export it with `vdit export` to sample with dpm++ or unipc")
-            coefs = coefs[:SINGLE_STEP_COEFS]
         if isinstance(x_t, DeviceArray) and not self.fused.on_device:
             x_t = np.asarray(x_t)
-        self.check_inputs(x_t, ts, y)
+        cond = self.check_inputs(x_t, ts, cond)
         self.fused.check_batch(b)
-        feeds = dict(t=ts, y=y, guidance=np.float32([guidance]), coefs=coefs, noise=noise)
+        null = {NULL_PREFIX + k: v for k, v in self.contract.null_batch(self.null, cond).items()}
+        feeds = dict(t=ts, **cond, **null, guidance=np.float32([guidance]), coefs=np.asarray(coefs, np.float32),
+                     noise=noise)
         on_device = {}
-        for name in ["x_t", *(i for i, _ in STEP_STATE)] if self.fused.has_state else ["x_t"]:
+        for name in ["x_t", *(i for i, _ in STEP_STATE)]:
             value = x_t if name == "x_t" else getattr(state, name, None)
             if value is None:                 # before the first step the state is zeros
                 value = np.zeros(x_t.shape, np.float32)

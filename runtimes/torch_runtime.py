@@ -1,6 +1,7 @@
 """PyTorch runtime: the fp32 reference on CPU, and the GPU baseline a user would otherwise pick.
 
-Precisions fp32 / fp16 / bf16 cast the whole model (no autocast). On any device `step` runs the same
+It runs any Source (sources.py): a vdit checkpoint, a diffusers model directory, or a module with a
+contract handed in by Python. Precisions fp32 / fp16 / bf16 cast the whole model (no autocast). On any device `step` runs the same
 fused guided step as step.onnx (export/onnx_export.FusedStep: cond + null batch, guidance, update) with
 the video kept on the device between steps; `compile` wraps that step in torch.compile
 ("reduce-overhead": CUDA graphs, "max-autotune": Triton GEMM autotuning plus CUDA graphs, "default").
@@ -8,13 +9,11 @@ the video kept on the device between steps; `compile` wraps that step in torch.c
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from vdit_deploy.checkpoint import WEIGHTS, load_model
 from vdit_deploy.diffusion import SolverState
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import STEP_STATE
@@ -50,29 +49,19 @@ class _Float32IO(nn.Module):
         super().__init__()
         self.model, self.dtype = model, dtype
 
-    def forward(self, x_t, t, y):
-        return self.model(x_t.to(self.dtype), t, y).float()
-
-
-class _Unguided(nn.Module):
-    """A step without classifier-free guidance: one B batch, then the same update as FusedStep."""
-
-    def __init__(self, denoiser: nn.Module):
-        super().__init__()
-        self.denoiser = denoiser
-
-    def forward(self, x_t, t, y, coefs, noise, x0_prev, corr):
-        from vdit_deploy.export.onnx_export import apply_step
-
-        return apply_step(x_t, self.denoiser(x_t, t, y), coefs, noise, x0_prev, corr)
+    def forward(self, x_t, t, *cond):
+        cond = (c.to(self.dtype) if c.is_floating_point() else c for c in cond)
+        return self.model(x_t.to(self.dtype), t, *cond).float()
 
 
 class TorchRuntime(Runtime):
     name = "torch"
 
     def __init__(self, checkpoint, precision: str = "fp32", device: str | None = None,
-                 compile: str | None = None):
-        from vdit_deploy.export.onnx_export import FusedStep
+                 compile: str | None = None, source=None):
+        """checkpoint: a model directory (sources.load_source); or pass a loaded `source` (a Source)."""
+        from vdit_deploy.export.onnx_export import FusedStep, Unguided
+        from vdit_deploy.sources import load_source
 
         check_precision(self.name, precision)
         if compile is not None and compile not in COMPILE_MODES:
@@ -83,62 +72,69 @@ class TorchRuntime(Runtime):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise VditError("torch runtime: device cuda asked for, but torch sees no CUDA GPU")
         self.precision, self.device, self.compile = precision, device, compile
-        self.checkpoint = Path(checkpoint)
-        self.model, self.info = load_model(checkpoint, device)
-        self.model.to(DTYPES[precision])
-        self.config, self.schedule = self.info.model, self.info.schedule
+        self.source = source or load_source(checkpoint, device)
+        self.model = self.source.module.to(device, DTYPES[precision]).eval()
+        self.contract, self.null = self.source.contract, self.source.null
         denoiser = _Float32IO(self.model, DTYPES[precision])
-        guided, unguided = FusedStep(denoiser, self.config.null_label).eval(), _Unguided(denoiser).eval()
+        n = len(self.contract.cond)
+        guided, unguided = FusedStep(denoiser, n).eval(), Unguided(denoiser, n).eval()
         if compile:
             guided, unguided = (torch.compile(m, mode=compile, dynamic=False) for m in (guided, unguided))
         self.guided, self.unguided = guided, unguided
 
     @property
     def files(self):
-        return [self.checkpoint / WEIGHTS]
+        return list(self.source.files)
 
     @property
     def inputs(self):
-        return [TensorSpec("x_t", ("batch", *self.config.video_shape), "float32"),
-                TensorSpec("t", ("batch",), "float32"), TensorSpec("y", ("batch",), "int32")]
+        return [TensorSpec("x_t", ("batch", *self.contract.latent), "float32"), TensorSpec("t", ("batch",), "float32"),
+                *(TensorSpec(c.name, c.shape, c.dtype) for c in self.contract.cond)]
 
     @property
     def outputs(self):
-        return [TensorSpec("eps", ("batch", *self.config.video_shape), "float32")]
+        c = self.contract
+        return [TensorSpec("out", ("batch", c.out_channels, *c.latent[1:]), "float32")]
 
     def _tensor(self, array, dtype=torch.float32) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, dtype, non_blocking=True)
 
     @torch.inference_mode()
-    def denoise(self, x_t: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
-        self.check_inputs(x_t, t, y)
-        eps = self.model(self._tensor(x_t, DTYPES[self.precision]), self._tensor(np.asarray(t, np.float32)),
-                         self._tensor(y, torch.long))
-        return eps.float().cpu().numpy()
+    def denoise(self, x_t: np.ndarray, t: np.ndarray, cond: dict) -> np.ndarray:
+        cond = self.check_inputs(x_t, t, cond)
+        out = self.model(self._tensor(x_t, DTYPES[self.precision]), self._tensor(np.asarray(t, np.float32)),
+                         *self._cond(cond))
+        return out.float().cpu().numpy()
+
+    def _cond(self, cond: dict) -> list:
+        """numpy conditioning -> device tensors in contract order, floats in the model's precision."""
+        return [self._tensor(a, DTYPES[self.precision]) if np.issubdtype(a.dtype, np.floating)
+                else torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in cond.values()]
 
     @torch.inference_mode()
-    def step(self, x_t, t: int, y, guidance: float, coefs, noise, state: SolverState | None = None):
+    def step(self, x_t, t: int, cond, guidance: float, coefs, noise, state: SolverState | None = None):
         """One guided step on the device; returns a TorchDeviceArray (np.asarray copies it out). A
         multistep solver's state (previous x0, UniPC's corrector part) stays on the device too."""
-        y = np.asarray(y)
         b = x_t.shape[0]
         if isinstance(x_t, TorchDeviceArray):
             x = x_t.tensor
+            cond = self.contract.check_cond(cond, b)
         else:
             x_host = np.asarray(x_t, np.float32)
-            self.check_inputs(x_host, np.zeros(b, np.float32), y)
+            cond = self.check_inputs(x_host, np.zeros(b, np.float32), cond)
             x = self._tensor(x_host)
         solver = [getattr(state, name, None) for name, _ in STEP_STATE]
         solver = [v.tensor if isinstance(v, TorchDeviceArray) else torch.zeros_like(x) if v is None else self._tensor(v)
                   for v in solver]                                   # zeros before a solver's first step
         if self.compile:   # a new step of a CUDA-graph tree: earlier outputs may be reused
             torch.compiler.cudagraph_mark_step_begin()
-        t_, y_ = self._tensor(np.full(b, t, np.float32)), self._tensor(y, torch.int32)
+        t_, cond_ = self._tensor(np.full(b, t, np.float32)), self._cond(cond)
         coefs_, noise_ = self._tensor(np.asarray(coefs, np.float32)), self._tensor(noise)
         if guidance == 1.0:   # no null pass: half the work of the 2B guided batch
-            outs = self.unguided(x, t_, y_, coefs_, noise_, *solver)
+            outs = self.unguided(x, t_, *cond_, coefs_, noise_, *solver)
         else:
-            outs = self.guided(x, t_, y_, self._tensor(np.float32([guidance])), coefs_, noise_, *solver)
+            null_ = self._cond(self.contract.null_batch(self.null, cond))
+            outs = self.guided(x, t_, *cond_, *null_, self._tensor(np.float32([guidance])), coefs_, noise_, *solver)
         # CUDA-graph outputs live in the graph's memory pool and are overwritten by the next replay
         x_prev, *next_state = (o.clone() if self.compile else o for o in outs)
         if state is not None:   # this step's outputs are the next step's state inputs

@@ -354,20 +354,26 @@ def apply_step(x_t: np.ndarray, out: np.ndarray, coefs: np.ndarray, noise: np.nd
     return x_prev.astype(np.float32)
 
 
-def guide(eps_cond: np.ndarray, eps_null: np.ndarray, scale: float) -> np.ndarray:
-    """Classifier-free guidance (Ho & Salimans): eps_null + s (eps_cond - eps_null)."""
-    return eps_null + np.float32(scale) * (eps_cond - eps_null)
+def guide(out_cond: np.ndarray, out_null: np.ndarray, scale: float, channels: int | None = None) -> np.ndarray:
+    """Classifier-free guidance (Ho & Salimans): null + s (cond - null) on the prediction's `channels`;
+    a learned variance after them comes from the conditional pass (as DiT does)."""
+    c = out_cond.shape[1] if channels is None else channels
+    pred = out_null[:, :c] + np.float32(scale) * (out_cond[:, :c] - out_null[:, :c])
+    return np.concatenate([pred, out_cond[:, c:]], 1) if out_cond.shape[1] > c else pred
 
 
-def guided_step(denoise, x_t: np.ndarray, t: int, y: np.ndarray, guidance: float, coefs: np.ndarray,
-                noise: np.ndarray | None, null_label: int, state: SolverState | None = None) -> np.ndarray:
-    """One sampler step driven by any `denoise(x_t, t, y) -> eps` on numpy arrays.
-    With guidance != 1 the conditional and null-label passes run as one batch of 2B."""
+def guided_step(denoise, x_t: np.ndarray, t: int, cond: dict, null: dict | None, guidance: float,
+                coefs: np.ndarray, noise: np.ndarray | None, state: SolverState | None = None) -> np.ndarray:
+    """One sampler step driven by any `denoise(x_t, t, cond) -> out` on numpy arrays (cond: name -> array,
+    batch first). With guidance != 1 the conditional and null passes (null: cond's null conditioning,
+    same batch) run as one batch of 2B."""
     b = x_t.shape[0]
     if guidance == 1.0:
-        eps = denoise(x_t, np.full(b, t, np.float32), y)
+        out = denoise(x_t, np.full(b, t, np.float32), cond)
     else:
+        if null is None:
+            raise VditError("classifier-free guidance needs the null conditioning (guidance 1 runs without)")
         both = denoise(np.concatenate([x_t, x_t]), np.full(2 * b, t, np.float32),
-                       np.concatenate([y, np.full(b, null_label, y.dtype)]))
-        eps = guide(both[:b], both[b:], guidance)
-    return apply_step(x_t, eps, coefs, noise, state)
+                       {k: np.concatenate([cond[k], null[k]]) for k in cond})
+        out = guide(both[:b], both[b:], guidance, x_t.shape[1])
+    return apply_step(x_t, out, coefs, noise, state)

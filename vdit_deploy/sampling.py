@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from vdit_deploy.config import ModelConfig
+from vdit_deploy.contract import Contract
 from vdit_deploy.diffusion import SolverState, Step, guided_step
 from vdit_deploy.errors import VditError
 
@@ -28,57 +28,60 @@ class SampleTimes:
 
 
 class DenoiseRecorder:
-    """A plain `denoise(x_t, t, y)` for `sample()` that keeps what the sampler asked for: each call's
-    index, inputs and eps (only the indices in `keep`, when given) and each call's seconds.
+    """A plain `denoise(x_t, t, cond)` for `sample()` that keeps what the sampler asked for: each call's
+    index, inputs and output (only the indices in `keep`, when given) and each call's seconds.
     Calibration records the inputs it will quantize for; compare records the reference trajectory."""
 
     def __init__(self, denoise, keep=None):
         self.denoise, self.keep = denoise, keep
-        self.calls: list[tuple] = []        # (index, x_t, t, y, eps)
+        self.calls: list[tuple] = []        # (index, x_t, t, cond, out)
         self.seconds: list[float] = []
         self.index = 0
 
-    def __call__(self, x_t, t, y):
+    def __call__(self, x_t, t, cond):
         start = time.perf_counter()
-        eps = self.denoise(x_t, t, y)
+        out = self.denoise(x_t, t, cond)
         self.seconds.append(time.perf_counter() - start)
         if self.keep is None or self.index in self.keep:
-            self.calls.append((self.index, x_t, t, y, eps))
+            self.calls.append((self.index, x_t, t, cond, out))
         self.index += 1
-        return eps
+        return out
 
 
-def check_labels(labels, cfg: ModelConfig) -> np.ndarray:
-    y = np.asarray(labels, dtype=np.int32).reshape(-1)
-    bad = y[(y < 0) | (y >= cfg.num_classes)]
-    if bad.size:
-        raise VditError(f"label {int(bad[0])} is out of range: this model has labels 0..{cfg.num_classes - 1}")
-    return y
+def as_cond(contract: Contract, cond) -> dict:
+    """Conditioning for `sample`: a dict of named arrays (checked against the contract), or class
+    labels for a class-conditioned model."""
+    return contract.check_cond(cond) if isinstance(cond, dict) else contract.labels(cond)
 
 
-def sample(denoiser, cfg: ModelConfig, labels, steps: list[Step], guidance: float = 1.0, seed: int = 0,
-           progress: bool = False, times: SampleTimes | None = None) -> np.ndarray:
-    """Sample videos (B, C, F, H, W) in float32, one per label.
+def sample(denoiser, contract: Contract, cond, steps: list[Step], guidance: float = 1.0, seed: int = 0,
+           progress: bool = False, times: SampleTimes | None = None, null: dict | None = None) -> np.ndarray:
+    """Sample videos (B, C, F, H, W) in float32, one per row of the conditioning.
 
-    `denoiser` is a runtime (anything with the fused `step(x_t, t, y, guidance, coefs, noise, state)`)
-    or a plain callable `denoise(x_t, t, y) -> eps` on numpy arrays (t float32 (B,), y int32 (B,)).
+    `denoiser` is a runtime (anything with the fused `step(x_t, t, cond, guidance, coefs, noise, state)`,
+    which brings its own null conditioning) or a plain callable `denoise(x_t, t, cond) -> out` on numpy
+    arrays (t float32 (B,)); guidance then needs `null` (batch 1, as null_cond.safetensors holds it).
+    `cond`: name -> array with the batch first, or class labels (contract.labels).
     A multistep plan (dpm++, unipc) carries one SolverState through its steps (on the runtime's device)."""
-    y = check_labels(labels, cfg)
+    cond = as_cond(contract, cond)
     if guidance < 0:
         raise VditError(f"guidance scale must be >= 0, got {guidance}")
+    b = contract.batch_of(cond)
     step_fn = getattr(denoiser, "step", None)
     if step_fn is None:
-        def step_fn(x, t, y, g, coefs, noise, state):
-            return guided_step(denoiser, x, t, y, g, coefs, noise, cfg.null_label, state)
+        null_b = None if null is None else contract.null_batch(null, cond)
+
+        def step_fn(x, t, cond, g, coefs, noise, state):
+            return guided_step(denoiser, x, t, cond, null_b, g, coefs, noise, state)
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
-    x = rng.standard_normal((len(y), *cfg.video_shape), dtype=np.float32)            # x_T ~ N(0, I)
+    x = rng.standard_normal((b, *contract.latent), dtype=np.float32)               # x_T ~ N(0, I)
     zeros = np.zeros_like(x)
     state = SolverState() if any(s.multistep for s in steps) else None
     for step in tqdm(steps, desc="sample", unit="step", disable=not progress, leave=False):
         noise = rng.standard_normal(x.shape, dtype=np.float32) if step.sigma > 0 else zeros
         t0 = time.perf_counter()
-        x = step_fn(x, step.t, y, guidance, step.coefs, noise, state)
+        x = step_fn(x, step.t, cond, guidance, step.coefs, noise, state)
         if times is not None:
             times.steps.append(time.perf_counter() - t0)
     x = np.asarray(x, dtype=np.float32)   # a runtime may hand back a device-synchronised view

@@ -113,3 +113,12 @@ def regex(pattern: str, name: str, where: str = "") -> str:
     except re.error as e:
         fail(where, f"{name} {pattern!r} is not a valid regular expression: {e}")
     return pattern
+
+
+def identifier(value, name: str, where: str = "") -> str:
+    """A tensor name every stage can carry: ONNX, TensorRT bindings, Triton config and safetensors keys."""
+    import re
+
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", value):
+        fail(where, f"{name} must be letters, digits and _ (not first), up to 64, got {show(value)}")
+    return value

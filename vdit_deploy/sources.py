@@ -1,0 +1,236 @@
+"""Where a denoiser comes from: a vdit checkpoint or a diffusers model directory -> a torch module and
+its model contract (contract.py). Export, verify and the torch runtime load models only through here.
+
+    vdit checkpoint    config.json (format vdit-checkpoint/1) + model.safetensors: the built-in VideoDiT
+    diffusers model    config.json (_class_name) + diffusion_pytorch_model*.safetensors (sharded or not),
+                       as `save_pretrained` writes it; LatteTransformer3DModel is known, any other
+                       diffusers ModelMixin is named as module:Class with its conditioning inputs given.
+                       The schedule and prediction type come from a scheduler_config.json beside the
+                       model (or in ../scheduler/, the pipeline layout), or from options.
+Weights are read from safetensors only: nothing is ever unpickled.
+Python callers with their own nn.Module build a Source directly: Source(module, contract, null, ...).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from vdit_deploy.contract import BATCH, BUILTIN, CondInput, Contract, check_null, null_digest
+from vdit_deploy.diffusion import Schedule
+from vdit_deploy.errors import VditError
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+SCHEDULER_CONFIG = "scheduler_config.json"
+LATTE_MAX_TOKENS = 120          # LattePipeline's max_sequence_length (T5 prompts padded to it)
+
+
+@dataclass
+class Source:
+    """A denoiser in PyTorch: module(x_t, t, *cond in contract order) -> out, and what it promises."""
+    module: nn.Module
+    contract: Contract
+    null: dict                       # name -> batch-1 numpy array (the null conditioning)
+    model: dict = field(default_factory=lambda: {"class": "custom", "config": {}})
+    sha256: str = ""                 # of the weights (and config): exports record it
+    path: Path | None = None
+    files: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.null = check_null(self.contract, self.null)
+        digest = null_digest(self.null)
+        if self.contract.null_sha256 != digest:   # the contract hashes the null it travels with
+            from dataclasses import replace
+            self.contract = replace(self.contract, null_sha256=digest)
+
+
+# ---- the built-in model ---------------------------------------------------------------------------
+def builtin_contract(cfg, schedule: Schedule) -> Contract:
+    return Contract(latent=tuple(cfg.video_shape), output="eps", schedule=schedule,
+                    cond=(CondInput("y", "int32", (BATCH,), cfg.num_classes,
+                                    f"class label 0..{cfg.num_classes - 1}"),))
+
+
+def load_checkpoint_source(path, device: str = "cpu") -> Source:
+    from vdit_deploy.checkpoint import load_model
+
+    model, info = load_model(path, device)
+    contract = builtin_contract(info.model, info.schedule)
+    return Source(model, contract, {"y": np.array([info.model.null_label], np.int32)},
+                  {"class": BUILTIN, "config": info.model.to_dict()}, info.sha256(), Path(path), [info.weights])
+
+
+# ---- diffusers models -----------------------------------------------------------------------------
+class DiffusersDenoiser(nn.Module):
+    """A diffusers transformer behind the contract's signature: (x_t, t, *cond) -> out (B, k*C, F, H, W)."""
+
+    def __init__(self, net: nn.Module, cond_names: tuple, video_input: str = "hidden_states"):
+        super().__init__()
+        self.net, self.cond_names, self.video_input = net, tuple(cond_names), video_input
+
+    def forward(self, x_t, t, *cond):
+        kwargs = {self.video_input: x_t, "timestep": t, **dict(zip(self.cond_names, cond))}
+        return self.net(**kwargs, return_dict=False)[0]
+
+
+def is_diffusers_dir(path: Path) -> bool:
+    try:
+        return "_class_name" in json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def scheduler_options(model_dir: Path, scheduler_config: Path | None) -> tuple[Schedule, str, str] | None:
+    """(schedule, prediction, variance) from a scheduler_config.json: the one given, beside the model
+    or in ../scheduler (a pipeline's layout); None when there is none."""
+    candidates = [scheduler_config] if scheduler_config else [model_dir / SCHEDULER_CONFIG,
+                                                              model_dir.parent / "scheduler" / SCHEDULER_CONFIG]
+    for file in candidates:
+        if file is not None and Path(file).is_file():
+            try:
+                data = json.loads(Path(file).read_text())
+            except ValueError as e:
+                raise VditError(f"{file} is not valid JSON: {str(e)[:100]}") from None
+            return Schedule.from_diffusers(data)
+    if scheduler_config:
+        raise VditError(f"{scheduler_config}: no such scheduler config")
+    return None
+
+
+def _import_class(name: str):
+    module, _, cls = name.partition(":")
+    if not module or not cls:
+        raise VditError(f"--class must be module:Class (e.g. diffusers:LatteTransformer3DModel), got {name!r}")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as e:
+        raise VditError(f"cannot import {name}: {e}") from None
+
+
+def parse_cond_spec(text: str, axes: dict) -> CondInput:
+    """NAME:DTYPE:DIMS, DIMS comma-separated ints or axis names after batch, e.g.
+    encoder_hidden_states:float32:seq,4096 (the batch axis is implied)."""
+    from vdit_deploy import validate as v
+
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise VditError(f"--input must be NAME:DTYPE:DIMS (e.g. encoder_hidden_states:float32:seq,4096), got {text!r}")
+    name, dtype, dims = parts
+    shape = [BATCH]
+    for d in filter(None, dims.split(",")):
+        shape.append(int(d) if d.isdigit() else d)
+        if isinstance(shape[-1], str) and shape[-1] not in axes:
+            axes[shape[-1]] = (1, LATTE_MAX_TOKENS)
+    spec = {"name": name, "dtype": dtype, "shape": shape}
+    contract = Contract.from_dict({"latent": [1, 1, 1, 1], "output": "eps", "cond": [spec], "axes": axes,
+                                   "schedule": Schedule().to_dict(), "null_sha256": ""}, f"--input {text}")
+    v.identifier(name, "--input name")
+    return contract.cond[0]
+
+
+def load_diffusers_source(path, device: str = "cpu", class_name: str | None = None, output: str | None = None,
+                          scheduler_config=None, schedule: Schedule | None = None, null_file=None,
+                          inputs: tuple = (), seq: tuple | None = None, latent: tuple | None = None) -> Source:
+    from vdit_deploy.config import check_memory
+    from vdit_deploy.files import sha256_files
+
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    weights = sorted(path.glob(f"{DIFFUSERS_WEIGHTS}*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for p in path.glob(f"{DIFFUSERS_WEIGHTS}*.bin"))
+        hint = f" (it has {', '.join(pickled)}: pickle files are never loaded; re-save with safe_serialization)" \
+            if pickled else ""
+        raise VditError(f"{path} has no {DIFFUSERS_WEIGHTS}*.safetensors{hint}")
+    cls_name = class_name or f"diffusers:{config['_class_name']}"
+    cls = _import_class(cls_name)
+    known = cls_name == "diffusers:LatteTransformer3DModel"
+    axes = {}
+    if known:
+        lo, hi = seq or (1, LATTE_MAX_TOKENS)
+        axes["seq"] = (lo, hi)
+        cond = (CondInput("encoder_hidden_states", "float32", (BATCH, "seq", int(config["caption_channels"])),
+                          doc="text-encoder embeddings (T5-XXL for Latte-1), padded to one length"),)
+        latent = latent or (int(config["in_channels"]), int(config["video_length"]), int(config["sample_size"]),
+                            int(config["sample_size"]))
+    else:
+        if not inputs or latent is None:
+            raise VditError(f"{cls_name} is not a model vdit knows: give its conditioning (--input NAME:DTYPE:DIMS, "
+                            "one per forward argument) and --latent C,F,H,W")
+        if seq:
+            axes["seq"] = tuple(seq)
+        cond = tuple(parse_cond_spec(text, axes) for text in inputs)
+    from_scheduler = scheduler_options(path, scheduler_config)
+    prediction, variance = "eps", "fixed"
+    if from_scheduler is not None:
+        sched_from_file, prediction, variance = from_scheduler
+        schedule = schedule or sched_from_file
+    schedule = schedule or Schedule("linear", 1000)
+    in_channels = int(config.get("in_channels", latent[0]))
+    out_channels = int(config.get("out_channels") or in_channels)
+    if output is None:   # refuse what cannot be told apart rather than guess
+        if out_channels == 2 * in_channels and prediction == "eps":
+            output = "eps+var"
+        elif out_channels == in_channels:
+            output = prediction
+        else:
+            raise VditError(f"{path}: cannot tell the output kind ({out_channels} output channels for {in_channels} "
+                            f"in, prediction {prediction}); pass --output eps, eps+var, v or x0")
+    contract = Contract(latent=tuple(latent), output=output, cond=cond, schedule=schedule, axes=axes)
+    if contract.out_channels != out_channels:
+        raise VditError(f"{path}: output kind {output} means {contract.out_channels} output channels, the model "
+                        f"has {out_channels}")
+    weights_bytes = sum(p.stat().st_size for p in weights)
+    check_memory(int(weights_bytes * 1.2), f"loading {path}")
+    try:
+        net = cls.from_pretrained(str(path), use_safetensors=True, low_cpu_mem_usage=True, torch_dtype=torch.float32)
+    except Exception as e:   # diffusers raises OSError, ValueError, EnvironmentError...
+        raise VditError(f"{cls_name}.from_pretrained({path}) failed: {type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}") from None
+    for name, p in net.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise VditError(f"{path}: {name} holds NaN or inf values")
+        p.requires_grad_(False)
+    module = DiffusersDenoiser(net, contract.names).to(device).eval()
+    null = read_null(null_file, contract) if null_file else zero_null(contract)
+    return Source(module, contract, null, {"class": cls_name, "config": {k: v for k, v in config.items()}},
+                  sha256_files([path / "config.json", *weights]), path, weights)
+
+
+def zero_null(contract: Contract) -> dict:
+    """Zeros at each named axis' max (labels: the null label; masks: ones). Text models want the empty
+    prompt's embeddings instead: pass them as --null (README: your own model)."""
+    null = {}
+    for spec in contract.cond:
+        shape = [1 if d == BATCH else d if isinstance(d, int) else contract.axes[d][1] for d in spec.shape]
+        value = spec.classes if spec.classes is not None else 1 if spec.dtype in ("bool", "int32", "int64") else 0
+        null[spec.name] = np.full(shape, value, spec.dtype)
+    return null
+
+
+def read_null(path, contract: Contract) -> dict:
+    from vdit_deploy.contract import read_cond
+
+    null = read_cond(path, contract)
+    if contract.batch_of(null) != 1:
+        raise VditError(f"{path}: the null conditioning is one row (batch 1), got {contract.batch_of(null)}")
+    return null
+
+
+def load_source(path, device: str = "cpu", **options) -> Source:
+    """A vdit checkpoint or a diffusers model directory -> Source. options: load_diffusers_source's."""
+    path = Path(path)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise VditError(f"{path} is not a model directory (a vdit checkpoint or a diffusers save_pretrained "
+                        "directory, with config.json)")
+    if is_diffusers_dir(path):
+        return load_diffusers_source(path, device, **options)
+    given = [k for k, val in options.items() if val not in (None, ())]
+    if given:
+        raise VditError(f"{path} is a vdit checkpoint: {', '.join(given)} are for diffusers models")
+    return load_checkpoint_source(path, device)
