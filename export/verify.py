@@ -1,7 +1,9 @@
 """Prove an export computes what PyTorch computes, on inputs from a real sampling trajectory.
 
 For each batch size, a DDIM sample (eta=1: noise on every step, guidance 2) is run with the PyTorch
-checkpoint and a few of its steps are replayed through ONNX Runtime. Every graph of the directory is
+model (the labels or random conditioning of its contract) and a few of its steps are replayed through
+ONNX Runtime; an eps+var model's step graph is fed DDPM's learned-variance coefficients at those steps,
+so its variance path is checked too. Every graph of the directory is
 checked, each precision variant against its own tolerance (PRECISION_TOLERANCE; `tolerance` sets
 fp32's): a denoiser graph on the 2B cond+null rows the guided step feeds it (in pieces its batch
 range takes), a step graph on the step's inputs. What is not checked is listed, and a directory where
@@ -25,11 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vdit_deploy.diffusion import COEF_NAMES, guide, guided_step, make_steps
+from vdit_deploy.diffusion import COEF_NAMES, apply_step, ddpm_steps, guide, guided_step, make_steps
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.metadata import STEP_STATE, check_export_dir
+from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, check_export_dir
 from vdit_deploy.export.variants import DENOISER, FP16, FP32, INT8_DYNAMIC, INT8_QDQ, STEP, variant_file
-from vdit_deploy.files import sha256_file
 
 FP32_TOLERANCE = 1e-4
 # Lossy variants: the mean relative L2 over the replayed calls against PyTorch fp32. Their worst calls,
@@ -95,41 +96,54 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def step_scale(x_t: np.ndarray, eps: np.ndarray, coefs: np.ndarray, noise: np.ndarray) -> np.ndarray:
+def step_scale(x_t: np.ndarray, out: np.ndarray, coefs: np.ndarray, noise: np.ndarray) -> np.ndarray:
     """Elementwise sum of the magnitudes of the terms of diffusion.apply_step (float64): the size
-    float32 rounding and an eps error are relative to."""
+    float32 rounding and an error in the model output are relative to."""
     c = dict(zip(COEF_NAMES, np.asarray(coefs, np.float64)))
-    x, e = np.asarray(x_t, np.float64), np.asarray(eps, np.float64)
+    x, o = np.asarray(x_t, np.float64), np.asarray(out, np.float64)
+    e = o[:, :x.shape[1]]
     ax, be = np.abs(c["a"] * x), np.abs(c["b"] * e)
     x0 = np.clip(c["a"] * x - c["b"] * e, -c["clip"], c["clip"])
     scale = abs(c["c_x0"]) * (ax + be) + np.abs(c["c_xt"] * x) + abs(c["c_eps"]) * (ax + np.abs(x0)) / abs(c["b"])
-    return scale + np.abs(c["sigma"] * np.asarray(noise, np.float64))
+    std = c["sigma"]
+    if o.shape[1] == 2 * x.shape[1] and c["learned_var"]:    # the learned std, a term of its own
+        frac = (o[:, x.shape[1]:] + 1) / 2
+        std = std + c["learned_var"] * np.exp(0.5 * (c["log_var_min"] + frac * (c["log_var_max"] - c["log_var_min"])))
+    return scale + np.abs(std * np.asarray(noise, np.float64))
 
 
 def record_trajectory(torch_rt, batch: int, num_steps: int, picks: int, seed: int = 0, guidance: float = 2.0):
     """Sample with the PyTorch runtime and keep `picks` evenly spaced steps: their inputs
-    (x_t, t, y, guidance, coefs, noise), the guided eps and the output x_prev."""
+    (x_t, t, cond, null, guidance, coefs, noise) and the guided model output. An eps+var model's steps
+    carry DDPM's learned-variance coefs at the same t (the step graph's variance path)."""
     from vdit_deploy.sampling import sample
 
-    cfg = torch_rt.config
-    plan = make_steps(torch_rt.schedule, "ddim", num_steps, eta=1.0)
+    contract = torch_rt.contract
+    plan = make_steps(torch_rt.schedule, "ddim", num_steps, eta=1.0, prediction=contract.prediction)
+    ddpm = ddpm_steps(torch_rt.schedule, prediction=contract.prediction, learned_variance=True) \
+        if contract.output == "eps+var" else None
     keep = set(np.linspace(0, len(plan) - 1, picks).round().astype(int).tolist())
     records = []
 
     class Recorder:
-        def step(self, x, t, y, g, coefs, noise, state=None):
+        def step(self, x, t, cond, g, coefs, noise, state=None):
             b, raw = len(x), []
-            out = guided_step(lambda *a: raw.append(torch_rt.denoise(*a)) or raw[-1], x, t, y, g, coefs, noise,
-                              cfg.null_label, state)
-            eps = raw[0] if g == 1.0 else guide(raw[0][:b], raw[0][b:], g)
+            null = contract.null_batch(torch_rt.null, cond)
+            step = guided_step(lambda *a: raw.append(torch_rt.denoise(*a)) or raw[-1], x, t, cond, null, g, coefs,
+                               noise, state)
+            out = raw[0] if g == 1.0 else guide(raw[0][:b], raw[0][b:], g, x.shape[1])
             if len(seen) in keep:
-                records.append(((x, t, y, g, coefs, noise), eps, out))
+                check_coefs = coefs if ddpm is None else ddpm[len(ddpm) - 1 - t].coefs
+                records.append(((x, t, cond, null, g, check_coefs, noise), out))
             seen.append(t)
-            return out
+            return step
 
     seen: list[int] = []
-    labels = [(seed + i) % cfg.num_classes for i in range(batch)]
-    sample(Recorder(), cfg, labels, plan, guidance, seed)
+    if contract.label_input() is not None:
+        cond = contract.labels([(seed + i) % contract.label_input().classes for i in range(batch)])
+    else:
+        cond = contract.example_cond(batch, np.random.default_rng(seed))
+    sample(Recorder(), contract, cond, plan, guidance, seed)
     return records
 
 
@@ -188,8 +202,8 @@ def verify(export_dir: str | Path, checkpoint: str | Path | None = None, toleran
            batches: tuple[int, ...] = (1, 3), num_steps: int = 10, picks: int = 4, seed: int = 0,
            polygraphy: bool = True, save_polygraphy: str | Path | None = None) -> VerifyReport:
     """Compare ORT and PyTorch on every vdit graph of the export directory."""
-    from vdit_deploy.checkpoint import read_info
     from vdit_deploy.runtimes.torch_runtime import TorchRuntime
+    from vdit_deploy.sources import load_export_source
 
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
@@ -200,16 +214,7 @@ def verify(export_dir: str | Path, checkpoint: str | Path | None = None, toleran
         raise VditError(f"{export_dir} holds no vdit graph to verify"
                         + (f" ({'; '.join(report.skipped)})" if report.skipped else ""))
     meta = next(iter(graphs.values()))
-    checkpoint = Path(checkpoint or meta.checkpoint_path or "")
-    if not str(checkpoint) or not (checkpoint / "model.safetensors").is_file():
-        raise VditError(f"{export_dir}: its source checkpoint {str(checkpoint) or '(unknown)'} is not there; "
-                        "pass --checkpoint")
-    if sha256_file(checkpoint / "model.safetensors") != meta.checkpoint_sha256:
-        raise VditError(f"{checkpoint} is not the checkpoint {export_dir} was exported from (sha256 differs)")
-    info = read_info(checkpoint)
-    if (info.model, info.schedule) != (meta.config, meta.schedule):
-        raise VditError(f"{export_dir}: the config or schedule in its metadata differs from {checkpoint}'s "
-                        "config.json; re-export it")
+    source = load_export_source(meta, export_dir, checkpoint)
     tolerances = {**PRECISION_TOLERANCE, "fp32": tolerance}
     # every graph's batch range decides the videos per step replayed: steps need B in range, denoisers 2B rows
     sizes = set()
@@ -219,37 +224,36 @@ def verify(export_dir: str | Path, checkpoint: str | Path | None = None, toleran
             sizes |= {min(max(b, lo), hi) for b in batches}
         else:
             sizes |= {min(max(b, -(-lo // 2)), max(hi // 2, -(-lo // 2))) for b in batches}
-    torch_rt = TorchRuntime(checkpoint, device="cpu")
+    torch_rt = TorchRuntime(source.path, device="cpu", source=source)
     trajectories = {b: record_trajectory(torch_rt, b, num_steps, picks, seed) for b in sorted(sizes)}
     feeds, refs = [], []
     for path, m in graphs.items():
-        row = Comparison(path.name, "x_prev" if m.kind == STEP else "eps", tolerances[m.precision],
+        row = Comparison(path.name, "x_prev" if m.kind == STEP else "out", tolerances[m.precision],
                          "worst" if m.precision == "fp32" else "mean")
         session = _session(path)
-        inputs = {i.name: i for i in session.get_inputs()}
-        n_coefs = inputs["coefs"].shape[0] if "coefs" in inputs else 0   # 7 in graphs from before the solvers
-        state_inputs = [name for name, _ in STEP_STATE if name in inputs]
         lo, hi = m.batch_range()
         for b, records in trajectories.items():
-            for (x, t, y, g, coefs, noise), eps, x_prev in records:
+            for (x, t, cond, null, g, coefs, noise), out in records:
                 if m.kind == STEP:
                     if lo <= b <= hi:
-                        feed = {"x_t": x, "t": np.full(b, t, np.float32), "y": y, "guidance": np.float32([g]),
-                                "coefs": coefs[:n_coefs], "noise": noise}
+                        feed = {"x_t": x, "t": np.full(b, t, np.float32), **cond,
+                                **{NULL_PREFIX + k: v for k, v in null.items()}, "guidance": np.float32([g]),
+                                "coefs": coefs, "noise": noise}
                         # a DDIM trajectory carries no solver state: zeros, as at a multistep solver's first step
-                        feed.update({name: np.zeros_like(x) for name in state_inputs})
+                        feed.update({name: np.zeros_like(x) for name, _ in STEP_STATE})
                         got = session.run(["x_prev"], feed)[0]
-                        row.add(got, x_prev, step_scale(x, eps, coefs, noise))
+                        row.add(got, apply_step(x, out, coefs, noise), step_scale(x, out, coefs, noise))
                     continue
                 # the denoiser call a host-side guided step makes: cond + null as one 2B batch
                 xx, tt = np.concatenate([x, x]), np.full(2 * b, t, np.float32)
-                yy = np.concatenate([y, np.full(b, meta.config.null_label, np.int32)])
+                both = {k: np.concatenate([cond[k], null[k]]) for k in cond}
                 for i, j in pieces(2 * b, lo, hi):
-                    ref = torch_rt.denoise(xx[i:j], tt[i:j], yy[i:j])
-                    row.add(session.run(None, {"x_t": xx[i:j], "t": tt[i:j], "y": yy[i:j]})[0], ref)
+                    feed = {"x_t": xx[i:j], "t": tt[i:j], **{k: v[i:j] for k, v in both.items()}}
+                    ref = torch_rt.denoise(feed["x_t"], feed["t"], {k: v[i:j] for k, v in both.items()})
+                    row.add(session.run(None, feed)[0], ref)
                     if path.name == variant_file(DENOISER):
-                        feeds.append({"x_t": xx[i:j], "t": tt[i:j], "y": yy[i:j]})
-                        refs.append({"eps": ref})
+                        feeds.append(feed)
+                        refs.append({"out": ref})
         if row.calls:
             report.rows.append(row)
         else:

@@ -200,35 +200,61 @@ def sampling_options(f):
 
 
 def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, guidance, seed, options=None,
-                order=None, spacing="linspace"):
+                order=None, spacing="linspace", cond_file=None):
+    """Open the runtime, turn --label or --cond into the model's conditioning, sample."""
+    import math
+
     from vdit_deploy.config import check_memory
+    from vdit_deploy.contract import read_cond
     from vdit_deploy.diffusion import make_steps
     from vdit_deploy.runtimes import open_runtime
-    from vdit_deploy.sampling import SampleTimes, check_labels, sample
+    from vdit_deploy.sampling import SampleTimes, as_cond, sample
 
     with open_runtime(runtime_name, artifact, precision=precision, **(options or {})) as rt:
-        check_labels(labels, rt.config)
-        check_memory(rt.config.memory_bytes(2 * len(labels)), f"sampling {len(labels)} videos")
-        plan = make_steps(rt.schedule, sampler, steps, eta, order=order, spacing=spacing)
+        contract = rt.contract
+        if cond_file is not None:
+            if labels:
+                raise VditError("give --label or --cond, not both")
+            cond = read_cond(cond_file, contract)
+        elif contract.label_input() is None:
+            raise VditError(f"this model is conditioned on {contract.describe_cond()}: pass --cond FILE.safetensors "
+                            "(README: your own model)")
+        else:
+            cond = as_cond(contract, labels or [0])
+        b = contract.batch_of(cond)
+        check_memory(4 * 8 * b * math.prod(contract.latent), f"sampling {b} videos")   # video, noise, state
+        plan = make_steps(rt.schedule, sampler, steps, eta, order=order, spacing=spacing,
+                          prediction=contract.prediction, learned_variance=learned_variance(contract, sampler))
         times = SampleTimes()
-        videos = sample(rt, rt.config, labels, plan, guidance, seed, progress=True, times=times)
+        videos = sample(rt, contract, cond, plan, guidance, seed, progress=True, times=times)
         return videos, times, rt.describe()
+
+
+def learned_variance(contract, sampler: str) -> bool:
+    """DDPM's ancestral steps use an eps+var model's learned variance; the others drop it."""
+    return contract.output == "eps+var" and sampler == "ddpm"
 
 
 @main.command()
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help=f"Default: {SHIPPED_HELP}.")
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), default=None,
               help="Export directory or .onnx file (for --runtime ort, trt, ort-trt).")
-@click.option("--label", "labels", multiple=True, default=("0",), show_default=True,
-              help="Class label(s); repeat or comma-separate for several videos.")
+@click.option("--label", "labels", multiple=True,
+              help="Class label(s) of a class-conditioned model; repeat or comma-separate for several videos "
+                   "[default: 0].")
+@click.option("--cond", "cond_file", type=click.Path(path_type=Path), default=None,
+              help="Conditioning tensors (.safetensors, one per input the model takes, batch first: one row per "
+                   "video), e.g. precomputed T5 embeddings; `vdit info EXPORT` lists the inputs.")
 @sampling_options
 @click.option("--device", default=None, help="--runtime torch: cpu, cuda or cuda:N (default: cuda where there is one).")
 @click.option("--compile", "compile_mode", type=click.Choice(COMPILE_MODES),
               default=None, help="--runtime torch: torch.compile the sampler step (reduce-overhead: CUDA graphs).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .gif, .mp4 or .npy.")
-def sample(checkpoint, onnx_path, labels, sampler, steps, order, spacing, eta, guidance, seed, runtime, precision,
-           device, compile_mode, out):
-    """Sample videos (DPM-Solver++, UniPC, DDIM or DDPM) from a checkpoint or an ONNX export."""
+def sample(checkpoint, onnx_path, labels, cond_file, sampler, steps, order, spacing, eta, guidance, seed, runtime,
+           precision, device, compile_mode, out):
+    """Sample videos (DPM-Solver++, UniPC, DDIM or DDPM) from a model directory (vdit checkpoint or
+    diffusers save_pretrained) or an ONNX export. A .npy output holds the latents; a .gif/.mp4 shows
+    them (a latent-space model's video needs its VAE decoder, which is not bundled)."""
     from vdit_deploy.runtimes.base import check_runtime_name
     from vdit_deploy.video import check_suffix, write_video
 
@@ -246,7 +272,7 @@ def sample(checkpoint, onnx_path, labels, sampler, steps, order, spacing, eta, g
                             "TensorRT runs on the GPU its engine was built for)")
         artifact = onnx_path
     videos, times, desc = run_sampler(runtime, artifact, precision, parse_labels(labels), sampler, steps,
-                                      eta, guidance, seed, options, order=order, spacing=spacing)
+                                      eta, guidance, seed, options, order=order, spacing=spacing, cond_file=cond_file)
     write_video(out, videos)
     click.echo(f"wrote {out}: {len(videos)} video(s), {len(times.steps)} {sampler} steps in {times.total:.2f} s ({desc})")
 
@@ -330,12 +356,24 @@ def build(onnx_dir, precision, batch, fixed_batch, target, workspace, opt_level,
 
 
 # ---- export / verify (ONNX) ---------------------------------------------------------------------
-def parse_batch_range(text: str) -> tuple[int, int]:
+def parse_batch_range(text: str, option: str = "--batch") -> tuple[int, int]:
     try:
         lo, hi = (int(v) for v in text.split(":"))
     except ValueError:
-        raise VditError(f"--batch takes MIN:MAX (e.g. 1:8), got {text!r}") from None
+        raise VditError(f"{option} takes MIN:MAX (e.g. 1:8), got {text!r}") from None
+    if option != "--batch" and not 1 <= lo <= hi:
+        raise VditError(f"{option} takes 1 <= MIN <= MAX, got {text!r}")
     return lo, hi
+
+
+def parse_ints(text: str, option: str, count: int) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != count or min(values) < 1:
+        raise VditError(f"{option} takes {count} positive integers separated by commas, got {text!r}")
+    return values
 
 
 def needs_torch(what: str):
@@ -363,21 +401,44 @@ def print_verify(export_dir, checkpoint, tolerance):
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Export directory (replaced atomically).")
+@click.option("--class", "class_name", default=None,
+              help="diffusers model: its ModelMixin class as module:Class (default: config.json's _class_name "
+                   "in diffusers; LatteTransformer3DModel needs nothing else).")
+@click.option("--input", "inputs", multiple=True,
+              help="diffusers model other than Latte: a conditioning input NAME:DTYPE:DIMS, the batch axis "
+                   "implied, named axes dynamic (e.g. encoder_hidden_states:float32:seq,4096); repeat in forward order.")
+@click.option("--latent", default=None, help="diffusers model other than Latte: the latent shape C,F,H,W.")
+@click.option("--output", "output_kind", type=click.Choice(["eps", "eps+var", "v", "x0"]), default=None,
+              help="What the model predicts (default: from the scheduler config and the channel counts; refused "
+                   "when they cannot tell).")
+@click.option("--scheduler-config", type=click.Path(path_type=Path), default=None,
+              help="diffusers scheduler_config.json (default: beside the model or in ../scheduler).")
+@click.option("--null", "null_file", type=click.Path(path_type=Path), default=None,
+              help="The null conditioning for guidance (.safetensors, batch 1: the empty prompt's embeddings). "
+                   "Default: zeros.")
+@click.option("--seq", default=None, help="Range MIN:MAX of the named (token) axes the graphs take (default 1:120).")
 @click.option("--batch", default="1:8", show_default=True, help="Dynamic batch range MIN:MAX (videos per call).")
 @click.option("--fixed-batch", type=click.IntRange(1), default=None, help="Static batch N (edge builds).")
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(17))
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Compare with PyTorch after export.")
 @click.option("--tolerance", default=1e-4, show_default=True, type=Finite(0, lo_open=True),
               help="fp32 error allowed by --verify (relative L2, see `vdit verify --help`).")
-def export(checkpoint, out, batch, fixed_batch, opset, verify, tolerance):
-    """Export a checkpoint to denoiser.onnx and the fused step.onnx (and verify them)."""
+def export(checkpoint, out, class_name, inputs, latent, output_kind, scheduler_config, null_file, seq, batch,
+           fixed_batch, opset, verify, tolerance):
+    """Export a model directory (a vdit checkpoint, or a diffusers save_pretrained directory with
+    safetensors weights) to denoiser.onnx, the fused step.onnx and null_cond.safetensors, with the model
+    contract in their metadata, and verify them."""
     needs_torch("export")
     from vdit_deploy.export.metadata import check_export_out
     from vdit_deploy.export.onnx_export import export_checkpoint
 
     check_export_out(out)
+    batch_range = parse_batch_range(batch)
+    options = dict(class_name=class_name, inputs=inputs, output=output_kind, scheduler_config=scheduler_config,
+                   null_file=null_file, seq=parse_batch_range(seq, "--seq") if seq else None,
+                   latent=parse_ints(latent, "--latent", 4) if latent else None)
     start = time.perf_counter()
-    export_checkpoint(checkpoint, out, batch=parse_batch_range(batch), fixed=fixed_batch, opset=opset)
+    export_checkpoint(checkpoint, out, batch=batch_range, fixed=fixed_batch, opset=opset, **options)
     sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in sorted(out.iterdir()))
     click.echo(f"exported {out}: {sizes} in {time.perf_counter() - start:.1f} s")
     if verify:

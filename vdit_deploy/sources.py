@@ -135,7 +135,9 @@ def parse_cond_spec(text: str, axes: dict) -> CondInput:
 
 def load_diffusers_source(path, device: str = "cpu", class_name: str | None = None, output: str | None = None,
                           scheduler_config=None, schedule: Schedule | None = None, null_file=None,
-                          inputs: tuple = (), seq: tuple | None = None, latent: tuple | None = None) -> Source:
+                          inputs: tuple = (), seq: tuple | None = None, latent: tuple | None = None,
+                          contract: Contract | None = None) -> Source:
+    """contract: load with this contract (an export's) instead of deriving one from the options."""
     from vdit_deploy.config import check_memory
     from vdit_deploy.files import sha256_files
 
@@ -149,6 +151,28 @@ def load_diffusers_source(path, device: str = "cpu", class_name: str | None = No
         raise VditError(f"{path} has no {DIFFUSERS_WEIGHTS}*.safetensors{hint}")
     cls_name = class_name or f"diffusers:{config['_class_name']}"
     cls = _import_class(cls_name)
+    if contract is None:
+        contract = diffusers_contract(path, config, cls_name, output, scheduler_config, schedule, inputs, seq, latent)
+    weights_bytes = sum(p.stat().st_size for p in weights)
+    check_memory(int(weights_bytes * 1.2), f"loading {path}")
+    try:
+        net = cls.from_pretrained(str(path), use_safetensors=True, low_cpu_mem_usage=True, torch_dtype=torch.float32)
+    except Exception as e:   # diffusers raises OSError, ValueError, EnvironmentError...
+        raise VditError(f"{cls_name}.from_pretrained({path}) failed: {type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}") from None
+    for name, p in net.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise VditError(f"{path}: {name} holds NaN or inf values")
+        p.requires_grad_(False)
+    module = DiffusersDenoiser(net, contract.names).to(device).eval()
+    null = read_null(null_file, contract) if null_file else zero_null(contract)
+    return Source(module, contract, null, {"class": cls_name, "config": dict(config)},
+                  sha256_files([path / "config.json", *weights]), path, weights)
+
+
+def diffusers_contract(path: Path, config: dict, cls_name: str, output, scheduler_config, schedule, inputs, seq,
+                       latent) -> Contract:
+    """The contract of a diffusers model: Latte's is known; another class's conditioning is given."""
     known = cls_name == "diffusers:LatteTransformer3DModel"
     axes = {}
     if known:
@@ -185,21 +209,7 @@ def load_diffusers_source(path, device: str = "cpu", class_name: str | None = No
     if contract.out_channels != out_channels:
         raise VditError(f"{path}: output kind {output} means {contract.out_channels} output channels, the model "
                         f"has {out_channels}")
-    weights_bytes = sum(p.stat().st_size for p in weights)
-    check_memory(int(weights_bytes * 1.2), f"loading {path}")
-    try:
-        net = cls.from_pretrained(str(path), use_safetensors=True, low_cpu_mem_usage=True, torch_dtype=torch.float32)
-    except Exception as e:   # diffusers raises OSError, ValueError, EnvironmentError...
-        raise VditError(f"{cls_name}.from_pretrained({path}) failed: {type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}") from None
-    for name, p in net.named_parameters():
-        if not bool(torch.isfinite(p).all()):
-            raise VditError(f"{path}: {name} holds NaN or inf values")
-        p.requires_grad_(False)
-    module = DiffusersDenoiser(net, contract.names).to(device).eval()
-    null = read_null(null_file, contract) if null_file else zero_null(contract)
-    return Source(module, contract, null, {"class": cls_name, "config": {k: v for k, v in config.items()}},
-                  sha256_files([path / "config.json", *weights]), path, weights)
+    return contract
 
 
 def zero_null(contract: Contract) -> dict:
@@ -234,3 +244,29 @@ def load_source(path, device: str = "cpu", **options) -> Source:
     if given:
         raise VditError(f"{path} is a vdit checkpoint: {', '.join(given)} are for diffusers models")
     return load_checkpoint_source(path, device)
+
+
+def load_export_source(meta, export_dir, checkpoint=None, device: str = "cpu") -> Source:
+    """The model an export was made from (`checkpoint`, default the path its metadata records), loaded
+    with the export's contract and null conditioning, and refused when its weights differ (verify)."""
+    from vdit_deploy.contract import load_null
+
+    path = Path(checkpoint or meta.checkpoint_path or "")
+    if not str(path) or not (path / "config.json").is_file():
+        raise VditError(f"{export_dir}: its source model {str(path) or '(unknown)'} is not there; pass --checkpoint")
+    contract = meta.contract
+    if meta.model["class"] == BUILTIN:
+        source = load_checkpoint_source(path, device)
+        if (source.contract.latent, source.contract.schedule) != (contract.latent, contract.schedule) or \
+                source.model != meta.model:
+            raise VditError(f"{export_dir}: the config or schedule in its metadata differs from {path}'s "
+                            "config.json; re-export it")
+    else:
+        if not is_diffusers_dir(path):
+            raise VditError(f"{path} is not a diffusers model directory ({export_dir} was exported from one)")
+        source = load_diffusers_source(path, device, class_name=meta.model["class"], contract=contract)
+    if source.sha256 != meta.checkpoint_sha256:
+        raise VditError(f"{path} is not the model {export_dir} was exported from (sha256 differs)")
+    source.null = load_null(contract, Path(export_dir))
+    source.contract = contract
+    return source
