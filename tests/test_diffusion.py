@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 
+from vdit_deploy import validate
 from vdit_deploy.diffusion import (Schedule, apply_step, ddim_steps, ddpm_steps, guide, guided_step,
                                    make_steps, timestep_subset)
 from vdit_deploy.errors import VditError
@@ -94,3 +95,89 @@ def test_guidance_batches_cond_and_null():
     assert len(calls) == 1 and calls[0].tolist() == [1, 2, 4, 4]
     np.testing.assert_allclose(out[:, 0], [4 + 3 * (1 - 4), 4 + 3 * (2 - 4)])
     np.testing.assert_allclose(guide(np.ones(2), np.zeros(2), 1.0), np.ones(2))
+
+
+# ---- schedules from diffusers' scheduler_config.json -------------------------------------------------
+@pytest.mark.parametrize("config", [
+    {"beta_schedule": "linear"},                                           # diffusers' defaults: 1e-4 .. 0.02
+    {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "num_train_timesteps": 500},
+    {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},   # latent diffusion's
+    {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000, "beta_start": 0.5},   # ends ignored
+])
+def test_from_diffusers_betas_are_diffusers_betas(config):
+    from diffusers import DDPMScheduler
+
+    schedule, prediction, variance = Schedule.from_diffusers({**config, "prediction_type": "v_prediction",
+                                                              "variance_type": "learned_range"})
+    theirs = DDPMScheduler(**config)
+    assert (prediction, variance) == ("v", "learned_range") and schedule.num_timesteps == len(theirs.betas)
+    # diffusers' betas are float32; ours float64
+    np.testing.assert_allclose(schedule.betas, theirs.betas.double().numpy(), rtol=1e-6, atol=0)
+    np.testing.assert_allclose(schedule.alphas_cumprod, theirs.alphas_cumprod.double().numpy(), rtol=2e-5)
+
+
+def test_from_diffusers_names_and_defaults():
+    assert Schedule.from_diffusers({}) == (Schedule("linear", 1000, 1e-4, 0.02), "eps", "fixed")
+    for name, ours in (("epsilon", "eps"), ("v_prediction", "v"), ("sample", "x0")):
+        assert Schedule.from_diffusers({"prediction_type": name})[1] == ours
+    for name in (None, "fixed_small", "fixed_small_log"):
+        assert Schedule.from_diffusers({"variance_type": name})[2] == "fixed"
+    # the beta end points equal to the built-in linear schedule's give its betas, and only set ones are saved
+    assert np.array_equal(Schedule.from_diffusers({})[0].betas, Schedule().betas)
+    assert Schedule().to_dict() == {"kind": "linear", "num_timesteps": 1000}
+    scaled = Schedule("scaled_linear", 1000, 0.00085, 0.012)
+    assert scaled.to_dict() == {"kind": "scaled_linear", "num_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012}
+    assert validate.schedule(scaled.to_dict()) == scaled and validate.schedule(Schedule().to_dict()) == Schedule()
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"beta_schedule": "sigmoid"}, "beta_schedule must be one of linear, scaled_linear, squaredcos_cap_v2, got 'sigmoid'"),
+    ({"prediction_type": "flow"}, "prediction_type must be one of epsilon, v_prediction, sample, got 'flow'"),
+    ({"variance_type": "learned"}, "variance_type must be one of fixed_small, fixed_small_log, learned_range "
+                                   r"\(or absent\), got 'learned'"),
+    ({"variance_type": "fixed_large"}, "variance_type must be one of .*got 'fixed_large'"),
+    ({"variance_type": ["learned_range"]}, "variance_type must be one of .*got \\['learned_range'\\]"),
+    ({"trained_betas": [0.1, 0.2]}, "trained_betas are not supported"),
+    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr is not supported"),
+    ({"num_train_timesteps": 1}, "num_train_timesteps must be between 2 and 100000, got 1"),
+    ({"beta_start": "0.1"}, "beta_start must be a number, got '0.1'"),
+    ({"beta_start": 0.02, "beta_end": 0.01}, "0 < beta_start < beta_end < 1, got 0.02 and 0.01"),
+    ([], "scheduler config must be a JSON object"),
+])
+def test_from_diffusers_refuses_what_it_cannot_reproduce(config, message):
+    with pytest.raises(VditError, match=message) as e:
+        Schedule.from_diffusers(config)
+    assert "\n" not in str(e.value) and (config == [] or str(e.value).startswith("scheduler config: "))
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"kind": "linear", "num_timesteps": 1000, "beta_start": 0.0, "beta_end": 0.02}, "beta_start must be > 0 and <= 1"),
+    ({"kind": "linear", "num_timesteps": 1000, "beta_start": 1e-4, "beta_end": float("nan")}, "beta_end must be a finite"),
+    ({"kind": "linear", "num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 1.0}, "beta_start < beta_end < 1"),
+    ({"kind": "linear", "num_timesteps": 1000, "beta_start": 1e-4}, "beta_start and beta_end go together"),
+    ({"kind": "cosine", "num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}, "cosine schedule has no beta_start"),
+    ({"kind": "scaled_linear", "num_timesteps": 1000, "beta_start": True, "beta_end": 0.02}, "beta_start must be a number"),
+])
+def test_schedule_json_checks_the_beta_ends(data, message):
+    with pytest.raises(VditError, match=message) as e:
+        validate.schedule(data, "export metadata")
+    assert "\n" not in str(e.value) and str(e.value).startswith("export metadata: ")
+
+
+def test_x0_prediction_ddpm_and_ddim_take_the_model_output_as_x0():
+    """An x0 model's output is the (clipped) data prediction: DDPM's posterior mean and DDIM's update
+    written from it alone."""
+    sched = Schedule("cosine", 1000)
+    rng = np.random.default_rng(3)
+    x_t, x0 = rng.standard_normal((2, 8)).astype(np.float32), rng.uniform(-1.5, 1.5, (2, 8)).astype(np.float32)
+    clipped = np.clip(x0, -1, 1)
+    for step in ddpm_steps(sched, prediction="x0")[::250]:
+        c0, ct, _ = sched.posterior(step.t)
+        np.testing.assert_allclose(apply_step(x_t, x0, step.coefs, np.zeros_like(x_t)), c0 * clipped + ct * x_t,
+                                   rtol=1e-5, atol=1e-6)
+    plan = ddim_steps(sched, 10, prediction="x0")
+    for i, step in enumerate(plan):
+        ab, ab_prev = sched.alpha_bar(step.t), sched.alpha_bar(plan[i + 1].t if i + 1 < len(plan) else -1)
+        eps = (x_t - math.sqrt(ab) * clipped) / math.sqrt(1 - ab)
+        np.testing.assert_allclose(apply_step(x_t, x0, step.coefs, None),
+                                   math.sqrt(ab_prev) * clipped + math.sqrt(1 - ab_prev) * eps, rtol=1e-5, atol=1e-5)

@@ -1,6 +1,8 @@
-"""DPM-Solver++(2M) and UniPC-bh2: whole trajectories against diffusers (a peer implementation), the
-fused ONNX step against the host update, and the one-line refusals."""
+"""DDIM, DDPM (with learned variance), DPM-Solver++(2M) and UniPC-bh2: whole trajectories of eps, v and
+x0 models against diffusers (a peer implementation), the fused ONNX step against the host update, and the
+one-line refusals."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -13,38 +15,83 @@ SHAPE = (2, 3, 2, 4, 4)       # (B, C, F, H, W): small, the math is per element
 
 def model_fn(x: np.ndarray, t: int, schedule: Schedule, prediction: str = "eps", channels: int = 3) -> np.ndarray:
     """A fixed, deterministic stand-in for a denoiser: a bounded data prediction, smooth and nonlinear
-    in x and t, handed out as the eps or v that implies it (so x0 stays in range at every noise level
-    and the solvers' orders make a difference). channels=6: a learned-sigma model (variance after eps)."""
+    in x and t, handed out as the eps, v or x0 that implies it (so x0 stays in range at every noise level
+    and the solvers' orders make a difference). channels=6: a learned-sigma model (eps/v/x0, then the
+    variance in [-1, 1], which DDPM with learned variance uses and every other sampler must ignore)."""
     ab = float(schedule.alpha_bar(t))
     alpha, sigma = math.sqrt(ab), math.sqrt(1 - ab)
     x0 = np.tanh(1.5 * x) * (0.8 + 0.1 * math.cos(t / 300)) + 0.05 * np.sin(3 * x)
     eps = (x - alpha * x0) / sigma
-    out = eps if prediction == "eps" else alpha * eps - sigma * x0
+    out = {"eps": eps, "v": alpha * eps - sigma * x0, "x0": x0}[prediction]
     if channels == 2 * x.shape[1]:
-        out = np.concatenate([out, np.full_like(out, 7.0)], axis=1)    # junk a solver must ignore
+        out = np.concatenate([out, np.cos(2 * x + t / 100)], axis=1)
     return out.astype(np.float32)
 
 
-def diffusers_trajectory(scheduler, steps: int, x: np.ndarray, schedule, prediction, channels: int):
+def diffusers_trajectory(scheduler, steps: int, x: np.ndarray, schedule, prediction, channels: int, seed=None,
+                         **step_options):
+    """diffusers' trajectory; with a seed, the noise comes from torch.Generator(seed), as in our_trajectory."""
     import torch
 
     scheduler.set_timesteps(steps)
+    if type(scheduler).__name__ == "DDIMScheduler":
+        # diffusers' DDIM steps from t to t - T // num_inference_steps, not to the next listed timestep as
+        # ours (and guided-diffusion's) does; where linspace's timesteps are evenly spaced (steps - 1
+        # divides T - 1), setting that stride makes it step between the listed ones
+        stride, rest = divmod(schedule.num_timesteps - 1, steps - 1)
+        scheduler.num_inference_steps = schedule.num_timesteps // stride
+        assert rest == 0 and schedule.num_timesteps // scheduler.num_inference_steps == stride
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
     xs, sample = [], torch.from_numpy(x)
     for t in scheduler.timesteps:
         out = torch.from_numpy(model_fn(sample.numpy(), int(t), schedule, prediction, channels))
-        if channels != x.shape[1] and type(scheduler).__name__.startswith("UniPC"):
-            out = out[:, :x.shape[1]]          # UniPC's pipelines cut the variance channels themselves
-        sample = scheduler.step(out, t, sample).prev_sample
+        # DDPM reads learned variance, DPM-Solver drops it for eps and v models; for the others (and
+        # DPM-Solver's x0 models) diffusers' pipelines cut the variance channels themselves
+        uses_variance = type(scheduler).__name__ == "DDPMScheduler" or (
+            type(scheduler).__name__.startswith("DPMSolver") and prediction != "x0")
+        if channels != x.shape[1] and not uses_variance:
+            out = out[:, :x.shape[1]]
+        if generator is not None and type(scheduler).__name__ == "DDIMScheduler":
+            step_options["variance_noise"] = torch.randn(sample.shape, generator=generator)
+        elif generator is not None:
+            step_options["generator"] = generator
+        sample = scheduler.step(out, t, sample, **step_options).prev_sample
         xs.append(sample.numpy().copy())
     return [int(t) for t in scheduler.timesteps], xs
 
 
-def our_trajectory(plan, x: np.ndarray, schedule, prediction, channels: int):
+def our_trajectory(plan, x: np.ndarray, schedule, prediction, channels: int, seed=None):
+    """Our trajectory; with a seed, each stochastic step's noise is the next draw of torch.Generator(seed)."""
+    import torch
+
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
     state, xs = SolverState(), []
     for step in plan:
-        x = apply_step(x, model_fn(x, step.t, schedule, prediction, channels), step.coefs, None, state)
+        noise = torch.randn(x.shape, generator=generator).numpy() if step.stochastic else None
+        x = apply_step(x, model_fn(x, step.t, schedule, prediction, channels), step.coefs, noise, state)
         xs.append(x)
     return [s.t for s in plan], xs
+
+
+def assert_same_trajectory(ours, theirs, tolerance: float):
+    assert ours[0] == theirs[0]                             # the timesteps
+    for i, (a, b) in enumerate(zip(ours[1], theirs[1])):
+        rel = np.linalg.norm(a - b) / np.linalg.norm(b)
+        assert rel < tolerance, (i, rel)
+    assert np.abs(ours[1][-1] - ours[1][0]).max() > 0.1      # the trajectory went somewhere
+
+
+DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+
+def with_our_alpha_bar(scheduler, schedule: Schedule):
+    """DDIM and DDPM schedulers read alphas_cumprod at each step; diffusers' is a float32 cumprod, which
+    leaves 1 - alpha_bar near t = 0 (1e-4) to ~6e-4 relative (5e-6 of the last sample). Ours is float64:
+    hand diffusers the same table, so the comparison sees the update rules, not that rounding."""
+    import torch
+
+    scheduler.alphas_cumprod = torch.from_numpy(schedule.alphas_cumprod)
+    return scheduler
 
 
 def make_diffusers(sampler: str, schedule: Schedule, prediction: str, spacing: str, order: int, learned: bool,
@@ -52,7 +99,7 @@ def make_diffusers(sampler: str, schedule: Schedule, prediction: str, spacing: s
     from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
     common = dict(num_train_timesteps=schedule.num_timesteps, trained_betas=schedule.betas,
-                  prediction_type={"eps": "epsilon", "v": "v_prediction"}[prediction], timestep_spacing=spacing,
+                  prediction_type=DIFFUSERS_PREDICTION[prediction], timestep_spacing=spacing,
                   solver_order=order, lower_order_final=True, final_sigmas_type="zero")
     if sampler == "dpm++":
         return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_type="midpoint", lambda_min_clipped=lambda_min,
@@ -68,6 +115,7 @@ CASES += [(m, "cosine", n, p, s, 2, False, 1e-5) for m in SOLVERS for n in (5, 1
 CASES += [(m, "linear", 10, "v", "trailing", 2, False, 1e-5) for m in SOLVERS]
 CASES += [(m, "cosine", 20, "eps", "leading", 2, True, 1e-5) for m in SOLVERS]
 CASES += [(m, "linear", 5, "eps", "trailing", 1, False, 1e-5) for m in SOLVERS]
+CASES += [(m, "cosine", 10, "x0", "linspace", 2, True, 1e-5) for m in SOLVERS]     # they only use x0
 # diffusers' defaults start at t=999 (lambda_min -inf); ours start at LAMBDA_MIN (DPM-Solver++ has that
 # option in diffusers, UniPC has not): checked below with the DPM-Solver++ scheduler.
 # Cosine's t=999 has alpha_bar 2.4e-9: an eps model's x0 = (x_t - sigma eps) / alpha is a 5e-5 part of
@@ -85,12 +133,94 @@ def test_trajectory_matches_diffusers(sampler, kind, steps, prediction, spacing,
                                             steps, x_T, schedule, prediction, channels)
     plan = make_steps(schedule, sampler, steps, clip=math.inf, order=order, spacing=spacing, prediction=prediction,
                       lambda_min=-math.inf)
-    ours_t, ours = our_trajectory(plan, x_T, schedule, prediction, channels)
-    assert ours_t == theirs_t
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        rel = np.linalg.norm(a - b) / np.linalg.norm(b)
-        assert rel < tolerance, (i, rel)
-    assert np.abs(ours[-1] - ours[0]).max() > 0.1          # the trajectory went somewhere
+    assert_same_trajectory(our_trajectory(plan, x_T, schedule, prediction, channels), (theirs_t, theirs), tolerance)
+
+
+# (schedule, steps, prediction, eta, clip, learned-sigma model): DDIM against diffusers' DDIMScheduler
+DDIM_CASES = [("linear", 10, "v", 0.0, math.inf, False), ("cosine", 28, "v", 0.0, 1.0, True),
+              ("linear", 10, "v", 1.0, 1.0, False), ("cosine", 4, "v", 0.5, math.inf, False),
+              ("linear", 10, "x0", 0.0, math.inf, False), ("cosine", 28, "x0", 1.0, 1.0, True),
+              ("linear", 10, "eps", 0.0, 1.0, False)]
+
+
+@pytest.mark.parametrize("kind,steps,prediction,eta,clip,learned", DDIM_CASES)
+def test_ddim_matches_diffusers(kind, steps, prediction, eta, clip, learned):
+    """v and x0 models: DDIM folds the eps term into x0 and x_t (eps_hat is not eps there); with clipping,
+    diffusers re-derives eps from the clipped x0 too (use_clipped_model_output)."""
+    from diffusers import DDIMScheduler
+
+    schedule = Schedule(kind, 1000)
+    x_T = np.random.default_rng(5).standard_normal(SHAPE).astype(np.float32)
+    channels = 2 * SHAPE[1] if learned else SHAPE[1]
+    scheduler = with_our_alpha_bar(DDIMScheduler(
+        num_train_timesteps=1000, trained_betas=schedule.betas, timestep_spacing="linspace",
+        prediction_type=DIFFUSERS_PREDICTION[prediction], clip_sample=clip < math.inf, clip_sample_range=min(clip, 1.0)),
+        schedule)
+    theirs = diffusers_trajectory(scheduler, steps, x_T, schedule, prediction, channels, seed=7 if eta else None,
+                                  eta=eta, use_clipped_model_output=True)
+    plan = make_steps(schedule, "ddim", steps, eta=eta, clip=clip, prediction=prediction)
+    assert any(s.stochastic for s in plan) == (eta > 0)
+    assert_same_trajectory(our_trajectory(plan, x_T, schedule, prediction, channels, seed=7), theirs, 1e-6)
+
+
+@pytest.mark.parametrize("kind,prediction,clip", [("linear", "eps", 1.0), ("cosine", "v", math.inf),
+                                                  ("linear", "x0", 1.0)])
+def test_learned_variance_ddpm_matches_diffusers(kind, prediction, clip):
+    """A learned-sigma model's ancestral steps against DDPMScheduler(variance_type="learned_range") on
+    the same noise: the log variance between the clamped posterior's and beta_t's, none at t = 0."""
+    from diffusers import DDPMScheduler
+
+    schedule = Schedule(kind, 1000)
+    x_T = np.random.default_rng(6).standard_normal(SHAPE).astype(np.float32)
+    scheduler = with_our_alpha_bar(DDPMScheduler(
+        num_train_timesteps=1000, trained_betas=schedule.betas, variance_type="learned_range",
+        prediction_type=DIFFUSERS_PREDICTION[prediction], clip_sample=clip < math.inf), schedule)
+    theirs = diffusers_trajectory(scheduler, 1000, x_T, schedule, prediction, 2 * SHAPE[1], seed=8)
+    plan = make_steps(schedule, "ddpm", clip=clip, prediction=prediction, learned_variance=True)
+    assert [s.stochastic for s in plan] == [True] * 999 + [False]
+    ours = our_trajectory(plan, x_T, schedule, prediction, 2 * SHAPE[1], seed=8)
+    assert_same_trajectory(ours, theirs, 1e-5)
+    # the comparison sees the variance: the fixed posterior variance on the same noise is 100x further off
+    # (not more: beta_t and the posterior variance differ much only at the last few t)
+    fixed = our_trajectory(make_steps(schedule, "ddpm", clip=clip, prediction=prediction), x_T, schedule,
+                           prediction, 2 * SHAPE[1], seed=8)
+    assert max(np.linalg.norm(a - b) / np.linalg.norm(b) for a, b in zip(fixed[1], theirs[1])) > 1e-3
+
+
+def test_learned_variance_ends_are_the_fixed_variances():
+    """frac = 0 (out_var = -1) is the posterior variance (plain DDPM); frac = 1 is beta_t."""
+    schedule = Schedule("cosine", 1000)
+    learned, fixed = (make_steps(schedule, "ddpm", learned_variance=lv) for lv in (True, False))
+    rng = np.random.default_rng(9)
+    x, eps, z = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(3))
+    for i in (0, 500, 998):
+        t = learned[i].t
+        low, high = (np.concatenate([eps, np.full_like(eps, v)], axis=1) for v in (-1.0, 1.0))
+        np.testing.assert_allclose(apply_step(x, low, learned[i].coefs, z), apply_step(x, eps, fixed[i].coefs, z),
+                                   rtol=1e-5, atol=1e-5)
+        mean = apply_step(x, eps, fixed[i].coefs, np.zeros_like(z))
+        np.testing.assert_allclose(apply_step(x, high, learned[i].coefs, z) - mean, math.sqrt(schedule.betas[t]) * z,
+                                   rtol=1e-4, atol=1e-5)
+    # t = 0 draws no noise, and a step whose graph predates learned variance (13 coefs) ignores it
+    assert not learned[-1].stochastic and learned[-1].coefs[-3:].tolist() == [0, 0, 0]
+    with_var = np.concatenate([eps, np.zeros_like(eps)], axis=1)
+    np.testing.assert_array_equal(apply_step(x, with_var, learned[-1].coefs, None), apply_step(x, eps, fixed[-1].coefs, None))
+
+
+def test_learned_variance_refusals():
+    schedule = Schedule()
+    step = make_steps(schedule, "ddpm", learned_variance=True)[0]
+    x = np.zeros(SHAPE, np.float32)
+    with pytest.raises(VditError, match="model output has 3 channels, not 2 x 3") as e:
+        apply_step(x, x, step.coefs, x)
+    assert "\n" not in str(e.value)
+    with pytest.raises(VditError, match="this step adds noise: pass it"):
+        apply_step(x, np.concatenate([x, x], axis=1), step.coefs, None)
+    for sampler in ("ddim", "dpm++", "unipc"):
+        with pytest.raises(VditError, match=f"learned variance is for ddpm's ancestral steps; {re.escape(sampler)} "
+                                            "ignores a model's variance channels") as e:
+            make_steps(schedule, sampler, 5, learned_variance=True)
+        assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("kind,spacing", [("cosine", "linspace"), ("cosine", "trailing"), ("linear", "leading")])
@@ -107,13 +237,15 @@ def test_lambda_min_matches_diffusers(kind, spacing):
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++", "unipc"])
-def test_v_prediction_model_samples_what_the_eps_model_does(sampler):
-    """The same denoiser handed out as v instead of eps (model_fn's two outputs imply the same x0) gives
-    the same trajectory, with x0 clipping on: DDIM's eps term is rewritten in x0 and x_t for v models.
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_v_and_x0_models_sample_what_the_eps_model_does(sampler, prediction):
+    """The same denoiser handed out as v or x0 instead of eps (model_fn's outputs imply the same x0) gives
+    the same trajectory, with x0 clipping on: DDIM's eps term is rewritten in x0 and x_t for v/x0 models.
     (Linear: DDIM starts at t=999, where cosine's eps -> x0 is float32-limited to ~1e-3, see CASES.)"""
     schedule = Schedule("linear", 1000)
     x_T = np.random.default_rng(4).standard_normal(SHAPE).astype(np.float32)
-    runs = [our_trajectory(make_steps(schedule, sampler, 10, prediction=p), x_T, schedule, p, 3)[1] for p in ("eps", "v")]
+    runs = [our_trajectory(make_steps(schedule, sampler, 10, prediction=p), x_T, schedule, p, 3)[1]
+            for p in ("eps", prediction)]
     for a, b in zip(*runs):
         assert np.linalg.norm(a - b) < 1e-4 * np.linalg.norm(b)
 
@@ -153,7 +285,7 @@ def test_spacings():
     (dict(sampler="unipc", steps=1001), "steps must be between 1 and 1000, got 1001"),
     (dict(sampler="unipc", steps=1000, spacing="leading"), "repeat timesteps"),
     (dict(sampler="dpm++", spacing="karras"), "timestep spacing must be one of linspace, leading, trailing"),
-    (dict(sampler="dpm++", prediction="x0"), "prediction must be one of eps, v"),
+    (dict(sampler="dpm++", prediction="x1"), "prediction must be one of eps, v, x0, got 'x1'"),
     (dict(sampler="dpm++", eta=0.5), "deterministic ODE solver"),
 ])
 def test_bad_input_is_one_line(kwargs, message):

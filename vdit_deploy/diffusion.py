@@ -1,11 +1,16 @@
 """Diffusion math in numpy (no torch): schedules, q(x_t|x_0), posteriors, and the samplers DDPM, DDIM,
 DPM-Solver++ (2M) and UniPC (bh2).
 
-Every sampler step is written as the same affine update of the model output `out` (eps or v)
+Every sampler step is written as the same affine update of the model output `out` (eps, v or x0)
 
     x0_hat  = clip(a * x_t - b * out, -clip, +clip)   # the data prediction
     eps_hat = (a * x_t - x0_hat) / b          # out consistent with the clipped x0 (= out if no clipping)
-    x_prev  = c_x0 * x0_hat + c_xt * x_t + c_eps * eps_hat + c_x0_prev * x0_prev + c_corr * corr + sigma * z
+    x_prev  = c_x0 * x0_hat + c_xt * x_t + c_eps * eps_hat + c_x0_prev * x0_prev + c_corr * corr + std * z
+    std     = sigma + learned_var * exp(0.5 * (log_var_min + frac * (log_var_max - log_var_min)))
+
+where frac = (out_var + 1) / 2 comes from a learned-sigma model's second C output channels (Nichol &
+Dhariwal 2021's learned range, as DiT and Latte train it: the log variance interpolates between the
+posterior's and beta_t's); learned_var is 0 for every other step, so the update reads only out's first C.
 
 plus, for the multistep solvers, the state the next step reads (SolverState):
 
@@ -26,27 +31,80 @@ import numpy as np
 
 from vdit_deploy.errors import VditError
 
-SCHEDULES = ("linear", "cosine")
+SCHEDULES = ("linear", "scaled_linear", "cosine")
+# scheduler_config.json's names (diffusers) for ours
+DIFFUSERS_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+VARIANCES = ("fixed", "learned_range")    # the model's variance: the posterior's, or learned in 2C channels
+DIFFUSERS_VARIANCES = {None: "fixed", "fixed_small": "fixed", "fixed_small_log": "fixed",
+                       "learned_range": "learned_range"}
 
 
 @dataclass(frozen=True)
 class Schedule:
     kind: str = "linear"
     num_timesteps: int = 1000
+    # linear and scaled_linear end points; None: Ho et al.'s 1e-4 .. 0.02, scaled by 1000 / num_timesteps
+    beta_start: float | None = None
+    beta_end: float | None = None
 
     def __post_init__(self):
         if self.kind not in SCHEDULES:
             raise VditError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.kind!r}")
         if self.num_timesteps < 2:
             raise VditError(f"num_timesteps must be >= 2, got {self.num_timesteps}")
+        ends = (self.beta_start, self.beta_end)
+        if ends == (None, None):
+            return
+        if self.kind == "cosine":
+            raise VditError("the cosine schedule has no beta_start/beta_end")
+        if None in ends:
+            raise VditError(f"beta_start and beta_end go together, got {self.beta_start} and {self.beta_end}")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise VditError(f"beta_start and beta_end must satisfy 0 < beta_start < beta_end < 1, "
+                            f"got {self.beta_start} and {self.beta_end}")
+
+    @classmethod
+    def from_diffusers(cls, config: dict, where: str = "scheduler config") -> tuple["Schedule", str, str]:
+        """(schedule, prediction, variance) from a diffusers scheduler_config.json dict, with diffusers'
+        defaults for absent keys. What it cannot reproduce is refused, not approximated."""
+        from vdit_deploy import validate as v
+
+        v.obj(config, where, where="", extra_ok=True)
+        if config.get("trained_betas") is not None:
+            v.fail(where, "trained_betas are not supported (name a beta_schedule)")
+        if config.get("rescale_betas_zero_snr"):
+            v.fail(where, "rescale_betas_zero_snr is not supported")
+        T = v.integer(config.get("num_train_timesteps", 1000), "num_train_timesteps", 2, 100_000, where)
+        kind = DIFFUSERS_SCHEDULES[v.string(config.get("beta_schedule", "linear"), "beta_schedule",
+                                            DIFFUSERS_SCHEDULES, where)]
+        prediction = DIFFUSERS_PREDICTIONS[v.string(config.get("prediction_type", "epsilon"), "prediction_type",
+                                                    DIFFUSERS_PREDICTIONS, where)]
+        variance = config.get("variance_type")
+        if not (variance is None or isinstance(variance, str)) or variance not in DIFFUSERS_VARIANCES:
+            v.fail(where, f"variance_type must be one of {', '.join(k for k in DIFFUSERS_VARIANCES if k)} "
+                          f"(or absent), got {v.show(variance)}")
+        ends = {}
+        if kind != "cosine":    # diffusers ignores them for squaredcos_cap_v2
+            ends = {k: v.number(config.get(k, d), k, where=where) for k, d in (("beta_start", 1e-4), ("beta_end", 0.02))}
+        try:
+            return cls(kind, T, **ends), prediction, DIFFUSERS_VARIANCES[variance]
+        except VditError as e:
+            v.fail(where, str(e))
 
     @property
     def betas(self) -> np.ndarray:
         T = self.num_timesteps
-        if self.kind == "linear":
-            # Ho et al. 2020: 1e-4 .. 0.02 over T=1000; scaled so other T keep the same end points' product.
-            scale = 1000.0 / T
-            return np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64)
+        if self.kind != "cosine":
+            if self.beta_start is None:
+                # Ho et al. 2020: 1e-4 .. 0.02 over T=1000; scaled so other T keep the same end points' product.
+                start, end = 1e-4 * 1000.0 / T, 0.02 * 1000.0 / T
+            else:
+                start, end = self.beta_start, self.beta_end
+            if self.kind == "linear":
+                return np.linspace(start, end, T, dtype=np.float64)
+            # scaled_linear (latent diffusion): linear in sqrt(beta)
+            return np.linspace(math.sqrt(start), math.sqrt(end), T, dtype=np.float64) ** 2
         # Nichol & Dhariwal 2021: alpha_bar(t) = cos^2((t/T + s)/(1 + s) * pi/2), betas clipped at 0.999
         s = 0.008
         steps = np.arange(T + 1, dtype=np.float64) / T
@@ -76,17 +134,20 @@ class Schedule:
         return float(c0), float(ct), float(var)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "num_timesteps": self.num_timesteps}
+        ends = {} if self.beta_start is None else {"beta_start": self.beta_start, "beta_end": self.beta_end}
+        return {"kind": self.kind, "num_timesteps": self.num_timesteps, **ends}
 
 
 # ---- samplers as sequences of affine steps ---------------------------------------------------
 COEF_NAMES = ("a", "b", "clip", "c_x0", "c_xt", "c_eps", "sigma",            # every step graph
-              "c_x0_prev", "c_corr", "d_x0", "d_xt", "d_x0_prev", "d_corr")  # multistep solvers' state
+              "c_x0_prev", "c_corr", "d_x0", "d_xt", "d_x0_prev", "d_corr",  # multistep solvers' state
+              "log_var_min", "log_var_max", "learned_var")                   # DDPM with learned variance
 SINGLE_STEP_COEFS = 7      # step graphs exported before the multistep solvers take only the first 7
+MULTISTEP_COEFS = 13       # step graphs exported before learned variance take only the first 13
 SAMPLERS = ("ddpm", "ddim", "dpm++", "unipc")
 MULTISTEP_ORDERS = {"dpm++": (1, 2), "unipc": (1, 2)}
 SPACINGS = ("linspace", "leading", "trailing")
-PREDICTIONS = ("eps", "v")
+PREDICTIONS = ("eps", "v", "x0")
 # From the quality-per-step table (README): UniPC at 15 steps and DPM-Solver++ at 20 come as close to
 # 250-step DDIM as DDIM at 50 does.
 DEFAULT_SAMPLER = "unipc"
@@ -101,12 +162,18 @@ LAMBDA_MIN = -3.5
 @dataclass(frozen=True)
 class Step:
     t: int            # the timestep fed to the denoiser
-    coefs: np.ndarray  # float32 (13,) in COEF_NAMES order
+    coefs: np.ndarray  # float32 (16,) in COEF_NAMES order
     multistep: bool = False   # reads or writes the solver state (x0_prev, corr)
 
     @property
     def sigma(self) -> float:
+        """The fixed part of the noise's std (a learned variance adds to it: see stochastic)."""
         return float(self.coefs[6])
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the step adds noise z (fixed sigma or learned variance): the sampler draws it only then."""
+        return self.sigma > 0 or float(self.coefs[MULTISTEP_COEFS + 2]) > 0
 
 
 @dataclass
@@ -119,9 +186,10 @@ class SolverState:
 
 
 def _coefs(a, b, clip, c_x0=0.0, c_xt=0.0, c_eps=0.0, sigma=0.0, c_x0_prev=0.0, c_corr=0.0,
-           d_x0=0.0, d_xt=0.0, d_x0_prev=0.0, d_corr=0.0) -> np.ndarray:
-    return np.array([a, b, clip, c_x0, c_xt, c_eps, sigma, c_x0_prev, c_corr, d_x0, d_xt, d_x0_prev, d_corr],
-                    np.float32)
+           d_x0=0.0, d_xt=0.0, d_x0_prev=0.0, d_corr=0.0, log_var_min=0.0, log_var_max=0.0,
+           learned_var=0.0) -> np.ndarray:
+    return np.array([a, b, clip, c_x0, c_xt, c_eps, sigma, c_x0_prev, c_corr, d_x0, d_xt, d_x0_prev, d_corr,
+                     log_var_min, log_var_max, learned_var], np.float32)
 
 
 def timestep_subset(num_timesteps: int, steps: int) -> np.ndarray:
@@ -161,32 +229,42 @@ def solver_timesteps(schedule: Schedule, steps: int, spacing: str = "linspace",
 
 
 def _prediction_coefs(schedule: Schedule, t: int, prediction: str) -> tuple[float, float]:
-    """(a, b) with x0 = a * x_t - b * out, for a model predicting eps or v (Salimans & Ho 2022)."""
+    """(a, b) with x0 = a * x_t - b * out, for a model predicting eps, v (Salimans & Ho 2022) or x0."""
     ab = float(schedule.alpha_bar(t))
     if prediction == "eps":
         return 1.0 / math.sqrt(ab), math.sqrt(1.0 / ab - 1.0)
     if prediction == "v":
         return math.sqrt(ab), math.sqrt(1.0 - ab)
+    if prediction == "x0":
+        return 0.0, -1.0
     raise VditError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
 
 
 def _ddim_coefs(schedule: Schedule, t: int, prediction: str, clip: float, c_x0: float, c_xt: float,
-                c_eps: float, sigma: float) -> np.ndarray:
-    """DDPM/DDIM coefficients written for eps; for a v model the eps term becomes x0 and x_t terms,
-    eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab), since eps_hat would be v there."""
+                c_eps: float, sigma: float, **learned) -> np.ndarray:
+    """DDPM/DDIM coefficients written for eps; for a v or x0 model the eps term becomes x0 and x_t terms,
+    eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab), since eps_hat would be v or x0 there."""
     a, b = _prediction_coefs(schedule, t, prediction)
-    if prediction == "v" and c_eps:
+    if prediction != "eps" and c_eps:
         ab = float(schedule.alpha_bar(t))
         c_x0, c_xt, c_eps = c_x0 - c_eps * math.sqrt(ab / (1 - ab)), c_xt + c_eps / math.sqrt(1 - ab), 0.0
-    return _coefs(a, b, clip, c_x0, c_xt, c_eps, sigma)
+    return _coefs(a, b, clip, c_x0, c_xt, c_eps, sigma, **learned)
 
 
-def ddpm_steps(schedule: Schedule, clip: float = 1.0, prediction: str = "eps") -> list[Step]:
-    """Ancestral sampling over all T steps: x_{t-1} = posterior mean(x0_hat, x_t) + sqrt(var) z."""
+def ddpm_steps(schedule: Schedule, clip: float = 1.0, prediction: str = "eps",
+               learned_variance: bool = False) -> list[Step]:
+    """Ancestral sampling over all T steps: x_{t-1} = posterior mean(x0_hat, x_t) + std z, std the
+    posterior's sqrt(var), or with learned_variance the model's: log var between log(var) (clamped at
+    1e-20, as diffusers does) and log(beta_t). No noise at t = 0."""
     out = []
     for t in range(schedule.num_timesteps - 1, -1, -1):
         c0, ct, var = schedule.posterior(t)
-        out.append(Step(t, _ddim_coefs(schedule, t, prediction, clip, c0, ct, 0.0, math.sqrt(var))))
+        if learned_variance and t > 0:
+            noise = dict(sigma=0.0, learned_var=1.0, log_var_min=math.log(max(var, 1e-20)),
+                         log_var_max=math.log(schedule.betas[t]))
+        else:
+            noise = dict(sigma=math.sqrt(var))
+        out.append(Step(t, _ddim_coefs(schedule, t, prediction, clip, c0, ct, 0.0, **noise)))
     return out
 
 
@@ -305,11 +383,15 @@ def unipc_steps(schedule: Schedule, steps: int = 20, order: int = 2, spacing: st
 
 def make_steps(schedule: Schedule, sampler: str, steps: int | None = None, eta: float = 0.0,
                clip: float = 1.0, order: int | None = None, spacing: str = "linspace",
-               prediction: str = "eps", lambda_min: float = LAMBDA_MIN) -> list[Step]:
-    """The plan of a sampler: ddpm (all T steps), ddim (eta, timesteps linspace with t=0), or the
-    multistep ODE solvers dpm++ and unipc (order, spacing, lambda_min). steps None: the sampler's default."""
+               prediction: str = "eps", lambda_min: float = LAMBDA_MIN, learned_variance: bool = False) -> list[Step]:
+    """The plan of a sampler: ddpm (all T steps; learned_variance for a learned-sigma model), ddim (eta,
+    timesteps linspace with t=0), or the multistep ODE solvers dpm++ and unipc (order, spacing,
+    lambda_min). steps None: the sampler's default."""
     if sampler not in SAMPLERS:
         raise VditError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if learned_variance and sampler != "ddpm":
+        raise VditError(f"learned variance is for ddpm's ancestral steps; {sampler} ignores a model's variance "
+                        "channels (sample without learned_variance)")
     if order is not None and sampler not in MULTISTEP_ORDERS:
         raise VditError(f"{sampler} has no order option (it is for {' and '.join(MULTISTEP_ORDERS)})")
     if spacing != "linspace" and sampler not in MULTISTEP_ORDERS:
@@ -317,7 +399,7 @@ def make_steps(schedule: Schedule, sampler: str, steps: int | None = None, eta: 
     if sampler == "ddpm":
         if steps not in (None, schedule.num_timesteps):
             raise VditError(f"ddpm runs all {schedule.num_timesteps} steps; use --sampler ddim for {steps}")
-        return ddpm_steps(schedule, clip, prediction)
+        return ddpm_steps(schedule, clip, prediction, learned_variance)
     steps = DEFAULT_STEPS[sampler] if steps is None else steps
     if sampler == "ddim":
         return ddim_steps(schedule, steps, eta, clip, prediction)
@@ -330,11 +412,21 @@ def make_steps(schedule: Schedule, sampler: str, steps: int | None = None, eta: 
 def apply_step(x_t: np.ndarray, out: np.ndarray, coefs: np.ndarray, noise: np.ndarray | None,
                state: SolverState | None = None) -> np.ndarray:
     """The affine update above, in float32 (what every runtime computes). `out` is the model output;
-    a learned-sigma model's 2C channels hold eps/v first: the update uses those C. `state`, when given,
-    is read and replaced by this step's (x0_hat, corr')."""
+    a learned-sigma model's 2C channels hold eps/v/x0 first, the variance after: the update uses the
+    first C, a learned-variance step both. `state`, when given, is read and replaced by this step's
+    (x0_hat, corr'). `coefs` may be a prefix of COEF_NAMES (7 or 13, as older step graphs take)."""
     c = np.asarray(coefs, np.float32)
     a, b, clip, c_x0, c_xt, c_eps, sigma = c[:SINGLE_STEP_COEFS]
-    out = out[:, :x_t.shape[1]]
+    channels = x_t.shape[1]
+    std = sigma
+    if len(c) > MULTISTEP_COEFS and c[MULTISTEP_COEFS + 2] > 0:
+        log_var_min, log_var_max, learned_var = c[MULTISTEP_COEFS:]
+        if out.shape[1] != 2 * channels:
+            raise VditError(f"this step uses a learned variance, but the model output has {out.shape[1]} channels, "
+                            f"not 2 x {channels} (eps and variance)")
+        frac = (out[:, channels:] + 1) / 2                                       # model's v in [-1, 1] -> [0, 1]
+        std = sigma + learned_var * np.exp(0.5 * (log_var_min + frac * (log_var_max - log_var_min)))
+    out = out[:, :channels]
     ax = a * x_t
     x0 = np.clip(ax - b * out, -clip, clip)
     eps_hat = (ax - x0) / b     # re-derived as in guided-diffusion: keeps DDIM(eta=1) == DDPM with clipping
@@ -342,15 +434,17 @@ def apply_step(x_t: np.ndarray, out: np.ndarray, coefs: np.ndarray, noise: np.nd
     if len(c) > SINGLE_STEP_COEFS and state is None and c[SINGLE_STEP_COEFS:SINGLE_STEP_COEFS + 2].any():
         raise VditError("this multistep solver step reads the previous ones' SolverState: pass it (sampling.sample does)")
     if len(c) > SINGLE_STEP_COEFS and state is not None:
-        c_x0_prev, c_corr, d_x0, d_xt, d_x0_prev, d_corr = c[SINGLE_STEP_COEFS:]
+        c_x0_prev, c_corr, d_x0, d_xt, d_x0_prev, d_corr = c[SINGLE_STEP_COEFS:MULTISTEP_COEFS]
         zeros = np.zeros_like(x_t)
         x0_prev = zeros if state.x0_prev is None else np.asarray(state.x0_prev, np.float32)
         corr = zeros if state.corr is None else np.asarray(state.corr, np.float32)
         x_prev = x_prev + c_x0_prev * x0_prev + c_corr * corr
         state.x0_prev, state.corr = x0.astype(np.float32), (d_x0 * x0 + d_xt * x_t + d_x0_prev * x0_prev
                                                              + d_corr * corr).astype(np.float32)
-    if sigma > 0:
-        x_prev = x_prev + sigma * noise
+    if np.any(std > 0):
+        if noise is None:
+            raise VditError("this step adds noise: pass it (sampling.sample draws it where Step.stochastic)")
+        x_prev = x_prev + std * noise
     return x_prev.astype(np.float32)
 
 

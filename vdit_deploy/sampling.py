@@ -79,7 +79,7 @@ def sample(denoiser, contract: Contract, cond, steps: list[Step], guidance: floa
     zeros = np.zeros_like(x)
     state = SolverState() if any(s.multistep for s in steps) else None
     for step in tqdm(steps, desc="sample", unit="step", disable=not progress, leave=False):
-        noise = rng.standard_normal(x.shape, dtype=np.float32) if step.sigma > 0 else zeros
+        noise = rng.standard_normal(x.shape, dtype=np.float32) if step.stochastic else zeros
         t0 = time.perf_counter()
         x = step_fn(x, step.t, cond, guidance, step.coefs, noise, state)
         if times is not None:

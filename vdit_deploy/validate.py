@@ -98,9 +98,12 @@ def schedule(data, where: str = ""):
     obj(data, "schedule", required=("kind", "num_timesteps"), where=where, extra_ok=True)
     string(data["kind"], "schedule kind", SCHEDULES, where)
     integer(data["num_timesteps"], "num_timesteps", 2, 100_000, where)
+    for name in ("beta_start", "beta_end"):       # optional; absent in exports from before them
+        if data.get(name) is not None:
+            number(data[name], name, 0, 1, lo_open=True, where=where)
     try:
-        return Schedule(**data)
-    except (TypeError, ValueError) as e:
+        return Schedule(**data)       # checks 0 < beta_start < beta_end < 1
+    except (TypeError, ValueError, VditError) as e:
         fail(where, f"invalid schedule: {e}")
 
 
