@@ -120,12 +120,19 @@ def _weights_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-def _dynamic_shapes(axes: list, ranges: dict):
-    """Per input, its named axes ("batch", "seq", ... or None for fixed) -> torch.export dynamic shapes;
-    an axis whose range is one value stays static. None when nothing is dynamic."""
+def _dynamic_shapes(module: nn.Module, axes: list, ranges: dict):
+    """Per input, its named axes ("batch", "seq", ... or None for fixed) -> torch.export dynamic shapes,
+    grouped as forward's signature takes them (a *args parameter is one tuple); an axis whose range is
+    one value stays static. None when nothing is dynamic."""
+    import inspect
+
     dims = {name: torch.export.Dim(name, min=lo, max=hi) for name, (lo, hi) in ranges.items() if lo < hi}
     shapes = tuple({i: dims[a] for i, a in enumerate(names) if a in dims} or None for names in axes)
-    return shapes if any(shapes) else None
+    if not any(shapes):
+        return None
+    params = list(inspect.signature(module.forward).parameters.values())
+    star = next((i for i, p in enumerate(params) if p.kind is p.VAR_POSITIONAL), None)
+    return shapes if star is None else (*shapes[:star], shapes[star:])
 
 
 def _export(module: nn.Module, example_inputs: tuple, path: Path, input_names, output_names,
@@ -146,7 +153,7 @@ def _export(module: nn.Module, example_inputs: tuple, path: Path, input_names, o
             program = torch.onnx.export(
                 module, tuple(example_inputs), dynamo=True, opset_version=opset, optimize=True,
                 input_names=list(input_names), output_names=list(output_names),
-                dynamic_shapes=_dynamic_shapes(axes, ranges), verbose=False, report=False)
+                dynamic_shapes=_dynamic_shapes(module, axes, ranges), verbose=False, report=False)
     except Exception as e:   # torch.export raises many types; keep the user-facing error one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise VditError(f"ONNX export of {type(module).__name__} failed: {type(e).__name__}: {first}") from None

@@ -242,6 +242,7 @@ def save_null(contract: Contract, null: dict, directory: Path) -> Path:
 
     path = Path(directory) / NULL_FILE
     save_file({k: np.ascontiguousarray(a) for k, a in null.items()}, str(path))
+    path.chmod(0o644)   # as readable as the graphs beside it (a server may run as another user)
     return path
 
 
