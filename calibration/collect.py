@@ -3,44 +3,84 @@
 Activations of a diffusion model change range along the trajectory (pure noise at t=T-1, a nearly
 clean video at t=0), so INT8 ranges fitted on random noise or on one timestep clip the others. A
 set is recorded by running the fp32 sampler the user deploys (sampler, steps, guidance) over
-several seeds and labels and keeping the denoiser's inputs at `timesteps` steps spread evenly over
-the whole trajectory, including the 2B cond + null batch that guidance feeds it.
+several seeds and the conditioning it serves (class labels, or rows of a --cond file: e.g. text
+embeddings) and keeping the denoiser's inputs at `timesteps` steps spread evenly over the whole
+trajectory, including the 2B cond + null batch that guidance feeds it.
 
-    <dir>/x_t.npy  (N, C, F, H, W) float32     one row per video in a denoiser call
-    <dir>/t.npy    (N,) float32
-    <dir>/y.npy    (N,) int32                  cond labels, then the null label for guided calls
-    <dir>/manifest.json                        checkpoint sha256, model config, sampler, seeds, shapes
+    <dir>/x_t.npy   (N, C, F, H, W) float32      one row per video in a denoiser call
+    <dir>/t.npy     (N,) float32
+    <dir>/<name>.npy                             each conditioning input of the model contract, by
+                                                 name (y.npy (N,) int32 for a class model;
+                                                 encoder_hidden_states.npy (N, seq, D) for Latte):
+                                                 the cond rows, then the null rows of guided calls
+    <dir>/manifest.json                          checkpoint sha256, the contract (and its hash),
+                                                 sampler, seeds, shapes, and per denoiser call its
+                                                 rows and which of them are the null conditioning
 
 The NAME.npy layout is also what runtimes/trt_build.calibration_batches reads (implicit INT8).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 
-from vdit_deploy.config import ModelConfig, check_memory
+from vdit_deploy import validate as v
+from vdit_deploy.config import check_memory
+from vdit_deploy.contract import Contract
 from vdit_deploy.diffusion import DEFAULT_SAMPLER
 from vdit_deploy.errors import VditError
-from vdit_deploy import validate as v
 from vdit_deploy.files import atomic_path, check_output
 
-FORMAT = "vdit-calibration/1"
+FORMAT = "vdit-calibration/2"
 MANIFEST = "manifest.json"
-INPUTS = ("x_t", "t", "y")
+FIXED = ("x_t", "t")        # what every denoiser takes; the contract's conditioning inputs follow
+DTYPES = {"x_t": np.float32, "t": np.float32}
+
+
+def contract_sha256(contract: Contract) -> str:
+    """What a set must match: conditioning names, dtypes, shapes, latent, output, schedule, null."""
+    return hashlib.sha256(json.dumps(contract.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def sampler_plan(contract: Contract, sampler: str, steps: int | None = None, eta: float = 0.0,
+                 order: int | None = None, spacing: str = "linspace"):
+    """The sampler's steps for this model: its prediction type, and DDPM's learned variance for eps+var."""
+    from vdit_deploy.diffusion import make_steps
+
+    return make_steps(contract.schedule, sampler, steps, eta, order=order, spacing=spacing,
+                      prediction=contract.prediction,
+                      learned_variance=contract.output == "eps+var" and sampler == "ddpm")
+
+
+def conditioning(contract: Contract, labels=None, cond=None) -> dict:
+    """The conditioning to serve, one row per video: `cond` (a dict of arrays, or a .safetensors file:
+    contract.read_cond), or class labels for a class model (default: every class once)."""
+    from vdit_deploy.contract import read_cond
+
+    if cond is not None:
+        if labels is not None:
+            raise VditError("give class labels or a conditioning file, not both")
+        return read_cond(cond, contract) if isinstance(cond, (str, Path)) else contract.check_cond(cond)
+    spec = contract.label_input()
+    if spec is None:
+        raise VditError(f"this model is conditioned on {contract.describe_cond()}, not on class labels: "
+                        "pass --cond FILE.safetensors")
+    return contract.labels(range(spec.classes) if labels is None else labels)
 
 
 def open_fp32(artifact):
-    """A checkpoint dir -> the torch runtime; an export dir or .onnx -> ONNX Runtime fp32.
-    Returns (runtime, checkpoint sha256)."""
+    """A model directory (vdit checkpoint or diffusers) -> the torch runtime; an export dir or .onnx ->
+    ONNX Runtime fp32. Returns (runtime, sha256 of the model's weights)."""
     from vdit_deploy.runtimes import open_runtime
 
     artifact = Path(artifact)
     if artifact.is_dir() and (artifact / "config.json").is_file():
-        from vdit_deploy.checkpoint import read_info
-        return open_runtime("torch", artifact), read_info(artifact).sha256()
+        rt = open_runtime("torch", artifact)
+        return rt, rt.source.sha256
     from vdit_deploy.export.metadata import find_onnx, read_metadata
     return open_runtime("ort", artifact), read_metadata(find_onnx(artifact)).checkpoint_sha256
 
@@ -54,22 +94,23 @@ def pick_steps(num_steps: int, timesteps: int) -> list[int]:
 
 def chunked(denoise, max_batch: int):
     """A denoise callable that splits calls larger than what a fixed-batch export takes."""
-    def call(x, t, y):
+    def call(x, t, cond):
         if len(x) <= max_batch:
-            return denoise(x, t, y)
-        return np.concatenate([denoise(x[i:i + max_batch], t[i:i + max_batch], y[i:i + max_batch])
+            return denoise(x, t, cond)
+        return np.concatenate([denoise(x[i:i + max_batch], t[i:i + max_batch],
+                                       {k: a[i:i + max_batch] for k, a in cond.items()})
                                for i in range(0, len(x), max_batch)])
     return call
 
 
 def collect(checkpoint_or_export, out_dir, sampler: str = DEFAULT_SAMPLER, steps: int | None = None,
             guidance: float = 2.0, eta: float = 0.0, seeds=range(4), labels=None, timesteps: int = 8,
-            progress: bool = False, order: int | None = None, spacing: str = "linspace") -> Path:
+            progress: bool = False, order: int | None = None, spacing: str = "linspace", cond=None) -> Path:
     """Run the fp32 sampler (the one deployed: its timesteps are the ones INT8 ranges must cover) and
     record the denoiser inputs at `timesteps` steps of each trajectory. steps None: the sampler's
-    default. labels: one label per video of a sample (default: every class once). Written atomically."""
-    from vdit_deploy.diffusion import make_steps
-    from vdit_deploy.sampling import DenoiseRecorder, check_labels, sample
+    default. labels: one class label per video of a sample (class models; default: every class once);
+    cond: the conditioning instead, one row per video (a dict or a .safetensors file). Written atomically."""
+    from vdit_deploy.sampling import DenoiseRecorder, sample
 
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -79,37 +120,42 @@ def collect(checkpoint_or_export, out_dir, sampler: str = DEFAULT_SAMPLER, steps
     v.number(eta, "eta", 0)
     rt, sha = open_fp32(checkpoint_or_export)
     with rt:
-        cfg = rt.config
-        y = check_labels(range(cfg.num_classes) if labels is None else labels, cfg)
-        plan = make_steps(rt.schedule, sampler, steps, eta, order=order, spacing=spacing)   # ddpm: all T; another count is refused
+        contract = rt.contract
+        served = conditioning(contract, labels, cond)
+        videos = contract.batch_of(served)
+        plan = sampler_plan(contract, sampler, steps, eta, order, spacing)   # ddpm: all T; another count is refused
         keep = set(pick_steps(len(plan), timesteps))
-        rows = len(seeds) * len(keep) * (2 if guidance != 1.0 else 1) * len(y)
-        check_memory(rows * 4 * math.prod(cfg.video_shape) + cfg.memory_bytes(2 * len(y)),
-                     f"a calibration set of {rows} rows")
+        per_call = (2 if guidance != 1.0 else 1) * videos
+        row_bytes = 4 * math.prod(contract.latent) + sum(a[:1].nbytes for a in served.values())
+        check_memory(len(seeds) * len(keep) * per_call * row_bytes, f"a calibration set of {len(seeds) * len(keep) * per_call} rows")
         denoise = chunked(rt.denoise, rt.batch_range[1])
-        rows: dict[str, list[np.ndarray]] = {k: [] for k in INPUTS}
+        rows: dict[str, list[np.ndarray]] = {k: [] for k in (*FIXED, *contract.names)}
         records = []
         for seed in seeds:
             rec = DenoiseRecorder(denoise, keep)   # host-side guided step: one call per sampler step
-            sample(rec, cfg, y, plan, guidance, seed, progress=progress)
-            for index, x, t, yy, _ in rec.calls:
+            sample(rec, contract, served, plan, guidance, seed, progress=progress, null=rt.null)
+            for index, x, t, call_cond, _ in rec.calls:
                 start = sum(len(a) for a in rows["t"])
-                for name, a in zip(INPUTS, (x, t, yy)):
+                for name, a in {"x_t": x, "t": t, **call_cond}.items():
                     rows[name].append(a)
-                records.append({"seed": seed, "step": index, "t": int(t[0]), "rows": [start, start + len(t)]})
-    arrays = {"x_t": np.concatenate(rows["x_t"]).astype(np.float32), "t": np.concatenate(rows["t"]).astype(np.float32),
-              "y": np.concatenate(rows["y"]).astype(np.int32)}
+                end = start + len(t)
+                records.append({"seed": seed, "step": index, "t": int(t[0]), "rows": [start, end],
+                                "null_rows": [start + videos, end] if guidance != 1.0 else [end, end]})
+    arrays = {name: np.concatenate(parts) for name, parts in rows.items()}
     for name, a in arrays.items():
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise VditError(f"the sampler fed the denoiser NaN/inf ({name}): the model gives non-finite output; "
                             "no calibration set written")
     manifest = {
-        "format": FORMAT, "checkpoint_sha256": sha, "model_config": cfg.to_dict(),
+        "format": FORMAT, "checkpoint_sha256": sha, "contract": contract.to_dict(),
+        "contract_sha256": contract_sha256(contract),
         "source": str(Path(checkpoint_or_export).resolve()), "runtime": f"{rt.name}:fp32",
         "sampler": sampler, "steps": len(plan), "order": order, "spacing": spacing, "eta": eta,
-        "guidance": guidance, "seeds": seeds,
-        "labels": y.tolist(), "timesteps": sorted({r["t"] for r in records}, reverse=True),
-        "step_indices": sorted(keep), "call_batch": (2 if guidance != 1.0 else 1) * len(y),
+        "guidance": guidance, "seeds": seeds, "videos": videos,
+        **({"labels": served[contract.label_input().name].tolist()} if contract.label_input() else {}),
+        **({"cond_file": str(Path(cond).resolve())} if isinstance(cond, (str, Path)) else {}),
+        "timesteps": sorted({r["t"] for r in records}, reverse=True),
+        "step_indices": sorted(keep), "call_batch": per_call,
         "shapes": {k: list(a.shape) for k, a in arrays.items()}, "records": records,
     }
     with atomic_path(out_dir, is_dir=True, marker=MANIFEST) as tmp:
@@ -120,20 +166,23 @@ def collect(checkpoint_or_export, out_dir, sampler: str = DEFAULT_SAMPLER, steps
 
 
 class CalibrationSet:
-    """A loaded set: arrays (N rows), the manifest, and batches in the denoiser's own call sizes."""
+    """A loaded set: arrays (N rows), the manifest, its contract, and batches in the denoiser's own call sizes."""
 
-    def __init__(self, path: Path, manifest: dict, arrays: dict[str, np.ndarray]):
-        self.path, self.manifest, self.arrays = path, manifest, arrays
+    def __init__(self, path: Path, manifest: dict, arrays: dict[str, np.ndarray], contract: Contract):
+        self.path, self.manifest, self.arrays, self.contract = path, manifest, arrays, contract
 
     def __len__(self) -> int:
         return len(self.arrays["t"])
 
     @property
-    def config(self) -> ModelConfig:
-        return ModelConfig.from_dict(self.manifest["model_config"])
+    def inputs(self) -> tuple:
+        return (*FIXED, *self.contract.names)
+
+    def rows(self, i: int, j: int) -> dict:
+        return {k: self.arrays[k][i:j] for k in self.inputs}
 
     def batches(self, lo: int = 1, hi: int | None = None):
-        """{x_t, t, y} dicts: one per recorded denoiser call, cut to at most `hi` rows; chunks under
+        """{x_t, t, *cond} dicts: one per recorded denoiser call, cut to at most `hi` rows; chunks under
         `lo` rows (a fixed-batch graph's ragged tail) are left out."""
         for r in self.manifest["records"]:
             start, end = r["rows"]
@@ -141,37 +190,40 @@ class CalibrationSet:
             for i in range(start, end, step):
                 j = min(i + step, end)
                 if j - i >= lo:
-                    yield {k: self.arrays[k][i:j] for k in INPUTS}
+                    yield self.rows(i, j)
 
-    def step_batches(self, schedule, lo: int = 1, hi: int | None = None, inputs=None):
-        """Inputs of the fused step graph that make the same denoiser calls as batches(): x_t, t, y of
-        each call's cond half (the graph rebuilds the 2B cond + null batch), the manifest's guidance,
-        the coefs of that step of the manifest's plan, seeded noise and a zero solver state (it only
-        enters the step's float update); cut to at most `hi` videos. inputs: the names the graph
-        takes (a step graph from before the multistep samplers has no state and 7 coefs)."""
-        from vdit_deploy.diffusion import SINGLE_STEP_COEFS, make_steps
-        from vdit_deploy.export.metadata import STEP_STATE
+    def step_batches(self, lo: int = 1, hi: int | None = None, inputs=None):
+        """Inputs of the fused step graph that make the same denoiser calls as batches(): x_t, t and the
+        conditioning of each call's cond rows, null_<name> from its null rows (the graph rebuilds the 2B
+        cond + null batch; an unguided set's cond stands in, guidance 1 ignores it), the manifest's
+        guidance, the coefs of that step of the manifest's plan, seeded noise and a zero solver state
+        (it only enters the step's float update); cut to at most `hi` videos. inputs: the names the
+        graph takes (a step graph from before the multistep samplers has no state and 7 coefs)."""
+        from vdit_deploy.diffusion import SINGLE_STEP_COEFS
+        from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE
 
         m = self.manifest
-        plan = make_steps(schedule, m["sampler"], None if m["sampler"] == "ddpm" else m["steps"], m["eta"],
-                          order=m.get("order"), spacing=m.get("spacing", "linspace"))
+        plan = sampler_plan(self.contract, m["sampler"], None if m["sampler"] == "ddpm" else m["steps"], m["eta"],
+                            m.get("order"), m.get("spacing", "linspace"))
         single = inputs is not None and not {i for i, _ in STEP_STATE} <= set(inputs)
-        guided = m["guidance"] != 1.0
         for r in m["records"]:
-            start, end = r["rows"]
-            cond_end = start + (end - start) // 2 if guided else end
+            start, _ = r["rows"]
+            null_start, null_end = r["null_rows"]
+            cond_end = null_start if null_end > null_start else r["rows"][1]
+            offset = null_start - start if null_end > null_start else 0   # null row of video i: i + offset
             coefs = plan[r["step"]].coefs
             step = hi or cond_end - start
             for i in range(start, cond_end, step):
                 j = min(i + step, cond_end)
                 if j - i >= lo:
-                    x = self.arrays["x_t"][i:j]
-                    noise = np.random.default_rng([r["seed"], r["step"], i]).standard_normal(x.shape, dtype=np.float32)
-                    feed = {"x_t": x, "t": self.arrays["t"][i:j], "y": self.arrays["y"][i:j],
-                            "guidance": np.float32([m["guidance"]]), "coefs": coefs, "noise": noise,
-                            **{name: np.zeros_like(x) for name, _ in STEP_STATE}}
+                    feed = self.rows(i, j)
+                    null = {NULL_PREFIX + k: self.arrays[k][i + offset:j + offset] for k in self.contract.names}
+                    noise = np.random.default_rng([r["seed"], r["step"], i]).standard_normal(
+                        feed["x_t"].shape, dtype=np.float32)
+                    feed.update(null, guidance=np.float32([m["guidance"]]), coefs=coefs, noise=noise,
+                                **{name: np.zeros_like(feed["x_t"]) for name, _ in STEP_STATE})
                     if single:
-                        feed = {k: v for k, v in feed.items() if k in inputs}
+                        feed = {k: a for k, a in feed.items() if k in inputs}
                         feed["coefs"] = coefs[:SINGLE_STEP_COEFS]
                     yield feed
 
@@ -191,51 +243,59 @@ def onnx_session(path, threads: int | None = None):
 
 
 def run_onnx(path, cset: "CalibrationSet", threads: int | None = None) -> np.ndarray:
-    """eps for every row of the set from one .onnx file (in the graph's batch range), float32 (N, ...)."""
+    """The denoiser output `out` for every row of the set from one .onnx file (in the graph's batch
+    range), float32 (N, k*C, F, H, W): an eps+var model's variance channels included."""
     from vdit_deploy.export.metadata import read_metadata
 
     lo, hi = read_metadata(path).batch_range()
     session = onnx_session(path, threads)
-    outs = [session.run(None, {k: np.ascontiguousarray(v) for k, v in b.items()})[0].astype(np.float32)
+    outs = [session.run(["out"], {k: np.ascontiguousarray(a) for k, a in b.items()})[0].astype(np.float32)
             for b in cset.batches(lo, hi)]
     return np.concatenate(outs)
 
 
 def check_manifest(manifest, where: str) -> dict:
     """The manifest's schema: what load_calibration_set and the INT8 calibration read from it."""
-    v.obj(manifest, "calibration manifest", required=("format", "checkpoint_sha256", "model_config", "sampler",
-                                                      "steps", "eta", "guidance", "shapes", "records"),
-          where=where, extra_ok=True)
+    v.obj(manifest, "calibration manifest", required=("format",), where=where, extra_ok=True)
+    if manifest["format"] == "vdit-calibration/1":
+        v.fail(where, "recorded by an older vdit-deploy (no model contract, no conditioning by name): "
+                      "collect it again with `vdit calibrate collect`")
     if manifest["format"] != FORMAT:
         v.fail(where, f"not a vdit calibration manifest (format {v.show(manifest['format'])}, expected {FORMAT!r})")
+    v.obj(manifest, "calibration manifest", required=("format", "checkpoint_sha256", "contract", "contract_sha256",
+                                                      "sampler", "steps", "eta", "guidance", "shapes", "records"),
+          where=where, extra_ok=True)
     v.sha256_hex(manifest["checkpoint_sha256"], "checkpoint_sha256", where)
+    v.sha256_hex(manifest["contract_sha256"], "contract_sha256", where)
     v.string(manifest["sampler"], "sampler", where=where)
     v.integer(manifest["steps"], "steps", 1, where=where)
     v.number(manifest["eta"], "eta", 0, where=where)
     v.number(manifest["guidance"], "guidance", 0, where=where)
-    v.obj(manifest["shapes"], "shapes", required=INPUTS, where=where)
-    for name in INPUTS:
-        v.int_list(manifest["shapes"][name], f"shapes.{name}", None, 0, where=where)
+    v.obj(manifest["shapes"], "shapes", required=FIXED, where=where, extra_ok=True)
+    for name, shape in manifest["shapes"].items():
+        v.int_list(shape, f"shapes.{name}", None, 0, where=where)
     rows = manifest["shapes"]["t"][0] if manifest["shapes"]["t"] else 0
     if not isinstance(manifest["records"], list):
         v.fail(where, "records must be a list")
     for r in manifest["records"]:
-        v.obj(r, "a record", required=("seed", "step", "t", "rows"), where=where)
+        v.obj(r, "a record", required=("seed", "step", "t", "rows", "null_rows"), where=where)
         v.integer(r["step"], "a record's step", 0, manifest["steps"] - 1, where)
         v.integer(r["seed"], "a record's seed", 0, where=where)
         start, end = v.int_list(r["rows"], "a record's rows", 2, 0, rows, where)
+        null_start, null_end = v.int_list(r["null_rows"], "a record's null_rows", 2, 0, rows, where)
         if start >= end:
             v.fail(where, f"a record's rows must be [start, end) with start < end, got {r['rows']}")
+        if not start <= null_start <= null_end == end or (null_end > null_start and 2 * (null_start - start) != end - start):
+            v.fail(where, f"a record's null_rows must be the second half of its rows or empty at its end, "
+                          f"got {r['null_rows']} for rows {r['rows']}")
     return manifest
 
 
-DTYPES = {"x_t": np.float32, "t": np.float32, "y": np.int32}
-
-
 def load_calibration_set(path, expect_sha256: str | None = None,
-                         expect_config: ModelConfig | None = None) -> CalibrationSet:
-    """Load a set; refuse one made for another checkpoint (sha256) or model shape (config), and one
-    whose manifest or arrays are malformed (schema, dtypes, shapes, NaN/inf)."""
+                         expect_contract: Contract | None = None) -> CalibrationSet:
+    """Load a set; refuse one made for another checkpoint (sha256) or model contract (conditioning,
+    latent, output, schedule, null), and one whose manifest or arrays are malformed (schema, dtypes,
+    shapes, NaN/inf, labels out of range)."""
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise VditError(f"{path} is not a calibration set (no {MANIFEST}); run `vdit calibrate collect`")
@@ -245,35 +305,40 @@ def load_calibration_set(path, expect_sha256: str | None = None,
     except (ValueError, RecursionError) as e:
         raise VditError(f"{where} is corrupt: {str(e)[:200]}") from None
     check_manifest(manifest, where)
-    config = ModelConfig.from_dict(manifest["model_config"], where)
+    contract = Contract.from_dict(manifest["contract"], where)
+    if contract_sha256(contract) != manifest["contract_sha256"]:
+        v.fail(where, "contract_sha256 does not match its contract (edited after it was collected)")
     if expect_sha256 and manifest["checkpoint_sha256"] != expect_sha256:
         raise VditError(f"calibration set {path} was recorded with checkpoint sha256:{manifest['checkpoint_sha256'][:12]}, "
                         f"not this model's sha256:{expect_sha256[:12]}; collect a new set for it")
-    if expect_config is not None and config != expect_config:
-        raise VditError(f"calibration set {path} was recorded for another model shape "
-                        f"(video {config.video_shape}, expected {expect_config.video_shape}); "
+    if expect_contract is not None and manifest["contract_sha256"] != contract_sha256(expect_contract):
+        raise VditError(f"calibration set {path} was recorded for another model contract (latent {contract.latent}, "
+                        f"{contract.output}, conditioning {contract.describe_cond()}; this model: latent "
+                        f"{expect_contract.latent}, {expect_contract.output}, {expect_contract.describe_cond()}); "
                         "collect a new set for it")
     shapes = manifest["shapes"]
+    if set(shapes) != {*FIXED, *contract.names}:
+        v.fail(where, f"shapes must name {', '.join((*FIXED, *contract.names))}, got {', '.join(shapes)}")
     n = shapes["t"][0] if len(shapes["t"]) == 1 else None
-    expected = {"x_t": [n, *config.video_shape], "t": [n], "y": [n]}
+    expected = {"x_t": [n, *contract.latent], "t": [n]}
     arrays = {}
-    for name in INPUTS:
+    for name in (*FIXED, *contract.names):
         file = path / f"{name}.npy"
         if not file.is_file():
             raise VditError(f"calibration set {path} lacks {file.name}")
-        if shapes[name] != expected[name]:
+        if name in expected and shapes[name] != expected[name]:
             raise VditError(f"{where}: shapes.{name} is {shapes[name]}, expected {expected[name]}")
         try:
             a = np.load(file, allow_pickle=False)   # never unpickle
         except (ValueError, OSError, EOFError) as e:
             raise VditError(f"{file} is not a readable .npy array (truncated, or holds objects): "
                             f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__}") from None
-        if a.dtype != DTYPES[name] or list(a.shape) != shapes[name]:
-            raise VditError(f"{file} is {a.dtype}{list(a.shape)}, the manifest says "
-                            f"{np.dtype(DTYPES[name])}{shapes[name]}")
+        dtype = DTYPES.get(name) or next(c.dtype for c in contract.cond if c.name == name)
+        if a.dtype != dtype or list(a.shape) != shapes[name]:
+            raise VditError(f"{file} is {a.dtype}{list(a.shape)}, the manifest says {np.dtype(dtype)}{shapes[name]}")
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise VditError(f"{file} holds NaN or inf values")
         arrays[name] = a
-    if not ((arrays["y"] >= 0) & (arrays["y"] <= config.null_label)).all():
-        raise VditError(f"{path / 'y.npy'} holds labels outside 0..{config.null_label}")
-    return CalibrationSet(path, manifest, arrays)
+    # the conditioning against the contract: shapes, named axes in range, labels in 0..classes (null included)
+    contract.check_cond({k: arrays[k] for k in contract.names}, n, f"calibration set {path}:")
+    return CalibrationSet(path, manifest, arrays, contract)

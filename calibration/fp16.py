@@ -24,7 +24,8 @@ from vdit_deploy.export.variants import DENOISER, FP16, STEP, variant_file
 from vdit_deploy.files import atomic_path, check_output, temp_dir
 
 FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Exp", "Sin", "Cos")
-FP32_LAYERS = (r"^t_embedder/",)       # the timestep embedding: sin-cos of t, then its MLP
+FP32_LAYERS = (r"^t_embedder/", r"timestep_embedder\.")   # the timestep embedding: sin-cos of t, then its MLP
+                                                          # (the built-in model; diffusers' Latte / PixArt)
 
 
 def save_variant(model, path: Path, precision: str) -> Path:
@@ -124,7 +125,7 @@ def convert_fp16(export_dir, calib_dir=None, keep_fp32=FP32_LAYERS) -> Path:
     cset = None
     if calib_dir is not None:     # a typo'd or foreign set is refused before any conversion or write
         meta = read_metadata(src)
-        cset = load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.config)
+        cset = load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.contract)
     model = to_fp16(src, DENOISER, keep_fp32)
     if cset is not None:
         with temp_dir(out) as tmp:
@@ -145,7 +146,7 @@ def check_fp16(export_dir, calib_dir, precision: str = "fp16") -> dict:
 
     ref_path, path = find_onnx(export_dir, DENOISER), find_onnx(export_dir, DENOISER, precision)
     meta = read_metadata(ref_path)
-    return fp16_errors(path, ref_path, load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.config))
+    return fp16_errors(path, ref_path, load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.contract))
 
 
 def fp16_errors(path: Path, ref_path: Path, cset) -> dict:

@@ -36,7 +36,9 @@ MODES = {"qdq": INT8_QDQ, "dynamic": INT8_DYNAMIC}       # mode -> file precisio
 METHODS = ("minmax", "percentile", "entropy")
 DEFAULT_METHOD = "percentile"   # measured best on the shipped tiny model (docs/calibration.md)
 DEFAULT_SENSITIVE = (r"adaLN_modulation", r"^final_layer", r"^t_embedder", r"^y_embedder", r"^tubelet_embed",
-                     r"scaled_dot_product_attention")
+                     r"scaled_dot_product_attention",
+                     # the same roles in diffusers' Latte / PixArt blocks (under the adapter's `net.`)
+                     r"^net\.adaln_single\.", r"^net\.proj_out/", r"^net\.pos_embed\.", r"^net\.caption_projection\.")
 
 
 def variant_path(export_dir, mode: str) -> Path:
@@ -88,7 +90,7 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
     check_output(Path(out) if out else variant_path(export_dir, mode))
     cset = None
     if calib_dir is not None:
-        cset = load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.config)
+        cset = load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.contract)
     elif mode == "qdq":
         raise VditError("static Q/DQ quantization needs a calibration set: run `vdit calibrate collect` first")
     rules = dict(mode=mode, method=method, keep_fp=keep_fp, only=only, per_channel=per_channel)
@@ -101,7 +103,7 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
         for graph in step:
             names = [i.name for i in onnx.load(str(graph), load_external_data=False).graph.input]
             quantize_graph(graph, graph.with_name(variant_file(STEP, MODES[mode])),
-                           lambda lo, hi: cset.step_batches(meta.schedule, lo, hi, names), **rules)
+                           lambda lo, hi: cset.step_batches(lo, hi, names), **rules)
     return path
 
 
@@ -154,9 +156,10 @@ def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_f
 
 
 def calibration_error(path, export_dir, calib_dir) -> float:
-    """eps relative L2 of an INT8 graph against the fp32 denoiser on the calibration set."""
+    """Relative L2 of an INT8 graph's output against the fp32 denoiser's on the calibration set."""
     from vdit_deploy.calibration.collect import load_calibration_set, run_onnx
     from vdit_deploy.metrics import rel_l2
 
-    cset = load_calibration_set(calib_dir)
+    meta = read_metadata(find_onnx(export_dir))
+    cset = load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.contract)
     return rel_l2(run_onnx(path, cset), run_onnx(find_onnx(export_dir), cset))

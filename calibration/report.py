@@ -4,7 +4,7 @@
 
 The numbers are `vdit compare`'s (vdit_deploy.compare.measure), on ONNX Runtime CPU only, for every
 precision (the graph ONNX Runtime loads for it: int8 is denoiser.int8-dynamic.onnx) and seed:
-  - eps relative L2 per timestep, on the fp32 trajectory's own inputs (teacher forcing: the per-call
+  - relative L2 of the denoiser output (eps, and an eps+var model's variance) per timestep, on the fp32 trajectory's own inputs (teacher forcing: the per-call
     error, not compounded): a line per precision in eps_error.png;
   - the final videos of full independent trajectories (same seed, same noise): PSNR and SSIM, worst seed;
   - a GIF grid, one row per sample, one column per precision (fp32 | fp16 | int8 ...).
@@ -28,24 +28,26 @@ PSNR_TARGETS = {FP16: 40.0, INT8_DYNAMIC: 30.0, INT8_QDQ: 30.0}   # dB against f
 
 def accuracy_report(export_dir, precisions=("fp16", "int8"), steps: int = 50, seeds=range(2), labels=None,
                     out_dir="calibration-report", sampler: str = "ddim", guidance: float = 2.0,
-                    eta: float = 0.0) -> dict:
-    from vdit_deploy.diffusion import make_steps
+                    eta: float = 0.0, cond=None) -> dict:
+    """labels (class models; default every class) or cond (a dict or .safetensors file): the videos of
+    each sample, one per row."""
+    from vdit_deploy.calibration.collect import conditioning, sampler_plan
     from vdit_deploy.runtimes.ort_runtime import OrtRuntime
-    from vdit_deploy.sampling import check_labels, sample
+    from vdit_deploy.sampling import sample
 
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     ref = OrtRuntime(export_dir, "fp32", providers=["cpu"])
-    cfg = ref.config
-    y = check_labels(range(cfg.num_classes) if labels is None else labels, cfg)
-    plan = make_steps(ref.schedule, sampler, None if sampler == "ddpm" else steps, eta)
+    contract = ref.contract
+    served = conditioning(contract, labels, cond)
+    plan = sampler_plan(contract, sampler, None if sampler == "ddpm" else steps, eta)
     rts = {p: OrtRuntime(export_dir, p, providers=["cpu"]) for p in precisions}
     seeds = [int(s) for s in seeds]
-    recorded = {seed: record_calls(ref.denoise, cfg, y, plan, guidance, seed) for seed in seeds}
+    recorded = {seed: record_calls(ref.denoise, contract, served, plan, guidance, seed, ref.null) for seed in seeds}
     videos = {"fp32": {seed: video for seed, (video, _, _) in recorded.items()}}
     results = {}
     for p, rt in rts.items():
         # host step (plain denoise) for every precision: the same update as the fp32 trajectory
-        videos[p] = {seed: sample(rt.denoise, cfg, y, plan, guidance, seed) for seed in seeds}
+        videos[p] = {seed: sample(rt.denoise, contract, served, plan, guidance, seed, null=rt.null) for seed in seeds}
         eps_err = [teacher_forced(rt.denoise, recorded[seed][1])[0] for seed in seeds]
         acc = accuracy(videos[p], videos["fp32"], eps_err, seeds)
         target = PSNR_TARGETS.get(rt.precision)   # the loaded graph's: int8 is int8-dynamic
@@ -53,7 +55,7 @@ def accuracy_report(export_dir, precisions=("fp16", "int8"), steps: int = 50, se
                       "meets_target": acc["finite"] and (target is None or acc["psnr_db"] is None
                                                          or acc["psnr_db"] >= target)}
     report = {"export": str(export_dir), "sampler": sampler, "steps": len(plan), "guidance": guidance, "eta": eta,
-              "seeds": seeds, "labels": y.tolist(), "timesteps": [s.t for s in plan], "results": results,
+              "seeds": seeds, "conditioning": describe_served(contract, served, cond), "timesteps": [s.t for s in plan], "results": results,
               "files": {"json": "report.json"}, "notes": []}
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -61,11 +63,19 @@ def accuracy_report(export_dir, precisions=("fp16", "int8"), steps: int = 50, se
     except ImportError:
         report["notes"].append("plot skipped: matplotlib is not installed (pip install 'vdit-deploy[report]')")
     columns = {c: np.concatenate([videos[c][seed] for seed in seeds]) for c in ("fp32", *precisions)}
-    if gif := write_gif(out_dir / "samples.gif", columns, report["notes"]):   # one row per (seed, label)
+    if gif := write_gif(out_dir / "samples.gif", columns, report["notes"]):   # one row per (seed, video)
         report["files"]["gif"], report["files"]["gif_columns"] = gif, list(columns)
     with atomic_path(out_dir / "report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def describe_served(contract, served: dict, cond) -> str:
+    """What the videos were conditioned on, for the report: the labels, or the file and its rows."""
+    spec = contract.label_input()
+    if spec is not None and cond is None:
+        return f"labels {served[spec.name].tolist()}"
+    return f"{contract.batch_of(served)} row(s) of {cond if isinstance(cond, (str, Path)) else 'the given conditioning'}"
 
 
 def plot_eps_error(report: dict, path: Path) -> Path:
@@ -82,5 +92,5 @@ def summary(report: dict) -> str:
         lines.append(f"{p:<10} {r['file']:<24} {fmt(r['psnr_db'], '.2f'):>8} {fmt(r['ssim'], '.4f'):>7} "
                      f"{r['eps_rel_l2_mean']:>10.3e}  {target}")
     lines.append(f"{report['steps']} {report['sampler']} steps, guidance {report['guidance']}, "
-                 f"seeds {report['seeds']}, labels {report['labels']}")
+                 f"seeds {report['seeds']}, {report['conditioning']}")
     return "\n".join(lines)

@@ -38,7 +38,7 @@ def sensitivity(export_dir, calib_dir, mode: str = "dynamic", method: str = "min
     check_patterns([*keep_fp, *([layers] if layers else [])])
     src = find_onnx(export_dir, DENOISER)
     meta = read_metadata(src)
-    cset = load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.config)
+    cset = load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.contract)
     model = onnx.load(str(src), load_external_data=False)
     by_name = {n.name: n for n in model.graph.node}
     groups = {k: v for k, v in layer_groups(model).items() if layers is None or re.search(layers, k)}

@@ -54,8 +54,11 @@ def test_collect_writes_manifest(calib, tiny_checkpoint):
     assert m["step_indices"] == [0, 2, 5]                      # first, middle, last step
     assert m["timesteps"][0] > 800 and m["timesteps"][-1] == 0  # from near T down to 0
     assert m["shapes"] == {"x_t": [6, 3, 8, 16, 16], "t": [6], "y": [6]}
+    assert m["contract"]["cond"][0]["name"] == "y" and m["labels"] == [1]
+    # each call's 2B batch: the cond row, then the null row
+    assert [(r["rows"], r["null_rows"]) for r in m["records"]] == [([0, 2], [1, 2]), ([2, 4], [3, 4]), ([4, 6], [5, 6])]
     cset = load_calibration_set(calib)
-    assert sorted(set(cset.arrays["y"].tolist())) == [1, 4]    # cond label and the null label (guidance)
+    assert cset.arrays["y"].tolist() == [1, 4] * 3             # cond label and the null label (guidance)
     assert [len(b["t"]) for b in cset.batches()] == [2, 2, 2]
 
 
@@ -67,10 +70,15 @@ def test_collect_from_checkpoint(tiny_checkpoint, tmp_path):
 
 
 def test_foreign_set_is_refused(calib, export, tmp_path):
-    from vdit_deploy.config import preset
+    from dataclasses import replace
 
-    with pytest.raises(VditError, match="another model shape"):
-        load_calibration_set(calib, expect_config=preset("tiny").replace(frames=4))
+    from vdit_deploy.export.metadata import read_metadata
+
+    contract = read_metadata(export / "denoiser.onnx").contract
+    assert load_calibration_set(calib, expect_contract=contract).contract == contract
+    with pytest.raises(VditError, match="another model contract") as e:
+        load_calibration_set(calib, expect_contract=replace(contract, latent=(3, 4, 16, 16)))
+    assert "\n" not in str(e.value)
     foreign = shutil.copytree(calib, tmp_path / "foreign")
     m = json.loads((foreign / "manifest.json").read_text())
     m["checkpoint_sha256"] = "f" * 64
@@ -137,13 +145,14 @@ def test_fused_step_equals_host_step(export, calib, precision, tol):
         assert rt.describe() == f"ort:{precision} on CPU (fused step)"
         assert [f.name for f in rt.files] == [f"denoiser.{precision}.onnx", f"step.{precision}.onnx"]
         ddpm = make_steps(rt.schedule, "ddpm")                           # sigma > 0: the noise input counts
-        feeds = list(cset.step_batches(rt.schedule))
+        feeds = list(cset.step_batches())
         assert len(feeds) == 3 and all(len(f["x_t"]) == 1 and f["guidance"][0] == 2.0 for f in feeds)
+        assert all(f["y"].tolist() == [1] and f["null_y"].tolist() == [4] for f in feeds)   # the recorded rows
         for f in feeds:
             t = int(f["t"][0])
             for coefs in (f["coefs"], ddpm[len(ddpm) - 1 - t].coefs):
-                got = rt.step(f["x_t"], t, f["y"], 2.0, coefs, f["noise"])
-                ref = guided_step(rt.denoise, f["x_t"], t, f["y"], 2.0, coefs, f["noise"], rt.config.null_label)
+                got = rt.step(f["x_t"], t, {"y": f["y"]}, 2.0, coefs, f["noise"])
+                ref = guided_step(rt.denoise, f["x_t"], t, {"y": f["y"]}, {"y": f["null_y"]}, 2.0, coefs, f["noise"])
                 assert np.isfinite(got).all() and rel_l2(got, ref) < tol, (t, rel_l2(got, ref))
 
 
@@ -187,8 +196,8 @@ def test_old_dynamic_int8_name_stays_readable(export, calib, tmp_path):
         with open_runtime("ort", old, precision=precision) as rt, open_runtime("ort", export, precision="int8") as now:
             assert [f.name for f in rt.files] == ["denoiser.int8.onnx"] and rt.precision == "int8-dynamic"
             assert [f.name for f in now.files] == ["denoiser.int8-dynamic.onnx"]
-            x = np.random.default_rng(0).standard_normal((2, *rt.config.video_shape), dtype=np.float32)
-            t, y = np.float32([10, 500]), np.int32([0, 1])
+            x = np.random.default_rng(0).standard_normal((2, *rt.contract.latent), dtype=np.float32)
+            t, y = np.float32([10, 500]), {"y": np.int32([0, 1])}
             assert np.array_equal(rt.denoise(x, t, y), now.denoise(x, t, y))
 
 
