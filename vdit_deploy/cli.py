@@ -479,6 +479,10 @@ def serve_export(export_dir, triton_dir, engine, precision, instances):
     click.echo("  start it: see docs/serving.md (tritonserver --model-repository ...)")
 
 
+COND_ROWS_HELP = ("Conditioning rows (.safetensors, one tensor per input the model takes, batch first), e.g. "
+                  "precomputed T5 embeddings: needed for a model that is not class-conditioned.")
+
+
 # ---- compare (every runtime side by side) -------------------------------------------------------
 @main.command()
 @click.argument("source", required=False, type=click.Path(path_type=Path))
@@ -494,11 +498,14 @@ def serve_export(export_dir, triton_dir, engine, precision, instances):
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="CPU threads for every runtime (torch and ONNX Runtime), for a fair CPU comparison.")
 @click.option("--min-psnr", default=30.0, show_default=True, type=Finite(), help="Rows under this PSNR (dB) turn red.")
+@click.option("--cond", "cond_file", type=click.Path(path_type=Path), default=None,
+              help=COND_ROWS_HELP + " Video i of seed s takes row (s + i) % rows.")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Report directory: report.json, report.md, plots, samples.gif, cached artifacts/.")
-def compare(source, runtimes, steps, sampler, guidance, batches, seeds, repeats, threads, min_psnr, out):
-    """Latency and accuracy of every runtime and precision, side by side (SOURCE: checkpoint or export
-    directory; default: the shipped checkpoint)."""
+def compare(source, runtimes, steps, sampler, guidance, batches, seeds, repeats, threads, min_psnr, cond_file, out):
+    """Latency and accuracy of every runtime and precision, side by side (SOURCE: model directory or
+    export directory; default: the shipped checkpoint). Every runtime samples with the same noise and
+    conditioning: class labels, or the rows of --cond for a text-conditioned model."""
     import shlex
 
     from vdit_deploy.checkpoint import SHIPPED
@@ -509,7 +516,7 @@ def compare(source, runtimes, steps, sampler, guidance, batches, seeds, repeats,
     report = run_compare(source or SHIPPED, out, runtimes, steps=steps, batches=parse_ints(batches, "--batch"),
                          seeds=parse_ints(seeds, "--seeds"), sampler=sampler, guidance=guidance, repeats=repeats,
                          threads=threads, min_psnr=min_psnr, log=lambda m: click.echo(m, err=True),
-                         command=shlex.join(["vdit", *sys.argv[1:]]))
+                         command=shlex.join(["vdit", *sys.argv[1:]]), cond=cond_file)
     click.echo(format_table(report, color=True))
     for note in report["notes"]:
         click.echo(f"note: {note}")
@@ -537,17 +544,20 @@ def calib_option(required=True):
 @click.option("--guidance", default=2.0, show_default=True, type=Finite(0))
 @click.option("--eta", default=0.0, show_default=True, type=Finite(0))
 @click.option("--seeds", default=4, show_default=True, type=click.IntRange(1, 10 ** 6), help="Seeds 0..N-1.")
-@click.option("--label", "labels", multiple=True, help="Labels per sample (default: every class).")
+@click.option("--label", "labels", multiple=True, help="Labels per sample, class models (default: every class).")
+@click.option("--cond", "cond_file", type=click.Path(path_type=Path), default=None,
+              help=COND_ROWS_HELP + " One row per video of each sample.")
 @click.option("--timesteps", default=8, show_default=True, type=click.IntRange(1),
               help="Steps recorded per trajectory, spread from t=T-1 to 0.")
-def calibrate_collect(source, out, sampler, steps, guidance, eta, seeds, labels, timesteps):
-    """Record denoiser inputs from the fp32 sampler (SOURCE: checkpoint or export directory)."""
+def calibrate_collect(source, out, sampler, steps, guidance, eta, seeds, labels, cond_file, timesteps):
+    """Record denoiser inputs (x_t, t and every conditioning input, null rows included) from the fp32
+    sampler (SOURCE: model directory or export directory)."""
     import json
 
     from vdit_deploy.calibration.collect import collect
 
     path = collect(source, out, sampler, steps, guidance, eta, range(seeds), parse_labels(labels) if labels else None,
-                   timesteps, progress=True)
+                   timesteps, progress=True, cond=cond_file)
     m = json.loads((path / "manifest.json").read_text())
     click.echo(f"wrote {path}: {m['shapes']['x_t'][0]} rows, t = {', '.join(map(str, m['timesteps']))} "
                f"({m['sampler']} {m['steps']} steps, guidance {m['guidance']}, seeds {m['seeds']})")
@@ -607,14 +617,17 @@ def calibrate_sensitivity(export_dir, calib_dir, mode, layers):
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1))
 @click.option("--seeds", default=2, show_default=True, type=click.IntRange(1))
 @click.option("--guidance", default=2.0, show_default=True, type=Finite(0))
+@click.option("--cond", "cond_file", type=click.Path(path_type=Path), default=None,
+              help=COND_ROWS_HELP + " One row per video.")
 @click.option("--out", default="calibration-report", show_default=True, type=click.Path(path_type=Path))
-def calibrate_report(export_dir, precisions, steps, seeds, guidance, out):
-    """Each precision vs fp32, same noise: eps error per timestep (plot), PSNR/SSIM, GIF grid."""
+def calibrate_report(export_dir, precisions, steps, seeds, guidance, cond_file, out):
+    """Each precision vs fp32, same noise and conditioning: output error per timestep (plot), PSNR/SSIM,
+    GIF grid."""
     from vdit_deploy.calibration.report import accuracy_report, summary
 
     check_output(out / "report.json")
     report = accuracy_report(export_dir, [p for p in precisions.split(",") if p], steps, range(seeds),
-                             out_dir=out, guidance=guidance)
+                             out_dir=out, guidance=guidance, cond=cond_file)
     click.echo(summary(report))
     click.echo(f"wrote {out}/: {', '.join(str(v) for k, v in report['files'].items() if k != 'gif_columns')}")
     for note in report["notes"]:

@@ -3,19 +3,20 @@
 It spans the whole pipeline (export, calibration, runtimes, metrics, video), so it lives in the
 package root beside sampling.py rather than in one stage's folder.
 
-    source (checkpoint or export dir)
-      -> artifacts.py: the file each runtime loads (checkpoint: exported + fp16/int8 variants under
-         OUT/artifacts/<sha>, reused when the checkpoint hash matches; export dir: used as it is)
+    source (model directory or export dir)
+      -> artifacts.py: the file each runtime loads (model directory: exported + fp16/int8 variants under
+         OUT/artifacts/<sha>, reused when the model's hash matches; export dir: used as it is)
       -> measure.py: the reference (torch:fp32; ort:fp32 when torch or the checkpoint is missing)
-         samples every (batch, seed) and records each denoiser call's inputs and eps; then every other
+         samples every (batch, seed) and records each denoiser call's inputs and output; then every other
          runtime: load + first call, 1 warm-up sample, timed samples, then its denoiser on the
          reference's recorded inputs (teacher forcing: eps error per timestep without drift)
       -> machine.py: what it ran on, and each row's host and device memory
       -> report.py: report.json (SCHEMA_VERSION, docs/compare.md), report.md, latency.png,
          error_vs_timestep.png, samples.gif
 
-All noise comes from the same seeded host generator (sampling.py) and labels are (seed + i) % classes,
-so every runtime sees identical inputs. No torch import here: an edge box compares ORT/TensorRT alone.
+All noise comes from the same seeded host generator (sampling.py) and video i of seed s takes row
+(s + i) % rows of the conditioning (a class model's labels 0..classes-1, or the rows of a --cond
+file: measure.videos_cond), so every runtime sees identical inputs. No torch import here: an edge box compares ORT/TensorRT alone.
 """
 from __future__ import annotations
 
@@ -55,8 +56,10 @@ def parse_ints(text: str, what: str) -> list[int]:
 def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps: int | None = None,
             batches=(1, 4), seeds=(0, 1), sampler: str = DEFAULT_SAMPLER, eta: float = 0.0, guidance: float = 2.0,
             repeats: int = 5, threads: int | None = None, min_psnr: float = 30.0, progress: bool = True,
-            log=print, command: str | None = None) -> dict:
-    """Run the comparison and write report.json, report.md, the plots and the GIF under `out`."""
+            log=print, command: str | None = None, cond=None) -> dict:
+    """Run the comparison and write report.json, report.md, the plots and the GIF under `out`.
+    cond: the conditioning rows the videos take in turn (a .safetensors file or a dict; needed for a
+    model that is not class-conditioned); default: a class model's labels."""
     from tqdm import tqdm
 
     from vdit_deploy.runtimes.base import RUNTIMES
@@ -80,7 +83,9 @@ def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps:
             importlib.import_module(RUNTIMES[t.runtime][0])
         except ImportError:
             pass
-    arts = Artifacts(source, out, targets, batches, sampler, steps, eta, guidance, seeds, log=log)
+    if cond is not None and not isinstance(cond, dict) and not Path(cond).is_file():
+        raise VditError(f"{cond}: no such conditioning file")
+    arts = Artifacts(source, out, targets, batches, sampler, steps, eta, guidance, seeds, log=log, cond=cond)
     skipped, rows, done = dict(arts.skipped), [], set()
     recorded = {}   # {batch: {seed: (video, denoiser calls)}}: the reference's, what the others are scored on
     bar = tqdm(total=len(targets) * len(batches), desc="compare", unit="run", disable=not progress)
@@ -98,8 +103,8 @@ def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps:
         for batch in batches:
             bar.set_postfix_str(f"{target.label} batch {batch}")
             try:
-                row = measure(target, arts.path(target), batch, seeds, sampler, steps, eta, guidance,
-                              repeats, recorded.get(batch, {}), options, record=record)
+                row = measure(target, arts.opener(target, options), batch, seeds, sampler, steps, eta, guidance,
+                              repeats, recorded.get(batch, {}), cond, record=record)
             except Exception as e:   # a backend's own error types too: one row fails, the rest go on
                 first_line = (str(e).splitlines() or [""])[0]
                 reason = str(e) if isinstance(e, VditError) else f"{type(e).__name__}: {first_line}"
@@ -138,7 +143,10 @@ def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps:
                    "checkpoint": str(arts.checkpoint) if arts.checkpoint else None,
                    "checkpoint_sha256": arts.sha, "export_dir": str(arts.export)},
         "settings": {"sampler": sampler, "steps": steps, "eta": eta, "guidance": guidance, "batches": batches,
-                     "seeds": seeds, "labels": "(seed + i) % num_classes for video i", "warmup": 1,
+                     "seeds": seeds, "warmup": 1,
+                     "conditioning": f"row (seed + i) % rows of {Path(cond).resolve()} for video i"
+                     if isinstance(cond, (str, Path)) else "class label (seed + i) % classes for video i"
+                     if cond is None else "row (seed + i) % rows of the given conditioning for video i",
                      "repeats": repeats, "threads": threads, "min_psnr_db": min_psnr,
                      "calibration_seeds": arts.calib["seeds"]},
         "reference": reference.label if reference else None, "notes": notes, "machine": machine_info(),

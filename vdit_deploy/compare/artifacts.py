@@ -1,7 +1,8 @@
 """Which file each runtime loads, made on the spot from a checkpoint or taken as it is from an export.
 
-From a checkpoint: exported, with the fp16/int8 variants the targets need, under OUT/artifacts/<sha>,
-reused while the checkpoint's hash matches. From an export directory: used as it is (a missing
+From a model directory (a vdit checkpoint, or a diffusers save_pretrained directory exported with the
+default options): exported, with the fp16/int8 variants the targets need, under OUT/artifacts/<sha>,
+reused while the model's hash matches. From an export directory: used as it is (a missing
 variant is the runtime's own skip reason). TensorRT targets get their engines built (or reused) here:
 the runtime only loads them. Targets that cannot get an artifact are `skipped`, with the reason,
 rather than failing the whole comparison."""
@@ -13,7 +14,7 @@ from pathlib import Path
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.variants import (DENOISER, FP16, INT8_DYNAMIC, INT8_QDQ, find_variant, runtime_graph,
                                          variant_file)
-from vdit_deploy.files import sha256_file
+from vdit_deploy.files import sha256_file, sha256_files
 
 CALIBRATION_SEED_OFFSET = 1000                   # calibrate on other seeds than the ones evaluated
 
@@ -44,8 +45,16 @@ def parse_runtimes(text: str) -> list[Target]:
     return targets
 
 
-def _is_checkpoint(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+def model_sha256(path: Path) -> str | None:
+    """The weights hash an export records for its source model (sources.py), without loading it or
+    torch: a vdit checkpoint's model.safetensors; a diffusers directory's config.json and weights.
+    None when `path` is neither."""
+    if not (path / "config.json").is_file():
+        return None
+    if (path / "model.safetensors").is_file():
+        return sha256_file(path / "model.safetensors")
+    weights = sorted(path.glob("diffusion_pytorch_model*.safetensors"))
+    return sha256_files([path / "config.json", *weights]) if weights else None
 
 
 def _export_covers(export_dir: Path, sha: str, max_batch: int) -> bool:
@@ -74,14 +83,14 @@ class Artifacts:
     """Where each runtime's artifact lives; targets that cannot get one are `skipped` with the reason."""
 
     def __init__(self, source: Path, out: Path, targets: list[Target], batches: list[int], sampler: str,
-                 steps: int, eta: float, guidance: float, seeds: list[int], log=print):
+                 steps: int, eta: float, guidance: float, seeds: list[int], log=print, cond=None):
         from vdit_deploy.export.metadata import find_onnx, read_metadata
 
-        self.log = log
+        self.log, self.cond, self.meta = log, cond, None
         self.skipped: dict[Target, str] = {}
-        if _is_checkpoint(source):
-            self.kind, self.checkpoint = "checkpoint", source
-            self.sha = sha256_file(source / "model.safetensors")
+        sha = model_sha256(source) if source.is_dir() else None
+        if sha is not None:
+            self.kind, self.checkpoint, self.sha = "checkpoint", source, sha
             self.export = out / "artifacts" / self.sha[:16]
             if all(t.runtime == "torch" for t in targets):
                 pass                                   # nothing to export
@@ -97,12 +106,13 @@ class Artifacts:
                 log(f"reusing {self.export} (checkpoint sha256 {self.sha[:12]} matches)")
         else:
             self.kind, self.export = "export", source
-            meta = read_metadata(find_onnx(source))   # a one-line error when it is neither
+            self.meta = meta = read_metadata(find_onnx(source))   # a one-line error when it is neither
             self.sha = meta.checkpoint_sha256
             ckpt = Path(meta.checkpoint_path) if meta.checkpoint_path else None
-            if ckpt is None or not (ckpt / "model.safetensors").is_file():
+            ckpt_sha = model_sha256(ckpt) if ckpt is not None and ckpt.is_dir() else None
+            if ckpt_sha is None:
                 self.checkpoint, why = None, f"the export's source checkpoint {ckpt or '(not recorded)'} is not there"
-            elif sha256_file(ckpt / "model.safetensors") != self.sha:
+            elif ckpt_sha != self.sha:
                 self.checkpoint, why = None, f"{ckpt} has changed since the export (sha256 differs)"
             else:
                 self.checkpoint, why = ckpt, ""
@@ -120,8 +130,21 @@ class Artifacts:
             if t.runtime == "trt" and t not in self.skipped:
                 self._engines(t)
 
-    def path(self, target: Target) -> Path:
-        return self.checkpoint if target.runtime == "torch" else self.export
+    def opener(self, target: Target, options: dict):
+        """A callable that opens `target`'s runtime on its artifact. torch on an export's source model
+        loads it with the export's contract and null conditioning (sources.load_export_source)."""
+        from vdit_deploy.runtimes import open_runtime
+
+        if target.runtime != "torch":
+            return lambda: open_runtime(target.runtime, self.export, precision=target.precision, **options)
+        if self.kind == "checkpoint":
+            return lambda: open_runtime("torch", self.checkpoint, precision=target.precision, **options)
+
+        def from_export():
+            from vdit_deploy.sources import load_export_source
+            source = load_export_source(self.meta, self.export, self.checkpoint)
+            return open_runtime("torch", self.checkpoint, precision=target.precision, source=source, **options)
+        return from_export
 
     def _variant(self, target: Target) -> None:
         """Build the ONNX precision variant `target` reads (checkpoint sources only; cached by name)."""
@@ -163,10 +186,12 @@ class Artifacts:
     def _calibration_set(self) -> Path:
         """Activations from the same sampler settings as the comparison (other seeds), collected once."""
         c = self.calib
-        calib_dir = self.export / f"calib-{c['sampler']}{c['steps']}-g{c['guidance']:g}-eta{c['eta']:g}"
+        tag = f"-cond{sha256_file(self.cond)[:8]}" if isinstance(self.cond, (str, Path)) else ""
+        calib_dir = self.export / f"calib-{c['sampler']}{c['steps']}-g{c['guidance']:g}-eta{c['eta']:g}{tag}"
         if not calib_dir.is_dir():
             from vdit_deploy.calibration.collect import collect
             self.log(f"collecting a calibration set -> {calib_dir}")
-            collect(self.checkpoint or self.export, calib_dir, sampler=c["sampler"], steps=c["steps"],
-                    guidance=c["guidance"], eta=c["eta"], seeds=c["seeds"], timesteps=min(8, c["steps"]))
+            collect(self.checkpoint if self.kind == "checkpoint" else self.export, calib_dir, sampler=c["sampler"],
+                    steps=c["steps"], guidance=c["guidance"], eta=c["eta"], seeds=c["seeds"],
+                    timesteps=min(8, c["steps"]), cond=self.cond)
         return calib_dir

@@ -1,9 +1,10 @@
 """Measuring one runtime: latency, memory and accuracy against a reference that saw the same inputs.
 
 Accuracy has two parts, shared with `vdit calibrate report`:
-  - teacher forcing: the reference records each denoiser call's inputs along its trajectory
-    (`record_calls`) and every other denoiser runs on exactly those inputs (`teacher_forced`): its
-    own eps error at each step, without the drift of its own trajectory;
+  - teacher forcing: the reference records each denoiser call's inputs (x_t, t and the conditioning,
+    null rows included) along its trajectory (`record_calls`) and every other denoiser runs on exactly
+    those inputs (`teacher_forced`): the error of its own output (eps, v or x0, and an eps+var model's
+    variance channels; "eps" in the report's keys) at each step, without the drift of its own trajectory;
   - the final videos of full independent samples (same seed, same noise): PSNR, SSIM, max error
     (`accuracy`), where the drift shows.
 """
@@ -16,7 +17,6 @@ import numpy as np
 
 from vdit_deploy.compare.artifacts import Target
 from vdit_deploy.compare.machine import PeakRss, device_memory_mb
-from vdit_deploy.diffusion import make_steps
 from vdit_deploy.metrics import max_abs, psnr, rel_l2, ssim
 from vdit_deploy.sampling import DenoiseRecorder, SampleTimes, sample
 
@@ -27,25 +27,31 @@ def stats(values) -> dict:
             "max": float(v.max()), "mean": float(v.mean()), "std": float(v.std()), "n": int(v.size)}
 
 
-def labels_for(seed: int, batch: int, num_classes: int) -> np.ndarray:
-    return np.array([(seed + i) % num_classes for i in range(batch)], np.int32)
+def videos_cond(pool: dict, seed: int, batch: int) -> dict:
+    """The conditioning of a sample's `batch` videos: row (seed + i) % rows of the pool for video i
+    (the pool: every class label of a class model, or the rows of a --cond file)."""
+    rows = len(next(iter(pool.values())))
+    index = (seed + np.arange(batch)) % rows
+    return {name: a[index] for name, a in pool.items()}
 
 
-def record_calls(denoise, cfg, labels, plan, guidance: float, seed: int) -> tuple[np.ndarray, list, list]:
-    """Sample with `denoise` (host step) -> (videos, [(x_t, t, y, eps)] per call, seconds per call)."""
+def record_calls(denoise, contract, cond, plan, guidance: float, seed: int, null: dict | None
+                 ) -> tuple[np.ndarray, list, list]:
+    """Sample with `denoise` (host step; null: the batch-1 null conditioning for guidance) ->
+    (videos, [(x_t, t, cond, out)] per call, seconds per call)."""
     rec = DenoiseRecorder(denoise)
-    video = sample(rec, cfg, labels, plan, guidance, seed)
+    video = sample(rec, contract, cond, plan, guidance, seed, null=null)
     return video, [call[1:] for call in rec.calls], rec.seconds
 
 
 def teacher_forced(denoise, calls: list) -> tuple[list[float], list[float]]:
-    """`denoise` on the reference's recorded calls -> (eps relative L2 per call, seconds per call)."""
+    """`denoise` on the reference's recorded calls -> (output relative L2 per call, seconds per call)."""
     errors, seconds = [], []
-    for x_t, t, y, eps_ref in calls:
+    for x_t, t, cond, out_ref in calls:
         start = time.perf_counter()
-        eps = denoise(x_t, t, y)
+        out = denoise(x_t, t, cond)
         seconds.append(time.perf_counter() - start)
-        errors.append(rel_l2(eps, eps_ref))
+        errors.append(rel_l2(out, out_ref))
     return errors, seconds
 
 
@@ -74,36 +80,37 @@ def accuracy(videos: dict, refs: dict, eps_err: list[list[float]], seeds: list[i
             "eps_rel_l2_per_step": err.mean(axis=0).tolist(), "per_seed": per_seed}
 
 
-def measure(target: Target, artifact: Path, batch: int, seeds: list[int], sampler: str, steps: int,
-            eta: float, guidance: float, repeats: int, reference: dict, options: dict,
+def measure(target: Target, open_rt, batch: int, seeds: list[int], sampler: str, steps: int,
+            eta: float, guidance: float, repeats: int, reference: dict, pool: dict | None,
             record: bool = False) -> dict:
-    """One (runtime, batch) row. `reference`: {seed: (video, recorded calls)} from the reference run
-    ({} when there is none). record=True: this run is the reference; it records its denoiser calls and
-    returns them under "_recorded"."""
-    from vdit_deploy.runtimes import open_runtime
+    """One (runtime, batch) row. open_rt(): the runtime (its load is timed). `reference`: {seed: (video,
+    recorded calls)} from the reference run ({} when there is none). pool: the conditioning rows the
+    videos take in turn (videos_cond); None: every class of a class model. record=True: this run is
+    the reference; it records its denoiser calls and returns them under "_recorded"."""
+    from vdit_deploy.calibration.collect import conditioning, sampler_plan
 
     row = {"runtime": target.runtime, "precision": target.precision, "label": target.label, "batch": batch}
     mem = PeakRss().start()
     device_before = device_memory_mb()
     start = time.perf_counter()
-    rt = open_runtime(target.runtime, artifact, precision=target.precision, **options)
+    rt = open_rt()
     try:
         load_s = time.perf_counter() - start
-        cfg = rt.config
-        plan = make_steps(rt.schedule, sampler, None if sampler == "ddpm" else steps, eta)
+        contract = rt.contract
+        pool = conditioning(contract, cond=pool)
+        cond = {seed: videos_cond(pool, seed, batch) for seed in seeds}
+        plan = sampler_plan(contract, sampler, None if sampler == "ddpm" else steps, eta)
         # first call: one step at this batch (engine/graph set-up happens here, not in the timings)
-        x = np.random.default_rng(0).standard_normal((batch, *cfg.video_shape), dtype=np.float32)
+        x = np.random.default_rng(0).standard_normal((batch, *contract.latent), dtype=np.float32)
         start = time.perf_counter()
-        np.asarray(rt.step(x, plan[0].t, labels_for(seeds[0], batch, cfg.num_classes), guidance,
-                           plan[0].coefs, np.zeros_like(x)))
+        np.asarray(rt.step(x, plan[0].t, cond[seeds[0]], guidance, plan[0].coefs, np.zeros_like(x)))
         first_s = time.perf_counter() - start
-        sample(rt, cfg, labels_for(seeds[0], batch, cfg.num_classes), plan, guidance, seeds[0])  # warm-up
+        sample(rt, contract, cond[seeds[0]], plan, guidance, seeds[0])  # warm-up
         totals, step_s, videos = [], [], {}
         for i in range(max(repeats, len(seeds))):   # every seed at least once; its video is kept
             seed = seeds[i % len(seeds)]
             times = SampleTimes()
-            video = sample(rt, cfg, labels_for(seed, batch, cfg.num_classes), plan, guidance, seed,
-                           times=times)
+            video = sample(rt, contract, cond[seed], plan, guidance, seed, times=times)
             totals.append(times.total)
             step_s += times.steps
             videos.setdefault(seed, video)
@@ -112,9 +119,9 @@ def measure(target: Target, artifact: Path, batch: int, seeds: list[int], sample
         device_mb = device_memory_mb()
         recorded, denoise_s, eps_err = {}, [], []
         for seed in seeds:
-            if record:               # the reference: record each denoiser call's inputs and eps
-                y = labels_for(seed, batch, cfg.num_classes)
-                _, recorded[seed], seconds = record_calls(rt.denoise, cfg, y, plan, guidance, seed)
+            if record:               # the reference: record each denoiser call's inputs and output
+                _, recorded[seed], seconds = record_calls(rt.denoise, contract, cond[seed], plan, guidance, seed,
+                                                          rt.null)
                 denoise_s += seconds
             elif seed in reference:  # teacher forcing: this runtime's eps on the reference's inputs
                 errors, seconds = teacher_forced(rt.denoise, reference[seed][1])
