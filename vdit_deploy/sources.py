@@ -13,6 +13,7 @@ Python callers with their own nn.Module build a Source directly: Source(module, 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,7 +157,9 @@ def load_diffusers_source(path, device: str = "cpu", class_name: str | None = No
     weights_bytes = sum(p.stat().st_size for p in weights)
     check_memory(int(weights_bytes * 1.2), f"loading {path}")
     try:
-        net = cls.from_pretrained(str(path), use_safetensors=True, low_cpu_mem_usage=True, torch_dtype=torch.float32)
+        # without accelerate, diffusers initialises the weights before loading them (twice the memory)
+        net = cls.from_pretrained(str(path), use_safetensors=True, torch_dtype=torch.float32,
+                                  low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
     except Exception as e:   # diffusers raises OSError, ValueError, EnvironmentError...
         raise VditError(f"{cls_name}.from_pretrained({path}) failed: {type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}") from None
