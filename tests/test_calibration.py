@@ -274,3 +274,116 @@ def test_fp16_graph_has_one_writer_per_tensor():
              helper.make_node("Log", ["h_cast_to_fp32"], ["b"], name="log")]
     kept = unique_outputs(nodes)
     assert [n.name for n in kept] == ["relu", "h_cast_to_fp32_node", "exp", "log"]
+
+
+# ---- a text-conditioned, learned-sigma model (tiny diffusers Latte) ---------------------------------
+def write_cond(path, rows: int, seq: int = 16, seed: int = 0):
+    """A --cond file: `rows` prompts' (stand-in) text embeddings, padded to the null's 16 tokens."""
+    from safetensors.numpy import save_file
+
+    emb = np.random.default_rng(seed).standard_normal((rows, seq, 32)).astype(np.float32)
+    save_file({"encoder_hidden_states": emb}, str(path))
+    return path, emb
+
+
+@pytest.fixture(scope="module")
+def latte(tiny_latte_export, tmp_path_factory):
+    """A private copy of the Latte export, a 2-prompt --cond file, and a set collected from it on the CLI."""
+    root = tmp_path_factory.mktemp("latte-calib")
+    export = shutil.copytree(tiny_latte_export, root / "export")
+    cond, emb = write_cond(root / "prompts.safetensors", 2)
+    result = CliRunner().invoke(main, ["calibrate", "collect", str(export), "--out", str(root / "set"),
+                                       "--sampler", "ddim", "--steps", "4", "--seeds", "1", "--timesteps", "2",
+                                       "--cond", str(cond)])
+    assert result.exit_code == 0, result.output
+    return export, root / "set", cond, emb
+
+
+def test_latte_set_records_the_text_conditioning_and_its_null(latte):
+    from vdit_deploy.contract import NULL_FILE, Contract, load_null
+    from vdit_deploy.export.metadata import read_metadata
+
+    export, calib, cond, emb = latte
+    contract = read_metadata(export / "denoiser.onnx").contract
+    m = json.loads((calib / "manifest.json").read_text())
+    assert m["shapes"] == {"x_t": [8, 4, 2, 8, 8], "t": [8], "encoder_hidden_states": [8, 16, 32]}   # 2 calls x 2B
+    assert m["cond_file"] == str(cond.resolve()) and "labels" not in m and m["videos"] == 2
+    assert Contract.from_dict(m["contract"]) == contract
+    cset = load_calibration_set(calib, read_metadata(export / "denoiser.onnx").checkpoint_sha256, contract)
+    null = load_null(contract, export)["encoder_hidden_states"]
+    for r in m["records"]:
+        (start, end), (null_start, _) = r["rows"], r["null_rows"]
+        assert null_start == start + 2
+        assert np.array_equal(cset.arrays["encoder_hidden_states"][start:null_start], emb)      # the prompts
+        assert np.array_equal(cset.arrays["encoder_hidden_states"][null_start:end], np.repeat(null, 2, 0))
+    assert [sorted(b) for b in cset.batches()] == [["encoder_hidden_states", "t", "x_t"]] * 2
+    assert (export / NULL_FILE).is_file()
+
+
+def test_latte_collect_needs_cond_and_refuses_another_contract(latte, tiny_latte, tmp_path):
+    export, calib, _, _ = latte
+    result = CliRunner().invoke(main, ["calibrate", "collect", str(export), "--out", str(tmp_path / "s"),
+                                       "--steps", "2", "--seeds", "1"])
+    assert result.exit_code == 1 and result.output.startswith("Error: this model is conditioned on encoder_hidden_states")
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
+    # the same weights loaded with the default options (1..120 tokens, null padded to 120): another contract
+    cond, _ = write_cond(tmp_path / "long.safetensors", 1, seq=120)
+    other = collect(tiny_latte, tmp_path / "other", sampler="ddim", steps=2, seeds=[0], timesteps=1, cond=cond)
+    assert json.loads((other / "manifest.json").read_text())["runtime"] == "torch:fp32"
+    result = CliRunner().invoke(main, ["calibrate", "int8", str(export), "--calib", str(other)])
+    assert result.exit_code == 1 and result.output.startswith("Error: calibration set")
+    assert "another model contract" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (export / "denoiser.int8-dynamic.onnx").exists()
+
+
+@pytest.mark.parametrize("command,files", [
+    (["fp16"], ["denoiser.fp16.onnx", "step.fp16.onnx"]),
+    (["int8", "--mode", "dynamic"], ["denoiser.int8-dynamic.onnx"]),
+    (["int8", "--mode", "qdq"], ["denoiser.int8-qdq.onnx", "step.int8-qdq.onnx"])], ids=["fp16", "dynamic", "qdq"])
+def test_latte_variants(latte, command, files):
+    """fp16 and int8 of a graph with text conditioning and eps+var output (8 channels): the contract
+    stays in the metadata, the learned-variance channels come out, close to fp32 on the set."""
+    from vdit_deploy.export.metadata import check_export_dir, read_metadata
+
+    export, calib, _, _ = latte
+    result = CliRunner().invoke(main, ["calibrate", *command, str(export), "--calib", str(calib)])
+    assert result.exit_code == 0, result.output
+    fp32 = read_metadata(export / "denoiser.onnx")
+    for name in files:
+        meta = read_metadata(export / name)
+        assert meta.contract == fp32.contract and meta.model == fp32.model and name.split(".")[1] == meta.precision
+    assert {p.name for p in check_export_dir(export)} >= {"denoiser.onnx", *files}
+    cset = load_calibration_set(calib)
+    got, ref = run_onnx(export / files[0], cset), run_onnx(export / "denoiser.onnx", cset)
+    assert got.shape == ref.shape == (8, 8, 2, 8, 8)
+    assert np.isfinite(got).all() and 0 < rel_l2(got, ref) < (5e-3 if command == ["fp16"] else 0.2)
+    assert 0 < rel_l2(got[:, 4:], ref[:, 4:]) < 0.2                    # the variance channels, quantized too
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8-qdq"])
+def test_latte_fused_step_equals_host_step(latte, precision):
+    """The fp16 / Q/DQ step graph with the recorded prompt and null rows: the same precision's denoiser
+    plus the fp32 host update, for DDIM and DDPM with the learned variance."""
+    from vdit_deploy.calibration.collect import sampler_plan
+    from vdit_deploy.diffusion import guided_step
+    from vdit_deploy.runtimes import open_runtime
+
+    export, calib, _, emb = latte
+    if precision == "fp16":
+        convert_fp16(export)
+    else:
+        quantize_int8(export, calib, mode="qdq")
+    with open_runtime("ort", export, precision=precision) as rt:
+        assert rt.describe() == f"ort:{precision} on CPU (fused step)"
+        ddpm = sampler_plan(rt.contract, "ddpm")
+        assert ddpm[0].coefs[-1] == 1.0                                   # learned variance on (t > 0)
+        feeds = list(load_calibration_set(calib).step_batches())
+        assert len(feeds) == 2 and all(np.array_equal(f["encoder_hidden_states"], emb) for f in feeds)
+        for f in feeds:
+            t = int(f["t"][0])
+            cond, null = {"encoder_hidden_states": f["encoder_hidden_states"]}, \
+                {"encoder_hidden_states": f["null_encoder_hidden_states"]}
+            for coefs in (f["coefs"], ddpm[len(ddpm) - 1 - t].coefs):
+                got = rt.step(f["x_t"], t, cond, 2.0, coefs, f["noise"])
+                ref = guided_step(rt.denoise, f["x_t"], t, cond, null, 2.0, coefs, f["noise"])
+                assert np.isfinite(got).all() and rel_l2(got, ref) < 1e-2, (t, rel_l2(got, ref))

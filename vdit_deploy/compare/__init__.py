@@ -104,7 +104,7 @@ def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps:
             bar.set_postfix_str(f"{target.label} batch {batch}")
             try:
                 row = measure(target, arts.opener(target, options), batch, seeds, sampler, steps, eta, guidance,
-                              repeats, recorded.get(batch, {}), cond, record=record)
+                              repeats, recorded.get(batch, {}), arts.pool, record=record)
             except Exception as e:   # a backend's own error types too: one row fails, the rest go on
                 first_line = (str(e).splitlines() or [""])[0]
                 reason = str(e) if isinstance(e, VditError) else f"{type(e).__name__}: {first_line}"

@@ -120,6 +120,13 @@ class Artifacts:
                 for t in targets:
                     if t.runtime == "torch":
                         self.skipped[t] = f"needs the checkpoint: {why}"
+        if self.meta is None and (self.export / variant_file(DENOISER)).is_file():
+            self.meta = read_metadata(self.export / variant_file(DENOISER))
+        # the videos' conditioning rows, checked against the contract before anything runs (one line)
+        self.pool = cond                 # (torch alone from a model directory: checked when it runs)
+        if self.meta is not None:
+            from vdit_deploy.calibration.collect import conditioning
+            self.pool = conditioning(self.meta.contract, cond=cond)
         self.calib = dict(sampler=sampler, steps=steps, eta=eta, guidance=guidance,
                           seeds=[CALIBRATION_SEED_OFFSET + s for s in seeds[:2]])
         if self.kind == "checkpoint":
