@@ -168,3 +168,60 @@ def test_non_finite_videos_are_not_bit_identical(report):
     row["accuracy"].update(finite=False, psnr_db=None)
     line = next(line for line in format_table(data, color=False).splitlines() if line.startswith("ort:fp32"))
     assert "non-finite" in line and "identical" not in line
+
+
+# ---- a text-conditioned, learned-sigma model (tiny diffusers Latte) ---------------------------------
+@pytest.fixture(scope="module")
+def latte_report(tiny_latte_export, tmp_path_factory):
+    """export -> calibrate (collect --cond, int8 dynamic) -> compare --cond, from the command line."""
+    from safetensors.numpy import save_file
+
+    root = tmp_path_factory.mktemp("compare-latte")
+    export = shutil.copytree(tiny_latte_export, root / "export")
+    emb = np.random.default_rng(0).standard_normal((3, 16, 32)).astype(np.float32)   # 3 prompts, 16 tokens
+    save_file({"encoder_hidden_states": emb}, str(root / "prompts.safetensors"))
+    cond = ["--cond", str(root / "prompts.safetensors")]
+    runner = CliRunner()
+    for args in (["collect", str(export), "--out", str(root / "set"), "--steps", "2", "--seeds", "1",
+                  "--timesteps", "1", *cond], ["int8", str(export), "--calib", str(root / "set")]):
+        result = runner.invoke(main, ["calibrate", *args])
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["compare", str(export), "--runtimes", "torch:fp32,ort:fp32,ort:int8", "--steps", "2",
+                                  "--batch", "2", "--seeds", "0,2", "--repeats", "1", "--threads", "1", *cond,
+                                  "--out", str(root / "r")])
+    assert result.exit_code == 0, result.output
+    return root, json.loads((root / "r" / "report.json").read_text())
+
+
+def test_latte_compare_same_noise_and_conditioning(latte_report):
+    root, data = latte_report
+    rows = {r["label"]: r for r in data["results"] if r["batch"] == 2}
+    assert data["reference"] == "torch:fp32" and list(rows) == ["torch:fp32", "ort:fp32", "ort:int8"]
+    assert all(r["status"] == "ok" for r in rows.values()) and not data["skipped"]
+    assert str(root / "prompts.safetensors") in data["settings"]["conditioning"]
+    fp32, int8 = rows["ort:fp32"]["accuracy"], rows["ort:int8"]["accuracy"]
+    # the torch reference (the diffusers model, loaded with the export's contract) and ORT fp32 agree:
+    # same noise, same prompt rows, same null embeddings; int8 is clearly further off
+    assert fp32["eps_rel_l2_max"] < 1e-4 and fp32["video_rel_l2"] < 1e-4
+    assert int8["eps_rel_l2_mean"] > max(10 * fp32["eps_rel_l2_mean"], 1e-4) and int8["finite"]
+    assert [s["seed"] for s in int8["per_seed"]] == [0, 2] and len(int8["eps_rel_l2_per_step"]) == 2
+    assert rows["ort:int8"]["describe"].startswith("ort:int8-dynamic")
+    assert data["files"]["gif"] is None and "GIF skipped" in data["notes"][0]   # 4 latent channels: no picture
+    assert (root / "r" / "report.md").stat().st_size > 0
+
+
+def test_latte_compare_needs_its_conditioning(latte_report, tmp_path):
+    from safetensors.numpy import save_file
+
+    root, _ = latte_report
+    export = root / "export"
+    save_file({"encoder_hidden_states": np.zeros((1, 16, 8), np.float32)}, str(tmp_path / "narrow.safetensors"))
+    save_file({"encoder_hidden_states": np.zeros((1, 5, 32), np.float32)}, str(tmp_path / "short.safetensors"))
+    for extra, message in (([], "Error: this model is conditioned on encoder_hidden_states"),
+                           (["--cond", str(tmp_path / "narrow.safetensors")], "Error: "),
+                           (["--cond", str(tmp_path / "short.safetensors")], "Error: the null conditioning's"),
+                           (["--cond", str(tmp_path / "nope.safetensors")], "Error: ")):
+        result = CliRunner().invoke(main, ["compare", str(export), "--runtimes", "ort:fp32", "--steps", "1",
+                                           "--out", str(tmp_path / "r"), *extra])
+        assert result.exit_code == 1 and result.output.startswith(message), result.output
+        assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "r" / "report.json").exists()

@@ -126,7 +126,12 @@ class Artifacts:
         self.pool = cond                 # (torch alone from a model directory: checked when it runs)
         if self.meta is not None:
             from vdit_deploy.calibration.collect import conditioning
-            self.pool = conditioning(self.meta.contract, cond=cond)
+            from vdit_deploy.contract import load_null
+
+            contract = self.meta.contract
+            self.pool = conditioning(contract, cond=cond)
+            if guidance != 1.0:   # the prompt rows and the null conditioning guidance pairs them with
+                contract.null_batch(load_null(contract, self.export), self.pool)
         self.calib = dict(sampler=sampler, steps=steps, eta=eta, guidance=guidance,
                           seeds=[CALIBRATION_SEED_OFFSET + s for s in seeds[:2]])
         if self.kind == "checkpoint":
