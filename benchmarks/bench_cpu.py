@@ -32,6 +32,7 @@ import torch
 from common import median_seconds, random_checkpoint
 from vdit_deploy.config import preset
 from vdit_deploy.diffusion import Schedule, make_steps
+from vdit_deploy.export.metadata import read_metadata
 from vdit_deploy.export.onnx_export import export_checkpoint
 from vdit_deploy.runtimes.ort_runtime import OrtRuntime
 from vdit_deploy.runtimes.torch_runtime import TorchRuntime
@@ -56,12 +57,14 @@ def bench_preset(name, batches, sample_batches, repeats, sample_steps, root, gem
     export_checkpoint(ckpt, root / f"{name}-onnx", batch=(1, max(2, *batches, *sample_batches)))
     log(f"[{name}] exported in {time.perf_counter() - start:.1f} s")
     runtimes = {"torch-eager": TorchRuntime(ckpt, device="cpu"), "ort-cpu": OrtRuntime(root / f"{name}-onnx", threads=threads)}
-    cfg = runtimes["ort-cpu"].config
+    contract = runtimes["ort-cpu"].contract
+    cfg = read_metadata(root / f"{name}-onnx" / "denoiser.onnx").config     # the built-in model's: FLOPs
+    classes = contract.label_input().classes
     rows = []
     rng = np.random.default_rng(0)
     for b in batches:
-        x = rng.standard_normal((b, *cfg.video_shape), dtype=np.float32)
-        t, y = np.full(b, 500, np.float32), (np.arange(b) % cfg.num_classes).astype(np.int32)
+        x = rng.standard_normal((b, *contract.latent), dtype=np.float32)
+        t, y = np.full(b, 500, np.float32), contract.labels(np.arange(b) % classes)
         for rt_name, rt in runtimes.items():
             sec = median_seconds(lambda: rt.denoise(x, t, y), repeats)
             gflops = cfg.flops(b) / sec / 1e9
@@ -71,12 +74,12 @@ def bench_preset(name, batches, sample_batches, repeats, sample_steps, root, gem
                 f"({100 * gflops / gemm['best']:.0f}% of GEMM)")
     plan = make_steps(Schedule(), "ddim", sample_steps)
     for b in sample_batches:
-        labels = list(np.arange(b) % cfg.num_classes)
+        labels = list(np.arange(b) % classes)
         for rt_name, rt in runtimes.items():
             runs = []
             for _ in range(max(1, repeats // 2)):
                 times = SampleTimes()
-                sample(rt, cfg, labels, plan, guidance=2.0, seed=0, times=times)
+                sample(rt, contract, labels, plan, guidance=2.0, seed=0, times=times)
                 runs.append(times)
             times = sorted(runs, key=lambda r: r.total)[len(runs) // 2]
             flops = sample_steps * cfg.flops(2 * b)              # guidance: cond + null, 2B per step

@@ -41,10 +41,10 @@ GUIDANCE = 2.0
 
 def quality(steps_list, seeds, lambda_mins, log) -> dict:
     with open_runtime("torch", SHIPPED, device="cpu") as rt:
-        cfg = rt.config
-        labels = list(range(cfg.num_classes))
+        contract = rt.contract
+        labels = list(range(contract.label_input().classes))
         log(f"reference: {REFERENCE_STEPS}-step DDIM, seeds {seeds}, labels {labels}")
-        refs = {s: sample(rt, cfg, labels, make_steps(rt.schedule, "ddim", REFERENCE_STEPS), GUIDANCE, s)
+        refs = {s: sample(rt, contract, labels, make_steps(rt.schedule, "ddim", REFERENCE_STEPS), GUIDANCE, s)
                 for s in seeds}
         rows = []
         configs = [("ddim", None)] + [(s, lm) for s in SAMPLERS[1:] for lm in lambda_mins]
@@ -54,7 +54,7 @@ def quality(steps_list, seeds, lambda_mins, log) -> dict:
                 psnrs, ssims, totals = [], [], []
                 for s in seeds:
                     times = SampleTimes()
-                    videos = sample(rt, cfg, labels, plan, GUIDANCE, s, times=times)
+                    videos = sample(rt, contract, labels, plan, GUIDANCE, s, times=times)
                     totals.append(times.total)
                     psnrs += [psnr(v, r) for v, r in zip(videos, refs[s])]
                     ssims += [ssim(v, r) for v, r in zip(videos, refs[s])]
@@ -76,9 +76,8 @@ def s_timing(steps_list, timed_steps: int, log) -> dict:
     from bench_cpu import random_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp, open_runtime("torch", random_checkpoint("S", Path(tmp)), device="cpu") as rt:
-        cfg = rt.config
-        x = np.random.default_rng(0).standard_normal((1, *cfg.video_shape), dtype=np.float32)
-        y, zeros = np.zeros(1, np.int32), np.zeros_like(x)
+        x = np.random.default_rng(0).standard_normal((1, *rt.contract.latent), dtype=np.float32)
+        y, zeros = rt.contract.labels([0]), np.zeros_like(x)
         per_step = {}
         for sampler in SAMPLERS:
             plan, state = make_steps(rt.schedule, sampler, 20), SolverState()
