@@ -14,7 +14,7 @@ from vdit_deploy.errors import VditError
 from vdit_deploy.files import atomic_path
 from vdit_deploy.plots import plot_error_vs_timestep, pyplot, save
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2          # 2: settings.conditioning (labels or --cond rows) replaced settings.labels
 
 COLUMNS = ("runtime", "batch", "start s", "step ms p50/p90", "sample s p50±sd", "video/s", "RSS MB",
            "size MB", "eps relL2", "PSNR dB", "SSIM", "max err")
