@@ -127,7 +127,8 @@ def collect(checkpoint_or_export, out_dir, sampler: str = DEFAULT_SAMPLER, steps
         keep = set(pick_steps(len(plan), timesteps))
         per_call = (2 if guidance != 1.0 else 1) * videos
         row_bytes = 4 * math.prod(contract.latent) + sum(a[:1].nbytes for a in served.values())
-        check_memory(len(seeds) * len(keep) * per_call * row_bytes, f"a calibration set of {len(seeds) * len(keep) * per_call} rows")
+        n_rows = len(seeds) * len(keep) * per_call
+        check_memory(n_rows * row_bytes, f"a calibration set of {n_rows} rows")
         denoise = chunked(rt.denoise, rt.batch_range[1])
         rows: dict[str, list[np.ndarray]] = {k: [] for k in (*FIXED, *contract.names)}
         records = []
@@ -285,7 +286,8 @@ def check_manifest(manifest, where: str) -> dict:
         null_start, null_end = v.int_list(r["null_rows"], "a record's null_rows", 2, 0, rows, where)
         if start >= end:
             v.fail(where, f"a record's rows must be [start, end) with start < end, got {r['rows']}")
-        if not start <= null_start <= null_end == end or (null_end > null_start and 2 * (null_start - start) != end - start):
+        guided = null_end > null_start
+        if not start <= null_start <= null_end == end or (guided and 2 * (null_start - start) != end - start):
             v.fail(where, f"a record's null_rows must be the second half of its rows or empty at its end, "
                           f"got {r['null_rows']} for rows {r['rows']}")
     return manifest

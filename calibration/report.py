@@ -4,9 +4,11 @@
 
 The numbers are `vdit compare`'s (vdit_deploy.compare.measure), on ONNX Runtime CPU only, for every
 precision (the graph ONNX Runtime loads for it: int8 is denoiser.int8-dynamic.onnx) and seed:
-  - relative L2 of the denoiser output (eps, and an eps+var model's variance) per timestep, on the fp32 trajectory's own inputs (teacher forcing: the per-call
-    error, not compounded): a line per precision in eps_error.png;
-  - the final videos of full independent trajectories (same seed, same noise): PSNR and SSIM, worst seed;
+  - relative L2 of the denoiser output (eps, v or x0, and an eps+var model's variance) per timestep,
+    on the fp32 trajectory's own inputs (teacher forcing: the per-call error, not compounded): a line
+    per precision in eps_error.png;
+  - the final videos of full independent trajectories (same seed, noise and conditioning): PSNR and
+    SSIM, worst seed;
   - a GIF grid, one row per sample, one column per precision (fp32 | fp16 | int8 ...).
 report.json holds all numbers. matplotlib is optional (pip install 'vdit-deploy[report]').
 """
@@ -55,7 +57,8 @@ def accuracy_report(export_dir, precisions=("fp16", "int8"), steps: int = 50, se
                       "meets_target": acc["finite"] and (target is None or acc["psnr_db"] is None
                                                          or acc["psnr_db"] >= target)}
     report = {"export": str(export_dir), "sampler": sampler, "steps": len(plan), "guidance": guidance, "eta": eta,
-              "seeds": seeds, "conditioning": describe_served(contract, served, cond), "timesteps": [s.t for s in plan], "results": results,
+              "seeds": seeds, "conditioning": describe_served(contract, served, cond),
+              "timesteps": [s.t for s in plan], "results": results,
               "files": {"json": "report.json"}, "notes": []}
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -75,7 +78,8 @@ def describe_served(contract, served: dict, cond) -> str:
     spec = contract.label_input()
     if spec is not None and cond is None:
         return f"labels {served[spec.name].tolist()}"
-    return f"{contract.batch_of(served)} row(s) of {cond if isinstance(cond, (str, Path)) else 'the given conditioning'}"
+    where = cond if isinstance(cond, (str, Path)) else "the given conditioning"
+    return f"{contract.batch_of(served)} row(s) of {where}"
 
 
 def plot_eps_error(report: dict, path: Path) -> Path:

@@ -16,7 +16,8 @@ package root beside sampling.py rather than in one stage's folder.
 
 All noise comes from the same seeded host generator (sampling.py) and video i of seed s takes row
 (s + i) % rows of the conditioning (a class model's labels 0..classes-1, or the rows of a --cond
-file: measure.videos_cond), so every runtime sees identical inputs. No torch import here: an edge box compares ORT/TensorRT alone.
+file: measure.videos_cond), so every runtime sees identical inputs. No torch import here: an edge box
+compares ORT/TensorRT alone.
 """
 from __future__ import annotations
 
