@@ -956,9 +956,13 @@ class Behaviour:
         return True
 
     def IExecutionContext__get_tensor_shape(world, self, name):
+        # an input: the shape set_input_shape gave it (-1 where none was given, as TensorRT says);
+        # an output: its dynamic axis is taken as the batch of the inputs set (the fake infers no more)
         io = self._fake["engine"]._fake["io"][name]
+        if io["mode"] == "INPUT":
+            return _dims(self._fake["engine"]._fake["trt"], self._fake["shapes"].get(name) or io["shape"])
         batch = next(iter(self._fake["shapes"].values()), (-1,))[0]
-        shape = self._fake["shapes"].get(name) or tuple(batch if d == -1 else d for d in io["shape"])
+        shape = tuple(batch if d == -1 else d for d in io["shape"])
         return _dims(self._fake["engine"]._fake["trt"], shape)
 
     def IExecutionContext__set_tensor_address(world, self, name, memory):
