@@ -261,6 +261,10 @@ class TrtRuntime(Runtime):
         shapes = {name: video for name in ("x_t", "noise", *(i for i, _, _ in self.state_buffers))}
         shapes.update({"t": (b,), **{n: a.shape for n, a in cond.items()},
                        **{self.null_names[n]: a.shape for n, a in cond.items()}})
+        null_shapes = {n: a.shape for n, a in cond.items()}
+        # the runtime's own null conditioning, constant per shape: repeated (and checked against the
+        # prompt's length) only when the shapes change
+        null = self.contract.null_batch(self.null, cond) if null_shapes != self._null_shapes else None
         if engine.set_shapes(shapes):
             self._drop_graphs()   # graphs hold the old shapes
         src, dst = self.x[self.parity], self.x[1 - self.parity]
@@ -270,9 +274,8 @@ class TrtRuntime(Runtime):
             self.check_inputs(x_host, np.zeros(b, np.float32), cond)
             engine.upload("x_t", x_host, src)
             check_cuda(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")   # x_host may go away
-        null_shapes = {n: a.shape for n, a in cond.items()}
-        if null_shapes != self._null_shapes:   # the runtime's own null conditioning: constant per shape
-            for name, value in self.contract.null_batch(self.null, cond).items():
+        if null is not None:
+            for name, value in null.items():
                 engine.upload(self.null_names[name], value)
             self._null_shapes = null_shapes
         scalars = {"t": np.full(b, t, np.float32), **cond, "guidance": np.float32([guidance]), "coefs": coefs}

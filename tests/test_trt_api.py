@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
+import conftest
 import trt_fake
 from conftest import open_built
 from trt_fake import CUDART_VERSIONS, TRT_SUPPORTED, TRT_UNSUPPORTED, World, install, surface
@@ -148,6 +149,29 @@ def calibration_set(root: Path, contract: Contract = CLASS, n: int = 4) -> Path:
         shape = [n, *shape[1:]] if spec["shape"][0] == "batch" else [n, *shape]
         np.save(root / f"{spec['name']}.npy", rng.integers(0, 2, shape).astype(spec["dtype"]))
     return root
+
+
+if not hasattr(conftest, "save_tiny_latte"):   # until the shared fixture is in tests/conftest.py
+    @pytest.fixture(scope="session")
+    def tiny_latte_export(tmp_path_factory):
+        """A tiny random diffusers Latte (text-conditioned, learned sigma) saved with save_pretrained and
+        exported (batch 1:4, seq 1..16); made once per session, whichever test module asks first."""
+        diffusers = pytest.importorskip("diffusers", reason="pip install 'vdit-deploy[dev]'")
+        import torch
+
+        from vdit_deploy.export.onnx_export import export_checkpoint
+
+        root = tmp_path_factory.getbasetemp() / "latte-fallback"
+        if not (root / "export" / "step.onnx").is_file():
+            torch.manual_seed(0)
+            latte = diffusers.LatteTransformer3DModel(
+                num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+                cross_attention_dim=16, caption_channels=32, sample_size=8, patch_size=2, video_length=2,
+                norm_type="ada_norm_single", activation_fn="gelu-approximate")
+            latte.save_pretrained(root / "model")
+            diffusers.DDPMScheduler(variance_type="learned_range").save_pretrained(root / "model")
+            export_checkpoint(root / "model", root / "export", batch=(1, 4), seq=(1, 16))
+        return root / "export"
 
 
 def fake(monkeypatch, trt_version=TRT_10_3, cudart_version="12.9.10", **world) -> World:
@@ -550,6 +574,110 @@ def test_real_tiny_export_builds_and_samples(monkeypatch, tiny_export, tmp_path,
         assert sum(types[name] == "ELEMENTWISE" for name in pinned) == ops.count("Pow") > 0
     else:
         assert not pinned and world.builds[0]["strongly_typed"]
+
+
+# ---- 3b. a text-conditioned export: profiles on the seq axis, null_<name> inputs ---------------------------
+TEXT_IN = ("encoder_hidden_states", "null_encoder_hidden_states")
+
+
+@pytest.mark.parametrize("version", TRT_SUPPORTED)
+def test_text_export_builds_with_seq_profiles(monkeypatch, text_export, version):
+    """API conformance and control flow (not numerics): `vdit build` of a text-conditioned export gives
+    every dynamic axis a range in one optimization profile on every supported TensorRT: the batch on
+    each batched input, the seq axis on encoder_hidden_states and on the step's null input alike (opt =
+    max by default, --seq when given); the contract is in the engine's key, and a --seq outside the
+    export's range is refused in one line before any build."""
+    from vdit_deploy.runtimes.engine_cache import contract_digest
+    from vdit_deploy.runtimes.trt_build import build_export
+
+    world = fake(monkeypatch, version)
+    precision = "fp16" if version.startswith("11.") else "fp32"
+    built = build_export(text_export, precision, batch="1:2:4", log=lambda m: None)
+    assert [b.kind for b in built] == ["step", "denoiser"] and str(built[0].profile) == "1:2:4 seq=1:16:16"
+    step, den = (record["profiles"] for record in world.builds)
+    assert len(step) == len(den) == 1
+    for name in TEXT_IN:
+        assert step[0][name] == ((1, 1, 32), (2, 16, 32), (4, 16, 32))
+    assert den[0]["encoder_hidden_states"] == ((1, 1, 32), (2, 16, 32), (4, 16, 32))
+    assert step[0]["x_t"] == ((1, 4, 2, 8, 8), (2, 4, 2, 8, 8), (4, 4, 2, 8, 8)) and step[0]["coefs"] == ((16,),) * 3
+    assert built[0].engine.key.contract == contract_digest(with_null(TEXT)) != contract_digest(with_null(CLASS))
+    assert built[0].engine.path.name == f"step.{precision}.b1-2-4.seq1-16-16.engine"
+    again = build_export(text_export, precision, batch="1:2:4", seq="1:8:16", log=lambda m: None)
+    assert all(b.built for b in again) and world.builds[-1]["profiles"][0]["encoder_hidden_states"][1] == (2, 8, 32)
+    with pytest.raises(VditError, match=r"--seq 1:8:32 is outside the export's seq range 1..16") as e:
+        build_export(text_export, precision, seq="1:8:32", log=lambda m: None)
+    assert "\n" not in str(e.value) and len(world.builds) == 4
+    with pytest.raises(VditError, match="the export has no seq axis"):
+        build_export(write_graphs(text_export.parent / "class", CLASS), "fp32", seq="1:2:4", log=lambda m: None)
+
+
+@pytest.mark.parametrize("trt_version", [TRT_10_3, TRT_11])
+def test_text_runtime_denoise_and_step(monkeypatch, text_export, trt_version):
+    """Control flow (not numerics): TrtRuntime on a text-conditioned export sets every dynamic input's
+    shape (batch and seq) before a run, gives denoise() the 2C-channel output, feeds step.onnx's
+    null_encoder_hidden_states from null_cond.safetensors (uploaded once per shape, the prompt every
+    step), recaptures its graphs when the seq length changes, and names the seq axis when a prompt is
+    longer than the engine's profile or than the null conditioning."""
+    from vdit_deploy.contract import NULL_FILE
+
+    world = fake(monkeypatch, trt_version)
+    rng = np.random.default_rng(0)
+    prompt = lambda b, seq: {"encoder_hidden_states": rng.standard_normal((b, seq, 32), dtype=np.float32)}  # noqa: E731
+    with open_built(text_export, "fp32" if trt_version == TRT_10_3 else "fp16") as rt:
+        assert rt.contract == with_null(TEXT) and rt.null["encoder_hidden_states"].shape == (1, 16, 32)
+        out = rt.denoise(np.zeros((3, 4, 2, 8, 8), np.float32), np.full(3, 5.0, np.float32), prompt(3, 7))
+        assert out.shape == (3, 8, 2, 8, 8)
+        assert rt.denoiser.context._fake["shapes"]["encoder_hidden_states"] == (3, 7, 32)
+        engine = rt.step_engine
+        null_ptr, cond_ptr = engine.buffers["null_encoder_hidden_states"], engine.buffers["encoder_hidden_states"]
+        cond = prompt(2, 16)
+        run_steps(rt, 4, cond=cond)
+        shapes = engine.context._fake["shapes"]
+        assert all(shapes[name] == (2, 16, 32) for name in TEXT_IN) and shapes["x_t"] == (2, 4, 2, 8, 8)
+        uploads = [ptr for ptr, _ in world.uploads]
+        assert uploads.count(null_ptr) == 1 and uploads.count(cond_ptr) == 4
+        assert [kind for kind, _ in world.launches][-4:] == ["execute", "execute", "graph", "graph"]
+        assert "\n" not in rt.describe()
+        with pytest.raises(VditError, match="null conditioning's encoder_hidden_states is .1, 16, 32., the prompt's "
+                                            ".2, 9, 32.: make both with the same length"):
+            run_steps(rt, 1, cond=prompt(2, 9))
+        run_steps(rt, 1, cond=cond)   # the refused step changed nothing
+        with pytest.raises(VditError, match="seq = 17, outside 1..16"):
+            run_steps(rt, 1, cond=prompt(2, 17))
+        lo, hi = engine.ranges["encoder_hidden_states"]
+        engine.ranges["encoder_hidden_states"] = (lo, (4, 12, 32))   # an engine built with --seq 1:12:12
+        with pytest.raises(VditError, match=r"encoder_hidden_states has seq = 16, outside the engine .*'s profile "
+                                            r"1..12; rebuild with `vdit build --seq MIN:OPT:MAX`"):
+            engine.set_shapes({"encoder_hidden_states": (3, 16, 32)})
+    assert world.leaks() == {}
+    (text_export / NULL_FILE).unlink()
+    with pytest.raises(VditError, match="no null_cond.safetensors"):
+        open_built(text_export, "fp32")
+
+
+def test_real_text_export_builds_and_samples(monkeypatch, tiny_latte_export, tmp_path):
+    """API conformance and control flow (not numerics) on the graphs `vdit export` makes of a diffusers
+    Latte (text-conditioned, learned sigma): both engines build with the seq axis in the profile on
+    TensorRT 10.x fp16 (LayerNorm, Softmax, Pow pinned), and a guided DDIM sample with eta 1 (stochastic
+    steps: noise uploads) runs through warm-up, capture and replay; denoise() takes a shorter prompt."""
+    import shutil
+
+    from vdit_deploy.diffusion import make_steps
+    from vdit_deploy.sampling import sample
+
+    export = shutil.copytree(tiny_latte_export, tmp_path / "export")
+    world = fake(monkeypatch, "10.13.3.9")
+    with open_built(export, "fp16") as rt:
+        assert world.builds[0]["profiles"][0]["null_encoder_hidden_states"][2][1] == rt.contract.axes["seq"][1]
+        steps = make_steps(rt.schedule, "ddim", 4, eta=1.0, learned_variance=False)
+        cond = {"encoder_hidden_states": np.ones((2, *rt.null["encoder_hidden_states"].shape[1:]), np.float32)}
+        video = sample(rt, rt.contract, cond, steps, guidance=2.0, seed=0)
+        assert video.shape == (2, *rt.contract.latent) and rt.cuda_graph
+        assert [kind for kind, _ in world.launches] == ["execute"] * 2 + ["graph"] * 2
+        assert rt.denoise(np.zeros((1, *rt.contract.latent), np.float32), np.ones(1, np.float32),
+                          {"encoder_hidden_states": cond["encoder_hidden_states"][:1, :5]}).shape[1] == 8
+    assert world.leaks() == {}
+    assert world.builds[0]["precisions"]   # fp16 on 10.x: overflow-prone layers pinned
 
 
 def test_cli_build_and_no_build(monkeypatch, export):
