@@ -191,7 +191,8 @@ def activation_elements(cfg: ModelConfig) -> dict[str, int]:
 class GraphSize:
     """What the planner sizes for an architecture other than the built-in one (an export whose
     meta.config is None), read off its denoiser graph: the parameters are the float initializers'
-    elements (exact); the activations are the largest operator's inputs plus outputs for one video at
+    elements (the weights the engine holds: the module's parameters and the constants the exporter
+    folded, such as positional tables); the activations are the largest operator's inputs plus outputs for one video at
     the named axes' max, from ONNX shape inference (a lower bound of what is live: the residual stream
     and TensorRT's fusions are not modelled)."""
     model: str                    # the model's class
