@@ -36,6 +36,14 @@ def test_shipped_profiles_load():
             assert p.unified_memory and p.batch == (1, 1, 1) and p.fixed_shapes
     assert load_profile("orin-nano").dla_cores == 0
     assert load_profile("agx-orin").dla_cores == 2
+    seq = load_profile(_write_any("agx-orin", axes={"seq": 120}))
+    assert seq.axes == {"seq": (120, 120, 120)} and "seq        120:120:120 (fixed)" in seq.describe()
+
+
+def _write_any(name, **changes):
+    import tempfile
+
+    return _write(Path(tempfile.mkdtemp()), name, **changes)
 
 
 def _write(tmp_path, name="orin-nx", **changes):
@@ -68,6 +76,9 @@ def test_edited_profile_with_dla(tmp_path):
     ({"dla_core": 0, "batch": [1, 1, 4]}, "DLA needs fixed shapes"),
     ({"gpu_fallback": "yes"}, "gpu_fallback must be true or false"),
     ({"workspace": 512}, "unknown field(s) workspace"),
+    ({"axes": {"seq": [16, 1, 1]}}, "axes.seq must be [min, opt, max]"),
+    ({"axes": [1, 2, 3]}, "axes must map named axes"),
+    ({"dla_core": 0, "precision": "fp16", "axes": {"seq": [1, 120, 120]}}, "DLA needs fixed shapes: batch (and axes)"),
 ])
 def test_profile_validation(tmp_path, changes, message):
     with pytest.raises(VditError) as e:

@@ -609,6 +609,14 @@ def test_text_export_builds_with_seq_profiles(monkeypatch, text_export, version)
     assert "\n" not in str(e.value) and len(world.builds) == 4
     with pytest.raises(VditError, match="the export has no seq axis"):
         build_export(write_graphs(text_export.parent / "class", CLASS), "fp32", seq="1:2:4", log=lambda m: None)
+    from vdit_deploy.cli import main
+
+    cached = CliRunner().invoke(main, ["build", str(text_export), "--precision", precision, "--batch", "1:2:4",
+                                       "--seq", "1:8:16", "--no-build"])
+    assert cached.exit_code == 0 and cached.stdout.count("batch 1:2:4 seq=1:8:16, cached") == 2, cached.output
+    other = CliRunner().invoke(main, ["build", str(text_export), "--precision", precision, "--batch", "1:2:4",
+                                      "--seq", "1:4:16", "--no-build"])
+    assert other.exit_code == 1 and re.search(r"profile: cached 1:2:4 seq=1:\d+:16, now 1:2:4 seq=1:4:16", other.output)
 
 
 @pytest.mark.parametrize("trt_version", [TRT_10_3, TRT_11])
