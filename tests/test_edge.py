@@ -20,7 +20,7 @@ from vdit_deploy.runtimes.profiles import (DLA_UNSUPPORTED, PROFILE_DIR, WEIGHT_
                                            load_profile, plan_memory, profile_names)
 
 if not hasattr(conftest, "tiny_latte_export"):   # until the shared fixture is in tests/conftest.py
-    from test_trt_api import tiny_latte_export  # noqa: F401
+    from test_trt_api import tiny_latte, tiny_latte_export  # noqa: F401
 
 TARGETS = ("orin-nano", "orin-nx", "agx-orin", "desktop-gpu")
 ROOT = Path(__file__).resolve().parents[1]
