@@ -119,7 +119,7 @@ def parse_labels(labels: tuple[str, ...]) -> list[int]:
 @main.command()
 @click.argument("path", required=False, type=click.Path(path_type=Path))
 def info(path):
-    """Presets with parameter and FLOP counts, or what a checkpoint or export holds."""
+    """Presets with parameter and FLOP counts, or what a checkpoint, diffusers model directory or export holds."""
     from vdit_deploy.config import PRESETS
 
     if path is None:
@@ -134,6 +134,11 @@ def info(path):
     if path.suffix == ".onnx" or (path.is_dir() and any(path.glob("*.onnx"))):
         from vdit_deploy.export.metadata import describe_onnx
         click.echo(describe_onnx(path))
+        return
+    from vdit_deploy.sources import describe_diffusers_dir, is_diffusers_dir
+
+    if is_diffusers_dir(path):
+        click.echo(describe_diffusers_dir(path))
         return
     from vdit_deploy.checkpoint import read_info
 
