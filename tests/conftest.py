@@ -70,3 +70,40 @@ def open_built(export, precision, **options):
     for kind in KINDS:
         find_engine(export, kind, precision, build=True, progress=False, log=lambda m: None)
     return open_runtime("trt", export, precision=precision, **options)
+
+
+def save_tiny_latte(path, out_channels: int = 8, variance_type: str = "learned_range",
+                    prediction_type: str = "epsilon", seed: int = 0):
+    """A tiny random diffusers LatteTransformer3DModel saved as a user would (`save_pretrained`:
+    config.json + diffusion_pytorch_model.safetensors), with a DDPMScheduler's scheduler_config.json
+    beside it. Latents 4x2x8x8, caption width 32; out_channels 8 = eps + learned variance."""
+    import diffusers
+    import torch
+
+    torch.manual_seed(seed)
+    latte = diffusers.LatteTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=out_channels, num_layers=1,
+        cross_attention_dim=16, caption_channels=32, sample_size=8, patch_size=2, video_length=2,
+        norm_type="ada_norm_single", activation_fn="gelu-approximate")
+    with torch.no_grad():   # away from the zero-initialised output layers: outputs that depend on the input
+        for p in latte.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    latte.save_pretrained(path)
+    diffusers.DDPMScheduler(variance_type=variance_type, prediction_type=prediction_type).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_latte(tmp_path_factory):
+    """A tiny text-conditioned, learned-sigma video DiT directory (diffusers Latte, see save_tiny_latte)."""
+    pytest.importorskip("diffusers", reason="pip install 'vdit-deploy[dev]' for the diffusers model tests")
+    return save_tiny_latte(tmp_path_factory.mktemp("latte") / "latte")
+
+
+@pytest.fixture(scope="session")
+def tiny_latte_export(tiny_latte, tmp_path_factory):
+    """tiny_latte exported once (batch 1:4, 1..16 text tokens): conditioning encoder_hidden_states
+    float32 (batch, seq, 32), output eps+var (8 channels), null_cond.safetensors zeros (1, 16, 32)."""
+    from vdit_deploy.export.onnx_export import export_checkpoint
+
+    return export_checkpoint(tiny_latte, tmp_path_factory.mktemp("onnx") / "latte", batch=(1, 4), seq=(1, 16))

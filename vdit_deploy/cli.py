@@ -119,7 +119,7 @@ def parse_labels(labels: tuple[str, ...]) -> list[int]:
 @main.command()
 @click.argument("path", required=False, type=click.Path(path_type=Path))
 def info(path):
-    """Presets with parameter and FLOP counts, or what a checkpoint or export holds."""
+    """Presets with parameter and FLOP counts, or what a checkpoint, diffusers model directory or export holds."""
     from vdit_deploy.config import PRESETS
 
     if path is None:
@@ -134,6 +134,11 @@ def info(path):
     if path.suffix == ".onnx" or (path.is_dir() and any(path.glob("*.onnx"))):
         from vdit_deploy.export.metadata import describe_onnx
         click.echo(describe_onnx(path))
+        return
+    from vdit_deploy.sources import describe_diffusers_dir, is_diffusers_dir
+
+    if is_diffusers_dir(path):
+        click.echo(describe_diffusers_dir(path))
         return
     from vdit_deploy.checkpoint import read_info
 
@@ -216,11 +221,13 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
             if labels:
                 raise VditError("give --label or --cond, not both")
             cond = read_cond(cond_file, contract)
-        elif contract.label_input() is None:
+        elif labels or contract.label_input() is not None:
+            cond = as_cond(contract, labels or [0])     # a text model refuses labels here
+        else:
             raise VditError(f"this model is conditioned on {contract.describe_cond()}: pass --cond FILE.safetensors "
                             "(README: your own model)")
-        else:
-            cond = as_cond(contract, labels or [0])
+        if guidance != 1.0:    # before the first step: a null conditioning of another length is refused
+            contract.null_batch(rt.null, cond)
         b = contract.batch_of(cond)
         check_memory(4 * 8 * b * math.prod(contract.latent), f"sampling {b} videos")   # video, noise, state
         plan = make_steps(rt.schedule, sampler, steps, eta, order=order, spacing=spacing,
@@ -249,9 +256,12 @@ def learned_variance(contract, sampler: str) -> bool:
 @click.option("--device", default=None, help="--runtime torch: cpu, cuda or cuda:N (default: cuda where there is one).")
 @click.option("--compile", "compile_mode", type=click.Choice(COMPILE_MODES),
               default=None, help="--runtime torch: torch.compile the sampler step (reduce-overhead: CUDA graphs).")
+@click.option("--null", "null_file", type=click.Path(path_type=Path), default=None,
+              help="--runtime torch on a diffusers model: the null conditioning (.safetensors, batch 1), as given "
+                   "to `vdit export --null` (an export carries its own). Default: zeros.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .gif, .mp4 or .npy.")
 def sample(checkpoint, onnx_path, labels, cond_file, sampler, steps, order, spacing, eta, guidance, seed, runtime,
-           precision, device, compile_mode, out):
+           precision, device, compile_mode, null_file, out):
     """Sample videos (DPM-Solver++, UniPC, DDIM or DDPM) from a model directory (vdit checkpoint or
     diffusers save_pretrained) or an ONNX export. A .npy output holds the latents; a .gif/.mp4 shows
     them (a latent-space model's video needs its VAE decoder, which is not bundled)."""
@@ -264,12 +274,16 @@ def sample(checkpoint, onnx_path, labels, cond_file, sampler, steps, order, spac
         from vdit_deploy.checkpoint import SHIPPED
         artifact = checkpoint or SHIPPED
         options = {"device": device, "compile": compile_mode}
+        if null_file is not None:
+            from vdit_deploy.sources import load_source
+            options["source"] = load_source(artifact, device or "cpu", null_file=null_file)
     else:
         if onnx_path is None:
             raise VditError(f"--runtime {runtime} samples from an export: pass --onnx DIR (see `vdit export`)")
-        if device or compile_mode:
-            raise VditError("--device and --compile are for --runtime torch (ONNX Runtime picks its provider; "
-                            "TensorRT runs on the GPU its engine was built for)")
+        if device or compile_mode or null_file:
+            raise VditError("--device, --compile and --null are for --runtime torch (ONNX Runtime picks its provider; "
+                            "TensorRT runs on the GPU its engine was built for; an export carries its null "
+                            "conditioning)")
         artifact = onnx_path
     videos, times, desc = run_sampler(runtime, artifact, precision, parse_labels(labels), sampler, steps,
                                       eta, guidance, seed, options, order=order, spacing=spacing, cond_file=cond_file)

@@ -13,6 +13,7 @@ Python callers with their own nn.Module build a Source directly: Source(module, 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,7 +157,9 @@ def load_diffusers_source(path, device: str = "cpu", class_name: str | None = No
     weights_bytes = sum(p.stat().st_size for p in weights)
     check_memory(int(weights_bytes * 1.2), f"loading {path}")
     try:
-        net = cls.from_pretrained(str(path), use_safetensors=True, low_cpu_mem_usage=True, torch_dtype=torch.float32)
+        # without accelerate, diffusers initialises the weights before loading them (twice the memory)
+        net = cls.from_pretrained(str(path), use_safetensors=True, torch_dtype=torch.float32,
+                                  low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
     except Exception as e:   # diffusers raises OSError, ValueError, EnvironmentError...
         raise VditError(f"{cls_name}.from_pretrained({path}) failed: {type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}") from None
@@ -210,6 +213,30 @@ def diffusers_contract(path: Path, config: dict, cls_name: str, output, schedule
         raise VditError(f"{path}: output kind {output} means {contract.out_channels} output channels, the model "
                         f"has {out_channels}")
     return contract
+
+
+def describe_diffusers_dir(path) -> str:
+    """What `vdit export` would take from a diffusers directory, read from its JSON and the safetensors
+    headers (no weights loaded): class, contract, parameters."""
+    import struct
+
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    params, files = 0, sorted(path.glob(f"{DIFFUSERS_WEIGHTS}*.safetensors"))
+    for file in files:
+        with open(file, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        params += sum(int(np.prod(t["shape"])) for k, t in header.items() if k != "__metadata__")
+    cls_name = f"diffusers:{config['_class_name']}"
+    try:
+        c = diffusers_contract(path, config, cls_name, None, None, None, (), None, None)
+        contract = (f"latent {list(c.latent)}, output {c.output}, cond {c.describe_cond()}\n"
+                    f"schedule    {json.dumps(c.schedule.to_dict())}")
+    except VditError as e:
+        contract = f"(export needs options: {e})"
+    return "\n".join([f"diffusers model  {path}  ({cls_name})", f"contract    {contract}",
+                      f"weights     {len(files)} safetensors file(s), {params:,} parameters "
+                      f"({sum(f.stat().st_size for f in files) / 1e9:.2f} GB)"])
 
 
 def zero_null(contract: Contract) -> dict:
