@@ -12,15 +12,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import conftest
 from vdit_deploy.cli import main
 from vdit_deploy.config import PRESETS, preset
 from vdit_deploy.errors import VditError
 from vdit_deploy.runtimes.profiles import (DLA_UNSUPPORTED, PROFILE_DIR, WEIGHT_BYTES, activation_elements,
                                            load_profile, plan_memory, profile_names)
-
-if not hasattr(conftest, "tiny_latte_export"):   # until the shared fixture is in tests/conftest.py
-    from test_trt_api import tiny_latte, tiny_latte_export  # noqa: F401
 
 TARGETS = ("orin-nano", "orin-nx", "agx-orin", "desktop-gpu")
 ROOT = Path(__file__).resolve().parents[1]

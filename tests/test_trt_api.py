@@ -18,7 +18,6 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-import conftest
 import trt_fake
 from conftest import open_built
 from trt_fake import CUDART_VERSIONS, TRT_SUPPORTED, TRT_UNSUPPORTED, World, install, surface
@@ -149,39 +148,6 @@ def calibration_set(root: Path, contract: Contract = CLASS, n: int = 4) -> Path:
         shape = [n, *shape[1:]] if spec["shape"][0] == "batch" else [n, *shape]
         np.save(root / f"{spec['name']}.npy", rng.integers(0, 2, shape).astype(spec["dtype"]))
     return root
-
-
-if not hasattr(conftest, "tiny_latte_export"):   # until the shared fixtures are in tests/conftest.py
-    @pytest.fixture(scope="session")
-    def tiny_latte(tmp_path_factory):
-        """A tiny random diffusers Latte (text-conditioned, learned sigma) saved with save_pretrained, a
-        DDPMScheduler config beside it; made once per session, whichever test module asks first."""
-        diffusers = pytest.importorskip("diffusers", reason="pip install 'vdit-deploy[dev]'")
-        import torch
-
-        root = tmp_path_factory.getbasetemp() / "latte-fallback" / "model"
-        if not (root / "scheduler_config.json").is_file():
-            torch.manual_seed(0)
-            latte = diffusers.LatteTransformer3DModel(
-                num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
-                cross_attention_dim=16, caption_channels=32, sample_size=8, patch_size=2, video_length=2,
-                norm_type="ada_norm_single", activation_fn="gelu-approximate")
-            with torch.no_grad():   # away from the zero-initialised output layers
-                for p in latte.parameters():
-                    p.add_(0.05 * torch.randn_like(p))
-            latte.save_pretrained(root)
-            diffusers.DDPMScheduler(variance_type="learned_range").save_pretrained(root)
-        return root
-
-    @pytest.fixture(scope="session")
-    def tiny_latte_export(tiny_latte):
-        """tiny_latte exported (batch 1:4, seq 1..16)."""
-        from vdit_deploy.export.onnx_export import export_checkpoint
-
-        out = tiny_latte.parent / "export"
-        if not (out / "step.onnx").is_file():
-            export_checkpoint(tiny_latte, out, batch=(1, 4), seq=(1, 16))
-        return out
 
 
 def fake(monkeypatch, trt_version=TRT_10_3, cudart_version="12.9.10", **world) -> World:

@@ -4,11 +4,7 @@ installs them and runs `pytest -m gpu`)."""
 import numpy as np
 import pytest
 
-import conftest
 from conftest import open_built, trt_skip_reason
-
-if not hasattr(conftest, "tiny_latte_export"):   # until the shared fixtures are in tests/conftest.py
-    from test_trt_api import tiny_latte, tiny_latte_export  # noqa: F401
 
 REASON = trt_skip_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
