@@ -270,8 +270,6 @@ def parse_config(path):
 
 
 def test_serve_export_writes_a_valid_repository(tiny_export, tmp_path):
-    import onnx
-
     from vdit_deploy.export.metadata import read_metadata
 
     repo = tmp_path / "models"
