@@ -477,7 +477,7 @@ def calibration_cache(export: str | Path, calib_dir, batch: int = 2,
 
     onnx_path = find_onnx(export, DENOISER)
     meta = read_metadata(onnx_path)
-    load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.config)   # refuse a foreign set first
+    load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.contract)   # refuse a foreign set first
     lo, hi = meta.batch_range()
     _, facts = build_engine(onnx_path, "int8", default_profile(meta, AxisProfile(lo, min(max(batch, lo), hi), hi)),
                             calibration=calib_dir, log=log)
