@@ -12,7 +12,7 @@ PyTorch eager fp32 on the same inputs (eps relative L2) and the same noise (fina
 and OUT/gpu_table.md at the end. Run by benchmarks/gpu_check.sh; needs an NVIDIA GPU.
 
 "outside %" = 1 - steps x (one step of the bare graph, inputs already on the GPU) / (sample wall time):
-the host's share of a sample (uploads of t, y, coefs and noise, bindings, Python, launches not hidden
+the host's share of a sample (uploads of t, the conditioning, coefs and noise, bindings, Python, launches not hidden
 behind the GPU). Target: < 5%.
 """
 from __future__ import annotations
@@ -43,15 +43,19 @@ def config_for(name: str):
     return preset(name)
 
 
-def bare_step_seconds(rt, x, t, y, guidance, coefs, noise, repeats: int, sync) -> float | None:
+def bare_step_seconds(rt, x, t, cond, guidance, coefs, noise, repeats: int, sync) -> float | None:
     """One fused step with every input already on the GPU and nothing else: the floor a sample's
-    steps cannot go under. Reaches into the runtime on purpose: it times the graph, not the wrapper."""
-    import torch
+    steps cannot go under. Reaches into the runtime on purpose: it times the graph, not the wrapper.
+    `cond`: the conditioning of x's videos; the null conditioning is the runtime's own."""
+    from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE
 
+    null = rt.contract.null_batch(rt.null, cond)
     if rt.name == "torch":
+        import torch
+
         dev = lambda a, dt=torch.float32: torch.from_numpy(np.ascontiguousarray(a)).to(rt.device, dt)   # noqa: E731
-        args = (dev(x), dev(np.full(len(y), t, np.float32)), dev(y, torch.int32), dev(np.float32([guidance])),
-                dev(coefs), dev(noise), dev(np.zeros_like(x)), dev(np.zeros_like(x)))   # + solver state
+        args = (dev(x), dev(np.full(len(x), t, np.float32)), *rt._cond(cond), *rt._cond(null),
+                dev(np.float32([guidance])), dev(coefs), dev(noise), dev(np.zeros_like(x)), dev(np.zeros_like(x)))
 
         def run():
             if rt.compile:
@@ -61,14 +65,11 @@ def bare_step_seconds(rt, x, t, y, guidance, coefs, noise, repeats: int, sync) -
     if rt.name == "ort" and rt.fused is not None:
         import onnxruntime as ort
 
-        from vdit_deploy.diffusion import SINGLE_STEP_COEFS
-        from vdit_deploy.export.metadata import STEP_STATE
-
         graph = rt.fused
         binding = graph.session.io_binding()
-        state = {name: np.zeros_like(x) for name, _ in STEP_STATE} if graph.has_state else {}
-        feeds = graph.feeds(x_t=x, t=np.full(len(y), t, np.float32), y=y, guidance=np.float32([guidance]),
-                            coefs=coefs if graph.has_state else coefs[:SINGLE_STEP_COEFS], noise=noise, **state)
+        feeds = graph.feeds(x_t=x, t=np.full(len(x), t, np.float32), **cond,
+                            **{NULL_PREFIX + k: v for k, v in null.items()}, guidance=np.float32([guidance]),
+                            coefs=coefs, noise=noise, **{name: np.zeros_like(x) for name, _ in STEP_STATE})
         for name, value in feeds.items():
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, graph.device_type, 0))
         for output in graph.output_names:
@@ -116,19 +117,21 @@ def bench_runtime(label, opener, cfg, steps_n, repeats, reference, device):
     t_open = time.perf_counter()
     rt = opener()
     try:
-        steps = make_steps(rt.schedule, "ddim", steps_n)
+        contract = rt.contract
+        steps = make_steps(rt.schedule, "ddim", steps_n, prediction=contract.prediction)
         rng = np.random.default_rng(0)
-        x = rng.standard_normal((2, *cfg.video_shape), dtype=np.float32)
+        x = rng.standard_normal((2, *contract.latent), dtype=np.float32)
         t = np.full(2, steps[len(steps) // 2].t, np.float32)
-        y = np.array([1, cfg.null_label], np.int32)
-        eps = rt.denoise(x, t, y)
+        cond = contract.labels([1])                                # one video's conditioning ...
+        both = {k: np.concatenate([v, rt.null[k]]) for k, v in cond.items()}   # ... and the null: guided batch 2
+        out = rt.denoise(x, t, both)
         open_s = time.perf_counter() - t_open
-        call = median_seconds(lambda: rt.denoise(x, t, y), repeats)
-        sample(rt, cfg, [1], steps, guidance=2.0, seed=0)        # warm-up: compile, capture, autotune
+        call = median_seconds(lambda: rt.denoise(x, t, both), repeats)
+        sample(rt, contract, cond, steps, guidance=2.0, seed=0)        # warm-up: compile, capture, autotune
         times = SampleTimes()
-        video = sample(rt, cfg, [1], steps, guidance=2.0, seed=0, times=times)
+        video = sample(rt, contract, cond, steps, guidance=2.0, seed=0, times=times)
         mid = steps[len(steps) // 2]
-        bare = bare_step_seconds(rt, x[:1], mid.t, y[:1], 2.0, mid.coefs, np.zeros_like(x[:1]), repeats,
+        bare = bare_step_seconds(rt, x[:1], mid.t, cond, 2.0, mid.coefs, np.zeros_like(x[:1]), repeats,
                                  memory.sync)
         row = {"runtime": label, "describe": rt.describe(), "open_s": open_s, "denoise_ms": 1e3 * call,
                "step_ms": 1e3 * float(np.median(times.steps)), "sample_s": times.total,
@@ -139,11 +142,11 @@ def bench_runtime(label, opener, cfg, steps_n, repeats, reference, device):
     finally:
         rt.close()
     if reference is not None:
-        row["eps_rel_l2"] = rel_l2(eps, reference[0])
+        row["eps_rel_l2"] = rel_l2(out, reference[0])
         row["video_psnr_db"] = psnr(video, reference[1])
     if not np.isfinite(video).all():
         row["error"] = "non-finite values in the sampled video"
-    return row, (eps, video)
+    return row, (out, video)
 
 
 def open_trt(export: Path, precision: str):

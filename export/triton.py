@@ -4,11 +4,16 @@
     DIR/vdit_denoiser/1/model.onnx   (or model.plan)
     DIR/vdit_sampler/config.pbtxt    the DDIM loop as a Python-backend model
     DIR/vdit_sampler/1/model.py      calls the denoiser once per step through BLS
+    DIR/vdit_sampler/1/null_cond.safetensors   the export's null conditioning (guidance's other half)
 
-One sampler request (labels, seed, steps, guidance, eta) runs a whole DDIM loop; the denoiser calls of
-concurrent requests are batched together by Triton's dynamic batcher, so throughput grows with load and
-the denoiser model can have instances on many GPUs. The step math is vdit_deploy's (the same noise for
-the same seed as `vdit sample`): the server's Python needs `pip install --no-deps vdit-deploy tqdm`.
+One sampler request (the model contract's conditioning, each input by its name: `y` labels for the
+built-in model, `encoder_hidden_states` (B, L, D) text embeddings for a Latte; optional seed, steps,
+guidance, eta) runs a whole DDIM loop; the loop pairs the request's conditioning with the null
+conditioning it read from null_cond.safetensors beside model.py, so a client never sends it. The
+denoiser calls of concurrent requests are batched together by Triton's dynamic batcher (requests whose
+named axes, e.g. the token count, are equal), so throughput grows with load and the denoiser model can
+have instances on many GPUs. The step math is vdit_deploy's (the same noise for the same seed as
+`vdit sample`): the server's Python needs `pip install --no-deps vdit-deploy tqdm safetensors`.
 Nothing here imports tritonclient or torch; tests validate the configs against Triton's protobuf schema.
 """
 from __future__ import annotations
@@ -19,38 +24,50 @@ from pathlib import Path
 
 import numpy as np
 
+from vdit_deploy.contract import NULL_FILE, Contract, load_null
 from vdit_deploy.errors import VditError
 from vdit_deploy.files import atomic_path, check_inside
 
 DENOISER_MODEL, SAMPLER_MODEL = "vdit_denoiser", "vdit_sampler"
-TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64"}
+TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
+                 "bool": "TYPE_BOOL"}
 MAX_QUEUE_DELAY_US = 2000   # how long a denoiser call may wait for others to batch with
+OPTIONS = {"seed": ("TYPE_INT64", 0), "steps": ("TYPE_INT32", 50), "guidance": ("TYPE_FP32", 2.0),
+           "eta": ("TYPE_FP32", 0.0)}   # the sampler's optional request inputs and their defaults
 
 
 # ---- the sampling loop the Python model runs ----------------------------------------------------
-def sample_request(denoise, cfg, schedule, labels, seed: int = 0, steps: int = 50, guidance: float = 2.0,
-                   eta: float = 0.0, max_videos: int | None = None) -> np.ndarray:
-    """One request: DDIM over `denoise(x_t, t, y) -> eps` (a BLS call in Triton). -> (B, C, F, H, W) fp32."""
+def sample_request(denoise, contract: Contract, cond: dict, null: dict, seed: int = 0, steps: int = 50,
+                   guidance: float = 2.0, eta: float = 0.0, max_videos: int | None = None) -> np.ndarray:
+    """One request: DDIM over `denoise(x_t, t, cond) -> out` (a BLS call in Triton), `cond` the
+    request's conditioning by name (batch first), `null` the export's batch-1 null conditioning.
+    -> (B, C, F, H, W) fp32."""
     from vdit_deploy.diffusion import make_steps
     from vdit_deploy.sampling import sample
 
-    labels = np.asarray(labels).reshape(-1)
-    if labels.size == 0:
-        raise VditError("label: give at least one class label")
-    if max_videos is not None and labels.size > max_videos:
-        raise VditError(f"label: at most {max_videos} videos per request (the denoiser's batch limit), "
-                        f"got {labels.size}")
-    plan = make_steps(schedule, "ddim", int(steps), float(eta))
-    return sample(denoise, cfg, labels, plan, float(guidance), int(seed))
+    cond = contract.check_cond(cond, what="request")
+    b = contract.batch_of(cond)
+    if b == 0:
+        raise VditError(f"{contract.names[0]}: give the conditioning of at least one video")
+    if max_videos is not None and b > max_videos:
+        raise VditError(f"{contract.names[0]}: at most {max_videos} videos per request (the denoiser's batch limit), "
+                        f"got {b}")
+    plan = make_steps(contract.schedule, "ddim", int(steps), float(eta), prediction=contract.prediction)
+    return sample(denoise, contract, cond, plan, float(guidance), int(seed), null=null)
 
 
 # ---- config.pbtxt ---------------------------------------------------------------------------------
+def _dims(shape) -> list[int]:
+    """Per-sample dims: sizes, and -1 for a named (variable) axis such as the token count."""
+    return [d if isinstance(d, int) else -1 for d in shape]
+
+
 def _tensor(spec: dict) -> str:
     """An export io spec {name, shape, dtype} -> a Triton input/output entry. With batching Triton owns
     axis 0; a per-sample scalar (shape [batch]) is sent as [batch, 1] and reshaped to [batch]."""
     if spec["dtype"] not in TRITON_DTYPES:
         raise VditError(f"tensor {spec['name']}: dtype {spec['dtype']} has no Triton type here")
-    dims = [int(d) for d in spec["shape"][1:]]
+    dims = _dims(spec["shape"][1:])
     reshape = ""
     if not dims:
         dims, reshape = [1], " reshape: { shape: [ ] }"
@@ -79,26 +96,24 @@ def denoiser_config(io: dict, platform: str, max_batch: int, instances: int) -> 
 
 
 def sampler_config(meta, max_videos: int, instances: int) -> str:
-    c, f, h, w = meta.config.video_shape
+    contract = meta.contract
+    cond = [f'  {{ name: "{c.name}" data_type: {TRITON_DTYPES[c.dtype]} dims: [ {", ".join(map(str, _dims(c.shape)))} ] }}'
+            for c in contract.cond]
+    options = [f'  {{ name: "{name}" data_type: {dtype} dims: [ 1 ] optional: true }}'
+               for name, (dtype, _) in OPTIONS.items()]
     return "\n".join([
         f'name: "{SAMPLER_MODEL}"',
         'backend: "python"',
         "max_batch_size: 0   # one request = one sampling job; batching happens at the denoiser",
-        "input [",
-        '  { name: "label" data_type: TYPE_INT32 dims: [ -1 ] },',
-        '  { name: "seed" data_type: TYPE_INT64 dims: [ 1 ] optional: true },',
-        '  { name: "steps" data_type: TYPE_INT32 dims: [ 1 ] optional: true },',
-        '  { name: "guidance" data_type: TYPE_FP32 dims: [ 1 ] optional: true },',
-        '  { name: "eta" data_type: TYPE_FP32 dims: [ 1 ] optional: true }',
-        "]",
+        f"# the conditioning: {contract.describe_cond()} (one row per video)",
+        "input [", ",\n".join(cond + options), "]",
         "output [",
-        f'  {{ name: "video" data_type: TYPE_FP32 dims: [ -1, {c}, {f}, {h}, {w} ] }}',
+        f'  {{ name: "video" data_type: TYPE_FP32 dims: [ -1, {", ".join(map(str, contract.latent))} ] }}',
         "]",
         "# concurrent sampling loops: their denoiser calls are what the dynamic batcher batches",
         f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]",
         _param("denoiser", DENOISER_MODEL),
-        _param("model_config", meta.config.to_json()),
-        _param("schedule", json.dumps(meta.schedule.to_dict(), sort_keys=True)),
+        _param("contract", json.dumps(contract.to_dict(), sort_keys=True)),
         _param("max_videos", str(max_videos)),
         _param("checkpoint_sha256", meta.checkpoint_sha256),
         ""])
@@ -106,19 +121,20 @@ def sampler_config(meta, max_videos: int, instances: int) -> str:
 
 MODEL_PY = '''"""Triton Python-backend model: vdit DDIM sampling, one BLS call to {denoiser} per step.
 
-Generated by `vdit serve-export`. Needs vdit-deploy in the server's Python: pip install --no-deps vdit-deploy tqdm
-Inputs: label int32 [B]; optional seed int64 [1] (0), steps int32 [1] (50), guidance fp32 [1] (2.0),
-eta fp32 [1] (0.0). Output: video fp32 [B, C, F, H, W] in [-1, 1], the same as `vdit sample --seed`.
+Generated by `vdit serve-export`. Needs vdit-deploy in the server's Python:
+    pip install --no-deps vdit-deploy tqdm safetensors
+Inputs: the model contract's conditioning by name ({cond}), one row per video; optional seed int64 [1]
+(0), steps int32 [1] (50), guidance fp32 [1] (2.0), eta fp32 [1] (0.0). The null conditioning guidance
+pairs it with is null_cond.safetensors beside this file. Output: video fp32 [B, C, F, H, W] in [-1, 1],
+the same as `vdit sample --seed`.
 """
 import json
+from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from vdit_deploy.config import ModelConfig
-from vdit_deploy.diffusion import Schedule
-from vdit_deploy.export.triton import sample_request
-
-DEFAULTS = {{"seed": 0, "steps": 50, "guidance": 2.0, "eta": 0.0}}
+from vdit_deploy.contract import Contract, load_null
+from vdit_deploy.export.triton import OPTIONS, sample_request
 
 
 class TritonPythonModel:
@@ -126,27 +142,29 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {{k: v["string_value"] for k, v in config.get("parameters", {{}}).items()}}
         self.denoiser = params["denoiser"]
-        self.config = ModelConfig.from_dict(json.loads(params["model_config"]))
-        self.schedule = Schedule(**json.loads(params["schedule"]))
+        self.contract = Contract.from_dict(json.loads(params["contract"]))
+        self.null = load_null(self.contract, Path(__file__).parent)   # checked against the contract's hash
         self.max_videos = int(params["max_videos"])
         # the denoiser may run on a GPU: ask Triton for its output in host memory (numpy math here)
         self.cpu = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
 
-    def denoise(self, x_t, t, y):
-        # x_t (2B, C, F, H, W) with guidance; t, y (2B,) go as (2B, 1): the denoiser config reshapes them
-        request = pb_utils.InferenceRequest(
-            model_name=self.denoiser, requested_output_names=["eps"],
-            inputs=[pb_utils.Tensor("x_t", x_t), pb_utils.Tensor("t", t.reshape(-1, 1)),
-                    pb_utils.Tensor("y", y.reshape(-1, 1))],
-            preferred_memory=self.cpu)
+    def denoise(self, x_t, t, cond):
+        # x_t (2B, C, F, H, W) with guidance; per-sample scalars (t, a label) go as (2B, 1): the
+        # denoiser config reshapes them to (2B,)
+        scalar = lambda a: a.reshape(-1, 1) if a.ndim == 1 else a
+        inputs = [pb_utils.Tensor("x_t", x_t), pb_utils.Tensor("t", scalar(t))]
+        inputs += [pb_utils.Tensor(name, scalar(value)) for name, value in cond.items()]
+        request = pb_utils.InferenceRequest(model_name=self.denoiser, requested_output_names=["out"],
+                                            inputs=inputs, preferred_memory=self.cpu)
         response = request.exec()
         if response.has_error():
             raise pb_utils.TritonModelException(response.error().message())
-        return pb_utils.get_output_tensor_by_name(response, "eps").as_numpy()
+        return pb_utils.get_output_tensor_by_name(response, "out").as_numpy()
 
     def read(self, request):
-        args = {{"labels": pb_utils.get_input_tensor_by_name(request, "label").as_numpy()}}
-        for name, default in DEFAULTS.items():
+        args = {{"cond": {{name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+                         for name in self.contract.names}}}}
+        for name, (_, default) in OPTIONS.items():
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             args[name] = type(default)(tensor.as_numpy().reshape(-1)[0]) if tensor is not None else default
         return args
@@ -155,7 +173,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                video = sample_request(self.denoise, self.config, self.schedule, max_videos=self.max_videos,
+                video = sample_request(self.denoise, self.contract, null=self.null, max_videos=self.max_videos,
                                        **self.read(request))
                 responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("video", video)]))
             except Exception as e:   # a bad request fails alone, with its message
@@ -165,9 +183,10 @@ class TritonPythonModel:
 
 
 # ---- the repository -----------------------------------------------------------------------------
-def _engine_batch(engine: Path) -> tuple[int, str]:
-    """A `vdit build` engine -> (its max batch, a note on where it runs), from the manifest beside it."""
-    from vdit_deploy.runtimes.engine_cache import BatchProfile, EngineCache
+def _engine_batch(engine: Path, contract: Contract) -> tuple[int, str]:
+    """A `vdit build` engine -> (its max batch, a note on where it runs), from the manifest beside it,
+    refused when it was built for another model contract than the export's."""
+    from vdit_deploy.runtimes.engine_cache import EngineCache, EngineProfile, contract_digest
 
     manifest_path = engine.with_suffix(".json")
     if not engine.is_file() or not manifest_path.is_file():
@@ -177,11 +196,15 @@ def _engine_batch(engine: Path) -> tuple[int, str]:
         raise VditError(f"{engine} is a {manifest.get('kind')} engine; the Triton sampler calls the denoiser: "
                         "build a denoiser engine with `vdit build`")
     key = manifest["key"]
-    profile = BatchProfile.parse(key["profile"])
-    if profile.min != 1:
-        raise VditError(f"{engine} accepts batch {profile}; Triton's dynamic batcher needs batch 1 to be allowed")
-    return profile.max, (f"the plan runs only on {key['gpu']} (sm {key['compute_capability']}) with TensorRT "
-                         f"{key['tensorrt']}: use the Triton container that ships that TensorRT")
+    if key["contract"] != contract_digest(contract):
+        raise VditError(f"{engine} was built from an export of another model contract than this one's "
+                        f"({contract.describe_cond()}); build it from this export with `vdit build`")
+    profile = EngineProfile.parse(key["profile"])
+    if profile.batch.min != 1:
+        raise VditError(f"{engine} accepts batch {profile.batch}; Triton's dynamic batcher needs batch 1 to be allowed")
+    axes = "".join(f"; {name} {p.min}..{p.max} only" for name, p in profile.axes)
+    return profile.batch.max, (f"the plan runs only on {key['gpu']} (sm {key['compute_capability']}) with TensorRT "
+                               f"{key['tensorrt']}{axes}: use the Triton container that ships that TensorRT")
 
 
 def write_triton_repo(export_dir: str | Path, out_dir: str | Path, engine: str | Path | None = None,
@@ -199,7 +222,7 @@ def write_triton_repo(export_dir: str | Path, out_dir: str | Path, engine: str |
     notes = []
     if engine is not None:
         engine = Path(engine)
-        max_batch, note = _engine_batch(engine)
+        max_batch, note = _engine_batch(engine, meta.contract)
         platform, model_file = "tensorrt_plan", "model.plan"
         notes.append(note)
     else:
@@ -227,7 +250,10 @@ def write_triton_repo(export_dir: str | Path, out_dir: str | Path, engine: str |
         (tmp / DENOISER_MODEL / "config.pbtxt").write_text(denoiser_config(meta.io, platform, max_batch, instances))
         sam = tmp / SAMPLER_MODEL / "1"
         sam.mkdir(parents=True)
-        (sam / "model.py").write_text(MODEL_PY.format(denoiser=DENOISER_MODEL))
+        (sam / "model.py").write_text(MODEL_PY.format(denoiser=DENOISER_MODEL, cond=meta.contract.describe_cond()))
+        if meta.contract.cond:   # the loop's half of guidance, checked against the contract when loaded
+            load_null(meta.contract, onnx_path.parent)
+            shutil.copyfile(onnx_path.parent / NULL_FILE, sam / NULL_FILE)
         (tmp / SAMPLER_MODEL / "config.pbtxt").write_text(sampler_config(meta, max_videos, sampler_instances))
     notes.append(f"{SAMPLER_MODEL}: up to {max_videos} videos per request; {DENOISER_MODEL}: {platform}, "
                  f"dynamic batching up to {max_batch}")

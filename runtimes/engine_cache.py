@@ -1,62 +1,66 @@
 """TensorRT engine cache: an engine is reused only where it was built for exactly this situation.
 
-A TensorRT engine is a compiled plan for one ONNX graph, one precision, one optimization profile, one
-TensorRT version and one GPU (its name and compute capability). Each engine file sits beside a JSON
+A TensorRT engine is a compiled plan for one ONNX graph of one model contract, one precision, one
+optimization profile (the batch and the contract's named axes), one TensorRT version and one GPU (its
+name and compute capability). Each engine file sits beside a JSON
 manifest holding those fields (the key) and the engine's own sha256; `EngineCache.lookup` compares
 the key field by field so that a refusal can say *which* one changed. Pure Python and torch-free:
 TensorRT and cuda-python are imported only by `import_tensorrt()` / `import_cudart()` and `gpu_info()`.
 
 Layout of a cache directory (default: <export dir>/engines):
-    step.fp16.b1-2-8.engine        the serialized plan
+    step.fp16.b1-2-8.engine        the serialized plan (a text model's: step.fp16.b1-2-8.seq1-120-120.engine)
     step.fp16.b1-2-8.json          its manifest
     timing.cache                   TensorRT's tactic timing cache, shared by every build here
 """
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from vdit_deploy.contract import BATCH
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.variants import ENGINE_PRECISIONS
 from vdit_deploy.files import atomic_path, sha256_file
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2   # 2: the model contract and the named axes' ranges are part of the key
 TIMING_CACHE = "timing.cache"
 
 
 # ---- optimization profile --------------------------------------------------------------------------
 @dataclass(frozen=True)
-class BatchProfile:
-    """The batch range an engine accepts: TensorRT tunes for `opt` and runs anything in [min, max]."""
+class AxisProfile:
+    """The range of one dynamic axis (the batch, or a named axis such as "seq"): TensorRT tunes for
+    `opt` and runs anything in [min, max]."""
     min: int
     opt: int
     max: int
 
     def __post_init__(self):
         if not 1 <= self.min <= self.opt <= self.max:
-            raise VditError(f"batch profile must satisfy 1 <= MIN <= OPT <= MAX, got {self}")
+            raise VditError(f"a profile range must satisfy 1 <= MIN <= OPT <= MAX, got {self}")
 
     @classmethod
-    def parse(cls, text: str) -> "BatchProfile":
-        """'1:2:8' -> min 1, opt 2, max 8; '4' -> fixed batch 4; 'MIN:MAX' -> opt = max."""
+    def parse(cls, text: str, option: str = "--batch") -> "AxisProfile":
+        """'1:2:8' -> min 1, opt 2, max 8; '4' -> fixed 4; 'MIN:MAX' -> opt = max."""
         parts = str(text).strip().split(":")
         try:
             values = [int(p) for p in parts]
         except ValueError:
-            raise VditError(f"--batch takes MIN:OPT:MAX integers (e.g. 1:2:8), got {text!r}") from None
+            raise VditError(f"{option} takes MIN:OPT:MAX integers (e.g. 1:2:8), got {text!r}") from None
         if len(values) == 1:
             values *= 3
         elif len(values) == 2:
             values = [values[0], values[1], values[1]]
         elif len(values) != 3:
-            raise VditError(f"--batch takes MIN:OPT:MAX (e.g. 1:2:8), got {text!r}")
+            raise VditError(f"{option} takes MIN:OPT:MAX (e.g. 1:2:8), got {text!r}")
         return cls(*values)
 
     @classmethod
-    def fixed(cls, batch: int) -> "BatchProfile":
-        return cls(batch, batch, batch)
+    def fixed(cls, size: int) -> "AxisProfile":
+        return cls(size, size, size)
 
     @property
     def is_fixed(self) -> bool:
@@ -65,26 +69,67 @@ class BatchProfile:
     def __str__(self) -> str:
         return f"{self.min}:{self.opt}:{self.max}"
 
-    def shapes(self, inputs: dict[str, tuple]) -> dict[str, tuple[tuple, tuple, tuple]]:
-        """Input name -> (min, opt, max) shapes. Axis 0 of batched inputs is -1 (dynamic) or a
-        'batch' string in `inputs`; any other dimension must be static."""
-        out = {}
-        for name, shape in inputs.items():
-            dims = list(shape)
-            batched = bool(dims) and (dims[0] == -1 or isinstance(dims[0], str))
-            rest = dims[1:] if batched else dims
-            if any(isinstance(d, str) or d < 0 for d in rest):
-                raise VditError(f"input {name} has a dynamic axis other than the batch: {tuple(shape)}")
-            if batched:
-                out[name] = tuple((b, *rest) for b in (self.min, self.opt, self.max))
-            else:
-                out[name] = (tuple(rest),) * 3
-        return out
+    def check(self, size: int, what: str = "batch") -> None:
+        if not self.min <= size <= self.max:
+            option = "--batch" if what == "batch" else f"--{what}"
+            raise VditError(f"{what} {size} is outside the engine's profile {self} "
+                            f"(rebuild with `vdit build {option} MIN:OPT:MAX` covering it)")
 
-    def check(self, batch: int) -> None:
-        if not self.min <= batch <= self.max:
-            raise VditError(f"batch {batch} is outside the engine's profile {self} "
-                            f"(rebuild with `vdit build --batch MIN:OPT:MAX` covering it)")
+
+@dataclass(frozen=True)
+class EngineProfile:
+    """An engine's optimization profile: the batch and every named axis of the model contract (a text
+    model's token count "seq"), each an AxisProfile. Written "1:2:8" or "1:2:8 seq=1:120:120"."""
+    batch: AxisProfile
+    axes: tuple = ()              # ((name, AxisProfile), ...) sorted by name
+
+    @classmethod
+    def of(cls, batch: AxisProfile, axes: dict | None = None) -> "EngineProfile":
+        return cls(batch, tuple(sorted((axes or {}).items())))
+
+    @classmethod
+    def parse(cls, text: str) -> "EngineProfile":
+        batch, *rest = str(text).split()
+        axes = {}
+        for item in rest:
+            name, _, value = item.partition("=")
+            axes[name] = AxisProfile.parse(value, f"--{name}")
+        return cls.of(AxisProfile.parse(batch), axes)
+
+    @property
+    def ranges(self) -> dict:
+        return {BATCH: self.batch, **dict(self.axes)}
+
+    @property
+    def stem(self) -> str:
+        """The file-name part: b1-2-8, then .seq1-120-120 per named axis."""
+        return ".".join(f"{'b' if name == BATCH else name}{p.min}-{p.opt}-{p.max}" for name, p in self.ranges.items())
+
+    def __str__(self) -> str:
+        return " ".join([str(self.batch), *(f"{name}={p}" for name, p in self.axes)])
+
+    def shapes(self, inputs: dict[str, tuple], axis_names: dict[str, list] | None = None
+               ) -> dict[str, tuple[tuple, tuple, tuple]]:
+        """Input name -> (min, opt, max) shapes. A dynamic dimension (-1, as TensorRT's network shows
+        it) takes the range of its axis, named by `axis_names` (the export's I/O spec: "batch", "seq",
+        ...; without one, axis 0 is the batch); any dynamic axis the profile lacks is refused."""
+        out = {}
+        ranges = self.ranges
+        for name, shape in inputs.items():
+            names = list((axis_names or {}).get(name) or [])
+            dims = []
+            for i, d in enumerate(shape):
+                if d != -1 and not isinstance(d, str):
+                    dims.append((d, d, d))
+                    continue
+                axis = d if isinstance(d, str) else names[i] if i < len(names) else BATCH if i == 0 else None
+                if axis not in ranges:
+                    raise VditError(f"input {name} has a dynamic axis {axis or i} ({tuple(shape)}) that the engine "
+                                    f"profile {self} does not cover")
+                p = ranges[axis]
+                dims.append((p.min, p.opt, p.max))
+            out[name] = tuple(tuple(d[k] for d in dims) for k in range(3))
+        return out
 
 
 # ---- the cache key -----------------------------------------------------------------------------------
@@ -92,8 +137,9 @@ class BatchProfile:
 class EngineKey:
     """Everything an engine depends on. Field names are what a refusal message names."""
     onnx_sha256: str
+    contract: str                  # contract_digest of the export's model contract
     precision: str
-    profile: str                   # BatchProfile as "MIN:OPT:MAX"
+    profile: str                   # EngineProfile: "MIN:OPT:MAX" [+ " seq=MIN:OPT:MAX" per named axis]
     tensorrt: str                  # tensorrt.__version__
     gpu: str                       # device name, e.g. "NVIDIA H100 80GB HBM3"
     compute_capability: str        # "9.0"
@@ -120,6 +166,11 @@ class EngineKey:
                 if getattr(self, f.name) != getattr(other, f.name)]
 
 
+def contract_digest(contract) -> str:
+    """sha256 of a model contract (contract.py) as stored: two exports of one contract share it."""
+    return hashlib.sha256(json.dumps(contract.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
 def _short(value) -> str:
     text = json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
     return text[:12] if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text
@@ -143,8 +194,8 @@ class EngineCache:
     def timing_cache(self) -> Path:
         return self.root / TIMING_CACHE
 
-    def paths(self, kind: str, precision: str, profile: BatchProfile) -> tuple[Path, Path]:
-        stem = f"{kind}.{precision}.b{profile.min}-{profile.opt}-{profile.max}"
+    def paths(self, kind: str, precision: str, profile: EngineProfile) -> tuple[Path, Path]:
+        stem = f"{kind}.{precision}.{profile.stem}"
         return self.root / f"{stem}.engine", self.root / f"{stem}.json"
 
     def read_manifest(self, manifest_path: Path) -> dict:
@@ -166,7 +217,7 @@ class EngineCache:
     def lookup(self, kind: str, key: EngineKey, verify: bool = True) -> tuple[CachedEngine | None, str]:
         """(the cached engine, "") when one matches `key`, else (None, why not) with the reason in
         one line: missing, corrupt, or which key fields differ (cached value -> wanted value)."""
-        engine_path, manifest_path = self.paths(kind, key.precision, BatchProfile.parse(key.profile))
+        engine_path, manifest_path = self.paths(kind, key.precision, EngineProfile.parse(key.profile))
         if manifest_path.is_file():
             try:
                 manifest = self.read_manifest(manifest_path)
@@ -198,7 +249,7 @@ class EngineCache:
     def store(self, kind: str, key: EngineKey, engine: bytes, **extra) -> CachedEngine:
         """Write the engine, then its manifest, each atomically (a manifest never points at a partial
         engine; an engine without a manifest is never used)."""
-        engine_path, manifest_path = self.paths(kind, key.precision, BatchProfile.parse(key.profile))
+        engine_path, manifest_path = self.paths(kind, key.precision, EngineProfile.parse(key.profile))
         with atomic_path(engine_path) as tmp:
             tmp.write_bytes(engine)
         manifest = {"format": MANIFEST_FORMAT, "kind": kind, "engine": engine_path.name,

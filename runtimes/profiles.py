@@ -2,11 +2,14 @@
 
 A profile is a JSON file (runtimes/profiles/*.json, or any path: copy one and edit it) that fixes what
 `vdit build --target NAME` hands TensorRT: the batch range (min = opt = max on Jetson: fixed shapes),
-precision, builder optimization level, workspace limit, optional DLA core, and the memory the board has.
+optionally the ranges of the model contract's named axes ("axes": {"seq": [min, opt, max]}; default:
+the export's range, opt = max), precision, builder optimization level, workspace limit, optional DLA
+core, and the memory the board has.
 
 `plan_memory` estimates, before any build, the bytes one engine needs:
     weights       num_params x bytes of the engine precision
     activations   the peak live tensors of one forward (attention score matrices included), x engine batch
+                  (another architecture than the built-in one: read off its ONNX graph, see GraphSize)
     I/O buffers   the fp32 video tensors the runtime keeps (x_t, noise, x_prev, eps)
     workspace     the builder's memory-pool limit (the engine's scratch is at most this)
     CUDA context  driver context + the cuBLAS/cuDNN/TensorRT kernels it loads
@@ -18,6 +21,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+import numpy as np
 
 from vdit_deploy.config import ModelConfig
 from vdit_deploy.errors import VditError
@@ -64,6 +69,7 @@ class BuildProfile:
     dla_cores: int = 0            # DLA cores the board has
     dla_core: int | None = None   # run on this DLA core (None: GPU only)
     gpu_fallback: bool = True     # layers DLA cannot take run on the GPU (else the build fails)
+    axes: dict = field(default_factory=dict)   # named axis ("seq") -> (min, opt, max); default: the export's
     path: str = field(default="", compare=False)
 
     @property
@@ -81,6 +87,8 @@ class BuildProfile:
                  f" {self.reserved_gib:g} GiB reserved, CUDA context ~{self.cuda_context_mib:g} MiB",
                  f"  build      {self.precision}, batch {lo}:{opt}:{hi}{' (fixed shapes)' if self.fixed_shapes else ''},"
                  f" workspace {self.workspace_mib} MiB, optimization level {self.optimization_level}"]
+        for name, (lo, opt, hi) in self.axes.items():
+            lines.append(f"  {name:<10} {lo}:{opt}:{hi}{' (fixed)' if lo == hi else ''}")
         if self.dla_core is None:
             lines.append(f"  DLA        off ({self.dla_cores} core(s) on the board)")
         else:
@@ -125,13 +133,18 @@ def profile_from_dict(data: dict, source: str = "profile") -> BuildProfile:
            f"reserved_gib ({d['reserved_gib']}) must be less than memory_gib ({d['memory_gib']})")
     _check(d["precision"] in ENGINE_PRECISIONS, source,
            f"precision must be one of {', '.join(ENGINE_PRECISIONS)}, got {d['precision']!r}")
-    b = d["batch"]
-    if isinstance(b, int) and not isinstance(b, bool):
-        b = [b, b, b]
-    ok = (isinstance(b, list) and len(b) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in b)
-          and 1 <= b[0] <= b[1] <= b[2])
-    _check(ok, source, f"batch must be [min, opt, max] with 1 <= min <= opt <= max (or one integer), got {d['batch']!r}")
-    d["batch"] = tuple(b)
+    def triple(value, what):
+        b = [value] * 3 if isinstance(value, int) and not isinstance(value, bool) else value
+        ok = (isinstance(b, list) and len(b) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in b)
+              and 1 <= b[0] <= b[1] <= b[2])
+        _check(ok, source, f"{what} must be [min, opt, max] with 1 <= min <= opt <= max (or one integer), got {value!r}")
+        return tuple(b)
+
+    d["batch"] = triple(d["batch"], "batch")
+    axes = d.setdefault("axes", {})
+    _check(isinstance(axes, dict) and "batch" not in axes, source,
+           f"axes must map named axes (e.g. seq) to [min, opt, max], got {axes!r}")
+    d["axes"] = {name: triple(r, f"axes.{name}") for name, r in axes.items()}
     d.setdefault("optimization_level", 3)
     _check(d["optimization_level"] in range(6) and not isinstance(d["optimization_level"], bool), source,
            f"optimization_level must be 0..5, got {d['optimization_level']!r}")
@@ -144,7 +157,8 @@ def profile_from_dict(data: dict, source: str = "profile") -> BuildProfile:
         _check(core < d["dla_cores"], source, f"dla_core {core} asked for, but {d['name']} has "
                f"{d['dla_cores']} DLA core(s) (dla_cores); set dla_core to null")
         _check(d["precision"] in ("fp16", "int8"), source, f"DLA runs fp16 or int8, not {d['precision']}")
-        _check(d["batch"][0] == d["batch"][2], source, "DLA needs fixed shapes: batch min, opt and max must be equal")
+        _check(all(r[0] == r[2] for r in (d["batch"], *d["axes"].values())), source,
+               "DLA needs fixed shapes: batch (and axes) min, opt and max must be equal")
     return BuildProfile(**d, path=source)
 
 
@@ -173,9 +187,66 @@ def activation_elements(cfg: ModelConfig) -> dict[str, int]:
     return cfg.activation_elements()
 
 
+@dataclass(frozen=True)
+class GraphSize:
+    """What the planner sizes for an architecture other than the built-in one (an export whose
+    meta.config is None), read off its denoiser graph: the parameters are the float initializers'
+    elements (the weights the engine holds: the module's parameters and the constants the exporter
+    folded, such as positional tables); the activations are the largest operator's inputs plus outputs for one video at
+    the named axes' max, from ONNX shape inference (a lower bound of what is live: the residual stream
+    and TensorRT's fusions are not modelled)."""
+    model: str                    # the model's class
+    video_shape: tuple            # (C, F, H, W)
+    params: int
+    activations: int              # elements, one video
+    sizes: dict                   # the named axes' sizes it was inferred at
+
+    def num_params(self) -> int:
+        return self.params
+
+    def activation_elements(self) -> dict[str, int]:
+        return {"largest operator": self.activations}
+
+
+def graph_size(onnx_path: Path, sizes: dict | None = None) -> GraphSize:
+    """GraphSize of the denoiser graph at `onnx_path` (an export's; external weights are not read)."""
+    import onnx
+
+    from vdit_deploy.export.metadata import read_metadata
+
+    meta = read_metadata(onnx_path)
+    sizes = {**{name: hi for name, (_, hi) in meta.contract.axes.items()}, **(sizes or {}), "batch": 1}
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    graph = model.graph
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+    params = sum(int(np.prod(i.dims)) for i in graph.initializer if i.data_type in floats)
+    for value in graph.input:       # concrete sizes in, then every intermediate shape follows
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param in sizes:
+                size = sizes[d.dim_param]
+                d.Clear()
+                d.dim_value = size
+    del graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
+    except Exception as e:   # onnx raises InferenceError and others
+        raise VditError(f"{onnx_path}: ONNX shape inference failed ({str(e).splitlines()[0][:200]}); "
+                        "cannot size its activations") from None
+    known = {}
+    for v in [*inferred.input, *inferred.value_info, *inferred.output]:
+        dims = v.type.tensor_type.shape.dim
+        if v.type.tensor_type.elem_type in floats and all(d.HasField("dim_value") for d in dims):
+            known[v.name] = int(np.prod([d.dim_value for d in dims]))
+    weights = {i.name for i in graph.initializer}
+    largest = max((sum(known.get(name, 0) for name in [*node.input, *node.output] if name not in weights)
+                   for node in inferred.node), default=0)
+    return GraphSize(meta.model["class"], tuple(meta.contract.latent), params, largest,
+                     {k: v for k, v in sizes.items() if k != "batch"})
+
+
 @dataclass
 class MemoryPlan:
-    config: ModelConfig
+    config: "ModelConfig | GraphSize"
     profile: BuildProfile
     batch: int                    # videos per call
     engine_batch: int             # denoiser batch: 2 x batch with classifier-free guidance
@@ -247,7 +318,7 @@ def _estimate(cfg: ModelConfig, batch: int, precision: str, profile: BuildProfil
     eng = 2 * batch if guidance else batch
     weights = cfg.num_params() * WEIGHT_BYTES[precision]
     acts = eng * max(activation_elements(cfg).values()) * ACTIVATION_BYTES[precision]
-    video = 4 * cfg.in_channels * cfg.frames * cfg.height * cfg.width
+    video = 4 * int(np.prod(cfg.video_shape))
     io = video * (3 * batch + 2 * eng)          # x_t, noise, x_prev per video + denoiser input and eps
     workspace = profile.workspace_mib * MIB
     context = int(profile.cuda_context_mib * MIB)
@@ -265,7 +336,12 @@ def _estimate(cfg: ModelConfig, batch: int, precision: str, profile: BuildProfil
                      "building, the engine file while loading")
     if precision == "best":
         notes.append("precision best counted as fp16; TensorRT may keep some layers in fp32")
-    notes.append("activations include full attention score matrices: an upper bound where TensorRT fuses attention")
+    if isinstance(cfg, GraphSize):
+        at = ", ".join(f"{k} {v}" for k, v in cfg.sizes.items())
+        notes.append(f"{cfg.model} is sized from its ONNX graph{' at ' + at if at else ''}: weights exact, activations "
+                     "the largest operator's inputs + outputs (a lower bound: the residual stream is not counted)")
+    else:
+        notes.append("activations include full attention score matrices: an upper bound where TensorRT fuses attention")
     return MemoryPlan(cfg, profile, batch, eng, precision, rows, notes)
 
 
@@ -280,7 +356,7 @@ def _largest(lo: int, hi: int, ok) -> int | None:
     return lo
 
 
-def plan_memory(config: ModelConfig, batch: int, precision: str, profile: BuildProfile,
+def plan_memory(config: "ModelConfig | GraphSize", batch: int, precision: str, profile: BuildProfile,
                 guidance: bool = True, onnx_bytes: int | None = None) -> MemoryPlan:
     """Estimate the memory of one engine; `plan.check()` refuses with a suggestion when it will not fit.
     `guidance`: the fused sampler step runs the conditional and null passes as one batch of 2 x batch.
@@ -295,18 +371,24 @@ def plan_memory(config: ModelConfig, batch: int, precision: str, profile: BuildP
         suggestions.append(f"a smaller batch (--batch {fitting_batch} fits)")
     if precision != "int8" and _estimate(config, batch, "int8", profile, guidance, None).fits:
         suggestions.append("int8 (--precision int8 after `vdit calibrate` fits)")
-    tt = config.tubelet[0]
-    fitting = _largest(1, config.frames // tt - 1, lambda k: _estimate(config.replace(frames=k * tt), batch, precision,
-                                                                        profile, guidance, onnx_bytes).fits)
+    fitting = None
+    if isinstance(config, ModelConfig):   # another architecture's frame count is fixed in its graph
+        tt = config.tubelet[0]
+        fitting = _largest(1, config.frames // tt - 1, lambda k: _estimate(config.replace(frames=k * tt), batch,
+                                                                            precision, profile, guidance,
+                                                                            onnx_bytes).fits)
     if fitting:
         suggestions.append(f"fewer frames ({fitting * tt} fit: `vdit plan --frames {fitting * tt}`)")
     plan.suggestions = suggestions
     return plan
 
 
-def model_for_plan(preset_name=None, checkpoint=None, onnx_path=None) -> tuple[ModelConfig, int | None, str]:
+def model_for_plan(preset_name=None, checkpoint=None, onnx_path=None, sizes: dict | None = None
+                   ) -> tuple["ModelConfig | GraphSize", int | None, str]:
     """What `vdit plan` sizes: exactly one of a preset, a checkpoint's config or an export (then its real
-    ONNX size too) -> (config, ONNX bytes or None, what it is). Torch-free."""
+    ONNX size too; another architecture than the built-in one is sized from its denoiser graph at the
+    named axes' `sizes`, default their max) -> (config or GraphSize, ONNX bytes or None, what it is).
+    Torch-free."""
     if sum(x is not None for x in (preset_name, checkpoint, onnx_path)) != 1:
         raise VditError("give exactly one of --preset, --checkpoint or --onnx")
     if preset_name is not None:
@@ -315,7 +397,20 @@ def model_for_plan(preset_name=None, checkpoint=None, onnx_path=None) -> tuple[M
     if checkpoint is not None:
         from vdit_deploy.checkpoint import read_info
         return read_info(checkpoint).model, None, f"checkpoint {checkpoint}"
-    from vdit_deploy.export.metadata import find_onnx, read_metadata
+    from vdit_deploy.export.metadata import DENOISER, find_onnx, read_metadata
     file = find_onnx(onnx_path)
     size = file.stat().st_size + sum(p.stat().st_size for p in file.parent.glob(file.name + ".data"))
-    return read_metadata(file).config, size, f"export {file}"
+    meta = read_metadata(file)
+    if meta.config is not None:
+        return meta.config, size, f"export {file}"
+    graph = file if meta.kind == DENOISER else find_onnx(file.parent, DENOISER, meta.precision)
+    return graph_size(graph, sizes), size, f"export {file} ({meta.model['class']}, sized from {graph.name})"
+
+
+def plan_for_export(onnx_path: Path, batch: int, precision: str, profile: BuildProfile,
+                    axes: dict | None = None) -> MemoryPlan:
+    """The plan `vdit build --target` checks: an export's graph at the engine's max batch and named
+    axes (`axes`: name -> AxisProfile)."""
+    sizes = {name: p.max for name, p in (axes or {}).items()}
+    model, onnx_bytes, _ = model_for_plan(onnx_path=onnx_path, sizes=sizes)
+    return plan_memory(model, batch, precision, profile, onnx_bytes=onnx_bytes)

@@ -1,9 +1,12 @@
 """Compile exported ONNX graphs into TensorRT engines (TensorRT Python API, 10.x and 11.x).
 
-    vdit build EXPORT_DIR --precision fp16 --batch 1:2:8
+    vdit build EXPORT_DIR --precision fp16 --batch 1:2:8 [--seq 1:120:120]
 
 builds step.onnx (the fused guided sampler step) and denoiser.onnx into <EXPORT_DIR>/engines, each
 with a manifest (engine_cache.py) so a later build or `vdit sample --runtime trt` reuses it.
+One optimization profile covers every dynamic axis of every input: the batch, and each named axis of
+the model contract (a text model's token count "seq" on its conditioning and on step.onnx's
+null_<name> inputs alike), from the contract's range with opt = max unless --seq or the target says.
 
 Precision, and how TensorRT versions differ (the build path is chosen by capability: TensorRT 11
 has no BuilderFlag.FP16, see `strongly_typed_only`):
@@ -40,9 +43,9 @@ from vdit_deploy.errors import VditError
 from vdit_deploy.export.variants import (DENOISER, FP16, FP32, STEP, find_variant, runtime_graph, variant_file,
                                          with_data)
 from vdit_deploy.files import atomic_path, sha256_files
-from vdit_deploy.runtimes.engine_cache import (BatchProfile, CachedEngine, EngineCache, EngineKey,
-                                               check_cuda, gpu_info, import_cudart, import_tensorrt,
-                                               tensorrt_logger)
+from vdit_deploy.runtimes.engine_cache import (AxisProfile, CachedEngine, EngineCache, EngineKey, EngineProfile,
+                                               check_cuda, contract_digest, gpu_info, import_cudart,
+                                               import_tensorrt, tensorrt_logger)
 
 KINDS = (STEP, DENOISER)   # build order: sampling needs the step engine, denoise() the other
 
@@ -244,10 +247,15 @@ def use_timing_cache(config, path: Path, log: Callable[[str], None]):
     return cache
 
 
-def build_engine(onnx_path: Path, precision: str, profile: BatchProfile, options: BuildOptions = BuildOptions(),
+def build_engine(onnx_path: Path, precision: str, profile: EngineProfile, options: BuildOptions = BuildOptions(),
                  timing_cache: Path | None = None, calibration=None, progress: bool = True,
                  log: Callable[[str], None] = print) -> tuple[bytes, dict]:
-    """Parse `onnx_path`, build a serialized engine; returns (engine bytes, facts for the manifest)."""
+    """Parse `onnx_path`, build a serialized engine; returns (engine bytes, facts for the manifest).
+    The export's I/O spec names each dynamic axis, so `profile` gives it its range."""
+    from vdit_deploy.export.metadata import read_metadata
+
+    io = read_metadata(onnx_path).io
+    axis_names = {spec["name"]: spec["shape"] for spec in io["inputs"]}
     trt = import_tensorrt()
     logger = tensorrt_logger(trt)
     builder = trt.Builder(logger)
@@ -263,7 +271,7 @@ def build_engine(onnx_path: Path, precision: str, profile: BatchProfile, options
 
     config = builder.create_builder_config()
     inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
-    shapes = profile.shapes(inputs)
+    shapes = profile.shapes(inputs, axis_names)
     opt_profile = None
     if any(-1 in shape for shape in inputs.values()):
         opt_profile = builder.create_optimization_profile()
@@ -271,7 +279,7 @@ def build_engine(onnx_path: Path, precision: str, profile: BatchProfile, options
             opt_profile.set_shape(name, lo, opt, hi)
         if config.add_optimization_profile(opt_profile) < 0:
             raise VditError(f"TensorRT refused the optimization profile {shapes} for {onnx_path.name}")
-    elif not profile.is_fixed or any(s[0] != profile.min for n, s in inputs.items() if s):
+    elif not profile.batch.is_fixed or any(s[0] != profile.batch.min for n, s in inputs.items() if s):
         log(f"note: {onnx_path.name} has static shapes {inputs}; the batch profile {profile} does not apply")
 
     pinned = 0
@@ -288,8 +296,8 @@ def build_engine(onnx_path: Path, precision: str, profile: BatchProfile, options
             config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         if calibration is not None:                   # implicit INT8 (TensorRT 10.x, no Q/DQ in the graph)
             calib_cache = (timing_cache.parent if timing_cache else onnx_path.parent) / f"{onnx_path.stem}.calib.cache"
-            calibrator = entropy_calibrator(trt, calibration_batches(calibration, profile.opt), profile.opt,
-                                            calib_cache)
+            calibrator = entropy_calibrator(trt, calibration_batches(calibration, profile.batch.opt),
+                                            profile.batch.opt, calib_cache)
             config.int8_calibrator = calibrator
             if opt_profile is not None and not config.set_calibration_profile(opt_profile):   # opt shapes
                 raise VditError(f"TensorRT refused the calibration profile for {onnx_path.name}")
@@ -334,20 +342,44 @@ def build_engine(onnx_path: Path, precision: str, profile: BatchProfile, options
     return bytes(serialized), facts
 
 
-def ensure_engine(export: str | Path, kind: str, precision: str, profile: BatchProfile,
+def default_profile(meta, batch: AxisProfile | None = None, axes: dict | None = None) -> EngineProfile:
+    """The profile of an export (its ExportMetadata): `batch` or the export's range with opt = min,
+    max at most 8; each named axis of the contract from `axes`, else its whole range with opt = max
+    (a text model is mostly run at the padded length), checked to lie inside the export's range."""
+    if batch is None:
+        lo, hi = meta.batch_range()
+        batch = AxisProfile(lo, lo, min(hi, max(lo, 8)))
+    contract = meta.contract
+    axes = dict(axes or {})
+    unknown = sorted(set(axes) - set(contract.axes))
+    if unknown:
+        raise VditError(f"the export has no {', '.join(unknown)} axis (its conditioning: {contract.describe_cond()})")
+    ranges = {}
+    for name, (lo, hi) in contract.axes.items():
+        p = axes.get(name) or AxisProfile(lo, hi, hi)
+        if p.min < lo or p.max > hi:
+            raise VditError(f"--{name} {p} is outside the export's {name} range {lo}..{hi} "
+                            f"(re-export with `vdit export --seq MIN:MAX`)")
+        ranges[name] = p
+    return EngineProfile.of(batch, ranges)
+
+
+def ensure_engine(export: str | Path, kind: str, precision: str, profile: EngineProfile,
                   options: BuildOptions = BuildOptions(), cache_dir: str | Path | None = None,
                   build: bool = True, calibration=None, progress: bool = True,
                   log: Callable[[str], None] = print) -> tuple[CachedEngine, bool]:
-    """The cached engine for (export, kind, precision, profile) on this GPU and TensorRT, building it
-    when missing or stale; with build=False a stale or missing engine is a one-line error.
+    """The cached engine for (export, kind, contract, precision, profile) on this GPU and TensorRT,
+    building it when missing or stale; with build=False a stale or missing engine is a one-line error.
     Returns (engine, whether it was built now)."""
+    from vdit_deploy.export.metadata import read_metadata
+
     gpu = gpu_info()   # first: without a GPU, installing TensorRT would not help
     trt = import_tensorrt()
     export = Path(export)
     onnx_path = onnx_for(export, kind, precision, strongly_typed_only(trt))
     cache = EngineCache(cache_dir or (export if export.is_dir() else export.parent) / "engines")
-    key = EngineKey(onnx_digest(onnx_path), precision, str(profile), trt.__version__, gpu.name,
-                    gpu.compute_capability, options.to_dict())
+    key = EngineKey(onnx_digest(onnx_path), contract_digest(read_metadata(onnx_path).contract), precision,
+                    str(profile), trt.__version__, gpu.name, gpu.compute_capability, options.to_dict())
     cached, why = cache.lookup(kind, key)
     if cached is not None:
         return cached, False
@@ -361,18 +393,19 @@ def ensure_engine(export: str | Path, kind: str, precision: str, profile: BatchP
 
 def find_engine(export: str | Path, kind: str, precision: str, build: bool = False, cache_dir=None,
                 progress: bool = True, log: Callable[[str], None] = print) -> CachedEngine:
-    """Any cached engine of this kind and precision that matches this GPU, TensorRT and ONNX (whatever
-    batch profile `vdit build` chose). None: a one-line error naming the `vdit build` to run, or with
-    build=True (benchmarks, `vdit compare`) one is built for the export's batch range."""
+    """Any cached engine of this kind and precision that matches this GPU, TensorRT, ONNX and contract
+    (whatever profile `vdit build` chose). None: a one-line error naming the `vdit build` to run, or
+    with build=True (benchmarks, `vdit compare`) one is built with the export's default_profile."""
     from vdit_deploy.export.metadata import read_metadata
 
     gpu = gpu_info()
     trt = import_tensorrt()
     export = Path(export)
     onnx_path = onnx_for(export, kind, precision, strongly_typed_only(trt))
+    meta = read_metadata(onnx_path)
     cache = EngineCache(cache_dir or export / "engines")
-    want = {"onnx_sha256": onnx_digest(onnx_path), "precision": precision, "tensorrt": trt.__version__,
-            "gpu": gpu.name, "compute_capability": gpu.compute_capability}
+    want = {"onnx_sha256": onnx_digest(onnx_path), "contract": contract_digest(meta.contract), "precision": precision,
+            "tensorrt": trt.__version__, "gpu": gpu.name, "compute_capability": gpu.compute_capability}
     for entry in cache.entries():
         key = entry.key
         if entry.manifest.get("kind") == kind and all(getattr(key, k) == v for k, v in want.items()):
@@ -382,9 +415,8 @@ def find_engine(export: str | Path, kind: str, precision: str, build: bool = Fal
     if not build:
         raise VditError(f"{export} has no {kind} engine for {precision} on this GPU and TensorRT {trt.__version__} "
                         f"(from {onnx_path.name}); run `vdit build {export} --precision {precision}` first")
-    lo, hi = read_metadata(onnx_path).batch_range()
-    profile = BatchProfile(lo, lo, min(hi, max(lo, 8)))
-    return ensure_engine(export, kind, precision, profile, cache_dir=cache_dir, progress=progress, log=log)[0]
+    return ensure_engine(export, kind, precision, default_profile(meta), cache_dir=cache_dir, progress=progress,
+                         log=log)[0]
 
 
 @dataclass
@@ -393,18 +425,20 @@ class BuiltEngine:
     engine: CachedEngine
     built: bool          # False: the cache already held it
     precision: str
-    profile: BatchProfile
+    profile: EngineProfile
 
 
 def build_export(export: str | Path, precision: str | None = None, batch: str | None = None,
                  fixed_batch: int | None = None, target: str | Path | None = None, workspace_mb: int | None = None,
-                 opt_level: int | None = None, cache_dir=None, build: bool = True,
+                 opt_level: int | None = None, cache_dir=None, build: bool = True, seq: str | None = None,
                  log: Callable[[str], None] = print) -> list[BuiltEngine]:
     """`vdit build`: every graph kind of an export dir to a cached engine. Explicit options win over the
-    deployment profile `target` (its precision, batch range, workspace, optimization level, DLA core),
-    which wins over the defaults (fp16, batch 1:2:8); with a target the memory plan is checked (and
-    logged) before a long build that cannot fit the board."""
-    from vdit_deploy.runtimes.profiles import load_profile, plan_memory
+    deployment profile `target` (its precision, batch and named-axis ranges, workspace, optimization
+    level, DLA core), which wins over the defaults (fp16, batch 1:2:8, each named axis over the export's
+    range with opt = max); with a target the memory plan is checked (and logged) before a long build
+    that cannot fit the board."""
+    from vdit_deploy.export.metadata import find_onnx, read_metadata
+    from vdit_deploy.runtimes.profiles import load_profile, plan_for_export
 
     export = Path(export)
     if not export.is_dir():
@@ -413,20 +447,21 @@ def build_export(export: str | Path, precision: str | None = None, batch: str | 
         raise VditError("pass --batch or --fixed-batch, not both")
     board = load_profile(target) if target else None
     precision = precision or (board.precision if board else FP16)
-    profile = (BatchProfile.fixed(fixed_batch) if fixed_batch else BatchProfile.parse(batch) if batch
-               else BatchProfile(*board.batch) if board else BatchProfile(1, 2, 8))
-    options = BuildOptions(workspace_mb=workspace_mb or (board.workspace_mib if board else None),
-                           opt_level=opt_level if opt_level is not None else (board.optimization_level if board else None),
-                           dla_core=board.dla_core if board else None, target=board.name if board else None)
+    batch_profile = (AxisProfile.fixed(fixed_batch) if fixed_batch else AxisProfile.parse(batch) if batch
+                     else AxisProfile(*board.batch) if board else AxisProfile(1, 2, 8))
     kinds = [k for k in KINDS if (export / variant_file(k)).is_file()]
     if not kinds:
         raise VditError(f"{export} has no step.onnx or denoiser.onnx; run `vdit export` first")
+    step_onnx = find_onnx(export, kinds[0])
+    axes = {name: AxisProfile(*r) for name, r in (board.axes if board else {}).items()}
+    if seq is not None:
+        axes["seq"] = AxisProfile.parse(seq, "--seq")
+    profile = default_profile(read_metadata(step_onnx), batch_profile, axes)
+    options = BuildOptions(workspace_mb=workspace_mb or (board.workspace_mib if board else None),
+                           opt_level=opt_level if opt_level is not None else (board.optimization_level if board else None),
+                           dla_core=board.dla_core if board else None, target=board.name if board else None)
     if board:
-        from vdit_deploy.export.metadata import find_onnx, read_metadata
-
-        step_onnx = find_onnx(export, STEP)
-        plan = plan_memory(read_metadata(step_onnx).config, profile.max, precision, board,
-                           onnx_bytes=step_onnx.stat().st_size)
+        plan = plan_for_export(step_onnx, profile.batch.max, precision, board, dict(profile.axes))
         log(plan.table())
         plan.check()
     return [BuiltEngine(kind, *ensure_engine(export, kind, precision, profile, options, cache_dir, build=build, log=log),
@@ -444,6 +479,6 @@ def calibration_cache(export: str | Path, calib_dir, batch: int = 2,
     meta = read_metadata(onnx_path)
     load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.config)   # refuse a foreign set first
     lo, hi = meta.batch_range()
-    _, facts = build_engine(onnx_path, "int8", BatchProfile(lo, min(max(batch, lo), hi), hi),
+    _, facts = build_engine(onnx_path, "int8", default_profile(meta, AxisProfile(lo, min(max(batch, lo), hi), hi)),
                             calibration=calib_dir, log=log)
     return facts

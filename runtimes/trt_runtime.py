@@ -4,11 +4,15 @@ The fused step engine (step.onnx: guidance + affine update inside) runs with the
     x[0] --step--> x[1] --step--> x[0] ...      two device buffers, ping-pong
 and so does a multistep solver's state (x0_prev <-> x0, corr <-> corr_next: two more pairs that swap
 with the video, inside the same CUDA graphs).
-Per step the host uploads only t, y, guidance, coefs (a few bytes) and, on stochastic steps, the
-noise (drawn on the host by sampling.py so every runtime sees the same values). The first step of
-each ping-pong direction runs eagerly (TensorRT does its shape-dependent setup there); then each
+Per step the host uploads t, the conditioning (the model contract's inputs: a label, or text
+embeddings), guidance and coefs and, on stochastic steps, the noise (drawn on the host by sampling.py
+so every runtime sees the same values); the null conditioning (null_<name>, the export's
+null_cond.safetensors repeated over the batch) only when the batch or a named axis changes. Every
+dynamic axis of every input (the batch, a text model's token count) is set with set_input_shape
+from the arrays given; a change of shapes drops the captured graphs. The first step of each
+ping-pong direction runs eagerly (TensorRT does its shape-dependent setup there); then each
 direction is captured once as a CUDA graph and replayed for every later step, so a step costs one
-graph launch plus the uploads. Device buffers are allocated once, for the engine's largest batch.
+graph launch plus the uploads. Device buffers are allocated once, for the profile's largest shapes.
 An engine that cannot be captured (some plugins, DLA) runs eagerly from then on (`_capture_graph`).
 cuda-python 11.8 to 13.x and TensorRT 10.x/11.x: tests/test_trt_api.py runs this file against strict
 fakes of those APIs (conformance and control flow, never numerics).
@@ -45,10 +49,11 @@ class TrtDeviceArray:
 
 
 class _Engine:
-    """One deserialized engine with its context and device buffers sized for the largest batch."""
+    """One deserialized engine with its context and device buffers sized for the profile's largest
+    shapes. `axes` names each input's dimensions (the export's I/O spec: "batch", "seq", ...)."""
 
-    def __init__(self, trt, cudart, path: Path, stream, logger):
-        self.trt, self.cudart, self.path, self.stream = trt, cudart, path, stream
+    def __init__(self, trt, cudart, path: Path, stream, logger, axes: dict[str, list]):
+        self.trt, self.cudart, self.path, self.stream, self.axes = trt, cudart, path, stream, axes
         self.engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
             raise VditError(f"TensorRT could not load {path} (built by another TensorRT version? rebuild it)")
@@ -58,15 +63,18 @@ class _Engine:
         self.outputs = [n for n in names if n not in self.inputs]
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
         self.shapes = {n: tuple(self.engine.get_tensor_shape(n)) for n in names}   # -1: dynamic
-        self.batched = {n for n in self.inputs if self.shapes[n] and self.shapes[n][0] == -1}
-        if self.batched:   # profile 0's (min, opt, max) of a batched input
-            lo, _, hi = self.engine.get_tensor_profile_shape(sorted(self.batched)[0], 0)
-            self.min_batch, self.max_batch = lo[0], hi[0]
+        # profile 0's (min, max) of every dynamic input
+        self.ranges = {n: tuple(tuple(d) for d in self.engine.get_tensor_profile_shape(n, 0))[::2]
+                       for n in self.inputs if -1 in self.shapes[n]}
+        first = next((n for n in self.ranges if self.shapes[n][0] == -1), None)
+        if first is not None:
+            self.min_batch, self.max_batch = self.ranges[first][0][0], self.ranges[first][1][0]
         else:
             first = self.shapes[self.inputs[0]]
             self.min_batch = self.max_batch = first[0] if first else 1
-        self.set_batch(self.max_batch)
-        self.buffers = {}   # name -> device pointer, sized for max_batch
+        self.current: dict[str, tuple] = {}
+        self.set_shapes({n: hi for n, (_, hi) in self.ranges.items()})
+        self.buffers = {}   # name -> device pointer, sized for the largest shapes
         for name in names:
             nbytes = max(int(np.prod(tuple(self.context.get_tensor_shape(name)))), 1) * self.dtypes[name].itemsize
             err, ptr = cudart.cudaMalloc(nbytes)
@@ -74,16 +82,41 @@ class _Engine:
             self.buffers[name] = ptr
             check_cuda(cudart.cudaMemset(ptr, 0, nbytes), "cudaMemset")
             self.bind(name, ptr)
-        self.batch = self.max_batch
 
-    def set_batch(self, b: int) -> None:
-        if not self.min_batch <= b <= self.max_batch:
-            raise VditError(f"batch {b} is outside the engine {self.path.name}'s profile "
-                            f"{self.min_batch}..{self.max_batch}; rebuild with `vdit build --batch MIN:OPT:MAX`")
-        for name in self.batched:
-            if not self.context.set_input_shape(name, (b, *self.shapes[name][1:])):
-                raise VditError(f"TensorRT refused batch {b} for input {name} of {self.path.name}")
-        self.batch = b
+    @property
+    def batch(self) -> int:
+        return next((shape[0] for n, shape in self.current.items() if self.shapes[n][0] == -1), self.max_batch)
+
+    def set_shapes(self, shapes: dict[str, tuple]) -> bool:
+        """Give TensorRT the shape of each dynamic input in `shapes` (the others keep theirs), each
+        checked against the profile first so a refusal names the axis. Returns whether any changed."""
+        changed = False
+        for name, shape in shapes.items():
+            shape = tuple(int(d) for d in shape)
+            if name not in self.ranges or self.current.get(name) == shape:
+                continue
+            lo, hi = self.ranges[name]
+            for i, (a, d, b) in enumerate(zip(lo, shape, hi)):
+                if not a <= d <= b:
+                    named = self.axes.get(name) or []
+                    axis = named[i] if i < len(named) else "batch" if i == 0 else f"axis {i}"
+                    if axis == "batch":
+                        raise VditError(f"batch {d} is outside the engine {self.path.name}'s profile "
+                                        f"{a}..{b}; rebuild with `vdit build --batch MIN:OPT:MAX`")
+                    raise VditError(f"{name} has {axis} = {d}, outside the engine {self.path.name}'s profile "
+                                    f"{a}..{b}; rebuild with `vdit build --{axis} MIN:OPT:MAX`")
+            if not self.context.set_input_shape(name, shape):
+                raise VditError(f"TensorRT refused shape {shape} for input {name} of {self.path.name}")
+            self.current[name] = shape
+            changed = True
+        return changed
+
+    def set_batch(self, b: int) -> bool:
+        """Every batched input at batch b, its other dims as they are (the largest, at first)."""
+        return self.set_shapes({n: (b, *self.current[n][1:]) for n in self.ranges if self.shapes[n][0] == -1})
+
+    def out_shape(self, name: str) -> tuple:
+        return tuple(self.context.get_tensor_shape(name))
 
     def bind(self, name: str, ptr: int) -> None:
         if not self.context.set_tensor_address(name, ptr):
@@ -99,8 +132,11 @@ class _Engine:
             raise VditError(f"TensorRT failed to run {self.path.name}")
 
     def specs(self, names) -> list[TensorSpec]:
-        return [TensorSpec(n, tuple("batch" if d == -1 else d for d in self.shapes[n]), self.dtypes[n].name)
-                for n in names]
+        def dims(n):
+            named = self.axes.get(n) or ["batch"]
+            return tuple((named[i] if i < len(named) else "batch") if d == -1 else d
+                         for i, d in enumerate(self.shapes[n]))
+        return [TensorSpec(n, dims(n), self.dtypes[n].name) for n in names]
 
     def close(self) -> None:
         for ptr in self.buffers.values():
@@ -114,7 +150,8 @@ class TrtRuntime(Runtime):
 
     def __init__(self, artifact, precision: str = "fp16", cuda_graph: bool = True, cache_dir=None, device: int = 0):
         """Loads engines `vdit build` made (trt_build.ensure_engine); it never builds one itself."""
-        from vdit_deploy.export.metadata import STEP_STATE, find_onnx, read_metadata
+        from vdit_deploy.contract import load_null
+        from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, find_onnx, read_metadata
         from vdit_deploy.export.variants import STEP, check_precision
 
         self.gpu = gpu_info(device)              # one-line errors: no cuda-python / no GPU ...
@@ -126,26 +163,34 @@ class TrtRuntime(Runtime):
         if self.export.suffix in (".onnx", ".engine"):
             raise VditError("--runtime trt takes an export directory (engines are cached in DIR/engines)")
         meta = read_metadata(find_onnx(self.export, STEP))
-        self.config, self.schedule = meta.config, meta.schedule
+        self.contract = meta.contract
+        self.null = load_null(self.contract, self.export)
+        self.null_names = {name: NULL_PREFIX + name for name in self.contract.names}
+        self.axes = {spec["name"]: spec["shape"] for io in (meta.io["inputs"], meta.io["outputs"]) for spec in io}
         self.cache_dir = cache_dir
         self.logger = tensorrt_logger(trt)   # the builder's too
         err, self.stream = cudart.cudaStreamCreateWithFlags(1)   # cudaStreamNonBlocking
         check_cuda(err, "cudaStreamCreate")
-        self.step_engine = _Engine(trt, cudart, self._engine_path(STEP), self.stream, self.logger)
+        self.step_engine = _Engine(trt, cudart, self._engine_path(STEP), self.stream, self.logger, self.axes)
         self._denoiser = None
-        if not {"x_t", "noise"} <= set(self.step_engine.inputs) or "x_prev" not in self.step_engine.outputs:
-            raise VditError(f"{self.step_engine.path.name} is not a vdit step engine "
-                            f"(inputs {self.step_engine.inputs}, outputs {self.step_engine.outputs})")
+        self._null_shapes = None              # the shapes the null conditioning was last uploaded at
+        engine = self.step_engine
+        want = {"x_t", "noise", *self.contract.names, *self.null_names.values()}
+        if not want <= set(engine.inputs) or "x_prev" not in engine.outputs:
+            raise VditError(f"{engine.path.name} is not a step engine of this export's contract "
+                            f"({self.contract.describe_cond()}): inputs {engine.inputs}, outputs {engine.outputs}; "
+                            "rebuild it with `vdit build`")
         # ping-pong video buffers: the engine's own x_t and x_prev allocations, swapped every step
-        self.x = [self.step_engine.buffers["x_t"], self.step_engine.buffers["x_prev"]]
+        self.x = [engine.buffers["x_t"], engine.buffers["x_prev"]]
         # the solver state's pairs (input, output, [buffers]); an engine from an older export has none
-        self.state_buffers = [(i, o, [self.step_engine.buffers[i], self.step_engine.buffers[o]])
-                              for i, o in STEP_STATE if i in self.step_engine.buffers]
+        self.state_buffers = [(i, o, [engine.buffers[i], engine.buffers[o]])
+                              for i, o in STEP_STATE if i in engine.buffers]
         self.parity, self.serial = 0, 0
         self.cuda_graph, self.graphs, self.warm = cuda_graph, {}, set()
         self.graph_error = ""
         # pinned staging for the noise: the host fills it while the GPU runs the previous step
-        nbytes = self.step_engine.max_batch * int(np.prod(self.config.video_shape)) * 4
+        self.video_elements = int(np.prod(self.contract.latent))
+        nbytes = engine.max_batch * self.video_elements * 4
         err, self.pinned = cudart.cudaMallocHost(nbytes)
         check_cuda(err, "cudaMallocHost")
         self.pinned_noise = np.ctypeslib.as_array((ctypes.c_float * (nbytes // 4)).from_address(self.pinned))
@@ -163,7 +208,8 @@ class TrtRuntime(Runtime):
         if self._denoiser is None:   # only loaded when someone calls denoise()
             from vdit_deploy.export.variants import DENOISER
 
-            self._denoiser = _Engine(self.trt, self.cudart, self._engine_path(DENOISER), self.stream, self.logger)
+            self._denoiser = _Engine(self.trt, self.cudart, self._engine_path(DENOISER), self.stream, self.logger,
+                                     self.axes)
         return self._denoiser
 
     @property
@@ -182,42 +228,57 @@ class TrtRuntime(Runtime):
     def outputs(self):
         return self.step_engine.specs(self.step_engine.outputs)
 
-    def denoise(self, x_t, t, y):
-        x_t, t, y = np.asarray(x_t, np.float32), np.asarray(t), np.asarray(y)
-        self.check_inputs(x_t, t, y)
+    def denoise(self, x_t, t, cond):
+        x_t, t = np.asarray(x_t, np.float32), np.asarray(t)
+        cond = self.check_inputs(x_t, t, cond)
         engine = self.denoiser
-        engine.set_batch(x_t.shape[0])
-        for name, value in (("x_t", x_t), ("t", t), ("y", y)):
+        feeds = {"x_t": x_t, "t": t, **cond}
+        engine.set_shapes({name: value.shape for name, value in feeds.items()})
+        for name, value in feeds.items():
             engine.upload(name, value)
         engine.execute()
         out_name = engine.outputs[0]
-        out = np.empty(x_t.shape, engine.dtypes[out_name])
+        out = np.empty(engine.out_shape(out_name), engine.dtypes[out_name])
         check_cuda(self.cudart.cudaMemcpyAsync(out.ctypes.data, engine.buffers[out_name], out.nbytes,
-                                               self.cudart.cudaMemcpyKind(D2H), self.stream), "download eps")
+                                               self.cudart.cudaMemcpyKind(D2H), self.stream), f"download {out_name}")
         check_cuda(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         return out.astype(np.float32, copy=False)
 
-    def step(self, x_t, t: int, y, guidance: float, coefs, noise, state=None):
+    def step(self, x_t, t: int, cond, guidance: float, coefs, noise, state=None):
         """One guided step; returns a TrtDeviceArray (np.asarray copies it to the host). A multistep
         solver's state stays in the engine's buffers; `state` holds handles to them."""
+        from vdit_deploy.diffusion import Step
+
         engine, cudart = self.step_engine, self.cudart
         if state is not None and not self.state_buffers:
             raise VditError(f"{engine.path.name} was built from a step.onnx exported before the multistep samplers "
                             "(no solver state inputs); re-export with `vdit export` to sample with dpm++ or unipc")
-        coefs = np.asarray(coefs, np.float32)[:engine.shapes["coefs"][0]]   # older engines take 7
-        y = np.asarray(y)
+        coefs = np.asarray(coefs, np.float32)
+        stochastic = Step(t, coefs).stochastic
         b = x_t.shape[0]
-        if b != engine.batch:
-            engine.set_batch(b)
+        cond = self.contract.check_cond(cond, b)
+        video = (b, *self.contract.latent)
+        shapes = {name: video for name in ("x_t", "noise", *(i for i, _, _ in self.state_buffers))}
+        shapes.update({"t": (b,), **{n: a.shape for n, a in cond.items()},
+                       **{self.null_names[n]: a.shape for n, a in cond.items()}})
+        null_shapes = {n: a.shape for n, a in cond.items()}
+        # the runtime's own null conditioning, constant per shape: repeated (and checked against the
+        # prompt's length) only when the shapes change
+        null = self.contract.null_batch(self.null, cond) if null_shapes != self._null_shapes else None
+        if engine.set_shapes(shapes):
             self._drop_graphs()   # graphs hold the old shapes
         src, dst = self.x[self.parity], self.x[1 - self.parity]
         on_device = isinstance(x_t, TrtDeviceArray) and x_t.runtime is self and x_t.serial == self.serial
         if not on_device:   # first step (x_T from the host) or a video from elsewhere
             x_host = np.asarray(x_t, np.float32)
-            self.check_inputs(x_host, np.zeros(b, np.float32), y)
+            self.check_inputs(x_host, np.zeros(b, np.float32), cond)
             engine.upload("x_t", x_host, src)
             check_cuda(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")   # x_host may go away
-        scalars = {"t": np.full(b, t, np.float32), "y": y, "guidance": np.float32([guidance]), "coefs": coefs}
+        if null is not None:
+            for name, value in null.items():
+                engine.upload(self.null_names[name], value)
+            self._null_shapes = null_shapes
+        scalars = {"t": np.full(b, t, np.float32), **cond, "guidance": np.float32([guidance]), "coefs": coefs}
         for name, value in scalars.items():
             if name in engine.buffers:
                 engine.upload(name, value)
@@ -226,26 +287,25 @@ class TrtRuntime(Runtime):
             if isinstance(value, TrtDeviceArray) and value.runtime is self and value.serial == self.serial:
                 continue                      # the previous step's output, already in place
             if value is None:                 # a new trajectory: the state starts at zero
-                check_cuda(cudart.cudaMemsetAsync(buffers[self.parity], 0, b * int(np.prod(self.config.video_shape)) * 4,
+                check_cuda(cudart.cudaMemsetAsync(buffers[self.parity], 0, b * self.video_elements * 4,
                                                   self.stream), "cudaMemsetAsync")
             else:
                 engine.upload(name, np.asarray(value, np.float32), buffers[self.parity])
                 check_cuda(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-        if float(np.asarray(coefs)[6]) > 0:   # sigma > 0: a stochastic step needs this step's noise
+        if stochastic:   # sigma or a learned variance: this step's noise
             check_cuda(cudart.cudaEventSynchronize(self.uploaded), "cudaEventSynchronize")   # staging free again
             n = noise.size
             self.pinned_noise[:n] = np.asarray(noise, np.float32).reshape(-1)
             check_cuda(cudart.cudaMemcpyAsync(engine.buffers["noise"], self.pinned, n * 4,
                                               cudart.cudaMemcpyKind(H2D), self.stream), "upload noise")
             check_cuda(cudart.cudaEventRecord(self.uploaded, self.stream), "cudaEventRecord")
-        # (sigma == 0: the engine multiplies the stale, finite noise buffer by 0)
+        # (a deterministic step: the engine multiplies the stale, finite noise buffer by 0)
         self._run(self.parity, src, dst)
         self.parity ^= 1
         self.serial += 1
-        shape = (b, *self.config.video_shape)
         for name, _, buffers in self.state_buffers if state is not None else ():
-            setattr(state, name, TrtDeviceArray(self, self.parity, shape, self.serial, buffers))
-        return TrtDeviceArray(self, self.parity, shape, self.serial)
+            setattr(state, name, TrtDeviceArray(self, self.parity, video, self.serial, buffers))
+        return TrtDeviceArray(self, self.parity, video, self.serial)
 
     def _run(self, parity: int, src: int, dst: int) -> None:
         engine, cudart = self.step_engine, self.cudart

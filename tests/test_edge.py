@@ -32,6 +32,14 @@ def test_shipped_profiles_load():
             assert p.unified_memory and p.batch == (1, 1, 1) and p.fixed_shapes
     assert load_profile("orin-nano").dla_cores == 0
     assert load_profile("agx-orin").dla_cores == 2
+    seq = load_profile(_write_any("agx-orin", axes={"seq": 120}))
+    assert seq.axes == {"seq": (120, 120, 120)} and "seq        120:120:120 (fixed)" in seq.describe()
+
+
+def _write_any(name, **changes):
+    import tempfile
+
+    return _write(Path(tempfile.mkdtemp()), name, **changes)
 
 
 def _write(tmp_path, name="orin-nx", **changes):
@@ -64,6 +72,9 @@ def test_edited_profile_with_dla(tmp_path):
     ({"dla_core": 0, "batch": [1, 1, 4]}, "DLA needs fixed shapes"),
     ({"gpu_fallback": "yes"}, "gpu_fallback must be true or false"),
     ({"workspace": 512}, "unknown field(s) workspace"),
+    ({"axes": {"seq": [16, 1, 1]}}, "axes.seq must be [min, opt, max]"),
+    ({"axes": [1, 2, 3]}, "axes must map named axes"),
+    ({"dla_core": 0, "precision": "fp16", "axes": {"seq": [1, 120, 120]}}, "DLA needs fixed shapes: batch (and axes)"),
 ])
 def test_profile_validation(tmp_path, changes, message):
     with pytest.raises(VditError) as e:
@@ -216,6 +227,39 @@ def test_cli_plan(tiny_export):
     assert result.exit_code == 1 and "exactly one of --preset, --checkpoint or --onnx" in result.output
 
 
+def test_plan_sizes_another_architecture_from_its_graph(tiny_latte_export, tmp_path):
+    """An export of another architecture (meta.config None) is planned from its graph: the weights as
+    the graph holds them (the module's parameters and the constants the exporter folded), the activations by ONNX shape
+    inference at the named axes' max (or the target's); --frames is refused in one line."""
+    import diffusers
+
+    from vdit_deploy.export.metadata import read_metadata
+    from vdit_deploy.runtimes.profiles import GraphSize, graph_size, model_for_plan
+
+    meta = read_metadata(tiny_latte_export / "denoiser.onnx")
+    assert meta.config is None
+    size, onnx_bytes, what = model_for_plan(onnx_path=tiny_latte_export)
+    latte = diffusers.LatteTransformer3DModel.from_config(meta.model["config"])
+    params = sum(p.numel() for p in latte.parameters())   # the graph holds these plus folded constants (pos. tables)
+    assert isinstance(size, GraphSize) and params <= size.params <= 1.05 * params
+    assert size.video_shape == (4, 2, 8, 8) and size.sizes == {"seq": 16} and "LatteTransformer3DModel" in what
+    # one video's largest operator at 16 tokens holds at least the latent and the text embeddings
+    assert size.activations >= 4 * 2 * 8 * 8 + 16 * 32
+    assert graph_size(tiny_latte_export / "denoiser.onnx", {"seq": 2}).activations <= size.activations
+    plan = plan_memory(size, 2, "fp16", load_profile("orin-nano"), onnx_bytes=onnx_bytes)
+    assert plan.rows["weights (fp16)"] == (size.params * 2,) * 2 and plan.fits
+    assert any("sized from its ONNX graph at seq 16" in n for n in plan.notes)
+    result = CliRunner().invoke(main, ["plan", "--onnx", str(tiny_latte_export), "--target", "orin-nano"])
+    assert result.exit_code == 0 and "verdict: fits" in result.output and "4x2x8x8 video" in result.output
+    result = CliRunner().invoke(main, ["plan", "--onnx", str(tiny_latte_export), "--target", "orin-nano",
+                                       "--frames", "4"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "--frames applies to the built-in" in result.output
+    board = tmp_path / "board.json"
+    board.write_text(json.dumps({**json.loads((PROFILE_DIR / "orin-nano.json").read_text()), "axes": {"seq": [1, 4, 4]}}))
+    result = CliRunner().invoke(main, ["plan", "--onnx", str(tiny_latte_export), "--target", str(board)])
+    assert result.exit_code == 0 and "at seq 4" in result.output, result.output
+
+
 # ---- the Triton model repository ------------------------------------------------------------------
 def parse_config(path):
     model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
@@ -226,8 +270,6 @@ def parse_config(path):
 
 
 def test_serve_export_writes_a_valid_repository(tiny_export, tmp_path):
-    import onnx
-
     from vdit_deploy.export.metadata import read_metadata
 
     repo = tmp_path / "models"
@@ -243,47 +285,108 @@ def test_serve_export_writes_a_valid_repository(tiny_export, tmp_path):
     assert den.max_batch_size == meta.batch["max"] == 8
     assert den.HasField("dynamic_batching") and den.instance_group[0].count == 2
     # every config tensor is the graph's tensor: name, dtype, per-sample dims (t and y reshaped to [B])
+    check_denoiser_tensors(den, repo)
+    # sampler: Python backend, the contract's conditioning as request inputs, its parameters carry what model.py needs
+    assert sam.backend == "python" and sam.max_batch_size == 0
+    assert [i.name for i in sam.input] == ["y", "seed", "steps", "guidance", "eta"]
+    assert [i.optional for i in sam.input] == [False, True, True, True, True]
+    assert list(sam.input[0].dims) == [-1] and DataType.Name(sam.input[0].data_type) == "TYPE_INT32"
+    assert list(sam.output[0].dims) == [-1, *meta.contract.latent]
+    check_sampler(sam, repo, tiny_export, max_videos=4)
+
+
+def check_denoiser_tensors(den, repo):
+    """Every config tensor is the graph's tensor: name, dtype, per-sample dims (-1 for a named axis;
+    per-sample scalars such as t and y reshaped to [B])."""
+    import onnx
+    from tritonclient.grpc.model_config_pb2 import DataType
+
     graph = onnx.load(str(repo / "vdit_denoiser" / "1" / "model.onnx"), load_external_data=False).graph
     onnx_types = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.INT32: "TYPE_INT32"}
     for tensors, values in ((den.input, graph.input), (den.output, graph.output)):
         assert [t.name for t in tensors] == [v.name for v in values]
         for t, v in zip(tensors, values):
-            dims = [d.dim_value for d in v.type.tensor_type.shape.dim][1:]
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim][1:]
             assert DataType.Name(t.data_type) == onnx_types[v.type.tensor_type.elem_type]
             assert (list(t.reshape.shape) if t.HasField("reshape") else list(t.dims)) == dims
-    # sampler: Python backend, its parameters carry what model.py needs
-    assert sam.backend == "python" and sam.max_batch_size == 0
-    assert [i.name for i in sam.input] == ["label", "seed", "steps", "guidance", "eta"]
-    assert [i.optional for i in sam.input] == [False, True, True, True, True]
-    assert list(sam.output[0].dims) == [-1, *meta.config.video_shape]
+    assert [t.name for t in den.output] == ["out"]
+
+
+def check_sampler(sam, repo, export, max_videos):
+    """The sampler's parameters and files: the contract model.py rebuilds, the null conditioning it
+    pairs each request with (the export's own file), and a model.py that compiles."""
+    from vdit_deploy.contract import NULL_FILE, Contract, load_null
+    from vdit_deploy.export.metadata import read_metadata
+
+    meta = read_metadata(export / "denoiser.onnx")
     params = {k: v.string_value for k, v in sam.parameters.items()}
-    assert params["denoiser"] == "vdit_denoiser" and params["max_videos"] == "4"
-    assert json.loads(params["model_config"]) == meta.config.to_dict()
-    assert json.loads(params["schedule"]) == meta.schedule.to_dict()
+    assert params["denoiser"] == "vdit_denoiser" and params["max_videos"] == str(max_videos)
+    contract = Contract.from_dict(json.loads(params["contract"]))
+    assert contract == meta.contract and params["checkpoint_sha256"] == meta.checkpoint_sha256
+    null = load_null(contract, repo / "vdit_sampler" / "1")
+    assert (repo / "vdit_sampler" / "1" / NULL_FILE).read_bytes() == (export / NULL_FILE).read_bytes()
+    assert set(null) == set(contract.names)
     model_py = repo / "vdit_sampler" / "1" / "model.py"
     py_compile.compile(str(model_py), doraise=True)
     source = model_py.read_text()
     assert "class TritonPythonModel" in source and "pb_utils.InferenceRequest(" in source
 
 
-def test_triton_sampling_loop_matches_vdit_sample(tiny_export):
-    """The loop model.py runs (sample_request over a denoise callable) gives the video that the ORT
-    runtime's sampler gives for the same seed (there the fused step graph runs)."""
+def test_serve_export_text_conditioned(tiny_latte_export, tmp_path):
+    """A text-conditioned export: the denoiser takes encoder_hidden_states with its token axis as -1,
+    gives `out` with 2C channels; the sampler takes the embeddings (B, L, D) as a request input and
+    holds the export's null conditioning (the client never sends it)."""
+    from tritonclient.grpc.model_config_pb2 import DataType
+
+    repo = tmp_path / "models"
+    result = CliRunner().invoke(main, ["serve-export", str(tiny_latte_export), "--triton", str(repo)])
+    assert result.exit_code == 0, result.output
+    den = parse_config(repo / "vdit_denoiser" / "config.pbtxt")
+    sam = parse_config(repo / "vdit_sampler" / "config.pbtxt")
+    check_denoiser_tensors(den, repo)
+    text = next(t for t in den.input if t.name == "encoder_hidden_states")
+    assert list(text.dims) == [-1, 32] and list(den.output[0].dims) == [8, 2, 8, 8]
+    assert [i.name for i in sam.input] == ["encoder_hidden_states", "seed", "steps", "guidance", "eta"]
+    assert list(sam.input[0].dims) == [-1, -1, 32] and DataType.Name(sam.input[0].data_type) == "TYPE_FP32"
+    assert not sam.input[0].optional
+    check_sampler(sam, repo, tiny_latte_export, max_videos=4)
+
+
+@pytest.mark.parametrize("which", ["class", "text"])
+def test_triton_sampling_loop_matches_vdit_sample(tiny_export, tiny_latte_export, which):
+    """The loop model.py runs (sample_request over a denoise callable, paired with the null
+    conditioning from the repository's null_cond.safetensors) gives the video that the ORT runtime's
+    sampler gives for the same seed (there the fused step graph runs, with null_<name> inputs)."""
+    from vdit_deploy.contract import load_null
     from vdit_deploy.diffusion import make_steps
     from vdit_deploy.export.triton import sample_request
     from vdit_deploy.runtimes import open_runtime
     from vdit_deploy.sampling import sample
 
-    with open_runtime("ort", tiny_export) as rt:
-        labels = np.array([1, 3], np.int32)
-        served = sample_request(rt.denoise, rt.config, rt.schedule, labels, seed=7, steps=4, guidance=2.0)
-        direct = sample(rt, rt.config, labels, make_steps(rt.schedule, "ddim", 4), 2.0, seed=7)
-        assert served.shape == (2, *rt.config.video_shape)
+    export = tiny_export if which == "class" else tiny_latte_export
+    with open_runtime("ort", export) as rt:
+        null = load_null(rt.contract, export)
+        if which == "class":
+            cond = {"y": np.array([1, 3], np.int32)}
+        else:
+            seq = null["encoder_hidden_states"].shape[1]
+            cond = {"encoder_hidden_states": np.random.default_rng(0).standard_normal((2, seq, 32), dtype=np.float32)}
+        served = sample_request(rt.denoise, rt.contract, cond, null, seed=7, steps=4, guidance=2.0)
+        plan = make_steps(rt.schedule, "ddim", 4, prediction=rt.contract.prediction)
+        direct = sample(rt, rt.contract, cond, plan, 2.0, seed=7)
+        assert served.shape == (2, *rt.contract.latent)
         assert np.abs(served - np.asarray(direct)).max() < 1e-4
+        five = {k: np.concatenate([v] * 3)[:5] for k, v in cond.items()}
         with pytest.raises(VditError, match="at most 4 videos per request"):
-            sample_request(rt.denoise, rt.config, rt.schedule, np.zeros(5, np.int32), max_videos=4)
-        with pytest.raises(VditError, match="label 9 is out of range"):
-            sample_request(rt.denoise, rt.config, rt.schedule, np.array([9], np.int32), steps=2)
+            sample_request(rt.denoise, rt.contract, five, null, max_videos=4)
+        if which == "class":
+            with pytest.raises(VditError, match=r"request y holds labels outside 0..4 \(4 = null\)"):
+                sample_request(rt.denoise, rt.contract, {"y": np.array([9], np.int32)}, null, steps=2)
+        else:
+            with pytest.raises(VditError, match="the null conditioning's encoder_hidden_states is .1, 16, 32., "
+                                                "the prompt's .2, 5, 32."):
+                sample_request(rt.denoise, rt.contract, {"encoder_hidden_states": cond["encoder_hidden_states"][:, :5]},
+                               null, steps=2)
 
 
 def test_serve_export_refusals(tiny_export, tmp_path):
@@ -311,7 +414,12 @@ def test_serve_export_engine_config_from_manifest(tiny_export, tmp_path):
     from vdit_deploy.runtimes.engine_cache import EngineCache, EngineKey
 
     cache = EngineCache(tmp_path / "engines")
-    key = dict(onnx_sha256="0" * 64, precision="fp16", tensorrt="10.3.0", gpu="Orin", compute_capability="8.7")
+    from vdit_deploy.export.metadata import read_metadata
+    from vdit_deploy.runtimes.engine_cache import contract_digest
+
+    contract = contract_digest(read_metadata(tiny_export / "denoiser.onnx").contract)
+    key = dict(onnx_sha256="0" * 64, contract=contract, precision="fp16", tensorrt="10.3.0", gpu="Orin",
+               compute_capability="8.7")
     good = cache.store("denoiser", EngineKey(profile="1:2:8", **key), b"placeholder")
     notes = write_triton_repo(tiny_export, tmp_path / "repo", engine=good.path)
     den = parse_config(tmp_path / "repo" / "vdit_denoiser" / "config.pbtxt")
@@ -325,6 +433,10 @@ def test_serve_export_engine_config_from_manifest(tiny_export, tmp_path):
     narrow = cache.store("denoiser", EngineKey(profile="2:2:8", **key), b"placeholder")
     with pytest.raises(VditError, match="needs batch 1 to be allowed"):
         write_triton_repo(tiny_export, tmp_path / "repo2", engine=narrow.path)
+    foreign = cache.store("denoiser", EngineKey(profile="1:2:4", **{**key, "contract": "f" * 64}), b"placeholder")
+    with pytest.raises(VditError, match="built from an export of another model contract"):
+        write_triton_repo(tiny_export, tmp_path / "repo2", engine=foreign.path)
+    assert not (tmp_path / "repo2").exists()
 
 
 # ---- the torch-free path -------------------------------------------------------------------------
@@ -387,7 +499,7 @@ def test_plan_serve_and_sample_without_torch(tiny_export, tmp_path):
         from vdit_deploy.export.triton import sample_request
         from vdit_deploy.runtimes import open_runtime
         with open_runtime("ort", {str(tiny_export)!r}) as rt:
-            video = sample_request(rt.denoise, rt.config, rt.schedule, [0], seed=1, steps=2)
+            video = sample_request(rt.denoise, rt.contract, {{"y": np.array([0], np.int32)}}, rt.null, seed=1, steps=2)
         print("VIDEO", video.shape, bool(np.isfinite(video).all()))
         print("TORCH", sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
     """)

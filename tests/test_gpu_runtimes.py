@@ -20,10 +20,11 @@ def ort_cuda_skip_reason():
     return None
 
 
-def inputs(cfg, b=2, seed=0):
+def inputs(contract, b=2, seed=0):
+    """x_t, t and the conditioning (labels of the built-in model) of a runtime's contract."""
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((b, *cfg.video_shape), dtype=np.float32)
-    return x, np.full(b, 500, np.float32), np.arange(b, dtype=np.int32) % cfg.num_classes
+    x = rng.standard_normal((b, *contract.latent), dtype=np.float32)
+    return x, np.full(b, 500, np.float32), contract.example_cond(b, rng)
 
 
 def test_torch_cuda_matches_cpu_and_keeps_the_video_on_the_gpu(tiny_checkpoint):
@@ -31,14 +32,14 @@ def test_torch_cuda_matches_cpu_and_keeps_the_video_on_the_gpu(tiny_checkpoint):
 
     with open_runtime("torch", tiny_checkpoint, device="cpu") as cpu, \
             open_runtime("torch", tiny_checkpoint, device="cuda") as gpu:
-        x, t, y = inputs(cpu.config)
+        x, t, y = inputs(cpu.contract)
         assert rel_l2(gpu.denoise(x, t, y), cpu.denoise(x, t, y)) < 1e-3   # cuDNN may use TF32 convs
         steps = make_steps(cpu.schedule, "ddim", 8)
         step = steps[3]
         out = gpu.step(x, step.t, y, 2.0, step.coefs, np.zeros_like(x))
         assert isinstance(out, TorchDeviceArray) and out.tensor.is_cuda
-        ref = sample(cpu, cpu.config, [0, 1], steps, guidance=2.0, seed=3)
-        got = sample(gpu, gpu.config, [0, 1], steps, guidance=2.0, seed=3)
+        ref = sample(cpu, cpu.contract, [0, 1], steps, guidance=2.0, seed=3)
+        got = sample(gpu, gpu.contract, [0, 1], steps, guidance=2.0, seed=3)
         assert psnr(got, ref) > 50
 
 
@@ -48,13 +49,13 @@ def test_torch_compile_cuda_graphs_match_eager(tiny_checkpoint):
     with open_runtime("torch", tiny_checkpoint, precision="fp16", device="cuda") as eager, \
             open_runtime("torch", tiny_checkpoint, precision="fp16", device="cuda", compile="reduce-overhead") as graph:
         steps = make_steps(eager.schedule, "ddim", 6)
-        x, _, y = inputs(eager.config)
+        x, _, y = inputs(eager.contract)
         first = graph.step(x, steps[0].t, y, 2.0, steps[0].coefs, np.zeros_like(x))
         kept = np.asarray(first).copy()
         second = graph.step(first, steps[1].t, y, 2.0, steps[1].coefs, np.zeros_like(x))
         assert np.array_equal(np.asarray(first), kept) and not np.array_equal(np.asarray(second), kept)
-        ref = sample(eager, eager.config, [0, 3], steps, guidance=2.0, seed=1)
-        got = sample(graph, graph.config, [0, 3], steps, guidance=2.0, seed=1)
+        ref = sample(eager, eager.contract, [0, 3], steps, guidance=2.0, seed=1)
+        got = sample(graph, graph.contract, [0, 3], steps, guidance=2.0, seed=1)
         assert np.isfinite(got).all() and psnr(got, ref) > 40
 
 
@@ -71,11 +72,11 @@ def test_ort_cuda_fused_step_stays_on_device_and_matches_cpu(tiny_export, precis
     with open_runtime("ort", tiny_export, providers=["cpu"]) as cpu, \
             open_runtime("ort", tiny_export, precision=precision, providers=["cuda"]) as gpu:
         assert gpu.files[-1].name.startswith("step.")              # the fused step graph: on the GPU below
-        x, _, y = inputs(cpu.config)
+        x, _, y = inputs(cpu.contract)
         steps = make_steps(cpu.schedule, "ddim", 8)
         out = gpu.step(x, steps[0].t, y, 2.0, steps[0].coefs, np.zeros_like(x))
         assert isinstance(out, DeviceArray)
         out = gpu.step(out, steps[1].t, y, 2.0, steps[1].coefs, np.zeros_like(x))   # bound in place
-        ref = sample(cpu, cpu.config, [0, 2], steps, guidance=2.0, seed=5)
-        got = sample(gpu, gpu.config, [0, 2], steps, guidance=2.0, seed=5)
+        ref = sample(cpu, cpu.contract, [0, 2], steps, guidance=2.0, seed=5)
+        got = sample(gpu, gpu.contract, [0, 2], steps, guidance=2.0, seed=5)
         assert psnr(got, ref) > min_psnr

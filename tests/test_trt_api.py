@@ -8,6 +8,7 @@ Supported: TensorRT 10.3 (JetPack 6, weakly typed, calibrators), 10.13, 10.16 an
 typed only); cuda-python 11.8, 12.2 (cuda.cudart), 12.9 and 13.4. TensorRT 8.6 is refused in one line.
 """
 import ast
+import dataclasses
 import re
 from pathlib import Path
 
@@ -21,30 +22,61 @@ import trt_fake
 from conftest import open_built
 from trt_fake import CUDART_VERSIONS, TRT_SUPPORTED, TRT_UNSUPPORTED, World, install, surface
 from vdit_deploy.config import preset
-from vdit_deploy.diffusion import Schedule
+from vdit_deploy.contract import CondInput, Contract, null_digest, save_null
+from vdit_deploy.diffusion import COEF_NAMES, Schedule
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.metadata import ExportMetadata
-from vdit_deploy.runtimes.engine_cache import BatchProfile, import_tensorrt
+from vdit_deploy.export.metadata import NULL_PREFIX, ExportMetadata
+from vdit_deploy.runtimes.engine_cache import AxisProfile, EngineProfile, import_tensorrt
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "runtimes" / f for f in ("trt_build.py", "trt_runtime.py", "engine_cache.py")]
 CFG = preset("tiny")
 TRT_10_3, TRT_11 = "10.3.0", "11.4.0.106"
+PROFILE = EngineProfile.of(AxisProfile(1, 2, 4))
 
 
-# ---- a small export whose graphs hold the layers the build treats specially ----------------------------
-def step_graph(kind: str, qdq: bool = False, precision: str = "fp32") -> onnx.ModelProto:
-    """step (x_t, t, y, guidance, coefs, noise -> x_prev) or denoiser (x_t, t, y -> eps): a decomposed
-    LayerNorm (ReduceMean, Sub, Pow, Sqrt, Div), a Softmax, and an integer REDUCE over x_t's shape."""
-    video = ["batch", *CFG.video_shape]
-    inputs = [helper.make_tensor_value_info("x_t", TensorProto.FLOAT, video),
-              helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch"]),
-              helper.make_tensor_value_info("y", TensorProto.INT32, ["batch"])]
+# ---- small exports whose graphs hold the layers the build treats specially ----------------------------
+CLASS = Contract(latent=tuple(CFG.video_shape), output="eps", schedule=Schedule(),
+                 cond=(CondInput("y", "int32", ("batch",), CFG.num_classes),))
+# the issue's text-conditioned, learned-sigma shape: T5-like embeddings (batch, seq, D), 2C output channels
+TEXT = Contract(latent=(4, 2, 8, 8), output="eps+var", schedule=Schedule(), axes={"seq": (1, 16)},
+                cond=(CondInput("encoder_hidden_states", "float32", ("batch", "seq", 32)),))
+ONNX_TYPES = {"float32": TensorProto.FLOAT, "int32": TensorProto.INT32}
+
+
+def null_of(contract: Contract) -> dict:
+    """The null conditioning: the null label, or zero embeddings at the longest prompt."""
+    return {c.name: np.full([1 if d == "batch" else contract.axes[d][1] if isinstance(d, str) else d for d in c.shape],
+                            c.classes or 0, c.dtype) for c in contract.cond}
+
+
+def with_null(contract: Contract) -> Contract:
+    return dataclasses.replace(contract, null_sha256=null_digest(null_of(contract)))
+
+
+def io_specs(kind: str, contract: Contract) -> dict:
+    """The export's I/O spec (export/onnx_export._io's form) of a step or denoiser graph."""
+    video = ["batch", *contract.latent]
+    cond = [{"name": c.name, "shape": list(c.shape), "dtype": c.dtype} for c in contract.cond]
+    inputs = [{"name": "x_t", "shape": video, "dtype": "float32"}, {"name": "t", "shape": ["batch"], "dtype": "float32"},
+              *cond]
     if kind == "step":
-        inputs += [helper.make_tensor_value_info("guidance", TensorProto.FLOAT, [1]),
-                   helper.make_tensor_value_info("coefs", TensorProto.FLOAT, [7]),
-                   helper.make_tensor_value_info("noise", TensorProto.FLOAT, video)]
-    out = "x_prev" if kind == "step" else "eps"
+        inputs += [{**c, "name": NULL_PREFIX + c["name"]} for c in cond]
+        inputs += [{"name": "guidance", "shape": [1], "dtype": "float32"},
+                   {"name": "coefs", "shape": [len(COEF_NAMES)], "dtype": "float32"},
+                   *({"name": n, "shape": video, "dtype": "float32"} for n in ("noise", "x0_prev", "corr"))]
+        outputs = [{"name": n, "shape": video, "dtype": "float32"} for n in ("x_prev", "x0", "corr_next")]
+    else:
+        outputs = [{"name": "out", "shape": ["batch", contract.out_channels, *contract.latent[1:]], "dtype": "float32"}]
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def step_graph(kind: str, qdq: bool = False, precision: str = "fp32", contract: Contract = CLASS) -> onnx.ModelProto:
+    """A step or denoiser graph with the export's inputs and outputs for `contract`, whose body is a
+    decomposed LayerNorm (ReduceMean, Sub, Pow, Sqrt, Div), a Softmax, and an integer REDUCE over
+    x_t's shape."""
+    io = io_specs(kind, with_null(contract))
+    value = lambda spec: helper.make_tensor_value_info(spec["name"], ONNX_TYPES[spec["dtype"]], spec["shape"])  # noqa: E731
     consts = [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
               helper.make_tensor("epsilon", TensorProto.FLOAT, [], [1e-6]),
               helper.make_tensor("scale", TensorProto.FLOAT, [], [0.05]),
@@ -69,26 +101,52 @@ def step_graph(kind: str, qdq: bool = False, precision: str = "fp32") -> onnx.Mo
         helper.make_node("Cast", ["count"], ["count_f"], to=TensorProto.FLOAT),
         helper.make_node("Div", ["attn", "count_f"], ["body"]),
     ]
-    nodes.append(helper.make_node("Add", ["body", "noise"], [out]) if kind == "step"
-                 else helper.make_node("Identity", ["body"], [out]))
-    graph = helper.make_graph(nodes, kind, inputs, [helper.make_tensor_value_info(out, TensorProto.FLOAT, video)],
+    if kind == "step":
+        nodes += [helper.make_node("Add", ["body", "noise"], ["x_prev"]), helper.make_node("Identity", ["body"], ["x0"]),
+                  helper.make_node("Identity", ["corr"], ["corr_next"])]
+    else:   # eps, then a learned variance for an eps+var model: 2C channels
+        parts = ["body"] * (contract.out_channels // contract.latent[0])
+        nodes.append(helper.make_node("Concat", parts, ["out"], axis=1))
+    graph = helper.make_graph(nodes, kind, [value(s) for s in io["inputs"]], [value(s) for s in io["outputs"]],
                               initializer=consts)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    meta = ExportMetadata(kind, CFG, Schedule(), {"inputs": [], "outputs": []}, "0" * 64, batch={"min": 1, "max": 8},
-                          precision=precision)
+    meta = ExportMetadata(kind, with_null(contract), {"class": "test", "config": {}}, io, "0" * 64,
+                          batch={"min": 1, "max": 8}, precision=precision)
     for k, v in meta.to_props().items():
         model.metadata_props.add(key=k, value=v)
     return model
 
 
-@pytest.fixture
-def export(tmp_path):
-    root = tmp_path / "export"
+def write_graphs(root: Path, contract: Contract) -> Path:
     root.mkdir()
     for kind in ("step", "denoiser"):
-        onnx.save(step_graph(kind), str(root / f"{kind}.onnx"))
-        onnx.save(step_graph(kind, precision="fp16"), str(root / f"{kind}.fp16.onnx"))   # for `vdit calibrate fp16`
-        onnx.save(step_graph(kind, qdq=True, precision="int8-qdq"), str(root / f"{kind}.int8-qdq.onnx"))
+        onnx.save(step_graph(kind, contract=contract), str(root / f"{kind}.onnx"))
+        onnx.save(step_graph(kind, precision="fp16", contract=contract), str(root / f"{kind}.fp16.onnx"))
+        onnx.save(step_graph(kind, qdq=True, precision="int8-qdq", contract=contract), str(root / f"{kind}.int8-qdq.onnx"))
+    save_null(with_null(contract), null_of(contract), root)
+    return root
+
+
+@pytest.fixture
+def export(tmp_path):
+    """A class-conditioned export (the built-in model's contract)."""
+    return write_graphs(tmp_path / "export", CLASS)
+
+
+@pytest.fixture
+def text_export(tmp_path):
+    """A text-conditioned, learned-sigma export: encoder_hidden_states (batch, seq 1..16, 32), out 2C."""
+    return write_graphs(tmp_path / "text", TEXT)
+
+
+def calibration_set(root: Path, contract: Contract = CLASS, n: int = 4) -> Path:
+    """NAME.npy for every input of the step graph (implicit INT8 feeds them all)."""
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for spec in io_specs("step", with_null(contract))["inputs"]:
+        shape = [contract.axes[d][1] if isinstance(d, str) and d != "batch" else d for d in spec["shape"]]
+        shape = [n, *shape[1:]] if spec["shape"][0] == "batch" else [n, *shape]
+        np.save(root / f"{spec['name']}.npy", rng.integers(0, 2, shape).astype(spec["dtype"]))
     return root
 
 
@@ -101,7 +159,7 @@ def build(export, precision, **kw):
 
     return build_engine(export / {"fp32": "step.onnx", "fp16": "step.onnx", "int8": "step.int8-qdq.onnx",
                                   "best": "step.int8-qdq.onnx"}[precision],
-                        precision, BatchProfile(1, 2, 4), progress=False, log=lambda m: None, **kw)
+                        precision, PROFILE, progress=False, log=lambda m: None, **kw)
 
 
 # ---- 1. static: every cudart call and tensorrt name in the source, per recorded version -----------------
@@ -239,7 +297,7 @@ def test_build_per_version_and_precision(monkeypatch, export, version, precision
     strong = strongly_typed_only(trt)
     assert strong == version.startswith("11.")
     onnx_path = onnx_for(export, "step", precision, strong)
-    engine, facts = build_engine(onnx_path, precision, BatchProfile(1, 2, 4), progress=False, log=lambda m: None)
+    engine, facts = build_engine(onnx_path, precision, PROFILE, progress=False, log=lambda m: None)
     assert engine.startswith(b"FAKE-ENGINE") and facts["strongly_typed"] == strong
     (record,) = world.builds
     flags = set(record["flags"])
@@ -280,20 +338,14 @@ def test_implicit_int8_calibration_on_10x(monkeypatch, export, tmp_path, version
     go to device memory, the cache is written, and a second build reuses it (`calibrate trt-cache`
     says which); TensorRT 11 refuses calibration in one line."""
     world = fake(monkeypatch, version)
-    calib = tmp_path / "calib"
-    calib.mkdir()
-    rng = np.random.default_rng(0)
-    for name, shape, dtype in (("x_t", CFG.video_shape, np.float32), ("t", (), np.float32), ("y", (), np.int32),
-                               ("guidance", (1,), np.float32), ("coefs", (7,), np.float32),
-                               ("noise", CFG.video_shape, np.float32)):
-        np.save(calib / f"{name}.npy", rng.standard_normal((4, *shape)).astype(dtype))
+    calib = calibration_set(tmp_path / "calib")
     from vdit_deploy.runtimes.trt_build import build_engine
 
-    _, facts = build_engine(export / "step.onnx", "int8", BatchProfile(1, 2, 4), calibration=calib, progress=False,
+    _, facts = build_engine(export / "step.onnx", "int8", PROFILE, calibration=calib, progress=False,
                             log=lambda m: None)
     assert world.builds[0]["calibrated"] and not facts["calibration_cache_reused"]
     assert Path(facts["calibration_cache"]).read_bytes() == b"FAKE-CALIBRATION-CACHE"
-    _, facts = build_engine(export / "step.onnx", "int8", BatchProfile(1, 2, 4), calibration=calib, progress=False,
+    _, facts = build_engine(export / "step.onnx", "int8", PROFILE, calibration=calib, progress=False,
                             log=lambda m: None)
     assert facts["calibration_cache_reused"] and not world.builds[1]["calibrated"]
     import gc
@@ -312,7 +364,7 @@ def test_cli_calibrate_trt_cache_says_reused(monkeypatch, export, tmp_path):
     calib = tmp_path / "calib"
     calib.mkdir()
     for name, shape, dtype in (("x_t", CFG.video_shape, np.float32), ("t", (), np.float32), ("y", (), np.int32)):
-        np.save(calib / f"{name}.npy", np.zeros((4, *shape), dtype))
+        np.save(calib / f"{name}.npy", np.zeros((4, *shape), dtype))   # the denoiser's inputs
     args = ["calibrate", "trt-cache", str(export), "--calib", str(calib)]
     first = CliRunner().invoke(main, args)
     assert first.exit_code == 0, first.output
@@ -343,13 +395,13 @@ def test_timing_cache_from_elsewhere_is_replaced(monkeypatch, export, tmp_path, 
     cache = tmp_path / "timing.cache"
     notes = []
     for _ in range(2):   # made here, then used
-        build_engine(export / "step.onnx", "fp32", BatchProfile(1, 2, 4), timing_cache=cache, progress=False,
+        build_engine(export / "step.onnx", "fp32", PROFILE, timing_cache=cache, progress=False,
                      log=notes.append)
     here = cache.read_bytes()
     assert here.startswith(b"FAKE-TIMING-CACHE") and world.builds[-1]["timing_cache"] and not notes
     for foreign in (here.replace(world.gpu.encode(), b"Orin"), b"garbage"):
         cache.write_bytes(foreign)
-        build_engine(export / "step.onnx", "fp32", BatchProfile(1, 2, 4), timing_cache=cache, progress=False,
+        build_engine(export / "step.onnx", "fp32", PROFILE, timing_cache=cache, progress=False,
                      log=notes.append)
         assert cache.read_bytes() == here and world.builds[-1]["timing_cache"]
     assert len(notes) == 2 and all("was made on another GPU or TensorRT version" in n for n in notes)
@@ -363,7 +415,7 @@ def test_build_options_dla_workspace_level_and_progress(monkeypatch, export):
     for version in TRT_SUPPORTED:
         with monkeypatch.context() as m:
             world = install(m, version, "12.9.10", World())
-            _, facts = build_engine(export / "step.onnx", "fp32", BatchProfile(1, 2, 4),
+            _, facts = build_engine(export / "step.onnx", "fp32", PROFILE,
                                     BuildOptions(workspace_mb=64, opt_level=2, dla_core=0), progress=True,
                                     log=lambda msg: None)
             (record,) = world.builds
@@ -374,13 +426,14 @@ def test_build_options_dla_workspace_level_and_progress(monkeypatch, export):
 
 
 # ---- 3. the runtime against the fake, per cuda-python (and TensorRT 10.3 / 11.4) -------------------------
-def run_steps(rt, n, stochastic_every=2):
-    coefs = np.array([1.0, 0.5, 1.0, 0.9, 0.0, 0.4, 0.0], np.float32)
-    x = np.zeros((2, *CFG.video_shape), np.float32)
+def run_steps(rt, n, stochastic_every=2, cond=None):
+    coefs = np.zeros(len(COEF_NAMES), np.float32)
+    coefs[:6] = [1.0, 0.5, 1.0, 0.9, 0.0, 0.4]
+    x = np.zeros((2, *rt.contract.latent), np.float32)
     noise = np.zeros_like(x)
     for i in range(n):
         coefs[6] = 0.1 if i % stochastic_every else 0.0
-        x = rt.step(x, 500 - i, np.array([0, 1], np.int32), 2.0, coefs, noise)
+        x = rt.step(x, 500 - i, cond or {"y": np.array([0, 1], np.int32)}, 2.0, coefs, noise)
     return np.asarray(x)
 
 
@@ -399,7 +452,7 @@ def test_runtime_warm_up_capture_and_replay(monkeypatch, export, trt_version, cu
         captured = [ops for ops in world.exec_ops.values()]
         assert all(ops == [("execute", ops[0][1])] for ops in captured)   # the uploads stay outside the graph
         eps = rt.denoise(np.zeros((1, *CFG.video_shape), np.float32), np.array([3.0], np.float32),
-                         np.array([1], np.int32))
+                         {"y": np.array([1], np.int32)})
         assert eps.shape == (1, *CFG.video_shape)
     assert world.loggers_created == 1 and len({id(lg) for lg in world.loggers}) == 1 and len(world.loggers) >= 4
     assert world.leaks() == {}, world.leaks()
@@ -463,8 +516,9 @@ def test_batch_outside_the_profile_and_refused_addresses(monkeypatch, export):
         engine = rt.step_engine
         with pytest.raises(VditError, match="outside the engine"):
             engine.set_batch(engine.max_batch + 1)
-        engine.min_batch = 0   # past vdit's own check: TensorRT's refusal must surface
-        with pytest.raises(VditError, match="TensorRT refused batch 0 for input"):
+        lo, hi = engine.ranges["x_t"]
+        engine.ranges["x_t"] = ((0, *lo[1:]), hi)   # past vdit's own check: TensorRT's refusal must surface
+        with pytest.raises(VditError, match=r"TensorRT refused shape \(0, .*\) for input x_t"):
             engine.set_batch(0)
         with pytest.raises(VditError, match="refused the device address of x_t"):
             engine.bind("x_t", 0)
@@ -484,8 +538,8 @@ def test_real_tiny_export_builds_and_samples(monkeypatch, tiny_export, tmp_path,
     world = fake(monkeypatch, trt_version)
     with open_built(export, precision) as rt:
         steps = make_steps(rt.schedule, "ddim", 5, eta=1.0)   # eta 1: stochastic steps upload noise
-        video = sample(rt, rt.config, [0, 1], steps, guidance=2.0, seed=0)
-        assert video.shape == (2, *rt.config.video_shape) and rt.cuda_graph
+        video = sample(rt, rt.contract, [0, 1], steps, guidance=2.0, seed=0)
+        assert video.shape == (2, *rt.contract.latent) and rt.cuda_graph
         assert [kind for kind, _ in world.launches] == ["execute"] * 2 + ["graph"] * 3
     assert world.leaks() == {}
     ops = [n.op_type for n in onnx.load(str(export / "step.onnx"), load_external_data=False).graph.node]
@@ -496,6 +550,118 @@ def test_real_tiny_export_builds_and_samples(monkeypatch, tiny_export, tmp_path,
         assert sum(types[name] == "ELEMENTWISE" for name in pinned) == ops.count("Pow") > 0
     else:
         assert not pinned and world.builds[0]["strongly_typed"]
+
+
+# ---- 3b. a text-conditioned export: profiles on the seq axis, null_<name> inputs ---------------------------
+TEXT_IN = ("encoder_hidden_states", "null_encoder_hidden_states")
+
+
+@pytest.mark.parametrize("version", TRT_SUPPORTED)
+def test_text_export_builds_with_seq_profiles(monkeypatch, text_export, version):
+    """API conformance and control flow (not numerics): `vdit build` of a text-conditioned export gives
+    every dynamic axis a range in one optimization profile on every supported TensorRT: the batch on
+    each batched input, the seq axis on encoder_hidden_states and on the step's null input alike (opt =
+    max by default, --seq when given); the contract is in the engine's key, and a --seq outside the
+    export's range is refused in one line before any build."""
+    from vdit_deploy.runtimes.engine_cache import contract_digest
+    from vdit_deploy.runtimes.trt_build import build_export
+
+    world = fake(monkeypatch, version)
+    precision = "fp16" if version.startswith("11.") else "fp32"
+    built = build_export(text_export, precision, batch="1:2:4", log=lambda m: None)
+    assert [b.kind for b in built] == ["step", "denoiser"] and str(built[0].profile) == "1:2:4 seq=1:16:16"
+    step, den = (record["profiles"] for record in world.builds)
+    assert len(step) == len(den) == 1
+    for name in TEXT_IN:
+        assert step[0][name] == ((1, 1, 32), (2, 16, 32), (4, 16, 32))
+    assert den[0]["encoder_hidden_states"] == ((1, 1, 32), (2, 16, 32), (4, 16, 32))
+    assert step[0]["x_t"] == ((1, 4, 2, 8, 8), (2, 4, 2, 8, 8), (4, 4, 2, 8, 8)) and step[0]["coefs"] == ((16,),) * 3
+    assert built[0].engine.key.contract == contract_digest(with_null(TEXT)) != contract_digest(with_null(CLASS))
+    assert built[0].engine.path.name == f"step.{precision}.b1-2-4.seq1-16-16.engine"
+    again = build_export(text_export, precision, batch="1:2:4", seq="1:8:16", log=lambda m: None)
+    assert all(b.built for b in again) and world.builds[-1]["profiles"][0]["encoder_hidden_states"][1] == (2, 8, 32)
+    with pytest.raises(VditError, match=r"--seq 1:8:32 is outside the export's seq range 1..16") as e:
+        build_export(text_export, precision, seq="1:8:32", log=lambda m: None)
+    assert "\n" not in str(e.value) and len(world.builds) == 4
+    with pytest.raises(VditError, match="the export has no seq axis"):
+        build_export(write_graphs(text_export.parent / "class", CLASS), "fp32", seq="1:2:4", log=lambda m: None)
+    from vdit_deploy.cli import main
+
+    cached = CliRunner().invoke(main, ["build", str(text_export), "--precision", precision, "--batch", "1:2:4",
+                                       "--seq", "1:8:16", "--no-build"])
+    assert cached.exit_code == 0 and cached.stdout.count("batch 1:2:4 seq=1:8:16, cached") == 2, cached.output
+    other = CliRunner().invoke(main, ["build", str(text_export), "--precision", precision, "--batch", "1:2:4",
+                                      "--seq", "1:4:16", "--no-build"])
+    assert other.exit_code == 1 and re.search(r"profile: cached 1:2:4 seq=1:\d+:16, now 1:2:4 seq=1:4:16", other.output)
+
+
+@pytest.mark.parametrize("trt_version", [TRT_10_3, TRT_11])
+def test_text_runtime_denoise_and_step(monkeypatch, text_export, trt_version):
+    """Control flow (not numerics): TrtRuntime on a text-conditioned export sets every dynamic input's
+    shape (batch and seq) before a run, gives denoise() the 2C-channel output, feeds step.onnx's
+    null_encoder_hidden_states from null_cond.safetensors (uploaded once per shape, the prompt every
+    step), recaptures its graphs when the seq length changes, and names the seq axis when a prompt is
+    longer than the engine's profile or than the null conditioning."""
+    from vdit_deploy.contract import NULL_FILE
+
+    world = fake(monkeypatch, trt_version)
+    rng = np.random.default_rng(0)
+    prompt = lambda b, seq: {"encoder_hidden_states": rng.standard_normal((b, seq, 32), dtype=np.float32)}  # noqa: E731
+    with open_built(text_export, "fp32" if trt_version == TRT_10_3 else "fp16") as rt:
+        assert rt.contract == with_null(TEXT) and rt.null["encoder_hidden_states"].shape == (1, 16, 32)
+        out = rt.denoise(np.zeros((3, 4, 2, 8, 8), np.float32), np.full(3, 5.0, np.float32), prompt(3, 7))
+        assert out.shape == (3, 8, 2, 8, 8)
+        assert rt.denoiser.context._fake["shapes"]["encoder_hidden_states"] == (3, 7, 32)
+        engine = rt.step_engine
+        null_ptr, cond_ptr = engine.buffers["null_encoder_hidden_states"], engine.buffers["encoder_hidden_states"]
+        cond = prompt(2, 16)
+        run_steps(rt, 4, cond=cond)
+        shapes = engine.context._fake["shapes"]
+        assert all(shapes[name] == (2, 16, 32) for name in TEXT_IN) and shapes["x_t"] == (2, 4, 2, 8, 8)
+        uploads = [ptr for ptr, _ in world.uploads]
+        assert uploads.count(null_ptr) == 1 and uploads.count(cond_ptr) == 4
+        assert [kind for kind, _ in world.launches][-4:] == ["execute", "execute", "graph", "graph"]
+        assert "\n" not in rt.describe()
+        with pytest.raises(VditError, match="null conditioning's encoder_hidden_states is .1, 16, 32., the prompt's "
+                                            ".2, 9, 32.: make both with the same length"):
+            run_steps(rt, 1, cond=prompt(2, 9))
+        run_steps(rt, 1, cond=cond)   # the refused step changed nothing
+        with pytest.raises(VditError, match="seq = 17, outside 1..16"):
+            run_steps(rt, 1, cond=prompt(2, 17))
+        lo, hi = engine.ranges["encoder_hidden_states"]
+        engine.ranges["encoder_hidden_states"] = (lo, (4, 12, 32))   # an engine built with --seq 1:12:12
+        with pytest.raises(VditError, match=r"encoder_hidden_states has seq = 16, outside the engine .*'s profile "
+                                            r"1..12; rebuild with `vdit build --seq MIN:OPT:MAX`"):
+            engine.set_shapes({"encoder_hidden_states": (3, 16, 32)})
+    assert world.leaks() == {}
+    (text_export / NULL_FILE).unlink()
+    with pytest.raises(VditError, match="no null_cond.safetensors"):
+        open_built(text_export, "fp32")
+
+
+def test_real_text_export_builds_and_samples(monkeypatch, tiny_latte_export, tmp_path):
+    """API conformance and control flow (not numerics) on the graphs `vdit export` makes of a diffusers
+    Latte (text-conditioned, learned sigma): both engines build with the seq axis in the profile on
+    TensorRT 10.x fp16 (LayerNorm, Softmax, Pow pinned), and a guided DDIM sample with eta 1 (stochastic
+    steps: noise uploads) runs through warm-up, capture and replay; denoise() takes a shorter prompt."""
+    import shutil
+
+    from vdit_deploy.diffusion import make_steps
+    from vdit_deploy.sampling import sample
+
+    export = shutil.copytree(tiny_latte_export, tmp_path / "export")
+    world = fake(monkeypatch, "10.13.3.9")
+    with open_built(export, "fp16") as rt:
+        assert world.builds[0]["profiles"][0]["null_encoder_hidden_states"][2][1] == rt.contract.axes["seq"][1]
+        steps = make_steps(rt.schedule, "ddim", 4, eta=1.0, learned_variance=False)
+        cond = {"encoder_hidden_states": np.ones((2, *rt.null["encoder_hidden_states"].shape[1:]), np.float32)}
+        video = sample(rt, rt.contract, cond, steps, guidance=2.0, seed=0)
+        assert video.shape == (2, *rt.contract.latent) and rt.cuda_graph
+        assert [kind for kind, _ in world.launches] == ["execute"] * 2 + ["graph"] * 2
+        assert rt.denoise(np.zeros((1, *rt.contract.latent), np.float32), np.ones(1, np.float32),
+                          {"encoder_hidden_states": cond["encoder_hidden_states"][:1, :5]}).shape[1] == 8
+    assert world.leaks() == {}
+    assert world.builds[0]["precisions"]   # fp16 on 10.x: overflow-prone layers pinned
 
 
 def test_cli_build_and_no_build(monkeypatch, export):
@@ -519,22 +685,18 @@ def test_every_tensorrt_name_is_exercised(monkeypatch, export, tmp_path):
     one a version lacks (the fake would raise): so every version-specific name sits behind a guard."""
     from vdit_deploy.runtimes.trt_build import BuildOptions, build_engine
 
-    calib = tmp_path / "calib"
-    calib.mkdir()
-    for name, shape in (("x_t", CFG.video_shape), ("t", ()), ("y", ()), ("guidance", (1,)), ("coefs", (7,)),
-                        ("noise", CFG.video_shape)):
-        np.save(calib / f"{name}.npy", np.zeros((2, *shape), np.int32 if name == "y" else np.float32))
+    calib = calibration_set(tmp_path / "calib", n=2)
     used = set()
     for version in TRT_SUPPORTED:
         with monkeypatch.context() as m:
             world = install(m, version, "12.9.10", World())
             for precision in ("fp32", "fp16", "int8", "best"):
                 build(export, precision, timing_cache=tmp_path / f"{version}.cache")
-            build_engine(export / "step.onnx", "fp32", BatchProfile(1, 2, 4), BuildOptions(workspace_mb=8, opt_level=1, dla_core=0), progress=True,
+            build_engine(export / "step.onnx", "fp32", PROFILE, BuildOptions(workspace_mb=8, opt_level=1, dla_core=0), progress=True,
                          log=lambda msg: None)
             if not version.startswith("11."):
                 (tmp_path / "step.calib.cache").unlink(missing_ok=True)
-                build_engine(export / "step.onnx", "int8", BatchProfile(1, 2, 4), calibration=calib,
+                build_engine(export / "step.onnx", "int8", PROFILE, calibration=calib,
                              timing_cache=tmp_path / "t.cache", progress=False, log=lambda msg: None)
             with open_built(export, "fp32") as rt:
                 run_steps(rt, 4)

@@ -1,5 +1,6 @@
-"""TensorRT pieces that need no GPU: the batch profile, the engine cache and its refusals, ONNX
-selection per precision, calibration batches, the no-GPU errors, and the torch-free import path."""
+"""TensorRT pieces that need no GPU: the engine profile (batch and named axes), the engine cache and
+its refusals, ONNX selection per precision, calibration batches, the no-GPU errors, and the torch-free
+import path."""
 import json
 import subprocess
 import sys
@@ -13,33 +14,38 @@ from onnx import TensorProto, helper
 from conftest import has_nvidia_gpu
 from vdit_deploy.cli import main
 from vdit_deploy.config import preset
+from vdit_deploy.contract import CondInput, Contract
 from vdit_deploy.diffusion import Schedule
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import ExportMetadata
 from vdit_deploy.runtimes import open_runtime
-from vdit_deploy.runtimes.engine_cache import BatchProfile, EngineCache, EngineKey
+from vdit_deploy.runtimes.engine_cache import AxisProfile, EngineCache, EngineKey, EngineProfile
 from vdit_deploy.runtimes.trt_build import calibration_batches, onnx_digest, onnx_for
 
 no_gpu = pytest.mark.skipif(has_nvidia_gpu(), reason="checks the no-GPU error path")
 
 
 def key(**changes) -> EngineKey:
-    fields = dict(onnx_sha256="a" * 64, precision="fp16", profile="1:2:8", tensorrt="10.13.0.35",
+    fields = dict(onnx_sha256="a" * 64, contract="c" * 64, precision="fp16", profile="1:2:8", tensorrt="10.13.0.35",
                   gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0", options={"opt_level": 3})
     return EngineKey(**{**fields, **changes})
 
 
 def write_export(root, cfg=None, kinds=("step", "denoiser"), suffix=""):
-    """A minimal vdit export: Identity graphs carrying real vdit metadata (enough for selection/planning)."""
+    """A minimal vdit export of the built-in model: Identity graphs carrying real vdit metadata (enough
+    for selection/planning)."""
     cfg = cfg or preset("tiny")
+    contract = Contract(latent=tuple(cfg.video_shape), output="eps", schedule=Schedule(),
+                        cond=(CondInput("y", "int32", ("batch",), cfg.num_classes),))
     root.mkdir(parents=True, exist_ok=True)
     for kind in kinds:
         x = helper.make_tensor_value_info("x_t", TensorProto.FLOAT, ["batch", *cfg.video_shape])
-        out = helper.make_tensor_value_info("x_prev" if kind == "step" else "eps", TensorProto.FLOAT,
+        out = helper.make_tensor_value_info("x_prev" if kind == "step" else "out", TensorProto.FLOAT,
                                             ["batch", *cfg.video_shape])
         graph = helper.make_graph([helper.make_node("Identity", ["x_t"], [out.name])], kind, [x], [out])
         model = helper.make_model(graph)
-        meta = ExportMetadata(kind, cfg, Schedule(), {"inputs": [], "outputs": []}, "0" * 64,
+        meta = ExportMetadata(kind, contract, {"class": "vdit_deploy.model:VideoDiT", "config": cfg.to_dict()},
+                              {"inputs": [], "outputs": []}, "0" * 64,
                               batch={"min": 1, "max": 8}, precision=suffix[1:] or "fp32")
         for k, v in meta.to_props().items():
             model.metadata_props.add(key=k, value=v)
@@ -47,28 +53,36 @@ def write_export(root, cfg=None, kinds=("step", "denoiser"), suffix=""):
     return root
 
 
-# ---- batch profile -----------------------------------------------------------------------------------
-def test_batch_profile_parse():
-    assert BatchProfile.parse("1:2:8") == BatchProfile(1, 2, 8)
-    assert BatchProfile.parse("4") == BatchProfile(4, 4, 4) and BatchProfile.parse("4").is_fixed
-    assert BatchProfile.parse("1:4") == BatchProfile(1, 4, 4)
-    assert str(BatchProfile.fixed(2)) == "2:2:2"
+# ---- engine profile -----------------------------------------------------------------------------------
+def test_axis_profile_parse():
+    assert AxisProfile.parse("1:2:8") == AxisProfile(1, 2, 8)
+    assert AxisProfile.parse("4") == AxisProfile(4, 4, 4) and AxisProfile.parse("4").is_fixed
+    assert AxisProfile.parse("1:4") == AxisProfile(1, 4, 4)
+    assert str(AxisProfile.fixed(2)) == "2:2:2"
     for bad in ("1:x:8", "8:2:1", "0:1:2", "1:2:3:4", ""):
         with pytest.raises(VditError):
-            BatchProfile.parse(bad)
+            AxisProfile.parse(bad)
+    with pytest.raises(VditError, match="--seq takes MIN:OPT:MAX"):
+        AxisProfile.parse("a:b", "--seq")
 
 
-def test_batch_profile_shapes():
-    p = BatchProfile(1, 2, 8)
-    shapes = p.shapes({"x_t": (-1, 3, 8, 16, 16), "t": ("batch",), "coefs": (7,), "guidance": (1,)})
+def test_engine_profile_text_and_shapes():
+    p = EngineProfile.of(AxisProfile(1, 2, 8), {"seq": AxisProfile(1, 120, 120)})
+    assert str(p) == "1:2:8 seq=1:120:120" and EngineProfile.parse(str(p)) == p and p.stem == "b1-2-8.seq1-120-120"
+    assert str(EngineProfile.of(AxisProfile(1, 2, 8))) == "1:2:8"
+    names = {"x_t": ["batch", 3, 8, 16, 16], "text": ["batch", "seq", 64]}
+    shapes = p.shapes({"x_t": (-1, 3, 8, 16, 16), "t": ("batch",), "coefs": (16,), "text": (-1, -1, 64)}, names)
     assert shapes["x_t"] == ((1, 3, 8, 16, 16), (2, 3, 8, 16, 16), (8, 3, 8, 16, 16))
     assert shapes["t"] == ((1,), (2,), (8,))
-    assert shapes["coefs"] == ((7,), (7,), (7,))
-    with pytest.raises(VditError, match="dynamic axis other than the batch"):
+    assert shapes["coefs"] == ((16,), (16,), (16,))
+    assert shapes["text"] == ((1, 1, 64), (2, 120, 64), (8, 120, 64))
+    with pytest.raises(VditError, match="dynamic axis 2 .* does not cover"):     # a dim no spec names
         p.shapes({"x_t": (-1, 3, -1, 16, 16)})
-    p.check(8)
+    with pytest.raises(VditError, match="dynamic axis frames .* does not cover"):
+        p.shapes({"x_t": (-1, -1, 8, 16, 16)}, {"x_t": ["batch", "frames", 8, 16, 16]})
+    p.batch.check(8)
     with pytest.raises(VditError, match="outside the engine's profile 1:2:8"):
-        p.check(9)
+        p.batch.check(9)
 
 
 # ---- cache key and manifest --------------------------------------------------------------------------
@@ -93,14 +107,15 @@ def test_cache_store_and_reuse(tmp_path):
     assert manifest["key"]["compute_capability"] == "9.0" and manifest["engine_bytes"] == 10
 
 
-@pytest.mark.parametrize("field,value", [("onnx_sha256", "b" * 64), ("precision", "int8"), ("profile", "1:1:4"),
-                                         ("tensorrt", "10.3.0"), ("gpu", "Orin"), ("compute_capability", "8.7")])
+@pytest.mark.parametrize("field,value", [("onnx_sha256", "b" * 64), ("contract", "d" * 64), ("precision", "int8"),
+                                         ("profile", "1:1:4"), ("profile", "1:2:8 seq=1:64:120"), ("tensorrt", "10.3.0"),
+                                         ("gpu", "Orin"), ("compute_capability", "8.7")])
 def test_stale_engine_refused_naming_the_field(tmp_path, field, value):
     cache = EngineCache(tmp_path)
     cache.store("step", key(), b"plan")
     cached, why = cache.lookup("step", key(**{field: value}))
     assert cached is None and f"{field}:" in why
-    others = {"onnx_sha256", "precision", "profile", "tensorrt", "gpu", "compute_capability"} - {field}
+    others = {"onnx_sha256", "contract", "precision", "profile", "tensorrt", "gpu", "compute_capability"} - {field}
     assert not any(f"{o}:" in why for o in others)
     with pytest.raises(VditError, match=f"{field}: cached") as e:
         cache.require("step", key(**{field: value}))

@@ -160,6 +160,7 @@ class World:
     loggers: list = field(default_factory=list)      # every logger handed to Builder / OnnxParser / Runtime
     loggers_created: int = 0
     builds: list = field(default_factory=list)       # what each build_serialized_network call saw
+    uploads: list = field(default_factory=list)      # (device pointer, bytes) of each host-to-device copy
     used: set = field(default_factory=set)           # "Class.member" / "module.attr" looked up successfully
     captured: dict = field(default_factory=dict)     # cudaGraph_t -> what its capture recorded
     exec_ops: dict = field(default_factory=dict)     # cudaGraphExec_t -> the same
@@ -605,6 +606,8 @@ class CudaBehaviour:
         device = {kinds.cudaMemcpyHostToDevice: [dst], kinds.cudaMemcpyDeviceToHost: [src],
                   kinds.cudaMemcpyDeviceToDevice: [dst, src]}.get(kind, [])
         ok = all(world.check_device(p, int(count)) for p in device)
+        if ok and kind == kinds.cudaMemcpyHostToDevice:
+            world.uploads.append((int(dst), int(count)))
         if ok and kind == kinds.cudaMemcpyDeviceToHost:
             # nothing is computed, so a download reads zeros: never the garbage of an uninitialised array
             ctypes.memset(int(dst), 0, int(count))
@@ -872,6 +875,7 @@ class Behaviour:
                                    for l in layers if l._fake["output_types"]},
                   "layer_types": {l._fake["name"]: l._fake["type"].name for l in layers},
                   "timing_cache": c["timing_cache"] is not None, "calibrated": False,
+                  "profiles": [dict(p._fake["shapes"]) for p in c["profiles"]],
                   "progress_monitor": c.get("progress_monitor") is not None,
                   "settings": {k: getattr(v, "name", v) for k, v in c.items()
                                if k in ("pools", "builder_optimization_level", "DLA_core", "default_device_type")}}
@@ -956,9 +960,13 @@ class Behaviour:
         return True
 
     def IExecutionContext__get_tensor_shape(world, self, name):
+        # an input: the shape set_input_shape gave it (-1 where none was given, as TensorRT says);
+        # an output: its dynamic axis is taken as the batch of the inputs set (the fake infers no more)
         io = self._fake["engine"]._fake["io"][name]
+        if io["mode"] == "INPUT":
+            return _dims(self._fake["engine"]._fake["trt"], self._fake["shapes"].get(name) or io["shape"])
         batch = next(iter(self._fake["shapes"].values()), (-1,))[0]
-        shape = self._fake["shapes"].get(name) or tuple(batch if d == -1 else d for d in io["shape"])
+        shape = tuple(batch if d == -1 else d for d in io["shape"])
         return _dims(self._fake["engine"]._fake["trt"], shape)
 
     def IExecutionContext__set_tensor_address(world, self, name, memory):

@@ -119,7 +119,7 @@ def parse_labels(labels: tuple[str, ...]) -> list[int]:
 @main.command()
 @click.argument("path", required=False, type=click.Path(path_type=Path))
 def info(path):
-    """Presets with parameter and FLOP counts, or what a checkpoint or export holds."""
+    """Presets with parameter and FLOP counts, or what a checkpoint, diffusers model directory or export holds."""
     from vdit_deploy.config import PRESETS
 
     if path is None:
@@ -134,6 +134,11 @@ def info(path):
     if path.suffix == ".onnx" or (path.is_dir() and any(path.glob("*.onnx"))):
         from vdit_deploy.export.metadata import describe_onnx
         click.echo(describe_onnx(path))
+        return
+    from vdit_deploy.sources import describe_diffusers_dir, is_diffusers_dir
+
+    if is_diffusers_dir(path):
+        click.echo(describe_diffusers_dir(path))
         return
     from vdit_deploy.checkpoint import read_info
 
@@ -216,11 +221,13 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
             if labels:
                 raise VditError("give --label or --cond, not both")
             cond = read_cond(cond_file, contract)
-        elif contract.label_input() is None:
+        elif labels or contract.label_input() is not None:
+            cond = as_cond(contract, labels or [0])     # a text model refuses labels here
+        else:
             raise VditError(f"this model is conditioned on {contract.describe_cond()}: pass --cond FILE.safetensors "
                             "(README: your own model)")
-        else:
-            cond = as_cond(contract, labels or [0])
+        if guidance != 1.0:    # before the first step: a null conditioning of another length is refused
+            contract.null_batch(rt.null, cond)
         b = contract.batch_of(cond)
         check_memory(4 * 8 * b * math.prod(contract.latent), f"sampling {b} videos")   # video, noise, state
         plan = make_steps(rt.schedule, sampler, steps, eta, order=order, spacing=spacing,
@@ -249,9 +256,12 @@ def learned_variance(contract, sampler: str) -> bool:
 @click.option("--device", default=None, help="--runtime torch: cpu, cuda or cuda:N (default: cuda where there is one).")
 @click.option("--compile", "compile_mode", type=click.Choice(COMPILE_MODES),
               default=None, help="--runtime torch: torch.compile the sampler step (reduce-overhead: CUDA graphs).")
+@click.option("--null", "null_file", type=click.Path(path_type=Path), default=None,
+              help="--runtime torch on a diffusers model: the null conditioning (.safetensors, batch 1), as given "
+                   "to `vdit export --null` (an export carries its own). Default: zeros.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .gif, .mp4 or .npy.")
 def sample(checkpoint, onnx_path, labels, cond_file, sampler, steps, order, spacing, eta, guidance, seed, runtime,
-           precision, device, compile_mode, out):
+           precision, device, compile_mode, null_file, out):
     """Sample videos (DPM-Solver++, UniPC, DDIM or DDPM) from a model directory (vdit checkpoint or
     diffusers save_pretrained) or an ONNX export. A .npy output holds the latents; a .gif/.mp4 shows
     them (a latent-space model's video needs its VAE decoder, which is not bundled)."""
@@ -264,12 +274,16 @@ def sample(checkpoint, onnx_path, labels, cond_file, sampler, steps, order, spac
         from vdit_deploy.checkpoint import SHIPPED
         artifact = checkpoint or SHIPPED
         options = {"device": device, "compile": compile_mode}
+        if null_file is not None:
+            from vdit_deploy.sources import load_source
+            options["source"] = load_source(artifact, device or "cpu", null_file=null_file)
     else:
         if onnx_path is None:
             raise VditError(f"--runtime {runtime} samples from an export: pass --onnx DIR (see `vdit export`)")
-        if device or compile_mode:
-            raise VditError("--device and --compile are for --runtime torch (ONNX Runtime picks its provider; "
-                            "TensorRT runs on the GPU its engine was built for)")
+        if device or compile_mode or null_file:
+            raise VditError("--device, --compile and --null are for --runtime torch (ONNX Runtime picks its provider; "
+                            "TensorRT runs on the GPU its engine was built for; an export carries its null "
+                            "conditioning)")
         artifact = onnx_path
     videos, times, desc = run_sampler(runtime, artifact, precision, parse_labels(labels), sampler, steps,
                                       eta, guidance, seed, options, order=order, spacing=spacing, cond_file=cond_file)
@@ -303,7 +317,7 @@ def demo(out, seeds, steps, guidance):
 @click.option("--preset", "preset_name", default=None, help="Plan for a preset (tiny, S, B, L, XL).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Plan for a checkpoint's config.")
 @click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), default=None,
-              help="Plan for an export (its config and real ONNX size).")
+              help="Plan for an export (its config and real ONNX size; another architecture: sized from its graph).")
 @click.option("--batch", type=click.IntRange(1), default=None, help="Videos per call. Default: the profile's max.")
 @click.option("--precision", type=click.Choice(ENGINE_PRECISIONS), default=None,
               help="Default: the profile's.")
@@ -311,6 +325,7 @@ def demo(out, seeds, steps, guidance):
 @click.option("--list", "list_targets", is_flag=True, help="List the shipped profiles and exit.")
 def plan(target, preset_name, checkpoint, onnx_path, batch, precision, frames, list_targets):
     """Estimate the memory an engine needs on a target board; exit 1 if it will not fit."""
+    from vdit_deploy.config import ModelConfig
     from vdit_deploy.runtimes.profiles import PROFILE_DIR, load_profile, model_for_plan, plan_memory, profile_names
 
     if list_targets:
@@ -321,8 +336,12 @@ def plan(target, preset_name, checkpoint, onnx_path, batch, precision, frames, l
     if target is None:
         raise VditError("--target is required (see `vdit plan --list`)")
     profile = load_profile(target)
-    cfg, onnx_bytes, what = model_for_plan(preset_name, checkpoint, onnx_path)
+    cfg, onnx_bytes, what = model_for_plan(preset_name, checkpoint, onnx_path,
+                                           sizes={name: r[2] for name, r in profile.axes.items()})
     if frames is not None:
+        if not isinstance(cfg, ModelConfig):
+            raise VditError("--frames applies to the built-in model; another architecture's frame count is fixed "
+                            "in its graph (re-export it for other frames)")
         cfg = cfg.replace(frames=frames)
     result = plan_memory(cfg, batch or profile.batch[2], precision or profile.precision, profile,
                          onnx_bytes=onnx_bytes)
@@ -338,18 +357,21 @@ def plan(target, preset_name, checkpoint, onnx_path, batch, precision, frames, l
               help="Default: the target's, else fp16. int8 builds the Q/DQ graph from `vdit calibrate`.")
 @click.option("--batch", default=None, help="Engine batch range MIN:OPT:MAX (default 1:2:8, or the target's).")
 @click.option("--fixed-batch", type=click.IntRange(1), default=None, help="Static batch N (MIN=OPT=MAX=N).")
+@click.option("--seq", default=None,
+              help="Token-count range MIN:OPT:MAX of a text-conditioned export (default: the export's range, OPT=MAX).")
 @click.option("--target", default=None, help="Deployment profile (orin-nano, agx-orin, desktop-gpu... or a JSON file).")
 @click.option("--workspace", type=click.IntRange(1), default=None, help="Builder workspace limit, MB.")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=None, help="TensorRT builder optimization level.")
 @click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None,
               help="Engine cache directory (default ONNX_DIR/engines).")
 @click.option("--no-build", is_flag=True, help="Only check the cache: fail, saying what differs, if an engine is stale.")
-def build(onnx_dir, precision, batch, fixed_batch, target, workspace, opt_level, cache_dir, no_build):
-    """Compile an export's step.onnx and denoiser.onnx into cached TensorRT engines."""
+def build(onnx_dir, precision, batch, fixed_batch, seq, target, workspace, opt_level, cache_dir, no_build):
+    """Compile an export's step.onnx and denoiser.onnx into cached TensorRT engines (one optimization
+    profile over the batch and the model contract's named axes)."""
     from vdit_deploy.runtimes.trt_build import build_export
 
     for b in build_export(onnx_dir, precision, batch, fixed_batch, target, workspace, opt_level, cache_dir,
-                          build=not no_build, log=click.echo):
+                          build=not no_build, seq=seq, log=click.echo):
         how = f"built in {b.engine.manifest.get('build_seconds', 0):.1f} s" if b.built else "cached, up to date"
         click.echo(f"{b.kind:<9} {b.engine.path}  ({b.engine.path.stat().st_size / 1e6:.1f} MB, {b.precision}, "
                    f"batch {b.profile}, {how})")

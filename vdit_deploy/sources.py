@@ -215,6 +215,30 @@ def diffusers_contract(path: Path, config: dict, cls_name: str, output, schedule
     return contract
 
 
+def describe_diffusers_dir(path) -> str:
+    """What `vdit export` would take from a diffusers directory, read from its JSON and the safetensors
+    headers (no weights loaded): class, contract, parameters."""
+    import struct
+
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    params, files = 0, sorted(path.glob(f"{DIFFUSERS_WEIGHTS}*.safetensors"))
+    for file in files:
+        with open(file, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        params += sum(int(np.prod(t["shape"])) for k, t in header.items() if k != "__metadata__")
+    cls_name = f"diffusers:{config['_class_name']}"
+    try:
+        c = diffusers_contract(path, config, cls_name, None, None, None, (), None, None)
+        contract = (f"latent {list(c.latent)}, output {c.output}, cond {c.describe_cond()}\n"
+                    f"schedule    {json.dumps(c.schedule.to_dict())}")
+    except VditError as e:
+        contract = f"(export needs options: {e})"
+    return "\n".join([f"diffusers model  {path}  ({cls_name})", f"contract    {contract}",
+                      f"weights     {len(files)} safetensors file(s), {params:,} parameters "
+                      f"({sum(f.stat().st_size for f in files) / 1e9:.2f} GB)"])
+
+
 def zero_null(contract: Contract) -> dict:
     """Zeros at each named axis' max (labels: the null label; masks: ones). Text models want the empty
     prompt's embeddings instead: pass them as --null (README: your own model)."""

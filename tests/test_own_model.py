@@ -1,0 +1,207 @@
+"""Bring your own video DiT: a diffusers LatteTransformer3DModel saved with `save_pretrained` (text-
+conditioned, learned sigma) through the command line, the contract's one-line refusals, and a
+v-prediction model against diffusers' own DDIMScheduler loop."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import save_tiny_latte
+
+pytestmark = pytest.mark.slow
+D, SEQ = 32, 16          # the tiny Latte's caption width; the null conditioning's (and the prompts') length
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "vdit_deploy.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=600)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def write_cond(path, **arrays):
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path))
+    return path
+
+
+def prompts(b: int, seq: int = SEQ, seed: int = 1):
+    return np.random.default_rng(seed).standard_normal((b, seq, D)).astype(np.float32)
+
+
+def test_latte_export_verify_sample_from_the_command_line(tiny_latte, tmp_path):
+    """save_pretrained dir -> vdit export (+ verify) -> vdit sample --cond on ONNX Runtime and on PyTorch:
+    the same videos from the same noise and conditioning."""
+    out = tmp_path / "export"
+    result = run_cli("export", tiny_latte, "--out", out, "--batch", "1:4", "--seq", f"1:{SEQ}")
+    assert result.returncode == 0, result.stderr
+    assert "denoiser.onnx            out" in result.stdout and "FAIL" not in result.stdout
+    assert {p.name for p in out.iterdir()} == {"denoiser.onnx", "step.onnx", "null_cond.safetensors"}
+    info = run_cli("info", out)
+    assert "output eps+var" in info.stdout and f"encoder_hidden_states: float32(batch, seq, {D})" in info.stdout
+    cond = write_cond(tmp_path / "cond.safetensors", encoder_hidden_states=prompts(2))
+    null = write_cond(tmp_path / "null.safetensors", encoder_hidden_states=np.zeros((1, SEQ, D), np.float32))
+    videos = {}
+    for name, args in (("ort", ["--runtime", "ort", "--onnx", out]),
+                       ("torch", ["--runtime", "torch", "--checkpoint", tiny_latte, "--device", "cpu", "--null", null])):
+        result = run_cli("sample", *args, "--cond", cond, "--sampler", "unipc", "--steps", 6, "--guidance", 3,
+                         "--seed", 5, "--out", tmp_path / f"{name}.npy")
+        assert result.returncode == 0, result.stderr
+        videos[name] = np.load(tmp_path / f"{name}.npy")
+    assert videos["ort"].shape == (2, 4, 2, 8, 8)
+    assert np.abs(videos["ort"] - videos["torch"]).max() < 1e-3
+    assert np.abs(videos["ort"][0] - videos["ort"][1]).max() > 1e-2    # the conditioning reaches the model
+
+
+@pytest.mark.parametrize("arrays,needles", [
+    ({"prompt": prompts(1)}, ["lacks encoder_hidden_states", "has unknown prompt",
+                              f"encoder_hidden_states: float32(batch, seq, {D})"]),
+    ({"encoder_hidden_states": prompts(1)[..., :D - 1]}, ["has 31 at axis 2", "float32(batch, seq, 32)"]),
+    ({"encoder_hidden_states": prompts(1).astype(np.int32)}, ["is int32", "float32(batch, seq, 32)"]),
+    ({"encoder_hidden_states": prompts(1)[0]}, ["float32[16, 32]", "float32(batch, seq, 32)"]),
+    ({"encoder_hidden_states": prompts(1, seq=8)}, ["null conditioning", "same length"]),
+    ({"encoder_hidden_states": prompts(1, seq=SEQ + 1)}, ["seq = 17, outside 1..16"]),
+])
+def test_bad_conditioning_file_is_one_line_naming_the_contract(tiny_latte_export, tmp_path, arrays, needles):
+    cond = write_cond(tmp_path / "cond.safetensors", **arrays)
+    result = run_cli("sample", "--runtime", "ort", "--onnx", tiny_latte_export, "--cond", cond, "--steps", 2,
+                     "--out", tmp_path / "v.npy")
+    assert_one_line_error(result, *needles)
+    assert not (tmp_path / "v.npy").exists()
+
+
+def test_text_model_refuses_labels_and_a_missing_cond(tiny_latte_export, tmp_path):
+    for extra, needle in ((["--label", "1"], "not on class labels"), ([], "pass --cond")):
+        result = run_cli("sample", "--runtime", "ort", "--onnx", tiny_latte_export, *extra, "--steps", 2,
+                         "--out", tmp_path / "v.npy")
+        assert_one_line_error(result, needle)
+
+
+def test_unknown_output_kind_is_refused_at_export(tmp_path):
+    """Channels the scheduler config cannot explain (3C), a kind that contradicts the channel count, and a
+    directory with pickled weights only: each refused in one line, nothing written."""
+    pytest.importorskip("diffusers")
+    model = save_tiny_latte(tmp_path / "latte12", out_channels=12)
+    result = run_cli("export", model, "--out", tmp_path / "e1", "--no-verify")
+    assert_one_line_error(result, "cannot tell the output kind", "--output")
+    result = run_cli("export", model, "--out", tmp_path / "e2", "--output", "v", "--no-verify")
+    assert_one_line_error(result, "output kind v means 4 output channels", "has 12")
+    weights = model / "diffusion_pytorch_model.safetensors"
+    weights.rename(model / "diffusion_pytorch_model.bin")
+    result = run_cli("export", model, "--out", tmp_path / "e3", "--output", "eps", "--no-verify")
+    assert_one_line_error(result, "pickle files are never loaded")
+    assert not any((tmp_path / f"e{i}").exists() for i in (1, 2, 3))
+
+
+def test_v_prediction_model_matches_diffusers_ddim(tmp_path):
+    """A v-prediction Latte (scheduler_config.json prediction_type v_prediction) exported and sampled by
+    ONNX Runtime's fused step equals diffusers' DDIMScheduler driving the PyTorch model, step by step
+    from the same x_T (guidance 1: the scheduler alone)."""
+    diffusers = pytest.importorskip("diffusers")
+    import torch
+
+    from vdit_deploy.diffusion import make_steps
+    from vdit_deploy.export.onnx_export import export_checkpoint
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.sampling import sample
+    from vdit_deploy.sources import load_source
+
+    model_dir = save_tiny_latte(tmp_path / "latte_v", out_channels=4, variance_type="fixed_small",
+                                prediction_type="v_prediction", seed=3)
+    export = export_checkpoint(model_dir, tmp_path / "export", batch=(1, 2), seq=(1, SEQ))
+    steps, seed = 10, 11
+    cond = {"encoder_hidden_states": prompts(1)}
+    with open_runtime("ort", export) as rt:
+        assert rt.contract.output == "v"
+        ours = sample(rt, rt.contract, cond, make_steps(rt.schedule, "ddim", steps, prediction="v"), 1.0, seed)
+    # diffusers: its DDIM steps from t to t - T // n; with 10 linspace steps over T = 1000 (stride 111)
+    # that is the next listed timestep once n = 1000 // 111 (tests/test_samplers.py: the same trick)
+    source = load_source(model_dir)
+    config = json.loads((model_dir / "scheduler_config.json").read_text())
+    scheduler = diffusers.DDIMScheduler.from_config(config, timestep_spacing="linspace", clip_sample=True,
+                                                    clip_sample_range=1.0)
+    scheduler.alphas_cumprod = torch.from_numpy(source.contract.schedule.alphas_cumprod)   # float64, as ours
+    scheduler.set_timesteps(steps)
+    scheduler.num_inference_steps = 1000 // math.ceil(999 / (steps - 1))
+    x = torch.from_numpy(np.random.default_rng(seed).standard_normal((1, 4, 2, 8, 8), dtype=np.float32))
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            v = source.module(x, torch.full((1,), float(t)), torch.from_numpy(cond["encoder_hidden_states"]))
+            x = scheduler.step(v, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
+    theirs = x.numpy()
+    assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 1e-4
+
+
+class MaskedTextDiT:
+    """A small text-conditioned denoiser with an attention mask, written as a user would: patch tokens
+    cross-attend to the text tokens the mask keeps; it predicts x0."""
+
+    @staticmethod
+    def make():
+        import torch
+        import torch.nn as nn
+
+        class Net(nn.Module):
+            def __init__(self, c=3, width=16, text=8):
+                super().__init__()
+                self.proj_in, self.proj_out = nn.Linear(c, width), nn.Linear(width, c)
+                self.text, self.time = nn.Linear(text, width), nn.Linear(1, width)
+                self.attn = nn.MultiheadAttention(width, 2, batch_first=True)
+
+            def forward(self, x_t, t, context, mask):          # (B,C,F,H,W), (B,), (B,L,8), (B,L) 1 = keep
+                b, c, f, h, w = x_t.shape
+                tokens = self.proj_in(x_t.flatten(2).transpose(1, 2)) + self.time(t[:, None, None] / 1000)
+                keys = self.text(context)                                        # (B, L, width)
+                bias = (1 - mask)[:, None, :] * -1e4                            # (B, 1, L): masked keys off
+                bias = bias.repeat_interleave(2, 0).expand(-1, tokens.shape[1], -1)
+                mixed, _ = self.attn(tokens, keys, keys, attn_mask=bias, need_weights=False)
+                return self.proj_out(tokens + mixed).transpose(1, 2).reshape(b, c, f, h, w)
+
+        return Net()
+
+
+def test_python_api_module_with_mask_and_contract(tmp_path):
+    """Source(module, contract, null) -> export_source -> ONNX Runtime's fused step equals the torch runtime
+    on the same noise and conditioning; the mask really masks (padding tokens change nothing)."""
+    import torch
+
+    from vdit_deploy.contract import CondInput, Contract
+    from vdit_deploy.diffusion import Schedule, make_steps
+    from vdit_deploy.export.onnx_export import export_source
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.runtimes.torch_runtime import TorchRuntime
+    from vdit_deploy.sampling import sample
+    from vdit_deploy.sources import Source
+
+    torch.manual_seed(0)
+    contract = Contract(latent=(3, 2, 4, 4), output="x0", schedule=Schedule("cosine", 1000), axes={"seq": (2, 12)},
+                        cond=(CondInput("context", "float32", ("batch", "seq", 8)),
+                              CondInput("mask", "float32", ("batch", "seq"))))
+    null = {"context": np.zeros((1, 6, 8), np.float32), "mask": np.ones((1, 6), np.float32)}
+    source = Source(MaskedTextDiT.make().eval(), contract, null)
+    export = export_source(source, tmp_path / "export", batch=(1, 3))
+    rng = np.random.default_rng(0)
+    cond = {"context": rng.standard_normal((2, 6, 8)).astype(np.float32),
+            "mask": np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], np.float32)}
+    plan = make_steps(contract.schedule, "unipc", 5, prediction="x0")
+    with open_runtime("ort", export) as ort_rt, TorchRuntime(None, source=source, device="cpu") as torch_rt:
+        assert ort_rt.contract == source.contract
+        got = sample(ort_rt, ort_rt.contract, cond, plan, 2.0, 3)
+        want = sample(torch_rt, torch_rt.contract, cond, plan, 2.0, 3)
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        padded = {k: v.copy() for k, v in cond.items()}
+        padded["context"][0, 4:] = 100.0                      # behind the mask: no effect on video 0
+        again = sample(ort_rt, ort_rt.contract, padded, plan, 2.0, 3)
+        np.testing.assert_allclose(again[0], got[0], atol=1e-4)
+        assert np.abs(again[1] - got[1]).max() == 0
