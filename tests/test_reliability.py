@@ -84,6 +84,7 @@ def ws(tmp_path_factory, tiny_checkpoint, tiny_export):
     (root / "a_dir.gif").mkdir()
     ck = root / "ckpt"
     edit_config(ck, root / "cfg_list", lambda c: "[1, 2, 3]")
+    edit_config(ck, root / "cfg_true", lambda c: "true")
     edit_config(ck, root / "cfg_step", lambda c: {**c, "step": "abc"})
     edit_config(ck, root / "cfg_tubelet", lambda c: c["model"].update(tubelet=[2, 2]))
     edit_config(ck, root / "cfg_heads", lambda c: c["model"].update(num_heads=0))
@@ -152,6 +153,7 @@ def _prop(path: Path, key: str) -> str:
 CASES = [
     # 4: malformed config.json, metadata, options, paths, calibration files
     ("config-json-list", "sample --checkpoint {ws}/cfg_list --out {ws}/v.gif", "checkpoint config must be a JSON object"),
+    ("config-json-true", "info {ws}/cfg_true", "checkpoint config must be a JSON object"),
     ("config-step-str", "sample --checkpoint {ws}/cfg_step --out {ws}/v.gif", "step must be an integer"),
     ("config-tubelet-2", "sample --checkpoint {ws}/cfg_tubelet --out {ws}/v.gif", "tubelet must be a list of 3"),
     ("config-heads-0", "sample --checkpoint {ws}/cfg_heads --out {ws}/v.gif", "num_heads must be between 1"),
