@@ -435,7 +435,7 @@ def test_calibration_set_follows_the_sampler(tiny_export, tmp_path):
     # the step graph's calibration feeds carry that plan's coefs and a state the graph accepts
     import onnxruntime as ort
     session = ort.InferenceSession(str(tiny_export / "step.onnx"), providers=["CPUExecutionProvider"])
-    feeds = list(load_calibration_set(tmp_path / "c").step_batches(schedule))
+    feeds = list(load_calibration_set(tmp_path / "c").step_batches())
     assert np.array_equal(feeds[1]["coefs"], plan[1].coefs)
     assert np.isfinite(session.run(None, feeds[1])[0]).all()
 
