@@ -79,7 +79,8 @@ def test_fused_step_of_a_learned_sigma_model_equals_the_host_update(tiny_latte, 
 
 @pytest.mark.parametrize("args,message", [
     (["--device", "tpu"], "device must be cpu, cuda or cuda:N"),
-    (["--runtime", "ort", "--onnx", ".", "--device", "cuda"], "--device and --compile are for --runtime torch"),
+    (["--runtime", "ort", "--onnx", ".", "--device", "cuda"], "--device, --compile and --null are for --runtime torch"),
+    (["--runtime", "ort", "--onnx", ".", "--null", "n.safetensors"], "an export carries its null conditioning"),
     (["--compile", "fastest"], "Invalid value for '--compile'"),
 ])
 def test_sample_device_and_compile_options_fail_in_one_line(tmp_path, args, message):
