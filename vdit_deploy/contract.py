@@ -158,7 +158,7 @@ class Contract:
             if n.shape[1:] != c.shape[1:]:
                 raise VditError(f"the null conditioning's {spec.name} is {list(n.shape)}, the prompt's "
                                 f"{list(c.shape)}: make both with the same length (pad to max_length)")
-            out[spec.name] = np.repeat(n, b, 0).astype(c.dtype, copy=False)   # a writable copy (torch takes it)
+            out[spec.name] = np.array(np.broadcast_to(n, (b, *n.shape[1:])), dtype=c.dtype)   # a writable copy
         return out
 
     def example_cond(self, batch: int, rng: np.random.Generator, sizes: dict | None = None) -> dict:
