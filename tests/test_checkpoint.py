@@ -48,3 +48,27 @@ def test_missing_and_foreign_files(tmp_path):
     (tmp_path / WEIGHTS).write_bytes(b"")
     with pytest.raises(VditError, match="not a vdit checkpoint config"):
         read_info(tmp_path)
+
+
+def test_a_checkpoint_is_one_instance_of_the_contract(tiny_checkpoint):
+    """The built-in VideoDiT: conditioning y int32 (batch,) with num_classes labels, null label
+    num_classes, eps output, the checkpoint's latent shape and schedule; the module takes (x_t, t, y)."""
+    import numpy as np
+
+    from vdit_deploy.contract import BUILTIN, Contract
+    from vdit_deploy.sources import load_source
+
+    source = load_source(tiny_checkpoint)
+    _, info = load_model(tiny_checkpoint)
+    c = source.contract
+    assert c.names == ("y",) and c.cond[0].dtype == "int32" and c.cond[0].shape == ("batch",)
+    assert c.label_input().classes == info.model.num_classes and c.output == "eps" and c.out_channels == 3
+    assert c.latent == tuple(info.model.video_shape) and c.schedule == info.schedule and c.axes == {}
+    assert source.null["y"].tolist() == [info.model.null_label] and source.model["class"] == BUILTIN
+    assert Contract.from_dict(json.loads(json.dumps(c.to_dict()))) == c          # stored form round-trips
+    cond = c.labels([0, info.model.num_classes - 1])
+    out = source.module(torch.randn(2, *c.latent), torch.tensor([3.0, 700.0]), torch.from_numpy(cond["y"]))
+    assert tuple(out.shape) == (2, c.out_channels, *c.latent[1:])
+    with pytest.raises(VditError, match="out of range"):
+        c.labels([info.model.num_classes])                          # the null label is not a class
+    assert np.array_equal(c.null_batch(source.null, cond)["y"], [info.model.null_label] * 2)

@@ -39,7 +39,7 @@ def test_sample_writes_what_the_suffix_names(tiny_checkpoint, tmp_path, suffix):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--checkpoint", "missing-dir"], "checkpoint missing-dir is not a directory"),
+    (["--checkpoint", "missing-dir"], "missing-dir is not a model directory"),
     (["--label", "9"], "label 9 is out of range"),
     (["--label", "x"], "--label takes integers"),
     (["--steps", "0"], "steps must be between 1 and 1000"),
@@ -93,3 +93,43 @@ def test_outputs_never_replace_a_foreign_directory(tiny_checkpoint, tmp_path):
     result = run("train", "--steps", 1, "--batch-size", 2, "--out", foreign)
     assert result.exit_code == 1 and "refusing to replace" in result.output
     assert (foreign / "keep.py").read_text() == "x = 1\n" and len(list(foreign.iterdir())) == 1
+
+
+def test_sample_cond_file_of_a_text_model(tiny_latte_export, tmp_path):
+    """`vdit sample --cond FILE.safetensors` on a text-conditioned export gives what sample() gives on the
+    same embeddings; a file that breaks the contract, or --label for a text model, is one line naming it."""
+    from safetensors.numpy import save_file
+
+    from vdit_deploy.diffusion import make_steps
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.sampling import sample
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((2, 16, 32)).astype(np.float32)
+    save_file({"encoder_hidden_states": emb}, str(tmp_path / "cond.safetensors"))
+    out = tmp_path / "v.npy"
+    base = ["sample", "--runtime", "ort", "--onnx", tiny_latte_export, "--sampler", "ddim", "--steps", 3,
+            "--seed", 4]
+    result = run(*base, "--cond", tmp_path / "cond.safetensors", "--out", out)
+    assert result.exit_code == 0, result.output
+    with open_runtime("ort", tiny_latte_export) as rt:
+        plan = make_steps(rt.schedule, "ddim", 3, prediction=rt.contract.prediction)
+        ref = sample(rt, rt.contract, {"encoder_hidden_states": emb}, plan, guidance=2.0, seed=4)
+    np.testing.assert_array_equal(np.load(out), ref)
+    assert ref.shape == (2, 4, 2, 8, 8)
+
+    save_file({"prompt_embeds": emb}, str(tmp_path / "wrong_name.safetensors"))
+    save_file({"encoder_hidden_states": emb[:, :, :8].copy()}, str(tmp_path / "wrong_width.safetensors"))
+    save_file({"encoder_hidden_states": emb.astype(np.int32)}, str(tmp_path / "wrong_dtype.safetensors"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    for args, message in (
+            (["--cond", tmp_path / "wrong_name.safetensors"], "lacks encoder_hidden_states and has unknown prompt_embeds"),
+            (["--cond", tmp_path / "wrong_width.safetensors"], "has 8 at axis 2, the model takes encoder_hidden_states: "
+                                                               "float32(batch, seq, 32)"),
+            (["--cond", tmp_path / "wrong_dtype.safetensors"], "is int32[2, 16, 32], the model takes"),
+            (["--cond", tmp_path / "junk.safetensors"], "is not a readable safetensors file"),
+            (["--cond", tmp_path / "missing.safetensors"], "no such conditioning file"),
+            (["--label", "1"], "this model is conditioned on encoder_hidden_states: float32(batch, seq, 32)")):
+        result = run(*base, *args, "--out", tmp_path / "bad.npy")
+        assert result.exit_code == 1 and result.output.startswith("Error: ") and message in result.output, result.output
+        assert result.output.count("\n") == 1 and not (tmp_path / "bad.npy").exists()

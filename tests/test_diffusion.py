@@ -85,16 +85,35 @@ def test_timestep_subset_and_ranges():
 def test_guidance_batches_cond_and_null():
     calls = []
 
-    def denoise(x, t, y):
-        calls.append(y.copy())
-        return x * 0 + y[:, None].astype(np.float32)        # eps = label, so guidance is checkable
+    def denoise(x, t, cond):
+        calls.append({k: v.copy() for k, v in cond.items()})
+        return x * 0 + cond["y"][:, None].astype(np.float32) + cond["mask"][:, :1]   # eps = label (+1): checkable
 
     x = np.zeros((2, 3), np.float32)
     coefs = np.array([1, 1, 1e9, 0, 0, 1, 0], np.float32)     # x_prev = eps
-    out = guided_step(denoise, x, 10, np.array([1, 2], np.int32), 3.0, coefs, None, null_label=4)
-    assert len(calls) == 1 and calls[0].tolist() == [1, 2, 4, 4]
-    np.testing.assert_allclose(out[:, 0], [4 + 3 * (1 - 4), 4 + 3 * (2 - 4)])
-    np.testing.assert_allclose(guide(np.ones(2), np.zeros(2), 1.0), np.ones(2))
+    cond = {"y": np.array([1, 2], np.int32), "mask": np.ones((2, 5), np.float32)}
+    null = {"y": np.array([4, 4], np.int32), "mask": np.zeros((2, 5), np.float32)}
+    out = guided_step(denoise, x, 10, cond, null, 3.0, coefs, None)
+    assert len(calls) == 1 and calls[0]["y"].tolist() == [1, 2, 4, 4]                  # one 2B batch
+    assert calls[0]["mask"][:, 0].tolist() == [1, 1, 0, 0]                             # every input paired
+    np.testing.assert_allclose(out[:, 0], [4 + 3 * (2 - 4), 4 + 3 * (3 - 4)])
+    # guidance 1: one B pass, no null needed
+    calls.clear()
+    np.testing.assert_allclose(guided_step(denoise, x, 10, cond, None, 1.0, coefs, None)[:, 0], [2, 3])
+    assert len(calls) == 1 and calls[0]["y"].tolist() == [1, 2]
+    with pytest.raises(VditError, match="null conditioning"):
+        guided_step(denoise, x, 10, cond, None, 3.0, coefs, None)
+    np.testing.assert_allclose(guide(np.ones((2, 1)), np.zeros((2, 1)), 1.0), np.ones((2, 1)))
+
+
+def test_guide_takes_a_learned_variance_from_the_conditional_pass():
+    """eps+var output (2C channels): guidance on eps only; the variance channels are the cond pass's
+    (guiding them could push them out of [-1, 1])."""
+    rng = np.random.default_rng(0)
+    out_cond, out_null = rng.standard_normal((2, 2, 3, 4)), rng.standard_normal((2, 2, 3, 4))   # C = 1
+    got = guide(out_cond, out_null, 4.0, channels=1)
+    np.testing.assert_allclose(got[:, :1], out_null[:, :1] + 4.0 * (out_cond[:, :1] - out_null[:, :1]), rtol=1e-6)
+    np.testing.assert_array_equal(got[:, 1:], out_cond[:, 1:])
 
 
 # ---- schedules from diffusers' scheduler_config.json -------------------------------------------------

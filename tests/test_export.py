@@ -1,5 +1,6 @@
 """Export: checker-clean ONNX with vdit metadata that matches PyTorch, and a verifier that catches drift."""
 import collections
+import shutil
 
 import numpy as np
 import onnx
@@ -11,7 +12,9 @@ from vdit_deploy.checkpoint import load_model
 from vdit_deploy.cli import main
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import read_metadata
-from vdit_deploy.export.onnx_export import export_denoiser
+from vdit_deploy.contract import NULL_FILE
+from vdit_deploy.diffusion import COEF_NAMES
+from vdit_deploy.export.onnx_export import denoiser_inputs, export_denoiser, step_inputs
 from vdit_deploy.export.verify import verify
 from vdit_deploy.files import sha256_file
 
@@ -39,6 +42,15 @@ def test_export_is_checker_clean_with_metadata(tiny_export, tiny_checkpoint):
         assert meta.kind == kind and meta.batch == batch and meta.precision == "fp32"
         assert meta.checkpoint_sha256 == sha256_file(tiny_checkpoint / "model.safetensors")
         assert meta.config == load_model(tiny_checkpoint)[1].model
+        assert meta.contract.names == ("y",) and meta.contract.output == "eps" and meta.contract.label_input()
+        names = {"denoiser": denoiser_inputs(meta.contract), "step": step_inputs(meta.contract)}[kind]
+        assert [i.name for i in model.graph.input] == list(names)
+        if kind == "step":
+            assert "null_y" in names and [o.name for o in model.graph.output] == ["x_prev", "x0", "corr_next"]
+            coefs = next(i for i in model.graph.input if i.name == "coefs")
+            assert [d.dim_value for d in coefs.type.tensor_type.shape.dim] == [len(COEF_NAMES)] == [16]
+        else:
+            assert [o.name for o in model.graph.output] == ["out"]
         assert {"torch", "onnx", "exporter"} <= set(meta.versions)
         assert [i["name"] for i in meta.io["inputs"]] == [i.name for i in model.graph.input]
 
@@ -46,7 +58,7 @@ def test_export_is_checker_clean_with_metadata(tiny_export, tiny_checkpoint):
 def test_ort_matches_torch_on_a_trajectory(tiny_export):
     report = verify(tiny_export, batches=(1, 3), num_steps=6, picks=3)
     assert report.ok, report.table()
-    assert {(r.graph, r.output) for r in report.rows} == {("denoiser.onnx", "eps"), ("step.onnx", "x_prev")}
+    assert {(r.graph, r.output) for r in report.rows} == {("denoiser.onnx", "out"), ("step.onnx", "x_prev")}
     for row in report.rows:
         assert row.calls == 6 and row.rel_l2 < 1e-4 and row.max_abs > 0
 
@@ -59,18 +71,35 @@ def test_verify_fails_on_a_perturbed_export(tiny_export, tiny_checkpoint, tmp_pa
     arr = onnx.numpy_helper.to_array(weight) * np.float32(1.02)
     weight.CopyFrom(onnx.numpy_helper.from_array(arr, weight.name))
     onnx.save(model, str(bad / "denoiser.onnx"))
+    shutil.copy(tiny_export / NULL_FILE, bad)
     result = CliRunner().invoke(main, ["verify", str(bad), "--checkpoint", str(tiny_checkpoint)])
     assert result.exit_code == 1, result.output
-    assert "Error: " in result.output and "denoiser.onnx eps error" in result.output
+    assert "Error: " in result.output and "denoiser.onnx out error" in result.output
     row = next(line for line in result.output.splitlines() if line.startswith("denoiser"))
     assert row.endswith("FAIL") and float(row.split()[4]) > 1e-4          # the rel L2 column
     assert "polygraphy: denoiser.onnx FAILED" in result.output or "not installed" in result.output
 
 
-def test_verify_refuses_a_different_checkpoint(tiny_export, tmp_path):
-    from vdit_deploy.checkpoint import SHIPPED
-    with pytest.raises(VditError, match="not the checkpoint"):
+def test_verify_refuses_a_different_checkpoint(tiny_export, tiny_checkpoint, tmp_path):
+    from vdit_deploy.checkpoint import SHIPPED, save_checkpoint
+
+    with pytest.raises(VditError, match="config or schedule in its metadata differs"):
         verify(tiny_export, checkpoint=SHIPPED)
+    model, info = load_model(tiny_checkpoint)             # same config and schedule, other weights
+    state = {k: v + 0.01 for k, v in model.state_dict().items()}
+    save_checkpoint(tmp_path / "other", state, info.model, info.schedule, step=1, ema=False)
+    with pytest.raises(VditError, match=r"is not the model .* was exported from \(sha256 differs\)"):
+        verify(tiny_export, checkpoint=tmp_path / "other")
+
+
+def test_verify_a_text_conditioned_learned_sigma_export(tiny_latte_export):
+    """A diffusers Latte export (text embeddings, eps+var): verify replays its denoiser on the cond +
+    null-embedding batch and its step graph on DDPM's learned-variance coefficients."""
+    report = verify(tiny_latte_export, batches=(1, 2), num_steps=4, picks=2)
+    assert report.ok, report.table()
+    assert {(r.graph, r.output) for r in report.rows} == {("denoiser.onnx", "out"), ("step.onnx", "x_prev")}
+    for row in report.rows:
+        assert row.calls >= 4 and row.error < 1e-4 and row.max_abs > 0
 
 
 def test_cli_fixed_batch_export_and_verify(tiny_checkpoint, tmp_path):

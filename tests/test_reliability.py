@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from vdit_deploy.checkpoint import SHIPPED
 from vdit_deploy.cli import main
+from vdit_deploy.contract import NULL_FILE
 from vdit_deploy.export.metadata import stamp
 
 BAD_HEX = "ab" * 32
@@ -56,7 +57,16 @@ def edit_export(src: Path, dst: Path, changes: dict, resign: bool, files=("denoi
                 if p.key in changes:
                     p.value = changes[p.key]
         onnx.save(model, str(dst / name))
+    if (src / NULL_FILE).is_file():
+        shutil.copy(src / NULL_FILE, dst / NULL_FILE)
     return dst
+
+
+def edited(path: Path, key: str, edit) -> dict:
+    """{key: the JSON prop `key` of graph `path` after edit(dict)} (e.g. the contract's schedule)."""
+    data = json.loads(_prop(path, key))
+    edit(data)
+    return {key: json.dumps(data, sort_keys=True)}
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +84,7 @@ def ws(tmp_path_factory, tiny_checkpoint, tiny_export):
     (root / "a_dir.gif").mkdir()
     ck = root / "ckpt"
     edit_config(ck, root / "cfg_list", lambda c: "[1, 2, 3]")
+    edit_config(ck, root / "cfg_true", lambda c: "true")
     edit_config(ck, root / "cfg_step", lambda c: {**c, "step": "abc"})
     edit_config(ck, root / "cfg_tubelet", lambda c: c["model"].update(tubelet=[2, 2]))
     edit_config(ck, root / "cfg_heads", lambda c: c["model"].update(num_heads=0))
@@ -89,17 +100,27 @@ def ws(tmp_path_factory, tiny_checkpoint, tiny_export):
     state["final_layer.linear.weight"][0, 0] = torch.nan
     save_file(state, str(nan / "model.safetensors"))
     ex = root / "export"
-    edit_export(ex, root / "meta_frames", {"vdit.model_config": json.dumps({
-        **json.loads(_prop(ex / "denoiser.onnx", "vdit.model_config")), "frames": 16})}, resign=True)
-    edit_export(ex, root / "meta_classes", {"vdit.model_config": json.dumps({
-        **json.loads(_prop(ex / "denoiser.onnx", "vdit.model_config")), "num_classes": 9})}, resign=False)
-    edit_export(ex, root / "meta_classes_signed", {"vdit.model_config": json.dumps({
-        **json.loads(_prop(ex / "denoiser.onnx", "vdit.model_config")), "num_classes": 9})}, resign=True)
+    den = ex / "denoiser.onnx"
+    # a careful edit: the model config and the contract agree, the digest is re-signed
+    frames = {**edited(den, "vdit.model", lambda m: m["config"].update(frames=16)),
+              **edited(den, "vdit.contract", lambda c: c["latent"].__setitem__(1, 16))}
+    edit_export(ex, root / "meta_frames", frames, resign=True)
+    classes = {**edited(den, "vdit.model", lambda m: m["config"].update(num_classes=9)),
+               **edited(den, "vdit.contract", lambda c: c["cond"][0].update(classes=9))}
+    edit_export(ex, root / "meta_classes", classes, resign=False)
+    edit_export(ex, root / "meta_classes_signed", classes, resign=True)
     edit_export(ex, root / "meta_batch", {"vdit.batch": '"abc"'}, resign=True)
-    edit_export(ex, root / "meta_sched", {"vdit.schedule": json.dumps({"kind": "cosine", "num_timesteps": 1000})},
-                resign=False)
-    edit_export(ex, root / "meta_sched_signed", {"vdit.schedule": json.dumps({"kind": "cosine",
-                                                                              "num_timesteps": 1000})}, resign=True)
+    cosine = edited(den, "vdit.contract", lambda c: c.update(schedule={"kind": "cosine", "num_timesteps": 1000}))
+    edit_export(ex, root / "meta_sched", cosine, resign=False)
+    edit_export(ex, root / "meta_sched_signed", cosine, resign=True)
+    edit_export(ex, root / "meta_cond_signed", edited(den, "vdit.contract", lambda c: c["cond"][0].update(
+        shape=["batch", "seq", 32])), resign=True)
+    no_null = root / "no_null"
+    shutil.copytree(ex, no_null)
+    (no_null / NULL_FILE).unlink()
+    other_null = root / "other_null"
+    shutil.copytree(ex, other_null)
+    save_null_file(other_null / NULL_FILE, {"y": np.array([0], np.int32)})    # a class label, not the null one
     mixed = edit_export(ex, root / "mixed", {"vdit.checkpoint_sha256": BAD_HEX}, resign=True, files=("step.onnx",))
     shutil.copy(ex / "denoiser.onnx", mixed / "denoiser.onnx")
     (root / "foreign").mkdir()
@@ -118,6 +139,11 @@ def ws(tmp_path_factory, tiny_checkpoint, tiny_export):
     return root
 
 
+def save_null_file(path: Path, arrays: dict) -> None:
+    from safetensors.numpy import save_file
+    save_file(arrays, str(path))
+
+
 def _prop(path: Path, key: str) -> str:
     model = onnx.load(str(path), load_external_data=False)
     return next(p.value for p in model.metadata_props if p.key == key)
@@ -127,6 +153,7 @@ def _prop(path: Path, key: str) -> str:
 CASES = [
     # 4: malformed config.json, metadata, options, paths, calibration files
     ("config-json-list", "sample --checkpoint {ws}/cfg_list --out {ws}/v.gif", "checkpoint config must be a JSON object"),
+    ("config-json-true", "info {ws}/cfg_true", "checkpoint config must be a JSON object"),
     ("config-step-str", "sample --checkpoint {ws}/cfg_step --out {ws}/v.gif", "step must be an integer"),
     ("config-tubelet-2", "sample --checkpoint {ws}/cfg_tubelet --out {ws}/v.gif", "tubelet must be a list of 3"),
     ("config-heads-0", "sample --checkpoint {ws}/cfg_heads --out {ws}/v.gif", "num_heads must be between 1"),
@@ -169,6 +196,13 @@ CASES = [
     # 3: graphs of one directory cross-checked, edited metadata refused
     ("meta-schedule-edited", "sample --runtime ort --onnx {ws}/meta_sched --out {ws}/v.gif", "metadata was edited"),
     ("meta-schedule-signed", "verify {ws}/meta_sched_signed --checkpoint {ws}/ckpt", "differs from"),
+    ("meta-cond-signed", "sample --runtime ort --onnx {ws}/meta_cond_signed --out {ws}/v.gif",
+     "cond 'y' shape must start with 'batch', then sizes or named axes with ranges"),
+    ("null-missing", "sample --runtime ort --onnx {ws}/no_null --out {ws}/v.gif", "has no null_cond.safetensors"),
+    ("null-other", "sample --runtime ort --onnx {ws}/other_null --out {ws}/v.gif",
+     "is not the null conditioning these graphs were exported with"),
+    ("cond-for-a-label-model", "sample --runtime ort --onnx {ws}/export --cond {ws}/good.gif --out {ws}/v.gif",
+     "is not a readable safetensors file"),
     ("mixed-checkpoints", "sample --runtime ort --onnx {ws}/mixed --out {ws}/v.gif", "come from a different checkpoint"),
     # 2: verify that checks nothing fails
     ("verify-nothing", "verify {ws}/foreign --checkpoint {ws}/ckpt", "holds no vdit graph"),
@@ -289,7 +323,7 @@ def test_verify_checks_a_fixed_batch_1_denoiser_and_each_variant(tiny_checkpoint
         bad = tmp_path / f"bad-{name}"
         shutil.copytree(edge, bad)
         _add_bias(edge / name, bad / name)
-        with pytest.raises(VditError, match=f"does not match PyTorch: {name} eps"):
+        with pytest.raises(VditError, match=f"does not match PyTorch: {name} out"):
             check(verify(bad, **quick), bad)
 
 

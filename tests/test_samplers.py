@@ -318,14 +318,15 @@ def test_ort_fused_step_equals_host_update(ort_rt, sampler):
     ORT denoiser, step by step along a real trajectory, the state included."""
     from vdit_deploy.diffusion import guided_step
 
-    cfg = ort_rt.config
+    contract = ort_rt.contract
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((2, *cfg.video_shape), dtype=np.float32)
-    y, zeros = np.array([1, 3], np.int32), np.zeros_like(x)
+    x = rng.standard_normal((2, *contract.video_shape), dtype=np.float32)
+    y, zeros = contract.labels([1, 3]), np.zeros_like(x)
+    null = contract.null_batch(ort_rt.null, y)
     fused, host, corr_seen = SolverState(), SolverState(), 0.0
     for step in make_steps(ort_rt.schedule, sampler, 6):
         got = np.asarray(ort_rt.step(x, step.t, y, 2.0, step.coefs, zeros, fused))
-        ref = guided_step(ort_rt.denoise, x, step.t, y, 2.0, step.coefs, zeros, cfg.null_label, host)
+        ref = guided_step(ort_rt.denoise, x, step.t, y, null, 2.0, step.coefs, zeros, host)
         for a, b in ((got, ref), (fused.x0_prev, host.x0_prev), (fused.corr, host.corr)):
             a = np.asarray(a)
             assert np.linalg.norm(a - b) <= 1e-5 * max(np.linalg.norm(b), 1e-3)
@@ -333,49 +334,42 @@ def test_ort_fused_step_equals_host_update(ort_rt, sampler):
     assert np.abs(host.x0_prev).max() > 0.1 and (sampler == "dpm++" or corr_seen > 0.1)   # the state was used
 
 
-def old_step_graph(export_dir, out_dir):
-    """An export dir whose step.onnx has the interface from before the multistep samplers: inputs
-    (x_t, t, y, guidance, coefs (7,), noise), output x_prev only (here x_prev = x_t + coefs[6] noise)."""
-    import shutil
+def old_export(export_dir, out_dir):
+    """An export dir as vdit-deploy wrote it before the model contract: the same graphs with the metadata
+    keys vdit.model_config and vdit.schedule (digest over those) in place of vdit.contract and vdit.model,
+    and no null_cond.safetensors."""
+    import hashlib
+    import json
 
     import onnx
-    from onnx import TensorProto, helper
 
     from vdit_deploy.export.metadata import read_metadata
 
     out_dir.mkdir()
-    shutil.copy(export_dir / "denoiser.onnx", out_dir / "denoiser.onnx")
-    meta = read_metadata(export_dir / "step.onnx")
-    video = ["batch", *meta.config.video_shape]
-    inputs = [helper.make_tensor_value_info("x_t", TensorProto.FLOAT, video),
-              helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch"]),
-              helper.make_tensor_value_info("y", TensorProto.INT32, ["batch"]),
-              helper.make_tensor_value_info("guidance", TensorProto.FLOAT, [1]),
-              helper.make_tensor_value_info("coefs", TensorProto.FLOAT, [7]),
-              helper.make_tensor_value_info("noise", TensorProto.FLOAT, video)]
-    nodes = [helper.make_node("Slice", ["coefs", "six", "seven"], ["sigma"]),
-             helper.make_node("Mul", ["sigma", "noise"], ["scaled"]),
-             helper.make_node("Add", ["x_t", "scaled"], ["x_prev"])]
-    consts = [helper.make_tensor("six", TensorProto.INT64, [1], [6]), helper.make_tensor("seven", TensorProto.INT64, [1], [7])]
-    graph = helper.make_graph(nodes, "step", inputs, [helper.make_tensor_value_info("x_prev", TensorProto.FLOAT, video)],
-                              initializer=consts)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    for k, v in meta.to_props().items():
-        model.metadata_props.add(key=k, value=v)
-    onnx.save(model, str(out_dir / "step.onnx"))
+    old_digested = ("vdit.kind", "vdit.model_config", "vdit.schedule", "vdit.io", "vdit.checkpoint_sha256",
+                    "vdit.batch")
+    for name in ("denoiser.onnx", "step.onnx"):
+        meta = read_metadata(export_dir / name)
+        props = {k: v for k, v in meta.to_props().items() if k not in ("vdit.contract", "vdit.model")}
+        props.update({"vdit.model_config": meta.config.to_json(), "vdit.schedule": json.dumps(meta.schedule.to_dict())})
+        props["vdit.digest"] = hashlib.sha256("\n".join(f"{k}={props[k]}" for k in old_digested).encode()).hexdigest()
+        model = onnx.load(str(export_dir / name))
+        del model.metadata_props[:]
+        for k, v in props.items():
+            model.metadata_props.add(key=k, value=v)
+        onnx.save(model, str(out_dir / name))
     return out_dir
 
 
-def test_old_step_graph_runs_ddim_and_refuses_multistep(tiny_export, tmp_path):
+def test_export_from_before_the_contract_is_refused_with_re_export(tiny_export, tmp_path):
+    from vdit_deploy.export.metadata import read_metadata
     from vdit_deploy.runtimes import open_runtime
-    from vdit_deploy.sampling import sample
 
-    with open_runtime("ort", old_step_graph(tiny_export, tmp_path / "old")) as rt:
-        video = sample(rt, rt.config, [0], make_steps(rt.schedule, "ddim", 3, eta=1.0), guidance=2.0)
-        assert np.isfinite(video).all()                                  # 7 coefs fed to the old graph
-        with pytest.raises(VditError, match="re-export") as e:
-            sample(rt, rt.config, [0], make_steps(rt.schedule, "dpm++", 3), guidance=2.0)
-    assert "\n" not in str(e.value)
+    old = old_export(tiny_export, tmp_path / "old")
+    for opening in (lambda: open_runtime("ort", old), lambda: read_metadata(old / "step.onnx")):
+        with pytest.raises(VditError, match="exported by an older vdit-deploy .*re-export it") as e:
+            opening()
+        assert "\n" not in str(e.value)
 
 
 # ---- the command line -----------------------------------------------------------------------------
@@ -416,12 +410,13 @@ def test_cli_ort_fused_multistep_matches_torch(tiny_checkpoint, tiny_export, tmp
 
 
 def test_cli_old_export_is_refused_with_re_export(tiny_export, tmp_path):
-    old = old_step_graph(tiny_export, tmp_path / "old")
-    result = run_cli("sample", "--runtime", "ort", "--onnx", old, "--sampler", "unipc", "--steps", 3,
-                     "--out", tmp_path / "v.npy")
-    assert result.exit_code == 1 and "re-export" in result.output and result.output.count("\n") == 1, result.output
-    assert run_cli("sample", "--runtime", "ort", "--onnx", old, "--sampler", "ddim", "--steps", 2,
-                   "--out", tmp_path / "v.npy").exit_code == 0
+    old = old_export(tiny_export, tmp_path / "old")
+    for sampler in ("unipc", "ddim"):
+        result = run_cli("sample", "--runtime", "ort", "--onnx", old, "--sampler", sampler, "--steps", 3,
+                         "--out", tmp_path / "v.npy")
+        assert result.exit_code == 1 and result.output.startswith("Error: ") and "re-export" in result.output, \
+            result.output
+        assert result.output.count("\n") == 1 and not (tmp_path / "v.npy").exists()
 
 
 def test_calibration_set_follows_the_sampler(tiny_export, tmp_path):
@@ -440,7 +435,7 @@ def test_calibration_set_follows_the_sampler(tiny_export, tmp_path):
     # the step graph's calibration feeds carry that plan's coefs and a state the graph accepts
     import onnxruntime as ort
     session = ort.InferenceSession(str(tiny_export / "step.onnx"), providers=["CPUExecutionProvider"])
-    feeds = list(load_calibration_set(tmp_path / "c").step_batches(schedule))
+    feeds = list(load_calibration_set(tmp_path / "c").step_batches())
     assert np.array_equal(feeds[1]["coefs"], plan[1].coefs)
     assert np.isfinite(session.run(None, feeds[1])[0]).all()
 
@@ -466,12 +461,12 @@ def test_trt_multistep_matches_torch_with_and_without_cuda_graph(tiny_checkpoint
     export_dir = export_checkpoint(tiny_checkpoint, tmp_path / "export", batch=(1, 4))
     with open_runtime("torch", tiny_checkpoint, precision="fp32", device="cpu") as ref:
         plan = make_steps(ref.schedule, sampler, 8)
-        want = sample(ref, ref.config, [0, 1], plan, guidance=2.0, seed=3)
+        want = sample(ref, ref.contract, [0, 1], plan, guidance=2.0, seed=3)
     outs = {}
     for graph in (True, False):
         with open_built(export_dir, "fp32", cuda_graph=graph) as rt:
-            outs[graph] = sample(rt, rt.config, [0, 1], plan, guidance=2.0, seed=3)
-            again = sample(rt, rt.config, [0, 1], plan, guidance=2.0, seed=3)   # the state restarts at zero
+            outs[graph] = sample(rt, rt.contract, [0, 1], plan, guidance=2.0, seed=3)
+            again = sample(rt, rt.contract, [0, 1], plan, guidance=2.0, seed=3)   # the state restarts at zero
     np.testing.assert_array_equal(outs[True], outs[False])
     np.testing.assert_array_equal(outs[True], again)
     assert np.linalg.norm(outs[True] - want) < 1e-3 * np.linalg.norm(want)

@@ -18,9 +18,9 @@ def shipped():
 def test_seeded_and_deterministic(tiny_checkpoint):
     with open_runtime("torch", tiny_checkpoint) as rt:
         steps = make_steps(rt.schedule, "ddim", 5)
-        a = sample(rt, rt.config, [0, 1], steps, guidance=2.0, seed=3)
-        b = sample(rt.denoise, rt.config, [0, 1], steps, guidance=2.0, seed=3)   # a bare callable works too
-        c = sample(rt, rt.config, [0, 1], steps, guidance=2.0, seed=4)
+        a = sample(rt, rt.contract, [0, 1], steps, guidance=2.0, seed=3)
+        b = sample(rt.denoise, rt.contract, [0, 1], steps, guidance=2.0, seed=3, null=rt.null)   # a bare callable too
+        c = sample(rt, rt.contract, [0, 1], steps, guidance=2.0, seed=4)
     np.testing.assert_array_equal(a, b)
     assert a.shape == (2, 3, 8, 16, 16) and np.abs(a - c).max() > 0.1
 
@@ -29,20 +29,20 @@ def test_ddpm_draws_fresh_noise_each_step(tiny_checkpoint):
     with open_runtime("torch", tiny_checkpoint) as rt:
         steps = make_steps(rt.schedule, "ddpm")[-3:]          # the last 3 ancestral steps
         times = SampleTimes()
-        out = sample(rt, rt.config, [2], steps, seed=0, times=times)
+        out = sample(rt, rt.contract, [2], steps, seed=0, times=times)
     assert np.isfinite(out).all() and len(times.steps) == 3 and 0 <= times.overhead < times.total
 
 
 def test_bad_labels(tiny_checkpoint):
     with open_runtime("torch", tiny_checkpoint) as rt:
         with pytest.raises(VditError, match="label 4 is out of range"):
-            sample(rt, rt.config, [1, 4], make_steps(rt.schedule, "ddim", 2))
+            sample(rt, rt.contract, [1, 4], make_steps(rt.schedule, "ddim", 2))
 
 
 def test_shipped_model_draws_the_class_shape_moving(shipped):
     """The demo checkpoint is trained: each class comes out in its colour, as one compact moving shape."""
     steps = make_steps(shipped.schedule, "ddim", 25)
-    videos = sample(shipped, shipped.config, [0, 1, 2, 3] * 2, steps, guidance=2.0, seed=0)
+    videos = sample(shipped, shipped.contract, [0, 1, 2, 3] * 2, steps, guidance=2.0, seed=0)
     for video, label in zip(videos, [0, 1, 2, 3] * 2):
         bright = (video + 1).max(axis=0) > 0.8                               # (F, H, W) shape pixels
         area = bright.sum(axis=(1, 2))

@@ -81,9 +81,10 @@ class DiffusersDenoiser(nn.Module):
 
 def is_diffusers_dir(path: Path) -> bool:
     try:
-        return "_class_name" in json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError, RecursionError):
         return False
+    return isinstance(config, dict) and isinstance(config.get("_class_name"), str)
 
 
 def scheduler_options(model_dir: Path, scheduler_config: Path | None) -> tuple[Schedule, str, str] | None:
