@@ -80,3 +80,31 @@ def test_ort_cuda_fused_step_stays_on_device_and_matches_cpu(tiny_export, precis
         ref = sample(cpu, cpu.contract, [0, 2], steps, guidance=2.0, seed=5)
         got = sample(gpu, gpu.contract, [0, 2], steps, guidance=2.0, seed=5)
         assert psnr(got, ref) > min_psnr
+
+
+@pytest.mark.parametrize("runtime", ["torch", "ort"])
+def test_text_conditioned_learned_sigma_model_on_cuda_matches_cpu(tiny_latte_export, runtime):
+    """The tiny diffusers Latte (text embeddings, eps + learned variance) on the GPU: torch CUDA (the
+    export's source with its contract and null) and ORT's CUDA provider with the fused step bound on the
+    device, against ONNX Runtime on the CPU; unipc, and DDPM's learned-variance steps."""
+    from vdit_deploy.export.metadata import find_onnx, read_metadata
+    from vdit_deploy.runtimes.torch_runtime import TorchRuntime
+    from vdit_deploy.sources import load_export_source
+
+    if runtime == "ort" and ort_cuda_skip_reason():
+        pytest.skip(ort_cuda_skip_reason())
+    with open_runtime("ort", tiny_latte_export, providers=["cpu"]) as cpu:
+        contract = cpu.contract
+        if runtime == "torch":
+            source = load_export_source(read_metadata(find_onnx(tiny_latte_export)), tiny_latte_export,
+                                        device="cuda")
+            gpu = TorchRuntime(None, device="cuda", source=source)
+        else:
+            gpu = open_runtime("ort", tiny_latte_export, providers=["cuda"])
+        cond = {"encoder_hidden_states": np.random.default_rng(1).standard_normal((2, 16, 32)).astype(np.float32)}
+        ddpm = make_steps(contract.schedule, "ddpm", prediction=contract.prediction, learned_variance=True)
+        for plan in (make_steps(contract.schedule, "unipc", 8), ddpm[-6:]):
+            ref = sample(cpu, contract, cond, plan, guidance=3.0, seed=2)
+            got = sample(gpu, contract, cond, plan, guidance=3.0, seed=2)
+            assert rel_l2(got, ref) < 1e-3, runtime
+        gpu.close()
