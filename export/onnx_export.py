@@ -205,7 +205,7 @@ def compose_step(denoiser_path: Path, path: Path, contract: Contract, batch: tup
     from onnx import helper
 
     lo, hi = batch
-    n = max(lo, 2) if lo < hi else lo                           # the batch traced
+    n = traced_size(lo, hi, {*contract.latent, contract.out_channels}) if lo < hi else lo   # the batch traced
     video = lambda: torch.zeros(n, *contract.latent)           # distinct tensors: export ties aliased inputs
     example = (video(), torch.zeros(2 * n, contract.out_channels, *contract.latent[1:]), torch.tensor([2.0]),
                torch.linspace(0.1, 1.5, len(COEF_NAMES)), video(), video(), video())
@@ -338,11 +338,23 @@ def versions() -> dict:
             "vdit-deploy": vdit_deploy.__version__, "exporter": "torch.onnx dynamo"}
 
 
+def traced_size(lo: int, hi: int, taken) -> int:
+    """A size in lo..hi (at least 2: torch.export specialises 0 and 1) that no fixed axis has: torch.export
+    ties equal sizes together (a batch of 2 traced with 2 frames comes out a static 2)."""
+    free = [n for n in range(max(lo, 2), hi + 1) if n not in taken]
+    return free[0] if free else max(lo, min(hi, 2))
+
+
 def example_inputs(contract: Contract, batch: int, seed: int = 0) -> tuple:
     """Traced inputs: random video, mid-schedule t, random conditioning; named axes at a size inside
     their range that no other axis has (torch.export would tie equal sizes together)."""
     rng = np.random.default_rng(seed)
-    sizes = {name: min(hi, max(lo, 7)) for name, (lo, hi) in contract.axes.items()}
+    taken = {*contract.latent, contract.out_channels, batch, 2 * batch,
+             *(d for c in contract.cond for d in c.shape if isinstance(d, int))}
+    sizes = {}
+    for name, (lo, hi) in contract.axes.items():
+        sizes[name] = traced_size(max(lo, 7) if hi >= 7 else lo, hi, taken)
+        taken.add(sizes[name])
     cond = contract.example_cond(batch, rng, sizes)
     x = torch.from_numpy(rng.standard_normal((batch, *contract.latent), dtype=np.float32))
     t = torch.full((batch,), contract.schedule.num_timesteps / 2)
@@ -362,7 +374,8 @@ def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_
     if opset < 17:
         raise VditError(f"opset must be >= 17 (LayerNormalization), got {opset}")
     contract, denoiser = source.contract, source.module.eval()
-    n = fixed or max(2, batch[0])            # the batch traced (the fused step runs twice that)
+    fixed_dims = {*contract.latent, contract.out_channels, *(d for c in contract.cond for d in c.shape if isinstance(d, int))}
+    n = fixed or traced_size(batch[0], batch[1], fixed_dims)    # the batch traced (a step's denoiser runs 2n)
     example = example_inputs(contract, n)
     common = dict(contract=contract, model=source.model, checkpoint_sha256=source.sha256 or "0" * 64,
                   versions=versions(), checkpoint_path=str(Path(source.path).resolve()) if source.path else "")
