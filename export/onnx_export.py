@@ -171,7 +171,8 @@ def _trace(module: nn.Module, example_inputs: tuple, input_names, output_names, 
         # the exporter prints progress to stdout and warns about ops it skips: keep the CLI quiet
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+            for name in ("torch.onnx", "onnxscript"):     # the optimizer logs what it does not fold
+                logging.getLogger(name).setLevel(logging.ERROR)
             return torch.onnx.export(
                 module, tuple(example_inputs), dynamo=True, opset_version=opset, optimize=True,
                 input_names=list(input_names), output_names=list(output_names),

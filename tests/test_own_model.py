@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,34 +144,6 @@ def test_v_prediction_model_matches_diffusers_ddim(tmp_path):
     assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 1e-4
 
 
-class MaskedTextDiT:
-    """A small text-conditioned denoiser with an attention mask, written as a user would: patch tokens
-    cross-attend to the text tokens the mask keeps; it predicts x0."""
-
-    @staticmethod
-    def make():
-        import torch
-        import torch.nn as nn
-
-        class Net(nn.Module):
-            def __init__(self, c=3, width=16, text=8):
-                super().__init__()
-                self.proj_in, self.proj_out = nn.Linear(c, width), nn.Linear(width, c)
-                self.text, self.time = nn.Linear(text, width), nn.Linear(1, width)
-                self.attn = nn.MultiheadAttention(width, 2, batch_first=True)
-
-            def forward(self, x_t, t, context, mask):          # (B,C,F,H,W), (B,), (B,L,8), (B,L) 1 = keep
-                b, c, f, h, w = x_t.shape
-                tokens = self.proj_in(x_t.flatten(2).transpose(1, 2)) + self.time(t[:, None, None] / 1000)
-                keys = self.text(context)                                        # (B, L, width)
-                bias = (1 - mask)[:, None, :] * -1e4                            # (B, 1, L): masked keys off
-                bias = bias.repeat_interleave(2, 0).expand(-1, tokens.shape[1], -1)
-                mixed, _ = self.attn(tokens, keys, keys, attn_mask=bias, need_weights=False)
-                return self.proj_out(tokens + mixed).transpose(1, 2).reshape(b, c, f, h, w)
-
-        return Net()
-
-
 def test_python_api_module_with_mask_and_contract(tmp_path):
     """Source(module, contract, null) -> export_source -> ONNX Runtime's fused step equals the torch runtime
     on the same noise and conditioning; the mask really masks (padding tokens change nothing)."""
@@ -182,14 +155,17 @@ def test_python_api_module_with_mask_and_contract(tmp_path):
     from vdit_deploy.runtimes import open_runtime
     from vdit_deploy.runtimes.torch_runtime import TorchRuntime
     from vdit_deploy.sampling import sample
-    from vdit_deploy.sources import Source
+    from vdit_deploy.sources import DiffusersDenoiser, Source
+
+    pytest.importorskip("diffusers")
+    from own_models import MaskedTextDiT
 
     torch.manual_seed(0)
     contract = Contract(latent=(3, 2, 4, 4), output="x0", schedule=Schedule("cosine", 1000), axes={"seq": (2, 12)},
                         cond=(CondInput("context", "float32", ("batch", "seq", 8)),
                               CondInput("mask", "float32", ("batch", "seq"))))
     null = {"context": np.zeros((1, 6, 8), np.float32), "mask": np.ones((1, 6), np.float32)}
-    source = Source(MaskedTextDiT.make().eval(), contract, null)
+    source = Source(DiffusersDenoiser(MaskedTextDiT().eval(), contract.names), contract, null)
     export = export_source(source, tmp_path / "export", batch=(1, 3))
     rng = np.random.default_rng(0)
     cond = {"context": rng.standard_normal((2, 6, 8)).astype(np.float32),
@@ -205,3 +181,40 @@ def test_python_api_module_with_mask_and_contract(tmp_path):
         again = sample(ort_rt, ort_rt.contract, padded, plan, 2.0, 3)
         np.testing.assert_allclose(again[0], got[0], atol=1e-4)
         assert np.abs(again[1] - got[1]).max() == 0
+
+
+def test_any_diffusers_model_by_class_name_from_the_command_line(tmp_path):
+    """A ModelMixin vdit does not know, saved with save_pretrained: `vdit export --class module:Class
+    --latent --input ... --output` (a text input and its attention mask, an x0 model, no scheduler config:
+    the schedule from --scheduler-config), then verify and sample --cond on ONNX Runtime."""
+    pytest.importorskip("diffusers")
+    import os
+
+    import torch
+    from diffusers import DDIMScheduler
+    from own_models import MaskedTextDiT
+
+    torch.manual_seed(0)
+    MaskedTextDiT().save_pretrained(tmp_path / "model")
+    DDIMScheduler(beta_schedule="scaled_linear", prediction_type="sample").save_pretrained(tmp_path / "elsewhere")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    run = lambda *args: subprocess.run([sys.executable, "-m", "vdit_deploy.cli", *map(str, args)], capture_output=True,
+                                       text=True, timeout=600, env=env)
+    export = tmp_path / "export"
+    spec = ["--latent", "3,2,4,4", "--input", "context:float32:seq,8", "--input", "mask:float32:seq"]
+    result = run("export", tmp_path / "model", "--out", export, "--class", "own_models:MaskedTextDiT", *spec,
+                 "--seq", "2:12", "--batch", "1:3")
+    assert_one_line_error(result, "no scheduler_config.json", "--scheduler-config")   # no schedule: not guessed
+    result = run("export", tmp_path / "model", "--out", export, "--class", "own_models:MaskedTextDiT", *spec,
+                 "--seq", "2:12", "--batch", "1:3", "--output", "x0",
+                 "--scheduler-config", tmp_path / "elsewhere" / "scheduler_config.json")
+    assert result.returncode == 0, result.stderr
+    assert "step.onnx                x_prev" in result.stdout and "FAIL" not in result.stdout
+    info = run("info", export).stdout
+    assert "output x0" in info and "context: float32(batch, seq, 8); mask: float32(batch, seq), seq 2..12" in info
+    assert '"kind": "scaled_linear"' in info
+    cond = write_cond(tmp_path / "cond.safetensors", context=np.ones((2, 12, 8), np.float32),
+                      mask=np.ones((2, 12), np.float32))
+    result = run("sample", "--runtime", "ort", "--onnx", export, "--cond", cond, "--steps", 3, "--out", tmp_path / "v.npy")
+    assert result.returncode == 0, result.stderr
+    assert np.load(tmp_path / "v.npy").shape == (2, 3, 2, 4, 4)

@@ -129,7 +129,8 @@ def parse_cond_spec(text: str, axes: dict) -> CondInput:
         if isinstance(shape[-1], str) and shape[-1] not in axes:
             axes[shape[-1]] = (1, LATTE_MAX_TOKENS)
     spec = {"name": name, "dtype": dtype, "shape": shape}
-    contract = Contract.from_dict({"latent": [1, 1, 1, 1], "output": "eps", "cond": [spec], "axes": axes,
+    contract = Contract.from_dict({"latent": [1, 1, 1, 1], "output": "eps", "cond": [spec],
+                                   "axes": {k: list(r) for k, r in axes.items()},
                                    "schedule": Schedule().to_dict(), "null_sha256": ""}, f"--input {text}")
     v.identifier(name, "--input name")
     return contract.cond[0]
@@ -194,11 +195,13 @@ def diffusers_contract(path: Path, config: dict, cls_name: str, output, schedule
             axes["seq"] = tuple(seq)
         cond = tuple(parse_cond_spec(text, axes) for text in inputs)
     from_scheduler = scheduler_options(path, scheduler_config)
-    prediction, variance = "eps", "fixed"
+    if from_scheduler is None and (schedule is None or output is None):   # refuse rather than guess
+        raise VditError(f"{path} has no {SCHEDULER_CONFIG} beside it or in ../scheduler: pass --scheduler-config "
+                        "FILE (the noise schedule and what the model predicts)")
+    prediction = "eps"
     if from_scheduler is not None:
-        sched_from_file, prediction, variance = from_scheduler
+        sched_from_file, prediction, _ = from_scheduler
         schedule = schedule or sched_from_file
-    schedule = schedule or Schedule("linear", 1000)
     in_channels = int(config.get("in_channels", latent[0]))
     out_channels = int(config.get("out_channels") or in_channels)
     if output is None:   # refuse what cannot be told apart rather than guess
