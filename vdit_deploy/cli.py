@@ -434,7 +434,8 @@ def print_verify(export_dir, checkpoint, tolerance):
               help="What the model predicts (default: from the scheduler config and the channel counts; refused "
                    "when they cannot tell).")
 @click.option("--scheduler-config", type=click.Path(path_type=Path), default=None,
-              help="diffusers scheduler_config.json (default: beside the model or in ../scheduler).")
+              help="diffusers scheduler_config.json: the schedule and the prediction type (default: beside the "
+                   "model or in ../scheduler; an export without one is refused, not guessed).")
 @click.option("--null", "null_file", type=click.Path(path_type=Path), default=None,
               help="The null conditioning for guidance (.safetensors, batch 1: the empty prompt's embeddings). "
                    "Default: zeros.")
