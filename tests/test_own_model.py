@@ -82,7 +82,11 @@ def test_bad_conditioning_file_is_one_line_naming_the_contract(tiny_latte_export
     assert not (tmp_path / "v.npy").exists()
 
 
-def test_text_model_refuses_labels_and_a_missing_cond(tiny_latte_export, tmp_path):
+def test_text_model_refuses_labels_a_missing_cond_and_a_gif(tiny_latte_export, tmp_path):
+    cond = write_cond(tmp_path / "cond.safetensors", encoder_hidden_states=prompts(1))
+    result = run_cli("sample", "--runtime", "ort", "--onnx", tiny_latte_export, "--cond", cond, "--steps", 2,
+                     "--out", tmp_path / "v.gif")
+    assert_one_line_error(result, "this model's have 4", ".npy")      # before sampling: no progress bar
     for extra, needle in ((["--label", "1"], "not on class labels"), ([], "pass --cond")):
         result = run_cli("sample", "--runtime", "ort", "--onnx", tiny_latte_export, *extra, "--steps", 2,
                          "--out", tmp_path / "v.npy")

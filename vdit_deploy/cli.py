@@ -205,8 +205,9 @@ def sampling_options(f):
 
 
 def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, guidance, seed, options=None,
-                order=None, spacing="linspace", cond_file=None):
-    """Open the runtime, turn --label or --cond into the model's conditioning, sample."""
+                order=None, spacing="linspace", cond_file=None, out=None):
+    """Open the runtime, turn --label or --cond into the model's conditioning, check `out` can show it,
+    sample."""
     import math
 
     from vdit_deploy.config import check_memory
@@ -217,6 +218,9 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
 
     with open_runtime(runtime_name, artifact, precision=precision, **(options or {})) as rt:
         contract = rt.contract
+        if out is not None:
+            from vdit_deploy.video import check_drawable
+            check_drawable(out, contract.latent[0])
         if cond_file is not None:
             if labels:
                 raise VditError("give --label or --cond, not both")
@@ -286,7 +290,8 @@ def sample(checkpoint, onnx_path, labels, cond_file, sampler, steps, order, spac
                             "conditioning)")
         artifact = onnx_path
     videos, times, desc = run_sampler(runtime, artifact, precision, parse_labels(labels), sampler, steps,
-                                      eta, guidance, seed, options, order=order, spacing=spacing, cond_file=cond_file)
+                                      eta, guidance, seed, options, order=order, spacing=spacing, cond_file=cond_file,
+                                      out=out)
     write_video(out, videos)
     click.echo(f"wrote {out}: {len(videos)} video(s), {len(times.steps)} {sampler} steps in {times.total:.2f} s ({desc})")
 
