@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +39,8 @@ class Source:
     contract: Contract
     null: dict                       # name -> batch-1 numpy array (the null conditioning)
     model: dict = field(default_factory=lambda: {"class": "custom", "config": {}})
-    sha256: str = ""                 # of the weights (and config): exports record it
     path: Path | None = None
-    files: list = field(default_factory=list)
+    files: list = field(default_factory=list)   # what was loaded (model_files), hashed by sha256
 
     def __post_init__(self):
         self.null = check_null(self.contract, self.null)
@@ -48,6 +48,30 @@ class Source:
         if self.contract.null_sha256 != digest:   # the contract hashes the null it travels with
             from dataclasses import replace
             self.contract = replace(self.contract, null_sha256=digest)
+
+    @cached_property
+    def sha256(self) -> str:
+        """Of the files it was loaded from (exports record it); hashed when asked: sampling does not."""
+        from vdit_deploy.files import sha256_files
+
+        return sha256_files(self.files) if self.files else ""
+
+
+def model_files(path) -> list:
+    """The files a model directory's weights hash covers: a vdit checkpoint's model.safetensors; a
+    diffusers model's config.json and safetensors shards (none: a one-line refusal)."""
+    from vdit_deploy.checkpoint import read_info
+
+    path = Path(path)
+    if not is_diffusers_dir(path):
+        return [read_info(path).weights]
+    weights = sorted(path.glob(f"{DIFFUSERS_WEIGHTS}*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for p in path.glob(f"{DIFFUSERS_WEIGHTS}*.bin"))
+        hint = f" (it has {', '.join(pickled)}: pickle files are never loaded; re-save with safe_serialization)" \
+            if pickled else ""
+        raise VditError(f"{path} has no {DIFFUSERS_WEIGHTS}*.safetensors{hint}")
+    return [path / "config.json", *weights]
 
 
 # ---- the built-in model ---------------------------------------------------------------------------
@@ -63,7 +87,7 @@ def load_checkpoint_source(path, device: str = "cpu") -> Source:
     model, info = load_model(path, device)
     contract = builtin_contract(info.model, info.schedule)
     return Source(model, contract, {"y": np.array([info.model.null_label], np.int32)},
-                  {"class": BUILTIN, "config": info.model.to_dict()}, info.sha256(), Path(path), [info.weights])
+                  {"class": BUILTIN, "config": info.model.to_dict()}, Path(path), [info.weights])
 
 
 # ---- diffusers models -----------------------------------------------------------------------------
@@ -142,16 +166,11 @@ def load_diffusers_source(path, device: str = "cpu", class_name: str | None = No
                           contract: Contract | None = None) -> Source:
     """contract: load with this contract (an export's) instead of deriving one from the options."""
     from vdit_deploy.config import check_memory
-    from vdit_deploy.files import sha256_files
 
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
-    weights = sorted(path.glob(f"{DIFFUSERS_WEIGHTS}*.safetensors"))
-    if not weights:
-        pickled = sorted(p.name for p in path.glob(f"{DIFFUSERS_WEIGHTS}*.bin"))
-        hint = f" (it has {', '.join(pickled)}: pickle files are never loaded; re-save with safe_serialization)" \
-            if pickled else ""
-        raise VditError(f"{path} has no {DIFFUSERS_WEIGHTS}*.safetensors{hint}")
+    files = model_files(path)
+    weights = files[1:]
     cls_name = class_name or f"diffusers:{config['_class_name']}"
     cls = _import_class(cls_name)
     if contract is None:
@@ -171,8 +190,7 @@ def load_diffusers_source(path, device: str = "cpu", class_name: str | None = No
         p.requires_grad_(False)
     module = DiffusersDenoiser(net, contract.names).to(device).eval()
     null = read_null(null_file, contract) if null_file else zero_null(contract)
-    return Source(module, contract, null, {"class": cls_name, "config": dict(config)},
-                  sha256_files([path / "config.json", *weights]), path, weights)
+    return Source(module, contract, null, {"class": cls_name, "config": dict(config)}, path, files)
 
 
 def diffusers_contract(path: Path, config: dict, cls_name: str, output, scheduler_config, schedule, inputs, seq,
@@ -280,24 +298,28 @@ def load_source(path, device: str = "cpu", **options) -> Source:
 def load_export_source(meta, export_dir, checkpoint=None, device: str = "cpu") -> Source:
     """The model an export was made from (`checkpoint`, default the path its metadata records), loaded
     with the export's contract and null conditioning, and refused when its weights differ (verify)."""
+    from vdit_deploy.checkpoint import read_info
     from vdit_deploy.contract import load_null
+    from vdit_deploy.files import sha256_files
 
     path = Path(checkpoint or meta.checkpoint_path or "")
     if not str(path) or not (path / "config.json").is_file():
         raise VditError(f"{export_dir}: its source model {str(path) or '(unknown)'} is not there; pass --checkpoint")
+
     contract = meta.contract
     if meta.model["class"] == BUILTIN:
-        source = load_checkpoint_source(path, device)
-        if (source.contract.latent, source.contract.schedule) != (contract.latent, contract.schedule) or \
-                source.model != meta.model:
+        info = read_info(path)
+        if {"class": BUILTIN, "config": info.model.to_dict()} != meta.model or info.schedule != contract.schedule:
             raise VditError(f"{export_dir}: the config or schedule in its metadata differs from {path}'s "
                             "config.json; re-export it")
-    else:
-        if not is_diffusers_dir(path):
-            raise VditError(f"{path} is not a diffusers model directory ({export_dir} was exported from one)")
-        source = load_diffusers_source(path, device, class_name=meta.model["class"], contract=contract)
-    if source.sha256 != meta.checkpoint_sha256:
+    elif not is_diffusers_dir(path):
+        raise VditError(f"{path} is not a diffusers model directory ({export_dir} was exported from one)")
+    if sha256_files(model_files(path)) != meta.checkpoint_sha256:   # before loading it
         raise VditError(f"{path} is not the model {export_dir} was exported from (sha256 differs)")
+    if meta.model["class"] == BUILTIN:
+        source = load_checkpoint_source(path, device)
+    else:
+        source = load_diffusers_source(path, device, class_name=meta.model["class"], contract=contract)
     source.null = load_null(contract, Path(export_dir))
     source.contract = contract
     return source
