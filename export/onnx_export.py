@@ -206,7 +206,7 @@ def compose_step(denoiser_path: Path, path: Path, contract: Contract, batch: tup
     from onnx import helper
 
     lo, hi = batch
-    n = traced_size(lo, hi, {*contract.latent, contract.out_channels}) if lo < hi else lo   # the batch traced
+    n = traced_size(lo, hi, fixed_sizes(contract)) if lo < hi else lo   # the batch traced
     video = lambda: torch.zeros(n, *contract.latent)           # distinct tensors: export ties aliased inputs
     example = (video(), torch.zeros(2 * n, contract.out_channels, *contract.latent[1:]), torch.tensor([2.0]),
                torch.linspace(0.1, 1.5, len(COEF_NAMES)), video(), video(), video())
@@ -272,20 +272,14 @@ def export_denoiser(module: nn.Module, example_inputs: tuple, out_path: str | Pa
     batch = _check_batch(batch, fixed_batch, example_inputs[0].shape[0])
     check_output(out_path)
     with temp_dir(out_path) as tmp:   # same filesystem: the renames below are atomic
-        _write(module, example_inputs, tmp / out_path.name, input_names, ("out",),
-               [[BATCH] + [None] * (x.dim() - 1) for x in example_inputs], {BATCH: batch or (1, 1)}, opset,
-               metadata, external_data, out_path.parent)
-    return out_path
-
-
-def _write(module, example, tmp_path: Path, input_names, output_names, axes, ranges, opset, metadata,
-           external_data, dest: Path | None = None) -> None:
-    _export(module, example, tmp_path, input_names, output_names, axes, ranges, opset, metadata, external_data)
-    if dest is not None:
-        for file in tmp_path.parent.iterdir():   # the .onnx last: a reader never sees it without its .data
+        _export(module, example_inputs, tmp / out_path.name, input_names, ("out",),
+                [[BATCH] + [None] * (x.dim() - 1) for x in example_inputs], {BATCH: batch or (1, 1)}, opset,
+                metadata, external_data)
+        for file in tmp.iterdir():   # the .onnx last: a reader never sees it without its .data
             if file.suffix != ".onnx":
-                os.replace(file, dest / file.name)
-        os.replace(tmp_path, dest / tmp_path.name)
+                os.replace(file, out_path.parent / file.name)
+        os.replace(tmp / out_path.name, out_path)
+    return out_path
 
 
 def _check_batch(batch, fixed_batch, example_batch):
@@ -339,6 +333,11 @@ def versions() -> dict:
             "vdit-deploy": vdit_deploy.__version__, "exporter": "torch.onnx dynamo"}
 
 
+def fixed_sizes(contract: Contract) -> set:
+    """The sizes of the graphs' fixed axes: a traced dynamic size must differ from each (traced_size)."""
+    return {*contract.latent, contract.out_channels, *(d for c in contract.cond for d in c.shape if isinstance(d, int))}
+
+
 def traced_size(lo: int, hi: int, taken) -> int:
     """A size in lo..hi (at least 2: torch.export specialises 0 and 1) that no fixed axis has: torch.export
     ties equal sizes together (a batch of 2 traced with 2 frames comes out a static 2)."""
@@ -350,8 +349,7 @@ def example_inputs(contract: Contract, batch: int, seed: int = 0) -> tuple:
     """Traced inputs: random video, mid-schedule t, random conditioning; named axes at a size inside
     their range that no other axis has (torch.export would tie equal sizes together)."""
     rng = np.random.default_rng(seed)
-    taken = {*contract.latent, contract.out_channels, batch, 2 * batch,
-             *(d for c in contract.cond for d in c.shape if isinstance(d, int))}
+    taken = {*fixed_sizes(contract), batch, 2 * batch}
     sizes = {}
     for name, (lo, hi) in contract.axes.items():
         sizes[name] = traced_size(max(lo, 7) if hi >= 7 else lo, hi, taken)
@@ -375,8 +373,7 @@ def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_
     if opset < 17:
         raise VditError(f"opset must be >= 17 (LayerNormalization), got {opset}")
     contract, denoiser = source.contract, source.module.eval()
-    fixed_dims = {*contract.latent, contract.out_channels, *(d for c in contract.cond for d in c.shape if isinstance(d, int))}
-    n = fixed or traced_size(batch[0], batch[1], fixed_dims)    # the batch traced (a step's denoiser runs 2n)
+    n = fixed or traced_size(batch[0], batch[1], fixed_sizes(contract))   # the batch traced (a step's runs 2n)
     example = example_inputs(contract, n)
     common = dict(contract=contract, model=source.model, checkpoint_sha256=source.sha256 or "0" * 64,
                   versions=versions(), checkpoint_path=str(Path(source.path).resolve()) if source.path else "")
@@ -408,7 +405,7 @@ def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_
         if fixed is not None:
             shutil.rmtree(rows.parent)
         if contract.cond:
-            save_null(contract, source.null, tmp)
+            save_null(source.null, tmp)
     return out_dir
 
 

@@ -186,7 +186,7 @@ class TritonPythonModel:
 def _engine_batch(engine: Path, contract: Contract) -> tuple[int, str]:
     """A `vdit build` engine -> (its max batch, a note on where it runs), from the manifest beside it,
     refused when it was built for another model contract than the export's."""
-    from vdit_deploy.runtimes.engine_cache import EngineCache, EngineProfile, contract_digest
+    from vdit_deploy.runtimes.engine_cache import EngineCache, EngineProfile
 
     manifest_path = engine.with_suffix(".json")
     if not engine.is_file() or not manifest_path.is_file():
@@ -196,7 +196,7 @@ def _engine_batch(engine: Path, contract: Contract) -> tuple[int, str]:
         raise VditError(f"{engine} is a {manifest.get('kind')} engine; the Triton sampler calls the denoiser: "
                         "build a denoiser engine with `vdit build`")
     key = manifest["key"]
-    if key["contract"] != contract_digest(contract):
+    if key["contract"] != contract.sha256():
         raise VditError(f"{engine} was built from an export of another model contract than this one's "
                         f"({contract.describe_cond()}); build it from this export with `vdit build`")
     profile = EngineProfile.parse(key["profile"])

@@ -15,7 +15,6 @@ Layout of a cache directory (default: <export dir>/engines):
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -137,7 +136,7 @@ class EngineProfile:
 class EngineKey:
     """Everything an engine depends on. Field names are what a refusal message names."""
     onnx_sha256: str
-    contract: str                  # contract_digest of the export's model contract
+    contract: str                  # Contract.sha256() of the export's model contract
     precision: str
     profile: str                   # EngineProfile: "MIN:OPT:MAX" [+ " seq=MIN:OPT:MAX" per named axis]
     tensorrt: str                  # tensorrt.__version__
@@ -164,11 +163,6 @@ class EngineKey:
         """(field, self's value, other's value) for every field that differs, in field order."""
         return [(f.name, getattr(self, f.name), getattr(other, f.name)) for f in fields(self)
                 if getattr(self, f.name) != getattr(other, f.name)]
-
-
-def contract_digest(contract) -> str:
-    """sha256 of a model contract (contract.py) as stored: two exports of one contract share it."""
-    return hashlib.sha256(json.dumps(contract.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
 def _short(value) -> str:

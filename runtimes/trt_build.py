@@ -44,7 +44,7 @@ from vdit_deploy.export.variants import (DENOISER, FP16, FP32, STEP, find_varian
                                          with_data)
 from vdit_deploy.files import atomic_path, sha256_files
 from vdit_deploy.runtimes.engine_cache import (AxisProfile, CachedEngine, EngineCache, EngineKey, EngineProfile,
-                                               check_cuda, contract_digest, gpu_info, import_cudart,
+                                               check_cuda, gpu_info, import_cudart,
                                                import_tensorrt, tensorrt_logger)
 
 KINDS = (STEP, DENOISER)   # build order: sampling needs the step engine, denoise() the other
@@ -378,7 +378,7 @@ def ensure_engine(export: str | Path, kind: str, precision: str, profile: Engine
     export = Path(export)
     onnx_path = onnx_for(export, kind, precision, strongly_typed_only(trt))
     cache = EngineCache(cache_dir or (export if export.is_dir() else export.parent) / "engines")
-    key = EngineKey(onnx_digest(onnx_path), contract_digest(read_metadata(onnx_path).contract), precision,
+    key = EngineKey(onnx_digest(onnx_path), read_metadata(onnx_path).contract.sha256(), precision,
                     str(profile), trt.__version__, gpu.name, gpu.compute_capability, options.to_dict())
     cached, why = cache.lookup(kind, key)
     if cached is not None:
@@ -404,7 +404,7 @@ def find_engine(export: str | Path, kind: str, precision: str, build: bool = Fal
     onnx_path = onnx_for(export, kind, precision, strongly_typed_only(trt))
     meta = read_metadata(onnx_path)
     cache = EngineCache(cache_dir or export / "engines")
-    want = {"onnx_sha256": onnx_digest(onnx_path), "contract": contract_digest(meta.contract), "precision": precision,
+    want = {"onnx_sha256": onnx_digest(onnx_path), "contract": meta.contract.sha256(), "precision": precision,
             "tensorrt": trt.__version__, "gpu": gpu.name, "compute_capability": gpu.compute_capability}
     for entry in cache.entries():
         key = entry.key

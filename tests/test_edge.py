@@ -415,9 +415,8 @@ def test_serve_export_engine_config_from_manifest(tiny_export, tmp_path):
 
     cache = EngineCache(tmp_path / "engines")
     from vdit_deploy.export.metadata import read_metadata
-    from vdit_deploy.runtimes.engine_cache import contract_digest
 
-    contract = contract_digest(read_metadata(tiny_export / "denoiser.onnx").contract)
+    contract = read_metadata(tiny_export / "denoiser.onnx").contract.sha256()
     key = dict(onnx_sha256="0" * 64, contract=contract, precision="fp16", tensorrt="10.3.0", gpu="Orin",
                compute_capability="8.7")
     good = cache.store("denoiser", EngineKey(profile="1:2:8", **key), b"placeholder")

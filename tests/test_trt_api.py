@@ -123,7 +123,7 @@ def write_graphs(root: Path, contract: Contract) -> Path:
         onnx.save(step_graph(kind, contract=contract), str(root / f"{kind}.onnx"))
         onnx.save(step_graph(kind, precision="fp16", contract=contract), str(root / f"{kind}.fp16.onnx"))
         onnx.save(step_graph(kind, qdq=True, precision="int8-qdq", contract=contract), str(root / f"{kind}.int8-qdq.onnx"))
-    save_null(with_null(contract), null_of(contract), root)
+    save_null(null_of(contract), root)
     return root
 
 
@@ -563,7 +563,6 @@ def test_text_export_builds_with_seq_profiles(monkeypatch, text_export, version)
     each batched input, the seq axis on encoder_hidden_states and on the step's null input alike (opt =
     max by default, --seq when given); the contract is in the engine's key, and a --seq outside the
     export's range is refused in one line before any build."""
-    from vdit_deploy.runtimes.engine_cache import contract_digest
     from vdit_deploy.runtimes.trt_build import build_export
 
     world = fake(monkeypatch, version)
@@ -576,7 +575,7 @@ def test_text_export_builds_with_seq_profiles(monkeypatch, text_export, version)
         assert step[0][name] == ((1, 1, 32), (2, 16, 32), (4, 16, 32))
     assert den[0]["encoder_hidden_states"] == ((1, 1, 32), (2, 16, 32), (4, 16, 32))
     assert step[0]["x_t"] == ((1, 4, 2, 8, 8), (2, 4, 2, 8, 8), (4, 4, 2, 8, 8)) and step[0]["coefs"] == ((16,),) * 3
-    assert built[0].engine.key.contract == contract_digest(with_null(TEXT)) != contract_digest(with_null(CLASS))
+    assert built[0].engine.key.contract == with_null(TEXT).sha256() != with_null(CLASS).sha256()
     assert built[0].engine.path.name == f"step.{precision}.b1-2-4.seq1-16-16.engine"
     again = build_export(text_export, precision, batch="1:2:4", seq="1:8:16", log=lambda m: None)
     assert all(b.built for b in again) and world.builds[-1]["profiles"][0]["encoder_hidden_states"][1] == (2, 8, 32)

@@ -18,6 +18,7 @@ Torch-free: runtimes read it.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,6 +181,10 @@ class Contract:
         return out
 
     # ---- stored form ---------------------------------------------------------------------------
+    def sha256(self) -> str:
+        """Of the contract as stored: what engines and calibration sets must match."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
     def to_dict(self) -> dict:
         return {"latent": list(self.latent), "output": self.output, "cond": [c.to_dict() for c in self.cond],
                 "schedule": self.schedule.to_dict(), "axes": {k: list(r) for k, r in self.axes.items()},
@@ -233,11 +238,10 @@ def null_digest(null: dict) -> str:
 
 def check_null(contract: Contract, null: dict) -> dict:
     """The null conditioning: one row per input, in the contract's dtypes."""
-    null = contract.check_cond(null, 1, "null conditioning")
-    return null
+    return contract.check_cond(null, 1, "null conditioning")
 
 
-def save_null(contract: Contract, null: dict, directory: Path) -> Path:
+def save_null(null: dict, directory: Path) -> Path:
     from safetensors.numpy import save_file
 
     path = Path(directory) / NULL_FILE
