@@ -21,7 +21,6 @@ The NAME.npy layout is also what runtimes/trt_build.calibration_batches reads (i
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -34,42 +33,12 @@ from vdit_deploy.contract import Contract
 from vdit_deploy.diffusion import DEFAULT_SAMPLER
 from vdit_deploy.errors import VditError
 from vdit_deploy.files import atomic_path, check_output
+from vdit_deploy.sampling import conditioning, sampler_plan
 
 FORMAT = "vdit-calibration/2"
 MANIFEST = "manifest.json"
 FIXED = ("x_t", "t")        # what every denoiser takes; the contract's conditioning inputs follow
 DTYPES = {"x_t": np.float32, "t": np.float32}
-
-
-def contract_sha256(contract: Contract) -> str:
-    """What a set must match: conditioning names, dtypes, shapes, latent, output, schedule, null."""
-    return hashlib.sha256(json.dumps(contract.to_dict(), sort_keys=True).encode()).hexdigest()
-
-
-def sampler_plan(contract: Contract, sampler: str, steps: int | None = None, eta: float = 0.0,
-                 order: int | None = None, spacing: str = "linspace"):
-    """The sampler's steps for this model: its prediction type, and DDPM's learned variance for eps+var."""
-    from vdit_deploy.diffusion import make_steps
-
-    return make_steps(contract.schedule, sampler, steps, eta, order=order, spacing=spacing,
-                      prediction=contract.prediction,
-                      learned_variance=contract.output == "eps+var" and sampler == "ddpm")
-
-
-def conditioning(contract: Contract, labels=None, cond=None) -> dict:
-    """The conditioning to serve, one row per video: `cond` (a dict of arrays, or a .safetensors file:
-    contract.read_cond), or class labels for a class model (default: every class once)."""
-    from vdit_deploy.contract import read_cond
-
-    if cond is not None:
-        if labels is not None:
-            raise VditError("give class labels or a conditioning file, not both")
-        return read_cond(cond, contract) if isinstance(cond, (str, Path)) else contract.check_cond(cond)
-    spec = contract.label_input()
-    if spec is None:
-        raise VditError(f"this model is conditioned on {contract.describe_cond()}, not on class labels: "
-                        "pass --cond FILE.safetensors")
-    return contract.labels(range(spec.classes) if labels is None else labels)
 
 
 def open_fp32(artifact):
@@ -149,7 +118,7 @@ def collect(checkpoint_or_export, out_dir, sampler: str = DEFAULT_SAMPLER, steps
                             "no calibration set written")
     manifest = {
         "format": FORMAT, "checkpoint_sha256": sha, "contract": contract.to_dict(),
-        "contract_sha256": contract_sha256(contract),
+        "contract_sha256": contract.sha256(),
         "source": str(Path(checkpoint_or_export).resolve()), "runtime": f"{rt.name}:fp32",
         "sampler": sampler, "steps": len(plan), "order": order, "spacing": spacing, "eta": eta,
         "guidance": guidance, "seeds": seeds, "videos": videos,
@@ -308,12 +277,12 @@ def load_calibration_set(path, expect_sha256: str | None = None,
         raise VditError(f"{where} is corrupt: {str(e)[:200]}") from None
     check_manifest(manifest, where)
     contract = Contract.from_dict(manifest["contract"], where)
-    if contract_sha256(contract) != manifest["contract_sha256"]:
+    if contract.sha256() != manifest["contract_sha256"]:
         v.fail(where, "contract_sha256 does not match its contract (edited after it was collected)")
     if expect_sha256 and manifest["checkpoint_sha256"] != expect_sha256:
         raise VditError(f"calibration set {path} was recorded with checkpoint sha256:{manifest['checkpoint_sha256'][:12]}, "
                         f"not this model's sha256:{expect_sha256[:12]}; collect a new set for it")
-    if expect_contract is not None and manifest["contract_sha256"] != contract_sha256(expect_contract):
+    if expect_contract is not None and manifest["contract_sha256"] != expect_contract.sha256():
         raise VditError(f"calibration set {path} was recorded for another model contract (latent {contract.latent}, "
                         f"{contract.output}, conditioning {contract.describe_cond()}; this model: latent "
                         f"{expect_contract.latent}, {expect_contract.output}, {expect_contract.describe_cond()}); "

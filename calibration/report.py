@@ -33,7 +33,7 @@ def accuracy_report(export_dir, precisions=("fp16", "int8"), steps: int = 50, se
                     eta: float = 0.0, cond=None) -> dict:
     """labels (class models; default every class) or cond (a dict or .safetensors file): the videos of
     each sample, one per row."""
-    from vdit_deploy.calibration.collect import conditioning, sampler_plan
+    from vdit_deploy.sampling import conditioning, sampler_plan
     from vdit_deploy.runtimes.ort_runtime import OrtRuntime
     from vdit_deploy.sampling import sample
 

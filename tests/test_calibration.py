@@ -364,7 +364,7 @@ def test_latte_variants(latte, command, files):
 def test_latte_fused_step_equals_host_step(latte, precision):
     """The fp16 / Q/DQ step graph with the recorded prompt and null rows: the same precision's denoiser
     plus the fp32 host update, for DDIM and DDPM with the learned variance."""
-    from vdit_deploy.calibration.collect import sampler_plan
+    from vdit_deploy.sampling import sampler_plan
     from vdit_deploy.diffusion import guided_step
     from vdit_deploy.runtimes import open_runtime
 

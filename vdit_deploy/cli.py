@@ -211,39 +211,25 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
     import math
 
     from vdit_deploy.config import check_memory
-    from vdit_deploy.contract import read_cond
-    from vdit_deploy.diffusion import make_steps
     from vdit_deploy.runtimes import open_runtime
-    from vdit_deploy.sampling import SampleTimes, as_cond, sample
+    from vdit_deploy.sampling import SampleTimes, conditioning, sample, sampler_plan
 
     with open_runtime(runtime_name, artifact, precision=precision, **(options or {})) as rt:
         contract = rt.contract
         if out is not None:
             from vdit_deploy.video import check_drawable
             check_drawable(out, contract.latent[0])
-        if cond_file is not None:
-            if labels:
-                raise VditError("give --label or --cond, not both")
-            cond = read_cond(cond_file, contract)
-        elif labels or contract.label_input() is not None:
-            cond = as_cond(contract, labels or [0])     # a text model refuses labels here
-        else:
-            raise VditError(f"this model is conditioned on {contract.describe_cond()}: pass --cond FILE.safetensors "
-                            "(README: your own model)")
+        default = None if cond_file else [0]         # one video of class 0 unless --cond gives the rows
+        cond = conditioning(contract, labels or default, cond_file)   # a text model refuses labels here
         if guidance != 1.0:    # before the first step: a null conditioning of another length is refused
             contract.null_batch(rt.null, cond)
         b = contract.batch_of(cond)
         check_memory(4 * 8 * b * math.prod(contract.latent), f"sampling {b} videos")   # video, noise, state
-        plan = make_steps(rt.schedule, sampler, steps, eta, order=order, spacing=spacing,
-                          prediction=contract.prediction, learned_variance=learned_variance(contract, sampler))
+        plan = sampler_plan(contract, sampler, steps, eta, order, spacing)
         times = SampleTimes()
         videos = sample(rt, contract, cond, plan, guidance, seed, progress=True, times=times)
         return videos, times, rt.describe()
 
-
-def learned_variance(contract, sampler: str) -> bool:
-    """DDPM's ancestral steps use an eps+var model's learned variance; the others drop it."""
-    return contract.output == "eps+var" and sampler == "ddpm"
 
 
 @main.command()

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from vdit_deploy.contract import Contract
-from vdit_deploy.diffusion import SolverState, Step, guided_step
+from vdit_deploy.contract import Contract, read_cond
+from vdit_deploy.diffusion import SolverState, Step, guided_step, make_steps
 from vdit_deploy.errors import VditError
 
 
@@ -46,6 +47,28 @@ class DenoiseRecorder:
             self.calls.append((self.index, x_t, t, cond, out))
         self.index += 1
         return out
+
+
+def sampler_plan(contract: Contract, sampler: str, steps: int | None = None, eta: float = 0.0,
+                 order: int | None = None, spacing: str = "linspace"):
+    """The sampler's steps for this model: its prediction type, and DDPM's learned variance for eps+var."""
+    return make_steps(contract.schedule, sampler, steps, eta, order=order, spacing=spacing,
+                      prediction=contract.prediction,
+                      learned_variance=contract.output == "eps+var" and sampler == "ddpm")
+
+
+def conditioning(contract: Contract, labels=None, cond=None) -> dict:
+    """The conditioning to serve, one row per video: `cond` (a dict of arrays, or a .safetensors file:
+    contract.read_cond), or class labels for a class model (default: every class once)."""
+    if cond is not None:
+        if labels is not None:
+            raise VditError("give class labels or a conditioning file, not both")
+        return read_cond(cond, contract) if isinstance(cond, (str, Path)) else contract.check_cond(cond)
+    spec = contract.label_input()
+    if spec is None:
+        raise VditError(f"this model is conditioned on {contract.describe_cond()}, not on class labels: "
+                        "pass --cond FILE.safetensors")
+    return contract.labels(range(spec.classes) if labels is None else labels)
 
 
 def as_cond(contract: Contract, cond) -> dict:

@@ -11,7 +11,6 @@ Accuracy has two parts, shared with `vdit calibrate report`:
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -87,7 +86,7 @@ def measure(target: Target, open_rt, batch: int, seeds: list[int], sampler: str,
     recorded calls)} from the reference run ({} when there is none). pool: the conditioning rows the
     videos take in turn (videos_cond); None: every class of a class model. record=True: this run is
     the reference; it records its denoiser calls and returns them under "_recorded"."""
-    from vdit_deploy.calibration.collect import conditioning, sampler_plan
+    from vdit_deploy.sampling import conditioning, sampler_plan
 
     row = {"runtime": target.runtime, "precision": target.precision, "label": target.label, "batch": batch}
     mem = PeakRss().start()
