@@ -31,7 +31,8 @@ import torch
 
 from common import median_seconds, random_checkpoint
 from vdit_deploy.config import preset
-from vdit_deploy.diffusion import Schedule, make_steps
+from vdit_deploy.schedules import Schedule
+from vdit_deploy.samplers import make_steps
 from vdit_deploy.export.metadata import read_metadata
 from vdit_deploy.export.onnx_export import export_checkpoint
 from vdit_deploy.runtimes.ort_runtime import OrtRuntime

@@ -110,7 +110,7 @@ class GpuMemory:
 
 
 def bench_runtime(label, opener, cfg, steps_n, repeats, reference, device):
-    from vdit_deploy.diffusion import make_steps
+    from vdit_deploy.samplers import make_steps
     from vdit_deploy.sampling import SampleTimes, sample
 
     memory = GpuMemory(device)

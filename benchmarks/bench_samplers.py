@@ -28,7 +28,8 @@ import numpy as np
 
 from vdit_deploy.checkpoint import SHIPPED
 from vdit_deploy.compare import machine_info
-from vdit_deploy.diffusion import LAMBDA_MIN, SolverState, make_steps
+from vdit_deploy.schedules import LAMBDA_MIN
+from vdit_deploy.samplers import SolverState, make_steps
 from vdit_deploy.metrics import psnr, ssim
 from vdit_deploy.plots import pyplot, save
 from vdit_deploy.runtimes import open_runtime

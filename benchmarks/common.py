@@ -13,7 +13,7 @@ def random_checkpoint(cfg, path: Path, seed: int = 0) -> Path:
     import torch
 
     from vdit_deploy.checkpoint import save_checkpoint
-    from vdit_deploy.diffusion import Schedule
+    from vdit_deploy.schedules import Schedule
     from vdit_deploy.model import VideoDiT
 
     if (path / "config.json").is_file():

@@ -30,7 +30,7 @@ import numpy as np
 from vdit_deploy import validate as v
 from vdit_deploy.config import check_memory
 from vdit_deploy.contract import Contract
-from vdit_deploy.diffusion import DEFAULT_SAMPLER
+from vdit_deploy.samplers import DEFAULT_SAMPLER
 from vdit_deploy.errors import VditError
 from vdit_deploy.files import atomic_path, check_output
 from vdit_deploy.sampling import conditioning, sampler_plan
@@ -169,7 +169,7 @@ class CalibrationSet:
         guidance, the coefs of that step of the manifest's plan, seeded noise and a zero solver state
         (it only enters the step's float update); cut to at most `hi` videos. inputs: the names the
         graph takes (a step graph from before the multistep samplers has no state and 7 coefs)."""
-        from vdit_deploy.diffusion import SINGLE_STEP_COEFS
+        from vdit_deploy.samplers import SINGLE_STEP_COEFS
         from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE
 
         m = self.manifest

@@ -27,7 +27,7 @@ from pathlib import Path
 from vdit_deploy import validate as v
 from vdit_deploy.config import ModelConfig
 from vdit_deploy.contract import BUILTIN, NULL_FILE, Contract
-from vdit_deploy.diffusion import Schedule
+from vdit_deploy.schedules import Schedule
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.variants import (DENOISER, GRAPH_PRECISIONS, KINDS, OLD_TAGS,
                                          all_variant_files, find_variant, graph_precision, variant_file,

@@ -5,7 +5,7 @@
                    -> x_prev, x0, corr_next
                    classifier-free guidance (the conditioning and the null conditioning as one 2B batch,
                    null inputs named null_<name>), the conversion of eps/v/x0 and the affine update of
-                   diffusion.apply_step inside the graph, a learned variance (eps+var models) for DDPM's
+                   samplers.apply_step inside the graph, a learned variance (eps+var models) for DDPM's
                    ancestral noise, with the multistep solvers' state (previous x0, UniPC's corrector
                    part; all (B,C,F,H,W) f32) in and out: a GPU runtime keeps the video and the state on
                    the device for the whole loop, the host only feeds scalars and noise.
@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from vdit_deploy.config import check_memory
 from vdit_deploy.contract import BATCH, Contract
-from vdit_deploy.diffusion import COEF_NAMES
+from vdit_deploy.samplers import COEF_NAMES
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, ExportMetadata
 from vdit_deploy.export.variants import DENOISER, STEP, variant_file
@@ -59,7 +59,7 @@ def step_inputs(contract: Contract) -> tuple:
 
 # ---- the graphs ------------------------------------------------------------------------------
 def apply_step(x_t, out, coefs, noise, x0_prev, corr) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """diffusion.apply_step in torch, op for op (tests compare the graph with the numpy version).
+    """samplers.apply_step in torch, op for op (tests compare the graph with the numpy version).
     `out` is the model output: eps, v or x0 in its first C channels (the coefs convert), then, for an
     eps+var model, the learned variance v_var in [-1, 1]: DDPM's noise std is then
     exp((log_var_min + (v_var + 1) / 2 (log_var_max - log_var_min)) / 2) (Nichol & Dhariwal 2021)."""

@@ -42,7 +42,7 @@ def sample_request(denoise, contract: Contract, cond: dict, null: dict, seed: in
     """One request: DDIM over `denoise(x_t, t, cond) -> out` (a BLS call in Triton), `cond` the
     request's conditioning by name (batch first), `null` the export's batch-1 null conditioning.
     -> (B, C, F, H, W) fp32."""
-    from vdit_deploy.diffusion import make_steps
+    from vdit_deploy.samplers import make_steps
     from vdit_deploy.sampling import sample
 
     cond = contract.check_cond(cond, what="request")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vdit_deploy.diffusion import COEF_NAMES, apply_step, ddpm_steps, guide, guided_step, make_steps
+from vdit_deploy.samplers import COEF_NAMES, apply_step, ddpm_steps, guide, guided_step, make_steps
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, check_export_dir
 from vdit_deploy.export.variants import DENOISER, FP16, FP32, INT8_DYNAMIC, INT8_QDQ, STEP, variant_file
@@ -97,7 +97,7 @@ class VerifyReport:
 
 
 def step_scale(x_t: np.ndarray, out: np.ndarray, coefs: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    """Elementwise sum of the magnitudes of the terms of diffusion.apply_step (float64): the size
+    """Elementwise sum of the magnitudes of the terms of samplers.apply_step (float64): the size
     float32 rounding and an error in the model output are relative to."""
     c = dict(zip(COEF_NAMES, np.asarray(coefs, np.float64)))
     x, o = np.asarray(x_t, np.float64), np.asarray(out, np.float64)

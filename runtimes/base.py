@@ -6,7 +6,7 @@ A runtime holds one loaded artifact (a model directory, an ONNX file, an engine)
   denoise(x_t, t, cond) -> out      x_t float32 (B, C, F, H, W), t float32 (B,), cond: name -> array
                                     (the contract's conditioning, batch first); out (B, kC, F, H, W)
   step(x_t, t, cond, guidance, coefs, noise, state=None) -> x_{t-1}   one guided sampler step
-      (diffusion.py; the null conditioning is the runtime's own); a multistep solver's SolverState
+      (samplers.py; the null conditioning is the runtime's own); a multistep solver's SolverState
       (previous x0, UniPC's corrector part) is read and replaced
 The default `step` runs `denoise` and the update on the host; backends with a fused step graph
 override it and may keep x_t and the state on the device between calls (then `step` returns a
@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from vdit_deploy.contract import Contract
-from vdit_deploy.diffusion import Schedule, SolverState, guided_step
+from vdit_deploy.schedules import Schedule
+from vdit_deploy.samplers import SolverState, guided_step
 from vdit_deploy.errors import VditError
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from vdit_deploy.contract import load_null
-from vdit_deploy.diffusion import SolverState, apply_step
+from vdit_deploy.samplers import SolverState, apply_step
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, find_onnx, read_metadata
 from vdit_deploy.export.variants import DENOISER, FP16, STEP, find_variant, runtime_graph, with_data

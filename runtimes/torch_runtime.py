@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from vdit_deploy.diffusion import SolverState
+from vdit_deploy.samplers import SolverState
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import STEP_STATE
 from vdit_deploy.export.variants import check_precision

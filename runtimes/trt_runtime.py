@@ -247,7 +247,7 @@ class TrtRuntime(Runtime):
     def step(self, x_t, t: int, cond, guidance: float, coefs, noise, state=None):
         """One guided step; returns a TrtDeviceArray (np.asarray copies it to the host). A multistep
         solver's state stays in the engine's buffers; `state` holds handles to them."""
-        from vdit_deploy.diffusion import Step
+        from vdit_deploy.samplers import Step
 
         engine, cudart = self.step_engine, self.cudart
         if state is not None and not self.state_buffers:

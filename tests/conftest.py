@@ -24,7 +24,7 @@ def tiny_checkpoint(tmp_path_factory):
 
     from vdit_deploy.checkpoint import save_checkpoint
     from vdit_deploy.config import preset
-    from vdit_deploy.diffusion import Schedule
+    from vdit_deploy.schedules import Schedule
     from vdit_deploy.model import VideoDiT
 
     torch.manual_seed(0)

@@ -130,7 +130,7 @@ def test_fp16_step_keeps_its_arithmetic_fp32(export):
 def test_fused_step_equals_host_step(export, calib, precision, tol):
     """step.<precision>.onnx is what TensorRT builds and what ONNX Runtime runs: it must be the same
     precision's denoiser plus the fp32 host update, on trajectory inputs, deterministic and noisy steps."""
-    from vdit_deploy.diffusion import guided_step, make_steps
+    from vdit_deploy.samplers import guided_step, make_steps
     from vdit_deploy.runtimes import open_runtime
     from vdit_deploy.runtimes.trt_build import onnx_for
 
@@ -365,7 +365,7 @@ def test_latte_fused_step_equals_host_step(latte, precision):
     """The fp16 / Q/DQ step graph with the recorded prompt and null rows: the same precision's denoiser
     plus the fp32 host update, for DDIM and DDPM with the learned variance."""
     from vdit_deploy.sampling import sampler_plan
-    from vdit_deploy.diffusion import guided_step
+    from vdit_deploy.samplers import guided_step
     from vdit_deploy.runtimes import open_runtime
 
     export, calib, _, emb = latte

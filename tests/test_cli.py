@@ -100,7 +100,7 @@ def test_sample_cond_file_of_a_text_model(tiny_latte_export, tmp_path):
     same embeddings; a file that breaks the contract, or --label for a text model, is one line naming it."""
     from safetensors.numpy import save_file
 
-    from vdit_deploy.diffusion import make_steps
+    from vdit_deploy.samplers import make_steps
     from vdit_deploy.runtimes import open_runtime
     from vdit_deploy.sampling import sample
 

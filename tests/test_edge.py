@@ -358,7 +358,7 @@ def test_triton_sampling_loop_matches_vdit_sample(tiny_export, tiny_latte_export
     conditioning from the repository's null_cond.safetensors) gives the video that the ORT runtime's
     sampler gives for the same seed (there the fused step graph runs, with null_<name> inputs)."""
     from vdit_deploy.contract import load_null
-    from vdit_deploy.diffusion import make_steps
+    from vdit_deploy.samplers import make_steps
     from vdit_deploy.export.triton import sample_request
     from vdit_deploy.runtimes import open_runtime
     from vdit_deploy.sampling import sample
@@ -440,7 +440,7 @@ def test_serve_export_engine_config_from_manifest(tiny_export, tmp_path):
 
 # ---- the torch-free path -------------------------------------------------------------------------
 TORCH_FREE_MODULES = [
-    "vdit_deploy.config", "vdit_deploy.diffusion", "vdit_deploy.sampling", "vdit_deploy.checkpoint",
+    "vdit_deploy.config", "vdit_deploy.schedules", "vdit_deploy.samplers", "vdit_deploy.sampling", "vdit_deploy.checkpoint",
     "vdit_deploy.video", "vdit_deploy.cli", "vdit_deploy.runtimes", "vdit_deploy.runtimes.profiles",
     "vdit_deploy.runtimes.ort_runtime", "vdit_deploy.runtimes.engine_cache", "vdit_deploy.runtimes.trt_build",
     "vdit_deploy.runtimes.trt_runtime", "vdit_deploy.export.metadata", "vdit_deploy.export.triton",

@@ -13,7 +13,7 @@ from vdit_deploy.cli import main
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import read_metadata
 from vdit_deploy.contract import NULL_FILE
-from vdit_deploy.diffusion import COEF_NAMES
+from vdit_deploy.samplers import COEF_NAMES
 from vdit_deploy.export.onnx_export import denoiser_inputs, export_denoiser, step_inputs
 from vdit_deploy.export.verify import verify
 from vdit_deploy.files import sha256_file

@@ -4,7 +4,7 @@ skipped where there is no NVIDIA GPU; benchmarks/gpu_check.sh runs them."""
 import numpy as np
 import pytest
 
-from vdit_deploy.diffusion import make_steps
+from vdit_deploy.samplers import make_steps
 from vdit_deploy.metrics import psnr, rel_l2
 from vdit_deploy.runtimes import open_runtime
 from vdit_deploy.sampling import sample

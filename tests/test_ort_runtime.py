@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from vdit_deploy.diffusion import guided_step, make_steps
+from vdit_deploy.samplers import guided_step, make_steps
 from vdit_deploy.errors import VditError
 from vdit_deploy.runtimes import open_runtime
 from vdit_deploy.runtimes.ort_runtime import OrtRuntime
@@ -179,7 +179,7 @@ def test_latte_export_carries_its_text_contract(latte_runtimes):
 def test_latte_ort_fused_step_samples_what_torch_samples(latte_runtimes, sampler):
     """Same noise and text conditioning: ORT's fused step.onnx (guidance in the graph, the null embeddings
     as null_encoder_hidden_states) samples PyTorch's video; the DDPM steps use the learned variance."""
-    from vdit_deploy.diffusion import COEF_NAMES
+    from vdit_deploy.samplers import COEF_NAMES
 
     ort_rt, torch_rt = latte_runtimes
     contract = ort_rt.contract

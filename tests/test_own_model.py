@@ -116,7 +116,7 @@ def test_v_prediction_model_matches_diffusers_ddim(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     import torch
 
-    from vdit_deploy.diffusion import make_steps
+    from vdit_deploy.samplers import make_steps
     from vdit_deploy.export.onnx_export import export_checkpoint
     from vdit_deploy.runtimes import open_runtime
     from vdit_deploy.sampling import sample
@@ -154,7 +154,8 @@ def test_python_api_module_with_mask_and_contract(tmp_path):
     import torch
 
     from vdit_deploy.contract import CondInput, Contract
-    from vdit_deploy.diffusion import Schedule, make_steps
+    from vdit_deploy.schedules import Schedule
+    from vdit_deploy.samplers import make_steps
     from vdit_deploy.export.onnx_export import export_source
     from vdit_deploy.runtimes import open_runtime
     from vdit_deploy.runtimes.torch_runtime import TorchRuntime

@@ -277,7 +277,8 @@ def test_step_scale_bounds_float32_rounding_of_the_update():
     """float32 rounding alone (the same update on float64 inputs, then on float32 ones) moves x_prev by
     more than 1e-6 relative near t = T of the cosine schedule, where x0 = a x_t - b eps cancels; against
     the conditioning scale the same difference is at float32's 1e-7 level at every step."""
-    from vdit_deploy.diffusion import Schedule, apply_step, make_steps
+    from vdit_deploy.schedules import Schedule
+    from vdit_deploy.samplers import apply_step, make_steps
     from vdit_deploy.export.verify import step_scale
 
     rng = np.random.default_rng(0)

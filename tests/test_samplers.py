@@ -7,7 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from vdit_deploy.diffusion import LAMBDA_MIN, Schedule, SolverState, apply_step, make_steps, solver_timesteps
+from vdit_deploy.schedules import LAMBDA_MIN, Schedule, solver_timesteps
+
+from vdit_deploy.samplers import SolverState, apply_step, make_steps
 from vdit_deploy.errors import VditError
 
 SHAPE = (2, 3, 2, 4, 4)       # (B, C, F, H, W): small, the math is per element
@@ -316,7 +318,7 @@ def ort_rt(tiny_export):
 def test_ort_fused_step_equals_host_update(ort_rt, sampler):
     """step.onnx (guidance, update and solver state in the graph) against the numpy update on the same
     ORT denoiser, step by step along a real trajectory, the state included."""
-    from vdit_deploy.diffusion import guided_step
+    from vdit_deploy.samplers import guided_step
 
     contract = ort_rt.contract
     rng = np.random.default_rng(3)

@@ -3,7 +3,7 @@ import pytest
 
 from vdit_deploy.checkpoint import SHIPPED
 from vdit_deploy.data import CLASS_COLORS
-from vdit_deploy.diffusion import make_steps
+from vdit_deploy.samplers import make_steps
 from vdit_deploy.errors import VditError
 from vdit_deploy.runtimes import open_runtime
 from vdit_deploy.sampling import SampleTimes, sample

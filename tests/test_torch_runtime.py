@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from vdit_deploy.diffusion import guided_step, make_steps
+from vdit_deploy.samplers import guided_step, make_steps
 from vdit_deploy.errors import VditError
 from vdit_deploy.runtimes import open_runtime
 from vdit_deploy.runtimes.torch_runtime import TorchDeviceArray
@@ -35,7 +35,7 @@ def test_unknown_compile_mode_is_one_line(tiny_checkpoint):
 
 @pytest.mark.parametrize("sampler", ["dpm++", "unipc"])
 def test_multistep_state_stays_on_the_device_and_matches_the_host_solver(tiny_checkpoint, sampler):
-    from vdit_deploy.diffusion import SolverState
+    from vdit_deploy.samplers import SolverState
     from vdit_deploy.sampling import sample
 
     with open_runtime("torch", tiny_checkpoint, device="cpu") as rt:
@@ -54,7 +54,7 @@ def test_fused_step_of_a_learned_sigma_model_equals_the_host_update(tiny_latte, 
     """An eps+var model (diffusers Latte, text-conditioned) on DDPM's learned-variance coefficients: the
     torch FusedStep (2B batch with the null embeddings, guidance on eps, variance from the cond pass,
     std from it) equals host guided_step + numpy apply_step, and the variance channels change the step."""
-    from vdit_deploy.diffusion import COEF_NAMES
+    from vdit_deploy.samplers import COEF_NAMES
 
     with open_runtime("torch", tiny_latte, device="cpu") as rt:
         contract = rt.contract

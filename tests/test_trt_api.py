@@ -23,7 +23,8 @@ from conftest import open_built
 from trt_fake import CUDART_VERSIONS, TRT_SUPPORTED, TRT_UNSUPPORTED, World, install, surface
 from vdit_deploy.config import preset
 from vdit_deploy.contract import CondInput, Contract, null_digest, save_null
-from vdit_deploy.diffusion import COEF_NAMES, Schedule
+from vdit_deploy.schedules import Schedule
+from vdit_deploy.samplers import COEF_NAMES
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import NULL_PREFIX, ExportMetadata
 from vdit_deploy.runtimes.engine_cache import AxisProfile, EngineProfile, import_tensorrt
@@ -531,7 +532,7 @@ def test_real_tiny_export_builds_and_samples(monkeypatch, tiny_export, tmp_path,
     fused step through warm-up, capture and replay with stochastic steps."""
     import shutil
 
-    from vdit_deploy.diffusion import make_steps
+    from vdit_deploy.samplers import make_steps
     from vdit_deploy.sampling import sample
 
     export = shutil.copytree(tiny_export, tmp_path / "export")
@@ -645,7 +646,7 @@ def test_real_text_export_builds_and_samples(monkeypatch, tiny_latte_export, tmp
     steps: noise uploads) runs through warm-up, capture and replay; denoise() takes a shorter prompt."""
     import shutil
 
-    from vdit_deploy.diffusion import make_steps
+    from vdit_deploy.samplers import make_steps
     from vdit_deploy.sampling import sample
 
     export = shutil.copytree(tiny_latte_export, tmp_path / "export")

@@ -15,7 +15,7 @@ from conftest import has_nvidia_gpu
 from vdit_deploy.cli import main
 from vdit_deploy.config import preset
 from vdit_deploy.contract import CondInput, Contract
-from vdit_deploy.diffusion import Schedule
+from vdit_deploy.schedules import Schedule
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import ExportMetadata
 from vdit_deploy.runtimes import open_runtime

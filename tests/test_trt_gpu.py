@@ -51,7 +51,7 @@ def test_denoise_matches_torch(export_dir, tiny_checkpoint, precision, tol):
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])   # deterministic DDIM, and stochastic steps (noise uploads)
 def test_sample_matches_torch_with_and_without_cuda_graph(export_dir, tiny_checkpoint, eta):
-    from vdit_deploy.diffusion import make_steps
+    from vdit_deploy.samplers import make_steps
     from vdit_deploy.runtimes import open_runtime
     from vdit_deploy.sampling import sample
 
@@ -89,7 +89,7 @@ def test_text_export_matches_torch(tiny_latte, tiny_latte_export, tmp_path):
     against PyTorch on the same noise and conditioning."""
     import shutil
 
-    from vdit_deploy.diffusion import make_steps
+    from vdit_deploy.samplers import make_steps
     from vdit_deploy.runtimes import open_runtime
     from vdit_deploy.sampling import sample
 

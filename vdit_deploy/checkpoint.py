@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vdit_deploy import validate as v
 from vdit_deploy.config import ModelConfig, check_memory
-from vdit_deploy.diffusion import Schedule
+from vdit_deploy.schedules import Schedule
 from vdit_deploy.errors import VditError
 from vdit_deploy.files import atomic_path, sha256_file
 
@@ -58,7 +58,7 @@ def parse_config(meta, path: Path, where: str) -> CheckpointInfo:
     if meta.get("format") != FORMAT:
         v.fail(where, f"not a vdit checkpoint config (format {v.show(meta.get('format'))}, expected {FORMAT!r})")
     v.obj(meta, "checkpoint config", required=("format", "model", "schedule", "step", "ema"), where=where)
-    return CheckpointInfo(path, ModelConfig.from_dict(meta["model"], where), v.schedule(meta["schedule"], where),
+    return CheckpointInfo(path, ModelConfig.from_dict(meta["model"], where), Schedule.from_dict(meta["schedule"], where),
                           v.integer(meta["step"], "step", 0, where=where), v.boolean(meta["ema"], "ema", where))
 
 

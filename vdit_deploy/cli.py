@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from vdit_deploy.diffusion import DEFAULT_SAMPLER
+from vdit_deploy.samplers import DEFAULT_SAMPLER
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.variants import ENGINE_PRECISIONS, precisions_help
 from vdit_deploy.files import check_output
@@ -170,7 +170,7 @@ def info(path):
 def train(preset_name, steps, batch_size, lr, schedule, attention, checkpoint_every, seed, out):
     """Train on the generated Moving Shapes videos (resumable)."""
     from vdit_deploy.config import preset
-    from vdit_deploy.diffusion import Schedule
+    from vdit_deploy.schedules import Schedule
     from vdit_deploy.train import TrainConfig, moving_shapes_config, train as run_training
 
     cfg, note = moving_shapes_config(preset(preset_name, **({"attention": attention} if attention else {})))

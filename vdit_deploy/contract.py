@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from vdit_deploy import validate as v
-from vdit_deploy.diffusion import Schedule
+from vdit_deploy.schedules import Schedule
 from vdit_deploy.errors import VditError
 
 # output kind -> (channels as a multiple of C, the sampler's prediction type)
@@ -222,7 +222,7 @@ class Contract:
         if len({c.name for c in cond}) != len(cond) or {"x_t", "t"} & {c.name for c in cond}:
             v.fail(where, "cond input names must be unique and not x_t or t")
         null = data["null_sha256"]
-        return cls(latent, output, tuple(cond), v.schedule(data["schedule"], where), ranges,
+        return cls(latent, output, tuple(cond), Schedule.from_dict(data["schedule"], where), ranges,
                    v.sha256_hex(null, "null_sha256", where) if null else "")
 
 

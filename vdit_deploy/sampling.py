@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vdit_deploy.contract import Contract, read_cond
-from vdit_deploy.diffusion import SolverState, Step, guided_step, make_steps
+from vdit_deploy.samplers import SolverState, Step, guided_step, make_steps
 from vdit_deploy.errors import VditError
 
 

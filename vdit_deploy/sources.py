@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from vdit_deploy.contract import BATCH, BUILTIN, CondInput, Contract, check_null, null_digest
-from vdit_deploy.diffusion import Schedule
+from vdit_deploy.schedules import Schedule
 from vdit_deploy.errors import VditError
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"

@@ -21,7 +21,7 @@ from vdit_deploy.checkpoint import load_tensors, read_info, save_checkpoint
 from vdit_deploy import validate as v
 from vdit_deploy.config import ModelConfig, check_memory
 from vdit_deploy.data import MovingShapes
-from vdit_deploy.diffusion import Schedule
+from vdit_deploy.schedules import Schedule
 from vdit_deploy.errors import VditError
 from vdit_deploy.files import check_output
 from vdit_deploy.model import VideoDiT

@@ -91,22 +91,6 @@ def sha256_hex(value, name: str, where: str = "") -> str:
     return value
 
 
-def schedule(data, where: str = ""):
-    """A Schedule from its JSON dict; fields this module does not know go to the constructor."""
-    from vdit_deploy.diffusion import SCHEDULES, Schedule
-
-    obj(data, "schedule", required=("kind", "num_timesteps"), where=where, extra_ok=True)
-    string(data["kind"], "schedule kind", SCHEDULES, where)
-    integer(data["num_timesteps"], "num_timesteps", 2, 100_000, where)
-    for name in ("beta_start", "beta_end"):       # optional; absent in exports from before them
-        if data.get(name) is not None:
-            number(data[name], name, 0, 1, lo_open=True, where=where)
-    try:
-        return Schedule(**data)       # checks 0 < beta_start < beta_end < 1
-    except (TypeError, ValueError, VditError) as e:
-        fail(where, f"invalid schedule: {e}")
-
-
 def regex(pattern: str, name: str, where: str = "") -> str:
     """A regular expression that compiles (users type them for --keep-fp and --layers)."""
     import re

@@ -30,7 +30,8 @@ from vdit_deploy.compare.artifacts import Artifacts, Target, parse_runtimes
 from vdit_deploy.compare.machine import machine_info
 from vdit_deploy.compare.measure import measure
 from vdit_deploy.compare.report import SCHEMA_VERSION, format_table, write_outputs
-from vdit_deploy.diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS, Schedule, make_steps
+from vdit_deploy.schedules import Schedule
+from vdit_deploy.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, make_steps
 from vdit_deploy.errors import VditError
 
 __all__ = ["DEFAULT_RUNTIMES", "SCHEMA_VERSION", "Artifacts", "Target", "compare", "format_table", "parse_ints",

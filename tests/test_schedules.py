@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from vdit_deploy import validate
-from vdit_deploy.diffusion import (Schedule, apply_step, ddim_steps, ddpm_steps, guide, guided_step,
-                                   make_steps, timestep_subset)
 from vdit_deploy.errors import VditError
+from vdit_deploy.samplers import apply_step, ddim_steps, ddpm_steps, guide, guided_step, make_steps
+from vdit_deploy.schedules import Schedule, timestep_subset
 
 
 def test_linear_schedule_alpha_bar_at_T():
@@ -146,7 +146,7 @@ def test_from_diffusers_names_and_defaults():
     assert Schedule().to_dict() == {"kind": "linear", "num_timesteps": 1000}
     scaled = Schedule("scaled_linear", 1000, 0.00085, 0.012)
     assert scaled.to_dict() == {"kind": "scaled_linear", "num_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012}
-    assert validate.schedule(scaled.to_dict()) == scaled and validate.schedule(Schedule().to_dict()) == Schedule()
+    assert Schedule.from_dict(scaled.to_dict()) == scaled and Schedule.from_dict(Schedule().to_dict()) == Schedule()
 
 
 @pytest.mark.parametrize("config,message", [
@@ -179,7 +179,7 @@ def test_from_diffusers_refuses_what_it_cannot_reproduce(config, message):
 ])
 def test_schedule_json_checks_the_beta_ends(data, message):
     with pytest.raises(VditError, match=message) as e:
-        validate.schedule(data, "export metadata")
+        Schedule.from_dict(data, "export metadata")
     assert "\n" not in str(e.value) and str(e.value).startswith("export metadata: ")
 
 
