@@ -361,18 +361,24 @@ def example_inputs(contract: Contract, batch: int, seed: int = 0) -> tuple:
 
 
 def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_BATCH, fixed: int | None = None,
-                  opset: int = OPSET, external_data: bool | None = None) -> Path:
+                  opset: int = OPSET, external_data: bool | None = None, cache_split: int | None = None) -> Path:
     """A Source (sources.py: module + contract + null conditioning) -> out_dir/{denoiser,step}.onnx and
     null_cond.safetensors, written atomically (the directory is replaced).
 
     batch (min, max) is the number of videos per call; denoiser.onnx accepts up to 2*max so that a
     host-side guided step (cond + null) fits. fixed=N: a static batch, both graphs take exactly N (the
-    contract's named axes stay dynamic)."""
+    contract's named axes stay dynamic). cache_split=K: also step caching's head/tail graphs cut after
+    block K (export/cache_export.py)."""
     from vdit_deploy.contract import save_null
 
     if opset < 17:
         raise VditError(f"opset must be >= 17 (LayerNormalization), got {opset}")
     contract, denoiser = source.contract, source.module.eval()
+    if cache_split is not None:   # before any work: a model it cannot split, a K out of range, a fixed batch
+        from vdit_deploy.cache_split import split
+        if fixed is not None:
+            raise VditError("--cache-split takes a dynamic batch export (no --fixed-batch)")
+        split(denoiser, cache_split, len(contract.names))
     n = fixed or traced_size(batch[0], batch[1], fixed_sizes(contract))   # the batch traced (a step's runs 2n)
     example = example_inputs(contract, n)
     common = dict(contract=contract, model=source.model, checkpoint_sha256=source.sha256 or "0" * 64,
@@ -404,6 +410,10 @@ def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_
                      rows.with_name(rows.name + ".data").is_file())
         if fixed is not None:
             shutil.rmtree(rows.parent)
+        if cache_split is not None:
+            from vdit_deploy.export.cache_export import export_cache_graphs
+            export_cache_graphs(source, tmp, cache_split, den_range, step_range, opset, common,
+                                _io(contract, DENOISER, bname), _io(contract, STEP, bname), external_data)
         if contract.cond:
             save_null(source.null, tmp)
     return out_dir
@@ -411,7 +421,7 @@ def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_BATCH,
                       fixed: int | None = None, opset: int = OPSET, external_data: bool | None = None,
-                      **source_options) -> Path:
+                      cache_split: int | None = None, **source_options) -> Path:
     """A model directory (vdit checkpoint or diffusers save_pretrained) -> export directory. The model
     is sized before it is loaded (a vdit checkpoint from its config, a diffusers one from its weights)."""
     from vdit_deploy.checkpoint import read_info
@@ -423,4 +433,4 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, batch: tuple[
     if not is_diffusers_dir(checkpoint):
         check_memory(read_info(checkpoint).model.memory_bytes(2 * n), f"exporting at batch {n}")   # before loading
     source = load_source(checkpoint, **source_options)
-    return export_source(source, out_dir, batch, fixed, opset, external_data)
+    return export_source(source, out_dir, batch, fixed, opset, external_data, cache_split)
