@@ -127,8 +127,8 @@ def adapter_for(module: nn.Module) -> nn.Module:
 
 def l1_stats(residual, residual_ref, modulated, modulated_ref) -> torch.Tensor:
     """step_cache.STATS over the whole call, in float32 sums (step_cache.rel_l1_stats is the numpy twin)."""
-    return torch.stack([(residual - residual_ref).abs().sum(), residual_ref.abs().sum(),
-                        (modulated - modulated_ref).abs().sum(), modulated_ref.abs().sum()])
+    l1 = lambda a: a.abs().float().sum()                      # fp16 sums of a whole call would overflow
+    return torch.stack([l1(residual - residual_ref), l1(residual_ref), l1(modulated - modulated_ref), l1(modulated_ref)])
 
 
 class Head(nn.Module):
