@@ -99,7 +99,8 @@ class StepCache:
             signal = s[0] / s[1] if s[1] > 0 else np.inf
         else:
             change = s[2] / s[3] if s[3] > 0 else np.inf
-            signal = self.accumulated + float(np.polyval(p.poly, change)) if np.isfinite(change) else np.inf
+            rescaled = max(float(np.polyval(p.poly, change)), 0.0)   # a fit may dip below 0 off its data
+            signal = self.accumulated + rescaled if np.isfinite(change) else np.inf
         skip = bool(not forced and np.isfinite(signal) and signal < p.limit)
         if p.mode == "teacache":
             self.accumulated = signal if skip else 0.0
@@ -121,6 +122,26 @@ class StepCache:
     @property
     def full_steps(self) -> int:
         return len(self.decisions) - sum(self.decisions)
+
+
+def policy_for(rt, mode: str, threshold=None, warmup: int = DEFAULT_WARMUP, max_skips: int = DEFAULT_MAX_SKIPS,
+               poly=None) -> CachePolicy:
+    """The policy for a runtime: teacache reads its polynomial from the export's CACHE_FIT_FILE
+    (`vdit calibrate cache`; a torch runtime from the fit beside its checkpoint) unless given."""
+    if mode == "teacache" and poly is None:
+        from vdit_deploy.export.variants import CACHE_FIT_FILE
+
+        where = Path(rt.files[0]).parent
+        poly = load_fit(where / CACHE_FIT_FILE, getattr(getattr(rt, "source", None), "sha256", None) or
+                        _export_sha(rt))
+    return CachePolicy(mode, threshold, warmup, max_skips, tuple(poly) if poly is not None else (1.0, 0.0))
+
+
+def _export_sha(rt) -> str | None:
+    from vdit_deploy.export.metadata import read_metadata
+
+    first = Path(rt.files[0])
+    return read_metadata(first).checkpoint_sha256 if first.suffix == ".onnx" else None
 
 
 def rel_l1_stats(residual, residual_ref, modulated, modulated_ref) -> np.ndarray:
