@@ -85,6 +85,7 @@ class StepCache:
     have_residual: bool = False             # a full step has cached a tail residual
     decisions: list = field(default_factory=list)   # True: skipped, per step
     signals: list = field(default_factory=list)     # the criterion's value per step (nan when forced full)
+    stats: list = field(default_factory=list)       # the head's stats per step (what decided it)
     refs: dict = field(default_factory=lambda: dict.fromkeys(REFS))
 
     def decide(self, stats) -> bool:
@@ -99,14 +100,15 @@ class StepCache:
             signal = s[0] / s[1] if s[1] > 0 else np.inf
         else:
             change = s[2] / s[3] if s[3] > 0 else np.inf
-            rescaled = max(float(np.polyval(p.poly, change)), 0.0)   # a fit may dip below 0 off its data
-            signal = self.accumulated + rescaled if np.isfinite(change) else np.inf
+            # the rescaled change; a fit may dip below 0 off its data
+            signal = self.accumulated + max(float(np.polyval(p.poly, change)), 0.0) if np.isfinite(change) else np.inf
         skip = bool(not forced and np.isfinite(signal) and signal < p.limit)
         if p.mode == "teacache":
             self.accumulated = signal if skip else 0.0
         self.run_of_skips = self.run_of_skips + 1 if skip else 0
         self.have_residual = True              # a full step caches one; a skip keeps the old
         self.decisions.append(skip)
+        self.stats.append(s.tolist())
         self.signals.append(float(signal) if not forced else float("nan"))
         self.index += 1
         return skip
