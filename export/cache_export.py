@@ -6,7 +6,7 @@
     step-head.onnx      (x_t, t, *cond, *null_cond, residual_ref, modulated_ref, tail_residual, guidance,
                         coefs, noise, x0_prev, corr) -> hidden, *ctx, residual, modulated, stats,
                         x_prev, x0, corr_next                 (the 2B cond + null rows inside, as step.onnx)
-    step-tail.onnx      (hidden, *ctx, x_t, guidance, coefs, noise, x0_prev, corr)
+    step-tail.onnx      (x_t, hidden, *ctx, guidance, coefs, noise, x0_prev, corr)
                         -> x_prev, x0, corr_next, tail_residual
 
 The heads' out / x_prev is a skipped step's result (the cached tail residual in place of the tail),
@@ -62,7 +62,7 @@ def head_outputs(cache: dict, step: bool) -> tuple:
 def tail_inputs(cache: dict, step: bool) -> tuple:
     from vdit_deploy.export.onnx_export import STEP_TAIL as UPDATE
 
-    return ("hidden", *ctx_inputs(cache), *(("x_t", *UPDATE) if step else ()))
+    return ("x_t", "hidden", *ctx_inputs(cache), *UPDATE) if step else ("hidden", *ctx_inputs(cache))
 
 
 def tail_outputs(step: bool) -> tuple:

@@ -62,6 +62,14 @@ def tiny_export(tiny_checkpoint, tmp_path_factory):
     return export_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "tiny", batch=(1, 4))
 
 
+@pytest.fixture(scope="session")
+def cache_export(tiny_checkpoint, tmp_path_factory):
+    """tiny_checkpoint exported with step caching's split graphs (`--cache-split 1`, batch 1:4)."""
+    from vdit_deploy.export.onnx_export import export_checkpoint
+
+    return export_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("cache") / "tiny", batch=(1, 4), cache_split=1)
+
+
 def open_built(export, precision, **options):
     """`vdit build`'s part (find or build both engines), then the TensorRT runtime, which only loads them."""
     from vdit_deploy.runtimes import open_runtime

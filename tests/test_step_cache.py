@@ -132,13 +132,6 @@ def test_an_unknown_model_is_refused():
 
 
 # ---- the split graphs and cached sampling -----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cache_export(tiny_checkpoint, tmp_path_factory):
-    from vdit_deploy.export.onnx_export import export_checkpoint
-
-    return export_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("cache") / "tiny", batch=(1, 4), cache_split=1)
-
-
 def test_export_writes_the_split_graphs_with_their_record(cache_export):
     from vdit_deploy.export.metadata import check_export_dir
 
@@ -215,3 +208,38 @@ def test_calibrate_cache_fits_on_a_calibration_set(cache_export, tmp_path):
     with open_runtime("ort", cache_export) as rt:
         assert policy_for(rt, "teacache").poly == pytest.approx(fit["poly"])
     (cache_export / "cache_fit.json").unlink()
+
+
+def test_trt_fake_takes_the_same_decisions(monkeypatch, cache_export, tmp_path):
+    """Control flow against the strict TensorRT/cuda-python fakes (no numerics: the head engine's stats
+    are scripted with what ONNX Runtime's head gave): the same skips, a head launch per step, a tail
+    launch per full step, each engine eager once and then a CUDA graph replay, nothing leaked."""
+    import shutil
+
+    import trt_fake
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.runtimes.trt_build import find_engine
+    from vdit_deploy.sampling import sample, sampler_plan
+
+    export = shutil.copytree(cache_export, tmp_path / "export", ignore=shutil.ignore_patterns("engines"))
+    with open_runtime("ort", export) as ort:
+        c = ort.contract
+        plan = sampler_plan(c, "unipc", 12)
+        probe = CachePolicy("fbcache", 0.0, warmup=1).start(len(plan))
+        sample(ort, c, [0, 3], plan, 2.0, 0, cache=probe)
+        policy = CachePolicy("fbcache", float(np.nanmedian(probe.signals)), warmup=1)
+        ort_cache = policy.start(len(plan))
+        sample(ort, c, [0, 3], plan, 2.0, 0, cache=ort_cache)
+    world = trt_fake.install(monkeypatch, "10.13.3.9", "12.9.10")
+    world.kernel_writes["stats"] = [np.float32(s).tobytes() for s in ort_cache.stats]
+    for kind in ("step", "denoiser", "step-head", "step-tail"):
+        find_engine(export, kind, "fp32", build=True, progress=False, log=lambda m: None)
+    with open_runtime("trt", export, precision="fp32") as rt:
+        trt_cache = policy.start(len(plan))
+        sample(rt, c, [0, 3], plan, 2.0, 0, cache=trt_cache)
+        assert trt_cache.decisions == ort_cache.decisions and 0 < sum(trt_cache.decisions) < len(plan) - 2
+        assert len(rt.files) == 3 and rt.files[0] not in rt.files[1:], rt.files   # step + head + tail engines
+        kinds = [kind for kind, _ in world.launches]
+        assert len(kinds) == len(plan) + trt_cache.full_steps            # a head per step, a tail per full step
+        assert kinds.count("execute") == 2 and len(world.graph_execs) == 2    # each eager once, then its graph
+    assert world.leaks() == {}, world.leaks()
