@@ -251,3 +251,51 @@ def compose(denoiser_path: Path, path: Path, kind: str, contract, cache: dict, s
     model.metadata_props.extend(onnx.StringStringEntryProto(key=k, value=val) for k, val in metadata.items())
     onnx.save_model(model, str(path))
     return _check_saved(path)
+
+
+def verify_rows(export_dir: Path, graphs: dict, trajectories: dict, torch_rt, tolerance: float) -> list:
+    """`vdit verify`'s rows for the split graphs: head + tail (nothing cached: every step in full, as a
+    cached sampler's first one) against PyTorch, the denoiser pair on the 2B rows a guided step feeds,
+    the step pair's x_prev on the step's inputs (export/verify.py's scales)."""
+    from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE
+    from vdit_deploy.export.verify import Comparison, _session, pieces, step_scale
+    from vdit_deploy.samplers import apply_step
+
+    kinds = {m.kind: (p, m) for p, m in graphs.items()}
+    rows = []
+    for head_kind, tail_kind, output in ((DENOISER_HEAD, DENOISER_TAIL, "out"), (STEP_HEAD, STEP_TAIL, "x_prev")):
+        if head_kind not in kinds or tail_kind not in kinds:
+            continue
+        (head_path, meta), (tail_path, _) = kinds[head_kind], kinds[tail_kind]
+        step = head_kind == STEP_HEAD
+        head, tail = _session(head_path), _session(tail_path)
+        dims = {i.name: [int(d) for d in i.shape[1:]] for i in head.get_inputs() if i.name in REF_INPUTS}
+        row = Comparison(f"{head_path.stem}+{tail_path.stem.split('-')[1]}", output, tolerance)
+        lo, hi = meta.batch_range()
+        for b, records in trajectories.items():
+            for (x, t, cond, null, g, coefs, noise), out in records:
+                if step:
+                    if not lo <= b <= hi:
+                        continue
+                    feed = {"x_t": x, "t": np.full(b, t, np.float32), **cond,
+                            **{NULL_PREFIX + k: val for k, val in null.items()}, "guidance": np.float32([g]),
+                            "coefs": coefs, "noise": noise, **{n: np.zeros_like(x) for n, _ in STEP_STATE}}
+                    feeds = [(feed, 2 * b, None)]
+                else:
+                    xx, tt = np.concatenate([x, x]), np.full(2 * b, t, np.float32)
+                    both = {k: np.concatenate([cond[k], null[k]]) for k in cond}
+                    feeds = [({"x_t": xx[i:j], "t": tt[i:j], **{k: val[i:j] for k, val in both.items()}}, j - i, (i, j))
+                             for i, j in pieces(2 * b, lo, hi)]
+                for feed, n, cut in feeds:
+                    feed = {**feed, **{name: np.zeros((n, *d), np.float32) for name, d in dims.items()}}
+                    got = dict(zip(head_outputs(meta.cache, step), head.run(None, feed)))
+                    tail_feed = {k: got[k] if k in got else feed[k] for k in tail_inputs(meta.cache, step)}
+                    result = tail.run([output], tail_feed)[0]
+                    if step:
+                        row.add(result, apply_step(x, out, coefs, noise), step_scale(x, out, coefs, noise))
+                    else:
+                        i, j = cut
+                        ref = torch_rt.denoise(feed["x_t"], feed["t"], {k: val[i:j] for k, val in both.items()})
+                        row.add(result, ref)
+        rows.append(row)
+    return rows
