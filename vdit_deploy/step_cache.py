@@ -127,13 +127,14 @@ class StepCache:
 
 
 def policy_for(rt, mode: str, threshold=None, warmup: int = DEFAULT_WARMUP, max_skips: int = DEFAULT_MAX_SKIPS,
-               poly=None) -> CachePolicy:
-    """The policy for a runtime: teacache reads its polynomial from the export's CACHE_FIT_FILE
-    (`vdit calibrate cache`; a torch runtime from the fit beside its checkpoint) unless given."""
+               poly=None, fit_dir=None) -> CachePolicy:
+    """The policy for a runtime: teacache reads its polynomial from CACHE_FIT_FILE (`vdit calibrate
+    cache`) in `fit_dir`, by default beside what the runtime loaded (an export; a torch runtime's
+    checkpoint), unless given."""
     if mode == "teacache" and poly is None:
         from vdit_deploy.export.variants import CACHE_FIT_FILE
 
-        where = Path(rt.files[0]).parent
+        where = Path(fit_dir) if fit_dir is not None else Path(rt.files[0]).parent
         poly = load_fit(where / CACHE_FIT_FILE, getattr(getattr(rt, "source", None), "sha256", None) or
                         _export_sha(rt))
     return CachePolicy(mode, threshold, warmup, max_skips, tuple(poly) if poly is not None else (1.0, 0.0))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.variants import (DENOISER, FP16, INT8_DYNAMIC, INT8_QDQ, find_variant, runtime_graph,
+from vdit_deploy.export.variants import (DENOISER, DENOISER_HEAD, FP16, INT8_DYNAMIC, INT8_QDQ, find_variant, runtime_graph,
                                          variant_file)
 from vdit_deploy.files import sha256_file, sha256_files
 
@@ -83,7 +83,8 @@ class Artifacts:
     """Where each runtime's artifact lives; targets that cannot get one are `skipped` with the reason."""
 
     def __init__(self, source: Path, out: Path, targets: list[Target], batches: list[int], sampler: str,
-                 steps: int, eta: float, guidance: float, seeds: list[int], log=print, cond=None):
+                 steps: int, eta: float, guidance: float, seeds: list[int], log=print, cond=None,
+                 cache_split: int | None = None):
         from vdit_deploy.export.metadata import find_onnx, read_metadata
 
         self.log, self.cond, self.meta = log, cond, None
@@ -94,14 +95,15 @@ class Artifacts:
             self.export = out / "artifacts" / self.sha[:16]
             if all(t.runtime == "torch" for t in targets):
                 pass                                   # nothing to export
-            elif not _export_covers(self.export, self.sha, max(batches)):
+            elif not _export_covers(self.export, self.sha, max(batches)) or (
+                    cache_split and find_variant(self.export, DENOISER_HEAD) is None):
                 try:
                     from vdit_deploy.export.onnx_export import export_checkpoint
                 except ImportError:
                     raise VditError("comparing ONNX/TensorRT runtimes from a checkpoint exports it, which needs "
                                     "torch: pip install 'vdit-deploy[torch]', or pass an export directory") from None
                 log(f"exporting {source} -> {self.export}")
-                export_checkpoint(source, self.export, batch=(1, max(8, max(batches))))
+                export_checkpoint(source, self.export, batch=(1, max(8, max(batches))), cache_split=cache_split)
             else:
                 log(f"reusing {self.export} (checkpoint sha256 {self.sha[:12]} matches)")
         else:
