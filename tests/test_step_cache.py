@@ -1,6 +1,7 @@
 """Step caching: the policy (numpy), the head/tail split (VideoDiT and diffusers Latte), the split graphs
 of `vdit export --cache-split`, and cached sampling taking the same decisions on every runtime."""
 import json
+import re
 import subprocess
 import sys
 
@@ -243,3 +244,25 @@ def test_trt_fake_takes_the_same_decisions(monkeypatch, cache_export, tmp_path):
         assert len(kinds) == len(plan) + trt_cache.full_steps            # a head per step, a tail per full step
         assert kinds.count("execute") == 2 and len(world.graph_execs) == 2    # each eager once, then its graph
     assert world.leaks() == {}, world.leaks()
+
+
+def test_cli_sample_and_export_options(cache_export, tmp_path):
+    from click.testing import CliRunner
+
+    from vdit_deploy.cli import main
+
+    runner = CliRunner()
+    out = tmp_path / "v.npy"
+    ok = runner.invoke(main, ["sample", "--runtime", "ort", "--onnx", str(cache_export), "--steps", "8", "--label",
+                              "0,1", "--cache", "fbcache", "--cache-threshold", "0.5", "--cache-warmup", "1",
+                              "--out", str(out)])
+    assert ok.exit_code == 0, ok.output
+    assert "fbcache:" in ok.output and "of 8 steps in full" in ok.output and np.load(out).shape[0] == 2
+    for args, match in ((["--cache", "teacache"], "calibrate cache"), (["--cache", "lru"], "'lru' is not one of"),
+                        (["--cache", "fbcache", "--cache-threshold", "nan"], "not finite|finite")):
+        bad = runner.invoke(main, ["sample", "--runtime", "ort", "--onnx", str(cache_export), "--steps", "4",
+                                   *args, "--out", str(tmp_path / "w.npy")])
+        assert bad.exit_code == 1 and len(bad.output.strip().splitlines()) <= 2, bad.output
+        assert re.search(match, bad.output) and not (tmp_path / "w.npy").exists(), bad.output
+    bad = runner.invoke(main, ["export", str(tmp_path), "--out", str(tmp_path / "e"), "--cache-split", "0"])
+    assert bad.exit_code == 1 and "--cache-split" in bad.output
