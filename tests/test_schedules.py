@@ -157,7 +157,7 @@ def test_from_diffusers_names_and_defaults():
     ({"variance_type": "fixed_large"}, "variance_type must be one of .*got 'fixed_large'"),
     ({"variance_type": ["learned_range"]}, "variance_type must be one of .*got \\['learned_range'\\]"),
     ({"trained_betas": [0.1, 0.2]}, "trained_betas are not supported"),
-    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr is not supported"),
+    ({"thresholding": True}, "thresholding True: dynamic thresholding is not reproduced"),
     ({"num_train_timesteps": 1}, "num_train_timesteps must be between 2 and 100000, got 1"),
     ({"beta_start": "0.1"}, "beta_start must be a number, got '0.1'"),
     ({"beta_start": 0.02, "beta_end": 0.01}, "0 < beta_start < beta_end < 1, got 0.02 and 0.01"),
@@ -166,7 +166,7 @@ def test_from_diffusers_names_and_defaults():
 def test_from_diffusers_refuses_what_it_cannot_reproduce(config, message):
     with pytest.raises(VditError, match=message) as e:
         Schedule.from_diffusers(config)
-    assert "\n" not in str(e.value) and (config == [] or str(e.value).startswith("scheduler config: "))
+    assert "\n" not in str(e.value) and (config == [] or str(e.value).startswith("scheduler config (DDPMScheduler): "))
 
 
 @pytest.mark.parametrize("data,message", [

@@ -1,4 +1,4 @@
-"""The sampling loop: DDPM, DDIM, DPM-Solver++ or UniPC over any denoiser, with all noise drawn on the host.
+"""The sampling loop: any sampler plan (DDPM-family or flow matching) over any denoiser, with all noise drawn on the host.
 
 Noise comes from one seeded numpy Generator (x_T first, then each stochastic step's z in order),
 so every runtime, PyTorch, ONNX Runtime or TensorRT, sees bit-identical noise for the same seed.
@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vdit_deploy.contract import Contract, read_cond
-from vdit_deploy.samplers import SolverState, Step, guided_step, make_steps
+from vdit_deploy.samplers import DEFAULT_SAMPLER, SolverState, Step, guided_step, make_steps
 from vdit_deploy.errors import VditError
 
 
@@ -49,12 +49,31 @@ class DenoiseRecorder:
         return out
 
 
-def sampler_plan(contract: Contract, sampler: str, steps: int | None = None, eta: float = 0.0,
-                 order: int | None = None, spacing: str = "linspace"):
-    """The sampler's steps for this model: its prediction type, and DDPM's learned variance for eps+var."""
-    return make_steps(contract.schedule, sampler, steps, eta, order=order, spacing=spacing,
-                      prediction=contract.prediction,
+def sampler_plan(contract: Contract, sampler: str | None = None, steps: int | None = None, eta: float = 0.0,
+                 order: int | None = None, spacing: str | None = None):
+    """The sampler's steps for this model: its prediction type, its schedule's x0 clipping, timestep
+    spacing and lambda_min, and DDPM's learned variance for eps+var. sampler / steps None: the
+    schedule's pipeline defaults (from its scheduler config), else the project's."""
+    schedule = contract.schedule
+    sampler = sampler_name(contract, sampler)
+    # "linspace" is also the CLI's --spacing default (until the sample stage's option defaults to none):
+    # read as not given, so the scheduler config's spacing (CogVideoX's trailing) and a flow model's sigmas hold
+    given = None if spacing == "linspace" else spacing
+    if schedule.kind == "flow":
+        return make_steps(schedule, sampler, steps, eta, order=order, spacing=given, prediction="flow")
+    if sampler == schedule.sampler:
+        steps = schedule.steps if steps is None else steps
+        order = schedule.order if order is None else order
+    if given is None and sampler in ("ddim", "dpm++", "unipc", "cogvideox-dpm"):
+        spacing = schedule.spacing or spacing
+    return make_steps(schedule, sampler, steps, eta, clip=schedule.clip, order=order, spacing=spacing,
+                      prediction=contract.prediction, lambda_min=schedule.lambda_min,
                       learned_variance=contract.output == "eps+var" and sampler == "ddpm")
+
+
+def sampler_name(contract: Contract, sampler: str | None = None) -> str:
+    """The sampler a model samples with: the one asked for, or its pipeline's, or the project's default."""
+    return sampler or contract.schedule.sampler or DEFAULT_SAMPLER
 
 
 def conditioning(contract: Contract, labels=None, cond=None) -> dict:

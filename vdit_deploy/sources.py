@@ -76,7 +76,7 @@ def model_files(path) -> list:
 
 # ---- the built-in model ---------------------------------------------------------------------------
 def builtin_contract(cfg, schedule: Schedule) -> Contract:
-    return Contract(latent=tuple(cfg.video_shape), output="eps", schedule=schedule,
+    return Contract(latent=tuple(cfg.video_shape), output="flow" if schedule.kind == "flow" else "eps", schedule=schedule,
                     cond=(CondInput("y", "int32", (BATCH,), cfg.num_classes,
                                     f"class label 0..{cfg.num_classes - 1}"),))
 
@@ -111,9 +111,20 @@ def is_diffusers_dir(path: Path) -> bool:
     return isinstance(config, dict) and isinstance(config.get("_class_name"), str)
 
 
-def scheduler_options(model_dir: Path, scheduler_config: Path | None) -> tuple[Schedule, str, str] | None:
+def token_count(config: dict, latent) -> int:
+    """The tokens a diffusers video DiT makes of a latent (C, F, H, W): F / patch_size_t x H / p x W / p,
+    patch_size an int or (t, h, w) (Wan's). A flow schedule's dynamic shift is computed from it."""
+    p = config.get("patch_size") or 1
+    pt, ph, pw = (p if isinstance(p, (list, tuple)) and len(p) == 3 else
+                  (config.get("patch_size_t") or 1, p, p))
+    _, f, h, w = latent
+    return max(1, -(-int(f) // int(pt))) * max(1, int(h) // int(ph)) * max(1, int(w) // int(pw))
+
+
+def scheduler_options(model_dir: Path, scheduler_config: Path | None, seq_len: int | None = None):
     """(schedule, prediction, variance) from a scheduler_config.json: the one given, beside the model
-    or in ../scheduler (a pipeline's layout); None when there is none."""
+    or in ../scheduler (a pipeline's layout); None when there is none. seq_len: the model's token count
+    (a dynamic shift comes from it)."""
     candidates = [scheduler_config] if scheduler_config else [model_dir / SCHEDULER_CONFIG,
                                                               model_dir.parent / "scheduler" / SCHEDULER_CONFIG]
     for file in candidates:
@@ -122,7 +133,7 @@ def scheduler_options(model_dir: Path, scheduler_config: Path | None) -> tuple[S
                 data = json.loads(Path(file).read_text())
             except ValueError as e:
                 raise VditError(f"{file} is not valid JSON: {str(e)[:100]}") from None
-            return Schedule.from_diffusers(data)
+            return Schedule.from_diffusers(data, str(file), seq_len=seq_len)
     if scheduler_config:
         raise VditError(f"{scheduler_config}: no such scheduler config")
     return None
@@ -212,7 +223,7 @@ def diffusers_contract(path: Path, config: dict, cls_name: str, output, schedule
         if seq:
             axes["seq"] = tuple(seq)
         cond = tuple(parse_cond_spec(text, axes) for text in inputs)
-    from_scheduler = scheduler_options(path, scheduler_config)
+    from_scheduler = scheduler_options(path, scheduler_config, token_count(config, latent))
     if from_scheduler is None and (schedule is None or output is None):   # refuse rather than guess
         raise VditError(f"{path} has no {SCHEDULER_CONFIG} beside it or in ../scheduler: pass --scheduler-config "
                         "FILE (the noise schedule and what the model predicts)")
