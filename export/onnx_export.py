@@ -305,7 +305,8 @@ def _io(contract: Contract, kind: str, batch_name: str) -> dict:
     spec = lambda name, shape, dtype, layout: {"name": name, "shape": shape, "dtype": dtype, "layout": layout}
     cond = [spec(c.name, [batch_name, *c.shape[1:]], c.dtype, c.doc or "conditioning") for c in contract.cond]
     inputs = [spec("x_t", video, "float32", "NCFHW noisy video latents"),
-              spec("t", [batch_name], "float32", f"diffusion timestep 0..{contract.schedule.num_timesteps - 1}"),
+              spec("t", [batch_name], "float32", f"flow timestep sigma * {contract.schedule.num_timesteps}" if
+                   contract.schedule.kind == "flow" else f"diffusion timestep 0..{contract.schedule.num_timesteps - 1}"),
               *cond]
     if kind == STEP:
         inputs += [{**c, "name": NULL_PREFIX + c["name"], "layout": "null conditioning (null_cond.safetensors, "

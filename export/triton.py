@@ -52,7 +52,10 @@ def sample_request(denoise, contract: Contract, cond: dict, null: dict, seed: in
     if max_videos is not None and b > max_videos:
         raise VditError(f"{contract.names[0]}: at most {max_videos} videos per request (the denoiser's batch limit), "
                         f"got {b}")
-    plan = make_steps(contract.schedule, "ddim", int(steps), float(eta), prediction=contract.prediction)
+    if contract.schedule.kind == "flow":     # the model's own flow sampler (its pipeline's)
+        plan = make_steps(contract.schedule, contract.schedule.sampler, int(steps), float(eta), prediction="flow")
+    else:
+        plan = make_steps(contract.schedule, "ddim", int(steps), float(eta), prediction=contract.prediction)
     return sample(denoise, contract, cond, plan, float(guidance), int(seed), null=null)
 
 

@@ -76,6 +76,21 @@ def sampler_name(contract: Contract, sampler: str | None = None) -> str:
     return sampler or contract.schedule.sampler or DEFAULT_SAMPLER
 
 
+def describe_sampling(contract: Contract) -> str:
+    """`vdit info`'s lines on how a model is sampled: its objective and schedule, the default sampler."""
+    schedule = contract.schedule
+    sampler = sampler_name(contract)
+    try:
+        plan = sampler_plan(contract)
+        steps = f"{len(plan)} steps, t fed {plan[0].t:g} .. {plan[-1].t:g}"
+    except VditError as e:
+        steps = f"not runnable: {e}"
+    whose = "its scheduler config's (its pipeline's)" if schedule.sampler else "the project's default"
+    order = f" order {schedule.order}," if sampler in ("unipc", "dpm++") and getattr(schedule, "order", None) else ""
+    return (f"objective   {schedule.describe()}; output {contract.output}\n"
+            f"sampler     {sampler},{order} {steps} ({whose})")
+
+
 def conditioning(contract: Contract, labels=None, cond=None) -> dict:
     """The conditioning to serve, one row per video: `cond` (a dict of arrays, or a .safetensors file:
     contract.read_cond), or class labels for a class model (default: every class once)."""

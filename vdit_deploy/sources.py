@@ -263,8 +263,10 @@ def describe_diffusers_dir(path) -> str:
     cls_name = f"diffusers:{config['_class_name']}"
     try:
         c = diffusers_contract(path, config, cls_name, None, None, None, (), None, None)
+        from vdit_deploy.sampling import describe_sampling
+
         contract = (f"latent {list(c.latent)}, output {c.output}, cond {c.describe_cond()}\n"
-                    f"schedule    {json.dumps(c.schedule.to_dict())}")
+                    f"schedule    {json.dumps(c.schedule.to_dict())}\n{describe_sampling(c)}")
     except VditError as e:
         contract = f"(export needs options: {e})"
     return "\n".join([f"diffusers model  {path}  ({cls_name})", f"contract    {contract}",

@@ -123,7 +123,10 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict) -> None:
 
 
 def train(model_cfg: ModelConfig, out: str | Path, cfg: TrainConfig = TrainConfig(),
-          schedule: Schedule | FlowSchedule = Schedule("cosine"), progress: bool = True) -> dict:
+          schedule: Schedule | FlowSchedule = Schedule("cosine"), progress: bool = True,
+          init: str | Path | None = None) -> dict:
+    """Train (or resume) into `out`. init: a checkpoint of the same model config whose weights a new
+    run starts from (e.g. a DDPM checkpoint fine-tuned to flow matching: it knows the data already)."""
     if model_cfg.in_channels != 3:
         raise VditError("Moving Shapes videos are RGB: the model needs in_channels=3")
     out = check_output(out, is_dir=True, marker=TRAINING_STATE)   # fail before training, not at a checkpoint
@@ -133,6 +136,12 @@ def train(model_cfg: ModelConfig, out: str | Path, cfg: TrainConfig = TrainConfi
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
+    if init is not None and not (out / TRAINING_STATE).is_file():
+        start_info = read_info(init)
+        if start_info.model != model_cfg:
+            raise VditError(f"{init} holds another model config than the one trained; it cannot start this run")
+        model.load_state_dict(load_tensors(start_info.weights))
+        ema.load_state_dict(model.state_dict())
     if (out / TRAINING_STATE).is_file():   # resume
         info = read_info(out)
         if info.model != model_cfg or info.schedule != schedule:
