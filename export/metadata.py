@@ -250,10 +250,11 @@ def check_export_out(out: str | Path) -> Path:
     """Before exporting into `out`: it must be writable, and, when it exists, hold only what an export
     writes. Re-exporting replaces the whole directory, so fp16/int8 variants, engines or calibration
     sets kept there (made from the old graphs) would silently go: refuse and name them instead."""
-    from vdit_deploy.files import check_output
+    from vdit_deploy.files import check_output, remove_dead_temporaries
 
     out = check_output(out, is_dir=True, marker=variant_file(DENOISER))
     if out.is_dir():
+        remove_dead_temporaries(out)      # a killed `calibrate` leaves its temporaries: not the user's files
         own = {variant_file(k) for k in KINDS} | {variant_file(k) + ".data" for k in KINDS} | {NULL_FILE}
         others = sorted(p.name for p in out.iterdir() if p.name not in own)
         if others and (out / variant_file(DENOISER)).is_file():
