@@ -77,6 +77,14 @@ def as_cond(contract: Contract, cond) -> dict:
     return contract.check_cond(cond) if isinstance(cond, dict) else contract.labels(cond)
 
 
+def video_bytes(latent: tuple, batch: int) -> int:
+    """Host memory of a sampling loop over `batch` videos: x_t, noise, the solver state, the 2B
+    guided output and the runtime's copies (~16 latents of batch x C x F x H x W float32)."""
+    import math
+
+    return 16 * batch * math.prod(latent) * 4
+
+
 def sample(denoiser, contract: Contract, cond, steps: list[Step], guidance: float = 1.0, seed: int = 0,
            progress: bool = False, times: SampleTimes | None = None, null: dict | None = None) -> np.ndarray:
     """Sample videos (B, C, F, H, W) in float32, one per row of the conditioning.
@@ -86,10 +94,13 @@ def sample(denoiser, contract: Contract, cond, steps: list[Step], guidance: floa
     arrays (t float32 (B,)); guidance then needs `null` (batch 1, as null_cond.safetensors holds it).
     `cond`: name -> array with the batch first, or class labels (contract.labels).
     A multistep plan (dpm++, unipc) carries one SolverState through its steps (on the runtime's device)."""
+    from vdit_deploy import validate
+    from vdit_deploy.config import check_memory
+
+    validate.guidance(guidance)
     cond = as_cond(contract, cond)
-    if guidance < 0:
-        raise VditError(f"guidance scale must be >= 0, got {guidance}")
     b = contract.batch_of(cond)
+    check_memory(video_bytes(contract.latent, b), f"sampling {b} videos")   # before x_T is drawn
     step_fn = getattr(denoiser, "step", None)
     if step_fn is None:
         null_b = None if null is None else contract.null_batch(null, cond)
