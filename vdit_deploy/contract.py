@@ -112,11 +112,7 @@ class Contract:
         states the contract. Returns a dict in contract order."""
         if not isinstance(cond, dict):
             raise VditError(f"{what} must be a dict of named arrays ({self.describe_cond()})")
-        missing = [c.name for c in self.cond if c.name not in cond]
-        unknown = sorted(map(str, set(cond) - set(self.names)))
-        if missing or unknown:
-            parts = [f"lacks {_names(missing)}" if missing else "", f"has unknown {_names(unknown)}" if unknown else ""]
-            raise VditError(f"{what} {' and '.join(filter(None, parts))}: the model takes {self.describe_cond()}")
+        self.check_names(cond, what)
         sizes = {} if batch is None else {BATCH: batch}
         out = {}
         for spec in self.cond:
@@ -144,6 +140,14 @@ class Contract:
                 raise VditError(f"{what} {spec.name} holds labels outside 0..{spec.classes} ({spec.classes} = null)")
             out[spec.name] = np.ascontiguousarray(a, dtype=spec.dtype)
         return out
+
+    def check_names(self, names, what: str) -> None:
+        """Refuse missing and unknown input names, naming a few of each (a file may hold 10^5)."""
+        missing = [c.name for c in self.cond if c.name not in names]
+        unknown = sorted(map(str, set(names) - set(self.names)))
+        if missing or unknown:
+            parts = [f"lacks {_names(missing)}" if missing else "", f"has unknown {_names(unknown)}" if unknown else ""]
+            raise VditError(f"{what} {' and '.join(filter(None, parts))}: the model takes {self.describe_cond()}")
 
     def batch_of(self, cond: dict) -> int:
         if not self.cond:
@@ -229,7 +233,7 @@ class Contract:
 
 def _names(names: list, shown: int = 4) -> str:
     """A few names of a list that may be 10^5 long (an error stays one short line)."""
-    head = ", ".join(v.show(n)[:40] for n in names[:shown])
+    head = ", ".join(str(n)[:40] for n in names[:shown])
     return head + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
@@ -294,9 +298,7 @@ def read_cond(path: str | Path, contract: Contract) -> dict:
     except VditError as e:
         raise VditError(f"{path} is not a readable safetensors file ({str(e).removeprefix(str(path)).lstrip(': ')}); "
                         f"the model takes {contract.describe_cond()}") from None
-    unknown = sorted(set(header) - set(contract.names))
-    if unknown:
-        raise VditError(f"{path} has unknown {_names(unknown)}: the model takes {contract.describe_cond()}")
+    contract.check_names(header, str(path))
     check_memory(2 * sum(t.nbytes for t in header.values()), f"reading {path}")
     try:
         cond = load_file(str(path))

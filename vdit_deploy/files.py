@@ -70,10 +70,6 @@ def open_regular(path: str | os.PathLike, root: str | os.PathLike | None = None,
     reached through a link: /dev/zero would be read forever, a FIFO blocks), inside `root` when given.
     Returns (binary file object, its size)."""
     path = Path(path)
-    if root is not None:
-        resolved = path.resolve()
-        if not resolved.is_relative_to(Path(root).resolve()):
-            raise VditError(f"{path}: the {what} leads to {resolved}, outside {root}")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)     # O_NONBLOCK: opening a FIFO does not hang
     except OSError as e:
@@ -82,6 +78,9 @@ def open_regular(path: str | os.PathLike, root: str | os.PathLike | None = None,
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         raise VditError(f"{path} is not a regular file (a device, FIFO or directory): the {what} must be one")
+    if root is not None and not path.resolve().is_relative_to(Path(root).resolve()):
+        os.close(fd)
+        raise VditError(f"{path}: the {what} leads to {path.resolve()}, outside {root}")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb"), info.st_size
 

@@ -135,9 +135,9 @@ def check_layer_counts(config: dict, tensors: dict, where: str) -> None:
     weights do not have is refused rather than run with no blocks or random ones."""
     lengths: dict[str, int] = {}
     for key in tensors:
-        for m in re.finditer(r"(?:^|\.)([A-Za-z_]\w*)\.(\d+)\.", key):
-            prefix = key[:m.end(1)]
-            lengths[prefix] = max(lengths.get(prefix, 0), int(m.group(2)) + 1)
+        m = re.match(r"^((?:[A-Za-z_]\w*\.)*?[A-Za-z_]\w*)\.(\d+)\.", key)   # the outermost list only
+        if m:
+            lengths[m.group(1)] = max(lengths.get(m.group(1), 0), int(m.group(2)) + 1)
     found = sorted(set(lengths.values()))
     for name, value in config.items():
         if isinstance(name, str) and re.fullmatch(r"num(_\w+)?_layers", name) and value is not None:
