@@ -85,12 +85,38 @@ def build(cls, config: dict, path: Path, files: list[Path], headers: dict, cls_n
 
     tensors = all_tensors(headers)
     check_layer_counts(config, tensors, str(path / "config.json"))
-    try:
-        with quiet_libraries():
-            net = cls.from_config(dict(config))
-    except Exception as e:   # a config the class's __init__ cannot take: its own error, first line
-        raise VditError(f"{path}: {cls_name} cannot be built from its config.json: {first_line(e)}") from None
+
+    def construct(device=None):
+        try:
+            with quiet_libraries(), torch.device(device) if device else contextlib.nullcontext():
+                return cls.from_config(dict(config))
+        except Exception as e:   # a config the class's __init__ cannot take: its own error, first line
+            if device:
+                return None       # a class that cannot be built on the meta device: checked after building
+            raise VditError(f"{path}: {cls_name} cannot be built from its config.json: {first_line(e)}") from None
+
+    # first on the meta device (no memory): a config whose widths the weights do not have is refused
+    # before its parameters are allocated (num_attention_heads 10^6 would build a huge model first)
+    probe = construct("meta")
+    if probe is not None:
+        check_state(probe.state_dict(), tensors, path, cls_name)
+        del probe
+    net = construct()
     expected = net.state_dict()
+    check_state(expected, tensors, path, cls_name)
+    state = load_tensors(files, headers)
+    with torch.no_grad():
+        for name, value in state.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise VditError(f"{path}: {name} holds NaN or inf values")
+            expected[name].copy_(value.to(expected[name].dtype))
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net.float().eval()
+
+
+def check_state(expected: dict, tensors: dict, path: Path, cls_name: str) -> None:
+    """The model's state dict against the weights' headers: the same names, the same shapes."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -102,12 +128,3 @@ def build(cls, config: dict, path: Path, files: list[Path], headers: dict, cls_n
         if tuple(expected[name].shape) != t.shape:
             raise VditError(f"{path}: {name} has shape {list(t.shape)} in the weights, the config makes "
                             f"{list(expected[name].shape)}")
-    state = load_tensors(files, headers)
-    with torch.no_grad():
-        for name, value in state.items():
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise VditError(f"{path}: {name} holds NaN or inf values")
-            expected[name].copy_(value.to(expected[name].dtype))
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net.float().eval()
