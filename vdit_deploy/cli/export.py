@@ -50,10 +50,10 @@ def export(checkpoint, out, class_name, inputs, latent, output_kind, scheduler_c
     safetensors weights) to denoiser.onnx, the fused step.onnx and null_cond.safetensors, with the model
     contract in their metadata, and verify them."""
     needs_torch("export")
-    from vdit_deploy.export.metadata import check_export_out
+    from vdit_deploy.export.metadata import export_own_files
     from vdit_deploy.export.onnx_export import export_checkpoint
 
-    check_export_out(out)
+    export_own_files(out)
     batch_range = parse_batch_range(batch)
     options = dict(class_name=class_name, inputs=inputs, output=output_kind, scheduler_config=scheduler_config,
                    null_file=null_file, seq=parse_batch_range(seq, "--seq") if seq else None,
