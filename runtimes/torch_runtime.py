@@ -133,7 +133,7 @@ class TorchRuntime(Runtime):
         if guidance == 1.0:   # no null pass: half the work of the 2B guided batch
             outs = self.unguided(x, t_, *cond_, coefs_, noise_, *solver)
         else:
-            null_ = self._cond(self.contract.null_batch(self.null, cond))
+            null_ = self.null_rows(cond, self._cond)     # on the device once per batch and shape
             outs = self.guided(x, t_, *cond_, *null_, self._tensor(np.float32([guidance])), coefs_, noise_, *solver)
         # CUDA-graph outputs live in the graph's memory pool and are overwritten by the next replay
         x_prev, *next_state = (o.clone() if self.compile else o for o in outs)

@@ -693,12 +693,12 @@ def test_a_variant_is_written_whole_or_not_at_all(tiny_export, tmp_path, monkeyp
 def test_dead_processes_temporaries_do_not_block_an_export(tiny_export, tmp_path):
     """A SIGKILLed `calibrate fp16` leaves .denoiser.fp16.onnx.PID.*.tmp.onnx: the next export into that
     directory removes it (its process is gone) instead of asking the user to."""
-    from vdit_deploy.export.metadata import check_export_out
+    from vdit_deploy.export.metadata import export_own_files
 
     export = shutil.copytree(tiny_export, tmp_path / "e")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
     stale = export / f".denoiser.fp16.onnx.{dead}.k2j3_x.tmp.onnx"
     stale.write_bytes(b"partial")
-    check_export_out(export)
+    export_own_files(export)
     assert not stale.exists()

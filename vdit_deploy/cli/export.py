@@ -51,14 +51,14 @@ def export(checkpoint, out, class_name, inputs, latent, output_kind, scheduler_c
     safetensors weights) to denoiser.onnx, the fused step.onnx and null_cond.safetensors, with the model
     contract in their metadata, and verify them."""
     needs_torch("export")
-    from vdit_deploy.export.metadata import check_export_out
+    from vdit_deploy.export.metadata import export_own_files
     from vdit_deploy.export.onnx_export import export_checkpoint
 
     batch_range = parse_batch_range(batch)        # options first: nothing is loaded or traced before they hold
     options = dict(class_name=class_name, inputs=inputs, output=output_kind, scheduler_config=scheduler_config,
                    null_file=null_file, seq=parse_batch_range(seq, "--seq") if seq else None,
                    latent=parse_ints(latent, "--latent", 4) if latent else None)
-    check_export_out(out)
+    export_own_files(out)
     start = time.perf_counter()
     export_checkpoint(checkpoint, out, batch=batch_range, fixed=fixed_batch, opset=opset, **options)
     sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in sorted(out.iterdir()))

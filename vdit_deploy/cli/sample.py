@@ -37,9 +37,6 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
                 order=None, spacing="linspace", cond_file=None, out=None):
     """Open the runtime, turn --label or --cond into the model's conditioning, check `out` can show it,
     sample."""
-    import math
-
-    from vdit_deploy.config import check_memory
     from vdit_deploy.runtimes import open_runtime
     from vdit_deploy.sampling import SampleTimes, conditioning, sample, sampler_plan
 
@@ -52,8 +49,6 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
         cond = conditioning(contract, labels or default, cond_file)   # a text model refuses labels here
         if guidance != 1.0:    # before the first step: a null conditioning of another length is refused
             contract.null_batch(rt.null, cond)
-        b = contract.batch_of(cond)
-        check_memory(4 * 8 * b * math.prod(contract.latent), f"sampling {b} videos")   # video, noise, state
         plan = sampler_plan(contract, sampler, steps, eta, order, spacing)
         times = SampleTimes()
         videos = sample(rt, contract, cond, plan, guidance, seed, progress=True, times=times)

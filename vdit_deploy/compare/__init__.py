@@ -68,7 +68,6 @@ def check_sizes(source: Path, batches: list[int], seeds: list[int], sampler: str
     import math
 
     from vdit_deploy.config import check_memory
-    from vdit_deploy.sampling import video_bytes
 
     latent = _latent(source)
     if latent is None:
@@ -76,7 +75,7 @@ def check_sizes(source: Path, batches: list[int], seeds: list[int], sampler: str
     calls = 1000 if sampler == "ddpm" else steps or DEFAULT_STEPS.get(sampler, 50)
     b = max(batches)
     recorded = len(seeds) * calls * b * math.prod(latent) * 4 * 4
-    check_memory(video_bytes(latent, b) + recorded, f"comparing at batch {b} over {len(seeds)} seed(s)")
+    check_memory(32 * b * math.prod(latent) + recorded, f"comparing at batch {b} over {len(seeds)} seed(s)")
 
 
 def _latent(source: Path):
