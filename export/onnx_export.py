@@ -285,20 +285,14 @@ def export_denoiser(module: nn.Module, example_inputs: tuple, out_path: str | Pa
 
 
 def _check_batch(batch, fixed_batch, example_batch):
+    check_options(batch, fixed_batch, OPSET)
     if fixed_batch is not None:
-        if not 1 <= fixed_batch <= INT32_MAX:
-            raise VditError(f"fixed batch must be 1..{INT32_MAX}, got {fixed_batch}")
         if example_batch != fixed_batch:
             raise VditError(f"example inputs have batch {example_batch}, the fixed batch is {fixed_batch}")
         return None
-    lo, hi = batch
-    if not 1 <= lo <= hi <= INT32_MAX:
-        raise VditError(f"batch range must be 1 <= MIN <= MAX <= {INT32_MAX}, got {lo}:{hi}")
-    if hi < 2:   # torch.export specialises a dimension whose only value is 1
-        raise VditError(f"a dynamic batch range needs MAX >= 2 (got {lo}:{hi}); use a fixed batch of 1 instead")
-    if not lo <= example_batch <= hi:
-        raise VditError(f"example inputs have batch {example_batch}, outside the batch range {lo}:{hi}")
-    return lo, hi
+    if not batch[0] <= example_batch <= batch[1]:
+        raise VditError(f"example inputs have batch {example_batch}, outside the batch range {batch[0]}:{batch[1]}")
+    return tuple(batch)
 
 
 # ---- a model -> export directory ------------------------------------------------------------------
@@ -373,7 +367,7 @@ def check_options(batch, fixed, opset) -> None:
     lo, hi = batch
     if not 1 <= lo <= hi <= INT32_MAX:
         raise VditError(f"batch range must be 1 <= MIN <= MAX <= {INT32_MAX}, got {lo}:{hi}")
-    if hi < 2:
+    if hi < 2:   # torch.export specialises a dimension whose only value is 1
         raise VditError(f"a dynamic batch range needs MAX >= 2 (got {lo}:{hi}); use a fixed batch of 1 instead")
 
 
