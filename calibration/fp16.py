@@ -5,7 +5,7 @@ norm or GELU) and the sin-cos timestep embedding (t up to 999 times frequencies:
 significant digits of the angle) overflow or lose what diffusion needs. onnxruntime's own float16
 converter (onnxruntime.transformers.float16, shipped with onnxruntime) casts everything else and
 inserts Casts around the blocked nodes; inputs and outputs stay float32 so callers do not change.
-TensorRT's fp16 build pins the same layer types (runtimes/trt_build.py FP32_LAYER_TYPES).
+TensorRT's fp16 build pins the same layer types (runtimes/trt_network.py FP32_LAYER_TYPES).
 
 The fused step graph gets the same treatment (step.fp16.onnx: what a strongly typed TensorRT 11
 fp16 build compiles), except that the step's own arithmetic stays fp32 too: a*x_t reaches ~600 near
@@ -136,10 +136,35 @@ def convert_fp16(export_dir, calib_dir=None, keep_fp32=FP32_LAYERS) -> Path:
         if report["nonfinite"]:
             raise VditError(f"fp16 graph makes inf/NaN on {report['nonfinite']} calibration rows "
                             f"(first at t={report['nonfinite_t'][0]:g}); not written")
-    save_variant(model, out, "fp16")
-    for path in step:
-        save_variant(to_fp16(path, STEP, keep_fp32), path.with_name(variant_file(STEP, FP16)), FP16)
+    graphs = {out: model, **{p.with_name(variant_file(STEP, FP16)): to_fp16(p, STEP, keep_fp32) for p in step}}
+    publish_variant(graphs, FP16)
     return out
+
+
+def publish_variant(graphs: dict, precision: str) -> None:
+    """{final path: onnx model} of one variant -> all written, or none: each is saved into one scratch
+    directory beside them first (a full disk fails there), then renamed into place, the denoiser last
+    (a reader that finds it finds its step graph too); a failed rename takes the others back out."""
+    import os
+
+    import onnx
+
+    first = next(iter(graphs))
+    with temp_dir(first) as tmp:
+        for path, model in graphs.items():
+            stamp(model, {"vdit.precision": precision})
+            model.producer_name = "vdit-deploy"
+            onnx.save(model, str(tmp / path.name))
+            os.chmod(tmp / path.name, 0o644)
+        placed = []
+        try:
+            for path in sorted(graphs, key=lambda p: p.name.startswith(DENOISER)):
+                os.replace(tmp / path.name, path)
+                placed.append(path)
+        except BaseException:
+            for path in placed:
+                path.unlink(missing_ok=True)
+            raise
 
 
 def check_fp16(export_dir, calib_dir, precision: str = "fp16") -> dict:

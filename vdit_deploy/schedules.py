@@ -1,6 +1,6 @@
 """Noise schedules in numpy (no torch): betas and alpha_bar of a DDPM-family schedule, q(x_t|x_0) and the
-posterior, the timesteps a sampler visits, and the reading of a diffusers scheduler_config.json.
-What a sampler does at each of those timesteps lives in samplers.py."""
+posterior, the timesteps a sampler visits. Flow matching's schedules live in flow.py, the reading of a
+diffusers scheduler_config.json in scheduler_config.py, what a sampler does at each step in samplers.py."""
 from __future__ import annotations
 
 import math
@@ -65,14 +65,6 @@ class Schedule:
         if not 0 < self.beta_start < self.beta_end < 1:
             raise VditError(f"beta_start and beta_end must satisfy 0 < beta_start < beta_end < 1, "
                             f"got {self.beta_start} and {self.beta_end}")
-
-    @classmethod
-    def from_diffusers(cls, config: dict, where: str = "scheduler config", seq_len: int | None = None) -> tuple:
-        """(schedule, prediction, variance) from a diffusers scheduler_config.json dict, read by its
-        _class_name (scheduler_config.py); the schedule is a FlowSchedule for flow matching."""
-        from vdit_deploy.scheduler_config import read_scheduler_config
-
-        return read_scheduler_config(config, where, seq_len)
 
     @classmethod
     def from_dict(cls, data, where: str = "") -> "Schedule":
