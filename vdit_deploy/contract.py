@@ -243,6 +243,12 @@ def _names(names: list, shown: int = 4) -> str:
     return head + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
+def timestep_doc(schedule) -> str:
+    """What the denoiser's t input holds (the exports' io doc)."""
+    T = schedule.num_timesteps
+    return f"flow timestep sigma * {T} (float)" if schedule.kind == "flow" else f"diffusion timestep 0..{T - 1}"
+
+
 # ---- the null conditioning ------------------------------------------------------------------------
 def null_digest(null: dict) -> str:
     h = hashlib.sha256()

@@ -12,12 +12,7 @@ from vdit_deploy import validate as v
 from vdit_deploy.errors import VditError
 
 SCHEDULES = ("linear", "scaled_linear", "cosine")
-# scheduler_config.json's names (diffusers) for ours
-DIFFUSERS_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
-DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 VARIANCES = ("fixed", "learned_range")    # the model's variance: the posterior's, or learned in 2C channels
-DIFFUSERS_VARIANCES = {None: "fixed", "fixed_small": "fixed", "fixed_small_log": "fixed",
-                       "learned_range": "learned_range"}
 
 SPACINGS = ("linspace", "leading", "trailing")
 # The solvers start where log(alpha/sigma) >= LAMBDA_MIN (diffusers' lambda_min_clipped): below it an
