@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import save_tiny_latte
+from conftest import open_built, save_tiny_latte, trt_skip_reason
 
 diffusers = pytest.importorskip("diffusers", reason="pip install 'vdit-deploy[dev]' for the diffusers model tests")
 torch = pytest.importorskip("torch")
@@ -116,3 +116,24 @@ def test_fused_step_graph_runs_flow_samplers_as_diffusers(flow_export, runtime, 
         null = rt.contract.null_batch(rt.null, cond)
         theirs = diffusers_loop(diffusers_scheduler(sampler), steps, rt.denoise, cond, null, guidance, seed, 2)
     assert rel(ours, theirs) < 1e-5
+
+
+TRT_REASON = trt_skip_reason()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(TRT_REASON is not None, reason=TRT_REASON or "")
+@pytest.mark.parametrize("sampler", ["euler", "unipc"])
+def test_tensorrt_runs_the_flow_samplers_as_ort(flow_export, sampler):
+    """TensorRT's fused step (state ping-ponged on the device) on the flow model equals ORT on the CPU."""
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.sampling import sample, sampler_plan
+
+    _, export = flow_export
+    cond = prompts(2)
+    with open_runtime("ort", export) as ref:
+        plan = sampler_plan(ref.contract, sampler, 10)
+        want = sample(ref, ref.contract, cond, plan, 2.0, 3)
+    with open_built(export, "fp32") as rt:
+        got = sample(rt, rt.contract, cond, plan, 2.0, 3)
+    assert rel(got, want) < 1e-3
