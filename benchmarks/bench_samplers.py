@@ -48,6 +48,18 @@ FLOW_REFERENCE_STEPS = 200
 GUIDANCE = 2.0
 
 
+def score(rt, labels, plan, refs: dict) -> tuple[list, list, list]:
+    """Each seed's sample with `plan` against its reference: per-video PSNR and SSIM, the wall times."""
+    psnrs, ssims, totals = [], [], []
+    for s, ref in refs.items():
+        times = SampleTimes()
+        videos = sample(rt, rt.contract, labels, plan, GUIDANCE, s, times=times)
+        totals.append(times.total)
+        psnrs += [psnr(v, r) for v, r in zip(videos, ref)]
+        ssims += [ssim(v, r) for v, r in zip(videos, ref)]
+    return psnrs, ssims, totals
+
+
 def quality(steps_list, seeds, lambda_mins, log) -> dict:
     with open_runtime("torch", SHIPPED, device="cpu") as rt:
         contract = rt.contract
@@ -60,13 +72,7 @@ def quality(steps_list, seeds, lambda_mins, log) -> dict:
         for sampler, lambda_min in configs:
             for n in steps_list:
                 plan = make_steps(rt.schedule, sampler, n, **({} if lambda_min is None else {"lambda_min": lambda_min}))
-                psnrs, ssims, totals = [], [], []
-                for s in seeds:
-                    times = SampleTimes()
-                    videos = sample(rt, contract, labels, plan, GUIDANCE, s, times=times)
-                    totals.append(times.total)
-                    psnrs += [psnr(v, r) for v, r in zip(videos, refs[s])]
-                    ssims += [ssim(v, r) for v, r in zip(videos, refs[s])]
+                psnrs, ssims, totals = score(rt, labels, plan, refs)
                 rows.append({"sampler": sampler, "lambda_min": None if lambda_min is None else f"{lambda_min:g}",
                              "first_t": plan[0].t, "steps": n,
                              "psnr_db": float(np.mean(psnrs)),
@@ -122,13 +128,7 @@ def flow_quality(checkpoint, steps_list, seeds, log) -> dict:
         for sampler in FLOW_SAMPLERS:
             for n in steps_list:
                 plan = flow_steps(contract.schedule, sampler, n)
-                psnrs, ssims, totals = [], [], []
-                for s in seeds:
-                    times = SampleTimes()
-                    videos = sample(rt, contract, labels, plan, GUIDANCE, s, times=times)
-                    totals.append(times.total)
-                    psnrs += [psnr(v, r) for v, r in zip(videos, refs[s])]
-                    ssims += [ssim(v, r) for v, r in zip(videos, refs[s])]
+                psnrs, ssims, totals = score(rt, labels, plan, refs)
                 rows.append({"sampler": sampler, "steps": n, "psnr_db": float(np.mean(psnrs)),
                              "psnr_min_db": float(np.min(psnrs)), "ssim": float(np.mean(ssims)),
                              "sample_s": min(totals)})
