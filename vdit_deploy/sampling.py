@@ -66,8 +66,9 @@ def sampler_plan(contract: Contract, sampler: str | None = None, steps: int | No
     if sampler == schedule.sampler:
         steps = schedule.steps if steps is None else steps
         order = schedule.order if order is None else order
+    spacing = given
     if given is None and sampler in ("ddim", "dpm++", "unipc", "cogvideox-dpm"):
-        spacing = schedule.spacing or spacing
+        spacing = schedule.spacing
     return make_steps(schedule, sampler, steps, eta, clip=schedule.clip, order=order, spacing=spacing,
                       prediction=contract.prediction, lambda_min=schedule.lambda_min,
                       learned_variance=contract.output == "eps+var" and sampler == "ddpm")

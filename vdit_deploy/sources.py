@@ -128,14 +128,17 @@ def _has_diffusers_weights(path: Path) -> bool:
     return path.is_dir() and any(path.glob(f"{DIFFUSERS_WEIGHTS}*"))
 
 
-def token_count(config: dict, latent) -> int:
+def token_count(config: dict, latent) -> int | None:
     """The tokens a diffusers video DiT makes of a latent (C, F, H, W): F / patch_size_t x H / p x W / p,
-    patch_size an int or (t, h, w) (Wan's). A flow schedule's dynamic shift is computed from it."""
+    patch_size an int or (t, h, w) (Wan's); None when the config's patch sizes are not positive ints (a
+    dynamic shift, which is computed from it, is then refused)."""
     p = config.get("patch_size") or 1
-    pt, ph, pw = (p if isinstance(p, (list, tuple)) and len(p) == 3 else
-                  (config.get("patch_size_t") or 1, p, p))
-    _, f, h, w = latent
-    return max(1, -(-int(f) // int(pt))) * max(1, int(h) // int(ph)) * max(1, int(w) // int(pw))
+    sizes = (list(p) if isinstance(p, (list, tuple)) and len(p) == 3 else [config.get("patch_size_t") or 1, p, p])
+    sizes += [int(d) if isinstance(d, int) and not isinstance(d, bool) else 0 for d in latent[1:]]
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in sizes):
+        return None
+    pt, ph, pw, f, h, w = sizes
+    return max(1, -(-f // pt)) * max(1, h // ph) * max(1, w // pw)
 
 
 def scheduler_options(model_dir: Path, scheduler_config: Path | None, seq_len: int | None = None):
