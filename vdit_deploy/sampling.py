@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from vdit_deploy.contract import Contract, read_cond
 from vdit_deploy.samplers import SolverState, Step, guided_step, make_steps
 from vdit_deploy.errors import VditError
+from vdit_deploy.progress import bar
 
 
 @dataclass
@@ -101,7 +101,7 @@ def sample(denoiser, contract: Contract, cond, steps: list[Step], guidance: floa
     x = rng.standard_normal((b, *contract.latent), dtype=np.float32)               # x_T ~ N(0, I)
     zeros = np.zeros_like(x)
     state = SolverState() if any(s.multistep for s in steps) else None
-    for step in tqdm(steps, desc="sample", unit="step", disable=not progress, leave=False):
+    for step in bar(steps, show=progress, desc="sample", unit="step"):
         noise = rng.standard_normal(x.shape, dtype=np.float32) if step.stochastic else zeros
         t0 = time.perf_counter()
         x = step_fn(x, step.t, cond, guidance, step.coefs, noise, state)
