@@ -17,11 +17,11 @@ import torch.nn as nn
 from vdit_deploy.samplers import SolverState
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import STEP_STATE
-from vdit_deploy.export.variants import check_precision
+from vdit_deploy.export.variants import FP32, TORCH_PRECISIONS, check_precision
 from vdit_deploy.runtimes.base import COMPILE_MODES, Runtime, TensorSpec
 from vdit_deploy.threads import apply_torch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = dict(zip(TORCH_PRECISIONS, (torch.float32, torch.float16, torch.bfloat16)))
 
 
 class TorchDeviceArray:
@@ -58,7 +58,7 @@ class _Float32IO(nn.Module):
 class TorchRuntime(Runtime):
     name = "torch"
 
-    def __init__(self, checkpoint, precision: str = "fp32", device: str | None = None,
+    def __init__(self, checkpoint, precision: str = FP32, device: str | None = None,
                  compile: str | None = None, source=None):
         """checkpoint: a model directory (sources.load_source); or pass a loaded `source` (a Source)."""
         from vdit_deploy.export.onnx_export import FusedStep, Unguided
