@@ -202,7 +202,9 @@ def onnx_session(path, threads: int | None = None):
     """A plain ONNX Runtime CPU session (all graph optimizations) for calibration and reports."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
+    from vdit_deploy.threads import session_options
+
+    options = session_options()             # --threads, or the default that fits the machine's load
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
