@@ -702,3 +702,14 @@ def test_dead_processes_temporaries_do_not_block_an_export(tiny_export, tmp_path
     stale.write_bytes(b"partial")
     export_own_files(export)
     assert not stale.exists()
+
+
+def test_a_full_disk_is_said_and_names_the_file(tmp_path):
+    """/dev/full: every write fails with ENOSPC, as a full disk during `calibrate collect` does."""
+    from vdit_deploy.errors import VditError
+    from vdit_deploy.files import save_npy
+
+    with pytest.raises(VditError) as e:
+        save_npy(Path("/dev/full"), np.zeros(196608, np.float32), tmp_path / "calib")
+    assert "cannot write full of" in str(e.value) and "786,432 bytes" in str(e.value)
+    assert "No space left on device" in str(e.value) or "disk full" in str(e.value)
