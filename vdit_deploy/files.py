@@ -200,7 +200,8 @@ def save_npy(path: Path, array, artifact: str | os.PathLike) -> None:
     import numpy as np
 
     try:
-        np.save(path, array)
+        with open(path, "wb") as f:       # a file object: np.save would append .npy to a name without it
+            np.save(f, array)
     except OSError as e:
         free = shutil.disk_usage(Path(path).parent).free
         cause = e.strerror or ("disk full" if "requested and" in str(e) else str(e))
