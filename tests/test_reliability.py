@@ -419,7 +419,7 @@ def _external_initializer(src: Path, dst: Path, location: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def dws(tmp_path_factory, tiny_latte, tiny_export):
+def dws(tmp_path_factory, tiny_latte, tiny_export, tiny_checkpoint):
     """The diffusers workspace: a tiny Latte directory and broken copies of it, exports with forged
     external data or half a variant, and a good file that must survive every case."""
     from safetensors.numpy import load_file, save_file
@@ -499,6 +499,11 @@ def dws(tmp_path_factory, tiny_latte, tiny_export):
         model = onnx.load(str(foreign / name))
         stamp(model, {"vdit.model": json.dumps({"class": "this:x", "config": {}})})
         onnx.save(model, str(foreign / name))
+    save_null_file(root / "cond_rows.safetensors", {"y": np.zeros(10 ** 6, np.int32)})
+    ck = root / "ckpt_zero"
+    ck.mkdir()
+    shutil.copy(tiny_checkpoint / "config.json", ck / "config.json")
+    (ck / "model.safetensors").symlink_to("/dev/zero")
     save_null_file(root / "cond_many.safetensors", {f"t{i}": np.zeros(1, np.float32) for i in range(100000)})
     return root
 
@@ -551,6 +556,12 @@ D_CASES = [
     ("compare-seeds-1e8", "compare {ws}/half_fp16 --runtimes ort:fp32 --seeds 0-100000000 --out {ws}/c",
      "at most 10000 values"),
     ("config-dev-zero", "info {ws}/cfg_zero", "is not a regular file"),
+    ("checkpoint-weights-dev-zero", "verify {ws}/half_fp16 --checkpoint {ws}/ckpt_zero", "is not a regular file"),
+    ("checkpoint-weights-dev-zero-sample", "sample --checkpoint {ws}/ckpt_zero --out {ws}/v.gif", "is not a regular file"),
+    ("cond-1e6-rows-sample", "sample --runtime ort --onnx {ws}/half_fp16 --cond {ws}/cond_rows.safetensors "
+     "--out {ws}/v.npy", "1,000,000 conditioning rows"),
+    ("cond-1e6-rows-compare", "compare {ws}/half_fp16 --runtimes ort:fp32 --cond {ws}/cond_rows.safetensors "
+     "--out {ws}/c", "1,000,000 conditioning rows"),
     ("config-fifo", "export {ws}/cfg_fifo --out {ws}/x", "is not a regular file"),
     ("weights-dev-zero", "info {ws}/weights_zero", "is not a regular file"),
     # 9: tracebacks before
