@@ -504,6 +504,14 @@ def dws(tmp_path_factory, tiny_latte, tiny_export, tiny_checkpoint):
     ck.mkdir()
     shutil.copy(tiny_checkpoint / "config.json", ck / "config.json")
     (ck / "model.safetensors").symlink_to("/dev/zero")
+    # a schedule changed to cosine and re-stamped: verify compares it with the scheduler config beside the model
+    sched = shutil.copytree(tiny_export, root / "meta_cosine")
+    for name in ("denoiser.onnx", "step.onnx"):
+        model = onnx.load(str(sched / name))
+        stamp(model, {"vdit.model": json.dumps({"class": "diffusers:LatteTransformer3DModel", "config": {}}),
+                      **edited(sched / name, "vdit.contract", lambda c: c.update(
+                          schedule={"kind": "cosine", "num_timesteps": 1000}))})
+        onnx.save(model, str(sched / name))
     save_null_file(root / "cond_many.safetensors", {f"t{i}": np.zeros(1, np.float32) for i in range(100000)})
     return root
 
@@ -521,6 +529,7 @@ D_CASES = [
     ("meta-class-this", "verify {ws}/meta_this --checkpoint {ws}/latte", "not one of diffusers' own classes"),
     ("meta-class-other-typed", "verify {ws}/meta_this --checkpoint {ws}/latte --class own_models:MaskedTextDiT",
      "was exported from this:x, not --class own_models:MaskedTextDiT"),
+    ("meta-schedule-cosine", "verify {ws}/meta_cosine --checkpoint {ws}/latte", "the schedule in its metadata differs"),
     # 3: external data outside the export, in every command that loads or copies a graph
     ("ext-serve", "serve-export {ws}/ext_passwd --triton {ws}/triton", "keeps its data in '../../../../etc/passwd'"),
     ("ext-sample", "sample --runtime ort --onnx {ws}/ext_passwd --out {ws}/v.gif", "keeps its data in"),
@@ -535,6 +544,8 @@ D_CASES = [
     ("weight-unexpected", "export {ws}/unexpected_weight --out {ws}/x", "300 unexpected"),
     # 5: options that do not apply
     ("latte-input", "export {ws}/latte --out {ws}/x --input encoder_hidden_states:float32:seq,32", "drop --input"),
+    ("seq-without-named-axes", "export {ws}/latte --out {ws}/x --class own_models:MaskedTextDiT --latent 4,2,8,8 "
+     "--input context:float32:8,8 --input mask:float32:8 --seq 1:5", "no --input has one"),
     # 6: float options bounded
     ("guidance-1e308", "sample --runtime ort --onnx {ws}/half_fp16 --guidance 1e308 --out {ws}/good.gif",
      "Invalid value for '--guidance'"),
