@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -305,7 +306,10 @@ def read_cond(path: str | Path, contract: Contract) -> dict:
         raise VditError(f"{path} is not a readable safetensors file ({str(e).removeprefix(str(path)).lstrip(': ')}); "
                         f"the model takes {contract.describe_cond()}") from None
     contract.check_names(header, str(path))
-    check_memory(2 * sum(t.nbytes for t in header.values()), f"reading {path}")
+    rows = header[contract.cond[0].name].shape[0] if contract.cond and header[contract.cond[0].name].shape else 0
+    # the file twice (read, checked) and a sampling loop over its rows (~32 bytes per latent value each)
+    check_memory(2 * sum(t.nbytes for t in header.values()) + 32 * rows * math.prod(contract.latent),
+                 f"{rows:,} conditioning rows of {path}")
     try:
         cond = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:

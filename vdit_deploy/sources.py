@@ -393,6 +393,11 @@ def load_export_source(meta, export_dir, checkpoint=None, device: str = "cpu", c
     elif class_name is None and not cls_name.startswith("diffusers:"):
         raise VditError(f"{export_dir} was exported from {cls_name}, which is not one of diffusers' own classes: "
                         f"pass --class {cls_name} to import it (an export never names code to run)")
+    if cls_name != BUILTIN:   # the schedule beside the model, when there is one, is the export's
+        beside = scheduler_options(path, None)
+        if beside is not None and beside[0] != contract.schedule:
+            raise VditError(f"{export_dir}: the schedule in its metadata differs from {path}'s scheduler config "
+                            "(edited, or exported with another --scheduler-config); re-export it")
     if sha256_files(model_files(path)) != meta.checkpoint_sha256:   # before loading it
         raise VditError(f"{path} is not the model {export_dir} was exported from (sha256 differs)")
     if cls_name == BUILTIN:
