@@ -24,10 +24,11 @@ from vdit_deploy.contract import Contract, load_null
 from vdit_deploy.errors import VditError
 
 DEFAULT_GUIDANCE = 2.0     # as `vdit sample --guidance`
-# the sampler's optional request inputs, each of shape [1]: name -> Triton type. Omitted: the export's
-# default sampler (sampling.default_sampler) with its own steps and order, eta 0, seed 0, DEFAULT_GUIDANCE.
+# the sampler's optional request inputs, each of shape [1]: name -> Triton type (eta and guidance in float64:
+# the CLI's values exactly, so the same request is the same video). Omitted: the export's default sampler
+# (sampling.default_sampler) with its own steps and order, eta 0, seed 0, DEFAULT_GUIDANCE.
 REQUEST_OPTIONS = {"seed": "TYPE_INT64", "sampler": "TYPE_STRING", "steps": "TYPE_INT32", "order": "TYPE_INT32",
-                   "eta": "TYPE_FP32", "guidance": "TYPE_FP32"}
+                   "eta": "TYPE_FP64", "guidance": "TYPE_FP64"}
 
 
 class Cancelled(Exception):
@@ -96,7 +97,11 @@ class SamplerModel:
     def read(self, request) -> dict:
         """The request's tensors -> sample_request's arguments (an omitted option: its default)."""
         pb = self.pb
-        args = {"cond": {name: pb.get_input_tensor_by_name(request, name).as_numpy() for name in self.contract.names}}
+        cond = {name: pb.get_input_tensor_by_name(request, name) for name in self.contract.names}
+        missing = [name for name, tensor in cond.items() if tensor is None]
+        if missing:
+            raise VditError(f"request lacks {', '.join(missing)}: the model takes {self.contract.describe_cond()}")
+        args = {"cond": {name: tensor.as_numpy() for name, tensor in cond.items()}}
         for name, kind in REQUEST_OPTIONS.items():
             tensor = pb.get_input_tensor_by_name(request, name)
             if tensor is None:
@@ -107,7 +112,7 @@ class SamplerModel:
                     value = value.decode() if isinstance(value, bytes) else str(value)
                 except UnicodeDecodeError:
                     raise VditError(f"request {name} is not UTF-8 text") from None
-            args[name] = float(value) if kind == "TYPE_FP32" else value if kind == "TYPE_STRING" else int(value)
+            args[name] = float(value) if kind == "TYPE_FP64" else value if kind == "TYPE_STRING" else int(value)
         return args
 
     def denoiser_call(self, request):

@@ -44,6 +44,7 @@ LOOPBACK = "127.0.0.1"
 DEFAULT_PORTS = (8000, 8001, 8002)    # HTTP, gRPC, metrics: Triton's own defaults
 SHM = Path("/dev/shm")
 SHM_PREFIX = "vdit-triton-"           # + the starting process's pid + "-": the Python stubs' shared memory
+NO_GPU_NOISE = re.compile(r"CudaDriverHelper|NVML|DCGM|pinned memory|CUDA driver")
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,15 @@ def check_python_env() -> None:
                         f"{np.__version__}): pip install 'numpy<2' ({INSTALL} pins it)")
 
 
-def free_port(host: str = LOOPBACK) -> int:
-    """A port nothing listens on now (bind port 0, let the kernel choose)."""
+def free_port(host: str = LOOPBACK, port: int = 0, what: str = "") -> int:
+    """`port` if nothing listens on it now (0: one the kernel chooses), else one line naming the option."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server binds: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise VditError(f"cannot listen on {host}:{port}{f' ({what})' if what else ''}: {e.strerror or e}; "
+                            "another port, or 0 for a free one") from None
         return s.getsockname()[1]
 
 
@@ -199,7 +205,7 @@ class TritonServer:
     # ---- life ----
     def start(self, timeout: float = 180.0) -> Addresses:
         remove_stale_shm()
-        ports = [p or free_port(self.host) for p in self.ports]
+        ports = [free_port(self.host, p, f"--{kind}-port") for p, kind in zip(self.ports, ("http", "grpc", "metrics"))]
         self.addresses = Addresses(self.host, *ports)
         self._backends = temp_dir(Path(tempfile.gettempdir()) / "vdit-tritonserver")
         tmp = self._backends.__enter__()
@@ -239,14 +245,17 @@ class TritonServer:
             time.sleep(0.2)
 
     def failure(self) -> str:
-        """The first error line of the server's log (Triton's own words)."""
+        """What went wrong, in Triton's own words: the first model that failed to load, else the last
+        error line of its log (leaving out what a machine without a GPU always logs)."""
         try:
             lines = self.log.read_text(errors="replace").splitlines()
         except OSError:
             return "no log"
-        errors = [ln for ln in lines if re.match(r"^E\d{4} ", ln) or "UNAVAILABLE" in ln]
-        line = (errors or lines or ["no output"])[0]
-        return " ".join(re.sub(r"^[EIW]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] ", "", line).split())[:400]
+        errors = [ln for ln in lines if re.match(r"^E\d{4} ", ln) and not NO_GPU_NOISE.search(ln)]
+        loads = [ln for ln in errors if "failed to load" in ln]
+        line = (loads[:1] or errors[-1:] or lines[-1:] or ["no output"])[0]
+        line = re.sub(r"^[EIW]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] ", "", line).split("\\n")[0].strip('"')
+        return " ".join(line.split())[:400]   # Triton's message without the Python traceback after it
 
     def wait(self) -> int:
         return self.process.wait()
