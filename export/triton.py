@@ -140,7 +140,6 @@ def write_triton_repo(export_dir: str | Path, out_dir: str | Path, engine: str |
     from vdit_deploy.export.metadata import DENOISER, find_onnx, read_metadata
 
     backend = check_backend(backend, engine)
-
     onnx_path = find_onnx(export_dir, DENOISER, precision)
     meta = read_metadata(onnx_path)
     if meta.kind != DENOISER:
