@@ -286,3 +286,36 @@ def test_vdit_serve_killed_mid_request_restarts_with_nothing_to_repair(repo, tmp
     assert second.wait(120) == 143
     assert not shm_of(second.pid) and tree_digest(repo) == digest
     assert "HTTP     http://127.0.0.1:" in (tmp_path / "serve.log").read_text()
+
+
+def test_text_conditioned_export_served(tiny_latte_export, tmp_path):
+    """A text-conditioned, learned-sigma export (tiny diffusers Latte) on its own server: the prompt's
+    embeddings (B, L, D) are the request input, and UniPC and DDPM (all 1000 steps, the model's learned
+    variance) give `vdit sample --cond`'s video bit for bit; NaN embeddings are refused in one line."""
+    from safetensors.numpy import save_file
+
+    from vdit_deploy.export.triton import write_triton_repo
+
+    repo = tmp_path / "models"
+    write_triton_repo(tiny_latte_export, repo, backend="python", sampler_instances=1)
+    emb = np.random.default_rng(0).standard_normal((2, 16, 32), dtype=np.float32)   # the null's 16 tokens
+    save_file({"encoder_hidden_states": emb}, str(tmp_path / "prompts.safetensors"))
+    with TritonServer(repo) as server:
+        c = grpcclient.InferenceServerClient(server.addresses.url("grpc"))
+        for sampler in ("unipc", "ddpm"):
+            inputs = [tensor("encoder_hidden_states", emb), tensor("seed", np.array([3], np.int64)),
+                      tensor("sampler", np.array([sampler.encode()], object))]
+            served = c.infer("vdit_sampler", inputs, client_timeout=DEADLINE).as_numpy("video")
+            out = tmp_path / f"{sampler}.npy"
+            result = CliRunner().invoke(main, ["sample", "--runtime", "ort", "--onnx",
+                                               str(repo / "vdit_denoiser" / "1" / "model.onnx"), "--cond",
+                                               str(tmp_path / "prompts.safetensors"), "--seed", "3", "--sampler",
+                                               sampler, "--out", str(out)])
+            assert result.exit_code == 0, result.output
+            assert served.shape == (2, 4, 2, 8, 8) and np.array_equal(served, np.load(out)), sampler
+        with pytest.raises(InferenceServerException) as refused:
+            c.infer("vdit_sampler", [tensor("encoder_hidden_states", np.full((1, 16, 32), np.nan, np.float32))],
+                    client_timeout=DEADLINE)
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert refused.value.message() == "request encoder_hidden_states holds NaN or inf"
+        c.close()
