@@ -381,6 +381,35 @@ def test_serve_export_python_backend(tiny_export, tmp_path):
     assert not (tmp_path / "refused").exists()
 
 
+def test_vdit_serve_refusals_before_starting(tiny_export, tmp_path):
+    """What `vdit serve` refuses in one line before it starts anything (no nvidia-pytriton needed here):
+    a directory that is no repository, a repository whose models need a backend the bundled server lacks,
+    a port in use."""
+    import socket
+
+    from vdit_deploy.export.triton import write_triton_repo
+    from vdit_deploy.serve import Distribution, check_repository, free_port, repository_backends
+
+    (tmp_path / "backends" / "python").mkdir(parents=True)     # the bundled server's one backend
+    dist = Distribution(tmp_path / "tritonserver", tmp_path / "backends", tmp_path / "stub", tmp_path / "libs")
+    with pytest.raises(VditError, match="no Triton model repository there"):
+        check_repository(tmp_path / "backends", dist)
+    write_triton_repo(tiny_export, tmp_path / "ort", sampler_instances=1)
+    assert repository_backends(tmp_path / "ort") == {"vdit_denoiser": "onnxruntime", "vdit_sampler": "python"}
+    with pytest.raises(VditError, match="vdit_denoiser runs on the onnxruntime backend, which the bundled "
+                                        "tritonserver lacks .it has python.: write the repository with"):
+        check_repository(tmp_path / "ort", dist)
+    write_triton_repo(tiny_export, tmp_path / "py", backend="python", sampler_instances=1)
+    assert check_repository(tmp_path / "py", dist) == tmp_path / "py"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(VditError, match=f"cannot listen on 127.0.0.1:{port} .--grpc-port.: "):
+            free_port("127.0.0.1", port, "--grpc-port")
+    assert free_port() > 0
+
+
 @pytest.mark.parametrize("which", ["class", "text"])
 def test_triton_sampling_loop_matches_vdit_sample(tiny_export, tiny_latte_export, which):
     """The loop model.py runs (sample_request over a denoise callable, paired with the null

@@ -14,9 +14,11 @@ packages from the first `python` on PATH, so the server is started with this int
 bin directory first: the repository's Python models (export/triton_python.py) import this vdit_deploy.
 That server has only the Python backend: repositories from `vdit serve-export --backend python`.
 
-Nothing binds beyond loopback unless a host is given. The server runs in its own process group and dies
-with the process that started it (PR_SET_PDEATHSIG); its Python stubs' shared memory is named after that
-process, so a later start removes what a killed one left in /dev/shm: a restart needs no repair.
+Nothing binds beyond loopback unless a host is given. The server runs in its own process group (a
+terminal's Ctrl-C reaches `vdit serve`, which stops it) and dies with the thread that started it, even on
+SIGKILL (PR_SET_PDEATHSIG); its Python stubs' shared memory is named after the starting process, so a
+later start removes what a killed one left in /dev/shm: a restart needs no repair. The server writes
+nothing into the repository.
 """
 from __future__ import annotations
 
@@ -189,7 +191,7 @@ class TritonServer:
             libs.insert(0, libdir)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("OMP_NUM_THREADS", "1")   # one numpy/BLAS thread per sampler process: they are many
         return env
 
     def _backend_dir(self, tmp: Path) -> Path:
