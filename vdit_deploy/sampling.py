@@ -14,7 +14,7 @@ import numpy as np
 
 from vdit_deploy.config import check_memory
 from vdit_deploy.contract import Contract, read_cond
-from vdit_deploy.samplers import SolverState, Step, guided_step, make_steps
+from vdit_deploy.samplers import DEFAULT_SAMPLER, SolverState, Step, guided_step, make_steps
 from vdit_deploy.errors import VditError
 from vdit_deploy.progress import bar
 
@@ -49,6 +49,12 @@ class DenoiseRecorder:
             self.calls.append((self.index, x_t, t, cond, out))
         self.index += 1
         return out
+
+
+def default_sampler(contract: Contract) -> str:
+    """The sampler a model is sampled and served with when none is named (its steps: the sampler's own
+    default, samplers.DEFAULT_STEPS). Every DDPM-family schedule here: UniPC."""
+    return DEFAULT_SAMPLER
 
 
 def sampler_plan(contract: Contract, sampler: str, steps: int | None = None, eta: float = 0.0,
