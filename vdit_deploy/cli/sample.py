@@ -16,11 +16,13 @@ from vdit_deploy.samplers import DEFAULT_SAMPLER
 # ---- sample / demo ------------------------------------------------------------------------------
 def sampling_options(f):
     for option in reversed([
-        click.option("--sampler", default=DEFAULT_SAMPLER, show_default=True, help=SAMPLER_HELP),
+        click.option("--sampler", default=None, help=SAMPLER_HELP + " Default: the model's pipeline's (from its "
+                     f"scheduler config: Wan unipc, LTX euler, CogVideoX ddim...), else {DEFAULT_SAMPLER}."),
         click.option("--steps", default=None, type=int, help=STEPS_HELP),
         click.option("--order", default=None, type=int, help="dpm++ / unipc order: 1 or 2 (default 2)."),
-        click.option("--spacing", default="linspace", show_default=True,
-                     help="dpm++ / unipc timestep spacing: linspace, leading or trailing (as in diffusers)."),
+        click.option("--spacing", default=None,
+                     help="ddim / dpm++ / unipc timestep spacing: linspace, leading or trailing (as in diffusers; "
+                          "default: the scheduler config's, else linspace). Not for flow models."),
         click.option("--eta", default=0.0, show_default=True, type=Finite(0), help="DDIM noise (0: deterministic)."),
         click.option("--guidance", default=2.0, show_default=True, type=GUIDANCE,
                      help="Classifier-free guidance scale (1: off)."),
@@ -35,7 +37,7 @@ def sampling_options(f):
 
 
 def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, guidance, seed, options=None,
-                order=None, spacing="linspace", cond_file=None, out=None):
+                order=None, spacing=None, cond_file=None, out=None):
     """Open the runtime, turn --label or --cond into the model's conditioning, check `out` can show it,
     sample."""
     from vdit_deploy.runtimes import open_runtime
@@ -81,7 +83,7 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .gif, .mp4 or .npy.")
 def sample(checkpoint, onnx_path, labels, cond_file, sampler, steps, order, spacing, eta, guidance, seed, runtime,
            precision, device, compile_mode, null_file, threads, out):
-    """Sample videos (DPM-Solver++, UniPC, DDIM or DDPM) from a model directory (vdit checkpoint or
+    """Sample videos (DPM-Solver++, UniPC, DDIM, DDPM; flow euler on flow models) from a model directory (vdit checkpoint or
     diffusers save_pretrained) or an ONNX export. A .npy output holds the latents; a .gif/.mp4 shows
     them (a latent-space model's video needs its VAE decoder, which is not bundled)."""
     from vdit_deploy.runtimes.base import check_runtime_name
@@ -108,8 +110,8 @@ def sample(checkpoint, onnx_path, labels, cond_file, sampler, steps, order, spac
                                       eta, guidance, seed, options, order=order, spacing=spacing, cond_file=cond_file,
                                       out=out)
     write_video(out, videos)
-    click.echo(f"wrote {out}: {len(videos)} video(s), {len(times.steps)} {sampler} steps in {times.total:.2f} s "
-               f"({desc}, {threads} CPU thread(s))")
+    click.echo(f"wrote {out}: {len(videos)} video(s), {len(times.steps)} {sampler or 'default-sampler'} steps in "
+               f"{times.total:.2f} s ({desc}, {threads} CPU thread(s))")
 
 
 @main.command()
