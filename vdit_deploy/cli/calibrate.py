@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from vdit_deploy.cli.app import COND_ROWS_HELP, SAMPLER_HELP, STEPS_HELP, Cli, Finite, main, parse_labels
+from vdit_deploy.errors import VditError
 from vdit_deploy.files import check_output
 from vdit_deploy.samplers import DEFAULT_SAMPLER
 
@@ -73,13 +74,22 @@ def calibrate_fp16(export_dir, calib_dir):
               help="Activation range calibration for qdq (default: the measured best).")
 @click.option("--keep-fp", multiple=True, help="Layer pattern (regex on e.g. 'blocks.0.mlp.0/linear') kept in float; "
               "replaces the default sensitive set. 'none' quantizes everything.")
-def calibrate_int8(export_dir, calib_dir, mode, method, keep_fp):
-    """Write an INT8 denoiser graph; sensitive layers stay float."""
+@click.option("--target", default=None,
+              help="Where the graph runs: vnni (AVX-512 VNNI / AVX-VNNI), avx2 (x86 without VNNI: 7-bit weights, "
+              "its u8 x s8 sums saturate otherwise), arm64, tensorrt (qdq) or a board profile (`vdit plan --list`). "
+              "Default: this CPU.")
+def calibrate_int8(export_dir, calib_dir, mode, method, keep_fp, target):
+    """Write an INT8 denoiser graph with the types that do not saturate on its target CPU (recorded in
+    the graph); sensitive layers stay float."""
     from vdit_deploy.calibration.int8 import DEFAULT_METHOD, DEFAULT_SENSITIVE, calibration_error, quantize_int8
+    from vdit_deploy.runtimes.cpu_isa import choose
 
     keep = DEFAULT_SENSITIVE if not keep_fp else (() if keep_fp == ("none",) else keep_fp)
-    path = quantize_int8(export_dir, calib_dir, mode=mode, method=method or DEFAULT_METHOD, keep_fp=keep)
-    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); kept in float: {', '.join(keep) or 'nothing'}")
+    choice = choose(mode, target)        # a bad --target before any work
+    path = quantize_int8(export_dir, calib_dir, mode=mode, method=method or DEFAULT_METHOD, keep_fp=keep,
+                         target=target)
+    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), {choice.describe()}; "
+               f"kept in float: {', '.join(keep) or 'nothing'}")
     if calib_dir is not None:
         click.echo(f"eps rel L2 vs fp32 on the calibration set: {calibration_error(path, export_dir, calib_dir):.3e}")
 
@@ -117,6 +127,9 @@ def calibrate_report(export_dir, precisions, steps, seeds, guidance, cond_file, 
     click.echo(f"wrote {out}/: {', '.join(str(v) for k, v in report['files'].items() if k != 'gif_columns')}")
     for note in report["notes"]:
         click.echo(f"note: {note}")
+    missed = [p for p, r in report["results"].items() if not r["meets_target"]]
+    if missed:
+        raise VditError(f"{', '.join(missed)} missed the PSNR target against fp32 (report in {out})")
 
 
 @calibrate.command("trt-cache")
