@@ -375,13 +375,14 @@ def check_options(batch, fixed, opset) -> None:
 
 def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_BATCH, fixed: int | None = None,
                   opset: int = OPSET, external_data: bool | None = None, keep_foreign: bool = False,
-                  progress: bool = False) -> Path:
+                  progress: bool = False, cache_split: int | None = None) -> Path:
     """A Source (sources.py: module + contract + null conditioning) -> out_dir/{denoiser,step}.onnx and
     null_cond.safetensors, written atomically (the directory is replaced).
 
     batch (min, max) is the number of videos per call; denoiser.onnx accepts up to 2*max so that a
     host-side guided step (cond + null) fits. fixed=N: a static batch, both graphs take exactly N (the
     contract's named axes stay dynamic). progress: one stderr line per stage (vdit_deploy/progress.py).
+    cache_split=K: also step caching's head/tail graphs cut after block K (export/cache_export.py).
 
     An existing export in out_dir is replaced whole. Other files beside its graphs (fp16/int8 variants,
     engines, calibration sets: made from the graphs this export replaces) are refused, as `vdit export`
@@ -392,6 +393,11 @@ def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_
     apply_torch()
     check_options(batch, fixed, opset)
     contract, denoiser = source.contract, source.module.eval()
+    if cache_split is not None:   # before any work: a model it cannot split, a K out of range, a fixed batch
+        from vdit_deploy.cache_split import split
+        if fixed is not None:
+            raise VditError("--cache-split takes a dynamic batch export (no --fixed-batch)")
+        split(denoiser, cache_split, len(contract.names))
     n = fixed or traced_size(batch[0], batch[1], fixed_sizes(contract))   # the batch traced (a step's runs 2n)
     example = example_inputs(contract, n)
     common = dict(contract=contract, model=source.model, checkpoint_sha256=source.sha256 or "0" * 64,
@@ -428,6 +434,10 @@ def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_
                      rows.with_name(rows.name + ".data").is_file())
         if fixed is not None:
             shutil.rmtree(rows.parent)
+        if cache_split is not None:
+            from vdit_deploy.export.cache_export import export_cache_graphs
+            export_cache_graphs(source, tmp, cache_split, den_range, step_range, opset, common,
+                                _io(contract, DENOISER, bname), _io(contract, STEP, bname), external_data)
         if contract.cond:
             save_null(source.null, tmp)
         for name in foreign:                                     # keep_foreign: carried over as they are
@@ -437,7 +447,8 @@ def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_BATCH,
                       fixed: int | None = None, opset: int = OPSET, external_data: bool | None = None,
-                      keep_foreign: bool = False, progress: bool = False, **source_options) -> Path:
+                      keep_foreign: bool = False, progress: bool = False, cache_split: int | None = None,
+                      **source_options) -> Path:
     """A model directory (vdit checkpoint or diffusers save_pretrained) -> export directory. The model
     is sized before it is loaded (a vdit checkpoint from its config, a diffusers one from its weights)."""
     from vdit_deploy.checkpoint import read_info
@@ -457,4 +468,4 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, batch: tuple[
     if progress:
         note(f"export: loading {checkpoint}")
     source = load_source(checkpoint, **source_options)
-    return export_source(source, out_dir, batch, fixed, opset, external_data, keep_foreign, progress)
+    return export_source(source, out_dir, batch, fixed, opset, external_data, keep_foreign, progress, cache_split)

@@ -16,7 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 DENOISER, STEP = "denoiser", "step"
-KINDS = (DENOISER, STEP)
+# step caching's split graphs (`vdit export --cache-split K`, export/cache_export.py): a head and a tail per kind
+DENOISER_HEAD, DENOISER_TAIL, STEP_HEAD, STEP_TAIL = "denoiser-head", "denoiser-tail", "step-head", "step-tail"
+CACHE_KINDS = (DENOISER_HEAD, DENOISER_TAIL, STEP_HEAD, STEP_TAIL)
+KINDS = (DENOISER, STEP, *CACHE_KINDS)
+CACHE_FIT_FILE = "cache_fit.json"   # teacache's polynomial, from `vdit calibrate cache`
 
 FP32, FP16, INT8_DYNAMIC, INT8_QDQ = "fp32", "fp16", "int8-dynamic", "int8-qdq"
 GRAPH_PRECISIONS = (FP32, FP16, INT8_DYNAMIC, INT8_QDQ)   # one file per kind each

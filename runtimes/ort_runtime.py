@@ -172,10 +172,19 @@ class OrtRuntime(Runtime):
             print(w, file=sys.stderr)
         self.null = load_null(self.contract, path.parent)
         self.device = self.graph.session.get_providers()[0].replace("ExecutionProvider", "")
+        self._cache_args, self._cache = (path.parent, _Graph, self.providers, options), None
 
     @property
     def files(self):
-        return [f for g in (self.graph, self.fused) if g is not None for f in with_data(g.path)]
+        split = self._cache.files if self._cache else []
+        return [f for g in (self.graph, self.fused) if g is not None for f in with_data(g.path)] + split
+
+    def cached_step(self, x_t, t: int, cond, guidance: float, coefs, noise, state=None, cache=None):
+        """A step of step caching (runtimes/ort_cache.py): the head graph, the tail unless `cache` skips it."""
+        if self._cache is None:
+            from vdit_deploy.runtimes.ort_cache import OrtCache
+            self._cache = OrtCache(*self._cache_args)
+        return self._cache.step(self, x_t, t, cond, guidance, coefs, noise, state, cache)
 
     @property
     def batch_range(self):

@@ -144,6 +144,15 @@ class TorchRuntime(Runtime):
                 setattr(state, name, TorchDeviceArray(value))
         return TorchDeviceArray(x_prev)
 
+    def cached_step(self, x_t, t: int, cond, guidance: float, coefs, noise, state=None, cache=None,
+                    blocks: int = 1):
+        """A step of step caching (runtimes/torch_cache.py): the model cut after `blocks` blocks as
+        `vdit export --cache-split` cuts it; the tail runs unless `cache` skips it."""
+        if getattr(self, "_cache", None) is None or self._cache.blocks != blocks:
+            from vdit_deploy.runtimes.torch_cache import TorchCache
+            self._cache = TorchCache(self, blocks)
+        return self._cache.step(x_t, t, cond, guidance, coefs, noise, state, cache)
+
     def describe(self) -> str:
         compiled = f", torch.compile {self.compile}" if self.compile else ""
         return f"torch:{self.precision} on {self.device}{compiled}"

@@ -51,6 +51,21 @@ def calibrate_collect(source, out, sampler, steps, guidance, eta, seeds, labels,
                f"({m['sampler']} {m['steps']} steps, guidance {m['guidance']}, seeds {m['seeds']})")
 
 
+@calibrate.command("cache")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@calib_option()
+@click.option("--degree", default=2, show_default=True, type=click.IntRange(1, 8), help="Polynomial degree.")
+def calibrate_cache(export_dir, calib_dir, degree):
+    """Fit teacache's polynomial (model output change against the modulated input's change between
+    consecutive steps) on a calibration set collected with --timesteps equal to --steps; writes
+    EXPORT_DIR/cache_fit.json (needs `vdit export --cache-split K`)."""
+    from vdit_deploy.calibration.cache_fit import fit_cache
+
+    fit = fit_cache(export_dir, calib_dir, degree)
+    click.echo(f"wrote {fit['path']}: poly {', '.join(f'{c:.4g}' for c in fit['poly'])} from {fit['points']} step "
+               f"pairs (rms residual {fit['rms_residual']:.2e})")
+
+
 @calibrate.command("fp16")
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @calib_option(required=False)
