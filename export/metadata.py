@@ -276,6 +276,9 @@ def describe_onnx(path: str | Path) -> str:
         lines.append(f"  contract   latent {list(contract.latent)}, output {contract.output}, "
                      f"cond {contract.describe_cond()}")
         lines.append(f"  schedule   {json.dumps(meta.schedule.to_dict())}")
+        if contract.family:   # the adapter every stage rebuilds (vdit_deploy/families/)
+            lines.append(f"  family     {contract.family['name']}: x_t (B, C, F, H, W), the model is fed "
+                         f"{contract.family['layout']}; args {json.dumps(contract.family['args'])}")
         lines.append(f"  batch      {meta.batch}")
         for direction in ("inputs", "outputs"):
             for spec in meta.io.get(direction, []):

@@ -3,7 +3,8 @@ its model contract (contract.py). Export, verify and the torch runtime load mode
 
     vdit checkpoint    config.json (format vdit-checkpoint/1) + model.safetensors: the built-in VideoDiT
     diffusers model    config.json (_class_name) + diffusion_pytorch_model*.safetensors (sharded or not),
-                       as `save_pretrained` writes it; LatteTransformer3DModel is known, any other
+                       as `save_pretrained` writes it; the families in vdit_deploy/families/ (Latte,
+                       CogVideoX, Wan, LTX-Video, Mochi, HunyuanVideo) are known by class, any other
                        diffusers ModelMixin is named as module:Class with its conditioning inputs given.
                        The schedule and prediction type come from a scheduler_config.json beside the
                        model (or in ../scheduler/, the pipeline layout), or from options.
@@ -29,7 +30,7 @@ from vdit_deploy.errors import VditError
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 SCHEDULER_CONFIG = "scheduler_config.json"
-LATTE_MAX_TOKENS = 120          # LattePipeline's max_sequence_length (T5 prompts padded to it)
+DEFAULT_MAX_TOKENS = 120        # a --input's named axis' upper end without --seq
 
 
 @dataclass
@@ -103,6 +104,16 @@ class DiffusersDenoiser(nn.Module):
         return self.net(**kwargs, return_dict=False)[0]
 
 
+def adapt(net: nn.Module, contract: Contract) -> nn.Module:
+    """The loaded model behind the contract's signature: its family's adapter (rebuilt from the contract's
+    record alone), else forward's keyword arguments in contract order."""
+    if contract.family:
+        from vdit_deploy import families
+
+        return families.by_name(contract.family["name"]).adapter(net, contract)
+    return DiffusersDenoiser(net, tuple(c.argument for c in contract.cond))
+
+
 def is_diffusers_dir(path: Path) -> bool:
     try:
         config = json.loads((Path(path) / "config.json").read_text())
@@ -151,7 +162,7 @@ def parse_cond_spec(text: str, axes: dict) -> CondInput:
     for d in filter(None, dims.split(",")):
         shape.append(int(d) if d.isdigit() else d)
         if isinstance(shape[-1], str) and shape[-1] not in axes:
-            axes[shape[-1]] = (1, LATTE_MAX_TOKENS)
+            axes[shape[-1]] = (1, DEFAULT_MAX_TOKENS)
     spec = {"name": name, "dtype": dtype, "shape": shape}
     contract = Contract.from_dict({"latent": [1, 1, 1, 1], "output": "eps", "cond": [spec],
                                    "axes": {k: list(r) for k, r in axes.items()},
@@ -188,23 +199,28 @@ def load_diffusers_source(path, device: str = "cpu", class_name: str | None = No
         if not bool(torch.isfinite(p).all()):
             raise VditError(f"{path}: {name} holds NaN or inf values")
         p.requires_grad_(False)
-    module = DiffusersDenoiser(net, contract.names).to(device).eval()
+    module = adapt(net, contract).to(device).eval()
     null = read_null(null_file, contract) if null_file else zero_null(contract)
     return Source(module, contract, null, {"class": cls_name, "config": dict(config)}, path, files)
 
 
 def diffusers_contract(path: Path, config: dict, cls_name: str, output, scheduler_config, schedule, inputs, seq,
                        latent) -> Contract:
-    """The contract of a diffusers model: Latte's is known; another class's conditioning is given."""
-    known = cls_name == "diffusers:LatteTransformer3DModel"
-    axes = {}
-    if known:
-        lo, hi = seq or (1, LATTE_MAX_TOKENS)
-        axes["seq"] = (lo, hi)
-        cond = (CondInput("encoder_hidden_states", "float32", (BATCH, "seq", int(config["caption_channels"])),
-                          doc="text-encoder embeddings (T5-XXL for Latte-1), padded to one length"),)
-        latent = latent or (int(config["in_channels"]), int(config["video_length"]), int(config["sample_size"]),
-                            int(config["sample_size"]))
+    """The contract of a diffusers model: a known family's (families/) from its config; another class's
+    conditioning and latent are given."""
+    from vdit_deploy import families
+
+    family = None if inputs else families.by_class(cls_name)
+    axes, record = {}, {}
+    if family is not None:
+        family.check(path, config)
+        if family.objective == "flow" and not families.flow_supported():
+            raise VditError(f"{family.cls} is a flow-matching model (default sampler {family.default_sampler}): "
+                            "vdit samples DDPM-family schedules only until flow matching lands (issue 20)")
+        axes["seq"] = tuple(seq or (1, family.max_tokens))
+        cond = family.cond(config)
+        latent = tuple(latent or family.latent(config))
+        record = family.record(config, latent)
     else:
         if not inputs or latent is None:
             raise VditError(f"{cls_name} is not a model vdit knows: give its conditioning (--input NAME:DTYPE:DIMS, "
@@ -212,6 +228,8 @@ def diffusers_contract(path: Path, config: dict, cls_name: str, output, schedule
         if seq:
             axes["seq"] = tuple(seq)
         cond = tuple(parse_cond_spec(text, axes) for text in inputs)
+    if not any("seq" in c.shape for c in cond):
+        axes.pop("seq", None)
     from_scheduler = scheduler_options(path, scheduler_config)
     if from_scheduler is None and (schedule is None or output is None):   # refuse rather than guess
         raise VditError(f"{path} has no {SCHEDULER_CONFIG} beside it or in ../scheduler: pass --scheduler-config "
@@ -230,7 +248,7 @@ def diffusers_contract(path: Path, config: dict, cls_name: str, output, schedule
         else:
             raise VditError(f"{path}: cannot tell the output kind ({out_channels} output channels for {in_channels} "
                             f"in, prediction {prediction}); pass --output eps, eps+var, v or x0")
-    contract = Contract(latent=tuple(latent), output=output, cond=cond, schedule=schedule, axes=axes)
+    contract = Contract(latent=tuple(latent), output=output, cond=cond, schedule=schedule, axes=axes, family=record)
     if contract.out_channels != out_channels:
         raise VditError(f"{path}: output kind {output} means {contract.out_channels} output channels, the model "
                         f"has {out_channels}")
@@ -254,6 +272,9 @@ def describe_diffusers_dir(path) -> str:
         c = diffusers_contract(path, config, cls_name, None, None, None, (), None, None)
         contract = (f"latent {list(c.latent)}, output {c.output}, cond {c.describe_cond()}\n"
                     f"schedule    {json.dumps(c.schedule.to_dict())}")
+        if c.family:
+            contract += f"\nfamily      {c.family['name']}: the model is fed {c.family['layout']}, " \
+                        f"args {json.dumps(c.family['args'])}"
     except VditError as e:
         contract = f"(export needs options: {e})"
     return "\n".join([f"diffusers model  {path}  ({cls_name})", f"contract    {contract}",
