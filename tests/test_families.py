@@ -135,3 +135,136 @@ def test_cogvideox_samples_equal_on_ort_torch_and_the_diffusers_pipeline(cogvide
                       return_dict=False)[0]
     theirs = theirs.transpose(1, 2).numpy()                               # (B, F, C, H, W) -> (B, C, F, H, W)
     assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 1e-4
+
+
+# ---- the flow-matching families: Wan, LTX-Video, Mochi, HunyuanVideo -------------------------------------
+SEQ, TEXT = 8, 16
+
+
+def tiny_flow_family(name):
+    """(model, its pipeline's scheduler, latent (C, F, H, W), the pipeline's call as a function of
+    (net, x_t (B, C, F, H, W), t, cond dict) -> out (B, C, F, H, W))."""
+    d = diffusers
+    if name == "wan":
+        model = d.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=4, out_channels=4, text_dim=TEXT, freq_dim=16, ffn_dim=32,
+                                        num_layers=1, rope_max_seq_len=32)
+        scheduler = d.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+        call = lambda net, x, t, c: net(hidden_states=x, timestep=t, encoder_hidden_states=c["encoder_hidden_states"],
+                                        return_dict=False)[0]
+        return model, scheduler, (4, 2, 8, 8), call
+    if name == "ltx":
+        model = d.LTXVideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8,
+                                             cross_attention_dim=16, num_layers=1, caption_channels=TEXT)
+        scheduler = d.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+                                                      base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
+
+        def call(net, x, t, c):   # LTXPipeline's packing, arguments and rope scale (8 / 25 fps, 32, 32)
+            b, _, f, h, w = x.shape
+            tokens = d.LTXPipeline._pack_latents(x, 1, 1)
+            out = net(hidden_states=tokens, encoder_hidden_states=c["encoder_hidden_states"], timestep=t,
+                      encoder_attention_mask=c["encoder_attention_mask"], num_frames=f, height=h, width=w,
+                      rope_interpolation_scale=(8 / 25, 32, 32), return_dict=False)[0]
+            return d.LTXPipeline._unpack_latents(out, f, h, w, 1, 1)
+        return model, scheduler, (8, 2, 4, 4), call
+    if name == "mochi":
+        model = d.MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                                          pooled_projection_dim=16, in_channels=4, text_embed_dim=TEXT,
+                                          time_embed_dim=16, max_sequence_length=SEQ)
+        scheduler = d.FlowMatchEulerDiscreteScheduler(invert_sigmas=True)
+        call = lambda net, x, t, c: net(hidden_states=x, encoder_hidden_states=c["encoder_hidden_states"], timestep=t,
+                                        encoder_attention_mask=c["encoder_attention_mask"], return_dict=False)[0]
+        return model, scheduler, (4, 2, 8, 8), call
+    model = d.HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12,
+                                             num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=2,
+                                             text_embed_dim=TEXT, pooled_projection_dim=8, rope_axes_dim=(4, 4, 4))
+    scheduler = d.FlowMatchEulerDiscreteScheduler(shift=7.0)
+    call = lambda net, x, t, c: net(hidden_states=x, timestep=t, encoder_hidden_states=c["encoder_hidden_states"],
+                                    encoder_attention_mask=c["encoder_attention_mask"],
+                                    pooled_projections=c["pooled_projections"],
+                                    guidance=c["embedded_guidance"] * 1000.0, return_dict=False)[0]  # the pipeline's
+    return model, scheduler, (4, 2, 8, 8), call
+
+
+@pytest.fixture(scope="module", params=["wan", "ltx", "mochi", "hunyuan"])
+def flow_family(request, tmp_path_factory):
+    """A tiny flow-matching model in the pipeline layout with its pipeline's real scheduler config, and its
+    export through the Python API under a DDPM stand-in contract (the family's own conditioning, layout
+    and fixed arguments; an eps output on the linear schedule) until flow matching lands (issue 20)."""
+    import torch
+
+    from vdit_deploy import families
+    from vdit_deploy.contract import Contract
+    from vdit_deploy.export.onnx_export import export_source
+    from vdit_deploy.schedules import Schedule
+    from vdit_deploy.sources import load_diffusers_source
+
+    name = request.param
+    root = tmp_path_factory.mktemp(name)
+    torch.manual_seed(0)
+    model, scheduler, latent, call = tiny_flow_family(name)
+    path = save_pipeline(root, model, scheduler)
+    config = json.loads((path / "config.json").read_text())
+    family = families.by_class(config["_class_name"])
+    contract = Contract(latent, "eps", family.cond(config), Schedule(), axes={"seq": (1, SEQ)},
+                        family=family.record(config, latent))
+    source = load_diffusers_source(path, contract=contract)
+    notes = []
+    export = export_source(source, root / "export", batch=(1, 3), log=notes.append)
+    return name, path, export, call, notes
+
+
+def test_flow_family_export_is_refused_until_flow_matching(flow_family, tmp_path):
+    name, path, *_ = flow_family
+    result = run_cli("export", path, "--out", tmp_path / "e", "--no-verify")
+    line = one_line_error(result)
+    assert "flow-matching model" in line and "issue 20" in line, line
+    assert not (tmp_path / "e").exists()
+
+
+def test_flow_family_graph_equals_the_pipeline_call(flow_family):
+    """The exported denoiser (the adapter: layout, packing, fixed arguments, scalars) equals the diffusers
+    model called as its pipeline calls it; a fixed-batch family says so in one note."""
+    import torch
+
+    from vdit_deploy.export.metadata import read_metadata
+    from vdit_deploy.runtimes import open_runtime
+
+    name, path, export, call, notes = flow_family
+    meta = read_metadata(export / "denoiser.onnx")
+    if name in ("ltx", "mochi"):
+        assert meta.batch == {"fixed": 1} and len(notes) == 1 and "fixed batch of 1" in notes[0], notes
+    net = getattr(diffusers, meta.model["class"].split(":")[1]).from_pretrained(path).eval()
+    rng = np.random.default_rng(0)
+    with open_runtime("ort", export) as rt:
+        b = rt.batch_range[0]
+        cond = rt.contract.example_cond(b, rng, {"seq": SEQ})
+        x = rng.standard_normal((b, *rt.contract.latent), dtype=np.float32)
+        t = np.full(b, 700.0, np.float32)
+        got = rt.denoise(x, t, cond)
+    with torch.no_grad():
+        want = call(net, torch.from_numpy(x), torch.from_numpy(t), {k: torch.from_numpy(v) for k, v in cond.items()})
+    want = want.numpy()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
+def test_flow_family_verifies_and_samples_alike_on_ort_and_torch(flow_family):
+    """verify passes; the torch runtime rebuilt from the export alone (the contract's family record)
+    samples what ONNX Runtime samples."""
+    from vdit_deploy.export.metadata import read_metadata
+    from vdit_deploy.export.verify import check, verify
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.runtimes.torch_runtime import TorchRuntime
+    from vdit_deploy.sampling import sample, sampler_plan
+    from vdit_deploy.sources import load_export_source
+
+    name, path, export, *_ = flow_family
+    check(verify(export, polygraphy=False), export)
+    source = load_export_source(read_metadata(export / "step.onnx"), export)
+    with open_runtime("ort", export) as ort_rt, TorchRuntime(None, source=source, device="cpu") as torch_rt:
+        contract = ort_rt.contract
+        cond = contract.example_cond(ort_rt.batch_range[0], np.random.default_rng(2), {"seq": SEQ})
+        plan = sampler_plan(contract, "unipc", 4)
+        got = sample(ort_rt, contract, cond, plan, 3.0, 1)
+        want = sample(torch_rt, contract, cond, plan, 3.0, 1)
+    np.testing.assert_allclose(got, want, atol=1e-4)
