@@ -38,6 +38,7 @@ from vdit_deploy.contract import BATCH, Contract
 from vdit_deploy.samplers import COEF_NAMES
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, ExportMetadata
+from vdit_deploy.export.rewrites import rewrite_bool_where
 from vdit_deploy.export.step_module import GuidedUpdate
 from vdit_deploy.export.variants import DENOISER, STEP, variant_file
 from vdit_deploy.files import atomic_path, check_output, temp_dir
@@ -92,6 +93,7 @@ def _export(module: nn.Module, example_inputs: tuple, path: Path, input_names, o
             if lo < hi and isinstance(value.shape[i], int):            # onnx_ir: int (static) or SymbolicDim
                 raise ExportFailed(f"ONNX export of {type(module).__name__}: axis {name} of {value.name} came out "
                                 f"static ({value.shape[i]}); the model's forward must not depend on it")
+    rewrite_bool_where(program.model)                              # ONNX Runtime has no bool Where kernel
     program.model.metadata_props.update(metadata or {})
     program.model.producer_name = "vdit-deploy"
     program.save(str(path), external_data=external_data)

@@ -283,13 +283,18 @@ def describe_diffusers_dir(path) -> str:
 
 
 def zero_null(contract: Contract) -> dict:
-    """Zeros at each named axis' max (labels: the null label; masks: ones). Text models want the empty
-    prompt's embeddings instead: pass them as --null (README: your own model)."""
+    """Zeros at each named axis' max (labels: the null label; int and bool inputs: ones); a mask keeps its
+    first token only (an empty prompt's mask: all zeros would leave attention nothing to attend to); a
+    per-call scalar is stored but unused (the null pass takes the prompt's value). Text models want the
+    empty prompt's embeddings instead: pass them as --null (README: your own model)."""
     null = {}
     for spec in contract.cond:
         shape = [1 if d == BATCH else d if isinstance(d, int) else contract.axes[d][1] for d in spec.shape]
-        value = spec.classes if spec.classes is not None else 1 if spec.dtype in ("bool", "int32", "int64") else 0
+        value = spec.classes if spec.classes is not None else 1 if spec.dtype in ("bool", "int32", "int64") \
+            or spec.role == "scalar" else 0
         null[spec.name] = np.full(shape, value, spec.dtype)
+        if spec.role == "mask":
+            null[spec.name][..., 0] = 1
     return null
 
 
