@@ -17,7 +17,7 @@ trajectory, including the 2B cond + null batch that guidance feeds it.
                                                  sampler, seeds, shapes, and per denoiser call its
                                                  rows and which of them are the null conditioning
 
-The NAME.npy layout is also what runtimes/trt_build.calibration_batches reads (implicit INT8).
+The NAME.npy layout is also what runtimes/trt_network.calibration_batches reads (implicit INT8).
 """
 from __future__ import annotations
 

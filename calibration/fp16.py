@@ -5,7 +5,7 @@ norm or GELU) and the sin-cos timestep embedding (t up to 999 times frequencies:
 significant digits of the angle) overflow or lose what diffusion needs. onnxruntime's own float16
 converter (onnxruntime.transformers.float16, shipped with onnxruntime) casts everything else and
 inserts Casts around the blocked nodes; inputs and outputs stay float32 so callers do not change.
-TensorRT's fp16 build pins the same layer types (runtimes/trt_build.py FP32_LAYER_TYPES).
+TensorRT's fp16 build pins the same layer types (runtimes/trt_network.py FP32_LAYER_TYPES).
 
 The fused step graph gets the same treatment (step.fp16.onnx: what a strongly typed TensorRT 11
 fp16 build compiles), except that the step's own arithmetic stays fp32 too: a*x_t reaches ~600 near

@@ -21,14 +21,14 @@ import numpy as np
 
 from vdit_deploy.compare.measure import accuracy, record_calls, teacher_forced
 from vdit_deploy.compare.report import fmt, write_gif
-from vdit_deploy.export.variants import FP16, INT8_DYNAMIC, INT8_QDQ
+from vdit_deploy.export.variants import FP16, FP32, INT8, INT8_DYNAMIC, INT8_QDQ
 from vdit_deploy.files import atomic_path
 from vdit_deploy.plots import plot_error_vs_timestep
 
 PSNR_TARGETS = {FP16: 40.0, INT8_DYNAMIC: 30.0, INT8_QDQ: 30.0}   # dB against fp32 (issue 4), by graph
 
 
-def accuracy_report(export_dir, precisions=("fp16", "int8"), steps: int = 50, seeds=range(2), labels=None,
+def accuracy_report(export_dir, precisions=(FP16, INT8), steps: int = 50, seeds=range(2), labels=None,
                     out_dir="calibration-report", sampler: str = "ddim", guidance: float = 2.0,
                     eta: float = 0.0, cond=None) -> dict:
     """labels (class models; default every class) or cond (a dict or .safetensors file): the videos of
@@ -38,20 +38,20 @@ def accuracy_report(export_dir, precisions=("fp16", "int8"), steps: int = 50, se
     from vdit_deploy.sampling import sample
 
     export_dir, out_dir = Path(export_dir), Path(out_dir)
-    ref = OrtRuntime(export_dir, "fp32", providers=["cpu"])
+    ref = OrtRuntime(export_dir, FP32, providers=["cpu"])
     contract = ref.contract
     served = conditioning(contract, labels, cond)
     plan = sampler_plan(contract, sampler, None if sampler == "ddpm" else steps, eta)
     rts = {p: OrtRuntime(export_dir, p, providers=["cpu"]) for p in precisions}
     seeds = [int(s) for s in seeds]
     recorded = {seed: record_calls(ref.denoise, contract, served, plan, guidance, seed, ref.null) for seed in seeds}
-    videos = {"fp32": {seed: video for seed, (video, _, _) in recorded.items()}}
+    videos = {FP32: {seed: video for seed, (video, _, _) in recorded.items()}}
     results = {}
     for p, rt in rts.items():
         # host step (plain denoise) for every precision: the same update as the fp32 trajectory
         videos[p] = {seed: sample(rt.denoise, contract, served, plan, guidance, seed, null=rt.null) for seed in seeds}
         eps_err = [teacher_forced(rt.denoise, recorded[seed][1])[0] for seed in seeds]
-        acc = accuracy(videos[p], videos["fp32"], eps_err, seeds)
+        acc = accuracy(videos[p], videos[FP32], eps_err, seeds)
         target = PSNR_TARGETS.get(rt.precision)   # the loaded graph's: int8 is int8-dynamic
         results[p] = {"file": rt.files[0].name, **acc, "target_psnr_db": target,
                       "meets_target": acc["finite"] and (target is None or acc["psnr_db"] is None
@@ -65,7 +65,7 @@ def accuracy_report(export_dir, precisions=("fp16", "int8"), steps: int = 50, se
         report["files"]["plot"] = plot_eps_error(report, out_dir / "eps_error.png").name
     except ImportError:
         report["notes"].append("plot skipped: matplotlib is not installed (pip install 'vdit-deploy[report]')")
-    columns = {c: np.concatenate([videos[c][seed] for seed in seeds]) for c in ("fp32", *precisions)}
+    columns = {c: np.concatenate([videos[c][seed] for seed in seeds]) for c in (FP32, *precisions)}
     if gif := write_gif(out_dir / "samples.gif", columns, report["notes"]):   # one row per (seed, video)
         report["files"]["gif"], report["files"]["gif_columns"] = gif, list(columns)
     with atomic_path(out_dir / "report.json") as tmp:

@@ -246,21 +246,23 @@ def find_onnx(path: str | Path, kind: str = DENOISER, precision: str = "fp32") -
     return found
 
 
-def check_export_out(out: str | Path) -> Path:
-    """Before exporting into `out`: it must be writable, and, when it exists, hold only what an export
-    writes. Re-exporting replaces the whole directory, so fp16/int8 variants, engines or calibration
-    sets kept there (made from the old graphs) would silently go: refuse and name them instead."""
+def export_own_files(out: str | Path, refuse: bool = True) -> list[str]:
+    """Before exporting into `out`: it must be writable, and, when it holds an export, the names of
+    what else it holds. Re-exporting replaces the whole directory, so fp16/int8 variants, engines or
+    calibration sets kept there (made from the old graphs) would silently go: with `refuse`, name them
+    in a one-line error instead."""
     from vdit_deploy.files import check_output
 
     out = check_output(out, is_dir=True, marker=variant_file(DENOISER))
-    if out.is_dir():
-        own = {variant_file(k) for k in KINDS} | {variant_file(k) + ".data" for k in KINDS} | {NULL_FILE}
-        others = sorted(p.name for p in out.iterdir() if p.name not in own)
-        if others and (out / variant_file(DENOISER)).is_file():
-            raise VditError(f"{out} also holds {', '.join(others[:4])}{' ...' if len(others) > 4 else ''}, "
-                            "made from the graphs a new export replaces; move or delete them, or export to "
-                            "another --out")
-    return out
+    if not (out / variant_file(DENOISER)).is_file():
+        return []
+    own = {variant_file(k) for k in KINDS} | {variant_file(k) + ".data" for k in KINDS} | {NULL_FILE}
+    others = sorted(p.name for p in out.iterdir() if p.name not in own)
+    if others and refuse:
+        raise VditError(f"{out} also holds {', '.join(others[:4])}{' ...' if len(others) > 4 else ''}, "
+                        "made from the graphs a new export replaces; move or delete them, or export to "
+                        "another --out")
+    return others
 
 
 def describe_onnx(path: str | Path) -> str:

@@ -314,7 +314,8 @@ def example_inputs(contract: Contract, batch: int, seed: int = 0) -> tuple:
 
 
 def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_BATCH, fixed: int | None = None,
-                  opset: int = OPSET, external_data: bool | None = None, log=None) -> Path:
+                  opset: int = OPSET, external_data: bool | None = None, keep_foreign: bool = False,
+                  log=None) -> Path:
     """export_directory with the batch fallback: a family whose forward pins the batch (families/) is
     exported at a fixed batch (the range's minimum) at once, and a dynamic batch that fails to trace or
     comes out static falls back to it; `log` gets the one-line note (default: stderr)."""
@@ -328,26 +329,31 @@ def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_
         if not family.dynamic_batch:
             note(f"note: {family.cls} is exported at a fixed batch of {batch[0]}: {family.batch_note} "
                  "(--fixed-batch N for another)")
-            return export_directory(source, out_dir, batch, batch[0], opset, external_data)
+            return export_directory(source, out_dir, batch, batch[0], opset, external_data, keep_foreign)
     if fixed is not None:
-        return export_directory(source, out_dir, batch, fixed, opset, external_data)
+        return export_directory(source, out_dir, batch, fixed, opset, external_data, keep_foreign)
     try:
-        return export_directory(source, out_dir, batch, None, opset, external_data)
+        return export_directory(source, out_dir, batch, None, opset, external_data, keep_foreign)
     except ExportFailed as e:
         note(f"note: the batch could not stay dynamic ({e}); exporting at a fixed batch of {batch[0]} "
              "(--fixed-batch N for another)")
-        return export_directory(source, out_dir, batch, batch[0], opset, external_data)
+        return export_directory(source, out_dir, batch, batch[0], opset, external_data, keep_foreign)
 
 
 def export_directory(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_BATCH, fixed: int | None = None,
-                     opset: int = OPSET, external_data: bool | None = None) -> Path:
+                     opset: int = OPSET, external_data: bool | None = None, keep_foreign: bool = False) -> Path:
     """A Source (sources.py: module + contract + null conditioning) -> out_dir/{denoiser,step}.onnx and
     null_cond.safetensors, written atomically (the directory is replaced).
 
     batch (min, max) is the number of videos per call; denoiser.onnx accepts up to 2*max so that a
     host-side guided step (cond + null) fits. fixed=N: a static batch, both graphs take exactly N (the
-    contract's named axes stay dynamic)."""
+    contract's named axes stay dynamic).
+
+    An existing export in out_dir is replaced whole. Other files beside its graphs (fp16/int8 variants,
+    engines, calibration sets: made from the graphs this export replaces) are refused, as `vdit export`
+    refuses them, unless keep_foreign: then they are carried into the new directory as they are."""
     from vdit_deploy.contract import save_null
+    from vdit_deploy.export.metadata import export_own_files
 
     if opset < 17:
         raise VditError(f"opset must be >= 17 (LayerNormalization), got {opset}")
@@ -367,6 +373,7 @@ def export_directory(source, out_dir: str | Path, batch: tuple[int, int] = DEFAU
     video_axes = [BATCH] + [None] * 4
     cond_axes = [[a if isinstance(a, str) else None for a in c.shape] for c in contract.cond]
     out_dir = Path(out_dir)
+    foreign = export_own_files(out_dir, refuse=not keep_foreign)
     with atomic_path(out_dir, is_dir=True, marker=variant_file(DENOISER)) as tmp:
         meta = ExportMetadata(DENOISER, io=_io(contract, DENOISER, bname), batch=den_meta, **common)
         _export(denoiser, example, tmp / variant_file(DENOISER), denoiser_inputs(contract), ("out",),
@@ -385,12 +392,14 @@ def export_directory(source, out_dir: str | Path, batch: tuple[int, int] = DEFAU
             shutil.rmtree(rows.parent)
         if contract.cond:
             save_null(source.null, tmp)
+        for name in foreign:                                     # keep_foreign: carried over as they are
+            os.replace(out_dir / name, tmp / name)
     return out_dir
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_BATCH,
-                      fixed: int | None = None, opset: int = OPSET, external_data: bool | None = None, log=None,
-                      **source_options) -> Path:
+                      fixed: int | None = None, opset: int = OPSET, external_data: bool | None = None,
+                      keep_foreign: bool = False, log=None, **source_options) -> Path:
     """A model directory (vdit checkpoint or diffusers save_pretrained) -> export directory. The model
     is sized before it is loaded (a vdit checkpoint from its config, a diffusers one from its weights)."""
     from vdit_deploy.checkpoint import read_info
@@ -401,5 +410,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, batch: tuple[
     n = fixed or max(2, batch[0])
     if not is_diffusers_dir(checkpoint):
         check_memory(read_info(checkpoint).model.memory_bytes(2 * n), f"exporting at batch {n}")   # before loading
+    from vdit_deploy.export.metadata import export_own_files
+
+    export_own_files(out_dir, refuse=not keep_foreign)          # before the model is loaded
     source = load_source(checkpoint, **source_options)
-    return export_source(source, out_dir, batch, fixed, opset, external_data, log)
+    return export_source(source, out_dir, batch, fixed, opset, external_data, keep_foreign, log)

@@ -24,16 +24,18 @@ OLD_TAGS = {"int8": INT8_DYNAMIC}                          # tags (and file name
 
 # --precision each runtime takes. trt's are engine build modes (also the engine cache's and the board
 # profiles'): best turns every precision flag on and builds the int8 graph where the export has one.
-ENGINE_PRECISIONS = (FP32, FP16, "int8", "best")
+INT8, BEST, BF16 = "int8", "best", "bf16"
+ENGINE_PRECISIONS = (FP32, FP16, INT8, BEST)
+TORCH_PRECISIONS = (FP32, FP16, BF16)
 RUNTIME_PRECISIONS = {
-    "torch": (FP32, FP16, "bf16"),
-    "ort": (*GRAPH_PRECISIONS, "int8"),
-    "ort-trt": (*GRAPH_PRECISIONS, "int8"),
+    "torch": TORCH_PRECISIONS,
+    "ort": (*GRAPH_PRECISIONS, INT8),
+    "ort-trt": (*GRAPH_PRECISIONS, INT8),
     "trt": ENGINE_PRECISIONS,
 }
-# runtime precision -> the graph it loads; trt's fp16 and best may fall back (trt_build.onnx_for)
-_LOADS = {"ort": {"int8": INT8_DYNAMIC}, "ort-trt": {"int8": INT8_DYNAMIC},
-          "trt": {FP32: FP32, FP16: FP16, "int8": INT8_QDQ, "best": INT8_QDQ}}
+# runtime precision -> the graph it loads; trt's fp16 and best may fall back (trt_network.onnx_for)
+_LOADS = {"ort": {INT8: INT8_DYNAMIC}, "ort-trt": {INT8: INT8_DYNAMIC},
+          "trt": {FP32: FP32, FP16: FP16, INT8: INT8_QDQ, BEST: INT8_QDQ}}
 
 
 def graph_precision(tag: str) -> str:

@@ -327,7 +327,7 @@ def import_tensorrt():
         raise VditError(f"TensorRT's Python bindings are installed but its libraries did not load ({reason}); "
                         "pip install tensorrt-cu12 (or tensorrt-cu13)") from None
     major = int(trt.__version__.split(".")[0])
-    if major < 10:   # JetPack 5 (TensorRT 8.5/8.6): see the porting notes in trt_build.py
+    if major < 10:   # JetPack 5 (TensorRT 8.5/8.6): see the porting notes in trt_network.py
         raise VditError(f"TensorRT {trt.__version__} is not supported: vdit needs TensorRT >= 10 "
                         "(JetPack 6 or later on Jetson); use --runtime ort there")
     return trt

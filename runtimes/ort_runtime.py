@@ -182,6 +182,14 @@ class OrtRuntime(Runtime):
         self.graph.check_batch(x_t.shape[0])
         return self.graph.run(x_t=x_t, t=t, **cond).astype(np.float32, copy=False)
 
+    def _null_feeds(self, rows: dict) -> dict:
+        """The fused graph's null_<name> inputs: OrtValues on the device when it runs there."""
+        feeds = self.fused.feeds(**{NULL_PREFIX + k: v for k, v in rows.items()})
+        if not self.fused.on_device:
+            return feeds
+        import onnxruntime as ort
+        return {k: ort.OrtValue.ortvalue_from_numpy(v, self.fused.device_type, 0) for k, v in feeds.items()}
+
     def step(self, x_t, t: int, cond, guidance: float, coefs, noise, state: SolverState | None = None):
         b = x_t.shape[0]
         # Without guidance the 2B fused graph would do twice the work: run the B denoiser + host update.
@@ -195,10 +203,12 @@ class OrtRuntime(Runtime):
             x_t = np.asarray(x_t)
         cond = self.check_inputs(x_t, ts, cond)
         self.fused.check_batch(b)
-        null = {NULL_PREFIX + k: v for k, v in self.contract.null_batch(self.null, cond).items()}
-        feeds = dict(t=ts, **cond, **null, guidance=np.float32([guidance]), coefs=np.asarray(coefs, np.float32),
+        null = self.null_rows(cond, self._null_feeds)     # made (and uploaded) once per batch and shape
+        feeds = dict(t=ts, **cond, guidance=np.float32([guidance]), coefs=np.asarray(coefs, np.float32),
                      noise=noise)
-        on_device = {}
+        on_device = dict(null) if self.fused.on_device else {}
+        if not self.fused.on_device:
+            feeds.update(null)
         for name in ["x_t", *(i for i, _ in STEP_STATE)]:
             value = x_t if name == "x_t" else getattr(state, name, None)
             if value is None:                 # before the first step the state is zeros

@@ -26,18 +26,18 @@ import numpy as np
 
 from vdit_deploy.config import ModelConfig
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.variants import ENGINE_PRECISIONS
+from vdit_deploy.export.variants import BEST, ENGINE_PRECISIONS, FP16, FP32, INT8
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 GIB, MIB = 1 << 30, 1 << 20
 
 # Bytes per weight in the engine and per activation between layers. INT8 engines keep LayerNorm, softmax
 # and the GEMM outputs in fp16, so their activations are counted at 2 bytes; "best" is counted as fp16.
-WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1, "best": 2}
-ACTIVATION_BYTES = {"fp32": 4, "fp16": 2, "int8": 2, "best": 2}
+WEIGHT_BYTES = {FP32: 4, FP16: 2, INT8: 1, BEST: 2}
+ACTIVATION_BYTES = {FP32: 4, FP16: 2, INT8: 2, BEST: 2}
 # Bytes per weight of the ONNX file the builder parses: fp32/fp16 builds read the fp32 export (TensorRT
 # casts); int8 builds read a Q/DQ graph with int8 initializers. Pass onnx_bytes to use the real file.
-ONNX_BYTES = {"fp32": 4, "fp16": 4, "int8": 1, "best": 4}
+ONNX_BYTES = {FP32: 4, FP16: 4, INT8: 1, BEST: 4}
 
 # What DLA cannot take from this transformer (TensorRT "DLA Supported Layers and Restrictions"): these run
 # on the GPU when gpu_fallback is on, and every GPU<->DLA switch splits the graph into another DLA loadable
@@ -156,7 +156,7 @@ def profile_from_dict(data: dict, source: str = "profile") -> BuildProfile:
                f"dla_core must be null or a core index, got {core!r}")
         _check(core < d["dla_cores"], source, f"dla_core {core} asked for, but {d['name']} has "
                f"{d['dla_cores']} DLA core(s) (dla_cores); set dla_core to null")
-        _check(d["precision"] in ("fp16", "int8"), source, f"DLA runs fp16 or int8, not {d['precision']}")
+        _check(d["precision"] in (FP16, INT8), source, f"DLA runs fp16 or int8, not {d['precision']}")
         _check(all(r[0] == r[2] for r in (d["batch"], *d["axes"].values())), source,
                "DLA needs fixed shapes: batch (and axes) min, opt and max must be equal")
     return BuildProfile(**d, path=source)
@@ -334,7 +334,7 @@ def _estimate(cfg: ModelConfig, batch: int, precision: str, profile: BuildProfil
         rows["serialized engine (host copy)"] = (weights, weights)
         notes.append("CPU and GPU share memory here: the parsed ONNX and the serialized engine count while "
                      "building, the engine file while loading")
-    if precision == "best":
+    if precision == BEST:
         notes.append("precision best counted as fp16; TensorRT may keep some layers in fp32")
     if isinstance(cfg, GraphSize):
         at = ", ".join(f"{k} {v}" for k, v in cfg.sizes.items())
@@ -369,7 +369,7 @@ def plan_memory(config: "ModelConfig | GraphSize", batch: int, precision: str, p
     fitting_batch = _largest(1, batch - 1, fits)
     if fitting_batch:
         suggestions.append(f"a smaller batch (--batch {fitting_batch} fits)")
-    if precision != "int8" and _estimate(config, batch, "int8", profile, guidance, None).fits:
+    if precision != INT8 and _estimate(config, batch, INT8, profile, guidance, None).fits:
         suggestions.append("int8 (--precision int8 after `vdit calibrate` fits)")
     fitting = None
     if isinstance(config, ModelConfig):   # another architecture's frame count is fixed in its graph

@@ -17,10 +17,10 @@ import torch.nn as nn
 from vdit_deploy.samplers import SolverState
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import STEP_STATE
-from vdit_deploy.export.variants import check_precision
+from vdit_deploy.export.variants import FP32, TORCH_PRECISIONS, check_precision
 from vdit_deploy.runtimes.base import COMPILE_MODES, Runtime, TensorSpec
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = dict(zip(TORCH_PRECISIONS, (torch.float32, torch.float16, torch.bfloat16)))
 
 
 class TorchDeviceArray:
@@ -57,7 +57,7 @@ class _Float32IO(nn.Module):
 class TorchRuntime(Runtime):
     name = "torch"
 
-    def __init__(self, checkpoint, precision: str = "fp32", device: str | None = None,
+    def __init__(self, checkpoint, precision: str = FP32, device: str | None = None,
                  compile: str | None = None, source=None):
         """checkpoint: a model directory (sources.load_source); or pass a loaded `source` (a Source)."""
         from vdit_deploy.export.step_module import FusedStep, Unguided
@@ -133,7 +133,7 @@ class TorchRuntime(Runtime):
         if guidance == 1.0:   # no null pass: half the work of the 2B guided batch
             outs = self.unguided(x, t_, *cond_, coefs_, noise_, *solver)
         else:
-            null_ = self._cond(self.contract.null_batch(self.null, cond))
+            null_ = self.null_rows(cond, self._cond)     # on the device once per batch and shape
             outs = self.guided(x, t_, *cond_, *null_, self._tensor(np.float32([guidance])), coefs_, noise_, *solver)
         # CUDA-graph outputs live in the graph's memory pool and are overwritten by the next replay
         x_prev, *next_state = (o.clone() if self.compile else o for o in outs)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from vdit_deploy.errors import VditError
+from vdit_deploy.export.variants import FP16
 from vdit_deploy.runtimes.base import Runtime, TensorSpec
 from vdit_deploy.runtimes.engine_cache import (check_cuda, gpu_info, import_cudart, import_tensorrt,
                                                tensorrt_logger)
@@ -148,7 +149,7 @@ class _Engine:
 class TrtRuntime(Runtime):
     name = "trt"
 
-    def __init__(self, artifact, precision: str = "fp16", cuda_graph: bool = True, cache_dir=None, device: int = 0):
+    def __init__(self, artifact, precision: str = FP16, cuda_graph: bool = True, cache_dir=None, device: int = 0):
         """Loads engines `vdit build` made (trt_build.ensure_engine); it never builds one itself."""
         from vdit_deploy.contract import load_null
         from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, find_onnx, read_metadata

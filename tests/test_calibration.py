@@ -132,7 +132,7 @@ def test_fused_step_equals_host_step(export, calib, precision, tol):
     precision's denoiser plus the fp32 host update, on trajectory inputs, deterministic and noisy steps."""
     from vdit_deploy.samplers import guided_step, make_steps
     from vdit_deploy.runtimes import open_runtime
-    from vdit_deploy.runtimes.trt_build import onnx_for
+    from vdit_deploy.runtimes.trt_network import onnx_for
 
     if precision == "fp16":
         convert_fp16(export)

@@ -442,7 +442,7 @@ def test_serve_export_engine_config_from_manifest(tiny_export, tmp_path):
 TORCH_FREE_MODULES = [
     "vdit_deploy.config", "vdit_deploy.schedules", "vdit_deploy.samplers", "vdit_deploy.sampling", "vdit_deploy.checkpoint",
     "vdit_deploy.video", "vdit_deploy.cli", "vdit_deploy.runtimes", "vdit_deploy.runtimes.profiles",
-    "vdit_deploy.runtimes.ort_runtime", "vdit_deploy.runtimes.engine_cache", "vdit_deploy.runtimes.trt_build",
+    "vdit_deploy.runtimes.ort_runtime", "vdit_deploy.runtimes.engine_cache", "vdit_deploy.runtimes.trt_build", "vdit_deploy.runtimes.trt_network",
     "vdit_deploy.runtimes.trt_runtime", "vdit_deploy.export.metadata", "vdit_deploy.export.triton",
 ]
 

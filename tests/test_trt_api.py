@@ -30,7 +30,7 @@ from vdit_deploy.export.metadata import NULL_PREFIX, ExportMetadata
 from vdit_deploy.runtimes.engine_cache import AxisProfile, EngineProfile, import_tensorrt
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [ROOT / "runtimes" / f for f in ("trt_build.py", "trt_runtime.py", "engine_cache.py")]
+SOURCES = [ROOT / "runtimes" / f for f in ("trt_build.py", "trt_network.py", "trt_runtime.py", "engine_cache.py")]
 CFG = preset("tiny")
 TRT_10_3, TRT_11 = "10.3.0", "11.4.0.106"
 PROFILE = EngineProfile.of(AxisProfile(1, 2, 4))
@@ -156,7 +156,7 @@ def fake(monkeypatch, trt_version=TRT_10_3, cudart_version="12.9.10", **world) -
 
 
 def build(export, precision, **kw):
-    from vdit_deploy.runtimes.trt_build import build_engine
+    from vdit_deploy.runtimes.trt_network import build_engine
 
     return build_engine(export / {"fp32": "step.onnx", "fp16": "step.onnx", "int8": "step.int8-qdq.onnx",
                                   "best": "step.int8-qdq.onnx"}[precision],
@@ -291,7 +291,7 @@ def test_build_per_version_and_precision(monkeypatch, export, version, precision
     TensorRT: weak typing with precision flags on 10.x, strongly typed with no flags on 11.x; TF32
     cleared for fp32 on both; overflow-prone float layers (POW included) pinned to fp32 only on
     10.x fp16, and never a layer whose output is an integer."""
-    from vdit_deploy.runtimes.trt_build import build_engine, onnx_for, strongly_typed_only
+    from vdit_deploy.runtimes.trt_network import build_engine, onnx_for, strongly_typed_only
 
     world = fake(monkeypatch, version)
     trt = import_tensorrt()
@@ -340,7 +340,7 @@ def test_implicit_int8_calibration_on_10x(monkeypatch, export, tmp_path, version
     says which); TensorRT 11 refuses calibration in one line."""
     world = fake(monkeypatch, version)
     calib = calibration_set(tmp_path / "calib")
-    from vdit_deploy.runtimes.trt_build import build_engine
+    from vdit_deploy.runtimes.trt_network import build_engine
 
     _, facts = build_engine(export / "step.onnx", "int8", PROFILE, calibration=calib, progress=False,
                             log=lambda m: None)
@@ -390,7 +390,7 @@ def test_timing_cache_from_elsewhere_is_replaced(monkeypatch, export, tmp_path, 
     """Control flow (not numerics): a timing cache made on this GPU and TensorRT is used; one made on
     another device (a desktop's on a Jetson), or unreadable, is refused (ignore_mismatch=False) and a
     new cache is started and saved."""
-    from vdit_deploy.runtimes.trt_build import build_engine
+    from vdit_deploy.runtimes.trt_network import build_engine
 
     world = fake(monkeypatch, version)
     cache = tmp_path / "timing.cache"
@@ -411,7 +411,7 @@ def test_timing_cache_from_elsewhere_is_replaced(monkeypatch, export, tmp_path, 
 def test_build_options_dla_workspace_level_and_progress(monkeypatch, export):
     """Control flow (not numerics): DLA core with GPU fallback, workspace limit, optimization level
     and the progress bars (IProgressMonitor subclass) on every supported TensorRT."""
-    from vdit_deploy.runtimes.trt_build import BuildOptions, build_engine
+    from vdit_deploy.runtimes.trt_network import BuildOptions, build_engine
 
     for version in TRT_SUPPORTED:
         with monkeypatch.context() as m:
@@ -683,7 +683,7 @@ def test_every_tensorrt_name_is_exercised(monkeypatch, export, tmp_path):
     """API conformance (not numerics): running every build path and the runtime against each
     supported TensorRT touches each `trt.X[.Y]` the source names in at least one version, and never
     one a version lacks (the fake would raise): so every version-specific name sits behind a guard."""
-    from vdit_deploy.runtimes.trt_build import BuildOptions, build_engine
+    from vdit_deploy.runtimes.trt_network import BuildOptions, build_engine
 
     calib = calibration_set(tmp_path / "calib", n=2)
     used = set()

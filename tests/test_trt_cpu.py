@@ -20,7 +20,8 @@ from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import ExportMetadata
 from vdit_deploy.runtimes import open_runtime
 from vdit_deploy.runtimes.engine_cache import AxisProfile, EngineCache, EngineKey, EngineProfile
-from vdit_deploy.runtimes.trt_build import calibration_batches, onnx_digest, onnx_for
+from vdit_deploy.runtimes.trt_build import onnx_digest
+from vdit_deploy.runtimes.trt_network import calibration_batches, onnx_for
 
 no_gpu = pytest.mark.skipif(has_nvidia_gpu(), reason="checks the no-GPU error path")
 

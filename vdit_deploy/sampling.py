@@ -5,6 +5,7 @@ so every runtime, PyTorch, ONNX Runtime or TensorRT, sees bit-identical noise fo
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from vdit_deploy.config import check_memory
 from vdit_deploy.contract import Contract, read_cond
 from vdit_deploy.samplers import SolverState, Step, guided_step, make_steps
 from vdit_deploy.errors import VditError
@@ -77,6 +79,12 @@ def as_cond(contract: Contract, cond) -> dict:
     return contract.check_cond(cond) if isinstance(cond, dict) else contract.labels(cond)
 
 
+def sampling_bytes(contract: Contract, videos: int) -> int:
+    """Host memory the loop holds for `videos` videos: x_t, the noise, zeros and the solver's two states
+    (the denoiser's own memory is the runtime's)."""
+    return 4 * 8 * videos * math.prod(contract.latent)
+
+
 def sample(denoiser, contract: Contract, cond, steps: list[Step], guidance: float = 1.0, seed: int = 0,
            progress: bool = False, times: SampleTimes | None = None, null: dict | None = None) -> np.ndarray:
     """Sample videos (B, C, F, H, W) in float32, one per row of the conditioning.
@@ -90,6 +98,7 @@ def sample(denoiser, contract: Contract, cond, steps: list[Step], guidance: floa
     if guidance < 0:
         raise VditError(f"guidance scale must be >= 0, got {guidance}")
     b = contract.batch_of(cond)
+    check_memory(sampling_bytes(contract, b), f"sampling {b} videos")     # before x_T is drawn
     step_fn = getattr(denoiser, "step", None)
     if step_fn is None:
         null_b = None if null is None else contract.null_batch(null, cond)

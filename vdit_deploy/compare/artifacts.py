@@ -170,7 +170,7 @@ class Artifacts:
         try:
             graph = runtime_graph(target.runtime, target.precision)
             if target.precision == "best" or find_variant(self.export, DENOISER, graph) is not None:
-                return                               # best: what the export has (trt_build.onnx_for)
+                return                               # best: what the export has (trt_network.onnx_for)
             if graph == FP16:
                 from vdit_deploy.calibration.fp16 import convert_fp16
                 self.log("converting to fp16")

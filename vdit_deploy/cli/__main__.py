@@ -1,0 +1,3 @@
+from vdit_deploy.cli import main
+
+main()

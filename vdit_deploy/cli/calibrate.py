@@ -1,0 +1,134 @@
+"""`vdit calibrate ...`: calibration sets, fp16 and INT8 graphs, sensitivity, the accuracy report."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from vdit_deploy.cli.app import COND_ROWS_HELP, SAMPLER_HELP, STEPS_HELP, Cli, Finite, main, parse_labels
+from vdit_deploy.files import check_output
+from vdit_deploy.samplers import DEFAULT_SAMPLER
+
+# ---- calibrate (INT8 / FP16) --------------------------------------------------------------------
+@main.group(cls=Cli)
+def calibrate():
+    """Calibration sets, fp16 and INT8 graphs, per-layer sensitivity and the accuracy report."""
+
+
+def calib_option(required=True):
+    return click.option("--calib", "calib_dir", type=click.Path(path_type=Path), required=required,
+                        default=None, help="Calibration set from `vdit calibrate collect`.")
+
+
+@calibrate.command("collect")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Calibration set directory.")
+@click.option("--sampler", default=DEFAULT_SAMPLER, show_default=True,
+              help=f"The sampler you deploy (its timesteps are the ones INT8 ranges must cover): {SAMPLER_HELP}")
+@click.option("--steps", default=None, type=click.IntRange(1), help=STEPS_HELP)
+@click.option("--guidance", default=2.0, show_default=True, type=Finite(0))
+@click.option("--eta", default=0.0, show_default=True, type=Finite(0))
+@click.option("--seeds", default=4, show_default=True, type=click.IntRange(1, 10 ** 6), help="Seeds 0..N-1.")
+@click.option("--label", "labels", multiple=True, help="Labels per sample, class models (default: every class).")
+@click.option("--cond", "cond_file", type=click.Path(path_type=Path), default=None,
+              help=COND_ROWS_HELP + " One row per video of each sample.")
+@click.option("--timesteps", default=8, show_default=True, type=click.IntRange(1),
+              help="Steps recorded per trajectory, spread from t=T-1 to 0.")
+def calibrate_collect(source, out, sampler, steps, guidance, eta, seeds, labels, cond_file, timesteps):
+    """Record denoiser inputs (x_t, t and every conditioning input, null rows included) from the fp32
+    sampler (SOURCE: model directory or export directory)."""
+    import json
+
+    from vdit_deploy.calibration.collect import collect
+
+    path = collect(source, out, sampler, steps, guidance, eta, range(seeds), parse_labels(labels) if labels else None,
+                   timesteps, progress=True, cond=cond_file)
+    m = json.loads((path / "manifest.json").read_text())
+    click.echo(f"wrote {path}: {m['shapes']['x_t'][0]} rows, t = {', '.join(map(str, m['timesteps']))} "
+               f"({m['sampler']} {m['steps']} steps, guidance {m['guidance']}, seeds {m['seeds']})")
+
+
+@calibrate.command("fp16")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@calib_option(required=False)
+def calibrate_fp16(export_dir, calib_dir):
+    """Write denoiser.fp16.onnx and step.fp16.onnx (norms, softmax, pow, exp, the timestep embedding
+    and the step's update stay fp32)."""
+    from vdit_deploy.calibration.fp16 import check_fp16, convert_fp16
+
+    path = convert_fp16(export_dir, calib_dir)
+    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if calib_dir is not None:
+        r = check_fp16(export_dir, calib_dir)
+        click.echo(f"checked on {r['rows']} calibration rows: no inf/NaN, eps rel L2 {r['eps_rel_l2']:.2e}")
+
+
+@calibrate.command("int8")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@calib_option(required=False)
+@click.option("--mode", type=click.Choice(["dynamic", "qdq"]), default="dynamic", show_default=True,
+              help="dynamic: fastest on CPU (denoiser.int8-dynamic.onnx); qdq: static Q/DQ for TensorRT "
+              "(denoiser.int8-qdq.onnx and step.int8-qdq.onnx).")
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default=None,
+              help="Activation range calibration for qdq (default: the measured best).")
+@click.option("--keep-fp", multiple=True, help="Layer pattern (regex on e.g. 'blocks.0.mlp.0/linear') kept in float; "
+              "replaces the default sensitive set. 'none' quantizes everything.")
+def calibrate_int8(export_dir, calib_dir, mode, method, keep_fp):
+    """Write an INT8 denoiser graph; sensitive layers stay float."""
+    from vdit_deploy.calibration.int8 import DEFAULT_METHOD, DEFAULT_SENSITIVE, calibration_error, quantize_int8
+
+    keep = DEFAULT_SENSITIVE if not keep_fp else (() if keep_fp == ("none",) else keep_fp)
+    path = quantize_int8(export_dir, calib_dir, mode=mode, method=method or DEFAULT_METHOD, keep_fp=keep)
+    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); kept in float: {', '.join(keep) or 'nothing'}")
+    if calib_dir is not None:
+        click.echo(f"eps rel L2 vs fp32 on the calibration set: {calibration_error(path, export_dir, calib_dir):.3e}")
+
+
+@calibrate.command("sensitivity")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@calib_option()
+@click.option("--mode", type=click.Choice(["dynamic", "qdq"]), default="dynamic", show_default=True)
+@click.option("--layers", default=None, help="Regex: only the layer groups it finds (e.g. 'blocks.0').")
+def calibrate_sensitivity(export_dir, calib_dir, mode, layers):
+    """Quantize one layer at a time and print the eps error each adds, largest first."""
+    from vdit_deploy.calibration.sensitivity import sensitivity, table
+
+    click.echo(table(sensitivity(export_dir, calib_dir, mode=mode, layers=layers)))
+
+
+@calibrate.command("report")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--precisions", default="fp16,int8", show_default=True, help="Comma-separated ONNX Runtime precisions (int8: the int8-dynamic graph; int8-qdq).")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(1))
+@click.option("--seeds", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--guidance", default=2.0, show_default=True, type=Finite(0))
+@click.option("--cond", "cond_file", type=click.Path(path_type=Path), default=None,
+              help=COND_ROWS_HELP + " One row per video.")
+@click.option("--out", default="calibration-report", show_default=True, type=click.Path(path_type=Path))
+def calibrate_report(export_dir, precisions, steps, seeds, guidance, cond_file, out):
+    """Each precision vs fp32, same noise and conditioning: output error per timestep (plot), PSNR/SSIM,
+    GIF grid."""
+    from vdit_deploy.calibration.report import accuracy_report, summary
+
+    check_output(out / "report.json")
+    report = accuracy_report(export_dir, [p for p in precisions.split(",") if p], steps, range(seeds),
+                             out_dir=out, guidance=guidance, cond=cond_file)
+    click.echo(summary(report))
+    click.echo(f"wrote {out}/: {', '.join(str(v) for k, v in report['files'].items() if k != 'gif_columns')}")
+    for note in report["notes"]:
+        click.echo(f"note: {note}")
+
+
+@calibrate.command("trt-cache")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@calib_option()
+@click.option("--batch", default=2, show_default=True, type=click.IntRange(1), help="Calibration batch size.")
+def calibrate_trt_cache(export_dir, calib_dir, batch):
+    """TensorRT implicit-INT8 calibration cache (TensorRT 10.x weakly typed, e.g. JetPack 6; 11.x uses Q/DQ) from the set; needs a GPU."""
+    from vdit_deploy.runtimes.trt_build import calibration_cache
+
+    facts = calibration_cache(export_dir, calib_dir, batch, log=click.echo)
+    if facts["calibration_cache_reused"]:
+        click.echo(f"reused {facts['calibration_cache']} (delete it to calibrate again)")
+    else:
+        click.echo(f"wrote {facts['calibration_cache']}")

@@ -1,0 +1,51 @@
+"""`vdit compare`: every runtime and precision side by side."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from vdit_deploy.cli.app import COND_ROWS_HELP, SAMPLER_HELP, STEPS_HELP, Finite, main
+from vdit_deploy.files import check_output
+from vdit_deploy.samplers import DEFAULT_SAMPLER
+
+# ---- compare (every runtime side by side) -------------------------------------------------------
+@main.command()
+@click.argument("source", required=False, type=click.Path(path_type=Path))
+@click.option("--runtimes", default="torch:fp32,ort:fp32,ort:fp16,ort:int8,trt:fp16,trt:int8", show_default=True,
+              help="RUNTIME:PRECISION list; those that cannot run here are listed as skipped, with the reason.")
+@click.option("--steps", default=None, type=click.IntRange(1), help=STEPS_HELP)
+@click.option("--sampler", default=DEFAULT_SAMPLER, show_default=True,
+              help=f"{SAMPLER_HELP} The calibration set for INT8 follows it.")
+@click.option("--guidance", default=2.0, show_default=True, type=Finite(0))
+@click.option("--batch", "batches", default="1,4", show_default=True, help="Batch sizes (videos per sample).")
+@click.option("--seeds", default="0-1", show_default=True, help="Seeds, e.g. 0-3 or 0,5.")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(1), help="Timed samples after 1 warm-up.")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="CPU threads for every runtime (torch and ONNX Runtime), for a fair CPU comparison.")
+@click.option("--min-psnr", default=30.0, show_default=True, type=Finite(), help="Rows under this PSNR (dB) turn red.")
+@click.option("--cond", "cond_file", type=click.Path(path_type=Path), default=None,
+              help=COND_ROWS_HELP + " Video i of seed s takes row (s + i) % rows.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Report directory: report.json, report.md, plots, samples.gif, cached artifacts/.")
+def compare(source, runtimes, steps, sampler, guidance, batches, seeds, repeats, threads, min_psnr, cond_file, out):
+    """Latency and accuracy of every runtime and precision, side by side (SOURCE: model directory or
+    export directory; default: the shipped checkpoint). Every runtime samples with the same noise and
+    conditioning: class labels, or the rows of --cond for a text-conditioned model."""
+    import shlex
+
+    from vdit_deploy.checkpoint import SHIPPED
+    from vdit_deploy.compare import compare as run_compare, format_table, parse_ints
+
+    check_output(out / "report.json")
+
+    report = run_compare(source or SHIPPED, out, runtimes, steps=steps, batches=parse_ints(batches, "--batch"),
+                         seeds=parse_ints(seeds, "--seeds"), sampler=sampler, guidance=guidance, repeats=repeats,
+                         threads=threads, min_psnr=min_psnr, log=lambda m: click.echo(m, err=True),
+                         command=shlex.join(["vdit", *sys.argv[1:]]), cond=cond_file)
+    click.echo(format_table(report, color=True))
+    for note in report["notes"]:
+        click.echo(f"note: {note}")
+    click.echo(f"reference {report['reference']}; wrote {out / 'report.json'}, {out / 'report.md'}"
+               + "".join(f", {out / f}" for k, f in report["files"].items() if f and k not in ("json", "markdown")))

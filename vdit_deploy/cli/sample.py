@@ -1,0 +1,126 @@
+"""`vdit sample` and `vdit demo`: sampling on any runtime."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from vdit_deploy.cli.app import SEED, SHIPPED_HELP, SAMPLER_HELP, STEPS_HELP, Finite, main, parse_labels
+from vdit_deploy.errors import VditError
+from vdit_deploy.export.variants import precisions_help
+from vdit_deploy.files import check_output
+from vdit_deploy.runtimes.base import COMPILE_MODES
+from vdit_deploy.samplers import DEFAULT_SAMPLER
+
+# ---- sample / demo ------------------------------------------------------------------------------
+def sampling_options(f):
+    for option in reversed([
+        click.option("--sampler", default=DEFAULT_SAMPLER, show_default=True, help=SAMPLER_HELP),
+        click.option("--steps", default=None, type=int, help=STEPS_HELP),
+        click.option("--order", default=None, type=int, help="dpm++ / unipc order: 1 or 2 (default 2)."),
+        click.option("--spacing", default="linspace", show_default=True,
+                     help="dpm++ / unipc timestep spacing: linspace, leading or trailing (as in diffusers)."),
+        click.option("--eta", default=0.0, show_default=True, type=Finite(0), help="DDIM noise (0: deterministic)."),
+        click.option("--guidance", default=2.0, show_default=True, type=Finite(0),
+                     help="Classifier-free guidance scale (1: off)."),
+        click.option("--seed", default=0, show_default=True, type=SEED),
+        click.option("--runtime", default="torch", show_default=True,
+                     help="torch (checkpoint), or ort / trt / ort-trt (ONNX export, no torch needed; "
+                          "trt loads the engines `vdit build` made)."),
+        click.option("--precision", default="fp32", show_default=True, help=precisions_help()),
+    ]):
+        f = option(f)
+    return f
+
+
+def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, guidance, seed, options=None,
+                order=None, spacing="linspace", cond_file=None, out=None):
+    """Open the runtime, turn --label or --cond into the model's conditioning, check `out` can show it,
+    sample."""
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.sampling import SampleTimes, conditioning, sample, sampler_plan
+
+    with open_runtime(runtime_name, artifact, precision=precision, **(options or {})) as rt:
+        contract = rt.contract
+        if out is not None:
+            from vdit_deploy.video import check_drawable
+            check_drawable(out, contract.latent[0])
+        default = None if cond_file else [0]         # one video of class 0 unless --cond gives the rows
+        cond = conditioning(contract, labels or default, cond_file)   # a text model refuses labels here
+        if guidance != 1.0:    # before the first step: a null conditioning of another length is refused
+            contract.null_batch(rt.null, cond)
+        plan = sampler_plan(contract, sampler, steps, eta, order, spacing)
+        times = SampleTimes()
+        videos = sample(rt, contract, cond, plan, guidance, seed, progress=True, times=times)
+        return videos, times, rt.describe()
+
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help=f"Default: {SHIPPED_HELP}.")
+@click.option("--onnx", "onnx_path", type=click.Path(path_type=Path), default=None,
+              help="Export directory or .onnx file (for --runtime ort, trt, ort-trt).")
+@click.option("--label", "labels", multiple=True,
+              help="Class label(s) of a class-conditioned model; repeat or comma-separate for several videos "
+                   "[default: 0].")
+@click.option("--cond", "cond_file", type=click.Path(path_type=Path), default=None,
+              help="Conditioning tensors (.safetensors, one per input the model takes, batch first: one row per "
+                   "video), e.g. precomputed T5 embeddings; `vdit info EXPORT` lists the inputs.")
+@sampling_options
+@click.option("--device", default=None, help="--runtime torch: cpu, cuda or cuda:N (default: cuda where there is one).")
+@click.option("--compile", "compile_mode", type=click.Choice(COMPILE_MODES),
+              default=None, help="--runtime torch: torch.compile the sampler step (reduce-overhead: CUDA graphs).")
+@click.option("--null", "null_file", type=click.Path(path_type=Path), default=None,
+              help="--runtime torch on a diffusers model: the null conditioning (.safetensors, batch 1), as given "
+                   "to `vdit export --null` (an export carries its own). Default: zeros.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .gif, .mp4 or .npy.")
+def sample(checkpoint, onnx_path, labels, cond_file, sampler, steps, order, spacing, eta, guidance, seed, runtime,
+           precision, device, compile_mode, null_file, out):
+    """Sample videos (DPM-Solver++, UniPC, DDIM or DDPM) from a model directory (vdit checkpoint or
+    diffusers save_pretrained) or an ONNX export. A .npy output holds the latents; a .gif/.mp4 shows
+    them (a latent-space model's video needs its VAE decoder, which is not bundled)."""
+    from vdit_deploy.runtimes.base import check_runtime_name
+    from vdit_deploy.video import check_suffix, write_video
+
+    check_output(check_suffix(out))
+    options = {}
+    if check_runtime_name(runtime) == "torch":
+        from vdit_deploy.checkpoint import SHIPPED
+        artifact = checkpoint or SHIPPED
+        options = {"device": device, "compile": compile_mode}
+        if null_file is not None:
+            from vdit_deploy.sources import load_source
+            options["source"] = load_source(artifact, device or "cpu", null_file=null_file)
+    else:
+        if onnx_path is None:
+            raise VditError(f"--runtime {runtime} samples from an export: pass --onnx DIR (see `vdit export`)")
+        if device or compile_mode or null_file:
+            raise VditError("--device, --compile and --null are for --runtime torch (ONNX Runtime picks its provider; "
+                            "TensorRT runs on the GPU its engine was built for; an export carries its null "
+                            "conditioning)")
+        artifact = onnx_path
+    videos, times, desc = run_sampler(runtime, artifact, precision, parse_labels(labels), sampler, steps,
+                                      eta, guidance, seed, options, order=order, spacing=spacing, cond_file=cond_file,
+                                      out=out)
+    write_video(out, videos)
+    click.echo(f"wrote {out}: {len(videos)} video(s), {len(times.steps)} {sampler} steps in {times.total:.2f} s ({desc})")
+
+
+@main.command()
+@click.option("--out", default="demo.gif", show_default=True, type=click.Path(path_type=Path))
+@click.option("--seeds", default=2, show_default=True, type=click.IntRange(1, 8), help="Rows of the grid.")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--guidance", default=2.0, show_default=True, type=Finite(0))
+def demo(out, seeds, steps, guidance):
+    """Sample every class of the shipped checkpoint (DDIM) into one GIF grid."""
+    from vdit_deploy.checkpoint import SHIPPED, read_info
+    from vdit_deploy.data import CLASS_NAMES
+    from vdit_deploy.video import check_suffix, write_video
+
+    check_output(check_suffix(out))
+    cfg = read_info(SHIPPED).model
+    labels = [c for _ in range(seeds) for c in range(cfg.num_classes)]
+    videos, times, desc = run_sampler("torch", SHIPPED, "fp32", labels, "ddim", steps, 0.0, guidance, seed=0)
+    write_video(out, videos, columns=cfg.num_classes)
+    click.echo(f"wrote {out}: columns {', '.join(CLASS_NAMES[:cfg.num_classes])}; {seeds} seed(s) each; "
+               f"{steps} DDIM steps, guidance {guidance}, {times.total:.2f} s ({desc})")
