@@ -215,11 +215,16 @@ def flow_family(request, tmp_path_factory):
 
 
 def test_flow_family_export_is_refused_until_flow_matching(flow_family, tmp_path):
+    """`vdit export` refuses in one line, naming why; `vdit info` still says what the family is."""
     name, path, *_ = flow_family
     result = run_cli("export", path, "--out", tmp_path / "e", "--no-verify")
     line = one_line_error(result)
     assert "flow-matching model" in line and "issue 20" in line, line
     assert not (tmp_path / "e").exists()
+    info = run_cli("info", path)
+    assert info.returncode == 0, info.stderr
+    assert f"family      {name}: flow" in info.stdout and "the model is fed" in info.stdout, info.stdout
+    assert "export      refused:" in info.stdout and "latent      [" in info.stdout, info.stdout
 
 
 def test_flow_family_graph_equals_the_pipeline_call(flow_family):
@@ -268,3 +273,52 @@ def test_flow_family_verifies_and_samples_alike_on_ort_and_torch(flow_family):
         got = sample(ort_rt, contract, cond, plan, 3.0, 1)
         want = sample(torch_rt, contract, cond, plan, 3.0, 1)
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+# ---- what the adapters rest on ---------------------------------------------------------------------------
+def test_trace_failure_names_the_real_cause():
+    """torch.onnx wraps the failure ("TorchExportError ... step 1/3 ... Next steps:"): the error is the
+    innermost exception's first line."""
+    import torch
+    import torch.nn as nn
+
+    from vdit_deploy.errors import VditError
+    from vdit_deploy.export.onnx_export import _trace
+
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    with pytest.raises(VditError) as e:
+        _trace(DataDependent(), (torch.randn(2, 3),), ["x"], ["out"], None, 18)
+    message = str(e.value)
+    assert "DataDependent failed: GuardOnDataDependentSymNode: Could not guard on data-dependent" in message, message
+    assert "Next steps" not in message and "\n" not in message
+
+
+def test_contract_roles_and_graph_names():
+    """Roles and forward arguments survive the stored form; a conditioning input may not take a step
+    graph's own input name; a mask holds 0/1 and the null pass of a per-call scalar is the prompt's value."""
+    from vdit_deploy.contract import BATCH, CondInput, Contract
+    from vdit_deploy.errors import VditError
+
+    cond = (CondInput("text", "float32", (BATCH, "seq", 4)), CondInput("mask", "float32", (BATCH, "seq"), role="mask"),
+            CondInput("embedded_guidance", "float32", (BATCH,), role="scalar", arg="guidance"))
+    contract = Contract((4, 2, 8, 8), "eps", cond, axes={"seq": (1, 6)},
+                        family={"name": "hunyuan", "layout": "(B, C, F, H, W)", "args": {}})
+    assert Contract.from_dict(contract.to_dict()) == contract
+    with pytest.raises(VditError, match="guidance"):
+        Contract((4, 2, 8, 8), "eps", (CondInput("guidance", "float32", (BATCH,)),))
+    bad = contract.to_dict()
+    bad["cond"][2]["name"] = "coefs"
+    with pytest.raises(VditError, match="coefs"):
+        Contract.from_dict(bad)
+    example = contract.example_cond(3, np.random.default_rng(0), {"seq": 6})
+    assert set(np.unique(example["mask"])) <= {0.0, 1.0} and (example["mask"][:, 0] == 1).all()
+    with pytest.raises(VditError, match="mask"):
+        contract.check_cond({**example, "mask": example["mask"] * 0.5})
+    null = {"text": np.zeros((1, 6, 4), np.float32), "mask": np.ones((1, 6), np.float32),
+            "embedded_guidance": np.zeros(1, np.float32)}
+    rows = contract.null_batch(null, example)
+    np.testing.assert_array_equal(rows["embedded_guidance"], example["embedded_guidance"])
+    assert rows["text"].shape == (3, 6, 4) and not rows["text"].any()

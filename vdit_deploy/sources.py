@@ -268,18 +268,37 @@ def describe_diffusers_dir(path) -> str:
             header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
         params += sum(int(np.prod(t["shape"])) for k, t in header.items() if k != "__metadata__")
     cls_name = f"diffusers:{config['_class_name']}"
+    lines = [f"diffusers model  {path}  ({cls_name})"]
     try:
         c = diffusers_contract(path, config, cls_name, None, None, None, (), None, None)
-        contract = (f"latent {list(c.latent)}, output {c.output}, cond {c.describe_cond()}\n"
-                    f"schedule    {json.dumps(c.schedule.to_dict())}")
+        lines += [f"contract    latent {list(c.latent)}, output {c.output}, cond {c.describe_cond()}",
+                  f"schedule    {json.dumps(c.schedule.to_dict())}"]
         if c.family:
-            contract += f"\nfamily      {c.family['name']}: the model is fed {c.family['layout']}, " \
-                        f"args {json.dumps(c.family['args'])}"
+            lines.append(f"family      {c.family['name']}: x_t (B, C, F, H, W), the model is fed {c.family['layout']}, "
+                         f"args {json.dumps(c.family['args'])}")
     except VditError as e:
-        contract = f"(export needs options: {e})"
-    return "\n".join([f"diffusers model  {path}  ({cls_name})", f"contract    {contract}",
-                      f"weights     {len(files)} safetensors file(s), {params:,} parameters "
-                      f"({sum(f.stat().st_size for f in files) / 1e9:.2f} GB)"])
+        lines.append(family_lines(cls_name, config) or f"contract    (export needs options: {e})")
+        lines.append(f"export      refused: {e}" if "family " in lines[-1] else "")
+    lines.append(f"weights     {len(files)} safetensors file(s), {params:,} parameters "
+                 f"({sum(f.stat().st_size for f in files) / 1e9:.2f} GB)")
+    return "\n".join(line for line in lines if line)
+
+
+def family_lines(cls_name: str, config: dict) -> str:
+    """What a known family is (layout, latent, conditioning, objective) when its export is refused."""
+    from vdit_deploy import families
+
+    try:
+        family = families.by_class(cls_name)
+        if family is None:
+            return ""
+        latent, cond = family.latent(config), family.cond(config)
+    except (VditError, KeyError, TypeError, ValueError):
+        return ""
+    row = family.row()
+    return (f"family      {family.name}: {row['objective']}, x_t (B, C, F, H, W), the model is fed {row['layout']}, "
+            f"batch {row['batch']}, default sampler {row['sampler']}\n"
+            f"latent      {list(latent)}  cond {'; '.join(map(str, cond))}")
 
 
 def zero_null(contract: Contract) -> dict:
