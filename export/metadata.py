@@ -306,6 +306,9 @@ def describe_onnx(path: str | Path) -> str:
         from vdit_deploy.sampling import describe_sampling
 
         lines += [f"  {line}" for line in describe_sampling(contract).splitlines()]
+        if contract.family:   # the adapter every stage rebuilds (vdit_deploy/families/)
+            lines.append(f"  family     {contract.family['name']}: x_t (B, C, F, H, W), the model is fed "
+                         f"{contract.family['layout']}; args {json.dumps(contract.family['args'])}")
         lines.append(f"  batch      {meta.batch}")
         for direction in ("inputs", "outputs"):
             for spec in meta.io.get(direction, []):

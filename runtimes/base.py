@@ -81,6 +81,8 @@ class Runtime(ABC):
         `convert` (e.g. onto the device), made once per batch and shape: every step of a sample
         reuses it instead of repeating (and uploading) the empty prompt's embeddings again."""
         key = tuple((name, np.shape(value)) for name, value in sorted(cond.items()))
+        # a per-call scalar's null rows are the prompt's own values (contract.null_batch): part of the key
+        key += tuple(np.asarray(cond[c.name]).tobytes() for c in self.contract.cond if c.role == "scalar")
         cached = getattr(self, "_null_rows", None)
         if cached is None or cached[0] != (key, convert):
             rows = self.contract.null_batch(self.null, cond)

@@ -2,7 +2,7 @@
 
 It runs any Source (sources.py): a vdit checkpoint, a diffusers model directory, or a module with a
 contract handed in by Python. Precisions fp32 / fp16 / bf16 cast the whole model (no autocast). On any device `step` runs the same
-fused guided step as step.onnx (export/onnx_export.FusedStep: cond + null batch, guidance, update) with
+fused guided step as step.onnx (export/step_module.FusedStep: cond + null batch, guidance, update) with
 the video kept on the device between steps; `compile` wraps that step in torch.compile
 ("reduce-overhead": CUDA graphs, "max-autotune": Triton GEMM autotuning plus CUDA graphs, "default").
 """
@@ -61,7 +61,7 @@ class TorchRuntime(Runtime):
     def __init__(self, checkpoint, precision: str = FP32, device: str | None = None,
                  compile: str | None = None, source=None):
         """checkpoint: a model directory (sources.load_source); or pass a loaded `source` (a Source)."""
-        from vdit_deploy.export.onnx_export import FusedStep, Unguided
+        from vdit_deploy.export.step_module import FusedStep, Unguided
         from vdit_deploy.sources import load_source
 
         apply_torch()                      # the CLI's --threads (or its default), when one was configured
