@@ -34,17 +34,18 @@ def sampling_options(f):
 
 
 def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, guidance, seed, options=None,
-                order=None, spacing="linspace", cond_file=None, out=None):
-    """Open the runtime, turn --label or --cond into the model's conditioning, check `out` can show it,
-    sample."""
+                order=None, spacing="linspace", cond_file=None, out=None, tile=None):
+    """Open the runtime, turn --label or --cond into the model's conditioning, check `out` can show it
+    (a latent model's .gif/.mp4 through the export's VAE decoder), sample, decode."""
     from vdit_deploy.runtimes import open_runtime
     from vdit_deploy.sampling import SampleTimes, conditioning, sample, sampler_plan
 
     with open_runtime(runtime_name, artifact, precision=precision, **(options or {})) as rt:
         contract = rt.contract
-        if out is not None:
-            from vdit_deploy.video import check_drawable
-            check_drawable(out, contract.latent[0])
+        decoder = None
+        if out is not None:                          # before sampling: what draws the latents (decode.py)
+            from vdit_deploy.generate import video_decoder
+            decoder = video_decoder(out, runtime_name, artifact, contract.latent, tile)
         default = None if cond_file else [0]         # one video of class 0 unless --cond gives the rows
         cond = conditioning(contract, labels or default, cond_file)   # a text model refuses labels here
         if guidance != 1.0:    # before the first step: a null conditioning of another length is refused
@@ -52,7 +53,9 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
         plan = sampler_plan(contract, sampler, steps, eta, order, spacing)
         times = SampleTimes()
         videos = sample(rt, contract, cond, plan, guidance, seed, progress=True, times=times)
-        return videos, times, rt.describe()
+        if decoder is not None:
+            videos = decoder.decode(videos)
+        return videos, times, rt.describe() + (", decoded by the VAE" if decoder is not None else "")
 
 
 
@@ -73,12 +76,15 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
 @click.option("--null", "null_file", type=click.Path(path_type=Path), default=None,
               help="--runtime torch on a diffusers model: the null conditioning (.safetensors, batch 1), as given "
                    "to `vdit export --null` (an export carries its own). Default: zeros.")
+@click.option("--tile", default=None, type=click.IntRange(8), help="A latent model's .gif/.mp4: decode in spatial tiles "
+              "of this many output pixels, blended as diffusers' tiled_decode (default: untiled).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .gif, .mp4 or .npy.")
 def sample(checkpoint, onnx_path, labels, cond_file, sampler, steps, order, spacing, eta, guidance, seed, runtime,
-           precision, device, compile_mode, null_file, out):
+           precision, device, compile_mode, null_file, tile, out):
     """Sample videos (DPM-Solver++, UniPC, DDIM or DDPM) from a model directory (vdit checkpoint or
     diffusers save_pretrained) or an ONNX export. A .npy output holds the latents; a .gif/.mp4 shows
-    them (a latent-space model's video needs its VAE decoder, which is not bundled)."""
+    them: a latent-space model's through the export's decoder.onnx (`vdit export-decoder`), or with
+    --runtime torch the pipeline's ../vae."""
     from vdit_deploy.runtimes.base import check_runtime_name
     from vdit_deploy.video import check_suffix, write_video
 
@@ -101,8 +107,8 @@ def sample(checkpoint, onnx_path, labels, cond_file, sampler, steps, order, spac
         artifact = onnx_path
     videos, times, desc = run_sampler(runtime, artifact, precision, parse_labels(labels), sampler, steps,
                                       eta, guidance, seed, options, order=order, spacing=spacing, cond_file=cond_file,
-                                      out=out)
-    write_video(out, videos)
+                                      out=out, tile=tile)
+    write_video(out, videos, scale=1 if videos.shape[-1] >= 64 else 4)   # small videos upscaled to be seen
     click.echo(f"wrote {out}: {len(videos)} video(s), {len(times.steps)} {sampler} steps in {times.total:.2f} s ({desc})")
 
 
