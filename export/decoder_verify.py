@@ -54,7 +54,9 @@ def verify_decoder(export_dir, vae_dir=None, tolerance: float = 1e-4, seed: int 
     rng = np.random.default_rng(seed)
     latents = [rng.standard_normal((1, *latent), dtype=np.float32) for _ in range(2)]
     # a tile of about half the video's size (at least 2 latent pixels): every tiled call blends
-    tile = max(2, min(latent[2:]) // 2 + 1) * meta.ratio
+    from vdit_deploy.decode import Tiling
+
+    tile = Tiling(**meta.tiling).consistent(meta.ratio, max(2, min(latent[2:]) // 2 + 1) * meta.ratio)
     rows = []
     for precision in (FP32, FP16):
         if find_decoder(export_dir, precision) is None:

@@ -45,9 +45,19 @@ class Tiling:
     overlap: float
     rule: str = "kl"
 
+    def consistent(self, ratio: int, tile: int) -> int:
+        """The largest tile <= `tile` (at least one unit) whose tiles meet exactly: the latent stride times
+        the ratio equals the cropped tile. diffusers' tiled_decode assumes it; at other sizes it repeats
+        pixels (e.g. AutoencoderKL at 6 px and ratio 2 decodes 12 rows to 14)."""
+        ok = lambda t: (lambda p: p[0] > 0 and p[1] > 0 and p[1] * ratio == p[3])(self._plan(ratio, t))
+        fitting = [t for t in range(ratio, max(int(tile), ratio) + 1, ratio) if ok(t)]
+        return fitting[-1] if fitting else next(t for t in range(ratio, 1000 * ratio, ratio) if ok(t))
+
     def plan(self, ratio: int, tile: int | None = None) -> tuple[int, int, int, int]:
-        """-> (tile_latent, stride_latent, blend, crop) for a tile of `tile` output pixels."""
-        t = int(tile or self.tile)
+        """-> (tile_latent, stride_latent, blend, crop) for a tile of `tile` output pixels (made consistent)."""
+        return self._plan(ratio, self.consistent(ratio, int(tile or self.tile)))
+
+    def _plan(self, ratio: int, t: int) -> tuple[int, int, int, int]:
         if self.rule == "wan":
             crop = int(round(t * (1 - self.overlap)))
             return t // ratio, crop // ratio, t - crop, crop
@@ -248,7 +258,7 @@ class Decoder:
             self.chunk = session(chunk)
             self.files.append(chunk)
         self.tiling = Tiling(**self.meta.tiling)
-        self.tile = int(tile or 0)
+        self.tile = self.tiling.consistent(self.meta.ratio, int(tile)) if tile else 0   # tiles that meet exactly
 
     def _run(self, session, feeds: dict) -> list:
         dtypes = {i.name: np.float16 if i.type == "tensor(float16)" else np.float32 for i in session.get_inputs()}

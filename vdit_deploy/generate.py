@@ -1,11 +1,143 @@
-"""From prompt to video: the stages around the denoiser (text encoder or prompt cache, sampling, the VAE
-decoder) as one run, each timed and its peak memory measured. Torch-free over an export that holds a
-prompt cache and decoder.onnx; the pipeline's text encoder (transformers) needs torch on the host."""
+"""From prompt to video: the stages around the denoiser as one run (`vdit generate`), each with a progress
+bar, timed, and its host memory peak measured:
+
+    encode   the prompts and the negative prompt (the null conditioning) from the export's prompt cache
+             (EXPORT/prompts, torch-free), or the pipeline's text encoder on the host (text_encoder.py,
+             transformers + torch), which fills the cache
+    sample   the denoiser on any runtime (sampling.py), guidance paired with the negative prompt
+    decode   decoder.onnx in ONNX Runtime (decode.py), spatial tiles from --tile or the profile's vae_tile
+    write    the video (.mp4, .gif) or the latents (.npy)
+"""
 from __future__ import annotations
 
+import os
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from vdit_deploy.decode import Decoder, find_decoder
+from vdit_deploy.errors import VditError
+
+PROMPT_CACHE = "prompts"          # the prompt cache's folder inside an export directory
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc; elsewhere the peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class StageReport:
+    name: str
+    seconds: float
+    peak_bytes: int               # the highest resident memory seen during the stage (sampled every 5 ms)
+    start_bytes: int
+
+
+@dataclass
+class GenerateReport:
+    stages: list = field(default_factory=list)
+
+    @contextmanager
+    def stage(self, name: str):
+        start_rss, peak = rss_bytes(), [0]
+        done = threading.Event()
+
+        def poll():
+            while not done.wait(0.005):
+                peak[0] = max(peak[0], rss_bytes())
+
+        watcher = threading.Thread(target=poll, daemon=True)
+        watcher.start()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            done.set()
+            watcher.join()
+            self.stages.append(StageReport(name, seconds, max(peak[0], rss_bytes(), start_rss), start_rss))
+
+    def table(self) -> str:
+        lines = [f"{'stage':<8} {'seconds':>8} {'peak RSS MB':>12} {'+MB':>8}"]
+        for s in self.stages:
+            lines.append(f"{s.name:<8} {s.seconds:>8.2f} {s.peak_bytes / 1e6:>12.1f} "
+                         f"{(s.peak_bytes - s.start_bytes) / 1e6:>8.1f}")
+        lines.append(f"{'total':<8} {sum(s.seconds for s in self.stages):>8.2f}   (host memory of this process; "
+                     "a GPU's own memory is not counted)")
+        return "\n".join(lines)
+
+
+def text_input(contract):
+    """The contract's text conditioning: its one (batch, seq, width) float input."""
+    specs = [c for c in contract.cond if c.dtype.startswith("float") and len(c.shape) == 3]
+    if len(specs) != 1 or len(contract.cond) != 1:
+        raise VditError(f"vdit generate drives models conditioned on one text embedding; this one takes "
+                        f"{contract.describe_cond()} (use `vdit sample --cond`)")
+    return specs[0]
+
+
+def encode_prompts(prompts: list, negative: str, cache_dir, pipeline=None):
+    """(cond, null) from the cache when every text is there, else with the pipeline's text encoder."""
+    from vdit_deploy.text_encoder import TextEncoder, cache_info, from_cache
+
+    if pipeline is None:
+        if cache_dir is None or cache_info(cache_dir) is None:
+            raise VditError(f"no prompt cache at {cache_dir} and no --pipeline to encode with: run `vdit encode "
+                            "PIPELINE --prompt ... --cache EXPORT/prompts` on a host first")
+        return from_cache(cache_dir, prompts, negative)
+    return TextEncoder(pipeline).encode(prompts, negative, cache_dir)
+
+
+def generate(export_dir, prompts: list, out, negative: str = "", pipeline=None, cache_dir=None,
+             runtime: str = "ort", precision: str = "fp32", sampler: str = "unipc", steps=None, guidance=5.0,
+             seed: int = 0, tile: int | None = None, eta: float = 0.0, order=None, spacing="linspace",
+             progress: bool = True, options: dict | None = None):
+    """Prompts -> video file through an export (denoiser + decoder.onnx + prompt cache). -> GenerateReport."""
+    from tqdm import tqdm
+
+    from vdit_deploy.files import check_output
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.sampling import sample, sampler_plan
+    from vdit_deploy.video import check_suffix, write_video
+
+    export_dir = Path(export_dir)
+    out = check_output(check_suffix(out))
+    if not prompts:
+        raise VditError("give at least one --prompt")
+    cache_dir = Path(cache_dir) if cache_dir else export_dir / PROMPT_CACHE
+    report = GenerateReport()
+    with open_runtime(runtime, export_dir, precision=precision, **(options or {})) as rt:
+        contract = rt.contract
+        spec = text_input(contract)
+        decoder = video_decoder(out, runtime, export_dir, contract.latent, tile)   # before any work
+        with report.stage("encode"):
+            for _ in tqdm(range(1), desc="encode", disable=not progress, leave=False):
+                cond, null = encode_prompts(list(prompts), negative, cache_dir, pipeline)
+        cond = {spec.name: cond}
+        rt.null = {spec.name: null}                  # guidance pairs each prompt with the negative prompt
+        if hasattr(rt, "_null_rows"):
+            del rt._null_rows
+        plan = sampler_plan(contract, sampler, steps, eta, order, spacing)
+        with report.stage("sample"):
+            videos = sample(rt, contract, cond, plan, guidance, seed, progress=progress)
+        if decoder is not None:
+            with report.stage("decode"):
+                videos = np.concatenate([decoder.decode(v[None]) for v in
+                                         tqdm(videos, desc="decode", unit="video", disable=not progress,
+                                              leave=False)])
+    with report.stage("write"):
+        write_video(out, videos, scale=1 if videos.shape[-1] >= 64 else 4)
+    return report
 
 
 def video_decoder(out, runtime: str, artifact, latent, tile: int | None = None, providers=None):

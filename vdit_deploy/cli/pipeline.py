@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from vdit_deploy.cli.app import Finite, main, needs_torch
+from vdit_deploy.cli.sample import sampling_options
 
 
 @main.command("export-decoder")
@@ -38,3 +39,68 @@ def export_decoder_cmd(vae_dir, out, frames, tile, verify, tolerance):
         report = VerifyReport(tolerance, verify_decoder(out, vae_dir, tolerance), polygraphy="not run for decoders")
         click.echo(report.table())
         check(report, out)
+
+
+@main.command()
+@click.argument("pipeline_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", "prompts", multiple=True, required=True, help="A prompt; repeat for one video per prompt.")
+@click.option("--negative", default="", show_default=True,
+              help="The negative prompt: the null conditioning guidance pairs with each prompt.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="cond.safetensors: the prompts' embeddings, one row each (`vdit sample --cond`).")
+@click.option("--null-out", type=click.Path(path_type=Path), default=None,
+              help="The negative prompt's embeddings, batch 1 (`vdit export --null`, `vdit sample --null`).")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None,
+              help="Prompt cache directory: texts found there are not encoded again, new ones are added "
+                   "(EXPORT/prompts is where `vdit generate` looks).")
+def encode(pipeline_dir, prompts, negative, out, null_out, cache_dir):
+    """Encode prompts with a pipeline's own text_encoder/ and tokenizer/ (T5, umT5; transformers on the
+    host), padded and masked as the pipeline (Latte, Wan, CogVideoX) does."""
+    from vdit_deploy.errors import VditError
+    from vdit_deploy.files import check_output
+
+    if out is None and null_out is None and cache_dir is None:
+        raise VditError("give --out, --null-out or --cache (where the embeddings go)")
+    for path in (out, null_out):
+        if path is not None:
+            check_output(path)
+    needs_torch("encode")
+    from vdit_deploy.text_encoder import TextEncoder, save_conditioning
+
+    start = time.perf_counter()
+    cond, null = TextEncoder(pipeline_dir).encode(list(prompts), negative, cache_dir)
+    save_conditioning(out, cond, null_out, null)
+    click.echo(f"encoded {len(prompts)} prompt(s) + the negative prompt: {list(cond.shape)} in "
+               f"{time.perf_counter() - start:.2f} s" + "".join(f"; wrote {p}" for p in (out, null_out) if p)
+               + (f"; cache {cache_dir}" if cache_dir else ""))
+
+
+@main.command()
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", "prompts", multiple=True, required=True, help="A prompt; repeat for one video per prompt.")
+@click.option("--negative", default="", show_default=True, help="The negative prompt (guidance's null conditioning).")
+@click.option("--pipeline", "pipeline_dir", type=click.Path(path_type=Path), default=None,
+              help="Encode prompts missing from the cache with this pipeline's text encoder (needs torch).")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None,
+              help="Prompt cache (default EXPORT_DIR/prompts).")
+@sampling_options(runtime_default="ort")
+@click.option("--tile", type=click.IntRange(8), default=None, help="VAE decode tile in output pixels (default: "
+              "the --target profile's vae_tile, else untiled).")
+@click.option("--target", default=None, help="Deployment profile whose vae_tile sets the decode tile.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .mp4, .gif or .npy (latents).")
+def generate(export_dir, prompts, negative, pipeline_dir, cache_dir, sampler, steps, order, spacing, eta, guidance,
+             seed, runtime, precision, tile, target, out):
+    """Prompt to video over an export that holds the denoiser, decoder.onnx and a prompt cache (or a
+    --pipeline to encode with): encode, sample, decode, each with a progress bar, its time and peak memory."""
+    from vdit_deploy.errors import VditError
+    from vdit_deploy.generate import generate as run
+
+    if runtime == "torch":
+        raise VditError("vdit generate runs an export: --runtime ort, ort-trt or trt")
+    if tile is None and target is not None:
+        from vdit_deploy.runtimes.profiles import load_profile
+        tile = load_profile(target).vae_tile or None
+    report = run(export_dir, list(prompts), out, negative, pipeline_dir, cache_dir, runtime, precision, sampler,
+                 steps, guidance, seed, tile, eta, order, spacing)
+    click.echo(report.table())
+    click.echo(f"wrote {out}")

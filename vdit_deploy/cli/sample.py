@@ -13,7 +13,10 @@ from vdit_deploy.runtimes.base import COMPILE_MODES
 from vdit_deploy.samplers import DEFAULT_SAMPLER
 
 # ---- sample / demo ------------------------------------------------------------------------------
-def sampling_options(f):
+def sampling_options(f=None, *, runtime_default: str = "torch"):
+    """The sampler and runtime options of sample (and of generate, which runs an export: runtime_default ort)."""
+    if f is None:
+        return lambda g: sampling_options(g, runtime_default=runtime_default)
     for option in reversed([
         click.option("--sampler", default=DEFAULT_SAMPLER, show_default=True, help=SAMPLER_HELP),
         click.option("--steps", default=None, type=int, help=STEPS_HELP),
@@ -24,7 +27,7 @@ def sampling_options(f):
         click.option("--guidance", default=2.0, show_default=True, type=Finite(0),
                      help="Classifier-free guidance scale (1: off)."),
         click.option("--seed", default=0, show_default=True, type=SEED),
-        click.option("--runtime", default="torch", show_default=True,
+        click.option("--runtime", default=runtime_default, show_default=True,
                      help="torch (checkpoint), or ort / trt / ort-trt (ONNX export, no torch needed; "
                           "trt loads the engines `vdit build` made)."),
         click.option("--precision", default="fp32", show_default=True, help=precisions_help()),

@@ -1,0 +1,127 @@
+"""The VAE decoder stage: exported decoders decode what diffusers decodes (untiled and tiled), metadata is
+checked, fp16, the plan counts it, `vdit sample` decodes through it or refuses with a hint."""
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("diffusers", reason="pip install 'vdit-deploy[dev]' for the diffusers model tests")
+
+from pipelines import tiny_vae  # noqa: E402
+
+from vdit_deploy.cli import main  # noqa: E402
+
+
+def rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def kl_export(tmp_path_factory):
+    from vdit_deploy.export.decoder_export import export_decoder
+
+    root = tmp_path_factory.mktemp("kl")
+    tiny_vae("kl").save_pretrained(root / "vae")
+    export_decoder(root / "vae", root / "out")
+    return root
+
+
+def check_decoder(root, latent, tile):
+    """ORT vs diffusers: untiled to 1e-4, tiled to 1e-4 against diffusers' tiled decode, and the tiling's
+    own error no larger than diffusers' (same blending)."""
+    from vdit_deploy.decode import Decoder
+    from vdit_deploy.export.decoder_export import load_vae, torch_decode
+
+    vae, _, _ = load_vae(root / "vae")
+    x = np.random.default_rng(1).standard_normal((1, *latent), dtype=np.float32)
+    full, tiled = Decoder(root / "out", providers=["cpu"]), Decoder(root / "out", providers=["cpu"], tile=tile)
+    ref_full, ref_tiled = torch_decode(vae, x, full.meta, 0), torch_decode(vae, x, full.meta, tile)
+    got_full, got_tiled = full.decode(x), tiled.decode(x)
+    assert got_full.shape == ref_full.shape and got_tiled.shape == ref_full.shape
+    assert np.abs(got_full - ref_full).max() < 1e-4
+    assert np.abs(got_tiled - ref_tiled).max() < 1e-4
+    assert np.abs(ref_tiled - ref_full).max() > 1e-3          # the tiles really were blended
+    assert rel(got_tiled, got_full) <= rel(ref_tiled, ref_full) * 1.01 + 1e-6
+    return got_full
+
+
+def test_kl_decoder_matches_diffusers(kl_export):
+    from vdit_deploy.decode import read_decoder_meta
+
+    meta = read_decoder_meta(kl_export / "out" / "decoder.onnx")
+    assert meta.layout == "frames" and meta.scale == [pytest.approx(1 / 0.18215)] * 4 and meta.ratio == 2
+    video = check_decoder(kl_export, (4, 2, 10, 9), tile=8)
+    assert video.shape == (1, 3, 2, 20, 18)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,latent,frames_out", [("wan", (4, 3, 6, 5), 9), ("cog", (4, 5, 6, 5), 17)])
+def test_causal_decoders_match_diffusers(kind, latent, frames_out, tmp_path):
+    """Wan's feat_cache and CogVideoX's conv_cache cross chunk boundaries as graph inputs/outputs."""
+    from vdit_deploy.decode import read_decoder_meta
+    from vdit_deploy.export.decoder_export import export_decoder
+
+    tiny_vae(kind).save_pretrained(tmp_path / "vae")
+    export_decoder(tmp_path / "vae", tmp_path / "out", frames=latent[1])
+    meta = read_decoder_meta(tmp_path / "out" / "decoder-chunk.onnx")
+    assert meta.layout == "causal" and meta.cache > 0 and meta.frames_out(latent[1]) == frames_out
+    video = check_decoder(tmp_path, latent, tile=32)
+    assert video.shape == (1, 3, frames_out, 48, 40)
+
+
+def test_decoder_metadata_edits_and_pickles_are_refused(kl_export, tmp_path):
+    import onnx
+
+    from vdit_deploy.decode import read_decoder_meta
+    from vdit_deploy.errors import VditError
+    from vdit_deploy.export.decoder_export import load_vae
+
+    model = onnx.load(str(kl_export / "out" / "decoder.onnx"))
+    for p in model.metadata_props:
+        if p.key == "vdit.decoder":
+            dec = json.loads(p.value)
+            dec["scale"] = [1.0] * 4
+            p.value = json.dumps(dec)
+    onnx.save(model, str(tmp_path / "decoder.onnx"))
+    with pytest.raises(VditError, match="edited after export"):
+        read_decoder_meta(tmp_path / "decoder.onnx")
+    bad = tmp_path / "vae"
+    bad.mkdir()
+    (bad / "config.json").write_text((kl_export / "vae" / "config.json").read_text())
+    (bad / "diffusion_pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(VditError, match="pickle files are never loaded"):
+        load_vae(bad)
+
+
+def test_decoder_fp16_and_verify(kl_export):
+    from vdit_deploy.export.decoder_verify import convert_decoder_fp16, verify_decoder
+
+    written = convert_decoder_fp16(kl_export / "out")
+    assert [p.name for p in written] == ["decoder.fp16.onnx"]
+    rows = {r.graph: r for r in verify_decoder(kl_export / "out")}
+    assert set(rows) == {"decoder.onnx", "decoder.onnx tile 8", "decoder.fp16.onnx", "decoder.fp16.onnx tile 8"}
+    assert all(r.ok for r in rows.values()), {k: r.error for k, r in rows.items()}
+    assert rows["decoder.onnx"].error < 1e-5 < rows["decoder.fp16.onnx"].error
+
+
+def test_plan_counts_the_decoder(tiny_latte_export, kl_export, tmp_path, capsys):
+    import shutil
+
+    from vdit_deploy.export.decoder_export import export_decoder
+
+    export = tmp_path / "latte"
+    shutil.copytree(tiny_latte_export, export)
+    export_decoder(kl_export / "vae", export)
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--target", "orin-nano", "--onnx", str(export)])
+    out = capsys.readouterr().out
+    assert e.value.code in (0, None), out
+    assert "decoder weights (fp16)" in out and "decoder activations (tile 256 px)" in out
+
+
+def test_sample_refuses_latent_video_without_decoder(tiny_latte_export, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--runtime", "ort", "--onnx", str(tiny_latte_export), "--out", str(tmp_path / "v.mp4")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1 and "vdit export-decoder" in err[0]
+    assert not (tmp_path / "v.mp4").exists()
