@@ -35,6 +35,7 @@ def check_decoder(root, latent, tile):
     vae, _, _ = load_vae(root / "vae")
     x = np.random.default_rng(1).standard_normal((1, *latent), dtype=np.float32)
     full, tiled = Decoder(root / "out", providers=["cpu"]), Decoder(root / "out", providers=["cpu"], tile=tile)
+    assert tiled.tile == tile                                  # a size whose tiles meet exactly
     ref_full, ref_tiled = torch_decode(vae, x, full.meta, 0), torch_decode(vae, x, full.meta, tile)
     got_full, got_tiled = full.decode(x), tiled.decode(x)
     assert got_full.shape == ref_full.shape and got_tiled.shape == ref_full.shape
@@ -55,8 +56,8 @@ def test_kl_decoder_matches_diffusers(kl_export):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,latent,frames_out", [("wan", (4, 3, 6, 5), 9), ("cog", (4, 5, 6, 5), 17)])
-def test_causal_decoders_match_diffusers(kind, latent, frames_out, tmp_path):
+@pytest.mark.parametrize("kind,latent,tile,frames_out", [("wan", (4, 3, 6, 5), 32, 9), ("cog", (4, 5, 8, 7), 48, 17)])
+def test_causal_decoders_match_diffusers(kind, latent, tile, frames_out, tmp_path):
     """Wan's feat_cache and CogVideoX's conv_cache cross chunk boundaries as graph inputs/outputs."""
     from vdit_deploy.decode import read_decoder_meta
     from vdit_deploy.export.decoder_export import export_decoder
@@ -65,8 +66,8 @@ def test_causal_decoders_match_diffusers(kind, latent, frames_out, tmp_path):
     export_decoder(tmp_path / "vae", tmp_path / "out", frames=latent[1])
     meta = read_decoder_meta(tmp_path / "out" / "decoder-chunk.onnx")
     assert meta.layout == "causal" and meta.cache > 0 and meta.frames_out(latent[1]) == frames_out
-    video = check_decoder(tmp_path, latent, tile=32)
-    assert video.shape == (1, 3, frames_out, 48, 40)
+    video = check_decoder(tmp_path, latent, tile=tile)
+    assert video.shape == (1, 3, frames_out, 8 * latent[2], 8 * latent[3])
 
 
 def test_decoder_metadata_edits_and_pickles_are_refused(kl_export, tmp_path):

@@ -88,12 +88,9 @@ def text_input(contract):
 
 def encode_prompts(prompts: list, negative: str, cache_dir, pipeline=None):
     """(cond, null) from the cache when every text is there, else with the pipeline's text encoder."""
-    from vdit_deploy.text_encoder import TextEncoder, cache_info, from_cache
+    from vdit_deploy.text_encoder import TextEncoder, from_cache
 
     if pipeline is None:
-        if cache_dir is None or cache_info(cache_dir) is None:
-            raise VditError(f"no prompt cache at {cache_dir} and no --pipeline to encode with: run `vdit encode "
-                            "PIPELINE --prompt ... --cache EXPORT/prompts` on a host first")
         return from_cache(cache_dir, prompts, negative)
     return TextEncoder(pipeline).encode(prompts, negative, cache_dir)
 
@@ -101,8 +98,9 @@ def encode_prompts(prompts: list, negative: str, cache_dir, pipeline=None):
 def generate(export_dir, prompts: list, out, negative: str = "", pipeline=None, cache_dir=None,
              runtime: str = "ort", precision: str = "fp32", sampler: str = "unipc", steps=None, guidance=5.0,
              seed: int = 0, tile: int | None = None, eta: float = 0.0, order=None, spacing="linspace",
-             progress: bool = True, options: dict | None = None):
-    """Prompts -> video file through an export (denoiser + decoder.onnx + prompt cache). -> GenerateReport."""
+             progress: bool = True, options: dict | None = None, decode_npy: bool = False):
+    """Prompts -> video file through an export (denoiser + decoder.onnx + prompt cache). -> GenerateReport.
+    A .npy out holds the latents, or with decode_npy the decoded video (float, [-1, 1])."""
     from tqdm import tqdm
 
     from vdit_deploy.files import check_output
@@ -119,7 +117,11 @@ def generate(export_dir, prompts: list, out, negative: str = "", pipeline=None, 
     with open_runtime(runtime, export_dir, precision=precision, **(options or {})) as rt:
         contract = rt.contract
         spec = text_input(contract)
-        decoder = video_decoder(out, runtime, export_dir, contract.latent, tile)   # before any work
+        shown = out.with_suffix(".mp4") if decode_npy else out          # what decides whether to decode
+        decoder = video_decoder(shown, runtime, export_dir, contract.latent, tile)   # before any work
+        if pipeline is None:
+            from vdit_deploy.text_encoder import check_cached
+            check_cached(cache_dir, [*prompts, negative])
         with report.stage("encode"):
             for _ in tqdm(range(1), desc="encode", disable=not progress, leave=False):
                 cond, null = encode_prompts(list(prompts), negative, cache_dir, pipeline)

@@ -91,7 +91,7 @@ def combine(rule: PromptRule, prompts: list, negative) -> tuple[np.ndarray, np.n
 
 # ---- the cache (torch-free) ------------------------------------------------------------------------
 def entry_key(info: dict, text: str) -> str:
-    return hashlib.sha256(json.dumps([info["rule"], info["digest"], text]).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([info["rule"], info["digest"], text], sort_keys=True).encode()).hexdigest()
 
 
 def cache_info(cache_dir) -> dict | None:
@@ -115,6 +115,19 @@ def cached(cache_dir, info: dict, text: str):
         return None
     data = load_file(str(file))
     return data["embeds"], int(data["tokens"][0])
+
+
+def check_cached(cache_dir, texts: list) -> None:
+    """Before any work: every text is in the cache (else a one-line refusal naming the first missing)."""
+    info = cache_info(cache_dir)
+    if info is None:
+        raise VditError(f"no prompt cache at {cache_dir} (no {CACHE_INFO}) and no --pipeline to encode with: run "
+                        "`vdit encode PIPELINE --prompt ... --cache DIR` on a host first")
+    rule = PromptRule(**info["rule"])
+    for text in texts:
+        if not (Path(cache_dir) / f"{entry_key(info, clean(text, rule.clean))}.safetensors").is_file():
+            raise VditError(f"prompt {text[:60]!r} is not in the cache {cache_dir}: encode it first with "
+                            "`vdit encode PIPELINE --prompt ... --cache DIR`")
 
 
 def from_cache(cache_dir, prompts: list, negative: str = "") -> tuple[np.ndarray, np.ndarray]:
