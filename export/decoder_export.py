@@ -33,35 +33,28 @@ from vdit_deploy.export.variants import DECODER, DECODER_CHUNK, variant_file
 
 # The classes vdit can decode, by the _class_name a vae/config.json names (never imported from metadata).
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLWan", "AutoencoderKLCogVideoX")
-WEIGHTS = "diffusion_pytorch_model"
 
 
 def load_vae(vae_dir) -> tuple[nn.Module, dict, list]:
-    """vae/ as save_pretrained writes it -> (module in eval mode, its config, the files hashed)."""
-    import diffusers
-
-    from vdit_deploy.sources import is_diffusers_dir, model_files
+    """vae/ as save_pretrained writes it -> (module in eval mode, its config, the files hashed), through
+    the project's safe loading (sources.py / diffusers_models.py): bounded JSON, safetensors headers
+    checked against the class's state dict before anything is allocated, never a pickle."""
+    from vdit_deploy.diffusers_models import build, model_class
+    from vdit_deploy.files import read_json
+    from vdit_deploy.sources import is_diffusers_dir
+    from vdit_deploy.weights import diffusers_weight_files
 
     vae_dir = Path(vae_dir)
     if not is_diffusers_dir(vae_dir):
         raise VditError(f"{vae_dir} is not a diffusers VAE directory (config.json with _class_name); pass the "
                         "pipeline's vae/ folder")
-    config = json.loads((vae_dir / "config.json").read_text())
+    config = read_json(vae_dir / "config.json", "VAE config", root=vae_dir)
     cls_name = config["_class_name"]
     if cls_name not in VAE_CLASSES:
         raise VditError(f"{vae_dir}: {cls_name} is not a VAE vdit exports (it does {', '.join(VAE_CLASSES)})")
-    files = model_files(vae_dir)                       # safetensors only: a .bin is refused, never unpickled
-    try:
-        vae = getattr(diffusers, cls_name).from_pretrained(str(vae_dir), use_safetensors=True,
-                                                           torch_dtype=torch.float32)
-    except Exception as e:
-        raise VditError(f"{cls_name}.from_pretrained({vae_dir}) failed: {type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}") from None
-    for name, p in vae.named_parameters():
-        if not bool(torch.isfinite(p).all()):
-            raise VditError(f"{vae_dir}: {name} holds NaN or inf values")
-        p.requires_grad_(False)
-    return vae.eval(), dict(vae.config), files
+    files, headers = diffusers_weight_files(vae_dir)       # safetensors only: a .bin is refused, never unpickled
+    vae = build(model_class(f"diffusers:{cls_name}"), config, vae_dir, files, headers, cls_name)
+    return vae.eval(), dict(vae.config), [vae_dir / "config.json", *files]
 
 
 def latent_scaling(cls_name: str, config: dict) -> tuple[list, list]:

@@ -34,14 +34,16 @@ import torch
 import torch.nn as nn
 
 from vdit_deploy.config import check_memory
+from vdit_deploy.validate import INT32_MAX
 from vdit_deploy.contract import BATCH, Contract
 from vdit_deploy.samplers import COEF_NAMES
-from vdit_deploy.errors import VditError
+from vdit_deploy.errors import VditError, first_line
 from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, ExportMetadata
 from vdit_deploy.export.variants import DENOISER, STEP, variant_file
 from vdit_deploy.files import atomic_path, check_output, temp_dir
 
 OPSET = 18                     # LayerNormalization needs 17; 18 is the dynamo exporter's native opset
+MAX_OPSET = 23                 # the newest torch.onnx writes (torch.onnx._constants.ONNX_MAX_OPSET)
 DEFAULT_BATCH = (1, 8)         # videos per call; denoiser.onnx also takes 2x that (cond + null)
 PROTOBUF_LIMIT = 2 ** 31       # a single ONNX file cannot exceed 2 GB: larger models keep weights beside it
 
@@ -178,8 +180,8 @@ def _trace(module: nn.Module, example_inputs: tuple, input_names, output_names, 
                 input_names=list(input_names), output_names=list(output_names),
                 dynamic_shapes=dynamic_shapes, verbose=False, report=False)
     except Exception as e:   # torch.export raises many types; keep the user-facing error one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise VditError(f"ONNX export of {type(module).__name__} failed: {type(e).__name__}: {first}") from None
+        # its own error says only "Failed to export ... step 1/3": the cause is at the chain's end
+        raise VditError(f"ONNX export of {type(module).__name__} failed: {first_line(e)}") from None
 
 
 def _check_saved(path: Path) -> Path:
@@ -283,20 +285,14 @@ def export_denoiser(module: nn.Module, example_inputs: tuple, out_path: str | Pa
 
 
 def _check_batch(batch, fixed_batch, example_batch):
+    check_options(batch, fixed_batch, OPSET)
     if fixed_batch is not None:
-        if fixed_batch < 1:
-            raise VditError(f"fixed batch must be >= 1, got {fixed_batch}")
         if example_batch != fixed_batch:
             raise VditError(f"example inputs have batch {example_batch}, the fixed batch is {fixed_batch}")
         return None
-    lo, hi = batch
-    if not 1 <= lo <= hi:
-        raise VditError(f"batch range must be 1 <= MIN <= MAX, got {lo}:{hi}")
-    if hi < 2:   # torch.export specialises a dimension whose only value is 1
-        raise VditError(f"a dynamic batch range needs MAX >= 2 (got {lo}:{hi}); use a fixed batch of 1 instead")
-    if not lo <= example_batch <= hi:
-        raise VditError(f"example inputs have batch {example_batch}, outside the batch range {lo}:{hi}")
-    return lo, hi
+    if not batch[0] <= example_batch <= batch[1]:
+        raise VditError(f"example inputs have batch {example_batch}, outside the batch range {batch[0]}:{batch[1]}")
+    return tuple(batch)
 
 
 # ---- a model -> export directory ------------------------------------------------------------------
@@ -341,8 +337,8 @@ def fixed_sizes(contract: Contract) -> set:
 def traced_size(lo: int, hi: int, taken) -> int:
     """A size in lo..hi (at least 2: torch.export specialises 0 and 1) that no fixed axis has: torch.export
     ties equal sizes together (a batch of 2 traced with 2 frames comes out a static 2)."""
-    free = [n for n in range(max(lo, 2), hi + 1) if n not in taken]
-    return free[0] if free else max(lo, min(hi, 2))
+    free = (n for n in range(max(lo, 2), hi + 1) if n not in taken)      # lazily: hi may be 10^11
+    return next(free, max(lo, min(hi, 2)))
 
 
 def example_inputs(contract: Contract, batch: int, seed: int = 0) -> tuple:
@@ -360,6 +356,21 @@ def example_inputs(contract: Contract, batch: int, seed: int = 0) -> tuple:
     return (x, t, *(torch.from_numpy(cond[name]) for name in contract.names))
 
 
+def check_options(batch, fixed, opset) -> None:
+    """The export options, before the work: opset, batch range or fixed batch."""
+    if not isinstance(opset, int) or not 17 <= opset <= MAX_OPSET:
+        raise VditError(f"opset must be 17 (LayerNormalization) .. {MAX_OPSET}, got {opset}")
+    if fixed is not None:
+        if not 1 <= fixed <= INT32_MAX:
+            raise VditError(f"fixed batch must be 1..{INT32_MAX}, got {fixed}")
+        return
+    lo, hi = batch
+    if not 1 <= lo <= hi <= INT32_MAX:
+        raise VditError(f"batch range must be 1 <= MIN <= MAX <= {INT32_MAX}, got {lo}:{hi}")
+    if hi < 2:   # torch.export specialises a dimension whose only value is 1
+        raise VditError(f"a dynamic batch range needs MAX >= 2 (got {lo}:{hi}); use a fixed batch of 1 instead")
+
+
 def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_BATCH, fixed: int | None = None,
                   opset: int = OPSET, external_data: bool | None = None, keep_foreign: bool = False) -> Path:
     """A Source (sources.py: module + contract + null conditioning) -> out_dir/{denoiser,step}.onnx and
@@ -375,8 +386,7 @@ def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_
     from vdit_deploy.contract import save_null
     from vdit_deploy.export.metadata import export_own_files
 
-    if opset < 17:
-        raise VditError(f"opset must be >= 17 (LayerNormalization), got {opset}")
+    check_options(batch, fixed, opset)
     contract, denoiser = source.contract, source.module.eval()
     n = fixed or traced_size(batch[0], batch[1], fixed_sizes(contract))   # the batch traced (a step's runs 2n)
     example = example_inputs(contract, n)
@@ -425,10 +435,13 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, batch: tuple[
     from vdit_deploy.checkpoint import read_info
     from vdit_deploy.sources import is_diffusers_dir, load_source
 
-    if opset < 17:
-        raise VditError(f"opset must be >= 17 (LayerNormalization), got {opset}")
+    check_options(batch, fixed, opset)                       # before anything is loaded or traced
     n = fixed or max(2, batch[0])
-    if not is_diffusers_dir(checkpoint):
+    if not Path(checkpoint).is_dir():
+        raise VditError(f"{checkpoint}: no such model directory")
+    if is_diffusers_dir(checkpoint):
+        source_options["batch"] = 2 * n                      # sized from its config and headers, then loaded
+    else:
         check_memory(read_info(checkpoint).model.memory_bytes(2 * n), f"exporting at batch {n}")   # before loading
     from vdit_deploy.export.metadata import export_own_files
 

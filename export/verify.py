@@ -200,8 +200,10 @@ def _polygraphy_compare(path: Path, feeds: list[dict], refs: list[dict], toleran
 
 def verify(export_dir: str | Path, checkpoint: str | Path | None = None, tolerance: float = FP32_TOLERANCE,
            batches: tuple[int, ...] = (1, 3), num_steps: int = 10, picks: int = 4, seed: int = 0,
-           polygraphy: bool = True, save_polygraphy: str | Path | None = None) -> VerifyReport:
-    """Compare ORT and PyTorch on every vdit graph of the export directory."""
+           polygraphy: bool = True, save_polygraphy: str | Path | None = None,
+           class_name: str | None = None) -> VerifyReport:
+    """Compare ORT and PyTorch on every vdit graph of the export directory. class_name: the user's
+    --class, needed (and imported) only for a model that is not one of diffusers' own classes."""
     from vdit_deploy.runtimes.torch_runtime import TorchRuntime
     from vdit_deploy.sources import load_export_source
 
@@ -214,7 +216,7 @@ def verify(export_dir: str | Path, checkpoint: str | Path | None = None, toleran
         raise VditError(f"{export_dir} holds no vdit graph to verify"
                         + (f" ({'; '.join(report.skipped)})" if report.skipped else ""))
     meta = next(iter(graphs.values()))
-    source = load_export_source(meta, export_dir, checkpoint)
+    source = load_export_source(meta, export_dir, checkpoint, class_name=class_name)
     tolerances = {**PRECISION_TOLERANCE, "fp32": tolerance}
     # every graph's batch range decides the videos per step replayed: steps need B in range, denoisers 2B rows
     sizes = set()

@@ -16,7 +16,7 @@ import numpy as np
 from vdit_deploy.contract import load_null
 from vdit_deploy.samplers import SolverState, apply_step
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, find_onnx, read_metadata
+from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, check_variant_complete, find_onnx, read_metadata
 from vdit_deploy.export.variants import DENOISER, FP16, STEP, find_variant, runtime_graph, with_data
 from vdit_deploy.runtimes.base import Runtime, TensorSpec
 
@@ -150,6 +150,8 @@ class OrtRuntime(Runtime):
             raise VditError(f"{path} is a fused step graph: pass the export directory or its denoiser.onnx")
         self.graph = _Graph(path, DENOISER, self.providers, options)
         self.fused = None
+        if artifact.is_dir():
+            check_variant_complete(artifact, graph)
         step = find_variant(artifact, STEP, graph) if artifact.is_dir() else None
         if step is not None:
             self.fused = _Graph(step, STEP, self.providers, options)

@@ -112,11 +112,7 @@ class Contract:
         states the contract. Returns a dict in contract order."""
         if not isinstance(cond, dict):
             raise VditError(f"{what} must be a dict of named arrays ({self.describe_cond()})")
-        missing = [c.name for c in self.cond if c.name not in cond]
-        unknown = sorted(set(cond) - set(self.names))
-        if missing or unknown:
-            raise VditError(f"{what} lacks {', '.join(missing) or '-'} and has unknown {', '.join(unknown) or '-'}: "
-                            f"the model takes {self.describe_cond()}")
+        self.check_names(cond, what)
         sizes = {} if batch is None else {BATCH: batch}
         out = {}
         for spec in self.cond:
@@ -137,12 +133,21 @@ class Contract:
                                     f"({self.describe_cond()})")
                 lo, hi = self.axes.get(want, (1, None))
                 if got < lo or (hi is not None and got > hi):
-                    raise VditError(f"{what} {spec.name} has {want} = {got}, outside {lo}..{hi} the export takes")
+                    allowed = f"outside {lo}..{hi} the export takes" if hi is not None else f"below {lo}"
+                    raise VditError(f"{what} {spec.name} has {want} = {got}, {allowed}")
                 sizes[want] = got
             if spec.classes is not None and a.size and (a.min() < 0 or a.max() > spec.classes):
                 raise VditError(f"{what} {spec.name} holds labels outside 0..{spec.classes} ({spec.classes} = null)")
             out[spec.name] = np.ascontiguousarray(a, dtype=spec.dtype)
         return out
+
+    def check_names(self, names, what: str) -> None:
+        """Refuse missing and unknown input names, naming a few of each (a file may hold 10^5)."""
+        missing = [c.name for c in self.cond if c.name not in names]
+        unknown = sorted(map(str, set(names) - set(self.names)))
+        if missing or unknown:
+            parts = [f"lacks {_names(missing)}" if missing else "", f"has unknown {_names(unknown)}" if unknown else ""]
+            raise VditError(f"{what} {' and '.join(filter(None, parts))}: the model takes {self.describe_cond()}")
 
     def batch_of(self, cond: dict) -> int:
         if not self.cond:
@@ -226,6 +231,12 @@ class Contract:
                    v.sha256_hex(null, "null_sha256", where) if null else "")
 
 
+def _names(names: list, shown: int = 4) -> str:
+    """A few names of a list that may be 10^5 long (an error stays one short line)."""
+    head = ", ".join(str(n)[:40] for n in names[:shown])
+    return head + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 # ---- the null conditioning ------------------------------------------------------------------------
 def null_digest(null: dict) -> str:
     h = hashlib.sha256()
@@ -276,9 +287,19 @@ def read_cond(path: str | Path, contract: Contract) -> dict:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    from vdit_deploy.config import check_memory
+    from vdit_deploy.weights import read_header
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise VditError(f"{path}: no such conditioning file")
+    try:   # the header first: a regular file, tensors that fit in it; names checked before any is read
+        header = read_header(path)
+    except VditError as e:
+        raise VditError(f"{path} is not a readable safetensors file ({str(e).removeprefix(str(path)).lstrip(': ')}); "
+                        f"the model takes {contract.describe_cond()}") from None
+    contract.check_names(header, str(path))
+    check_memory(2 * sum(t.nbytes for t in header.values()), f"reading {path}")
     try:
         cond = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:

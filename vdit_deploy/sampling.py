@@ -94,9 +94,11 @@ def sample(denoiser, contract: Contract, cond, steps: list[Step], guidance: floa
     arrays (t float32 (B,)); guidance then needs `null` (batch 1, as null_cond.safetensors holds it).
     `cond`: name -> array with the batch first, or class labels (contract.labels).
     A multistep plan (dpm++, unipc) carries one SolverState through its steps (on the runtime's device)."""
+    from vdit_deploy import validate
+    from vdit_deploy.config import check_memory
+
+    validate.guidance(guidance)
     cond = as_cond(contract, cond)
-    if guidance < 0:
-        raise VditError(f"guidance scale must be >= 0, got {guidance}")
     b = contract.batch_of(cond)
     check_memory(sampling_bytes(contract, b), f"sampling {b} videos")     # before x_T is drawn
     step_fn = getattr(denoiser, "step", None)

@@ -73,21 +73,27 @@ class Cli(click.Group):
 
 
 class Finite(click.ParamType):
-    """A float that is finite and in range: nan and inf parse as floats, and would sample NaN videos."""
+    """A float that is finite and in range: nan and inf parse as floats, and would sample NaN videos;
+    and within what float32 holds (the graphs compute in it: 1e308 would be inf there)."""
     name = "number"
 
-    def __init__(self, lo: float | None = None, lo_open: bool = False):
-        self.lo, self.lo_open = lo, lo_open
+    def __init__(self, lo: float | None = None, lo_open: bool = False, hi: float | None = None):
+        from vdit_deploy.validate import FLOAT32_MAX
+
+        self.lo, self.lo_open, self.hi = lo, lo_open, FLOAT32_MAX if hi is None else hi
 
     def convert(self, value, param, ctx):
         from vdit_deploy import validate
 
         try:
-            return validate.number(float(value), "the value", self.lo, lo_open=self.lo_open)
+            return validate.number(float(value), "the value", self.lo, self.hi, lo_open=self.lo_open)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a number", param, ctx)
         except VditError as e:
             self.fail(str(e), param, ctx)
+
+
+GUIDANCE = Finite(0, hi=100.0)   # validate.GUIDANCE_MAX: classifier-free guidance in use is 1..20
 
 
 @click.group(cls=Cli)
@@ -120,8 +126,12 @@ def parse_batch_range(text: str, option: str = "--batch") -> tuple[int, int]:
         lo, hi = (int(v) for v in text.split(":"))
     except ValueError:
         raise VditError(f"{option} takes MIN:MAX (e.g. 1:8), got {text!r}") from None
+    from vdit_deploy.validate import INT32_MAX
+
     if option != "--batch" and not 1 <= lo <= hi:
         raise VditError(f"{option} takes 1 <= MIN <= MAX, got {text!r}")
+    if hi > INT32_MAX:   # a graph's axis is an int32 in TensorRT and the metadata
+        raise VditError(f"{option} takes MAX <= {INT32_MAX}, got {text!r}")
     return lo, hi
 
 
@@ -130,7 +140,9 @@ def parse_ints(text: str, option: str, count: int) -> tuple[int, ...]:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != count or min(values) < 1:
+    from vdit_deploy.validate import INT32_MAX
+
+    if len(values) != count or min(values) < 1 or max(values) > INT32_MAX:
         raise VditError(f"{option} takes {count} positive integers separated by commas, got {text!r}")
     return values
 

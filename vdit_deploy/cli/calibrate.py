@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from vdit_deploy.cli.app import COND_ROWS_HELP, SAMPLER_HELP, STEPS_HELP, Cli, Finite, main, parse_labels
+from vdit_deploy.cli.app import COND_ROWS_HELP, SAMPLER_HELP, STEPS_HELP, Cli, GUIDANCE, Finite, main, parse_labels
 from vdit_deploy.files import check_output
 from vdit_deploy.samplers import DEFAULT_SAMPLER
 
@@ -26,7 +26,7 @@ def calib_option(required=True):
 @click.option("--sampler", default=DEFAULT_SAMPLER, show_default=True,
               help=f"The sampler you deploy (its timesteps are the ones INT8 ranges must cover): {SAMPLER_HELP}")
 @click.option("--steps", default=None, type=click.IntRange(1), help=STEPS_HELP)
-@click.option("--guidance", default=2.0, show_default=True, type=Finite(0))
+@click.option("--guidance", default=2.0, show_default=True, type=GUIDANCE)
 @click.option("--eta", default=0.0, show_default=True, type=Finite(0))
 @click.option("--seeds", default=4, show_default=True, type=click.IntRange(1, 10 ** 6), help="Seeds 0..N-1.")
 @click.option("--label", "labels", multiple=True, help="Labels per sample, class models (default: every class).")
@@ -101,7 +101,7 @@ def calibrate_sensitivity(export_dir, calib_dir, mode, layers):
 @click.option("--precisions", default="fp16,int8", show_default=True, help="Comma-separated ONNX Runtime precisions (int8: the int8-dynamic graph; int8-qdq).")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1))
 @click.option("--seeds", default=2, show_default=True, type=click.IntRange(1))
-@click.option("--guidance", default=2.0, show_default=True, type=Finite(0))
+@click.option("--guidance", default=2.0, show_default=True, type=GUIDANCE)
 @click.option("--cond", "cond_file", type=click.Path(path_type=Path), default=None,
               help=COND_ROWS_HELP + " One row per video.")
 @click.option("--out", default="calibration-report", show_default=True, type=click.Path(path_type=Path))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from vdit_deploy.cli.app import COND_ROWS_HELP, SAMPLER_HELP, STEPS_HELP, Finite, main
+from vdit_deploy.cli.app import COND_ROWS_HELP, SAMPLER_HELP, STEPS_HELP, GUIDANCE, Finite, main
 from vdit_deploy.files import check_output
 from vdit_deploy.samplers import DEFAULT_SAMPLER
 
@@ -18,7 +18,7 @@ from vdit_deploy.samplers import DEFAULT_SAMPLER
 @click.option("--steps", default=None, type=click.IntRange(1), help=STEPS_HELP)
 @click.option("--sampler", default=DEFAULT_SAMPLER, show_default=True,
               help=f"{SAMPLER_HELP} The calibration set for INT8 follows it.")
-@click.option("--guidance", default=2.0, show_default=True, type=Finite(0))
+@click.option("--guidance", default=2.0, show_default=True, type=GUIDANCE)
 @click.option("--batch", "batches", default="1,4", show_default=True, help="Batch sizes (videos per sample).")
 @click.option("--seeds", default="0-1", show_default=True, help="Seeds, e.g. 0-3 or 0,5.")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(1), help="Timed samples after 1 warm-up.")

@@ -9,7 +9,7 @@ import click
 from vdit_deploy.cli.app import Finite, main, needs_torch, parse_batch_range, parse_ints
 
 # ---- export / verify (ONNX) ---------------------------------------------------------------------
-def print_verify(export_dir, checkpoint, tolerance):
+def print_verify(export_dir, checkpoint, tolerance, class_name=None):
     needs_torch("verify")
     from vdit_deploy.decode import find_decoder
     from vdit_deploy.export.variants import DENOISER, find_variant
@@ -19,7 +19,7 @@ def print_verify(export_dir, checkpoint, tolerance):
     if decoder and find_variant(export_dir, DENOISER) is None:     # a decoder exported on its own
         report = VerifyReport(tolerance)
     else:
-        report = verify(export_dir, checkpoint=checkpoint, tolerance=tolerance)
+        report = verify(export_dir, checkpoint=checkpoint, tolerance=tolerance, class_name=class_name)
     if decoder:                                                     # against diffusers' own decode
         from vdit_deploy.export.decoder_verify import verify_decoder
         report.rows += verify_decoder(export_dir, tolerance=tolerance)
@@ -49,7 +49,8 @@ def print_verify(export_dir, checkpoint, tolerance):
 @click.option("--seq", default=None, help="Range MIN:MAX of the named (token) axes the graphs take (default 1:120).")
 @click.option("--batch", default="1:8", show_default=True, help="Dynamic batch range MIN:MAX (videos per call).")
 @click.option("--fixed-batch", type=click.IntRange(1), default=None, help="Static batch N (edge builds).")
-@click.option("--opset", default=18, show_default=True, type=click.IntRange(17))
+@click.option("--opset", default=18, show_default=True, type=click.IntRange(17, 23),
+              help="ONNX opset, 17 (LayerNormalization) .. 23 (the newest torch's exporter writes).")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Compare with PyTorch after export.")
 @click.option("--tolerance", default=1e-4, show_default=True, type=Finite(0, lo_open=True),
               help="fp32 error allowed by --verify (relative L2, see `vdit verify --help`).")
@@ -62,17 +63,17 @@ def export(checkpoint, out, class_name, inputs, latent, output_kind, scheduler_c
     from vdit_deploy.export.metadata import export_own_files
     from vdit_deploy.export.onnx_export import export_checkpoint
 
-    export_own_files(out)
-    batch_range = parse_batch_range(batch)
+    batch_range = parse_batch_range(batch)        # options first: nothing is loaded or traced before they hold
     options = dict(class_name=class_name, inputs=inputs, output=output_kind, scheduler_config=scheduler_config,
                    null_file=null_file, seq=parse_batch_range(seq, "--seq") if seq else None,
                    latent=parse_ints(latent, "--latent", 4) if latent else None)
+    export_own_files(out)
     start = time.perf_counter()
     export_checkpoint(checkpoint, out, batch=batch_range, fixed=fixed_batch, opset=opset, **options)
     sizes = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in sorted(out.iterdir()))
     click.echo(f"exported {out}: {sizes} in {time.perf_counter() - start:.1f} s")
     if verify:
-        print_verify(out, checkpoint, tolerance)
+        print_verify(out, checkpoint, tolerance, class_name)
 
 
 @main.command("verify")
@@ -81,8 +82,11 @@ def export(checkpoint, out, class_name, inputs, latent, output_kind, scheduler_c
               help="The source checkpoint (default: the path recorded at export).")
 @click.option("--tolerance", default=1e-4, show_default=True, type=Finite(0, lo_open=True),
               help="Error allowed for the fp32 graphs; fp16/int8 variants have their own (export/verify.py).")
-def verify_cmd(export_dir, checkpoint, tolerance):
+@click.option("--class", "class_name", default=None,
+              help="A model exported with --class module:Class that is not diffusers' own: the same class again "
+                   "(an export's metadata never makes vdit import a module).")
+def verify_cmd(export_dir, checkpoint, tolerance, class_name):
     """Compare every graph of an export (fp32 and each fp16/int8 variant) with PyTorch on a real sampling
     trajectory; exit 1 above tolerance or when nothing could be checked. Error is relative L2 against the
     output's scale: ||eps|| for a denoiser, the sum of the update's term magnitudes for a step."""
-    print_verify(export_dir, checkpoint, tolerance)
+    print_verify(export_dir, checkpoint, tolerance, class_name)

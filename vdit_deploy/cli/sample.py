@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from vdit_deploy.cli.app import SEED, SHIPPED_HELP, SAMPLER_HELP, STEPS_HELP, Finite, main, parse_labels
+from vdit_deploy.cli.app import SEED, SHIPPED_HELP, SAMPLER_HELP, STEPS_HELP, GUIDANCE, Finite, main, parse_labels
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.variants import precisions_help
 from vdit_deploy.files import check_output
@@ -24,7 +24,7 @@ def sampling_options(f=None, *, runtime_default: str = "torch"):
         click.option("--spacing", default="linspace", show_default=True,
                      help="dpm++ / unipc timestep spacing: linspace, leading or trailing (as in diffusers)."),
         click.option("--eta", default=0.0, show_default=True, type=Finite(0), help="DDIM noise (0: deterministic)."),
-        click.option("--guidance", default=2.0, show_default=True, type=Finite(0),
+        click.option("--guidance", default=2.0, show_default=True, type=GUIDANCE,
                      help="Classifier-free guidance scale (1: off)."),
         click.option("--seed", default=0, show_default=True, type=SEED),
         click.option("--runtime", default=runtime_default, show_default=True,
@@ -119,7 +119,7 @@ def sample(checkpoint, onnx_path, labels, cond_file, sampler, steps, order, spac
 @click.option("--out", default="demo.gif", show_default=True, type=click.Path(path_type=Path))
 @click.option("--seeds", default=2, show_default=True, type=click.IntRange(1, 8), help="Rows of the grid.")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 1000))
-@click.option("--guidance", default=2.0, show_default=True, type=Finite(0))
+@click.option("--guidance", default=2.0, show_default=True, type=GUIDANCE)
 def demo(out, seeds, steps, guidance):
     """Sample every class of the shipped checkpoint (DDIM) into one GIF grid."""
     from vdit_deploy.checkpoint import SHIPPED, read_info

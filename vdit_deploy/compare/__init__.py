@@ -33,26 +33,63 @@ from vdit_deploy.compare.report import SCHEMA_VERSION, format_table, write_outpu
 from vdit_deploy.schedules import Schedule
 from vdit_deploy.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, make_steps
 from vdit_deploy.errors import VditError
+from vdit_deploy.validate import INT32_MAX
 
 __all__ = ["DEFAULT_RUNTIMES", "SCHEMA_VERSION", "Artifacts", "Target", "compare", "format_table", "parse_ints",
            "parse_runtimes"]
 
+MAX_VALUES = 10_000             # --seeds / --batch values
 DEFAULT_RUNTIMES = "torch:fp32,ort:fp32,ort:fp16,ort:int8,trt:fp16,trt:int8"
 REFERENCES = (Target("torch", "fp32"), Target("ort", "fp32"))   # the first that runs is the reference
 
 
 def parse_ints(text: str, what: str) -> list[int]:
-    """'0-3' -> [0, 1, 2, 3]; '1,4' -> [1, 4]; ranges and lists mix ('0-1,5')."""
+    """'0-3' -> [0, 1, 2, 3]; '1,4' -> [1, 4]; ranges and lists mix ('0-1,5'). At most MAX_VALUES values
+    (counted before a range is made into a list: 0-100000000 is refused at once)."""
     out = []
     try:
         for part in filter(None, (s.strip() for s in str(text).split(","))):
             lo, dash, hi = part.partition("-")
-            out += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+            lo, hi = int(lo), int(hi) if dash else int(lo)
+            if not 0 <= lo <= hi <= INT32_MAX or len(out) + hi - lo + 1 > MAX_VALUES:
+                raise VditError(f"{what} takes at most {MAX_VALUES} values, each 0..{INT32_MAX} (ranges LO-HI with "
+                                f"LO <= HI); got {text[:60]!r}")
+            out += range(lo, hi + 1)
     except ValueError:
-        raise VditError(f"{what} takes integers like 0-3 or 1,4; got {text!r}") from None
+        raise VditError(f"{what} takes integers like 0-3 or 1,4; got {text[:60]!r}") from None
     if not out:
         raise VditError(f"{what} is empty")
     return list(dict.fromkeys(out))
+
+
+def check_sizes(source: Path, batches: list[int], seeds: list[int], sampler: str, steps: int | None) -> None:
+    """Memory of the run, from the model's latent shape (config or export metadata, nothing loaded):
+    the largest batch's loop, and the reference's recorded calls (x_t and out of every call, per seed)."""
+    import math
+
+    from vdit_deploy.config import check_memory
+
+    latent = _latent(source)
+    if latent is None:
+        return
+    calls = 1000 if sampler == "ddpm" else steps or DEFAULT_STEPS.get(sampler, 50)
+    b = max(batches)
+    recorded = len(seeds) * calls * b * math.prod(latent) * 4 * 4
+    check_memory(32 * b * math.prod(latent) + recorded, f"comparing at batch {b} over {len(seeds)} seed(s)")
+
+
+def _latent(source: Path):
+    """(C, F, H, W) of a vdit checkpoint, a Latte directory or an export; None when it takes options."""
+    from vdit_deploy.checkpoint import read_info
+    from vdit_deploy.export.metadata import find_onnx, read_metadata
+    from vdit_deploy.files import read_json
+
+    if not source.is_dir() or not (source / "config.json").exists():
+        return read_metadata(find_onnx(source)).contract.latent
+    config = read_json(source / "config.json", "model config", root=source)
+    if isinstance(config, dict) and "_class_name" in config:     # a diffusers model: sized when it loads
+        return None
+    return read_info(source).model.video_shape
 
 
 def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps: int | None = None,
@@ -75,6 +112,7 @@ def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps:
     batches, seeds = sorted(set(batches)), list(seeds)
     if min(batches) < 1 or repeats < 1:
         raise VditError("batch sizes and --repeats must be >= 1")
+    check_sizes(source, batches, seeds, sampler, steps)     # before anything is exported or run
     torch_ref, ort_ref = REFERENCES
     targets = [torch_ref] + [t for t in targets if t != torch_ref]   # the reference runs, asked for or not
     if threads and importlib.util.find_spec("torch") and any(t.runtime == "torch" for t in targets):
