@@ -291,9 +291,7 @@ def describe_onnx(path: str | Path) -> str:
     files = sorted(path.glob("*.onnx")) if path.is_dir() else [path]
     lines = []
     for file in files:
-        if file.name in all_variant_files(DECODER_KINDS):
-            from vdit_deploy.decode import describe_decoder
-            lines.append(describe_decoder(file))
+        if file.name in all_variant_files(DECODER_KINDS):      # the VAE's: decode.describe_decoder (vdit info)
             continue
         meta = read_metadata(file)
         cfg, contract = meta.config, meta.contract
