@@ -89,10 +89,11 @@ class FrameDecoder(nn.Module):
         super().__init__()
         self.vae = vae
 
+    def post_quant(self, z):
+        return z if self.vae.post_quant_conv is None else self.vae.post_quant_conv(z)
+
     def forward(self, z):
-        if self.vae.post_quant_conv is not None:
-            z = self.vae.post_quant_conv(z)
-        return self.vae.decoder(z)
+        return self.vae.decoder(self.post_quant(z))
 
 
 class WanFirst(nn.Module):
@@ -150,29 +151,23 @@ def wan_cache_layout(vae, h: int = 4, w: int = 4) -> list:
     return layout
 
 
-class CogFirst(nn.Module):
+class CogFirst(FrameDecoder):
     """CogVideoX's first chunk from no cache (first-frame padding) -> (frames, *flattened conv_cache)."""
 
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
     def forward(self, z):
-        if self.vae.post_quant_conv is not None:
-            z = self.vae.post_quant_conv(z)
-        out, cache = self.vae.decoder(z, conv_cache=None)
+        out, cache = self.vae.decoder(self.post_quant(z), conv_cache=None)
         return (out, *pytree.tree_flatten(cache)[0])
 
 
-class CogChunk(nn.Module):
+class CogChunk(FrameDecoder):
+    """A later chunk: (z, *flattened conv_cache) -> (frames, *conv_cache after it)."""
+
     def __init__(self, vae, spec):
-        super().__init__()
-        self.vae, self.spec = vae, spec
+        super().__init__(vae)
+        self.spec = spec
 
     def forward(self, z, *cache):
-        if self.vae.post_quant_conv is not None:
-            z = self.vae.post_quant_conv(z)
-        out, cache = self.vae.decoder(z, conv_cache=pytree.tree_unflatten(list(cache), self.spec))
+        out, cache = self.vae.decoder(self.post_quant(z), conv_cache=pytree.tree_unflatten(list(cache), self.spec))
         return (out, *pytree.tree_flatten(cache)[0])
 
 
