@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,8 @@ def tiling_of(cls_name: str, vae) -> Tiling:
         return Tiling(int(vae.tile_sample_min_height), 1 - vae.tile_sample_stride_height / vae.tile_sample_min_height,
                       "wan")
     if cls_name == "AutoencoderKLCogVideoX":
-        return Tiling(int(vae.tile_sample_min_height), float(vae.tile_overlap_factor_height))
+        return Tiling(int(vae.tile_sample_min_height), float(vae.tile_overlap_factor_height),
+                      overlap_w=float(vae.tile_overlap_factor_width))
     return Tiling(int(vae.tile_sample_min_size), float(vae.tile_overlap_factor))
 
 
@@ -179,9 +181,9 @@ def meta_fields(vae, config: dict, tile: int | None = None) -> dict:
     scale, bias = latent_scaling(cls_name, config)
     tiling = tiling_of(cls_name, vae)
     if tile:
-        tiling = Tiling(int(tile), tiling.overlap, tiling.rule)
+        tiling = Tiling(int(tile), tiling.overlap, tiling.rule, tiling.overlap_w)
     return dict(layout=FRAMES if cls_name == "AutoencoderKL" else CAUSAL, scale=scale, bias=bias, ratio=ratio,
-                tiling={"tile": tiling.tile, "overlap": tiling.overlap, "rule": tiling.rule},
+                tiling=asdict(tiling),
                 vae={"class": cls_name, "config": json.loads(json.dumps(config, default=str))},
                 patch=int(config.get("patch_size") or 1))
 
@@ -192,7 +194,7 @@ class TorchDecoder:
     def __init__(self, vae_dir, latent=None, tile: int | None = None):
         self.vae, config, _ = load_vae(vae_dir)
         self.meta = DecoderMeta(kind=DECODER, io={}, checkpoint_sha256="0" * 64, **meta_fields(self.vae, config))
-        self.tile = int(tile or 0)
+        self.tile = Tiling(**self.meta.tiling).consistent(self.meta.ratio, int(tile)) if tile else 0
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         return torch_decode(self.vae, latents, self.meta, self.tile)
@@ -292,23 +294,27 @@ def export_decoder(vae_dir, out_dir, frames: int | None = None, opset: int = 18,
     return written
 
 
-def torch_decode(vae, latents: np.ndarray, meta: DecoderMeta, tile: int | None = 0) -> np.ndarray:
+def torch_decode(vae, latents: np.ndarray, meta: DecoderMeta, tile=0) -> np.ndarray:
     """diffusers' own decode of the denoiser's latents, as its pipeline calls it (the reference):
-    (B, C, F, h, w) -> (B, 3, F', H, W) clamped to [-1, 1]. tile: output pixels (0: untiled)."""
+    (B, C, F, h, w) -> (B, 3, F', H, W) clamped to [-1, 1]. tile: (height, width) output pixels (0: untiled)."""
     from vdit_deploy.decode import scale_latents
 
     z = torch.from_numpy(scale_latents(np.asarray(latents, np.float32), meta))
     cls_name = meta.vae["class"]
     if tile:
+        th, tw = (tile, tile) if isinstance(tile, int) else tile
         vae.enable_tiling()
-        if cls_name == "AutoencoderKL":
-            vae.tile_sample_min_size, vae.tile_latent_min_size = tile, int(tile / meta.ratio)
+        if cls_name == "AutoencoderKL":         # one square tile size
+            assert th == tw, "AutoencoderKL tiles are square"
+            vae.tile_sample_min_size, vae.tile_latent_min_size = th, int(th / meta.ratio)
         elif cls_name == "AutoencoderKLWan":
-            vae.tile_sample_min_height = vae.tile_sample_min_width = tile
-            vae.tile_sample_stride_height = vae.tile_sample_stride_width = int(round(tile * (1 - meta.tiling["overlap"])))
+            vae.tile_sample_min_height, vae.tile_sample_min_width = th, tw
+            overlap = meta.tiling["overlap"]
+            vae.tile_sample_stride_height = int(round(th * (1 - overlap)))
+            vae.tile_sample_stride_width = int(round(tw * (1 - overlap)))
         else:
-            vae.tile_sample_min_height = vae.tile_sample_min_width = tile
-            vae.tile_latent_min_height = vae.tile_latent_min_width = int(tile / meta.ratio)
+            vae.tile_sample_min_height, vae.tile_sample_min_width = th, tw
+            vae.tile_latent_min_height, vae.tile_latent_min_width = int(th / meta.ratio), int(tw / meta.ratio)
     else:
         vae.disable_tiling()
     with torch.no_grad():

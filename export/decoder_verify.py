@@ -56,18 +56,18 @@ def verify_decoder(export_dir, vae_dir=None, tolerance: float = 1e-4, seed: int 
     # a tile of about half the video's size (at least 2 latent pixels): every tiled call blends
     from vdit_deploy.decode import Tiling
 
-    tile = Tiling(**meta.tiling).consistent(meta.ratio, max(2, min(latent[2:]) // 2 + 1) * meta.ratio)
+    tile = max(Tiling(**meta.tiling).consistent(meta.ratio, max(2, min(latent[2:]) // 2 + 1) * meta.ratio))
     rows = []
     for precision in (FP32, FP16):
         if find_decoder(export_dir, precision) is None:
             continue
         for t in (0, tile):
             dec = Decoder(export_dir, precision, providers=["cpu"], tile=t)
-            name = variant_file(DECODER_KINDS[0], precision) + (f" tile {t}" if t else "")
+            name = variant_file(DECODER_KINDS[0], precision) + (f" tile {dec.tile[0]}" if t else "")
             row = Comparison(name, "video", tolerance if precision == FP32 else PRECISION_TOLERANCE[FP16],
                              "worst" if precision == FP32 else "mean")
             for x in latents:
-                row.add(dec.decode(x), torch_decode(vae, x, dec.meta, t))
+                row.add(dec.decode(x), torch_decode(vae, x, dec.meta, dec.tile))
             rows.append(row)
     return rows
 

@@ -28,8 +28,11 @@ def decoder_rows(export_dir, precision: str, tile: int | None, latent) -> dict[s
         return {}
     meta = read_decoder_meta(path)
     c, f, h, w = (int(d) for d in latent)
-    tile = int(tile or meta.tiling["tile"])
-    th, tw = min(h, tile // meta.ratio), min(w, tile // meta.ratio)
+    from vdit_deploy.decode import Tiling
+
+    tile_h, tile_w = Tiling(**meta.tiling).consistent(meta.ratio, int(tile or meta.tiling["tile"]))
+    th, tw = min(h, tile_h // meta.ratio), min(w, tile_w // meta.ratio)
+    tile = tile_h
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)

@@ -35,8 +35,8 @@ def check_decoder(root, latent, tile):
     vae, _, _ = load_vae(root / "vae")
     x = np.random.default_rng(1).standard_normal((1, *latent), dtype=np.float32)
     full, tiled = Decoder(root / "out", providers=["cpu"]), Decoder(root / "out", providers=["cpu"], tile=tile)
-    assert tiled.tile == tile                                  # a size whose tiles meet exactly
-    ref_full, ref_tiled = torch_decode(vae, x, full.meta, 0), torch_decode(vae, x, full.meta, tile)
+    assert tiled.tile[0] == tile                               # a size whose tiles meet exactly
+    ref_full, ref_tiled = torch_decode(vae, x, full.meta, 0), torch_decode(vae, x, full.meta, tiled.tile)
     got_full, got_tiled = full.decode(x), tiled.decode(x)
     assert got_full.shape == ref_full.shape and got_tiled.shape == ref_full.shape
     assert np.abs(got_full - ref_full).max() < 1e-4
@@ -105,8 +105,10 @@ def test_decoder_fp16_and_verify(kl_export):
     assert rows["decoder.onnx"].error < 1e-5 < rows["decoder.fp16.onnx"].error
 
 
-def test_plan_counts_the_decoder(tiny_latte_export, kl_export, tmp_path, capsys):
+def test_plan_counts_the_decoder_and_sample_decodes(tiny_latte_export, kl_export, tmp_path, capsys):
     import shutil
+
+    import imageio.v3 as iio
 
     from vdit_deploy.export.decoder_export import export_decoder
 
@@ -118,6 +120,16 @@ def test_plan_counts_the_decoder(tiny_latte_export, kl_export, tmp_path, capsys)
     out = capsys.readouterr().out
     assert e.value.code in (0, None), out
     assert "decoder weights (fp16)" in out and "decoder activations (tile 256 px)" in out
+    from safetensors.numpy import save_file
+
+    cond = tmp_path / "cond.safetensors"
+    save_file({"encoder_hidden_states": np.random.default_rng(0).standard_normal((1, 16, 32), dtype=np.float32)},
+              str(cond))
+    with pytest.raises(SystemExit) as e:    # a 4-channel latent model's MP4, decoded by decoder.onnx
+        main(["sample", "--runtime", "ort", "--onnx", str(export), "--cond", str(cond), "--steps", "3",
+              "--out", str(tmp_path / "v.mp4")])
+    assert e.value.code in (0, None) and "decoded by the VAE" in capsys.readouterr().out
+    assert iio.imread(tmp_path / "v.mp4").shape[:1] == (2,)        # the latents' 2 frames, decoded
 
 
 def test_sample_refuses_latent_video_without_decoder(tiny_latte_export, tmp_path, capsys):

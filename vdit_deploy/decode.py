@@ -38,32 +38,39 @@ CACHE_IN, CACHE_OUT = "cache_", "cache_out_"
 @dataclass(frozen=True)
 class Tiling:
     """diffusers' tiled_decode of one class, in output pixels: `tile` the tile size, `overlap` the fraction
-    of it blended with the neighbour. rule "kl" (AutoencoderKL, CogVideoX): latent stride int(tile_latent *
-    (1 - overlap)), blend int(tile * overlap), crop tile - blend; rule "wan": stride tile*(1-overlap) in
-    output pixels, latent stride stride // ratio, blend tile - stride."""
+    of it blended with the neighbour (`overlap_w` across the width where the class differs: CogVideoX
+    blends 1/6 of the height, 1/5 of the width). rule "kl" (AutoencoderKL, CogVideoX): latent stride
+    int(tile_latent * (1 - overlap)), blend int(tile * overlap), crop tile - blend; rule "wan": stride
+    tile*(1-overlap) in output pixels, latent stride stride // ratio, blend tile - stride."""
     tile: int
     overlap: float
     rule: str = "kl"
+    overlap_w: float | None = None
 
-    def consistent(self, ratio: int, tile: int) -> int:
-        """The largest tile <= `tile` (at least one unit) whose tiles meet exactly: the latent stride times
-        the ratio equals the cropped tile. diffusers' tiled_decode assumes it; at other sizes it repeats
-        pixels (e.g. AutoencoderKL at 6 px and ratio 2 decodes 12 rows to 14)."""
-        ok = lambda t: (lambda p: p[0] > 0 and p[1] > 0 and p[1] * ratio == p[3])(self._plan(ratio, t))
-        fitting = [t for t in range(ratio, max(int(tile), ratio) + 1, ratio) if ok(t)]
-        return fitting[-1] if fitting else next(t for t in range(ratio, 1000 * ratio, ratio) if ok(t))
+    def axes(self) -> tuple[float, float]:
+        return self.overlap, self.overlap if self.overlap_w is None else self.overlap_w
 
-    def plan(self, ratio: int, tile: int | None = None) -> tuple[int, int, int, int]:
-        """-> (tile_latent, stride_latent, blend, crop) for a tile of `tile` output pixels (made consistent)."""
-        return self._plan(ratio, self.consistent(ratio, int(tile or self.tile)))
+    def consistent(self, ratio: int, tile: int) -> tuple[int, int]:
+        """Per axis (height, width), the largest tile <= `tile` (at least one unit) whose tiles meet exactly:
+        the latent stride times the ratio equals the cropped tile. diffusers' tiled_decode assumes it; at
+        other sizes it repeats pixels (AutoencoderKL at 6 px and ratio 2 decodes 12 rows to 14)."""
+        def one(overlap):
+            ok = lambda t: (lambda p: p[0] > 0 and p[1] > 0 and p[1] * ratio == p[3])(self._plan(ratio, t, overlap))
+            fitting = [t for t in range(ratio, max(int(tile), ratio) + 1, ratio) if ok(t)]
+            return fitting[-1] if fitting else next(t for t in range(ratio, 1000 * ratio, ratio) if ok(t))
+        return tuple(one(o) for o in self.axes())
 
-    def _plan(self, ratio: int, t: int) -> tuple[int, int, int, int]:
+    def plan(self, ratio: int, tiles: tuple[int, int]) -> tuple[tuple, tuple]:
+        """-> per axis (tile_latent, stride_latent, blend, crop) for consistent tiles (height, width) px."""
+        return tuple(self._plan(ratio, t, o) for t, o in zip(tiles, self.axes()))
+
+    def _plan(self, ratio: int, t: int, overlap: float) -> tuple[int, int, int, int]:
         if self.rule == "wan":
-            crop = int(round(t * (1 - self.overlap)))
+            crop = int(round(t * (1 - overlap)))
             return t // ratio, crop // ratio, t - crop, crop
         tl = int(t / ratio)
-        blend = int(t * self.overlap)
-        return tl, int(tl * (1 - self.overlap)), blend, t - blend
+        blend = int(t * overlap)
+        return tl, int(tl * (1 - overlap)), blend, t - blend
 
 
 @dataclass(frozen=True)
@@ -189,22 +196,21 @@ def blend_h(a: np.ndarray, b: np.ndarray, extent: int) -> np.ndarray:
     return b
 
 
-def tiled(decode_tile, z: np.ndarray, ratio: int, plan: tuple[int, int, int, int], out_h: int,
-          out_w: int) -> np.ndarray:
+def tiled(decode_tile, z: np.ndarray, plans: tuple, out_h: int, out_w: int) -> np.ndarray:
     """diffusers' tiled_decode: z (..., h, w) -> (..., out_h, out_w) from decode_tile(z tile) -> output tile.
-    plan: (tile_latent, stride_latent, blend, crop) (Tiling.plan)."""
-    tl, stride, blend, crop = plan
+    plans: per axis (tile_latent, stride_latent, blend, crop) (Tiling.plan)."""
+    (th, sh, bh, ch), (tw, sw, bw, cw) = plans
     h, w = z.shape[-2:]
-    rows = [[decode_tile(z[..., i:i + tl, j:j + tl]) for j in range(0, w, stride)] for i in range(0, h, stride)]
+    rows = [[decode_tile(z[..., i:i + th, j:j + tw]) for j in range(0, w, sw)] for i in range(0, h, sh)]
     out_rows = []
     for i, row in enumerate(rows):
         out_row = []
         for j, tile in enumerate(row):
             if i > 0:
-                tile = blend_v(rows[i - 1][j], tile, blend)
+                tile = blend_v(rows[i - 1][j], tile, bh)
             if j > 0:
-                tile = blend_h(row[j - 1], tile, blend)
-            out_row.append(tile[..., :crop, :crop])
+                tile = blend_h(row[j - 1], tile, bw)
+            out_row.append(tile[..., :ch, :cw])
         out_rows.append(np.concatenate(out_row, axis=-1))
     return np.concatenate(out_rows, axis=-2)[..., :out_h, :out_w]
 
@@ -258,7 +264,8 @@ class Decoder:
             self.chunk = session(chunk)
             self.files.append(chunk)
         self.tiling = Tiling(**self.meta.tiling)
-        self.tile = self.tiling.consistent(self.meta.ratio, int(tile)) if tile else 0   # tiles that meet exactly
+        # (height, width) px: tiles that meet exactly; 0: untiled
+        self.tile = self.tiling.consistent(self.meta.ratio, int(tile)) if tile else 0
 
     def _run(self, session, feeds: dict) -> list:
         dtypes = {i.name: np.float16 if i.type == "tensor(float16)" else np.float32 for i in session.get_inputs()}
@@ -291,14 +298,14 @@ class Decoder:
         z = scale_latents(latents, self.meta)
         h, w = z.shape[-2:]
         ratio = self.meta.ratio // self.meta.patch                          # the graph's own output pixels
-        plan = self.tiling.plan(self.meta.ratio, self.tile) if self.tile else None
-        if plan is not None and self.meta.patch > 1:                        # diffusers tiles in patched pixels
-            tl, stride, blend, crop = plan
-            plan = (tl, stride, blend // self.meta.patch, crop // self.meta.patch)
-        if plan is None or (h <= plan[0] and w <= plan[0]):                 # diffusers tiles only larger latents
+        p = self.meta.patch
+        plans = self.tiling.plan(self.meta.ratio, self.tile) if self.tile else None
+        if plans is not None and p > 1:                                     # diffusers tiles in patched pixels
+            plans = tuple((tl, stride, blend // p, crop // p) for tl, stride, blend, crop in plans)
+        if plans is None or (h <= plans[0][0] and w <= plans[1][0]):         # diffusers tiles only larger latents
             out = self.decode_z(z)
         else:
-            out = tiled(self.decode_z, z, ratio, plan, h * ratio, w * ratio)
+            out = tiled(self.decode_z, z, plans, h * ratio, w * ratio)
         out = unpatchify(out, self.meta.patch)
         return np.clip(out, -1.0, 1.0)
 
