@@ -32,7 +32,7 @@ from vdit_deploy.contract import BUILTIN, NULL_FILE, Contract
 from vdit_deploy.schedules import Schedule
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.graph_files import check_external_data
-from vdit_deploy.export.variants import (DECODER_KINDS, DENOISER, FP16, GRAPH_PRECISIONS, KINDS, OLD_TAGS,
+from vdit_deploy.export.variants import (DECODER_KINDS, DENOISER, FP16, GRAPH_PRECISIONS, KINDS, OLD_TAGS, TEXT_ENCODER,
                                          STEP, all_variant_files, find_variant, graph_precision, variant_file,
                                          variant_files)
 
@@ -210,7 +210,7 @@ def check_export_dir(path: str | Path, skipped: list[str] | None = None) -> dict
     path = Path(path)
     metas = {}
     ours = all_variant_files()
-    decoders = all_variant_files(DECODER_KINDS)     # the VAE's graphs: another model, read by decode.py
+    decoders = all_variant_files((*DECODER_KINDS, TEXT_ENCODER))   # the VAE's and text encoder's: other models
     for file in sorted(path.glob("*.onnx")):
         if file.name in decoders:
             continue

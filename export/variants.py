@@ -22,6 +22,7 @@ KINDS = (DENOISER, STEP)
 # chunks, with the feature cache as inputs and outputs. Precision variants as the denoiser's (fp16).
 DECODER, DECODER_CHUNK = "decoder", "decoder-chunk"
 DECODER_KINDS = (DECODER, DECODER_CHUNK)
+TEXT_ENCODER = "text_encoder"     # the pipeline's text encoder (vdit_deploy/text_onnx.py), fp32
 
 FP32, FP16, INT8_DYNAMIC, INT8_QDQ = "fp32", "fp16", "int8-dynamic", "int8-qdq"
 GRAPH_PRECISIONS = (FP32, FP16, INT8_DYNAMIC, INT8_QDQ)   # one file per kind each

@@ -41,15 +41,16 @@ def tiny_vae(kind: str, seed: int = 0):
         vae = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2,
                                       up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
                                       latent_channels=4, norm_num_groups=4, sample_size=32, scaling_factor=0.18215)
-    elif kind == "wan":       # causal 3D, x8 spatial, x4 temporal, latents_mean/std
-        vae = diffusers.AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                         temperal_downsample=[False, True, True], attn_scales=[],
-                                         latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.0, 2.0, 0.5, 1.5])
-    else:                     # CogVideoX: causal 3D with conv_cache, x8 spatial, x4 temporal
+    elif kind == "wan":       # causal 3D, x4 spatial, x2 temporal, latents_mean/std
+        vae = diffusers.AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1,
+                                         temperal_downsample=[False, True], attn_scales=[],
+                                         latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.0, 2.0, 0.5, 1.5],
+                                         scale_factor_spatial=4, scale_factor_temporal=2)
+    else:                     # CogVideoX: causal 3D with conv_cache, x4 spatial, x2 temporal
         vae = diffusers.AutoencoderKLCogVideoX(
-            block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
-            temporal_compression_ratio=4, down_block_types=("CogVideoXDownBlock3D",) * 4,
-            up_block_types=("CogVideoXUpBlock3D",) * 4, sample_height=64, sample_width=64)
+            block_out_channels=(8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
+            temporal_compression_ratio=2, down_block_types=("CogVideoXDownBlock3D",) * 3,
+            up_block_types=("CogVideoXUpBlock3D",) * 3, sample_height=64, sample_width=64)
     with torch.no_grad():     # away from the initialisation's symmetries
         for p in vae.parameters():
             p.add_(0.02 * torch.randn_like(p))

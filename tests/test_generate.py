@@ -123,3 +123,24 @@ def test_generate_refuses_before_work(latte_pipeline, tiny_latte_export, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and len(err) == 1 and "no prompt cache" in err[0], err
     assert not list(tmp_path.iterdir())
+
+
+def test_text_encoder_onnx_encodes_without_torch(latte_pipeline, tmp_path, capsys):
+    """text_encoder.onnx + tokenizer.json (tokenizers, ONNX Runtime) give `vdit encode`'s embeddings, with
+    torch unimportable, into the same cache entries."""
+    from safetensors.numpy import load_file
+
+    from vdit_deploy.text_encoder import TextEncoder
+
+    out = run_cli(["export-text-encoder", str(latte_pipeline), "--out", str(tmp_path)], capsys)
+    assert "max abs difference from transformers" in out
+    code = ("import sys; sys.modules['torch'] = None\nfrom safetensors.numpy import save_file\n"
+            "from vdit_deploy.text_onnx import OnnxTextEncoder\n"
+            f"cond, null = OnnxTextEncoder({str(tmp_path)!r}).encode(['A dog on the beach'], 'blue', {str(tmp_path / 'c')!r})\n"
+            f"save_file({{'cond': cond, 'null': null}}, {str(tmp_path / 'edge.safetensors')!r})")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    edge = load_file(str(tmp_path / "edge.safetensors"))
+    cond, null = TextEncoder(latte_pipeline).encode(["A dog on the beach"], "blue", tmp_path / "c")   # cache hits
+    assert np.abs(edge["cond"] - cond).max() < 1e-5 and np.abs(edge["null"] - null).max() < 1e-5
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) == 2

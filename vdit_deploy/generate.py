@@ -1,9 +1,10 @@
 """From prompt to video: the stages around the denoiser as one run (`vdit generate`), each with a progress
 bar, timed, and its host memory peak measured:
 
-    encode   the prompts and the negative prompt (the null conditioning) from the export's prompt cache
-             (EXPORT/prompts, torch-free), or the pipeline's text encoder on the host (text_encoder.py,
-             transformers + torch), which fills the cache
+    encode   the prompts and the negative prompt (the null conditioning): the pipeline's text encoder on
+             the host (--pipeline: text_encoder.py, transformers + torch), else the export's
+             text_encoder.onnx (text_onnx.py, torch-free), both filling the prompt cache (EXPORT/prompts),
+             else the cache alone
     sample   the denoiser on any runtime (sampling.py), guidance paired with the negative prompt
     decode   decoder.onnx in ONNX Runtime (decode.py), spatial tiles from --tile or the profile's vae_tile
     write    the video (.mp4, .gif) or the latents (.npy)
@@ -86,13 +87,23 @@ def text_input(contract):
     return specs[0]
 
 
-def encode_prompts(prompts: list, negative: str, cache_dir, pipeline=None):
-    """(cond, null) from the cache when every text is there, else with the pipeline's text encoder."""
+def encode_prompts(prompts: list, negative: str, cache_dir, pipeline=None, export_dir=None):
+    """(cond, null): with the pipeline's text encoder (host, torch), else the export's text_encoder.onnx
+    (torch-free), both filling the cache; else from the cache alone."""
     from vdit_deploy.text_encoder import TextEncoder, from_cache
 
-    if pipeline is None:
-        return from_cache(cache_dir, prompts, negative)
-    return TextEncoder(pipeline).encode(prompts, negative, cache_dir)
+    if pipeline is not None:
+        return TextEncoder(pipeline).encode(prompts, negative, cache_dir)
+    if export_dir is not None and has_text_encoder(export_dir):
+        from vdit_deploy.text_onnx import OnnxTextEncoder
+        return OnnxTextEncoder(export_dir).encode(prompts, negative, cache_dir)
+    return from_cache(cache_dir, prompts, negative)
+
+
+def has_text_encoder(export_dir) -> bool:
+    from vdit_deploy.export.variants import TEXT_ENCODER, variant_file
+
+    return (Path(export_dir) / variant_file(TEXT_ENCODER)).is_file()
 
 
 def generate(export_dir, prompts: list, out, negative: str = "", pipeline=None, cache_dir=None,
@@ -119,12 +130,12 @@ def generate(export_dir, prompts: list, out, negative: str = "", pipeline=None, 
         spec = text_input(contract)
         shown = out.with_suffix(".mp4") if decode_npy else out          # what decides whether to decode
         decoder = video_decoder(shown, runtime, export_dir, contract.latent, tile)   # before any work
-        if pipeline is None:
+        if pipeline is None and not has_text_encoder(export_dir):
             from vdit_deploy.text_encoder import check_cached
             check_cached(cache_dir, [*prompts, negative])
         with report.stage("encode"):
             for _ in tqdm(range(1), desc="encode", disable=not progress, leave=False):
-                cond, null = encode_prompts(list(prompts), negative, cache_dir, pipeline)
+                cond, null = encode_prompts(list(prompts), negative, cache_dir, pipeline, export_dir)
         cond = {spec.name: cond}
         rt.null = {spec.name: null}                  # guidance pairs each prompt with the negative prompt
         if hasattr(rt, "_null_rows"):

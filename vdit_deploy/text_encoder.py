@@ -206,13 +206,13 @@ class TextEncoder:
 
         if cache_dir is not None:
             cache_dir = Path(cache_dir)
-            have = cache_info(cache_dir)
-            if have is not None and have != self.info:
+            have, mine = cache_info(cache_dir), {"rule": self.info["rule"], "digest": self.info["digest"]}
+            if have is not None and have != mine:
                 raise VditError(f"{cache_dir} caches another text encoder's prompts; use another --cache")
             cache_dir.mkdir(parents=True, exist_ok=True)
             if have is None:
                 with atomic_path(cache_dir / CACHE_INFO) as tmp:
-                    tmp.write_text(json.dumps(self.info, sort_keys=True))
+                    tmp.write_text(json.dumps(mine, sort_keys=True))
         entries = []
         for text in [*prompts, negative]:
             text = clean(text, self.rule.clean)

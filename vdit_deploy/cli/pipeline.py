@@ -41,6 +41,21 @@ def export_decoder_cmd(vae_dir, out, frames, tile, verify, tolerance):
         check(report, out)
 
 
+@main.command("export-text-encoder")
+@click.argument("pipeline_dir", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The export directory.")
+def export_text_encoder_cmd(pipeline_dir, out):
+    """Export a pipeline's text encoder (text_encoder/ + tokenizer/) to text_encoder.onnx and its
+    tokenizer.json, checked against transformers: `vdit generate` then encodes new prompts without torch."""
+    needs_torch("export-text-encoder")
+    from vdit_deploy.text_onnx import export_text_encoder
+
+    start = time.perf_counter()
+    path, worst = export_text_encoder(pipeline_dir, out)
+    click.echo(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s; "
+               f"max abs difference from transformers {worst:.2e}")
+
+
 @main.command()
 @click.argument("pipeline_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", "prompts", multiple=True, required=True, help="A prompt; repeat for one video per prompt.")
