@@ -22,6 +22,8 @@ import numpy as np
 
 from vdit_deploy.decode import Decoder, find_decoder
 from vdit_deploy.errors import VditError
+from vdit_deploy.export.variants import FP32
+from vdit_deploy.samplers import DEFAULT_SAMPLER
 
 PROMPT_CACHE = "prompts"          # the prompt cache's folder inside an export directory
 
@@ -107,7 +109,7 @@ def has_text_encoder(export_dir) -> bool:
 
 
 def generate(export_dir, prompts: list, out, negative: str = "", pipeline=None, cache_dir=None,
-             runtime: str = "ort", precision: str = "fp32", sampler: str = "unipc", steps=None, guidance=5.0,
+             runtime: str = "ort", precision: str = FP32, sampler: str = DEFAULT_SAMPLER, steps=None, guidance=5.0,
              seed: int = 0, tile: int | None = None, eta: float = 0.0, order=None, spacing="linspace",
              progress: bool = True, options: dict | None = None, decode_npy: bool = False):
     """Prompts -> video file through an export (denoiser + decoder.onnx + prompt cache). -> GenerateReport.
@@ -129,7 +131,7 @@ def generate(export_dir, prompts: list, out, negative: str = "", pipeline=None, 
         contract = rt.contract
         spec = text_input(contract)
         shown = out.with_suffix(".mp4") if decode_npy else out          # what decides whether to decode
-        decoder = video_decoder(shown, runtime, export_dir, contract.latent, tile)   # before any work
+        decoder = video_decoder(shown, runtime, export_dir, contract.latent, tile, precision=precision)
         if pipeline is None and not has_text_encoder(export_dir):
             from vdit_deploy.text_encoder import check_cached
             check_cached(cache_dir, [*prompts, negative])
@@ -153,7 +155,8 @@ def generate(export_dir, prompts: list, out, negative: str = "", pipeline=None, 
     return report
 
 
-def video_decoder(out, runtime: str, artifact, latent, tile: int | None = None, providers=None):
+def video_decoder(out, runtime: str, artifact, latent, tile: int | None = None, providers=None,
+                  precision: str | None = None):
     """Before sampling: what turns this model's latents into the pixels `out` shows, or None (a .npy
     output; a pixel-space model with 1 or 3 channels and no decoder). ONNX runtimes (ort, ort-trt, trt)
     decode through the export's decoder.onnx in ONNX Runtime (its default providers: CUDA where there is
@@ -167,8 +170,11 @@ def video_decoder(out, runtime: str, artifact, latent, tile: int | None = None, 
         if (vae_dir / "config.json").is_file() and int(latent[0]) not in (1, 3):
             from vdit_deploy.export.decoder_export import TorchDecoder
             return TorchDecoder(vae_dir, latent, tile)
-    elif find_decoder(artifact) is not None:
-        decoder = Decoder(artifact, tile=tile, providers=providers)
+    elif find_decoder(artifact) is not None:     # the fp16 decoder where the export has one and fp16 is asked
+        from vdit_deploy.export.variants import BEST, FP16, FP32
+
+        fp16 = precision in (FP16, BEST) and find_decoder(artifact, FP16) is not None
+        decoder = Decoder(artifact, FP16 if fp16 else FP32, tile=tile, providers=providers)
         decoder.meta.check_latent(latent)
         return decoder
     check_drawable(out, int(latent[0]))

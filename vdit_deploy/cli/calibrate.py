@@ -53,11 +53,16 @@ def calibrate_collect(source, out, sampler, steps, guidance, eta, seeds, labels,
 @calib_option(required=False)
 def calibrate_fp16(export_dir, calib_dir):
     """Write denoiser.fp16.onnx and step.fp16.onnx (norms, softmax, pow, exp, the timestep embedding
-    and the step's update stay fp32)."""
+    and the step's update stay fp32), and decoder.fp16.onnx where the export has a VAE decoder."""
     from vdit_deploy.calibration.fp16 import check_fp16, convert_fp16
+    from vdit_deploy.decode import find_decoder
 
     path = convert_fp16(export_dir, calib_dir)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if find_decoder(export_dir) is not None:
+        from vdit_deploy.export.decoder_verify import convert_decoder_fp16
+        for file in convert_decoder_fp16(export_dir):
+            click.echo(f"wrote {file} ({file.stat().st_size / 1e6:.1f} MB; no inf/NaN on random latents)")
     if calib_dir is not None:
         r = check_fp16(export_dir, calib_dir)
         click.echo(f"checked on {r['rows']} calibration rows: no inf/NaN, eps rel L2 {r['eps_rel_l2']:.2e}")

@@ -48,7 +48,7 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
         decoder = None
         if out is not None:                          # before sampling: what draws the latents (decode.py)
             from vdit_deploy.generate import video_decoder
-            decoder = video_decoder(out, runtime_name, artifact, contract.latent, tile)
+            decoder = video_decoder(out, runtime_name, artifact, contract.latent, tile, precision=precision)
         default = None if cond_file else [0]         # one video of class 0 unless --cond gives the rows
         cond = conditioning(contract, labels or default, cond_file)   # a text model refuses labels here
         if guidance != 1.0:    # before the first step: a null conditioning of another length is refused
