@@ -138,3 +138,20 @@ def test_sample_refuses_latent_video_without_decoder(tiny_latte_export, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and len(err) == 1 and "vdit export-decoder" in err[0]
     assert not (tmp_path / "v.mp4").exists()
+
+
+@pytest.mark.gpu
+def test_decoder_on_ort_cuda_matches_cpu(kl_export):
+    """The decoder on the CUDA execution provider (what `--runtime ort` picks on a GPU) decodes what the CPU
+    decodes, tiled too (onnxruntime-gpu needed)."""
+    import onnxruntime as ort
+
+    from vdit_deploy.decode import Decoder
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is not installed (pip install 'vdit-deploy[gpu]')")
+    x = np.random.default_rng(2).standard_normal((2, 4, 2, 10, 9), dtype=np.float32)
+    for tile in (0, 8):
+        cpu = Decoder(kl_export / "out", providers=["cpu"], tile=tile).decode(x)
+        cuda = Decoder(kl_export / "out", providers=["cuda"], tile=tile).decode(x)
+        assert rel(cuda, cpu) < 1e-4
