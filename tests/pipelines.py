@@ -46,6 +46,11 @@ def tiny_vae(kind: str, seed: int = 0):
                                          temperal_downsample=[False, True], attn_scales=[],
                                          latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.0, 2.0, 0.5, 1.5],
                                          scale_factor_spatial=4, scale_factor_temporal=2)
+    elif kind == "wan22":     # Wan 2.2's: residual up blocks (first-chunk shortcut), patched output (x2 x4)
+        vae = diffusers.AutoencoderKLWan(base_dim=4, decoder_base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1,
+                                         temperal_downsample=[False, True], attn_scales=[], is_residual=True,
+                                         in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=8,
+                                         scale_factor_temporal=2, latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
     else:                     # CogVideoX: causal 3D with conv_cache, x4 spatial, x2 temporal
         vae = diffusers.AutoencoderKLCogVideoX(
             block_out_channels=(8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,

@@ -56,8 +56,10 @@ def test_kl_decoder_matches_diffusers(kl_export):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,latent,tile,frames_out", [("wan", (4, 3, 6, 5), 16, 5), ("cog", (4, 5, 8, 7), 24, 9)])
-def test_causal_decoders_match_diffusers(kind, latent, tile, frames_out, tmp_path):
+@pytest.mark.parametrize("kind,latent,tile,frames_out,ratio", [("wan", (4, 3, 6, 5), 16, 5, 4),
+                                                               ("wan22", (4, 3, 6, 5), 32, 5, 8),
+                                                               ("cog", (4, 5, 8, 7), 24, 9, 4)])
+def test_causal_decoders_match_diffusers(kind, latent, tile, frames_out, ratio, tmp_path):
     """Wan's feat_cache and CogVideoX's conv_cache cross chunk boundaries as graph inputs/outputs."""
     from vdit_deploy.decode import read_decoder_meta
     from vdit_deploy.export.decoder_export import export_decoder
@@ -67,7 +69,7 @@ def test_causal_decoders_match_diffusers(kind, latent, tile, frames_out, tmp_pat
     meta = read_decoder_meta(tmp_path / "out" / "decoder-chunk.onnx")
     assert meta.layout == "causal" and meta.cache > 0 and meta.frames_out(latent[1]) == frames_out
     video = check_decoder(tmp_path, latent, tile=tile)
-    assert video.shape == (1, 3, frames_out, 4 * latent[2], 4 * latent[3])
+    assert video.shape == (1, 3, frames_out, ratio * latent[2], ratio * latent[3])
 
 
 def test_decoder_metadata_edits_and_pickles_are_refused(kl_export, tmp_path):
