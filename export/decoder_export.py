@@ -7,6 +7,8 @@
                             and outputs
     AutoencoderKLCogVideoX  causal 3D, 2 latent frames per chunk (the first takes 2 + F mod 2), its conv_cache
                             flattened into explicit inputs and outputs the same way
+    AutoencoderKLLTXVideo   non-causal (LTX 0.9.0, no timestep conditioning): the whole clip in one graph,
+                            z (1, C, F, h, w) -> (1, 3, F', H, W); latents_mean/std are its buffers
 
 Why a cache of zeros replaces diffusers' first-chunk states: Wan's causal convolutions pad the past with
 zeros, so a zero-filled cache (and its "Rep" marker before the first temporal upsample) computes what
@@ -28,12 +30,13 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from vdit_deploy.decode import CACHE_IN, CACHE_OUT, CAUSAL, FRAMES, DecoderMeta, Tiling
+from vdit_deploy.decode import CACHE_IN, CACHE_OUT, CAUSAL, FRAMES, VIDEO, DecoderMeta, Tiling
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.variants import DECODER, DECODER_CHUNK, variant_file
 
 # The classes vdit can decode, by the _class_name a vae/config.json names (never imported from metadata).
-VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLWan", "AutoencoderKLCogVideoX")
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLWan", "AutoencoderKLCogVideoX", "AutoencoderKLLTXVideo")
+LAYOUTS = {"AutoencoderKL": FRAMES, "AutoencoderKLLTXVideo": VIDEO}          # the others: CAUSAL
 
 
 def load_vae(vae_dir) -> tuple[nn.Module, dict, list]:
@@ -53,12 +56,15 @@ def load_vae(vae_dir) -> tuple[nn.Module, dict, list]:
     cls_name = config["_class_name"]
     if cls_name not in VAE_CLASSES:
         raise VditError(f"{vae_dir}: {cls_name} is not a VAE vdit exports (it does {', '.join(VAE_CLASSES)})")
+    if config.get("timestep_conditioning"):
+        raise VditError(f"{vae_dir}: a timestep-conditioned {cls_name} (LTX 0.9.1+: decode_timestep and "
+                        "decode_noise_scale) is not exported yet")
     files, headers = diffusers_weight_files(vae_dir)       # safetensors only: a .bin is refused, never unpickled
     vae = build(model_class(f"diffusers:{cls_name}"), config, vae_dir, files, headers, cls_name)
     return vae.eval(), dict(vae.config), [vae_dir / "config.json", *files]
 
 
-def latent_scaling(cls_name: str, config: dict) -> tuple[list, list]:
+def latent_scaling(cls_name: str, config: dict, vae=None) -> tuple[list, list]:
     """Per channel (scale, bias) with z = latents * scale + bias, as each pipeline prepares vae.decode:
     Latte / CogVideoX latents / scaling_factor (+ shift_factor where the config has one); Wan latents *
     std + mean; LTX's form (latents * std / scaling_factor + mean) is the same expression."""
@@ -67,6 +73,8 @@ def latent_scaling(cls_name: str, config: dict) -> tuple[list, list]:
     mean, std = config.get("latents_mean"), config.get("latents_std")
     if cls_name == "AutoencoderKLWan":
         sf = 1.0
+    if cls_name == "AutoencoderKLLTXVideo":      # its mean and std are weights (buffers), not config
+        mean, std = vae.latents_mean.tolist(), vae.latents_std.tolist()
     if mean is not None and std is not None and cls_name != "AutoencoderKL":
         return [float(s) / sf for s in std], [float(m) for m in mean]
     return [1.0 / sf] * c, [float(config.get("shift_factor") or 0.0)] * c
@@ -74,7 +82,7 @@ def latent_scaling(cls_name: str, config: dict) -> tuple[list, list]:
 
 def tiling_of(cls_name: str, vae) -> Tiling:
     """The class's diffusers tiling defaults (output pixels)."""
-    if cls_name == "AutoencoderKLWan":
+    if cls_name in ("AutoencoderKLWan", "AutoencoderKLLTXVideo"):
         return Tiling(int(vae.tile_sample_min_height), 1 - vae.tile_sample_stride_height / vae.tile_sample_min_height,
                       "wan")
     if cls_name == "AutoencoderKLCogVideoX":
@@ -96,6 +104,13 @@ class FrameDecoder(nn.Module):
 
     def forward(self, z):
         return self.vae.decoder(self.post_quant(z))
+
+
+class VideoDecoder(FrameDecoder):
+    """LTX-Video (decoder_causal False): the whole clip at once, z (1, C, F, h, w) -> (1, 3, F', H, W)."""
+
+    def forward(self, z):
+        return self.vae.decoder(z, None)
 
 
 class WanFirst(nn.Module):
@@ -177,12 +192,13 @@ class CogChunk(FrameDecoder):
 def meta_fields(vae, config: dict, tile: int | None = None) -> dict:
     """What a decoder's metadata says about its VAE: layout, latent scaling, ratio, tiling."""
     cls_name = config["_class_name"]
-    ratio = int(config.get("scale_factor_spatial") or 2 ** (len(config.get("block_out_channels") or [0, 0]) - 1))
-    scale, bias = latent_scaling(cls_name, config)
+    ratio = int(config.get("scale_factor_spatial") or getattr(vae, "spatial_compression_ratio", None)
+                or 2 ** (len(config.get("block_out_channels") or [0, 0]) - 1))
+    scale, bias = latent_scaling(cls_name, config, vae)
     tiling = tiling_of(cls_name, vae)
     if tile:
         tiling = Tiling(int(tile), tiling.overlap, tiling.rule, tiling.overlap_w)
-    return dict(layout=FRAMES if cls_name == "AutoencoderKL" else CAUSAL, scale=scale, bias=bias, ratio=ratio,
+    return dict(layout=LAYOUTS.get(cls_name, CAUSAL), scale=scale, bias=bias, ratio=ratio,
                 tiling=asdict(tiling),
                 vae={"class": cls_name, "config": json.loads(json.dumps(config, default=str))},
                 patch=int(config.get("patch_size") or 1))
@@ -216,6 +232,11 @@ def decoder_graphs(vae, cls_name: str, frames: int, h: int, w: int):
     if cls_name == "AutoencoderKL":
         return [(DECODER, FrameDecoder(vae), (torch.randn(3, c, h, w),), ["z"], ["frames"],
                  [{0: "n", 2: "h", 3: "w"}])], {}
+    if cls_name == "AutoencoderKLLTXVideo":
+        with torch.no_grad():
+            out = VideoDecoder(vae)(z(frames))
+        temporal = {"first": frames, "chunk": 0, "out_first": int(out.shape[2]), "out_chunk": 0}
+        return [(DECODER, VideoDecoder(vae), (z(frames),), ["z"], ["frames"], [spatial])], temporal
     if cls_name == "AutoencoderKLWan":
         layout = wan_cache_layout(vae)
         first, chunk = WanFirst(vae, layout), WanChunk(vae, layout)
@@ -307,7 +328,7 @@ def torch_decode(vae, latents: np.ndarray, meta: DecoderMeta, tile=0) -> np.ndar
         if cls_name == "AutoencoderKL":         # one square tile size
             assert th == tw, "AutoencoderKL tiles are square"
             vae.tile_sample_min_size, vae.tile_latent_min_size = th, int(th / meta.ratio)
-        elif cls_name == "AutoencoderKLWan":
+        elif cls_name in ("AutoencoderKLWan", "AutoencoderKLLTXVideo"):
             vae.tile_sample_min_height, vae.tile_sample_min_width = th, tw
             overlap = meta.tiling["overlap"]
             vae.tile_sample_stride_height = int(round(th * (1 - overlap)))

@@ -38,7 +38,7 @@ def decoder_rows(export_dir, precision: str, tile: int | None, latent) -> dict[s
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
     params = sum(int(np.prod(i.dims)) for i in graph.initializer if i.data_type in floats)
     z = graph.input[0].type.tensor_type.shape.dim          # (N, C, h, w) or (1, C, f0, h, w)
-    frames_in = f if meta.layout == "frames" else meta.temporal["first"]
+    frames_in = f if meta.layout in ("frames", "video") else meta.temporal["first"]
     for d, size in zip(z, [frames_in if meta.layout == "frames" else 1, c,
                            *([] if meta.layout == "frames" else [frames_in]), th, tw]):
         d.Clear()

@@ -51,6 +51,16 @@ def tiny_vae(kind: str, seed: int = 0):
                                          temperal_downsample=[False, True], attn_scales=[], is_residual=True,
                                          in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=8,
                                          scale_factor_temporal=2, latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    elif kind == "ltx":       # LTX-Video's, non-causal decoder: x4 spatial, x4 temporal
+        vae = diffusers.AutoencoderKLLTXVideo(
+            latent_channels=4, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+            layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
+            spatio_temporal_scaling=(True, True, False, False), decoder_spatio_temporal_scaling=(True, True, False, False),
+            decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
+            timestep_conditioning=False, patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False)
+        with torch.no_grad():   # latents_mean / latents_std are buffers: make them count
+            vae.latents_mean.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+            vae.latents_std.copy_(torch.tensor([1.0, 2.0, 0.5, 1.5]))
     else:                     # CogVideoX: causal 3D with conv_cache, x4 spatial, x2 temporal
         vae = diffusers.AutoencoderKLCogVideoX(
             block_out_channels=(8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,

@@ -58,16 +58,22 @@ def test_kl_decoder_matches_diffusers(kl_export):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,latent,tile,frames_out,ratio", [("wan", (4, 3, 6, 5), 16, 5, 4),
                                                                ("wan22", (4, 3, 6, 5), 32, 5, 8),
-                                                               ("cog", (4, 5, 8, 7), 24, 9, 4)])
-def test_causal_decoders_match_diffusers(kind, latent, tile, frames_out, ratio, tmp_path):
-    """Wan's feat_cache and CogVideoX's conv_cache cross chunk boundaries as graph inputs/outputs."""
+                                                               ("cog", (4, 5, 8, 7), 24, 9, 4),
+                                                               ("ltx", (4, 3, 10, 9), 32, 9, 4)])
+def test_video_vaes_match_diffusers(kind, latent, tile, frames_out, ratio, tmp_path):
+    """Wan's feat_cache and CogVideoX's conv_cache cross chunk boundaries as graph inputs/outputs; LTX in one graph."""
     from vdit_deploy.decode import read_decoder_meta
     from vdit_deploy.export.decoder_export import export_decoder
 
     tiny_vae(kind).save_pretrained(tmp_path / "vae")
     export_decoder(tmp_path / "vae", tmp_path / "out", frames=latent[1])
-    meta = read_decoder_meta(tmp_path / "out" / "decoder-chunk.onnx")
-    assert meta.layout == "causal" and meta.cache > 0 and meta.frames_out(latent[1]) == frames_out
+    if kind == "ltx":                       # non-causal: one graph for the clip
+        meta = read_decoder_meta(tmp_path / "out" / "decoder.onnx")
+        assert meta.layout == "video" and meta.scale == [1.0, 2.0, 0.5, 1.5] and meta.bias[0] == pytest.approx(0.1)
+    else:
+        meta = read_decoder_meta(tmp_path / "out" / "decoder-chunk.onnx")
+        assert meta.layout == "causal" and meta.cache > 0
+    assert meta.frames_out(latent[1]) == frames_out
     video = check_decoder(tmp_path, latent, tile=tile)
     assert video.shape == (1, 3, frames_out, ratio * latent[2], ratio * latent[3])
 

@@ -5,6 +5,8 @@ An export directory may hold, beside the denoiser's graphs (names in export/vari
                         one latent frame per row;
                         causal layout (AutoencoderKLWan, AutoencoderKLCogVideoX): the first temporal
                         chunk, z (1, C, f0, h, w) -> (frames (1, 3, F0, H, W), *cache_out)
+                        video layout (AutoencoderKLLTXVideo, non-causal): the whole clip,
+                        z (1, C, F, h, w) -> (1, 3, F', H, W)
     decoder-chunk.onnx  causal layout: every later chunk, (z (1, C, f, h, w), *cache) -> (frames, *cache_out),
                         the causal convolutions' feature cache as explicit inputs and outputs, so that a
                         runtime decodes chunk by chunk in the memory of one chunk
@@ -30,7 +32,7 @@ import numpy as np
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.variants import DECODER, DECODER_CHUNK, DECODER_KINDS, FP32, find_variant
 
-FRAMES, CAUSAL = "frames", "causal"
+FRAMES, CAUSAL, VIDEO = "frames", "causal", "video"
 DIGESTED = ("vdit.kind", "vdit.decoder", "vdit.vae", "vdit.io", "vdit.checkpoint_sha256")
 CACHE_IN, CACHE_OUT = "cache_", "cache_out_"
 
@@ -122,7 +124,7 @@ class DecoderMeta:
         meta = cls(kind=v.string(props["vdit.kind"], "vdit.kind", DECODER_KINDS, where), vae=vae, io=io,
                    checkpoint_sha256=v.sha256_hex(props["vdit.checkpoint_sha256"], "vdit.checkpoint_sha256", where),
                    precision=props["vdit.precision"], versions=versions, **dec)
-        v.string(meta.layout, "decoder layout", (FRAMES, CAUSAL), where)
+        v.string(meta.layout, "decoder layout", (FRAMES, CAUSAL, VIDEO), where)
         if len(meta.scale) != len(meta.bias) or not meta.scale:
             v.fail(where, "decoder scale and bias must be lists of one number per latent channel")
         Tiling(**meta.tiling)
@@ -137,6 +139,8 @@ class DecoderMeta:
         if self.layout == FRAMES:
             return f
         t = self.temporal
+        if self.layout == VIDEO:
+            return t["out_first"]
         chunks = (f - t["first"]) // t["chunk"]
         return t["out_first"] + chunks * t["out_chunk"]
 
@@ -147,6 +151,9 @@ class DecoderMeta:
             raise VditError(f"the decoder takes {self.channels}-channel latents, the denoiser makes {c}; "
                             "export the decoder of this model's own VAE")
         t = self.temporal
+        if self.layout == VIDEO and f != t["first"]:
+            raise VditError(f"the decoder was exported for {t['first']} latent frames, the denoiser makes {f}; "
+                            f"re-export the decoder with --frames {f}")
         if self.layout == CAUSAL and (f < t["first"] or (f - t["first"]) % t["chunk"]):
             raise VditError(f"the decoder was exported for {t['first']} + k * {t['chunk']} latent frames, the "
                             f"denoiser makes {f}; re-export the decoder with --frames {f}")
@@ -279,6 +286,8 @@ class Decoder:
             rows = z.transpose(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
             out = self._run(self.first, {"z": rows})[0]                   # (B*F, 3, H, W)
             return out.reshape(b, f, *out.shape[1:]).transpose(0, 2, 1, 3, 4)
+        if self.meta.layout == VIDEO:                                       # the whole clip, one video a call
+            return np.concatenate([self._run(self.first, {"z": video[None]})[0] for video in z])
         t = self.meta.temporal
         videos = []
         for video in z:                                                     # one video at a time (batch 1)

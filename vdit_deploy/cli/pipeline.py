@@ -24,8 +24,8 @@ from vdit_deploy.cli.sample import sampling_options
               help="fp32 relative L2 allowed by --verify.")
 def export_decoder_cmd(vae_dir, out, frames, tile, verify, tolerance):
     """Export a pipeline's VAE decoder (vae/ as diffusers save_pretrained writes it, safetensors only:
-    AutoencoderKL per frame, AutoencoderKLWan and AutoencoderKLCogVideoX chunk by chunk with their
-    feature cache as graph inputs and outputs) to decoder.onnx (+ decoder-chunk.onnx)."""
+    AutoencoderKL per frame, AutoencoderKLLTXVideo whole clips, AutoencoderKLWan and AutoencoderKLCogVideoX
+    chunk by chunk with their feature cache as graph inputs and outputs) to decoder.onnx (+ decoder-chunk.onnx)."""
     needs_torch("export-decoder")
     from vdit_deploy.export.decoder_export import export_decoder
     from vdit_deploy.export.verify import VerifyReport, check
