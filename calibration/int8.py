@@ -31,6 +31,7 @@ from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import find_onnx, read_metadata
 from vdit_deploy.export.variants import DENOISER, INT8_DYNAMIC, INT8_QDQ, STEP, variant_file
 from vdit_deploy.files import check_output, temp_dir
+from vdit_deploy.progress import bar
 
 MODES = {"qdq": INT8_QDQ, "dynamic": INT8_DYNAMIC}       # mode -> file precision tag
 METHODS = ("minmax", "percentile", "entropy")
@@ -70,7 +71,8 @@ class _Reader:
 
 
 def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str = DEFAULT_METHOD,
-                  keep_fp=DEFAULT_SENSITIVE, only=None, out=None, per_channel: bool = True) -> Path:
+                  keep_fp=DEFAULT_SENSITIVE, only=None, out=None, per_channel: bool = True,
+                  progress: bool = False) -> Path:
     """export_dir/denoiser.onnx -> denoiser.int8-dynamic.onnx (dynamic) or denoiser.int8-qdq.onnx (qdq); qdq
     also makes step.int8-qdq.onnx from the export's fused step graph (what TensorRT's int8 build
     compiles), calibrated on the same denoiser calls. Returns the denoiser's path.
@@ -78,7 +80,7 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
     keep_fp: patterns (calibration/graph.py) of layers left in float. only: if given, quantize only
     the nodes matching these patterns (the sensitivity sweep). out: another output path for the
     denoiser (no step graph then). calib_dir is required for qdq; for dynamic it is only checked
-    against the model."""
+    against the model. progress: a bar per calibration batch on stderr (vdit_deploy/progress.py)."""
     from vdit_deploy.calibration.collect import load_calibration_set
     from vdit_deploy.calibration.fp16 import variant_sources
 
@@ -93,7 +95,7 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
         cset = load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.contract)
     elif mode == "qdq":
         raise VditError("static Q/DQ quantization needs a calibration set: run `vdit calibrate collect` first")
-    rules = dict(mode=mode, method=method, keep_fp=keep_fp, only=only, per_channel=per_channel)
+    rules = dict(mode=mode, method=method, keep_fp=keep_fp, only=only, per_channel=per_channel, progress=progress)
     path = quantize_graph(src, Path(out) if out else variant_path(export_dir, mode),
                           cset and (lambda lo, hi: cset.batches(lo, hi)), **rules)
     # dynamic INT8 is ONNX Runtime's CPU form, where a host-side step costs the same as a fused one
@@ -107,7 +109,8 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
     return path
 
 
-def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_fp, only, per_channel: bool) -> Path:
+def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_fp, only, per_channel: bool,
+                   progress: bool = False) -> Path:
     """One fp32 graph (denoiser or fused step) -> its INT8 variant at `out`. batches(lo, hi): feed
     dicts in the graph's batch range for static calibration (qdq). The step's own arithmetic has no
     MatMul / Gemm / Conv: it stays float."""
@@ -137,7 +140,8 @@ def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_f
                 calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                          "entropy": CalibrationMethod.Entropy}[method]
                 # Symmetric int8 on both sides: what TensorRT's explicit quantization requires.
-                quantize_static(model, raw, _Reader(batches(lo, hi)), quant_format=QuantFormat.QDQ,
+                feeds = bar(batches(lo, hi), show=progress, desc=f"calibrate {src.name}", unit="batch")
+                quantize_static(model, raw, _Reader(feeds), quant_format=QuantFormat.QDQ,
                                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=calib,
                                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,

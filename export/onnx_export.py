@@ -41,6 +41,8 @@ from vdit_deploy.errors import VditError, first_line
 from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, ExportMetadata
 from vdit_deploy.export.variants import DENOISER, STEP, variant_file
 from vdit_deploy.files import atomic_path, check_output, temp_dir
+from vdit_deploy.progress import note
+from vdit_deploy.threads import apply_torch
 
 OPSET = 18                     # LayerNormalization needs 17; 18 is the dynamo exporter's native opset
 MAX_OPSET = 23                 # the newest torch.onnx writes (torch.onnx._constants.ONNX_MAX_OPSET)
@@ -372,13 +374,14 @@ def check_options(batch, fixed, opset) -> None:
 
 
 def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_BATCH, fixed: int | None = None,
-                  opset: int = OPSET, external_data: bool | None = None, keep_foreign: bool = False) -> Path:
+                  opset: int = OPSET, external_data: bool | None = None, keep_foreign: bool = False,
+                  progress: bool = False) -> Path:
     """A Source (sources.py: module + contract + null conditioning) -> out_dir/{denoiser,step}.onnx and
     null_cond.safetensors, written atomically (the directory is replaced).
 
     batch (min, max) is the number of videos per call; denoiser.onnx accepts up to 2*max so that a
     host-side guided step (cond + null) fits. fixed=N: a static batch, both graphs take exactly N (the
-    contract's named axes stay dynamic).
+    contract's named axes stay dynamic). progress: one stderr line per stage (vdit_deploy/progress.py).
 
     An existing export in out_dir is replaced whole. Other files beside its graphs (fp16/int8 variants,
     engines, calibration sets: made from the graphs this export replaces) are refused, as `vdit export`
@@ -386,6 +389,7 @@ def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_
     from vdit_deploy.contract import save_null
     from vdit_deploy.export.metadata import export_own_files
 
+    apply_torch()
     check_options(batch, fixed, opset)
     contract, denoiser = source.contract, source.module.eval()
     n = fixed or traced_size(batch[0], batch[1], fixed_sizes(contract))   # the batch traced (a step's runs 2n)
@@ -404,11 +408,15 @@ def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_
     cond_axes = [[a if isinstance(a, str) else None for a in c.shape] for c in contract.cond]
     out_dir = Path(out_dir)
     foreign = export_own_files(out_dir, refuse=not keep_foreign)
+    say = note if progress else (lambda message: None)
     with atomic_path(out_dir, is_dir=True, marker=variant_file(DENOISER)) as tmp:
+        say(f"export 1/2: tracing {variant_file(DENOISER)} with torch.export ({_weights_bytes(denoiser) / 1e6:.0f} MB "
+            "of weights; the longest stage: seconds for a small model, minutes for 1 B parameters)")
         meta = ExportMetadata(DENOISER, io=_io(contract, DENOISER, bname), batch=den_meta, **common)
         _export(denoiser, example, tmp / variant_file(DENOISER), denoiser_inputs(contract), ("out",),
                 [video_axes, [BATCH], *cond_axes], {**contract.axes, BATCH: den_range}, opset, meta.to_props(),
                 external_data)
+        say(f"export 2/2: composing {variant_file(STEP)} (the denoiser graph + the guided update)")
         meta = ExportMetadata(STEP, io=_io(contract, STEP, bname), batch=step_meta, **common)
         rows = tmp / variant_file(DENOISER)                      # a denoiser taking the 2B rows of a step
         if fixed is not None:                                    # denoiser.onnx takes N: trace one at 2N
@@ -429,7 +437,7 @@ def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_BATCH,
                       fixed: int | None = None, opset: int = OPSET, external_data: bool | None = None,
-                      keep_foreign: bool = False, **source_options) -> Path:
+                      keep_foreign: bool = False, progress: bool = False, **source_options) -> Path:
     """A model directory (vdit checkpoint or diffusers save_pretrained) -> export directory. The model
     is sized before it is loaded (a vdit checkpoint from its config, a diffusers one from its weights)."""
     from vdit_deploy.checkpoint import read_info
@@ -446,5 +454,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, batch: tuple[
     from vdit_deploy.export.metadata import export_own_files
 
     export_own_files(out_dir, refuse=not keep_foreign)          # before the model is loaded
+    if progress:
+        note(f"export: loading {checkpoint}")
     source = load_source(checkpoint, **source_options)
-    return export_source(source, out_dir, batch, fixed, opset, external_data, keep_foreign)
+    return export_source(source, out_dir, batch, fixed, opset, external_data, keep_foreign, progress)

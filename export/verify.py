@@ -30,6 +30,7 @@ import numpy as np
 from vdit_deploy.samplers import COEF_NAMES, apply_step, ddpm_steps, guide, guided_step, make_steps
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, check_export_dir
+from vdit_deploy.progress import bar, note
 from vdit_deploy.export.variants import DENOISER, FP16, FP32, INT8_DYNAMIC, INT8_QDQ, STEP, variant_file
 
 FP32_TOLERANCE = 1e-4
@@ -112,7 +113,8 @@ def step_scale(x_t: np.ndarray, out: np.ndarray, coefs: np.ndarray, noise: np.nd
     return scale + np.abs(std * np.asarray(noise, np.float64))
 
 
-def record_trajectory(torch_rt, batch: int, num_steps: int, picks: int, seed: int = 0, guidance: float = 2.0):
+def record_trajectory(torch_rt, batch: int, num_steps: int, picks: int, seed: int = 0, guidance: float = 2.0,
+                      progress: bool = False):
     """Sample with the PyTorch runtime and keep `picks` evenly spaced steps: their inputs
     (x_t, t, cond, null, guidance, coefs, noise) and the guided model output. An eps+var model's steps
     carry DDPM's learned-variance coefs at the same t (the step graph's variance path)."""
@@ -142,8 +144,9 @@ def record_trajectory(torch_rt, batch: int, num_steps: int, picks: int, seed: in
     if contract.label_input() is not None:
         cond = contract.labels([(seed + i) % contract.label_input().classes for i in range(batch)])
     else:
-        cond = contract.example_cond(batch, np.random.default_rng(seed))
-    sample(Recorder(), contract, cond, plan, guidance, seed)
+        # prompts as long as the null conditioning: a guided step pairs them (contract.null_batch)
+        cond = contract.example_cond(batch, np.random.default_rng(seed), contract.axis_sizes(torch_rt.null))
+    sample(Recorder(), contract, cond, plan, guidance, seed, progress=progress)
     return records
 
 
@@ -151,7 +154,9 @@ def _session(path: Path):
     """ONNX Runtime on the CPU; idle threads sleep instead of spinning (torch shares the process)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
+    from vdit_deploy.threads import session_options
+
+    options = session_options()
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
@@ -200,10 +205,13 @@ def _polygraphy_compare(path: Path, feeds: list[dict], refs: list[dict], toleran
 
 def verify(export_dir: str | Path, checkpoint: str | Path | None = None, tolerance: float = FP32_TOLERANCE,
            batches: tuple[int, ...] = (1, 3), num_steps: int = 10, picks: int = 4, seed: int = 0,
-           polygraphy: bool = True, save_polygraphy: str | Path | None = None,
-           class_name: str | None = None) -> VerifyReport:
-    """Compare ORT and PyTorch on every vdit graph of the export directory. class_name: the user's
-    --class, needed (and imported) only for a model that is not one of diffusers' own classes."""
+           polygraphy: bool = True, save_polygraphy: str | Path | None = None, progress: bool = False,
+           source=None, class_name: str | None = None) -> VerifyReport:
+    """Compare ORT and PyTorch on every vdit graph of the export directory. source: the Source it was
+    exported from (export_source's; default: the model directory it records or `checkpoint`).
+    class_name: the user's --class, needed (and imported) only for a model that is not one of
+    diffusers' own classes. progress: a line per stage and a bar per trajectory step and per graph on
+    stderr (progress.py)."""
     from vdit_deploy.runtimes.torch_runtime import TorchRuntime
     from vdit_deploy.sources import load_export_source
 
@@ -216,7 +224,10 @@ def verify(export_dir: str | Path, checkpoint: str | Path | None = None, toleran
         raise VditError(f"{export_dir} holds no vdit graph to verify"
                         + (f" ({'; '.join(report.skipped)})" if report.skipped else ""))
     meta = next(iter(graphs.values()))
-    source = load_export_source(meta, export_dir, checkpoint, class_name=class_name)
+    if source is None:
+        source = load_export_source(meta, export_dir, checkpoint, class_name=class_name)
+    elif source.contract.sha256() != meta.contract.sha256():
+        raise VditError(f"{export_dir} was not exported from this Source (its contract differs)")
     tolerances = {**PRECISION_TOLERANCE, "fp32": tolerance}
     # every graph's batch range decides the videos per step replayed: steps need B in range, denoisers 2B rows
     sizes = set()
@@ -227,9 +238,14 @@ def verify(export_dir: str | Path, checkpoint: str | Path | None = None, toleran
         else:
             sizes |= {min(max(b, -(-lo // 2)), max(hi // 2, -(-lo // 2))) for b in batches}
     torch_rt = TorchRuntime(source.path, device="cpu", source=source)
-    trajectories = {b: record_trajectory(torch_rt, b, num_steps, picks, seed) for b in sorted(sizes)}
+    if progress:
+        note(f"verify 1/2: PyTorch trajectories ({num_steps} DDIM steps at batch {', '.join(map(str, sorted(sizes)))})")
+    trajectories = {b: record_trajectory(torch_rt, b, num_steps, picks, seed, progress=progress)
+                    for b in sorted(sizes)}
+    if progress:
+        note(f"verify 2/2: {len(graphs)} graph(s) against PyTorch on {picks} steps each")
     feeds, refs = [], []
-    for path, m in graphs.items():
+    for path, m in bar(graphs.items(), show=progress, desc="verify", unit="graph"):
         row = Comparison(path.name, "x_prev" if m.kind == STEP else "out", tolerances[m.precision],
                          "worst" if m.precision == "fp32" else "mean")
         session = _session(path)

@@ -134,14 +134,16 @@ class OrtRuntime(Runtime):
                  optimization: str = "all", spin: bool = True, provider_options: dict | None = None):
         import onnxruntime as ort
 
+        from vdit_deploy.threads import session_options
+
         self.providers = resolve_providers(providers, provider_options)
-        options = ort.SessionOptions()
+        options = session_options()   # threads: the configured count (--threads) or the machine's default
         options.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
         if threads:
-            options.intra_op_num_threads = threads
+            options.intra_op_num_threads = options.inter_op_num_threads = threads
         if not spin:   # idle ORT threads busy-wait by default: bad when torch shares the process (verify)
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         artifact, graph = Path(artifact), runtime_graph(self.name, precision)

@@ -19,6 +19,7 @@ from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import STEP_STATE
 from vdit_deploy.export.variants import FP32, TORCH_PRECISIONS, check_precision
 from vdit_deploy.runtimes.base import COMPILE_MODES, Runtime, TensorSpec
+from vdit_deploy.threads import apply_torch
 
 DTYPES = dict(zip(TORCH_PRECISIONS, (torch.float32, torch.float16, torch.bfloat16)))
 
@@ -63,6 +64,7 @@ class TorchRuntime(Runtime):
         from vdit_deploy.export.onnx_export import FusedStep, Unguided
         from vdit_deploy.sources import load_source
 
+        apply_torch()                      # the CLI's --threads (or its default), when one was configured
         check_precision(self.name, precision)
         if compile is not None and compile not in COMPILE_MODES:
             raise VditError(f"torch.compile mode must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,7 +134,8 @@ class Contract:
                                     f"({self.describe_cond()})")
                 lo, hi = self.axes.get(want, (1, None))
                 if got < lo or (hi is not None and got > hi):
-                    allowed = f"outside {lo}..{hi} the export takes" if hi is not None else f"below {lo}"
+                    allowed = (f"outside {lo}..{hi} the export takes (the range `vdit export --seq MIN:MAX` sets)"
+                               if hi is not None else f"below {lo}")
                     raise VditError(f"{what} {spec.name} has {want} = {got}, {allowed}")
                 sizes[want] = got
             if spec.classes is not None and a.size and (a.min() < 0 or a.max() > spec.classes):
@@ -166,6 +168,11 @@ class Contract:
                                 f"{list(c.shape)}: make both with the same length (pad to max_length)")
             out[spec.name] = np.repeat(n.astype(c.dtype, copy=False), b, axis=0)   # writable: torch takes it
         return out
+
+    def axis_sizes(self, cond: dict) -> dict:
+        """The named axes' sizes in `cond` (the null conditioning's token count: the one guidance takes)."""
+        return {d: int(np.asarray(cond[spec.name]).shape[i]) for spec in self.cond
+                for i, d in enumerate(spec.shape) if isinstance(d, str) and d != BATCH}
 
     def example_cond(self, batch: int, rng: np.random.Generator, sizes: dict | None = None) -> dict:
         """Random conditioning of this contract (exports trace it, verify and benchmarks feed it):
@@ -299,7 +306,10 @@ def read_cond(path: str | Path, contract: Contract) -> dict:
         raise VditError(f"{path} is not a readable safetensors file ({str(e).removeprefix(str(path)).lstrip(': ')}); "
                         f"the model takes {contract.describe_cond()}") from None
     contract.check_names(header, str(path))
-    check_memory(2 * sum(t.nbytes for t in header.values()), f"reading {path}")
+    rows = header[contract.cond[0].name].shape[0] if contract.cond and header[contract.cond[0].name].shape else 0
+    # the file twice (read, checked) and a sampling loop over its rows (~32 bytes per latent value each)
+    check_memory(2 * sum(t.nbytes for t in header.values()) + 32 * rows * math.prod(contract.latent),
+                 f"{rows:,} conditioning rows of {path}")
     try:
         cond = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:

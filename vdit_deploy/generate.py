@@ -114,9 +114,8 @@ def generate(export_dir, prompts: list, out, negative: str = "", pipeline=None, 
              progress: bool = True, options: dict | None = None, decode_npy: bool = False):
     """Prompts -> video file through an export (denoiser + decoder.onnx + prompt cache). -> GenerateReport.
     A .npy out holds the latents, or with decode_npy the decoded video (float, [-1, 1])."""
-    from tqdm import tqdm
-
     from vdit_deploy.files import check_output
+    from vdit_deploy.progress import bar
     from vdit_deploy.runtimes import open_runtime
     from vdit_deploy.sampling import sample, sampler_plan
     from vdit_deploy.video import check_suffix, write_video
@@ -136,7 +135,7 @@ def generate(export_dir, prompts: list, out, negative: str = "", pipeline=None, 
             from vdit_deploy.text_encoder import check_cached
             check_cached(cache_dir, [*prompts, negative])
         with report.stage("encode"):
-            for _ in tqdm(range(1), desc="encode", disable=not progress, leave=False):
+            for _ in bar(range(1), show=progress, desc="encode"):
                 cond, null = encode_prompts(list(prompts), negative, cache_dir, pipeline, export_dir)
         cond = {spec.name: cond}
         rt.null = {spec.name: null}                  # guidance pairs each prompt with the negative prompt
@@ -148,8 +147,7 @@ def generate(export_dir, prompts: list, out, negative: str = "", pipeline=None, 
         if decoder is not None:
             with report.stage("decode"):
                 videos = np.concatenate([decoder.decode(v[None]) for v in
-                                         tqdm(videos, desc="decode", unit="video", disable=not progress,
-                                              leave=False)])
+                                         bar(videos, show=progress, desc="decode", unit="video")])
     with report.stage("write"):
         write_video(out, videos, scale=1 if videos.shape[-1] >= 64 else 4)
     return report

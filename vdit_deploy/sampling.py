@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from vdit_deploy.config import check_memory
 from vdit_deploy.contract import Contract, read_cond
-from vdit_deploy.samplers import SolverState, Step, guided_step, make_steps
+from vdit_deploy.samplers import DEFAULT_SAMPLER, SolverState, Step, guided_step, make_steps
 from vdit_deploy.errors import VditError
+from vdit_deploy.progress import bar
 
 
 @dataclass
@@ -49,6 +49,12 @@ class DenoiseRecorder:
             self.calls.append((self.index, x_t, t, cond, out))
         self.index += 1
         return out
+
+
+def default_sampler(contract: Contract) -> str:
+    """The sampler a model is sampled and served with when none is named (its steps: the sampler's own
+    default, samplers.DEFAULT_STEPS). Every DDPM-family schedule here: UniPC."""
+    return DEFAULT_SAMPLER
 
 
 def sampler_plan(contract: Contract, sampler: str, steps: int | None = None, eta: float = 0.0,
@@ -95,7 +101,6 @@ def sample(denoiser, contract: Contract, cond, steps: list[Step], guidance: floa
     `cond`: name -> array with the batch first, or class labels (contract.labels).
     A multistep plan (dpm++, unipc) carries one SolverState through its steps (on the runtime's device)."""
     from vdit_deploy import validate
-    from vdit_deploy.config import check_memory
 
     validate.guidance(guidance)
     cond = as_cond(contract, cond)
@@ -112,7 +117,7 @@ def sample(denoiser, contract: Contract, cond, steps: list[Step], guidance: floa
     x = rng.standard_normal((b, *contract.latent), dtype=np.float32)               # x_T ~ N(0, I)
     zeros = np.zeros_like(x)
     state = SolverState() if any(s.multistep for s in steps) else None
-    for step in tqdm(steps, desc="sample", unit="step", disable=not progress, leave=False):
+    for step in bar(steps, show=progress, desc="sample", unit="step"):
         noise = rng.standard_normal(x.shape, dtype=np.float32) if step.stochastic else zeros
         t0 = time.perf_counter()
         x = step_fn(x, step.t, cond, guidance, step.coefs, noise, state)

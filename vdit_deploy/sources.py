@@ -16,7 +16,7 @@ Python callers with their own nn.Module build a Source directly: Source(module, 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -49,7 +49,6 @@ class Source:
         self.null = check_null(self.contract, self.null)
         digest = null_digest(self.null)
         if self.contract.null_sha256 != digest:   # the contract hashes the null it travels with
-            from dataclasses import replace
             self.contract = replace(self.contract, null_sha256=digest)
 
     @cached_property
@@ -192,10 +191,10 @@ def load_diffusers_source(path, device: str = "cpu", class_name: str | None = No
     if contract is None:
         contract = diffusers_contract(path, config, cls_name, output, scheduler_config, schedule, inputs, seq, latent)
     check_null_size(contract)
+    null = read_null(null_file, contract) if null_file else zero_null(contract)   # refused before loading
     check_memory(estimate_bytes(all_tensors(headers), config, contract.latent, batch), f"loading {path}")
     net = build(cls, config, path, files, headers, cls_name)
     module = DiffusersDenoiser(net, contract.names).to(device).eval()
-    null = read_null(null_file, contract) if null_file else zero_null(contract)
     return Source(module, contract, null, {"class": cls_name, "config": dict(config)}, path,
                   [path / "config.json", *files])
 
@@ -329,10 +328,38 @@ def load_source(path, device: str = "cpu", **options) -> Source:
                         "directory, with config.json)")
     if is_diffusers_dir(path):
         return load_diffusers_source(path, device, **options)
+    _no_diffusers_options(path, options)
+    return load_checkpoint_source(path, device)
+
+
+def _no_diffusers_options(path, options: dict) -> None:
     given = [k for k, val in options.items() if val not in (None, ())]
     if given:
         raise VditError(f"{path} is a vdit checkpoint: {', '.join(given)} are for diffusers models")
-    return load_checkpoint_source(path, device)
+
+
+def source_contract(path, **options) -> tuple[Contract, dict]:
+    """A model directory's contract and null conditioning as load_source would give them, without
+    loading the weights: what a command checks its conditioning against before any work."""
+    path = Path(path)
+    if is_diffusers_dir(path):
+        from vdit_deploy.files import read_json
+
+        config = read_json(path / "config.json", "model config", root=path)
+        o = {"schedule": None, "inputs": (), "seq": None, "latent": None, **options}
+        contract = diffusers_contract(path, config, o.get("class_name") or f"diffusers:{config['_class_name']}",
+                                      o.get("output"), o.get("scheduler_config"), o["schedule"], o["inputs"], o["seq"],
+                                      o["latent"])
+        null = read_null(o["null_file"], contract) if o.get("null_file") else zero_null(contract)
+    else:
+        from vdit_deploy.checkpoint import read_info
+
+        _no_diffusers_options(path, options)
+        info = read_info(path)
+        contract = builtin_contract(info.model, info.schedule)
+        null = {"y": np.array([info.model.null_label], np.int32)}
+    null = check_null(contract, null)
+    return replace(contract, null_sha256=null_digest(null)), null
 
 
 def load_export_source(meta, export_dir, checkpoint=None, device: str = "cpu", class_name: str | None = None) -> Source:
@@ -344,9 +371,14 @@ def load_export_source(meta, export_dir, checkpoint=None, device: str = "cpu", c
     from vdit_deploy.contract import load_null
     from vdit_deploy.files import sha256_files
 
-    path = Path(checkpoint or meta.checkpoint_path or "")
-    if not str(path) or not (path / "config.json").is_file():
-        raise VditError(f"{export_dir}: its source model {str(path) or '(unknown)'} is not there; pass --checkpoint")
+    recorded = checkpoint or meta.checkpoint_path
+    if not recorded:   # Path("") would be "."
+        raise VditError(f"{export_dir} was exported from a module in Python (export_source) and records no model "
+                        "directory: pass that Source (verify(export_dir, source=...)) or a model directory "
+                        "(--checkpoint DIR)")
+    path = Path(recorded)
+    if not (path / "config.json").is_file():
+        raise VditError(f"{export_dir}: its source model {path} is not there; pass --checkpoint")
 
     contract, cls_name = meta.contract, meta.model["class"]
     if cls_name == BUILTIN:
@@ -361,6 +393,11 @@ def load_export_source(meta, export_dir, checkpoint=None, device: str = "cpu", c
     elif class_name is None and not cls_name.startswith("diffusers:"):
         raise VditError(f"{export_dir} was exported from {cls_name}, which is not one of diffusers' own classes: "
                         f"pass --class {cls_name} to import it (an export never names code to run)")
+    if cls_name != BUILTIN:   # the schedule beside the model, when there is one, is the export's
+        beside = scheduler_options(path, None)
+        if beside is not None and beside[0] != contract.schedule:
+            raise VditError(f"{export_dir}: the schedule in its metadata differs from {path}'s scheduler config "
+                            "(edited, or exported with another --scheduler-config); re-export it")
     if sha256_files(model_files(path)) != meta.checkpoint_sha256:   # before loading it
         raise VditError(f"{path} is not the model {export_dir} was exported from (sha256 differs)")
     if cls_name == BUILTIN:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from vdit_deploy.cli.app import SEED, Finite, main
+from vdit_deploy.cli.app import SEED, Finite, main, threads_option
 
 # ---- info ---------------------------------------------------------------------------------------
 @main.command()
@@ -68,7 +68,8 @@ def info(path):
 @click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Run directory; it is a checkpoint (EMA weights) and resumes if it exists.")
-def train(preset_name, steps, batch_size, lr, schedule, attention, checkpoint_every, seed, out):
+@threads_option
+def train(preset_name, steps, batch_size, lr, schedule, attention, checkpoint_every, seed, out, threads):
     """Train on the generated Moving Shapes videos (resumable)."""
     from vdit_deploy.config import preset
     from vdit_deploy.schedules import Schedule
@@ -80,5 +81,5 @@ def train(preset_name, steps, batch_size, lr, schedule, attention, checkpoint_ev
     result = run_training(cfg, out, TrainConfig(steps=steps, batch_size=batch_size, lr=lr,
                                                 checkpoint_every=checkpoint_every, seed=seed),
                           Schedule(schedule))
-    click.echo(f"trained to step {result['steps']} in {result['seconds'] / 60:.1f} min, "
+    click.echo(f"trained to step {result['steps']} in {result['seconds'] / 60:.1f} min ({threads} CPU thread(s)), "
                f"final loss {result['final_loss']:.4f}; checkpoint: {out}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from vdit_deploy.cli.app import Finite, main, needs_torch
+from vdit_deploy.cli.app import Finite, main, needs_torch, threads_option
 from vdit_deploy.cli.sample import sampling_options
 
 
@@ -102,9 +102,10 @@ def encode(pipeline_dir, prompts, negative, out, null_out, cache_dir):
 @click.option("--tile", type=click.IntRange(8), default=None, help="VAE decode tile in output pixels (default: "
               "the --target profile's vae_tile, else untiled).")
 @click.option("--target", default=None, help="Deployment profile whose vae_tile sets the decode tile.")
+@threads_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .mp4, .gif or .npy (latents).")
 def generate(export_dir, prompts, negative, pipeline_dir, cache_dir, sampler, steps, order, spacing, eta, guidance,
-             seed, runtime, precision, tile, target, out):
+             seed, runtime, precision, tile, target, threads, out):
     """Prompt to video over an export that holds the denoiser, decoder.onnx and a prompt cache (or a
     --pipeline to encode with): encode, sample, decode, each with a progress bar, its time and peak memory."""
     from vdit_deploy.errors import VditError
@@ -118,4 +119,4 @@ def generate(export_dir, prompts, negative, pipeline_dir, cache_dir, sampler, st
     report = run(export_dir, list(prompts), out, negative, pipeline_dir, cache_dir, runtime, precision, sampler,
                  steps, guidance, seed, tile, eta, order, spacing)
     click.echo(report.table())
-    click.echo(f"wrote {out}")
+    click.echo(f"wrote {out} ({threads} CPU thread(s))")

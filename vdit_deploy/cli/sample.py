@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-from vdit_deploy.cli.app import SEED, SHIPPED_HELP, SAMPLER_HELP, STEPS_HELP, GUIDANCE, Finite, main, parse_labels
+from vdit_deploy.cli.app import (GUIDANCE, SEED, SHIPPED_HELP, SAMPLER_HELP, STEPS_HELP, Finite, main, parse_labels,
+                                 threads_option)
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.variants import precisions_help
 from vdit_deploy.files import check_output
@@ -37,7 +38,7 @@ def sampling_options(f=None, *, runtime_default: str = "torch"):
 
 
 def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, guidance, seed, options=None,
-                order=None, spacing="linspace", cond_file=None, out=None, tile=None):
+                order=None, spacing=None, cond_file=None, out=None, tile=None):
     """Open the runtime, turn --label or --cond into the model's conditioning, check `out` can show it
     (a latent model's .gif/.mp4 through the export's VAE decoder), sample, decode."""
     from vdit_deploy.runtimes import open_runtime
@@ -54,6 +55,9 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
         if guidance != 1.0:    # before the first step: a null conditioning of another length is refused
             contract.null_batch(rt.null, cond)
         plan = sampler_plan(contract, sampler, steps, eta, order, spacing)
+        if getattr(rt, "compile", None) and rt.device == "cpu":   # say it before the first step stalls
+            click.echo(f"note: torch.compile ({rt.compile}) on the CPU compiles before the first step: expect minutes "
+                       "before it samples (README: GPU runtimes)", err=True)
         times = SampleTimes()
         videos = sample(rt, contract, cond, plan, guidance, seed, progress=True, times=times)
         if decoder is not None:
@@ -81,9 +85,10 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
                    "to `vdit export --null` (an export carries its own). Default: zeros.")
 @click.option("--tile", default=None, type=click.IntRange(8), help="A latent model's .gif/.mp4: decode in spatial tiles "
               "of this many output pixels, blended as diffusers' tiled_decode (default: untiled).")
+@threads_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .gif, .mp4 or .npy.")
 def sample(checkpoint, onnx_path, labels, cond_file, sampler, steps, order, spacing, eta, guidance, seed, runtime,
-           precision, device, compile_mode, null_file, tile, out):
+           precision, device, compile_mode, null_file, tile, threads, out):
     """Sample videos (DPM-Solver++, UniPC, DDIM or DDPM) from a model directory (vdit checkpoint or
     diffusers save_pretrained) or an ONNX export. A .npy output holds the latents; a .gif/.mp4 shows
     them: a latent-space model's through the export's decoder.onnx (`vdit export-decoder`), or with
@@ -112,7 +117,8 @@ def sample(checkpoint, onnx_path, labels, cond_file, sampler, steps, order, spac
                                       eta, guidance, seed, options, order=order, spacing=spacing, cond_file=cond_file,
                                       out=out, tile=tile)
     write_video(out, videos, scale=1 if videos.shape[-1] >= 64 else 4)   # small videos upscaled to be seen
-    click.echo(f"wrote {out}: {len(videos)} video(s), {len(times.steps)} {sampler} steps in {times.total:.2f} s ({desc})")
+    click.echo(f"wrote {out}: {len(videos)} video(s), {len(times.steps)} {sampler} steps in {times.total:.2f} s "
+               f"({desc}, {threads} CPU thread(s))")
 
 
 @main.command()
@@ -120,7 +126,8 @@ def sample(checkpoint, onnx_path, labels, cond_file, sampler, steps, order, spac
 @click.option("--seeds", default=2, show_default=True, type=click.IntRange(1, 8), help="Rows of the grid.")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--guidance", default=2.0, show_default=True, type=GUIDANCE)
-def demo(out, seeds, steps, guidance):
+@threads_option
+def demo(out, seeds, steps, guidance, threads):
     """Sample every class of the shipped checkpoint (DDIM) into one GIF grid."""
     from vdit_deploy.checkpoint import SHIPPED, read_info
     from vdit_deploy.data import CLASS_NAMES
@@ -132,4 +139,4 @@ def demo(out, seeds, steps, guidance):
     videos, times, desc = run_sampler("torch", SHIPPED, "fp32", labels, "ddim", steps, 0.0, guidance, seed=0)
     write_video(out, videos, columns=cfg.num_classes)
     click.echo(f"wrote {out}: columns {', '.join(CLASS_NAMES[:cfg.num_classes])}; {seeds} seed(s) each; "
-               f"{steps} DDIM steps, guidance {guidance}, {times.total:.2f} s ({desc})")
+               f"{steps} DDIM steps, guidance {guidance}, {times.total:.2f} s ({desc}, {threads} CPU thread(s))")
