@@ -54,6 +54,12 @@ def open_fp32(artifact):
     return open_runtime("ort", artifact), read_metadata(find_onnx(artifact)).checkpoint_sha256
 
 
+def _timestep(t) -> int | float:
+    """A record's timestep: the integer of a DDPM plan, sigma * T (a float) of a flow plan."""
+    t = float(t)
+    return int(t) if t.is_integer() else t
+
+
 def pick_steps(num_steps: int, timesteps: int) -> list[int]:
     """`timesteps` step indices spread evenly from the first (t near T) to the last (t near 0)."""
     if not 1 <= timesteps <= num_steps:
@@ -109,7 +115,7 @@ def collect(checkpoint_or_export, out_dir, sampler: str = DEFAULT_SAMPLER, steps
                 for name, a in {"x_t": x, "t": t, **call_cond}.items():
                     rows[name].append(a)
                 end = start + len(t)
-                records.append({"seed": seed, "step": index, "t": int(t[0]), "rows": [start, end],
+                records.append({"seed": seed, "step": index, "t": _timestep(t[0]), "rows": [start, end],
                                 "null_rows": [start + videos, end] if guidance != 1.0 else [end, end]})
     arrays = {name: np.concatenate(parts) for name, parts in rows.items()}
     for name, a in arrays.items():

@@ -300,6 +300,9 @@ def describe_onnx(path: str | Path) -> str:
         lines.append(f"  contract   latent {list(contract.latent)}, output {contract.output}, "
                      f"cond {contract.describe_cond()}")
         lines.append(f"  schedule   {json.dumps(meta.schedule.to_dict())}")
+        from vdit_deploy.sampling import describe_sampling
+
+        lines += [f"  {line}" for line in describe_sampling(contract).splitlines()]
         lines.append(f"  batch      {meta.batch}")
         for direction in ("inputs", "outputs"):
             for spec in meta.io.get(direction, []):

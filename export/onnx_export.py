@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from vdit_deploy.config import check_memory
 from vdit_deploy.validate import INT32_MAX
-from vdit_deploy.contract import BATCH, Contract
+from vdit_deploy.contract import BATCH, Contract, timestep_doc
 from vdit_deploy.samplers import COEF_NAMES
 from vdit_deploy.errors import VditError, first_line
 from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, ExportMetadata
@@ -303,7 +303,7 @@ def _io(contract: Contract, kind: str, batch_name: str) -> dict:
     spec = lambda name, shape, dtype, layout: {"name": name, "shape": shape, "dtype": dtype, "layout": layout}
     cond = [spec(c.name, [batch_name, *c.shape[1:]], c.dtype, c.doc or "conditioning") for c in contract.cond]
     inputs = [spec("x_t", video, "float32", "NCFHW noisy video latents"),
-              spec("t", [batch_name], "float32", f"diffusion timestep 0..{contract.schedule.num_timesteps - 1}"),
+              spec("t", [batch_name], "float32", timestep_doc(contract.schedule)),
               *cond]
     if kind == STEP:
         inputs += [{**c, "name": NULL_PREFIX + c["name"], "layout": "null conditioning (null_cond.safetensors, "

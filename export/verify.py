@@ -22,7 +22,7 @@ through its comparator (and are saved so `polygraphy run denoiser.onnx --onnxrt 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +121,11 @@ def record_trajectory(torch_rt, batch: int, num_steps: int, picks: int, seed: in
     from vdit_deploy.sampling import sample
 
     contract = torch_rt.contract
-    plan = make_steps(torch_rt.schedule, "ddim", num_steps, eta=1.0, prediction=contract.prediction)
+    if contract.schedule.kind == "flow":   # flow euler, re-noised at each step where the schedule allows it
+        plan = make_steps(replace(contract.schedule, stochastic=not contract.schedule.invert), "euler", num_steps,
+                          prediction="flow")
+    else:
+        plan = make_steps(torch_rt.schedule, "ddim", num_steps, eta=1.0, prediction=contract.prediction)
     ddpm = ddpm_steps(torch_rt.schedule, prediction=contract.prediction, learned_variance=True) \
         if contract.output == "eps+var" else None
     keep = set(np.linspace(0, len(plan) - 1, picks).round().astype(int).tolist())

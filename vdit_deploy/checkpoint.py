@@ -19,6 +19,7 @@ from vdit_deploy.files import atomic_path, read_json, sha256_file
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 FORMAT = "vdit-checkpoint/1"
 SHIPPED = Path(__file__).parent / "assets" / "tiny"   # the trained demo checkpoint
+SHIPPED_FLOW = Path(__file__).parent / "assets" / "tiny-flow"   # the same model fine-tuned to flow matching
 
 
 @dataclass(frozen=True)

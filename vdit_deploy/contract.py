@@ -4,12 +4,15 @@
 
 A contract names
   latent     (C, F, H, W) of x_t
-  output     what `out` is: eps; eps+var (eps, then a learned variance in [-1, 1]: 2C channels); v; x0
+  output     what `out` is: eps; eps+var (eps, then a learned variance in [-1, 1]: 2C channels); v; x0;
+             flow (the velocity v = noise - x0 of flow matching, x_t = (1 - sigma) x0 + sigma noise, fed
+             t = sigma * T as a float; a FlowSchedule with invert (Mochi): fed (1 - sigma) T, gives x0 - noise)
   cond       the conditioning inputs beyond x_t and t, in the denoiser's argument order: name, dtype and
              shape, whose first axis is "batch" and whose other named axes (e.g. "seq" for text tokens)
              may vary within `axes` (min, max). A class label is int32 (batch,) with `classes` values;
              text embeddings float32 (batch, seq, D); an attention mask (batch, seq)
-  schedule   the noise schedule it was trained with
+  schedule   the noise schedule it was trained with (schedules.Schedule: DDPM betas; flow.FlowSchedule:
+             flow matching's sigmas, shift, dynamic shift...) and its pipeline's default sampler
   null       the conditioning classifier-free guidance pairs with the prompt (the null label, the empty
              prompt's embeddings): batch-1 arrays, saved beside the graphs as NULL_FILE, hashed here
 The built-in VideoDiT is one instance: cond = (y int32 (batch,), classes=num_classes), null y = num_classes.
@@ -30,7 +33,7 @@ from vdit_deploy.schedules import Schedule
 from vdit_deploy.errors import VditError
 
 # output kind -> (channels as a multiple of C, the sampler's prediction type)
-OUTPUTS = {"eps": (1, "eps"), "eps+var": (2, "eps"), "v": (1, "v"), "x0": (1, "x0")}
+OUTPUTS = {"eps": (1, "eps"), "eps+var": (2, "eps"), "v": (1, "v"), "x0": (1, "x0"), "flow": (1, "flow")}
 DTYPES = ("float32", "float16", "int32", "int64", "bool")
 NULL_FILE = "null_cond.safetensors"
 BATCH = "batch"
@@ -59,14 +62,17 @@ class Contract:
     latent: tuple                   # (C, F, H, W)
     output: str                     # OUTPUTS
     cond: tuple                     # CondInput, in argument order
-    schedule: Schedule = field(default_factory=Schedule)
+    schedule: Schedule = field(default_factory=Schedule)   # or a FlowSchedule
     axes: dict = field(default_factory=dict)   # named axes other than batch -> (min, max)
     null_sha256: str = ""           # of the null conditioning (null_digest)
 
     def __post_init__(self):
         if self.output not in OUTPUTS:
             raise VditError(f"unknown model output kind {self.output!r}: it must be one of {', '.join(OUTPUTS)} "
-                            "(eps+var: eps and a learned variance in 2C channels)")
+                            "(eps+var: eps and a learned variance in 2C channels; flow: the velocity noise - x0)")
+        if (self.output == "flow") != (self.schedule.kind == "flow"):
+            raise VditError(f"a {self.output} model output needs a {'flow-matching' if self.output == 'flow' else 'DDPM'} "
+                            f"schedule, got {self.schedule.kind}")
 
     # ---- what the stages ask -------------------------------------------------------------------
     @property
@@ -242,6 +248,12 @@ def _names(names: list, shown: int = 4) -> str:
     """A few names of a list that may be 10^5 long (an error stays one short line)."""
     head = ", ".join(str(n)[:40] for n in names[:shown])
     return head + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def timestep_doc(schedule) -> str:
+    """What the denoiser's t input holds (the exports' io doc)."""
+    T = schedule.num_timesteps
+    return f"flow timestep sigma * {T} (float)" if schedule.kind == "flow" else f"diffusion timestep 0..{T - 1}"
 
 
 # ---- the null conditioning ------------------------------------------------------------------------

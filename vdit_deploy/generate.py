@@ -23,7 +23,6 @@ import numpy as np
 from vdit_deploy.decode import Decoder, find_decoder
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.variants import FP32
-from vdit_deploy.samplers import DEFAULT_SAMPLER
 
 PROMPT_CACHE = "prompts"          # the prompt cache's folder inside an export directory
 
@@ -109,8 +108,8 @@ def has_text_encoder(export_dir) -> bool:
 
 
 def generate(export_dir, prompts: list, out, negative: str = "", pipeline=None, cache_dir=None,
-             runtime: str = "ort", precision: str = FP32, sampler: str = DEFAULT_SAMPLER, steps=None, guidance=5.0,
-             seed: int = 0, tile: int | None = None, eta: float = 0.0, order=None, spacing="linspace",
+             runtime: str = "ort", precision: str = FP32, sampler: str | None = None, steps=None, guidance=5.0,
+             seed: int = 0, tile: int | None = None, eta: float = 0.0, order=None, spacing=None,
              progress: bool = True, options: dict | None = None, decode_npy: bool = False):
     """Prompts -> video file through an export (denoiser + decoder.onnx + prompt cache). -> GenerateReport.
     A .npy out holds the latents, or with decode_npy the decoded video (float, [-1, 1])."""

@@ -1,4 +1,4 @@
-"""The sampling loop: DDPM, DDIM, DPM-Solver++ or UniPC over any denoiser, with all noise drawn on the host.
+"""The sampling loop: any sampler plan (DDPM-family or flow matching) over any denoiser, with all noise drawn on the host.
 
 Noise comes from one seeded numpy Generator (x_T first, then each stochastic step's z in order),
 so every runtime, PyTorch, ONNX Runtime or TensorRT, sees bit-identical noise for the same seed.
@@ -52,17 +52,52 @@ class DenoiseRecorder:
 
 
 def default_sampler(contract: Contract) -> str:
-    """The sampler a model is sampled and served with when none is named (its steps: the sampler's own
-    default, samplers.DEFAULT_STEPS). Every DDPM-family schedule here: UniPC."""
-    return DEFAULT_SAMPLER
+    """The sampler a model is sampled and served with when none is named: its pipeline's (from its
+    scheduler config; a flow model's own), else the project's default (its steps: DEFAULT_STEPS)."""
+    return sampler_name(contract)
 
 
-def sampler_plan(contract: Contract, sampler: str, steps: int | None = None, eta: float = 0.0,
-                 order: int | None = None, spacing: str = "linspace"):
-    """The sampler's steps for this model: its prediction type, and DDPM's learned variance for eps+var."""
-    return make_steps(contract.schedule, sampler, steps, eta, order=order, spacing=spacing,
-                      prediction=contract.prediction,
+def sampler_plan(contract: Contract, sampler: str | None = None, steps: int | None = None, eta: float = 0.0,
+                 order: int | None = None, spacing: str | None = None):
+    """The sampler's steps for this model: its prediction type, its schedule's x0 clipping, timestep
+    spacing and lambda_min, and DDPM's learned variance for eps+var. sampler / steps None: the
+    schedule's pipeline defaults (from its scheduler config), else the project's."""
+    schedule = contract.schedule
+    sampler = sampler_name(contract, sampler)
+    # "linspace" is also the CLI's --spacing default (until the sample stage's option defaults to none):
+    # read as not given, so the scheduler config's spacing (CogVideoX's trailing) and a flow model's sigmas hold
+    given = None if spacing == "linspace" else spacing
+    if schedule.kind == "flow":
+        return make_steps(schedule, sampler, steps, eta, order=order, spacing=given, prediction="flow")
+    if sampler == schedule.sampler:
+        steps = schedule.steps if steps is None else steps
+        order = schedule.order if order is None else order
+    spacing = given
+    if given is None and sampler in ("ddim", "dpm++", "unipc", "cogvideox-dpm"):
+        spacing = schedule.spacing
+    return make_steps(schedule, sampler, steps, eta, clip=schedule.clip, order=order, spacing=spacing,
+                      prediction=contract.prediction, lambda_min=schedule.lambda_min,
                       learned_variance=contract.output == "eps+var" and sampler == "ddpm")
+
+
+def sampler_name(contract: Contract, sampler: str | None = None) -> str:
+    """The sampler a model samples with: the one asked for, or its pipeline's, or the project's default."""
+    return sampler or contract.schedule.sampler or DEFAULT_SAMPLER
+
+
+def describe_sampling(contract: Contract) -> str:
+    """`vdit info`'s lines on how a model is sampled: its objective and schedule, the default sampler."""
+    schedule = contract.schedule
+    sampler = sampler_name(contract)
+    try:
+        plan = sampler_plan(contract)
+        steps = f"{len(plan)} steps, t fed {plan[0].t:g} .. {plan[-1].t:g}"
+    except VditError as e:
+        steps = f"not runnable: {e}"
+    whose = "its scheduler config's (its pipeline's)" if schedule.sampler else "the project's default"
+    order = f" order {schedule.order}," if sampler in ("unipc", "dpm++") and getattr(schedule, "order", None) else ""
+    return (f"objective   {schedule.describe()}; output {contract.output}\n"
+            f"sampler     {sampler},{order} {steps} ({whose})")
 
 
 def conditioning(contract: Contract, labels=None, cond=None) -> dict:

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from vdit_deploy.contract import BATCH, BUILTIN, CondInput, Contract, check_null, null_digest
 from vdit_deploy.schedules import Schedule
+from vdit_deploy.scheduler_config import read_scheduler_config
 from vdit_deploy.errors import VditError
 from vdit_deploy.weights import DIFFUSERS_WEIGHTS, all_tensors, diffusers_weight_files
 
@@ -73,7 +74,7 @@ def model_files(path) -> list:
 
 # ---- the built-in model ---------------------------------------------------------------------------
 def builtin_contract(cfg, schedule: Schedule) -> Contract:
-    return Contract(latent=tuple(cfg.video_shape), output="eps", schedule=schedule,
+    return Contract(latent=tuple(cfg.video_shape), output="flow" if schedule.kind == "flow" else "eps", schedule=schedule,
                     cond=(CondInput("y", "int32", (BATCH,), cfg.num_classes,
                                     f"class label 0..{cfg.num_classes - 1}"),))
 
@@ -126,9 +127,23 @@ def _has_diffusers_weights(path: Path) -> bool:
     return path.is_dir() and any(path.glob(f"{DIFFUSERS_WEIGHTS}*"))
 
 
-def scheduler_options(model_dir: Path, scheduler_config: Path | None) -> tuple[Schedule, str, str] | None:
+def token_count(config: dict, latent) -> int | None:
+    """The tokens a diffusers video DiT makes of a latent (C, F, H, W): F / patch_size_t x H / p x W / p,
+    patch_size an int or (t, h, w) (Wan's); None when the config's patch sizes are not positive ints (a
+    dynamic shift, which is computed from it, is then refused)."""
+    p = config.get("patch_size") or 1
+    sizes = (list(p) if isinstance(p, (list, tuple)) and len(p) == 3 else [config.get("patch_size_t") or 1, p, p])
+    sizes += [int(d) if isinstance(d, int) and not isinstance(d, bool) else 0 for d in latent[1:]]
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in sizes):
+        return None
+    pt, ph, pw, f, h, w = sizes
+    return max(1, -(-f // pt)) * max(1, h // ph) * max(1, w // pw)
+
+
+def scheduler_options(model_dir: Path, scheduler_config: Path | None, seq_len: int | None = None):
     """(schedule, prediction, variance) from a scheduler_config.json: the one given, beside the model
-    or in ../scheduler (a pipeline's layout); None when there is none."""
+    or in ../scheduler (a pipeline's layout); None when there is none. seq_len: the model's token count
+    (a dynamic shift comes from it)."""
     candidates = [scheduler_config] if scheduler_config else [model_dir / SCHEDULER_CONFIG,
                                                               model_dir.parent / "scheduler" / SCHEDULER_CONFIG]
     from vdit_deploy.files import read_json
@@ -137,7 +152,7 @@ def scheduler_options(model_dir: Path, scheduler_config: Path | None) -> tuple[S
         if file is not None and Path(file).exists():
             data = read_json(file, "scheduler config")
             try:
-                return Schedule.from_diffusers(data)
+                return read_scheduler_config(data, str(file), seq_len)
             except VditError as e:   # name the file the value came from
                 raise VditError(str(e) if str(file) in str(e) else f"{file}: {e}") from None
     if scheduler_config:
@@ -250,7 +265,7 @@ def diffusers_contract(path: Path, config: dict, cls_name: str, output, schedule
     for key in ("in_channels", "out_channels"):
         if config.get(key) is not None:
             size(key)
-    from_scheduler = scheduler_options(path, scheduler_config)
+    from_scheduler = scheduler_options(path, scheduler_config, token_count(config, latent))
     if from_scheduler is None and (schedule is None or output is None):   # refuse rather than guess
         raise VditError(f"{path} has no {SCHEDULER_CONFIG} beside it or in ../scheduler: pass --scheduler-config "
                         "FILE (the noise schedule and what the model predicts)")
@@ -288,8 +303,10 @@ def describe_diffusers_dir(path) -> str:
     cls_name = f"diffusers:{config['_class_name']}"
     try:
         c = diffusers_contract(path, config, cls_name, None, None, None, (), None, None)
+        from vdit_deploy.sampling import describe_sampling
+
         contract = (f"latent {list(c.latent)}, output {c.output}, cond {c.describe_cond()}\n"
-                    f"schedule    {json.dumps(c.schedule.to_dict())}")
+                    f"schedule    {json.dumps(c.schedule.to_dict())}\n{describe_sampling(c)}")
     except VditError as e:
         if cls_name == "diffusers:LatteTransformer3DModel":   # known: a broken config is an error
             raise

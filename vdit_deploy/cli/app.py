@@ -32,7 +32,8 @@ def _terminate(signum, frame):
 
 
 SAMPLER_HELP = ("unipc (UniPC-bh2, 15 steps by default) or dpm++ (DPM-Solver++ 2M, 20 steps): multistep ODE "
-                "solvers; ddim (50 steps by default); ddpm (all T steps).")
+                "solvers; ddim (50 steps by default); ddpm (all T steps); cogvideox-dpm (CogVideoX's SDE "
+                "DPM-Solver++). A flow-matching model: euler, unipc or dpm++ on its sigmas.")
 STEPS_HELP = "Denoiser calls, 1..T (default: the sampler's; ddpm always runs all T)."
 
 

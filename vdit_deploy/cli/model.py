@@ -46,7 +46,7 @@ def info(path):
     ckpt = read_info(path)
     cfg = ckpt.model
     click.echo(f"checkpoint  {ckpt.path}  (step {ckpt.step}, {'EMA' if ckpt.ema else 'raw'} weights)")
-    click.echo(f"schedule    {ckpt.schedule.kind}, T={ckpt.schedule.num_timesteps}")
+    click.echo(f"schedule    {ckpt.schedule.describe()}")
     for key, value in cfg.to_dict().items():
         click.echo(f"{key:<16}{value}")
     click.echo(f"tokens      {cfg.num_tokens} (grid {'x'.join(map(str, cfg.grid))})")
@@ -61,7 +61,11 @@ def info(path):
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--lr", default=8e-4, show_default=True, type=Finite(0, lo_open=True))
 @click.option("--schedule", type=click.Choice(["linear", "cosine"]), default="cosine", show_default=True,
-              help="Cosine keeps more of T informative at these small frame sizes (Nichol & Dhariwal).")
+              help="DDPM: cosine keeps more of T informative at these small frame sizes (Nichol & Dhariwal).")
+@click.option("--objective", type=click.Choice(["ddpm", "flow"]), default="ddpm", show_default=True,
+              help="ddpm: eps-prediction on --schedule; flow: flow matching (the velocity noise - x0, t = sigma * 1000).")
+@click.option("--init", type=click.Path(path_type=Path), default=None,
+              help="Start a new run from this checkpoint's weights (same preset), e.g. flow from the shipped DDPM one.")
 @click.option("--attention", type=click.Choice(["factorized", "factorized_dot_product", "joint"]),
               default=None, help="Override the preset's attention mode.")
 @click.option("--checkpoint-every", default=250, show_default=True, type=click.IntRange(1))
@@ -69,9 +73,11 @@ def info(path):
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Run directory; it is a checkpoint (EMA weights) and resumes if it exists.")
 @threads_option
-def train(preset_name, steps, batch_size, lr, schedule, attention, checkpoint_every, seed, out, threads):
+def train(preset_name, steps, batch_size, lr, schedule, objective, init, attention, checkpoint_every, seed, out,
+          threads):
     """Train on the generated Moving Shapes videos (resumable)."""
     from vdit_deploy.config import preset
+    from vdit_deploy.flow import FlowSchedule
     from vdit_deploy.schedules import Schedule
     from vdit_deploy.train import TrainConfig, moving_shapes_config, train as run_training
 
@@ -80,6 +86,6 @@ def train(preset_name, steps, batch_size, lr, schedule, attention, checkpoint_ev
         click.echo(f"note: {note}")
     result = run_training(cfg, out, TrainConfig(steps=steps, batch_size=batch_size, lr=lr,
                                                 checkpoint_every=checkpoint_every, seed=seed),
-                          Schedule(schedule))
+                          FlowSchedule() if objective == "flow" else Schedule(schedule), init=init)
     click.echo(f"trained to step {result['steps']} in {result['seconds'] / 60:.1f} min ({threads} CPU thread(s)), "
                f"final loss {result['final_loss']:.4f}; checkpoint: {out}")

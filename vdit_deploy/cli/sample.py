@@ -19,11 +19,13 @@ def sampling_options(f=None, *, runtime_default: str = "torch"):
     if f is None:
         return lambda g: sampling_options(g, runtime_default=runtime_default)
     for option in reversed([
-        click.option("--sampler", default=DEFAULT_SAMPLER, show_default=True, help=SAMPLER_HELP),
+        click.option("--sampler", default=None, help=SAMPLER_HELP + " Default: the model's pipeline's (from its "
+                     f"scheduler config: Wan unipc, LTX euler, CogVideoX ddim...), else {DEFAULT_SAMPLER}."),
         click.option("--steps", default=None, type=int, help=STEPS_HELP),
         click.option("--order", default=None, type=int, help="dpm++ / unipc order: 1 or 2 (default 2)."),
-        click.option("--spacing", default="linspace", show_default=True,
-                     help="dpm++ / unipc timestep spacing: linspace, leading or trailing (as in diffusers)."),
+        click.option("--spacing", default=None,
+                     help="ddim / dpm++ / unipc timestep spacing: linspace, leading or trailing (as in diffusers; "
+                          "default: the scheduler config's, else linspace). Not for flow models."),
         click.option("--eta", default=0.0, show_default=True, type=Finite(0), help="DDIM noise (0: deterministic)."),
         click.option("--guidance", default=2.0, show_default=True, type=GUIDANCE,
                      help="Classifier-free guidance scale (1: off)."),
@@ -89,7 +91,7 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .gif, .mp4 or .npy.")
 def sample(checkpoint, onnx_path, labels, cond_file, sampler, steps, order, spacing, eta, guidance, seed, runtime,
            precision, device, compile_mode, null_file, tile, threads, out):
-    """Sample videos (DPM-Solver++, UniPC, DDIM or DDPM) from a model directory (vdit checkpoint or
+    """Sample videos (DPM-Solver++, UniPC, DDIM, DDPM; flow euler on flow models) from a model directory (vdit checkpoint or
     diffusers save_pretrained) or an ONNX export. A .npy output holds the latents; a .gif/.mp4 shows
     them: a latent-space model's through the export's decoder.onnx (`vdit export-decoder`), or with
     --runtime torch the pipeline's ../vae."""
@@ -117,8 +119,8 @@ def sample(checkpoint, onnx_path, labels, cond_file, sampler, steps, order, spac
                                       eta, guidance, seed, options, order=order, spacing=spacing, cond_file=cond_file,
                                       out=out, tile=tile)
     write_video(out, videos, scale=1 if videos.shape[-1] >= 64 else 4)   # small videos upscaled to be seen
-    click.echo(f"wrote {out}: {len(videos)} video(s), {len(times.steps)} {sampler} steps in {times.total:.2f} s "
-               f"({desc}, {threads} CPU thread(s))")
+    click.echo(f"wrote {out}: {len(videos)} video(s), {len(times.steps)} {sampler or 'default-sampler'} steps in "
+               f"{times.total:.2f} s ({desc}, {threads} CPU thread(s))")
 
 
 @main.command()
