@@ -32,7 +32,7 @@ from vdit_deploy.contract import BUILTIN, NULL_FILE, Contract
 from vdit_deploy.schedules import Schedule
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.graph_files import check_external_data
-from vdit_deploy.export.variants import (DENOISER, FP16, GRAPH_PRECISIONS, KINDS, OLD_TAGS,
+from vdit_deploy.export.variants import (DECODER_KINDS, DENOISER, FP16, GRAPH_PRECISIONS, KINDS, OLD_TAGS, TEXT_ENCODER,
                                          STEP, all_variant_files, find_variant, graph_precision, variant_file,
                                          variant_files)
 
@@ -218,7 +218,10 @@ def check_export_dir(path: str | Path, skipped: list[str] | None = None) -> dict
     path = Path(path)
     metas = {}
     ours = all_variant_files()
+    decoders = all_variant_files((*DECODER_KINDS, TEXT_ENCODER))   # the VAE's and text encoder's: other models
     for file in sorted(path.glob("*.onnx")):
+        if file.name in decoders:
+            continue
         if file.name not in ours:
             if skipped is not None:
                 skipped.append(f"{file.name}: not a file name vdit gives a graph ({', '.join(sorted(ours))})")
@@ -296,6 +299,8 @@ def describe_onnx(path: str | Path) -> str:
     files = sorted(path.glob("*.onnx")) if path.is_dir() else [path]
     lines = []
     for file in files:
+        if file.name in all_variant_files(DECODER_KINDS):      # the VAE's: decode.describe_decoder (vdit info)
+            continue
         meta = read_metadata(file)
         cfg, contract = meta.config, meta.contract
         lines.append(f"{file}  ({file.stat().st_size / 1e6:.1f} MB, {meta.kind}, {meta.precision})")

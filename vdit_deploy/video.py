@@ -21,8 +21,8 @@ def check_suffix(path: str | Path) -> Path:
 def check_drawable(path: str | Path, channels: int) -> None:
     """Before sampling: a .gif/.mp4 shows 1- or 3-channel videos; a latent-space model's go to .npy."""
     if Path(path).suffix.lower() != ".npy" and channels not in (1, 3):
-        raise VditError(f"--out {path}: can only draw 1- or 3-channel videos, this model's have {channels} "
-                        "(latents: write .npy, and decode them with the model's VAE)")
+        raise VditError(f"--out {path}: this model's latents have {channels} channels and its export has no "
+                        "decoder.onnx: run `vdit export-decoder PIPELINE/vae --out EXPORT`, or write .npy")
 
 
 def title_band(titles: list[str], width: int, cell: int, pad: int) -> np.ndarray:

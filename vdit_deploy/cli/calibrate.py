@@ -72,12 +72,16 @@ def calibrate_cache(export_dir, calib_dir, degree):
 @threads_option
 def calibrate_fp16(export_dir, calib_dir, threads):
     """Write denoiser.fp16.onnx and step.fp16.onnx (norms, softmax, pow, exp, the timestep embedding
-    and the step's update stay fp32)."""
+    and the step's update stay fp32), and decoder.fp16.onnx where the export has a VAE decoder."""
     from vdit_deploy.calibration.fp16 import check_fp16, convert_fp16
+    from vdit_deploy.decode import find_decoder
     from vdit_deploy.export.variants import FP16, STEP, variant_file
 
     path = convert_fp16(export_dir, calib_dir)
     written = [p for p in (path, path.with_name(variant_file(STEP, FP16))) if p.is_file()]
+    if find_decoder(export_dir) is not None:              # the VAE's decoder, where the export has one
+        from vdit_deploy.export.decoder_verify import convert_decoder_fp16
+        written += convert_decoder_fp16(export_dir)
     click.echo(f"wrote {', '.join(f'{p} ({human_size(p.stat().st_size)})' for p in written)}")
     if calib_dir is not None:
         r = check_fp16(export_dir, calib_dir)

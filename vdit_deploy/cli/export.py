@@ -11,12 +11,21 @@ from vdit_deploy.cli.app import Finite, human_size, main, needs_torch, parse_bat
 # ---- export / verify (ONNX) ---------------------------------------------------------------------
 def print_verify(export_dir, checkpoint, tolerance, class_name=None):
     needs_torch("verify")
-    from vdit_deploy.export.verify import check, verify
+    from vdit_deploy.decode import find_decoder
+    from vdit_deploy.export.variants import DENOISER, find_variant
+    from vdit_deploy.export.verify import VerifyReport, check, verify
 
     from vdit_deploy.progress import shown
 
-    report = verify(export_dir, checkpoint=checkpoint, tolerance=tolerance, class_name=class_name,
-                    progress=shown())
+    decoder = find_decoder(export_dir) is not None
+    if decoder and find_variant(export_dir, DENOISER) is None:     # a decoder exported on its own
+        report = VerifyReport(tolerance)
+    else:
+        report = verify(export_dir, checkpoint=checkpoint, tolerance=tolerance, class_name=class_name,
+                        progress=shown())
+    if decoder:                                                     # against diffusers' own decode
+        from vdit_deploy.export.decoder_verify import verify_decoder
+        report.rows += verify_decoder(export_dir, tolerance=tolerance)
     click.echo(report.table())
     check(report, export_dir)
 

@@ -24,8 +24,17 @@ def info(path):
         click.echo("GFLOP/call: one denoiser forward at batch 1 (2 x multiply-adds, factorized attention).")
         return
     if path.suffix == ".onnx" or (path.is_dir() and any(path.glob("*.onnx"))):
+        from vdit_deploy.decode import describe_decoder
         from vdit_deploy.export.metadata import describe_onnx
-        click.echo(describe_onnx(path))
+        from vdit_deploy.export.variants import DECODER_KINDS, all_variant_files
+
+        if path.is_file() and path.name in all_variant_files(DECODER_KINDS):
+            click.echo(describe_decoder(path))
+        else:
+            click.echo(describe_onnx(path))
+            for file in sorted(path.glob("*.onnx")) if path.is_dir() else []:
+                if file.name in all_variant_files(DECODER_KINDS):
+                    click.echo(describe_decoder(file))
         return
     from vdit_deploy.sources import describe_diffusers_dir, is_diffusers_dir
 

@@ -14,7 +14,10 @@ from vdit_deploy.runtimes.base import COMPILE_MODES
 from vdit_deploy.samplers import DEFAULT_SAMPLER
 
 # ---- sample / demo ------------------------------------------------------------------------------
-def sampling_options(f):
+def sampling_options(f=None, *, runtime_default: str = "torch"):
+    """The sampler and runtime options of sample (and of generate, which runs an export: runtime_default ort)."""
+    if f is None:
+        return lambda g: sampling_options(g, runtime_default=runtime_default)
     for option in reversed([
         click.option("--sampler", default=None, help=SAMPLER_HELP + " Default: the model's pipeline's (from its "
                      f"scheduler config: Wan unipc, LTX euler, CogVideoX ddim...), else {DEFAULT_SAMPLER}."),
@@ -27,7 +30,7 @@ def sampling_options(f):
         click.option("--guidance", default=2.0, show_default=True, type=GUIDANCE,
                      help="Classifier-free guidance scale (1: off)."),
         click.option("--seed", default=0, show_default=True, type=SEED),
-        click.option("--runtime", default="torch", show_default=True,
+        click.option("--runtime", default=runtime_default, show_default=True,
                      help="torch (checkpoint), or ort / trt / ort-trt (ONNX export, no torch needed; "
                           "trt loads the engines `vdit build` made)."),
         click.option("--precision", default="fp32", show_default=True, help=precisions_help()),
@@ -49,17 +52,18 @@ def sampling_options(f):
 
 
 def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, guidance, seed, options=None,
-                order=None, spacing=None, cond_file=None, out=None, cache=None):
-    """Open the runtime, turn --label or --cond into the model's conditioning, check `out` can show it,
-    sample."""
+                order=None, spacing=None, cond_file=None, out=None, cache=None, tile=None):
+    """Open the runtime, turn --label or --cond into the model's conditioning, check `out` can show it
+    (a latent model's .gif/.mp4 through the export's VAE decoder), sample, decode."""
     from vdit_deploy.runtimes import open_runtime
     from vdit_deploy.sampling import SampleTimes, conditioning, sample, sampler_plan
 
     with open_runtime(runtime_name, artifact, precision=precision, **(options or {})) as rt:
         contract = rt.contract
-        if out is not None:
-            from vdit_deploy.video import check_drawable
-            check_drawable(out, contract.latent[0])
+        decoder = None
+        if out is not None:                          # before sampling: what draws the latents (decode.py)
+            from vdit_deploy.generate import video_decoder
+            decoder = video_decoder(out, runtime_name, artifact, contract.latent, tile, precision=precision)
         default = None if cond_file else [0]         # one video of class 0 unless --cond gives the rows
         cond = conditioning(contract, labels or default, cond_file)   # a text model refuses labels here
         if guidance != 1.0:    # before the first step: a null conditioning of another length is refused
@@ -77,6 +81,9 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
         what = rt.describe()
         if started is not None:
             what += f"; {started.policy.mode}: {started.full_steps} of {len(plan)} steps in full"
+        if decoder is not None:
+            videos = decoder.decode(videos)
+            what += ", decoded by the VAE"
         return videos, times, what
 
 
@@ -98,14 +105,17 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
 @click.option("--null", "null_file", type=click.Path(path_type=Path), default=None,
               help="--runtime torch on a diffusers model: the null conditioning (.safetensors, batch 1), as given "
                    "to `vdit export --null` (an export carries its own). Default: zeros.")
+@click.option("--tile", default=None, type=click.IntRange(8), help="A latent model's .gif/.mp4: decode in spatial tiles "
+              "of this many output pixels, blended as diffusers' tiled_decode (default: untiled).")
 @threads_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .gif, .mp4 or .npy.")
 def sample(checkpoint, onnx_path, labels, cond_file, sampler, steps, order, spacing, eta, guidance, seed, runtime,
            precision, cache_mode, cache_threshold, cache_warmup, cache_max_skips, device, compile_mode, null_file,
-           threads, out):
+           tile, threads, out):
     """Sample videos (DPM-Solver++, UniPC, DDIM, DDPM; flow euler on flow models) from a model directory (vdit checkpoint or
     diffusers save_pretrained) or an ONNX export. A .npy output holds the latents; a .gif/.mp4 shows
-    them (a latent-space model's video needs its VAE decoder, which is not bundled)."""
+    them: a latent-space model's through the export's decoder.onnx (`vdit export-decoder`), or with
+    --runtime torch the pipeline's ../vae."""
     from vdit_deploy.runtimes.base import check_runtime_name
     from vdit_deploy.video import check_suffix, write_video
 
@@ -131,8 +141,8 @@ def sample(checkpoint, onnx_path, labels, cond_file, sampler, steps, order, spac
         cache = dict(mode=cache_mode, threshold=cache_threshold, warmup=cache_warmup, max_skips=cache_max_skips)
     videos, times, desc = run_sampler(runtime, artifact, precision, parse_labels(labels), sampler, steps,
                                       eta, guidance, seed, options, order=order, spacing=spacing, cond_file=cond_file,
-                                      out=out, cache=cache)
-    write_video(out, videos)
+                                      out=out, cache=cache, tile=tile)
+    write_video(out, videos, scale=1 if videos.shape[-1] >= 64 else 4)   # small videos upscaled to be seen
     click.echo(f"wrote {out}: {len(videos)} video(s), {len(times.steps)} {sampler or 'default-sampler'} steps in "
                f"{times.total:.2f} s ({desc}, {threads} CPU thread(s))")
 
