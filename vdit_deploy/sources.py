@@ -255,13 +255,17 @@ def diffusers_contract(path: Path, config: dict, cls_name: str, output, schedule
     axes, record = {}, {}
     if family is not None:
         family.check(path, config)
-        if family.objective == "flow" and not families.flow_supported():
-            raise VditError(f"{family.cls} is a flow-matching model (default sampler {family.default_sampler}): "
-                            "vdit samples DDPM-family schedules only until flow matching lands (issue 20)")
         axes["seq"] = tuple(seq or (1, family.max_tokens))
-        cond = family.cond(config)
-        latent = tuple(latent or family.latent(config))
-        record = family.record(config, latent)
+        for key in getattr(family, "int_fields", ()):     # sizes it reads: positive integers, in range
+            size(key)
+        try:       # the adapter reads the config's fields: a missing or mistyped one is one line
+            cond = family.cond(config)
+            latent = tuple(latent or family.latent(config))
+            record = family.record(config, latent)
+        except KeyError as e:
+            raise VditError(f"{where}: the {family.cls} config lacks {e.args[0]}") from None
+        except (TypeError, ValueError, ArithmeticError) as e:
+            raise VditError(f"{where}: a {family.cls} config field vdit cannot read ({type(e).__name__}: {e})") from None
     else:
         if not inputs or latent is None:
             raise VditError(f"{cls_name} is not a model vdit knows: give its conditioning (--input NAME:DTYPE:DIMS, "
@@ -315,7 +319,10 @@ def zero_null(contract: Contract) -> dict:
         shape = [1 if d == BATCH else d if isinstance(d, int) else contract.axes[d][1] for d in spec.shape]
         value = spec.classes if spec.classes is not None else 1 if spec.dtype in ("bool", "int32", "int64") \
             or spec.role == "scalar" else 0
-        null[spec.name] = np.full(shape, value, spec.dtype)
+        try:
+            null[spec.name] = np.full(shape, value, spec.dtype)
+        except (ValueError, TypeError, MemoryError) as e:   # a shape no array can have (a forged config)
+            raise VditError(f"the null conditioning {spec.name} {shape} cannot be made: {e}") from None
         if spec.role == "mask":
             null[spec.name][..., 0] = 1
     return null
@@ -404,7 +411,10 @@ def load_export_source(meta, export_dir, checkpoint=None, device: str = "cpu", c
         raise VditError(f"{export_dir} was exported from {cls_name}, which is not one of diffusers' own classes: "
                         f"pass --class {cls_name} to import it (an export never names code to run)")
     if cls_name != BUILTIN:   # the schedule beside the model, when there is one, is the export's
-        beside = scheduler_options(path, None)
+        from vdit_deploy.files import read_json
+
+        config = read_json(path / "config.json", "model config", root=path)
+        beside = scheduler_options(path, None, token_count(config, contract.latent))   # a dynamic shift's tokens
         if beside is not None and beside[0] != contract.schedule:
             raise VditError(f"{export_dir}: the schedule in its metadata differs from {path}'s scheduler config "
                             "(edited, or exported with another --scheduler-config); re-export it")

@@ -8,6 +8,7 @@ class Latte(Family):
     name, cls = "latte", "LatteTransformer3DModel"
     default_sampler = "unipc"
     max_tokens = 120                  # LattePipeline's max_sequence_length (T5 prompts padded to it)
+    int_fields = ("in_channels", "video_length", "sample_size", "caption_channels")   # checked before reading
 
     def latent(self, config):
         size = int(config["sample_size"])
