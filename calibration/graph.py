@@ -4,7 +4,7 @@ The dynamo exporter records each node's module path in the `pkg.torch.onnx.name_
     ['', 'model', 'model.blocks.0', 'model.blocks.0.attn_space', 'model.blocks.0.attn_space.qkv', 'linear_3']
 node_path() turns that into "blocks.0.attn_space.qkv/linear" (module path / op, numbering dropped);
 patterns (regular expressions, re.search) select nodes by that path, by node name or by op type.
-In the fused step graph the denoiser is the submodule `denoiser` (export/onnx_export.FusedStep): its
+In the fused step graph the denoiser is the submodule `denoiser` (export/step_module.FusedStep): its
 prefix is dropped too, so one pattern names the same layer in denoiser.onnx and step.onnx, and
 step_nodes() picks the step's own arithmetic (guidance mix, clip, affine update).
 """

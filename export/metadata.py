@@ -40,6 +40,7 @@ from vdit_deploy.export.variants import (DECODER_KINDS, DENOISER, FP16, GRAPH_PR
 # restamp it) and checked against the file name instead.
 DIGESTED = ("vdit.kind", "vdit.contract", "vdit.model", "vdit.io", "vdit.checkpoint_sha256", "vdit.batch")
 KEYS = (*DIGESTED, "vdit.precision", "vdit.versions", "vdit.digest")
+OPTIONAL_DIGESTED = ("vdit.cache",)   # a step-caching graph's split (export/cache_export.py), digested when there
 
 
 class NotVditGraph(VditError):
@@ -47,7 +48,8 @@ class NotVditGraph(VditError):
 
 
 def digest(props: dict[str, str]) -> str:
-    return hashlib.sha256("\n".join(f"{k}={props[k]}" for k in DIGESTED).encode()).hexdigest()
+    keys = (*DIGESTED, *(k for k in OPTIONAL_DIGESTED if k in props))
+    return hashlib.sha256("\n".join(f"{k}={props[k]}" for k in keys).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class ExportMetadata:
     versions: dict = field(default_factory=dict)   # torch, onnx, exporter, vdit-deploy
     batch: dict = field(default_factory=dict)      # {"min": 1, "max": 8} or {"fixed": 1}
     checkpoint_path: str = ""      # where it was exported from (optional: `vdit verify` defaults to it)
+    cache: dict = field(default_factory=dict)      # a cache graph's split: {"blocks", "depth", "ctx", ...}
 
     def to_props(self) -> dict[str, str]:
         props = {
@@ -73,6 +76,7 @@ class ExportMetadata:
             "vdit.versions": json.dumps(self.versions, sort_keys=True),
             "vdit.batch": json.dumps(self.batch),
             **({"vdit.checkpoint": self.checkpoint_path} if self.checkpoint_path else {}),
+            **({"vdit.cache": json.dumps(self.cache, sort_keys=True)} if self.cache else {}),
         }
         return {**props, "vdit.digest": digest(props)}
 
@@ -115,13 +119,17 @@ class ExportMetadata:
                 if not isinstance(spec["shape"], list):
                     v.fail(where, f"the shape of {spec['name']} must be a list")
         v.obj(versions, "vdit.versions", where=where, extra_ok=True)
+        cache = parsed("vdit.cache") if "vdit.cache" in props else {}
+        if cache:
+            from vdit_deploy.export.cache_export import check_cache_meta
+            check_cache_meta(cache, where)
         return cls(kind=v.string(props["vdit.kind"], "vdit.kind", KINDS, where),
                    contract=Contract.from_dict(parsed("vdit.contract"), where), model=model, io=io,
                    checkpoint_sha256=v.sha256_hex(props["vdit.checkpoint_sha256"], "vdit.checkpoint_sha256", where),
                    precision=graph_precision(v.string(props["vdit.precision"], "vdit.precision",
                                                      (*GRAPH_PRECISIONS, *OLD_TAGS), where)),
                    versions=versions, batch=check_batch(batch, where),
-                   checkpoint_path=props.get("vdit.checkpoint", ""))
+                   checkpoint_path=props.get("vdit.checkpoint", ""), cache=cache)
 
     @property
     def schedule(self) -> Schedule:
@@ -303,6 +311,9 @@ def describe_onnx(path: str | Path) -> str:
         from vdit_deploy.sampling import describe_sampling
 
         lines += [f"  {line}" for line in describe_sampling(contract).splitlines()]
+        if contract.family:   # the adapter every stage rebuilds (vdit_deploy/families/)
+            lines.append(f"  family     {contract.family['name']}: x_t (B, C, F, H, W), the model is fed "
+                         f"{contract.family['layout']}; args {json.dumps(contract.family['args'])}")
         lines.append(f"  batch      {meta.batch}")
         for direction in ("inputs", "outputs"):
             for spec in meta.io.get(direction, []):

@@ -39,6 +39,8 @@ from vdit_deploy.contract import BATCH, Contract, timestep_doc
 from vdit_deploy.samplers import COEF_NAMES
 from vdit_deploy.errors import VditError, first_line
 from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, ExportMetadata
+from vdit_deploy.export.rewrites import rewrite_bool_where
+from vdit_deploy.export.step_module import GuidedUpdate
 from vdit_deploy.export.variants import DENOISER, STEP, variant_file
 from vdit_deploy.files import atomic_path, check_output, temp_dir
 from vdit_deploy.progress import note
@@ -59,74 +61,6 @@ def denoiser_inputs(contract: Contract) -> tuple:
 
 def step_inputs(contract: Contract) -> tuple:
     return ("x_t", "t", *contract.names, *(NULL_PREFIX + n for n in contract.names), *STEP_TAIL)
-
-
-# ---- the graphs ------------------------------------------------------------------------------
-def apply_step(x_t, out, coefs, noise, x0_prev, corr) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """samplers.apply_step in torch, op for op (tests compare the graph with the numpy version).
-    `out` is the model output: eps, v or x0 in its first C channels (the coefs convert), then, for an
-    eps+var model, the learned variance v_var in [-1, 1]: DDPM's noise std is then
-    exp((log_var_min + (v_var + 1) / 2 (log_var_max - log_var_min)) / 2) (Nichol & Dhariwal 2021)."""
-    (a, b, clip, c_x0, c_xt, c_eps, sigma, c_x0_prev, c_corr, d_x0, d_xt, d_x0_prev, d_corr,
-     log_var_min, log_var_max, learned_var) = coefs.unbind(0)
-    c = x_t.shape[1]
-    pred = out[:, :c]
-    ax = a * x_t
-    x0 = torch.minimum(torch.maximum(ax - b * pred, -clip), clip)                # Min/Max: no Clip-with-inputs
-    eps_hat = (ax - x0) / b
-    x_prev = c_x0 * x0 + c_xt * x_t + c_eps * eps_hat
-    x_prev = x_prev + c_x0_prev * x0_prev + c_corr * corr
-    corr_next = d_x0 * x0 + d_xt * x_t + d_x0_prev * x0_prev + d_corr * corr
-    std = sigma                                                                   # sigma = 0: noise is zeros
-    if out.shape[1] == 2 * c:                                                     # eps+var: learned std
-        frac = (out[:, c:] + 1) * 0.5
-        std = std + learned_var * torch.exp(0.5 * (log_var_min + frac * (log_var_max - log_var_min)))
-    return x_prev + std * noise, x0, corr_next
-
-
-def guide(out_cond, out_null, guidance, channels: int):
-    """Classifier-free guidance on the prediction's C channels; a learned variance comes from the
-    conditional pass (as DiT does: guidance would push it out of [-1, 1])."""
-    pred = out_null[:, :channels] + guidance * (out_cond[:, :channels] - out_null[:, :channels])
-    return torch.cat([pred, out_cond[:, channels:]], 1) if out_cond.shape[1] > channels else pred
-
-
-class GuidedUpdate(nn.Module):
-    """What follows the 2B denoiser call in a guided step: (x_t, out (2B, kC, F, H, W), guidance, coefs,
-    noise, x0_prev, corr) -> (x_prev, x0, corr_next)."""
-
-    def forward(self, x_t, out, guidance, coefs, noise, x0_prev, corr):
-        b = x_t.shape[0]
-        out = guide(out[:b], out[b:], guidance, x_t.shape[1])     # slices, not chunk(2): chunk pins B
-        return apply_step(x_t, out, coefs, noise, x0_prev, corr)
-
-
-class FusedStep(nn.Module):
-    """One guided sampler step: (x_t, t, *cond, *null_cond, guidance, coefs, noise, x0_prev, corr)
-    -> (x_prev, x0, corr_next). step.onnx is this, built from denoiser.onnx (compose_step)."""
-
-    def __init__(self, denoiser: nn.Module, n_cond: int):
-        super().__init__()
-        self.denoiser, self.n_cond, self.update = denoiser, n_cond, GuidedUpdate()
-
-    def forward(self, x_t, t, *rest):
-        n = self.n_cond
-        cond, null, tail = rest[:n], rest[n:2 * n], rest[2 * n:]
-        both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                             *(torch.cat([c, u]) for c, u in zip(cond, null)))   # (2B, kC, F, H, W)
-        return self.update(x_t, both, *tail)
-
-
-class Unguided(nn.Module):
-    """A step without classifier-free guidance: one B batch, then the same update as FusedStep."""
-
-    def __init__(self, denoiser: nn.Module, n_cond: int):
-        super().__init__()
-        self.denoiser, self.n_cond = denoiser, n_cond
-
-    def forward(self, x_t, t, *rest):
-        cond, (coefs, noise, x0_prev, corr) = rest[:self.n_cond], rest[self.n_cond:]
-        return apply_step(x_t, self.denoiser(x_t, t, *cond), coefs, noise, x0_prev, corr)
 
 
 def _weights_bytes(module: nn.Module) -> int:
@@ -161,8 +95,9 @@ def _export(module: nn.Module, example_inputs: tuple, path: Path, input_names, o
         for i, name in enumerate(names):                           # with only a warning
             lo, hi = ranges.get(name, (1, 1))
             if lo < hi and isinstance(value.shape[i], int):            # onnx_ir: int (static) or SymbolicDim
-                raise VditError(f"ONNX export of {type(module).__name__}: axis {name} of {value.name} came out "
+                raise ExportFailed(f"ONNX export of {type(module).__name__}: axis {name} of {value.name} came out "
                                 f"static ({value.shape[i]}); the model's forward must not depend on it")
+    rewrite_bool_where(program.model)                              # ONNX Runtime has no bool Where kernel
     program.model.metadata_props.update(metadata or {})
     program.model.producer_name = "vdit-deploy"
     program.save(str(path), external_data=external_data)
@@ -183,7 +118,11 @@ def _trace(module: nn.Module, example_inputs: tuple, input_names, output_names, 
                 dynamic_shapes=dynamic_shapes, verbose=False, report=False)
     except Exception as e:   # torch.export raises many types; keep the user-facing error one line
         # its own error says only "Failed to export ... step 1/3": the cause is at the chain's end
-        raise VditError(f"ONNX export of {type(module).__name__} failed: {first_line(e)}") from None
+        raise ExportFailed(f"ONNX export of {type(module).__name__} failed: {first_line(e)}") from None
+
+
+class ExportFailed(VditError):
+    """Tracing or exporting failed (a fixed batch may still work: export_source falls back)."""
 
 
 def _check_saved(path: Path) -> Path:
@@ -375,13 +314,43 @@ def check_options(batch, fixed, opset) -> None:
 
 def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_BATCH, fixed: int | None = None,
                   opset: int = OPSET, external_data: bool | None = None, keep_foreign: bool = False,
-                  progress: bool = False) -> Path:
+                  progress: bool = False, cache_split: int | None = None, log=None) -> Path:
+    """export_directory with the batch fallback: a family whose forward pins the batch (families/) is
+    exported at a fixed batch (the range's minimum) at once, and a dynamic batch that fails to trace or
+    comes out static falls back to it; `log` gets the one-line note (default: stderr)."""
+    import sys
+
+    note_ = log or (lambda line: print(line, file=sys.stderr))
+    rest = dict(opset=opset, external_data=external_data, keep_foreign=keep_foreign, progress=progress,
+                cache_split=cache_split)
+    if fixed is None and source.contract.family:
+        from vdit_deploy import families
+
+        family = families.by_name(source.contract.family["name"])
+        if not family.dynamic_batch:
+            note_(f"note: {family.cls} is exported at a fixed batch of {batch[0]}: {family.batch_note} "
+                  "(--fixed-batch N for another)")
+            return export_directory(source, out_dir, batch, batch[0], **rest)
+    if fixed is not None or cache_split is not None:     # step caching's split needs the dynamic batch
+        return export_directory(source, out_dir, batch, fixed, **rest)
+    try:
+        return export_directory(source, out_dir, batch, None, **rest)
+    except ExportFailed as e:
+        note_(f"note: the batch could not stay dynamic ({e}); exporting at a fixed batch of {batch[0]} "
+              "(--fixed-batch N for another)")
+        return export_directory(source, out_dir, batch, batch[0], **rest)
+
+
+def export_directory(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_BATCH, fixed: int | None = None,
+                     opset: int = OPSET, external_data: bool | None = None, keep_foreign: bool = False,
+                     progress: bool = False, cache_split: int | None = None) -> Path:
     """A Source (sources.py: module + contract + null conditioning) -> out_dir/{denoiser,step}.onnx and
     null_cond.safetensors, written atomically (the directory is replaced).
 
     batch (min, max) is the number of videos per call; denoiser.onnx accepts up to 2*max so that a
     host-side guided step (cond + null) fits. fixed=N: a static batch, both graphs take exactly N (the
     contract's named axes stay dynamic). progress: one stderr line per stage (vdit_deploy/progress.py).
+    cache_split=K: also step caching's head/tail graphs cut after block K (export/cache_export.py).
 
     An existing export in out_dir is replaced whole. Other files beside its graphs (fp16/int8 variants,
     engines, calibration sets: made from the graphs this export replaces) are refused, as `vdit export`
@@ -392,6 +361,11 @@ def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_
     apply_torch()
     check_options(batch, fixed, opset)
     contract, denoiser = source.contract, source.module.eval()
+    if cache_split is not None:   # before any work: a model it cannot split, a K out of range, a fixed batch
+        from vdit_deploy.cache_split import split
+        if fixed is not None:
+            raise VditError("--cache-split takes a dynamic batch export (no --fixed-batch)")
+        split(denoiser, cache_split, len(contract.names))
     n = fixed or traced_size(batch[0], batch[1], fixed_sizes(contract))   # the batch traced (a step's runs 2n)
     example = example_inputs(contract, n)
     common = dict(contract=contract, model=source.model, checkpoint_sha256=source.sha256 or "0" * 64,
@@ -428,6 +402,10 @@ def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_
                      rows.with_name(rows.name + ".data").is_file())
         if fixed is not None:
             shutil.rmtree(rows.parent)
+        if cache_split is not None:
+            from vdit_deploy.export.cache_export import export_cache_graphs
+            export_cache_graphs(source, tmp, cache_split, den_range, step_range, opset, common,
+                                _io(contract, DENOISER, bname), _io(contract, STEP, bname), external_data)
         if contract.cond:
             save_null(source.null, tmp)
         for name in foreign:                                     # keep_foreign: carried over as they are
@@ -437,7 +415,8 @@ def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_BATCH,
                       fixed: int | None = None, opset: int = OPSET, external_data: bool | None = None,
-                      keep_foreign: bool = False, progress: bool = False, **source_options) -> Path:
+                      keep_foreign: bool = False, progress: bool = False, cache_split: int | None = None,
+                      log=None, **source_options) -> Path:
     """A model directory (vdit checkpoint or diffusers save_pretrained) -> export directory. The model
     is sized before it is loaded (a vdit checkpoint from its config, a diffusers one from its weights)."""
     from vdit_deploy.checkpoint import read_info
@@ -457,4 +436,5 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, batch: tuple[
     if progress:
         note(f"export: loading {checkpoint}")
     source = load_source(checkpoint, **source_options)
-    return export_source(source, out_dir, batch, fixed, opset, external_data, keep_foreign, progress)
+    return export_source(source, out_dir, batch, fixed, opset, external_data, keep_foreign, progress, cache_split,
+                         log)

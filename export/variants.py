@@ -16,7 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 DENOISER, STEP = "denoiser", "step"
-KINDS = (DENOISER, STEP)
+# step caching's split graphs (`vdit export --cache-split K`, export/cache_export.py): a head and a tail per kind
+DENOISER_HEAD, DENOISER_TAIL, STEP_HEAD, STEP_TAIL = "denoiser-head", "denoiser-tail", "step-head", "step-tail"
+CACHE_KINDS = (DENOISER_HEAD, DENOISER_TAIL, STEP_HEAD, STEP_TAIL)
+KINDS = (DENOISER, STEP, *CACHE_KINDS)
+CACHE_FIT_FILE = "cache_fit.json"   # teacache's polynomial, from `vdit calibrate cache`
 # The VAE decoder's graphs (vdit_deploy/decode.py): another model (the pipeline's vae/), its own metadata.
 # decoder.onnx decodes per frame or a causal VAE's first chunk; decoder-chunk.onnx a causal VAE's later
 # chunks, with the feature cache as inputs and outputs. Precision variants as the denoiser's (fp16).

@@ -30,8 +30,9 @@ import numpy as np
 from vdit_deploy.samplers import COEF_NAMES, apply_step, ddpm_steps, guide, guided_step, make_steps
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, check_export_dir
+from vdit_deploy.export.variants import (CACHE_KINDS, DENOISER, FP16, FP32, INT8_DYNAMIC, INT8_QDQ, STEP,
+                                         variant_file)
 from vdit_deploy.progress import bar, note
-from vdit_deploy.export.variants import DENOISER, FP16, FP32, INT8_DYNAMIC, INT8_QDQ, STEP, variant_file
 
 FP32_TOLERANCE = 1e-4
 # Lossy variants: the mean relative L2 over the replayed calls against PyTorch fp32. Their worst calls,
@@ -250,6 +251,8 @@ def verify(export_dir: str | Path, checkpoint: str | Path | None = None, toleran
         note(f"verify 2/2: {len(graphs)} graph(s) against PyTorch on {picks} steps each")
     feeds, refs = [], []
     for path, m in bar(graphs.items(), show=progress, desc="verify", unit="graph"):
+        if m.kind in CACHE_KINDS:   # step caching's split graphs: checked in pairs below
+            continue
         row = Comparison(path.name, "x_prev" if m.kind == STEP else "out", tolerances[m.precision],
                          "worst" if m.precision == "fp32" else "mean")
         session = _session(path)
@@ -280,6 +283,9 @@ def verify(export_dir: str | Path, checkpoint: str | Path | None = None, toleran
             report.rows.append(row)
         else:
             report.skipped.append(f"{path.name}: no replayed call fits its batch range {lo}..{hi}")
+    if any(m.kind in CACHE_KINDS for m in graphs.values()):
+        from vdit_deploy.export.cache_export import verify_rows
+        report.rows += verify_rows(export_dir, graphs, trajectories, torch_rt, tolerance)
     if polygraphy and feeds:
         report.polygraphy = _polygraphy_compare(export_dir / variant_file(DENOISER), feeds, refs, tolerance,
                                                 save_polygraphy)

@@ -24,6 +24,7 @@ from vdit_deploy.errors import VditError
 from vdit_deploy.export.variants import ENGINE_PRECISIONS
 from vdit_deploy.files import atomic_path, sha256_file
 
+ROWS = "rows"
 MANIFEST_FORMAT = 2   # 2: the model contract and the named axes' ranges are part of the key
 TIMING_CACHE = "timing.cache"
 
@@ -113,7 +114,8 @@ class EngineProfile:
         it) takes the range of its axis, named by `axis_names` (the export's I/O spec: "batch", "seq",
         ...; without one, axis 0 is the batch); any dynamic axis the profile lacks is refused."""
         out = {}
-        ranges = self.ranges
+        b = self.batch   # "rows": the 2B cond + null rows of a guided step (step caching's split graphs)
+        ranges = {**self.ranges, ROWS: AxisProfile(2 * b.min, 2 * b.opt, 2 * b.max)}
         for name, shape in inputs.items():
             names = list((axis_names or {}).get(name) or [])
             dims = []

@@ -2,7 +2,7 @@
 
 It runs any Source (sources.py): a vdit checkpoint, a diffusers model directory, or a module with a
 contract handed in by Python. Precisions fp32 / fp16 / bf16 cast the whole model (no autocast). On any device `step` runs the same
-fused guided step as step.onnx (export/onnx_export.FusedStep: cond + null batch, guidance, update) with
+fused guided step as step.onnx (export/step_module.FusedStep: cond + null batch, guidance, update) with
 the video kept on the device between steps; `compile` wraps that step in torch.compile
 ("reduce-overhead": CUDA graphs, "max-autotune": Triton GEMM autotuning plus CUDA graphs, "default").
 """
@@ -61,7 +61,7 @@ class TorchRuntime(Runtime):
     def __init__(self, checkpoint, precision: str = FP32, device: str | None = None,
                  compile: str | None = None, source=None):
         """checkpoint: a model directory (sources.load_source); or pass a loaded `source` (a Source)."""
-        from vdit_deploy.export.onnx_export import FusedStep, Unguided
+        from vdit_deploy.export.step_module import FusedStep, Unguided
         from vdit_deploy.sources import load_source
 
         apply_torch()                      # the CLI's --threads (or its default), when one was configured
@@ -143,6 +143,15 @@ class TorchRuntime(Runtime):
             for (name, _), value in zip(STEP_STATE, next_state):
                 setattr(state, name, TorchDeviceArray(value))
         return TorchDeviceArray(x_prev)
+
+    def cached_step(self, x_t, t: int, cond, guidance: float, coefs, noise, state=None, cache=None,
+                    blocks: int = 1):
+        """A step of step caching (runtimes/torch_cache.py): the model cut after `blocks` blocks as
+        `vdit export --cache-split` cuts it; the tail runs unless `cache` skips it."""
+        if getattr(self, "_cache", None) is None or self._cache.blocks != blocks:
+            from vdit_deploy.runtimes.torch_cache import TorchCache
+            self._cache = TorchCache(self, blocks)
+        return self._cache.step(x_t, t, cond, guidance, coefs, noise, state, cache)
 
     def describe(self) -> str:
         compiled = f", torch.compile {self.compile}" if self.compile else ""

@@ -173,7 +173,7 @@ class TrtRuntime(Runtime):
         err, self.stream = cudart.cudaStreamCreateWithFlags(1)   # cudaStreamNonBlocking
         check_cuda(err, "cudaStreamCreate")
         self.step_engine = _Engine(trt, cudart, self._engine_path(STEP), self.stream, self.logger, self.axes)
-        self._denoiser = None
+        self._denoiser, self._cache = None, None
         self._null_shapes = None              # the shapes the null conditioning was last uploaded at
         engine = self.step_engine
         want = {"x_t", "noise", *self.contract.names, *self.null_names.values()}
@@ -215,7 +215,8 @@ class TrtRuntime(Runtime):
 
     @property
     def files(self):
-        return [e.path for e in (self.step_engine, self._denoiser) if e is not None]
+        return [e.path for e in (self.step_engine, self._denoiser) if e is not None] + \
+            (self._cache.files if self._cache else [])
 
     @property
     def batch_range(self):
@@ -308,6 +309,14 @@ class TrtRuntime(Runtime):
             setattr(state, name, TrtDeviceArray(self, self.parity, video, self.serial, buffers))
         return TrtDeviceArray(self, self.parity, video, self.serial)
 
+    def cached_step(self, x_t, t: int, cond, guidance: float, coefs, noise, state=None, cache=None):
+        """A step of step caching (runtimes/trt_cache.py): the step-head engine, the step-tail engine
+        unless `cache` skips it; engines `vdit build` made from an export with --cache-split."""
+        if self._cache is None:
+            from vdit_deploy.runtimes.trt_cache import TrtCache
+            self._cache = TrtCache(self)
+        return self._cache.step(x_t, t, cond, guidance, coefs, noise, state, cache)
+
     def _run(self, parity: int, src: int, dst: int) -> None:
         engine, cudart = self.step_engine, self.cudart
         if parity in self.graphs:
@@ -376,6 +385,8 @@ class TrtRuntime(Runtime):
             return
         self.cudart.cudaStreamSynchronize(self.stream)
         self._drop_graphs()
+        if self._cache is not None:
+            self._cache.close()
         for engine in (self.step_engine, self._denoiser):
             if engine is not None:
                 engine.close()

@@ -127,14 +127,17 @@ def sampling_bytes(contract: Contract, videos: int) -> int:
 
 
 def sample(denoiser, contract: Contract, cond, steps: list[Step], guidance: float = 1.0, seed: int = 0,
-           progress: bool = False, times: SampleTimes | None = None, null: dict | None = None) -> np.ndarray:
+           progress: bool = False, times: SampleTimes | None = None, null: dict | None = None,
+           cache=None) -> np.ndarray:
     """Sample videos (B, C, F, H, W) in float32, one per row of the conditioning.
 
     `denoiser` is a runtime (anything with the fused `step(x_t, t, cond, guidance, coefs, noise, state)`,
     which brings its own null conditioning) or a plain callable `denoise(x_t, t, cond) -> out` on numpy
     arrays (t float32 (B,)); guidance then needs `null` (batch 1, as null_cond.safetensors holds it).
     `cond`: name -> array with the batch first, or class labels (contract.labels).
-    A multistep plan (dpm++, unipc) carries one SolverState through its steps (on the runtime's device)."""
+    A multistep plan (dpm++, unipc) carries one SolverState through its steps (on the runtime's device).
+    cache: a step_cache.StepCache started for len(steps) (policy.start): the runtime's cached_step runs
+    each step and the cache records its decisions."""
     from vdit_deploy import validate
 
     validate.guidance(guidance)
@@ -147,6 +150,15 @@ def sample(denoiser, contract: Contract, cond, steps: list[Step], guidance: floa
 
         def step_fn(x, t, cond, g, coefs, noise, state):
             return guided_step(denoiser, x, t, cond, null_b, g, coefs, noise, state)
+    if cache is not None:
+        if getattr(denoiser, "cached_step", None) is None:
+            raise VditError("step caching needs a runtime (its split graphs), not a plain denoise function")
+        if cache.steps != len(steps) or cache.index:
+            raise VditError(f"the step cache was started for {cache.steps} steps (at {cache.index}), the plan has "
+                            f"{len(steps)}: start a new one per sample (policy.start(len(steps)))")
+
+        def step_fn(x, t, cond, g, coefs, noise, state):
+            return denoiser.cached_step(x, t, cond, g, coefs, noise, state, cache)
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
     x = rng.standard_normal((b, *contract.latent), dtype=np.float32)               # x_T ~ N(0, I)

@@ -3,7 +3,8 @@ its model contract (contract.py). Export, verify and the torch runtime load mode
 
     vdit checkpoint    config.json (format vdit-checkpoint/1) + model.safetensors: the built-in VideoDiT
     diffusers model    config.json (_class_name) + diffusion_pytorch_model*.safetensors (sharded or not),
-                       as `save_pretrained` writes it; LatteTransformer3DModel is known, any other
+                       as `save_pretrained` writes it; the families in vdit_deploy/families/ (Latte,
+                       CogVideoX, Wan, LTX-Video, Mochi, HunyuanVideo) are known by class, any other
                        diffusers ModelMixin is named as module:Class with its conditioning inputs given.
                        The weights are the files weights.py chooses (an index's shards, or the one file),
                        loaded strictly (diffusers_models.py): the class comes from diffusers or the user's
@@ -31,9 +32,8 @@ from vdit_deploy.errors import VditError
 from vdit_deploy.weights import DIFFUSERS_WEIGHTS, all_tensors, diffusers_weight_files
 
 SCHEDULER_CONFIG = "scheduler_config.json"
-LATTE_MAX_TOKENS = 120          # LattePipeline's max_sequence_length (T5 prompts padded to it)
+DEFAULT_MAX_TOKENS = 120        # a --input's named axis' upper end without --seq
 NULL_LIMIT = 1 << 30            # bytes of null conditioning (a T5-XXL prompt of 512 tokens: 8 MB)
-LATTE_COND = "encoder_hidden_states float32 (batch, seq, caption_channels)"
 
 
 @dataclass
@@ -99,6 +99,16 @@ class DiffusersDenoiser(nn.Module):
     def forward(self, x_t, t, *cond):
         kwargs = {self.video_input: x_t, "timestep": t, **dict(zip(self.cond_names, cond))}
         return self.net(**kwargs, return_dict=False)[0]
+
+
+def adapt(net: nn.Module, contract: Contract) -> nn.Module:
+    """The loaded model behind the contract's signature: its family's adapter (rebuilt from the contract's
+    record alone), else forward's keyword arguments in contract order."""
+    if contract.family:
+        from vdit_deploy import families
+
+        return families.by_name(contract.family["name"]).adapter(net, contract)
+    return DiffusersDenoiser(net, tuple(c.argument for c in contract.cond))
 
 
 def is_diffusers_dir(path: Path) -> bool:
@@ -178,7 +188,7 @@ def parse_cond_spec(text: str, axes: dict) -> CondInput:
             raise VditError(f"--input {text}: each dimension is a size 1..{v.INT32_MAX} or an axis name "
                             f"(letters, digits, _), got {d!r}")
         shape.append(d)
-        axes.setdefault(d, (1, LATTE_MAX_TOKENS))
+        axes.setdefault(d, (1, DEFAULT_MAX_TOKENS))
     spec = {"name": name, "dtype": dtype, "shape": shape}
     contract = Contract.from_dict({"latent": [1, 1, 1, 1], "output": "eps", "cond": [spec],
                                    "axes": {k: list(r) for k, r in axes.items()},
@@ -209,16 +219,16 @@ def load_diffusers_source(path, device: str = "cpu", class_name: str | None = No
     null = read_null(null_file, contract) if null_file else zero_null(contract)   # refused before loading
     check_memory(estimate_bytes(all_tensors(headers), config, contract.latent, batch), f"loading {path}")
     net = build(cls, config, path, files, headers, cls_name)
-    module = DiffusersDenoiser(net, contract.names).to(device).eval()
+    module = adapt(net, contract).to(device).eval()
     return Source(module, contract, null, {"class": cls_name, "config": dict(config)}, path,
                   [path / "config.json", *files])
 
 
 def check_null_size(contract: Contract) -> None:
     """The null conditioning at each named axis' max is allocated whole (zero_null): sized first."""
-    from vdit_deploy.config import check_memory
-
     import math
+
+    from vdit_deploy.config import check_memory
 
     nbytes = sum(np.dtype(c.dtype).itemsize * math.prod(d if isinstance(d, int) else 1 if d == BATCH else
                                                         contract.axes[d][1] for d in c.shape) for c in contract.cond)
@@ -230,25 +240,28 @@ def check_null_size(contract: Contract) -> None:
 
 def diffusers_contract(path: Path, config: dict, cls_name: str, output, scheduler_config, schedule, inputs, seq,
                        latent) -> Contract:
-    """The contract of a diffusers model: Latte's is known; another class's conditioning is given."""
+    """The contract of a diffusers model: a known family's (families/) from its config; another class's
+    conditioning and latent are given."""
+    from vdit_deploy import families
     from vdit_deploy import validate as v
 
-    known = cls_name == "diffusers:LatteTransformer3DModel"
     where = str(path / "config.json")
     size = lambda key, required=True: (v.integer(config[key], key, 1, v.INT32_MAX, where) if key in config else
                                        v.fail(where, f"the {cls_name} config lacks {key}") if required else None)
-    axes = {}
-    if known:
-        if inputs:   # Latte's conditioning is known: an --input would be silently ignored
-            raise VditError(f"--input is for models vdit does not know; {cls_name} takes {LATTE_COND} (drop --input)")
-        lo, hi = seq or (1, LATTE_MAX_TOKENS)
-        axes["seq"] = (lo, hi)
-        cond = (CondInput("encoder_hidden_states", "float32", (BATCH, "seq", size("caption_channels")),
-                          doc="text-encoder embeddings (T5-XXL for Latte-1), padded to one length"),)
-        frames, side, channels = size("video_length"), size("sample_size"), size("in_channels")
-        latent = latent or (channels, frames, side, side)
-        if config.get("out_channels") is not None:
-            size("out_channels")
+    family = families.by_class(cls_name)
+    if family is not None and inputs:   # a known family's conditioning: an --input would be silently ignored
+        raise VditError(f"--input is for models vdit does not know; {family.cls}'s conditioning is known "
+                        "(`vdit info DIR` shows it): drop --input")
+    axes, record = {}, {}
+    if family is not None:
+        family.check(path, config)
+        if family.objective == "flow" and not families.flow_supported():
+            raise VditError(f"{family.cls} is a flow-matching model (default sampler {family.default_sampler}): "
+                            "vdit samples DDPM-family schedules only until flow matching lands (issue 20)")
+        axes["seq"] = tuple(seq or (1, family.max_tokens))
+        cond = family.cond(config)
+        latent = tuple(latent or family.latent(config))
+        record = family.record(config, latent)
     else:
         if not inputs or latent is None:
             raise VditError(f"{cls_name} is not a model vdit knows: give its conditioning (--input NAME:DTYPE:DIMS, "
@@ -265,6 +278,8 @@ def diffusers_contract(path: Path, config: dict, cls_name: str, output, schedule
     for key in ("in_channels", "out_channels"):
         if config.get(key) is not None:
             size(key)
+    if family is not None and not any("seq" in c.shape for c in cond):
+        axes.pop("seq", None)
     from_scheduler = scheduler_options(path, scheduler_config, token_count(config, latent))
     if from_scheduler is None and (schedule is None or output is None):   # refuse rather than guess
         raise VditError(f"{path} has no {SCHEDULER_CONFIG} beside it or in ../scheduler: pass --scheduler-config "
@@ -283,7 +298,7 @@ def diffusers_contract(path: Path, config: dict, cls_name: str, output, schedule
         else:
             raise VditError(f"{path}: cannot tell the output kind ({out_channels} output channels for {in_channels} "
                             f"in, prediction {prediction}); pass --output eps, eps+var, v or x0")
-    contract = Contract(latent=tuple(latent), output=output, cond=cond, schedule=schedule, axes=axes)
+    contract = Contract(latent=tuple(latent), output=output, cond=cond, schedule=schedule, axes=axes, family=record)
     if contract.out_channels != out_channels:
         raise VditError(f"{path}: output kind {output} means {contract.out_channels} output channels, the model "
                         f"has {out_channels}")
@@ -301,30 +316,58 @@ def describe_diffusers_dir(path) -> str:
     tensors = all_tensors(headers)
     params = sum(t.numel for t in tensors.values())
     cls_name = f"diffusers:{config['_class_name']}"
+    lines = [f"diffusers model  {path}  ({cls_name})"]
     try:
         c = diffusers_contract(path, config, cls_name, None, None, None, (), None, None)
         from vdit_deploy.sampling import describe_sampling
 
-        contract = (f"latent {list(c.latent)}, output {c.output}, cond {c.describe_cond()}\n"
-                    f"schedule    {json.dumps(c.schedule.to_dict())}\n{describe_sampling(c)}")
+        lines += [f"contract    latent {list(c.latent)}, output {c.output}, cond {c.describe_cond()}",
+                  f"schedule    {json.dumps(c.schedule.to_dict())}", describe_sampling(c)]
+        if c.family:
+            lines.append(f"family      {c.family['name']}: x_t (B, C, F, H, W), the model is fed {c.family['layout']}, "
+                         f"args {json.dumps(c.family['args'])}")
     except VditError as e:
-        if cls_name == "diffusers:LatteTransformer3DModel":   # known: a broken config is an error
+        known = family_lines(cls_name, config)
+        if not known and cls_name == "diffusers:LatteTransformer3DModel":   # known: a broken config is an error
             raise
-        contract = f"(export needs options: {e})"
+        lines.append(known or f"contract    (export needs options: {e})")
+        lines.append(f"export      refused: {e}" if "family " in lines[-1] else "")
     shards = [f for f in files if f.name in headers]
-    return "\n".join([f"diffusers model  {path}  ({cls_name})", f"contract    {contract}",
-                      f"weights     {len(shards)} safetensors file(s), {params:,} parameters "
-                      f"({sum(t.nbytes for t in tensors.values()) / 1e9:.2f} GB)"])
+    lines.append(f"weights     {len(shards)} safetensors file(s), {params:,} parameters "
+                 f"({sum(t.nbytes for t in tensors.values()) / 1e9:.2f} GB)")
+    return "\n".join(line for line in lines if line)
+
+
+def family_lines(cls_name: str, config: dict) -> str:
+    """What a known family is (layout, latent, conditioning, objective) when its export is refused."""
+    from vdit_deploy import families
+
+    try:
+        family = families.by_class(cls_name)
+        if family is None:
+            return ""
+        latent, cond = family.latent(config), family.cond(config)
+    except (VditError, KeyError, TypeError, ValueError):
+        return ""
+    row = family.row()
+    return (f"family      {family.name}: {row['objective']}, x_t (B, C, F, H, W), the model is fed {row['layout']}, "
+            f"batch {row['batch']}, default sampler {row['sampler']}\n"
+            f"latent      {list(latent)}  cond {'; '.join(map(str, cond))}")
 
 
 def zero_null(contract: Contract) -> dict:
-    """Zeros at each named axis' max (labels: the null label; masks: ones). Text models want the empty
-    prompt's embeddings instead: pass them as --null (README: your own model)."""
+    """Zeros at each named axis' max (labels: the null label; int and bool inputs: ones); a mask keeps its
+    first token only (an empty prompt's mask: all zeros would leave attention nothing to attend to); a
+    per-call scalar is stored but unused (the null pass takes the prompt's value). Text models want the
+    empty prompt's embeddings instead: pass them as --null (README: your own model)."""
     null = {}
     for spec in contract.cond:
         shape = [1 if d == BATCH else d if isinstance(d, int) else contract.axes[d][1] for d in spec.shape]
-        value = spec.classes if spec.classes is not None else 1 if spec.dtype in ("bool", "int32", "int64") else 0
+        value = spec.classes if spec.classes is not None else 1 if spec.dtype in ("bool", "int32", "int64") \
+            or spec.role == "scalar" else 0
         null[spec.name] = np.full(shape, value, spec.dtype)
+        if spec.role == "mask":
+            null[spec.name][..., 0] = 1
     return null
 
 

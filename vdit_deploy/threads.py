@@ -1,8 +1,8 @@
 """How many CPU threads torch and ONNX Runtime use: one count for both, chosen once (torch-free).
 
 Both libraries default to one thread per core and spin while they wait. On a machine other jobs
-share, that oversubscribes it: each thread waits for a core another process holds, and a 2-core VM
-at load 2 ran `vdit sample` 21x slower with torch's default than with one thread. The default here
+share, that oversubscribes it: each thread waits for a core another process holds (a 2-core VM at
+load 10-12 ran `vdit sample` 30x slower with 2 torch threads than with 1: RESULTS.md). The default here
 is the cores this process may run on minus the 1-minute load average others put on them, rounded,
 at least 1 (benchmarks/bench_threads.py measures it against 1 and 2 threads under a background load).
 

@@ -7,6 +7,7 @@ import click
 
 from vdit_deploy.cli.app import (COND_ROWS_HELP, GUIDANCE, SAMPLER_HELP, STEPS_HELP, Cli, Finite, human_size, main,
                                  parse_labels, threads_option)
+from vdit_deploy.errors import VditError
 from vdit_deploy.files import check_output
 from vdit_deploy.samplers import DEFAULT_SAMPLER
 
@@ -50,6 +51,21 @@ def calibrate_collect(source, out, sampler, steps, guidance, eta, seeds, labels,
                f"({m['sampler']} {m['steps']} steps, guidance {m['guidance']}, seeds {m['seeds']})")
 
 
+@calibrate.command("cache")
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@calib_option()
+@click.option("--degree", default=2, show_default=True, type=click.IntRange(1, 8), help="Polynomial degree.")
+def calibrate_cache(export_dir, calib_dir, degree):
+    """Fit teacache's polynomial (model output change against the modulated input's change between
+    consecutive steps) on a calibration set collected with --timesteps equal to --steps; writes
+    EXPORT_DIR/cache_fit.json (needs `vdit export --cache-split K`)."""
+    from vdit_deploy.calibration.cache_fit import fit_cache
+
+    fit = fit_cache(export_dir, calib_dir, degree)
+    click.echo(f"wrote {fit['path']}: poly {', '.join(f'{c:.4g}' for c in fit['poly'])} from {fit['points']} step "
+               f"pairs (rms residual {fit['rms_residual']:.2e})")
+
+
 @calibrate.command("fp16")
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @calib_option(required=False)
@@ -82,9 +98,14 @@ def calibrate_fp16(export_dir, calib_dir, threads):
               help="Activation range calibration for qdq (default: the measured best).")
 @click.option("--keep-fp", multiple=True, help="Layer pattern (regex on e.g. 'blocks.0.mlp.0/linear') kept in float; "
               "replaces the default sensitive set. 'none' quantizes everything.")
+@click.option("--target", default=None,
+              help="Where the graph runs: vnni (AVX-512 VNNI / AVX-VNNI), avx2 (x86 without VNNI: 7-bit weights, "
+              "its u8 x s8 sums saturate otherwise), arm64, tensorrt (qdq) or a board profile (`vdit plan --list`). "
+              "Default: this CPU.")
 @threads_option
-def calibrate_int8(export_dir, calib_dir, mode, method, keep_fp, threads):
-    """Write an INT8 denoiser graph; sensitive layers stay float."""
+def calibrate_int8(export_dir, calib_dir, mode, method, keep_fp, target, threads):
+    """Write an INT8 denoiser graph with the types that do not saturate on its target CPU (recorded in
+    the graph); sensitive layers stay float."""
     import onnx
 
     from vdit_deploy.calibration.graph import COMPUTE_OPS, matching
@@ -92,18 +113,21 @@ def calibrate_int8(export_dir, calib_dir, mode, method, keep_fp, threads):
     from vdit_deploy.export.metadata import find_onnx
     from vdit_deploy.export.variants import INT8_QDQ, STEP, variant_file
     from vdit_deploy.progress import note
+    from vdit_deploy.runtimes.cpu_isa import choose
 
     keep = DEFAULT_SENSITIVE if not keep_fp else (() if keep_fp == ("none",) else keep_fp)
+    choice = choose(mode, target)        # a bad --target before any work
     if mode == "qdq":
         note("int8 qdq: calibrating the denoiser and then the step graph on the set, then quantizing "
              "(minutes: every batch runs through a graph that outputs every activation)")
     path = quantize_int8(export_dir, calib_dir, mode=mode, method=method or DEFAULT_METHOD, keep_fp=keep,
-                         progress=True)
+                         target=target, progress=True)
     # the patterns that name layers of this model (the default set also holds other families' names)
     kept = matching(onnx.load(str(find_onnx(export_dir)), load_external_data=False), keep, COMPUTE_OPS)
     step = path.with_name(variant_file(STEP, INT8_QDQ))
     also = f", {step} ({human_size(step.stat().st_size)})" if mode == "qdq" and step.is_file() else ""
-    click.echo(f"wrote {path} ({human_size(path.stat().st_size)}){also}; kept in float: {', '.join(kept) or 'nothing'}")
+    click.echo(f"wrote {path} ({human_size(path.stat().st_size)}){also}, {choice.describe()}; "
+               f"kept in float: {', '.join(kept) or 'nothing'}")
     if calib_dir is not None:
         click.echo(f"eps rel L2 vs fp32 on the calibration set: {calibration_error(path, export_dir, calib_dir):.3e}")
 
@@ -143,6 +167,9 @@ def calibrate_report(export_dir, precisions, steps, seeds, guidance, cond_file, 
     click.echo(f"wrote {out}/: {', '.join(str(v) for k, v in report['files'].items() if k != 'gif_columns')}")
     for note in report["notes"]:
         click.echo(f"note: {note}")
+    missed = [p for p, r in report["results"].items() if not r["meets_target"]]
+    if missed:
+        raise VditError(f"{', '.join(missed)} missed the PSNR target against fp32 (report in {out})")
 
 
 @calibrate.command("trt-cache")

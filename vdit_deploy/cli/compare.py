@@ -32,10 +32,15 @@ from vdit_deploy.samplers import DEFAULT_SAMPLER
                    "takes it (an export carries its own). Default: zeros.")
 @click.option("--seq", default=None,
               help="A diffusers model directory: the token range MIN:MAX its export takes, as `vdit export --seq`.")
+@click.option("--cache", "cache", default=None,
+              help="Step-caching settings MODE[:THRESHOLD], comma-separated (fbcache:0.05,fbcache:0.1,teacache:0.1): "
+                   "a row per ort/torch/trt runtime and setting, speed-up and PSNR/SSIM against that runtime "
+                   "uncached; several thresholds make the sweep plot cache_sweep.png. A model directory is "
+                   "exported with --cache-split 1.")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Report directory: report.json, report.md, plots, samples.gif, cached artifacts/.")
 def compare(source, runtimes, steps, sampler, guidance, batches, seeds, repeats, threads, min_psnr, cond_file,
-            null_file, seq, out):
+            null_file, seq, cache, out):
     """Latency and accuracy of every runtime and precision, side by side (SOURCE: model directory or
     export directory; default: the shipped checkpoint). Every runtime samples with the same noise and
     conditioning: class labels, or the rows of --cond for a text-conditioned model."""
@@ -45,13 +50,20 @@ def compare(source, runtimes, steps, sampler, guidance, batches, seeds, repeats,
     from vdit_deploy.compare import compare as run_compare, format_table, parse_ints
 
     check_output(out / "report.json")
+    settings = None
+    if cache:
+        from vdit_deploy.compare.cache_rows import parse_cache
+        settings = parse_cache(cache)
 
     report = run_compare(source or SHIPPED, out, runtimes, steps=steps, batches=parse_ints(batches, "--batch"),
                          seeds=parse_ints(seeds, "--seeds"), sampler=sampler, guidance=guidance, repeats=repeats,
                          threads=threads, min_psnr=min_psnr, log=lambda m: click.echo(m, err=True),
                          command=shlex.join(["vdit", *sys.argv[1:]]), cond=cond_file, null=null_file,
-                         seq=parse_batch_range(seq, "--seq") if seq else None)
+                         seq=parse_batch_range(seq, "--seq") if seq else None, cache=settings)
     click.echo(format_table(report, color=True))
+    if report.get("cache"):
+        from vdit_deploy.compare.cache_rows import format_cache_table
+        click.echo(format_cache_table(report["cache"]))
     for note in report["notes"]:
         click.echo(f"note: {note}")
     click.echo(f"reference {report['reference']}; wrote {out / 'report.json'}, {out / 'report.md'}"

@@ -67,12 +67,15 @@ def null_tokens(out: Path) -> None:
 @click.option("--fixed-batch", type=click.IntRange(1), default=None, help="Static batch N (edge builds).")
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(17, 23),
               help="ONNX opset, 17 (LayerNormalization) .. 23 (the newest torch's exporter writes).")
+@click.option("--cache-split", type=click.IntRange(1), default=None,
+              help="Also write step caching's graphs cut after block K (denoiser-head/-tail, step-head/-tail): "
+                   "`vdit sample --cache` skips the tail on steps where the head's input barely changed.")
 @click.option("--verify/--no-verify", default=True, show_default=True, help="Compare with PyTorch after export.")
 @click.option("--tolerance", default=1e-4, show_default=True, type=Finite(0, lo_open=True),
               help="fp32 error allowed by --verify (relative L2, see `vdit verify --help`).")
 @threads_option
 def export(checkpoint, out, class_name, inputs, latent, output_kind, scheduler_config, null_file, seq, batch,
-           fixed_batch, opset, verify, tolerance, threads):
+           fixed_batch, opset, cache_split, verify, tolerance, threads):
     """Export a model directory (a vdit checkpoint, or a diffusers save_pretrained directory with
     safetensors weights) to denoiser.onnx, the fused step.onnx and null_cond.safetensors, with the model
     contract in their metadata, and verify them."""
@@ -88,7 +91,8 @@ def export(checkpoint, out, class_name, inputs, latent, output_kind, scheduler_c
     from vdit_deploy.progress import shown
 
     start = time.perf_counter()
-    export_checkpoint(checkpoint, out, batch=batch_range, fixed=fixed_batch, opset=opset, progress=shown(), **options)
+    export_checkpoint(checkpoint, out, batch=batch_range, fixed=fixed_batch, opset=opset, progress=shown(),
+                      cache_split=cache_split, **options)
     sizes = ", ".join(f"{p.name} {human_size(p.stat().st_size)}" for p in sorted(out.iterdir()))
     click.echo(f"exported {out}: {sizes} in {time.perf_counter() - start:.1f} s")
     null_tokens(out)

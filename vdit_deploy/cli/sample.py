@@ -34,13 +34,25 @@ def sampling_options(f=None, *, runtime_default: str = "torch"):
                      help="torch (checkpoint), or ort / trt / ort-trt (ONNX export, no torch needed; "
                           "trt loads the engines `vdit build` made)."),
         click.option("--precision", default="fp32", show_default=True, help=precisions_help()),
+        click.option("--cache", "cache_mode", type=click.Choice(["off", "fbcache", "teacache"]), default="off",
+                     show_default=True,
+                     help="Step caching (an export from `vdit export --cache-split K`, or --runtime torch): skip "
+                          "the blocks after the head when its input barely changed. fbcache: the head's residual; "
+                          "teacache: the modulated input, rescaled by `vdit calibrate cache`'s fit. Costs "
+                          "quality: check it with `vdit compare --cache`."),
+        click.option("--cache-threshold", type=Finite(0), default=None,
+                     help="Skip while the change is under this (default fbcache 0.08, teacache 0.1)."),
+        click.option("--cache-warmup", type=click.IntRange(0), default=2, show_default=True,
+                     help="The first and last N steps always run in full."),
+        click.option("--cache-max-skips", type=click.IntRange(0), default=3, show_default=True,
+                     help="Skipped steps in a row at most."),
     ]):
         f = option(f)
     return f
 
 
 def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, guidance, seed, options=None,
-                order=None, spacing=None, cond_file=None, out=None, tile=None):
+                order=None, spacing=None, cond_file=None, out=None, cache=None, tile=None):
     """Open the runtime, turn --label or --cond into the model's conditioning, check `out` can show it
     (a latent model's .gif/.mp4 through the export's VAE decoder), sample, decode."""
     from vdit_deploy.runtimes import open_runtime
@@ -61,10 +73,18 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
             click.echo(f"note: torch.compile ({rt.compile}) on the CPU compiles before the first step: expect minutes "
                        "before it samples (README: GPU runtimes)", err=True)
         times = SampleTimes()
-        videos = sample(rt, contract, cond, plan, guidance, seed, progress=True, times=times)
+        started = None
+        if cache is not None:
+            from vdit_deploy.step_cache import policy_for
+            started = policy_for(rt, **cache).start(len(plan))
+        videos = sample(rt, contract, cond, plan, guidance, seed, progress=True, times=times, cache=started)
+        what = rt.describe()
+        if started is not None:
+            what += f"; {started.policy.mode}: {started.full_steps} of {len(plan)} steps in full"
         if decoder is not None:
             videos = decoder.decode(videos)
-        return videos, times, rt.describe() + (", decoded by the VAE" if decoder is not None else "")
+            what += ", decoded by the VAE"
+        return videos, times, what
 
 
 
@@ -90,7 +110,8 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
 @threads_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .gif, .mp4 or .npy.")
 def sample(checkpoint, onnx_path, labels, cond_file, sampler, steps, order, spacing, eta, guidance, seed, runtime,
-           precision, device, compile_mode, null_file, tile, threads, out):
+           precision, cache_mode, cache_threshold, cache_warmup, cache_max_skips, device, compile_mode, null_file,
+           tile, threads, out):
     """Sample videos (DPM-Solver++, UniPC, DDIM, DDPM; flow euler on flow models) from a model directory (vdit checkpoint or
     diffusers save_pretrained) or an ONNX export. A .npy output holds the latents; a .gif/.mp4 shows
     them: a latent-space model's through the export's decoder.onnx (`vdit export-decoder`), or with
@@ -115,9 +136,12 @@ def sample(checkpoint, onnx_path, labels, cond_file, sampler, steps, order, spac
                             "TensorRT runs on the GPU its engine was built for; an export carries its null "
                             "conditioning)")
         artifact = onnx_path
+    cache = None
+    if cache_mode != "off":
+        cache = dict(mode=cache_mode, threshold=cache_threshold, warmup=cache_warmup, max_skips=cache_max_skips)
     videos, times, desc = run_sampler(runtime, artifact, precision, parse_labels(labels), sampler, steps,
                                       eta, guidance, seed, options, order=order, spacing=spacing, cond_file=cond_file,
-                                      out=out, tile=tile)
+                                      out=out, cache=cache, tile=tile)
     write_video(out, videos, scale=1 if videos.shape[-1] >= 64 else 4)   # small videos upscaled to be seen
     click.echo(f"wrote {out}: {len(videos)} video(s), {len(times.steps)} {sampler or 'default-sampler'} steps in "
                f"{times.total:.2f} s ({desc}, {threads} CPU thread(s))")

@@ -95,12 +95,14 @@ def _latent(source: Path):
 def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps: int | None = None,
             batches=(1, 4), seeds=(0, 1), sampler: str = DEFAULT_SAMPLER, eta: float = 0.0, guidance: float = 2.0,
             repeats: int = 5, threads: int | None = None, min_psnr: float = 30.0, progress: bool = True,
-            log=print, command: str | None = None, cond=None, null=None, seq: tuple | None = None) -> dict:
+            log=print, command: str | None = None, cond=None, null=None, seq: tuple | None = None,
+            cache: list[dict] | None = None) -> dict:
     """Run the comparison and write report.json, report.md, the plots and the GIF under `out`.
     cond: the conditioning rows the videos take in turn (a .safetensors file or a dict; needed for a
     model that is not class-conditioned); default: a class model's labels. null, seq: a diffusers
     model directory's null conditioning (.safetensors) and token range, as `vdit export --null --seq`.
-    A refusal leaves no `out` behind when there was none."""
+    cache: step-caching settings (cache_rows.parse_cache): rows per runtime and setting against that
+    runtime uncached. A refusal leaves no `out` behind when there was none."""
     from tqdm import tqdm
 
     from vdit_deploy.runtimes.base import RUNTIMES
@@ -130,7 +132,7 @@ def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps:
     fresh = not out.exists()
     try:
         arts = Artifacts(source, out, targets, batches, sampler, steps, eta, guidance, seeds, log=log, cond=cond,
-                         model_options={"null_file": null, "seq": seq})
+                         model_options={"null_file": null, "seq": seq}, cache_split=1 if cache else None)
     except BaseException:     # a refusal (or Ctrl-C) while exporting or checking: no half-made report dir
         if fresh and out.is_dir():
             shutil.rmtree(out, ignore_errors=True)
@@ -174,6 +176,17 @@ def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps:
     for target in targets:
         if target not in done:
             run(target)
+    cache_rows = []
+    for target in (t for t in targets if cache and t not in skipped and t.runtime in ("ort", "torch", "trt")):
+        from vdit_deploy.compare.cache_rows import measure_cache
+        options = {"threads": threads} if threads and target.runtime == "ort" else {}
+        for batch in batches:
+            try:
+                cache_rows += measure_cache(target.label, arts.opener(target, options), batch, seeds, sampler, steps,
+                                            eta, guidance, repeats, arts.pool, cache, fit_dir=arts.export)
+            except VditError as e:     # no split graphs, a runtime without caching: that runtime's rows say so
+                cache_rows += [{"label": target.label, "batch": batch, "setting": s, "status": "skipped",
+                                "reason": str(e)} for s in cache]
     bar.close()
     notes = []
     if reference == ort_ref:
@@ -199,7 +212,7 @@ def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps:
                      "repeats": repeats, "threads": threads, "min_psnr_db": min_psnr,
                      "calibration_seeds": arts.calib["seeds"]},
         "reference": reference.label if reference else None, "notes": notes, "machine": machine_info(),
-        "results": rows, "skipped": [{"runtime": t.runtime, "precision": t.precision, "label": t.label,
+        "results": rows, **({"cache": cache_rows} if cache else {}), "skipped": [{"runtime": t.runtime, "precision": t.precision, "label": t.label,
                                       "reason": r} for t, r in skipped.items()],
     }
     write_outputs(report, out)

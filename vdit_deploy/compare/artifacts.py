@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.variants import (DENOISER, FP16, INT8_DYNAMIC, INT8_QDQ, find_variant, runtime_graph,
+from vdit_deploy.export.variants import (DENOISER, DENOISER_HEAD, FP16, INT8_DYNAMIC, INT8_QDQ, find_variant, runtime_graph,
                                          variant_file)
 from vdit_deploy.files import sha256_file, sha256_files
 
@@ -97,7 +97,7 @@ class Artifacts:
 
     def __init__(self, source: Path, out: Path, targets: list[Target], batches: list[int], sampler: str,
                  steps: int, eta: float, guidance: float, seeds: list[int], log=print, cond=None,
-                 model_options: dict | None = None):
+                 model_options: dict | None = None, cache_split: int | None = None):
         """model_options: how a model directory is loaded and exported (null_file, seq: sources.load_source)."""
         from vdit_deploy.calibration.collect import conditioning
         from vdit_deploy.export.metadata import find_onnx, read_metadata
@@ -121,14 +121,16 @@ class Artifacts:
                     contract.null_batch(null, self.pool)
             if all(t.runtime == "torch" for t in targets):
                 pass                                   # nothing to export
-            elif not _export_covers(self.export, self.sha, max(batches), model and model[0]):
+            elif not _export_covers(self.export, self.sha, max(batches), model and model[0]) or (
+                    cache_split and find_variant(self.export, DENOISER_HEAD) is None):
                 try:
                     from vdit_deploy.export.onnx_export import export_checkpoint
                 except ImportError:
                     raise VditError("comparing ONNX/TensorRT runtimes from a checkpoint exports it, which needs "
                                     "torch: pip install 'vdit-deploy[torch]', or pass an export directory") from None
                 log(f"exporting {source} -> {self.export}")
-                export_checkpoint(source, self.export, batch=(1, max(8, max(batches))), **self.model_options)
+                export_checkpoint(source, self.export, batch=(1, max(8, max(batches))), cache_split=cache_split,
+                                  **self.model_options)
             else:
                 log(f"reusing {self.export} (checkpoint sha256 {self.sha[:12]} matches)")
         else:
