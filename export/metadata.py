@@ -121,7 +121,6 @@ class ExportMetadata:
         v.obj(versions, "vdit.versions", where=where, extra_ok=True)
         cache = parsed("vdit.cache") if "vdit.cache" in props else {}
         if cache:
-            from vdit_deploy.export.cache_export import check_cache_meta
             check_cache_meta(cache, where)
         return cls(kind=v.string(props["vdit.kind"], "vdit.kind", KINDS, where),
                    contract=Contract.from_dict(parsed("vdit.contract"), where), model=model, io=io,
@@ -329,3 +328,13 @@ def describe_onnx(path: str | Path) -> str:
 # step.onnx's solver state: (input, the output the next step feeds into it).
 STEP_STATE = (("x0_prev", "x0"), ("corr", "corr_next"))
 NULL_PREFIX = "null_"      # step.onnx's null conditioning inputs: null_<name> for each conditioning input
+
+
+def check_cache_meta(cache, where: str) -> dict:
+    v.obj(cache, "vdit.cache", required=("blocks", "depth", "ctx", "error"), where=where, extra_ok=True)
+    depth = v.integer(cache["depth"], "cache depth", 2, where=where)
+    v.integer(cache["blocks"], "cache blocks", 1, depth - 1, where)
+    if not isinstance(cache["ctx"], list) or not all(isinstance(c, str) and c.isidentifier() for c in cache["ctx"]):
+        v.fail(where, "vdit.cache ctx must be a list of names")
+    v.number(cache["error"], "cache error", 0, where=where)
+    return cache

@@ -21,17 +21,17 @@ through its comparator (and are saved so `polygraphy run denoiser.onnx --onnxrt 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from vdit_deploy.samplers import COEF_NAMES, apply_step, ddpm_steps, guide, guided_step, make_steps
+from vdit_deploy.samplers import apply_step, ddpm_steps, guide, guided_step, make_steps
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, check_export_dir
 from vdit_deploy.export.variants import (CACHE_KINDS, DENOISER, FP16, FP32, INT8_DYNAMIC, INT8_QDQ, STEP,
                                          variant_file)
+from vdit_deploy.export.graph_compare import Comparison, _session, pieces, step_scale
 from vdit_deploy.progress import bar, note
 
 FP32_TOLERANCE = 1e-4
@@ -40,38 +40,6 @@ FP32_TOLERANCE = 1e-4
 # (10-step eta=1 trajectory, a 1-seed 4-timestep calibration set): fp16 2.7e-3, int8-dynamic 4.5e-2, int8-qdq
 # 9.8e-2; the tolerances leave 3-7x for other models and sets, and a broken graph is off by ~1.
 PRECISION_TOLERANCE = {FP32: FP32_TOLERANCE, FP16: 2e-2, INT8_DYNAMIC: 2e-1, INT8_QDQ: 3e-1}   # by graph
-
-
-@dataclass
-class Comparison:
-    graph: str            # file name
-    output: str
-    tolerance: float
-    statistic: str = "worst"   # over calls: fp32 is held to its worst call, a lossy variant to its mean
-    max_abs: float = 0.0
-    rel_l2: float = 0.0   # worst call, ||got - ref|| / ||ref||
-    errors: list[float] = field(default_factory=list)   # per call, ||got - ref|| / ||scale||
-
-    def add(self, got: np.ndarray, ref: np.ndarray, scale: np.ndarray | None = None) -> None:
-        got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-        diff = float(np.linalg.norm(got - ref))
-        if not np.isfinite(diff):           # NaN/inf in the graph's output
-            diff = math.inf
-        self.max_abs = max(self.max_abs, float(np.abs(got - ref).max()) if diff < math.inf else math.inf)
-        self.rel_l2 = max(self.rel_l2, diff / max(float(np.linalg.norm(ref)), 1e-30))
-        self.errors.append(diff / max(float(np.linalg.norm(ref if scale is None else scale)), 1e-30))
-
-    @property
-    def calls(self) -> int:
-        return len(self.errors)
-
-    @property
-    def error(self) -> float:
-        return max(self.errors) if self.statistic == "worst" else float(np.mean(self.errors))
-
-    @property
-    def ok(self) -> bool:
-        return self.calls > 0 and self.error <= self.tolerance
 
 
 @dataclass
@@ -96,22 +64,6 @@ class VerifyReport:
         lines += [f"skipped: {s}" for s in self.skipped]
         lines.append(f"polygraphy: {self.polygraphy}")
         return "\n".join(lines)
-
-
-def step_scale(x_t: np.ndarray, out: np.ndarray, coefs: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    """Elementwise sum of the magnitudes of the terms of samplers.apply_step (float64): the size
-    float32 rounding and an error in the model output are relative to."""
-    c = dict(zip(COEF_NAMES, np.asarray(coefs, np.float64)))
-    x, o = np.asarray(x_t, np.float64), np.asarray(out, np.float64)
-    e = o[:, :x.shape[1]]
-    ax, be = np.abs(c["a"] * x), np.abs(c["b"] * e)
-    x0 = np.clip(c["a"] * x - c["b"] * e, -c["clip"], c["clip"])
-    scale = abs(c["c_x0"]) * (ax + be) + np.abs(c["c_xt"] * x) + abs(c["c_eps"]) * (ax + np.abs(x0)) / abs(c["b"])
-    std = c["sigma"]
-    if o.shape[1] == 2 * x.shape[1] and c["learned_var"]:    # the learned std, a term of its own
-        frac = (o[:, x.shape[1]:] + 1) / 2
-        std = std + c["learned_var"] * np.exp(0.5 * (c["log_var_min"] + frac * (c["log_var_max"] - c["log_var_min"])))
-    return scale + np.abs(std * np.asarray(noise, np.float64))
 
 
 def record_trajectory(torch_rt, batch: int, num_steps: int, picks: int, seed: int = 0, guidance: float = 2.0,
@@ -153,26 +105,6 @@ def record_trajectory(torch_rt, batch: int, num_steps: int, picks: int, seed: in
         cond = contract.example_cond(batch, np.random.default_rng(seed), contract.axis_sizes(torch_rt.null))
     sample(Recorder(), contract, cond, plan, guidance, seed, progress=progress)
     return records
-
-
-def _session(path: Path):
-    """ONNX Runtime on the CPU; idle threads sleep instead of spinning (torch shares the process)."""
-    import onnxruntime as ort
-
-    from vdit_deploy.threads import session_options
-
-    options = session_options()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise VditError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from None
-
-
-def pieces(rows: int, lo: int, hi: int) -> list[tuple[int, int]]:
-    """[start, end) slices of `rows` rows that a graph taking lo..hi rows per call accepts."""
-    return [(i, min(i + hi, rows)) for i in range(0, rows, hi) if min(i + hi, rows) - i >= lo]
 
 
 def _polygraphy_compare(path: Path, feeds: list[dict], refs: list[dict], tolerance: float, save_dir) -> str:

@@ -14,7 +14,7 @@ from vdit_deploy.export.metadata import STEP_STATE
 class TorchCache:
     def __init__(self, rt, blocks: int):
         from vdit_deploy.cache_split import split
-        from vdit_deploy.export.onnx_export import GuidedUpdate
+        from vdit_deploy.export.step_module import GuidedUpdate
 
         self.rt, self.blocks = rt, blocks
         self.head, self.tail = split(rt.model, blocks, len(rt.contract.names))
@@ -22,8 +22,8 @@ class TorchCache:
 
     @torch.inference_mode()
     def step(self, x_t, t: int, cond, guidance: float, coefs, noise, state, cache):
-        from vdit_deploy.export.onnx_export import apply_step
-        from vdit_deploy.runtimes.torch_runtime import DTYPES, TorchDeviceArray
+        from vdit_deploy.export.step_module import apply_step
+        from vdit_deploy.runtimes.torch_tensors import DTYPES, TorchDeviceArray
 
         rt = self.rt
         dtype = DTYPES[rt.precision]

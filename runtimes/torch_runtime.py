@@ -19,29 +19,8 @@ from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import STEP_STATE
 from vdit_deploy.export.variants import FP32, TORCH_PRECISIONS, check_precision
 from vdit_deploy.runtimes.base import COMPILE_MODES, Runtime, TensorSpec
+from vdit_deploy.runtimes.torch_tensors import DTYPES, TorchDeviceArray
 from vdit_deploy.threads import apply_torch
-
-DTYPES = dict(zip(TORCH_PRECISIONS, (torch.float32, torch.float16, torch.bfloat16)))
-
-
-class TorchDeviceArray:
-    """A video that stays on the torch device between steps; np.asarray copies it to the host."""
-
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
-
-    @property
-    def shape(self) -> tuple:
-        return tuple(self.tensor.shape)
-
-    @property
-    def ndim(self) -> int:
-        return self.tensor.ndim
-
-    def __array__(self, dtype=None, copy=None):
-        out = self.tensor.float().cpu().numpy()
-        return out if dtype is None else out.astype(dtype, copy=False)
-
 
 class _Float32IO(nn.Module):
     """The model in its precision behind float32 inputs/outputs, so the sampler state stays fp32."""

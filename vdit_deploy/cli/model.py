@@ -36,7 +36,8 @@ def info(path):
                 if file.name in all_variant_files(DECODER_KINDS):
                     click.echo(describe_decoder(file))
         return
-    from vdit_deploy.sources import describe_diffusers_dir, is_diffusers_dir
+    from vdit_deploy.describe import describe_diffusers_dir
+    from vdit_deploy.sources import is_diffusers_dir
 
     if is_diffusers_dir(path):
         click.echo(describe_diffusers_dir(path))
