@@ -96,7 +96,7 @@ def encode(pipeline_dir, prompts, negative, out, null_out, cache_dir):
 @click.option("--negative", default="", show_default=True, help="The negative prompt (guidance's null conditioning).")
 @click.option("--pipeline", "pipeline_dir", type=click.Path(path_type=Path), default=None,
               help="Encode prompts missing from the cache with this pipeline's text encoder (needs torch).")
-@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None,
+@click.option("--prompt-cache", "cache_dir", type=click.Path(path_type=Path), default=None,
               help="Prompt cache (default EXPORT_DIR/prompts).")
 @sampling_options(runtime_default="ort")
 @click.option("--tile", type=click.IntRange(8), default=None, help="VAE decode tile in output pixels (default: "
@@ -105,7 +105,8 @@ def encode(pipeline_dir, prompts, negative, out, null_out, cache_dir):
 @threads_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .mp4, .gif or .npy (latents).")
 def generate(export_dir, prompts, negative, pipeline_dir, cache_dir, sampler, steps, order, spacing, eta, guidance,
-             seed, runtime, precision, tile, target, threads, out):
+             seed, runtime, precision, cache_mode, cache_threshold, cache_warmup, cache_max_skips, tile, target,
+             threads, out):
     """Prompt to video over an export that holds the denoiser, decoder.onnx and a prompt cache (or a
     --pipeline to encode with): encode, sample, decode, each with a progress bar, its time and peak memory."""
     from vdit_deploy.errors import VditError
@@ -116,7 +117,9 @@ def generate(export_dir, prompts, negative, pipeline_dir, cache_dir, sampler, st
     if tile is None and target is not None:
         from vdit_deploy.runtimes.profiles import load_profile
         tile = load_profile(target).vae_tile or None
+    step_cache = None if cache_mode == "off" else dict(mode=cache_mode, threshold=cache_threshold,
+                                                         warmup=cache_warmup, max_skips=cache_max_skips)
     report = run(export_dir, list(prompts), out, negative, pipeline_dir, cache_dir, runtime, precision, sampler,
-                 steps, guidance, seed, tile, eta, order, spacing)
+                 steps, guidance, seed, tile, eta, order, spacing, step_cache=step_cache)
     click.echo(report.table())
     click.echo(f"wrote {out} ({threads} CPU thread(s))")
