@@ -247,7 +247,9 @@ class Decoder:
         if path is None:
             raise VditError(f"{export_dir} has no decoder graph ({precision}); run `vdit export-decoder`")
         self.meta = read_decoder_meta(path)
-        options = ort.SessionOptions()
+        from vdit_deploy.threads import session_options
+
+        options = session_options()                 # --threads, as the denoiser's sessions
         if threads:
             options.intra_op_num_threads = int(threads)
         providers = resolve_providers(providers)

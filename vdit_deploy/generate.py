@@ -110,7 +110,8 @@ def has_text_encoder(export_dir) -> bool:
 def generate(export_dir, prompts: list, out, negative: str = "", pipeline=None, cache_dir=None,
              runtime: str = "ort", precision: str = FP32, sampler: str | None = None, steps=None, guidance=5.0,
              seed: int = 0, tile: int | None = None, eta: float = 0.0, order=None, spacing=None,
-             progress: bool = True, options: dict | None = None, decode_npy: bool = False):
+             progress: bool = True, options: dict | None = None, decode_npy: bool = False,
+             step_cache: dict | None = None):
     """Prompts -> video file through an export (denoiser + decoder.onnx + prompt cache). -> GenerateReport.
     A .npy out holds the latents, or with decode_npy the decoded video (float, [-1, 1])."""
     from vdit_deploy.files import check_output
@@ -141,8 +142,12 @@ def generate(export_dir, prompts: list, out, negative: str = "", pipeline=None, 
         if hasattr(rt, "_null_rows"):
             del rt._null_rows
         plan = sampler_plan(contract, sampler, steps, eta, order, spacing)
+        started = None
+        if step_cache is not None:                   # vdit sample --cache's step caching (step_cache.py)
+            from vdit_deploy.step_cache import policy_for
+            started = policy_for(rt, **step_cache).start(len(plan))
         with report.stage("sample"):
-            videos = sample(rt, contract, cond, plan, guidance, seed, progress=progress)
+            videos = sample(rt, contract, cond, plan, guidance, seed, progress=progress, cache=started)
         if decoder is not None:
             with report.stage("decode"):
                 videos = np.concatenate([decoder.decode(v[None]) for v in

@@ -52,7 +52,9 @@ class OnnxTextEncoder:
         self.tokenizer.enable_truncation(self.rule.max_length)
         self.tokenizer.enable_padding(length=self.rule.max_length, pad_id=int(info["pad_id"]),
                                       pad_token=info["pad_token"])
-        self.session = ort.InferenceSession(str(path), providers=resolve_providers(providers))
+        from vdit_deploy.threads import session_options
+
+        self.session = ort.InferenceSession(str(path), session_options(), providers=resolve_providers(providers))
 
     def ids(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         enc = self.tokenizer.encode(text)

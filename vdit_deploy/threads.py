@@ -63,7 +63,7 @@ def configure(threads: int | None = None) -> tuple[int, str | None]:
     n_cores, load_avg = cores(), load()
     _configured = threads or default_threads(n_cores, load_avg)
     warning = oversubscribed(_configured, n_cores, load_avg)
-    if sys.modules.get("torch") is not None:     # imported (None: blocked, as on a torch-free box)
+    if sys.modules.get("torch") is not None:      # imported (None: blocked, as a torch-free box has it)
         apply_torch()
     return _configured, warning
 

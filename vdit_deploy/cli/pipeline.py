@@ -105,8 +105,8 @@ def encode(pipeline_dir, prompts, negative, out, null_out, cache_dir):
 @threads_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .mp4, .gif or .npy (latents).")
 def generate(export_dir, prompts, negative, pipeline_dir, cache_dir, sampler, steps, order, spacing, eta, guidance,
-             seed, runtime, precision, cache_mode, cache_threshold, cache_warmup, cache_max_skips, tile, target, threads,
-             out):
+             seed, runtime, precision, cache_mode, cache_threshold, cache_warmup, cache_max_skips, tile, target,
+             threads, out):
     """Prompt to video over an export that holds the denoiser, decoder.onnx and a prompt cache (or a
     --pipeline to encode with): encode, sample, decode, each with a progress bar, its time and peak memory."""
     from vdit_deploy.errors import VditError
@@ -114,12 +114,12 @@ def generate(export_dir, prompts, negative, pipeline_dir, cache_dir, sampler, st
 
     if runtime == "torch":
         raise VditError("vdit generate runs an export: --runtime ort, ort-trt or trt")
-    if cache_mode != "off":
-        raise VditError("vdit generate samples uncached: step caching (--cache) is for `vdit sample` and `vdit compare`")
     if tile is None and target is not None:
         from vdit_deploy.runtimes.profiles import load_profile
         tile = load_profile(target).vae_tile or None
+    step_cache = None if cache_mode == "off" else dict(mode=cache_mode, threshold=cache_threshold,
+                                                         warmup=cache_warmup, max_skips=cache_max_skips)
     report = run(export_dir, list(prompts), out, negative, pipeline_dir, cache_dir, runtime, precision, sampler,
-                 steps, guidance, seed, tile, eta, order, spacing)
+                 steps, guidance, seed, tile, eta, order, spacing, step_cache=step_cache)
     click.echo(report.table())
     click.echo(f"wrote {out} ({threads} CPU thread(s))")
