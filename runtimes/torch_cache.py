@@ -28,16 +28,7 @@ class TorchCache:
         rt = self.rt
         dtype = DTYPES[rt.precision]
         b = x_t.shape[0]
-        if isinstance(x_t, TorchDeviceArray):
-            x = x_t.tensor
-            cond = rt.contract.check_cond(cond, b)
-        else:
-            x_host = np.asarray(x_t, np.float32)
-            cond = rt.check_inputs(x_host, np.zeros(b, np.float32), cond)
-            x = rt._tensor(x_host)
-        solver = [getattr(state, name, None) for name, _ in STEP_STATE]
-        solver = [v.tensor if isinstance(v, TorchDeviceArray) else torch.zeros_like(x) if v is None else rt._tensor(v)
-                  for v in solver]
+        x, cond, solver = rt.device_inputs(x_t, cond, state)
         guided = guidance != 1.0
         t_, cond_ = rt._tensor(np.full(b, t, np.float32)), rt._cond(cond)
         if guided:

@@ -92,10 +92,9 @@ class TorchRuntime(Runtime):
         return [self._tensor(a, DTYPES[self.precision]) if np.issubdtype(a.dtype, np.floating)
                 else torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in cond.values()]
 
-    @torch.inference_mode()
-    def step(self, x_t, t: int, cond, guidance: float, coefs, noise, state: SolverState | None = None):
-        """One guided step on the device; returns a TorchDeviceArray (np.asarray copies it out). A
-        multistep solver's state (previous x0, UniPC's corrector part) stays on the device too."""
+    def device_inputs(self, x_t, cond, state: SolverState | None):
+        """x_t (numpy, or left on the device by the last step), the checked conditioning and the solver
+        state as device tensors (zeros before a solver's first step)."""
         b = x_t.shape[0]
         if isinstance(x_t, TorchDeviceArray):
             x = x_t.tensor
@@ -106,7 +105,15 @@ class TorchRuntime(Runtime):
             x = self._tensor(x_host)
         solver = [getattr(state, name, None) for name, _ in STEP_STATE]
         solver = [v.tensor if isinstance(v, TorchDeviceArray) else torch.zeros_like(x) if v is None else self._tensor(v)
-                  for v in solver]                                   # zeros before a solver's first step
+                  for v in solver]
+        return x, cond, solver
+
+    @torch.inference_mode()
+    def step(self, x_t, t: int, cond, guidance: float, coefs, noise, state: SolverState | None = None):
+        """One guided step on the device; returns a TorchDeviceArray (np.asarray copies it out). A
+        multistep solver's state (previous x0, UniPC's corrector part) stays on the device too."""
+        b = x_t.shape[0]
+        x, cond, solver = self.device_inputs(x_t, cond, state)
         if self.compile:   # a new step of a CUDA-graph tree: earlier outputs may be reused
             torch.compiler.cudagraph_mark_step_begin()
         t_, cond_ = self._tensor(np.full(b, t, np.float32)), self._cond(cond)
