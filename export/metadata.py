@@ -32,7 +32,7 @@ from vdit_deploy.contract import BUILTIN, NULL_FILE, Contract
 from vdit_deploy.schedules import Schedule
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.graph_files import check_external_data
-from vdit_deploy.export.variants import (DENOISER, FP16, GRAPH_PRECISIONS, KINDS, OLD_TAGS,
+from vdit_deploy.export.variants import (DECODER_KINDS, DENOISER, FP16, GRAPH_PRECISIONS, KINDS, OLD_TAGS, TEXT_ENCODER,
                                          STEP, all_variant_files, find_variant, graph_precision, variant_file,
                                          variant_files)
 
@@ -40,6 +40,7 @@ from vdit_deploy.export.variants import (DENOISER, FP16, GRAPH_PRECISIONS, KINDS
 # restamp it) and checked against the file name instead.
 DIGESTED = ("vdit.kind", "vdit.contract", "vdit.model", "vdit.io", "vdit.checkpoint_sha256", "vdit.batch")
 KEYS = (*DIGESTED, "vdit.precision", "vdit.versions", "vdit.digest")
+OPTIONAL_DIGESTED = ("vdit.cache",)   # a step-caching graph's split (export/cache_export.py), digested when there
 
 
 class NotVditGraph(VditError):
@@ -47,7 +48,8 @@ class NotVditGraph(VditError):
 
 
 def digest(props: dict[str, str]) -> str:
-    return hashlib.sha256("\n".join(f"{k}={props[k]}" for k in DIGESTED).encode()).hexdigest()
+    keys = (*DIGESTED, *(k for k in OPTIONAL_DIGESTED if k in props))
+    return hashlib.sha256("\n".join(f"{k}={props[k]}" for k in keys).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class ExportMetadata:
     versions: dict = field(default_factory=dict)   # torch, onnx, exporter, vdit-deploy
     batch: dict = field(default_factory=dict)      # {"min": 1, "max": 8} or {"fixed": 1}
     checkpoint_path: str = ""      # where it was exported from (optional: `vdit verify` defaults to it)
+    cache: dict = field(default_factory=dict)      # a cache graph's split: {"blocks", "depth", "ctx", ...}
 
     def to_props(self) -> dict[str, str]:
         props = {
@@ -73,6 +76,7 @@ class ExportMetadata:
             "vdit.versions": json.dumps(self.versions, sort_keys=True),
             "vdit.batch": json.dumps(self.batch),
             **({"vdit.checkpoint": self.checkpoint_path} if self.checkpoint_path else {}),
+            **({"vdit.cache": json.dumps(self.cache, sort_keys=True)} if self.cache else {}),
         }
         return {**props, "vdit.digest": digest(props)}
 
@@ -115,13 +119,16 @@ class ExportMetadata:
                 if not isinstance(spec["shape"], list):
                     v.fail(where, f"the shape of {spec['name']} must be a list")
         v.obj(versions, "vdit.versions", where=where, extra_ok=True)
+        cache = parsed("vdit.cache") if "vdit.cache" in props else {}
+        if cache:
+            check_cache_meta(cache, where)
         return cls(kind=v.string(props["vdit.kind"], "vdit.kind", KINDS, where),
                    contract=Contract.from_dict(parsed("vdit.contract"), where), model=model, io=io,
                    checkpoint_sha256=v.sha256_hex(props["vdit.checkpoint_sha256"], "vdit.checkpoint_sha256", where),
                    precision=graph_precision(v.string(props["vdit.precision"], "vdit.precision",
                                                      (*GRAPH_PRECISIONS, *OLD_TAGS), where)),
                    versions=versions, batch=check_batch(batch, where),
-                   checkpoint_path=props.get("vdit.checkpoint", ""))
+                   checkpoint_path=props.get("vdit.checkpoint", ""), cache=cache)
 
     @property
     def schedule(self) -> Schedule:
@@ -210,7 +217,10 @@ def check_export_dir(path: str | Path, skipped: list[str] | None = None) -> dict
     path = Path(path)
     metas = {}
     ours = all_variant_files()
+    decoders = all_variant_files((*DECODER_KINDS, TEXT_ENCODER))   # the VAE's and text encoder's: other models
     for file in sorted(path.glob("*.onnx")):
+        if file.name in decoders:
+            continue
         if file.name not in ours:
             if skipped is not None:
                 skipped.append(f"{file.name}: not a file name vdit gives a graph ({', '.join(sorted(ours))})")
@@ -288,6 +298,8 @@ def describe_onnx(path: str | Path) -> str:
     files = sorted(path.glob("*.onnx")) if path.is_dir() else [path]
     lines = []
     for file in files:
+        if file.name in all_variant_files(DECODER_KINDS):      # the VAE's: decode.describe_decoder (vdit info)
+            continue
         meta = read_metadata(file)
         cfg, contract = meta.config, meta.contract
         lines.append(f"{file}  ({file.stat().st_size / 1e6:.1f} MB, {meta.kind}, {meta.precision})")
@@ -298,6 +310,9 @@ def describe_onnx(path: str | Path) -> str:
         from vdit_deploy.sampling import describe_sampling
 
         lines += [f"  {line}" for line in describe_sampling(contract).splitlines()]
+        if contract.family:   # the adapter every stage rebuilds (vdit_deploy/families/)
+            lines.append(f"  family     {contract.family['name']}: x_t (B, C, F, H, W), the model is fed "
+                         f"{contract.family['layout']}; args {json.dumps(contract.family['args'])}")
         lines.append(f"  batch      {meta.batch}")
         for direction in ("inputs", "outputs"):
             for spec in meta.io.get(direction, []):
@@ -313,3 +328,13 @@ def describe_onnx(path: str | Path) -> str:
 # step.onnx's solver state: (input, the output the next step feeds into it).
 STEP_STATE = (("x0_prev", "x0"), ("corr", "corr_next"))
 NULL_PREFIX = "null_"      # step.onnx's null conditioning inputs: null_<name> for each conditioning input
+
+
+def check_cache_meta(cache, where: str) -> dict:
+    v.obj(cache, "vdit.cache", required=("blocks", "depth", "ctx", "error"), where=where, extra_ok=True)
+    depth = v.integer(cache["depth"], "cache depth", 2, where=where)
+    v.integer(cache["blocks"], "cache blocks", 1, depth - 1, where)
+    if not isinstance(cache["ctx"], list) or not all(isinstance(c, str) and c.isidentifier() for c in cache["ctx"]):
+        v.fail(where, "vdit.cache ctx must be a list of names")
+    v.number(cache["error"], "cache error", 0, where=where)
+    return cache

@@ -187,7 +187,8 @@ def test_fuzz_conditioning_against_the_contract():
 # ---- diffusers model directories: config values, index files, shard headers, links, special files ------
 def _dir_one_line_or_ok(path, load: bool):
     """`vdit info` on a (mutated) diffusers directory, then loading it: accepted or one VditError line."""
-    from vdit_deploy.sources import describe_diffusers_dir, is_diffusers_dir, load_source
+    from vdit_deploy.describe import describe_diffusers_dir
+    from vdit_deploy.sources import is_diffusers_dir, load_source
 
     def check():
         if is_diffusers_dir(path):

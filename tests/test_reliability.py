@@ -419,7 +419,7 @@ def _external_initializer(src: Path, dst: Path, location: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def dws(tmp_path_factory, tiny_latte, tiny_export):
+def dws(tmp_path_factory, tiny_latte, tiny_export, tiny_checkpoint):
     """The diffusers workspace: a tiny Latte directory and broken copies of it, exports with forged
     external data or half a variant, and a good file that must survive every case."""
     from safetensors.numpy import load_file, save_file
@@ -499,6 +499,19 @@ def dws(tmp_path_factory, tiny_latte, tiny_export):
         model = onnx.load(str(foreign / name))
         stamp(model, {"vdit.model": json.dumps({"class": "this:x", "config": {}})})
         onnx.save(model, str(foreign / name))
+    save_null_file(root / "cond_rows.safetensors", {"y": np.zeros(10 ** 6, np.int32)})
+    ck = root / "ckpt_zero"
+    ck.mkdir()
+    shutil.copy(tiny_checkpoint / "config.json", ck / "config.json")
+    (ck / "model.safetensors").symlink_to("/dev/zero")
+    # a schedule changed to cosine and re-stamped: verify compares it with the scheduler config beside the model
+    sched = shutil.copytree(tiny_export, root / "meta_cosine")
+    for name in ("denoiser.onnx", "step.onnx"):
+        model = onnx.load(str(sched / name))
+        stamp(model, {"vdit.model": json.dumps({"class": "diffusers:LatteTransformer3DModel", "config": {}}),
+                      **edited(sched / name, "vdit.contract", lambda c: c.update(
+                          schedule={"kind": "cosine", "num_timesteps": 1000}))})
+        onnx.save(model, str(sched / name))
     save_null_file(root / "cond_many.safetensors", {f"t{i}": np.zeros(1, np.float32) for i in range(100000)})
     return root
 
@@ -516,6 +529,7 @@ D_CASES = [
     ("meta-class-this", "verify {ws}/meta_this --checkpoint {ws}/latte", "not one of diffusers' own classes"),
     ("meta-class-other-typed", "verify {ws}/meta_this --checkpoint {ws}/latte --class own_models:MaskedTextDiT",
      "was exported from this:x, not --class own_models:MaskedTextDiT"),
+    ("meta-schedule-cosine", "verify {ws}/meta_cosine --checkpoint {ws}/latte", "the schedule in its metadata differs"),
     # 3: external data outside the export, in every command that loads or copies a graph
     ("ext-serve", "serve-export {ws}/ext_passwd --triton {ws}/triton", "keeps its data in '../../../../etc/passwd'"),
     ("ext-sample", "sample --runtime ort --onnx {ws}/ext_passwd --out {ws}/v.gif", "keeps its data in"),
@@ -530,6 +544,8 @@ D_CASES = [
     ("weight-unexpected", "export {ws}/unexpected_weight --out {ws}/x", "300 unexpected"),
     # 5: options that do not apply
     ("latte-input", "export {ws}/latte --out {ws}/x --input encoder_hidden_states:float32:seq,32", "drop --input"),
+    ("seq-without-named-axes", "export {ws}/latte --out {ws}/x --class own_models:MaskedTextDiT --latent 4,2,8,8 "
+     "--input context:float32:8,8 --input mask:float32:8 --seq 1:5", "no --input has one"),
     # 6: float options bounded
     ("guidance-1e308", "sample --runtime ort --onnx {ws}/half_fp16 --guidance 1e308 --out {ws}/good.gif",
      "Invalid value for '--guidance'"),
@@ -551,6 +567,12 @@ D_CASES = [
     ("compare-seeds-1e8", "compare {ws}/half_fp16 --runtimes ort:fp32 --seeds 0-100000000 --out {ws}/c",
      "at most 10000 values"),
     ("config-dev-zero", "info {ws}/cfg_zero", "is not a regular file"),
+    ("checkpoint-weights-dev-zero", "verify {ws}/half_fp16 --checkpoint {ws}/ckpt_zero", "is not a regular file"),
+    ("checkpoint-weights-dev-zero-sample", "sample --checkpoint {ws}/ckpt_zero --out {ws}/v.gif", "is not a regular file"),
+    ("cond-1e6-rows-sample", "sample --runtime ort --onnx {ws}/half_fp16 --cond {ws}/cond_rows.safetensors "
+     "--out {ws}/v.npy", "1,000,000 conditioning rows"),
+    ("cond-1e6-rows-compare", "compare {ws}/half_fp16 --runtimes ort:fp32 --cond {ws}/cond_rows.safetensors "
+     "--out {ws}/c", "1,000,000 conditioning rows"),
     ("config-fifo", "export {ws}/cfg_fifo --out {ws}/x", "is not a regular file"),
     ("weights-dev-zero", "info {ws}/weights_zero", "is not a regular file"),
     # 9: tracebacks before
@@ -702,3 +724,14 @@ def test_dead_processes_temporaries_do_not_block_an_export(tiny_export, tmp_path
     stale.write_bytes(b"partial")
     export_own_files(export)
     assert not stale.exists()
+
+
+def test_a_full_disk_is_said_and_names_the_file(tmp_path):
+    """/dev/full: every write fails with ENOSPC, as a full disk during `calibrate collect` does."""
+    from vdit_deploy.errors import VditError
+    from vdit_deploy.files import save_npy
+
+    with pytest.raises(VditError) as e:
+        save_npy(Path("/dev/full"), np.zeros(196608, np.float32), tmp_path / "calib")
+    assert "cannot write full of" in str(e.value) and "786,432 bytes" in str(e.value)
+    assert "No space left on device" in str(e.value) or "disk full" in str(e.value)

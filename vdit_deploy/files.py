@@ -195,11 +195,47 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False, marker: str | Non
         raise
 
 
+def save_npy(path: Path, array, artifact: str | os.PathLike) -> None:
+    """np.save, and a full disk said as such: numpy reports it as "786432 requested and 34784 written"."""
+    import numpy as np
+
+    try:
+        with open(path, "wb") as f:       # a file object: np.save would append .npy to a name without it
+            np.save(f, array)
+    except OSError as e:
+        free = shutil.disk_usage(Path(path).parent).free
+        cause = e.strerror or ("disk full" if "requested and" in str(e) else str(e))
+        raise VditError(f"cannot write {Path(path).name} of {artifact} ({array.nbytes:,} bytes, "
+                        f"{free:,} free on its disk): {cause}") from None
+
+
+def load_npy(path: Path, root: Path, shape=None):
+    """A .npy array from an untrusted directory: a regular file inside it, its header read first and its
+    shape (when given) checked before the array is allocated; never unpickled."""
+    import numpy as np
+
+    f, size = open_regular(path, root, ".npy array")
+    with f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
+            header_shape, _, dtype = read(f)
+        except (ValueError, OSError, EOFError, SyntaxError) as e:
+            raise VditError(f"{path} is not a readable .npy array: {' '.join(str(e).split())[:120]}") from None
+        if shape is not None and list(header_shape) != list(shape):
+            raise VditError(f"{path} holds shape {list(header_shape)}, expected {list(shape)}")
+        if dtype.hasobject or int(np.prod(header_shape, dtype=object)) * dtype.itemsize > size - f.tell():
+            raise VditError(f"{path} is not a readable .npy array (truncated, or holds objects)")
+        f.seek(0)
+        return np.load(f, allow_pickle=False)
+
+
 def sha256_files(paths, chunk: int = 1 << 20) -> str:
     """One sha256 over the bytes of several files, in order (an .onnx and its external data)."""
     digest = hashlib.sha256()
     for path in paths:
-        with open(path, "rb") as f:
+        f, _ = open_regular(path, what="hashed file")    # /dev/zero would be hashed forever
+        with f:
             while block := f.read(chunk):
                 digest.update(block)
     return digest.hexdigest()

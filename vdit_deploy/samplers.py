@@ -139,22 +139,27 @@ def _solver_grid(schedule: Schedule, steps: int, spacing: str, lambda_min: float
     return ts, *grid_lambdas(np.sqrt(ab), np.sqrt(1 - ab))
 
 
+def _multistep(core, schedule: Schedule, steps: int, order: int, spacing: str, prediction: str, clip,
+               lambda_min: float) -> list[Step]:
+    """A multistep solver's `core` (alpha, sigma, lambda, order -> each step's coefficients) over
+    diffusers' timesteps of a DDPM schedule, with the model's prediction type."""
+    ts, alpha, sigma, lam = _solver_grid(schedule, steps, spacing, lambda_min)
+    return [Step(int(t), _coefs(*_prediction_coefs(schedule, int(t), prediction), clip, **c), multistep=True)
+            for t, c in zip(ts, core(alpha, sigma, lam, order))]
+
+
 def dpm_solver_steps(schedule: Schedule, steps: int = 20, order: int = 2, spacing: str = "linspace",
                      prediction: str = "eps", clip: float | None = 1.0, lambda_min: float = LAMBDA_MIN) -> list[Step]:
     """DPM-Solver++(2M) on a DDPM schedule (dpm_core) over diffusers' timesteps."""
     check_order("dpm++", order)
-    ts, alpha, sigma, lam = _solver_grid(schedule, steps, spacing, lambda_min)
-    return [Step(int(t), _coefs(*_prediction_coefs(schedule, int(t), prediction), clip, **c), multistep=True)
-            for t, c in zip(ts, dpm_core(alpha, sigma, lam, order))]
+    return _multistep(dpm_core, schedule, steps, order, spacing, prediction, clip, lambda_min)
 
 
 def unipc_steps(schedule: Schedule, steps: int = 20, order: int = 2, spacing: str = "linspace",
                 prediction: str = "eps", clip: float | None = 1.0, lambda_min: float = LAMBDA_MIN) -> list[Step]:
     """UniPC-bh2 on a DDPM schedule (solvers.unipc_core) over diffusers' timesteps."""
     check_order("unipc", order)
-    ts, alpha, sigma, lam = _solver_grid(schedule, steps, spacing, lambda_min)
-    return [Step(int(t), _coefs(*_prediction_coefs(schedule, int(t), prediction), clip, **c), multistep=True)
-            for t, c in zip(ts, unipc_core(alpha, sigma, lam, order))]
+    return _multistep(unipc_core, schedule, steps, order, spacing, prediction, clip, lambda_min)
 
 
 def make_steps(schedule, sampler: str, steps: int | None = None, eta: float = 0.0,

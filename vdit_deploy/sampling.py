@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from vdit_deploy.config import check_memory
 from vdit_deploy.contract import Contract, read_cond
 from vdit_deploy.samplers import DEFAULT_SAMPLER, SolverState, Step, guided_step, make_steps
 from vdit_deploy.errors import VditError
+from vdit_deploy.progress import bar
 
 
 @dataclass
@@ -49,6 +49,12 @@ class DenoiseRecorder:
             self.calls.append((self.index, x_t, t, cond, out))
         self.index += 1
         return out
+
+
+def default_sampler(contract: Contract) -> str:
+    """The sampler a model is sampled and served with when none is named: its pipeline's (from its
+    scheduler config; a flow model's own), else the project's default (its steps: DEFAULT_STEPS)."""
+    return sampler_name(contract)
 
 
 def sampler_plan(contract: Contract, sampler: str | None = None, steps: int | None = None, eta: float = 0.0,
@@ -121,16 +127,18 @@ def sampling_bytes(contract: Contract, videos: int) -> int:
 
 
 def sample(denoiser, contract: Contract, cond, steps: list[Step], guidance: float = 1.0, seed: int = 0,
-           progress: bool = False, times: SampleTimes | None = None, null: dict | None = None) -> np.ndarray:
+           progress: bool = False, times: SampleTimes | None = None, null: dict | None = None,
+           cache=None) -> np.ndarray:
     """Sample videos (B, C, F, H, W) in float32, one per row of the conditioning.
 
     `denoiser` is a runtime (anything with the fused `step(x_t, t, cond, guidance, coefs, noise, state)`,
     which brings its own null conditioning) or a plain callable `denoise(x_t, t, cond) -> out` on numpy
     arrays (t float32 (B,)); guidance then needs `null` (batch 1, as null_cond.safetensors holds it).
     `cond`: name -> array with the batch first, or class labels (contract.labels).
-    A multistep plan (dpm++, unipc) carries one SolverState through its steps (on the runtime's device)."""
+    A multistep plan (dpm++, unipc) carries one SolverState through its steps (on the runtime's device).
+    cache: a step_cache.StepCache started for len(steps) (policy.start): the runtime's cached_step runs
+    each step and the cache records its decisions."""
     from vdit_deploy import validate
-    from vdit_deploy.config import check_memory
 
     validate.guidance(guidance)
     cond = as_cond(contract, cond)
@@ -142,12 +150,21 @@ def sample(denoiser, contract: Contract, cond, steps: list[Step], guidance: floa
 
         def step_fn(x, t, cond, g, coefs, noise, state):
             return guided_step(denoiser, x, t, cond, null_b, g, coefs, noise, state)
+    if cache is not None:
+        if getattr(denoiser, "cached_step", None) is None:
+            raise VditError("step caching needs a runtime (its split graphs), not a plain denoise function")
+        if cache.steps != len(steps) or cache.index:
+            raise VditError(f"the step cache was started for {cache.steps} steps (at {cache.index}), the plan has "
+                            f"{len(steps)}: start a new one per sample (policy.start(len(steps)))")
+
+        def step_fn(x, t, cond, g, coefs, noise, state):
+            return denoiser.cached_step(x, t, cond, g, coefs, noise, state, cache)
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
     x = rng.standard_normal((b, *contract.latent), dtype=np.float32)               # x_T ~ N(0, I)
     zeros = np.zeros_like(x)
     state = SolverState() if any(s.multistep for s in steps) else None
-    for step in tqdm(steps, desc="sample", unit="step", disable=not progress, leave=False):
+    for step in bar(steps, show=progress, desc="sample", unit="step"):
         noise = rng.standard_normal(x.shape, dtype=np.float32) if step.stochastic else zeros
         t0 = time.perf_counter()
         x = step_fn(x, step.t, cond, guidance, step.coefs, noise, state)

@@ -3,7 +3,8 @@ its model contract (contract.py). Export, verify and the torch runtime load mode
 
     vdit checkpoint    config.json (format vdit-checkpoint/1) + model.safetensors: the built-in VideoDiT
     diffusers model    config.json (_class_name) + diffusion_pytorch_model*.safetensors (sharded or not),
-                       as `save_pretrained` writes it; LatteTransformer3DModel is known, any other
+                       as `save_pretrained` writes it; the families in vdit_deploy/families/ (Latte,
+                       CogVideoX, Wan, LTX-Video, Mochi, HunyuanVideo) are known by class, any other
                        diffusers ModelMixin is named as module:Class with its conditioning inputs given.
                        The weights are the files weights.py chooses (an index's shards, or the one file),
                        loaded strictly (diffusers_models.py): the class comes from diffusers or the user's
@@ -16,7 +17,7 @@ Python callers with their own nn.Module build a Source directly: Source(module, 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -31,9 +32,8 @@ from vdit_deploy.errors import VditError
 from vdit_deploy.weights import DIFFUSERS_WEIGHTS, all_tensors, diffusers_weight_files
 
 SCHEDULER_CONFIG = "scheduler_config.json"
-LATTE_MAX_TOKENS = 120          # LattePipeline's max_sequence_length (T5 prompts padded to it)
+DEFAULT_MAX_TOKENS = 120        # a --input's named axis' upper end without --seq
 NULL_LIMIT = 1 << 30            # bytes of null conditioning (a T5-XXL prompt of 512 tokens: 8 MB)
-LATTE_COND = "encoder_hidden_states float32 (batch, seq, caption_channels)"
 
 
 @dataclass
@@ -50,7 +50,6 @@ class Source:
         self.null = check_null(self.contract, self.null)
         digest = null_digest(self.null)
         if self.contract.null_sha256 != digest:   # the contract hashes the null it travels with
-            from dataclasses import replace
             self.contract = replace(self.contract, null_sha256=digest)
 
     @cached_property
@@ -100,6 +99,16 @@ class DiffusersDenoiser(nn.Module):
     def forward(self, x_t, t, *cond):
         kwargs = {self.video_input: x_t, "timestep": t, **dict(zip(self.cond_names, cond))}
         return self.net(**kwargs, return_dict=False)[0]
+
+
+def adapt(net: nn.Module, contract: Contract) -> nn.Module:
+    """The loaded model behind the contract's signature: its family's adapter (rebuilt from the contract's
+    record alone), else forward's keyword arguments in contract order."""
+    if contract.family:
+        from vdit_deploy import families
+
+        return families.by_name(contract.family["name"]).adapter(net, contract)
+    return DiffusersDenoiser(net, tuple(c.argument for c in contract.cond))
 
 
 def is_diffusers_dir(path: Path) -> bool:
@@ -179,7 +188,7 @@ def parse_cond_spec(text: str, axes: dict) -> CondInput:
             raise VditError(f"--input {text}: each dimension is a size 1..{v.INT32_MAX} or an axis name "
                             f"(letters, digits, _), got {d!r}")
         shape.append(d)
-        axes.setdefault(d, (1, LATTE_MAX_TOKENS))
+        axes.setdefault(d, (1, DEFAULT_MAX_TOKENS))
     spec = {"name": name, "dtype": dtype, "shape": shape}
     contract = Contract.from_dict({"latent": [1, 1, 1, 1], "output": "eps", "cond": [spec],
                                    "axes": {k: list(r) for k, r in axes.items()},
@@ -207,19 +216,19 @@ def load_diffusers_source(path, device: str = "cpu", class_name: str | None = No
     if contract is None:
         contract = diffusers_contract(path, config, cls_name, output, scheduler_config, schedule, inputs, seq, latent)
     check_null_size(contract)
+    null = read_null(null_file, contract) if null_file else zero_null(contract)   # refused before loading
     check_memory(estimate_bytes(all_tensors(headers), config, contract.latent, batch), f"loading {path}")
     net = build(cls, config, path, files, headers, cls_name)
-    module = DiffusersDenoiser(net, contract.names).to(device).eval()
-    null = read_null(null_file, contract) if null_file else zero_null(contract)
+    module = adapt(net, contract).to(device).eval()
     return Source(module, contract, null, {"class": cls_name, "config": dict(config)}, path,
                   [path / "config.json", *files])
 
 
 def check_null_size(contract: Contract) -> None:
     """The null conditioning at each named axis' max is allocated whole (zero_null): sized first."""
-    from vdit_deploy.config import check_memory
-
     import math
+
+    from vdit_deploy.config import check_memory
 
     nbytes = sum(np.dtype(c.dtype).itemsize * math.prod(d if isinstance(d, int) else 1 if d == BATCH else
                                                         contract.axes[d][1] for d in c.shape) for c in contract.cond)
@@ -231,25 +240,32 @@ def check_null_size(contract: Contract) -> None:
 
 def diffusers_contract(path: Path, config: dict, cls_name: str, output, scheduler_config, schedule, inputs, seq,
                        latent) -> Contract:
-    """The contract of a diffusers model: Latte's is known; another class's conditioning is given."""
+    """The contract of a diffusers model: a known family's (families/) from its config; another class's
+    conditioning and latent are given."""
+    from vdit_deploy import families
     from vdit_deploy import validate as v
 
-    known = cls_name == "diffusers:LatteTransformer3DModel"
     where = str(path / "config.json")
     size = lambda key, required=True: (v.integer(config[key], key, 1, v.INT32_MAX, where) if key in config else
                                        v.fail(where, f"the {cls_name} config lacks {key}") if required else None)
-    axes = {}
-    if known:
-        if inputs:   # Latte's conditioning is known: an --input would be silently ignored
-            raise VditError(f"--input is for models vdit does not know; {cls_name} takes {LATTE_COND} (drop --input)")
-        lo, hi = seq or (1, LATTE_MAX_TOKENS)
-        axes["seq"] = (lo, hi)
-        cond = (CondInput("encoder_hidden_states", "float32", (BATCH, "seq", size("caption_channels")),
-                          doc="text-encoder embeddings (T5-XXL for Latte-1), padded to one length"),)
-        frames, side, channels = size("video_length"), size("sample_size"), size("in_channels")
-        latent = latent or (channels, frames, side, side)
-        if config.get("out_channels") is not None:
-            size("out_channels")
+    family = families.by_class(cls_name)
+    if family is not None and inputs:   # a known family's conditioning: an --input would be silently ignored
+        raise VditError(f"--input is for models vdit does not know; {family.cls}'s conditioning is known "
+                        "(`vdit info DIR` shows it): drop --input")
+    axes, record = {}, {}
+    if family is not None:
+        family.check(path, config)
+        axes["seq"] = tuple(seq or (1, family.max_tokens))
+        for key in getattr(family, "int_fields", ()):     # sizes it reads: positive integers, in range
+            size(key)
+        try:       # the adapter reads the config's fields: a missing or mistyped one is one line
+            cond = family.cond(config)
+            latent = tuple(latent or family.latent(config))
+            record = family.record(config, latent)
+        except KeyError as e:
+            raise VditError(f"{where}: the {family.cls} config lacks {e.args[0]}") from None
+        except (TypeError, ValueError, ArithmeticError) as e:
+            raise VditError(f"{where}: a {family.cls} config field vdit cannot read ({type(e).__name__}: {e})") from None
     else:
         if not inputs or latent is None:
             raise VditError(f"{cls_name} is not a model vdit knows: give its conditioning (--input NAME:DTYPE:DIMS, "
@@ -266,6 +282,8 @@ def diffusers_contract(path: Path, config: dict, cls_name: str, output, schedule
     for key in ("in_channels", "out_channels"):
         if config.get(key) is not None:
             size(key)
+    if family is not None and not any("seq" in c.shape for c in cond):
+        axes.pop("seq", None)
     from_scheduler = scheduler_options(path, scheduler_config, token_count(config, latent))
     if from_scheduler is None and (schedule is None or output is None):   # refuse rather than guess
         raise VditError(f"{path} has no {SCHEDULER_CONFIG} beside it or in ../scheduler: pass --scheduler-config "
@@ -284,48 +302,29 @@ def diffusers_contract(path: Path, config: dict, cls_name: str, output, schedule
         else:
             raise VditError(f"{path}: cannot tell the output kind ({out_channels} output channels for {in_channels} "
                             f"in, prediction {prediction}); pass --output eps, eps+var, v or x0")
-    contract = Contract(latent=tuple(latent), output=output, cond=cond, schedule=schedule, axes=axes)
+    contract = Contract(latent=tuple(latent), output=output, cond=cond, schedule=schedule, axes=axes, family=record)
     if contract.out_channels != out_channels:
         raise VditError(f"{path}: output kind {output} means {contract.out_channels} output channels, the model "
                         f"has {out_channels}")
     return contract
 
 
-def describe_diffusers_dir(path) -> str:
-    """What `vdit export` would take from a diffusers directory, read from its JSON and the safetensors
-    headers (no weights loaded, the same files the loader reads): class, contract, parameters."""
-    from vdit_deploy.files import read_json
-
-    path = Path(path)
-    config = read_json(path / "config.json", "model config", root=path)
-    files, headers = diffusers_weight_files(path)
-    tensors = all_tensors(headers)
-    params = sum(t.numel for t in tensors.values())
-    cls_name = f"diffusers:{config['_class_name']}"
-    try:
-        c = diffusers_contract(path, config, cls_name, None, None, None, (), None, None)
-        from vdit_deploy.sampling import describe_sampling
-
-        contract = (f"latent {list(c.latent)}, output {c.output}, cond {c.describe_cond()}\n"
-                    f"schedule    {json.dumps(c.schedule.to_dict())}\n{describe_sampling(c)}")
-    except VditError as e:
-        if cls_name == "diffusers:LatteTransformer3DModel":   # known: a broken config is an error
-            raise
-        contract = f"(export needs options: {e})"
-    shards = [f for f in files if f.name in headers]
-    return "\n".join([f"diffusers model  {path}  ({cls_name})", f"contract    {contract}",
-                      f"weights     {len(shards)} safetensors file(s), {params:,} parameters "
-                      f"({sum(t.nbytes for t in tensors.values()) / 1e9:.2f} GB)"])
-
-
 def zero_null(contract: Contract) -> dict:
-    """Zeros at each named axis' max (labels: the null label; masks: ones). Text models want the empty
-    prompt's embeddings instead: pass them as --null (README: your own model)."""
+    """Zeros at each named axis' max (labels: the null label; int and bool inputs: ones); a mask keeps its
+    first token only (an empty prompt's mask: all zeros would leave attention nothing to attend to); a
+    per-call scalar is stored but unused (the null pass takes the prompt's value). Text models want the
+    empty prompt's embeddings instead: pass them as --null (README: your own model)."""
     null = {}
     for spec in contract.cond:
         shape = [1 if d == BATCH else d if isinstance(d, int) else contract.axes[d][1] for d in spec.shape]
-        value = spec.classes if spec.classes is not None else 1 if spec.dtype in ("bool", "int32", "int64") else 0
-        null[spec.name] = np.full(shape, value, spec.dtype)
+        value = spec.classes if spec.classes is not None else 1 if spec.dtype in ("bool", "int32", "int64") \
+            or spec.role == "scalar" else 0
+        try:
+            null[spec.name] = np.full(shape, value, spec.dtype)
+        except (ValueError, TypeError, MemoryError) as e:   # a shape no array can have (a forged config)
+            raise VditError(f"the null conditioning {spec.name} {shape} cannot be made: {e}") from None
+        if spec.role == "mask":
+            null[spec.name][..., 0] = 1
     return null
 
 
@@ -346,10 +345,38 @@ def load_source(path, device: str = "cpu", **options) -> Source:
                         "directory, with config.json)")
     if is_diffusers_dir(path):
         return load_diffusers_source(path, device, **options)
+    _no_diffusers_options(path, options)
+    return load_checkpoint_source(path, device)
+
+
+def _no_diffusers_options(path, options: dict) -> None:
     given = [k for k, val in options.items() if val not in (None, ())]
     if given:
         raise VditError(f"{path} is a vdit checkpoint: {', '.join(given)} are for diffusers models")
-    return load_checkpoint_source(path, device)
+
+
+def source_contract(path, **options) -> tuple[Contract, dict]:
+    """A model directory's contract and null conditioning as load_source would give them, without
+    loading the weights: what a command checks its conditioning against before any work."""
+    path = Path(path)
+    if is_diffusers_dir(path):
+        from vdit_deploy.files import read_json
+
+        config = read_json(path / "config.json", "model config", root=path)
+        o = {"schedule": None, "inputs": (), "seq": None, "latent": None, **options}
+        contract = diffusers_contract(path, config, o.get("class_name") or f"diffusers:{config['_class_name']}",
+                                      o.get("output"), o.get("scheduler_config"), o["schedule"], o["inputs"], o["seq"],
+                                      o["latent"])
+        null = read_null(o["null_file"], contract) if o.get("null_file") else zero_null(contract)
+    else:
+        from vdit_deploy.checkpoint import read_info
+
+        _no_diffusers_options(path, options)
+        info = read_info(path)
+        contract = builtin_contract(info.model, info.schedule)
+        null = {"y": np.array([info.model.null_label], np.int32)}
+    null = check_null(contract, null)
+    return replace(contract, null_sha256=null_digest(null)), null
 
 
 def load_export_source(meta, export_dir, checkpoint=None, device: str = "cpu", class_name: str | None = None) -> Source:
@@ -361,9 +388,14 @@ def load_export_source(meta, export_dir, checkpoint=None, device: str = "cpu", c
     from vdit_deploy.contract import load_null
     from vdit_deploy.files import sha256_files
 
-    path = Path(checkpoint or meta.checkpoint_path or "")
-    if not str(path) or not (path / "config.json").is_file():
-        raise VditError(f"{export_dir}: its source model {str(path) or '(unknown)'} is not there; pass --checkpoint")
+    recorded = checkpoint or meta.checkpoint_path
+    if not recorded:   # Path("") would be "."
+        raise VditError(f"{export_dir} was exported from a module in Python (export_source) and records no model "
+                        "directory: pass that Source (verify(export_dir, source=...)) or a model directory "
+                        "(--checkpoint DIR)")
+    path = Path(recorded)
+    if not (path / "config.json").is_file():
+        raise VditError(f"{export_dir}: its source model {path} is not there; pass --checkpoint")
 
     contract, cls_name = meta.contract, meta.model["class"]
     if cls_name == BUILTIN:
@@ -378,6 +410,14 @@ def load_export_source(meta, export_dir, checkpoint=None, device: str = "cpu", c
     elif class_name is None and not cls_name.startswith("diffusers:"):
         raise VditError(f"{export_dir} was exported from {cls_name}, which is not one of diffusers' own classes: "
                         f"pass --class {cls_name} to import it (an export never names code to run)")
+    if cls_name != BUILTIN:   # the schedule beside the model, when there is one, is the export's
+        from vdit_deploy.files import read_json
+
+        config = read_json(path / "config.json", "model config", root=path)
+        beside = scheduler_options(path, None, token_count(config, contract.latent))   # a dynamic shift's tokens
+        if beside is not None and beside[0] != contract.schedule:
+            raise VditError(f"{export_dir}: the schedule in its metadata differs from {path}'s scheduler config "
+                            "(edited, or exported with another --scheduler-config); re-export it")
     if sha256_files(model_files(path)) != meta.checkpoint_sha256:   # before loading it
         raise VditError(f"{path} is not the model {export_dir} was exported from (sha256 differs)")
     if cls_name == BUILTIN:

@@ -27,6 +27,7 @@ from vdit_deploy.schedules import Schedule
 from vdit_deploy.errors import VditError
 from vdit_deploy.files import check_output
 from vdit_deploy.model import VideoDiT
+from vdit_deploy.threads import apply_torch
 
 TRAINING_STATE = "training_state.safetensors"
 
@@ -131,6 +132,7 @@ def train(model_cfg: ModelConfig, out: str | Path, cfg: TrainConfig = TrainConfi
         raise VditError("Moving Shapes videos are RGB: the model needs in_channels=3")
     out = check_output(out, is_dir=True, marker=TRAINING_STATE)   # fail before training, not at a checkpoint
     check_memory(model_cfg.memory_bytes(cfg.batch_size, training=True), f"training at batch {cfg.batch_size}")
+    apply_torch()                       # --threads (a no-op unless the CLI configured a count)
     torch.manual_seed(cfg.seed)
     model = VideoDiT(model_cfg)
     ema = copy.deepcopy(model).requires_grad_(False)

@@ -159,3 +159,32 @@ def needs_torch(what: str):
     except ImportError:
         pass
     raise VditError(f"vdit {what} needs torch: pip install 'vdit-deploy[torch]' (sampling an export does not)")
+
+
+THREADS_HELP = ("CPU threads for torch and ONNX Runtime alike (default: the cores not already busy, i.e. cores minus "
+                "the 1-minute load average, at least 1).")
+
+
+def _configure_threads(ctx, param, value):
+    """At parse time, before the command runs: torch and every ONNX Runtime session take this count."""
+    from vdit_deploy.progress import note
+    from vdit_deploy.threads import configure
+
+    count, warning = configure(value)
+    if warning:
+        note(warning)          # on a terminal: a refusal stays one `Error:` line in logs and pipes
+    return count
+
+
+def threads_option(f):
+    """--threads for a compute command; the command gets the count it runs with as `threads`."""
+    return click.option("--threads", type=click.IntRange(1), default=None, callback=_configure_threads,
+                        help=THREADS_HELP)(f)
+
+
+def human_size(n: int) -> str:
+    """Bytes as people read them: 812 B, 3.4 kB, 7.0 MB, 1.2 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from vdit_deploy.cli.app import SEED, Finite, main
+from vdit_deploy.cli.app import SEED, Finite, main, threads_option
 
 # ---- info ---------------------------------------------------------------------------------------
 @main.command()
@@ -24,10 +24,20 @@ def info(path):
         click.echo("GFLOP/call: one denoiser forward at batch 1 (2 x multiply-adds, factorized attention).")
         return
     if path.suffix == ".onnx" or (path.is_dir() and any(path.glob("*.onnx"))):
+        from vdit_deploy.decode import describe_decoder
         from vdit_deploy.export.metadata import describe_onnx
-        click.echo(describe_onnx(path))
+        from vdit_deploy.export.variants import DECODER_KINDS, all_variant_files
+
+        if path.is_file() and path.name in all_variant_files(DECODER_KINDS):
+            click.echo(describe_decoder(path))
+        else:
+            click.echo(describe_onnx(path))
+            for file in sorted(path.glob("*.onnx")) if path.is_dir() else []:
+                if file.name in all_variant_files(DECODER_KINDS):
+                    click.echo(describe_decoder(file))
         return
-    from vdit_deploy.sources import describe_diffusers_dir, is_diffusers_dir
+    from vdit_deploy.describe import describe_diffusers_dir
+    from vdit_deploy.sources import is_diffusers_dir
 
     if is_diffusers_dir(path):
         click.echo(describe_diffusers_dir(path))
@@ -63,7 +73,9 @@ def info(path):
 @click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Run directory; it is a checkpoint (EMA weights) and resumes if it exists.")
-def train(preset_name, steps, batch_size, lr, schedule, objective, init, attention, checkpoint_every, seed, out):
+@threads_option
+def train(preset_name, steps, batch_size, lr, schedule, objective, init, attention, checkpoint_every, seed, out,
+          threads):
     """Train on the generated Moving Shapes videos (resumable)."""
     from vdit_deploy.config import preset
     from vdit_deploy.flow import FlowSchedule
@@ -76,5 +88,5 @@ def train(preset_name, steps, batch_size, lr, schedule, objective, init, attenti
     result = run_training(cfg, out, TrainConfig(steps=steps, batch_size=batch_size, lr=lr,
                                                 checkpoint_every=checkpoint_every, seed=seed),
                           FlowSchedule() if objective == "flow" else Schedule(schedule), init=init)
-    click.echo(f"trained to step {result['steps']} in {result['seconds'] / 60:.1f} min, "
+    click.echo(f"trained to step {result['steps']} in {result['seconds'] / 60:.1f} min ({threads} CPU thread(s)), "
                f"final loss {result['final_loss']:.4f}; checkpoint: {out}")

@@ -22,7 +22,7 @@ compares ORT/TensorRT alone.
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -95,10 +95,14 @@ def _latent(source: Path):
 def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps: int | None = None,
             batches=(1, 4), seeds=(0, 1), sampler: str = DEFAULT_SAMPLER, eta: float = 0.0, guidance: float = 2.0,
             repeats: int = 5, threads: int | None = None, min_psnr: float = 30.0, progress: bool = True,
-            log=print, command: str | None = None, cond=None) -> dict:
+            log=print, command: str | None = None, cond=None, null=None, seq: tuple | None = None,
+            cache: list[dict] | None = None) -> dict:
     """Run the comparison and write report.json, report.md, the plots and the GIF under `out`.
     cond: the conditioning rows the videos take in turn (a .safetensors file or a dict; needed for a
-    model that is not class-conditioned); default: a class model's labels."""
+    model that is not class-conditioned); default: a class model's labels. null, seq: a diffusers
+    model directory's null conditioning (.safetensors) and token range, as `vdit export --null --seq`.
+    cache: step-caching settings (cache_rows.parse_cache): rows per runtime and setting against that
+    runtime uncached. A refusal leaves no `out` behind when there was none."""
     from tqdm import tqdm
 
     from vdit_deploy.runtimes.base import RUNTIMES
@@ -115,9 +119,9 @@ def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps:
     check_sizes(source, batches, seeds, sampler, steps)     # before anything is exported or run
     torch_ref, ort_ref = REFERENCES
     targets = [torch_ref] + [t for t in targets if t != torch_ref]   # the reference runs, asked for or not
-    if threads and importlib.util.find_spec("torch") and any(t.runtime == "torch" for t in targets):
-        import torch
-        torch.set_num_threads(threads)
+    if threads:   # torch (now or when it loads) and every ONNX Runtime session
+        from vdit_deploy.threads import configure
+        configure(threads)
     for t in targets:   # load backends before any memory baseline, so no row pays for an import
         try:
             importlib.import_module(RUNTIMES[t.runtime][0])
@@ -125,7 +129,14 @@ def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps:
             pass
     if cond is not None and not isinstance(cond, dict) and not Path(cond).is_file():
         raise VditError(f"{cond}: no such conditioning file")
-    arts = Artifacts(source, out, targets, batches, sampler, steps, eta, guidance, seeds, log=log, cond=cond)
+    fresh = not out.exists()
+    try:
+        arts = Artifacts(source, out, targets, batches, sampler, steps, eta, guidance, seeds, log=log, cond=cond,
+                         model_options={"null_file": null, "seq": seq}, cache_split=1 if cache else None)
+    except BaseException:     # a refusal (or Ctrl-C) while exporting or checking: no half-made report dir
+        if fresh and out.is_dir():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     skipped, rows, done = dict(arts.skipped), [], set()
     recorded = {}   # {batch: {seed: (video, denoiser calls)}}: the reference's, what the others are scored on
     bar = tqdm(total=len(targets) * len(batches), desc="compare", unit="run", disable=not progress)
@@ -165,6 +176,17 @@ def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps:
     for target in targets:
         if target not in done:
             run(target)
+    cache_rows = []
+    for target in (t for t in targets if cache and t not in skipped and t.runtime in ("ort", "torch", "trt")):
+        from vdit_deploy.compare.cache_rows import measure_cache
+        options = {"threads": threads} if threads and target.runtime == "ort" else {}
+        for batch in batches:
+            try:
+                cache_rows += measure_cache(target.label, arts.opener(target, options), batch, seeds, sampler, steps,
+                                            eta, guidance, repeats, arts.pool, cache, fit_dir=arts.export)
+            except VditError as e:     # no split graphs, a runtime without caching: that runtime's rows say so
+                cache_rows += [{"label": target.label, "batch": batch, "setting": s, "status": "skipped",
+                                "reason": str(e)} for s in cache]
     bar.close()
     notes = []
     if reference == ort_ref:
@@ -190,7 +212,7 @@ def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps:
                      "repeats": repeats, "threads": threads, "min_psnr_db": min_psnr,
                      "calibration_seeds": arts.calib["seeds"]},
         "reference": reference.label if reference else None, "notes": notes, "machine": machine_info(),
-        "results": rows, "skipped": [{"runtime": t.runtime, "precision": t.precision, "label": t.label,
+        "results": rows, **({"cache": cache_rows} if cache else {}), "skipped": [{"runtime": t.runtime, "precision": t.precision, "label": t.label,
                                       "reason": r} for t, r in skipped.items()],
     }
     write_outputs(report, out)
