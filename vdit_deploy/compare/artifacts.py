@@ -129,6 +129,9 @@ class Artifacts:
                     raise VditError("comparing ONNX/TensorRT runtimes from a checkpoint exports it, which needs "
                                     "torch: pip install 'vdit-deploy[torch]', or pass an export directory") from None
                 log(f"exporting {source} -> {self.export}")
+                if self.export.is_dir():   # our stale cache (another batch range, --null or --seq): made anew
+                    import shutil
+                    shutil.rmtree(self.export)
                 export_checkpoint(source, self.export, batch=(1, max(8, max(batches))), cache_split=cache_split,
                                   **self.model_options)
             else:
