@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_latte import stage_int8, stage_verify
-from common import median_seconds
+from common import time_calls, with_speedups
 
 # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json; latents 16 x 5 x 30 x 52 (17 frames at 240 x 416)
 FAMILIES = {
@@ -122,7 +122,6 @@ def stage_time(out: Path, tokens: int, repeats: int) -> dict:
     import gc
 
     from vdit_deploy.export.metadata import read_metadata
-    from vdit_deploy.metrics import rel_l2
     from vdit_deploy.runtimes import open_runtime
     from vdit_deploy.runtimes.torch_runtime import TorchRuntime
     from vdit_deploy.sources import load_export_source
@@ -137,17 +136,10 @@ def stage_time(out: Path, tokens: int, repeats: int) -> dict:
             rng = np.random.default_rng(0)
             x = rng.standard_normal((1, *rt.contract.latent), dtype=np.float32)
             cond, t = rt.contract.example_cond(1, rng, {"seq": tokens}), np.array([500.0], np.float32)
-            got = rt.denoise(x, t, cond)
-            seconds = median_seconds(lambda: rt.denoise(x, t, cond), repeats, warmup=0)
-        ref = got if ref is None else ref
-        rows[name] = {"seconds_per_call": round(seconds, 2), "rel_l2_vs_torch": float(rel_l2(got, ref))}
-        print(f"{name:<18} {seconds:8.2f} s/call  rel L2 vs torch {rows[name]['rel_l2_vs_torch']:.2e}", flush=True)
+            ref = time_calls(rows, name, rt, x, t, cond, repeats, ref)
         del rt
         gc.collect()
-    base = rows["torch fp32"]["seconds_per_call"]
-    for row in rows.values():
-        row["speedup_vs_torch"] = round(base / row["seconds_per_call"], 2)
-    return rows
+    return with_speedups(rows)
 
 
 def main():

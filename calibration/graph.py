@@ -57,6 +57,12 @@ def select(model, patterns, op_types=None) -> list[str]:
             if (op_types is None or n.op_type in op_types) and matches(n, patterns)]
 
 
+def matching(model, patterns, op_types=None) -> list[str]:
+    """The patterns that match some node (of op_types) of this graph: the rules that apply to it."""
+    nodes = [n for n in model.graph.node if op_types is None or n.op_type in op_types]
+    return [p for p in check_patterns(patterns) if any(matches(n, [p]) for n in nodes)]
+
+
 def layer_groups(model, op_types=COMPUTE_OPS) -> dict[str, list[str]]:
     """{layer: node names} for the compute nodes: one group per Linear / Conv module and one per
     attention core (its QK^T and AV matmuls), in graph order."""

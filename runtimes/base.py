@@ -8,6 +8,8 @@ A runtime holds one loaded artifact (a model directory, an ONNX file, an engine)
   step(x_t, t, cond, guidance, coefs, noise, state=None) -> x_{t-1}   one guided sampler step
       (samplers.py; the null conditioning is the runtime's own); a multistep solver's SolverState
       (previous x0, UniPC's corrector part) is read and replaced
+  cached_step(..., state, cache)    the same step with step caching (step_cache.py): the split graphs'
+                                    head, then the tail unless the cache policy skips it
 The default `step` runs `denoise` and the update on the host; backends with a fused step graph
 override it and may keep x_t and the state on the device between calls (then `step` returns a
 device handle that np.asarray turns into numpy).
@@ -86,6 +88,11 @@ class Runtime(ABC):
             rows = self.contract.null_batch(self.null, cond)
             self._null_rows = cached = (key, convert), (convert(rows) if convert else rows)
         return cached[1]
+    def cached_step(self, x_t, t: int, cond: dict, guidance: float, coefs: np.ndarray, noise: np.ndarray,
+                    state: SolverState | None = None, cache=None):
+        """`step` with step caching: runs the split graphs' head, asks `cache` (a step_cache.StepCache)
+        whether to skip the tail, and keeps the cache's references up to date."""
+        raise VditError(f"the {self.name} runtime has no step caching (--cache is for ort, torch and trt)")
 
     def check_inputs(self, x_t: np.ndarray, t: np.ndarray, cond: dict) -> dict:
         """-> cond in the contract's dtypes; one-line errors for shapes and names."""

@@ -24,6 +24,7 @@ from vdit_deploy.errors import VditError
 from vdit_deploy.export.variants import ENGINE_PRECISIONS
 from vdit_deploy.files import atomic_path, sha256_file
 
+ROWS = "rows"
 MANIFEST_FORMAT = 2   # 2: the model contract and the named axes' ranges are part of the key
 TIMING_CACHE = "timing.cache"
 
@@ -113,7 +114,8 @@ class EngineProfile:
         it) takes the range of its axis, named by `axis_names` (the export's I/O spec: "batch", "seq",
         ...; without one, axis 0 is the batch); any dynamic axis the profile lacks is refused."""
         out = {}
-        ranges = self.ranges
+        b = self.batch   # "rows": the 2B cond + null rows of a guided step (step caching's split graphs)
+        ranges = {**self.ranges, ROWS: AxisProfile(2 * b.min, 2 * b.opt, 2 * b.max)}
         for name, shape in inputs.items():
             names = list((axis_names or {}).get(name) or [])
             dims = []
@@ -278,7 +280,7 @@ def gpu_info(device: int = 0) -> GpuInfo:
     """Name and compute capability of CUDA device `device`, via cuda-python (no torch)."""
     if not nvidia_device_present():
         raise VditError("TensorRT needs an NVIDIA GPU and none is present here (no /dev/nvidia* device); "
-                        "use --runtime ort on CPU")
+                        "on a CPU, run the ONNX export with ONNX Runtime instead (vdit sample --runtime ort)")
     cudart = import_cudart()
     err, count = cudart.cudaGetDeviceCount()
     if int(err) != 0 or count == 0:
@@ -329,7 +331,8 @@ def import_tensorrt():
     major = int(trt.__version__.split(".")[0])
     if major < 10:   # JetPack 5 (TensorRT 8.5/8.6): see the porting notes in trt_network.py
         raise VditError(f"TensorRT {trt.__version__} is not supported: vdit needs TensorRT >= 10 "
-                        "(JetPack 6 or later on Jetson); use --runtime ort there")
+                        "(JetPack 6 or later on Jetson); run the ONNX export with ONNX Runtime there "
+                        "(vdit sample --runtime ort)")
     return trt
 
 

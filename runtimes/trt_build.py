@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Callable
 
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.variants import DENOISER, FP16, INT8, STEP, variant_file, with_data
+from vdit_deploy.export.variants import DENOISER, FP16, INT8, STEP, STEP_HEAD, STEP_TAIL, variant_file, with_data
 from vdit_deploy.files import sha256_files
 from vdit_deploy.runtimes.engine_cache import (AxisProfile, CachedEngine, EngineCache, EngineKey, EngineProfile,
                                                gpu_info, import_tensorrt)
 from vdit_deploy.runtimes.trt_network import BuildOptions, build_engine, onnx_for, strongly_typed_only
 
 KINDS = (STEP, DENOISER)   # build order: sampling needs the step engine, denoise() the other
+CACHE_ENGINES = (STEP_HEAD, STEP_TAIL)   # step caching's, where the export has them (export --cache-split)
 
 
 def onnx_digest(path: Path) -> str:
@@ -139,7 +140,7 @@ def build_export(export: str | Path, precision: str | None = None, batch: str | 
     precision = precision or (board.precision if board else FP16)
     batch_profile = (AxisProfile.fixed(fixed_batch) if fixed_batch else AxisProfile.parse(batch) if batch
                      else AxisProfile(*board.batch) if board else AxisProfile(1, 2, 8))
-    kinds = [k for k in KINDS if (export / variant_file(k)).is_file()]
+    kinds = [k for k in (*KINDS, *CACHE_ENGINES) if (export / variant_file(k)).is_file()]   # cache: --cache-split
     if not kinds:
         raise VditError(f"{export} has no step.onnx or denoiser.onnx; run `vdit export` first")
     step_onnx = find_onnx(export, kinds[0])

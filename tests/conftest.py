@@ -62,6 +62,14 @@ def tiny_export(tiny_checkpoint, tmp_path_factory):
     return export_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "tiny", batch=(1, 4))
 
 
+@pytest.fixture(scope="session")
+def cache_export(tiny_checkpoint, tmp_path_factory):
+    """tiny_checkpoint exported with step caching's split graphs (`--cache-split 1`, batch 1:4)."""
+    from vdit_deploy.export.onnx_export import export_checkpoint
+
+    return export_checkpoint(tiny_checkpoint, tmp_path_factory.mktemp("cache") / "tiny", batch=(1, 4), cache_split=1)
+
+
 def open_built(export, precision, **options):
     """`vdit build`'s part (find or build both engines), then the TensorRT runtime, which only loads them."""
     from vdit_deploy.runtimes import open_runtime
@@ -73,7 +81,7 @@ def open_built(export, precision, **options):
 
 
 def save_tiny_latte(path, out_channels: int = 8, variance_type: str = "learned_range",
-                    prediction_type: str = "epsilon", seed: int = 0):
+                    prediction_type: str = "epsilon", seed: int = 0, num_layers: int = 1):
     """A tiny random diffusers LatteTransformer3DModel saved as a user would (`save_pretrained`:
     config.json + diffusion_pytorch_model.safetensors), with a DDPMScheduler's scheduler_config.json
     beside it. Latents 4x2x8x8, caption width 32; out_channels 8 = eps + learned variance."""
@@ -82,7 +90,7 @@ def save_tiny_latte(path, out_channels: int = 8, variance_type: str = "learned_r
 
     torch.manual_seed(seed)
     latte = diffusers.LatteTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=out_channels, num_layers=1,
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=out_channels, num_layers=num_layers,
         cross_attention_dim=16, caption_channels=32, sample_size=8, patch_size=2, video_length=2,
         norm_type="ada_norm_single", activation_fn="gelu-approximate")
     with torch.no_grad():   # away from the zero-initialised output layers: outputs that depend on the input

@@ -3,7 +3,6 @@ with save_pretrained in the pipeline layout (transformer/ + scheduler/ with the 
 config), exported with `vdit export DIR --out OUT` and nothing else, verified, sampled on ONNX Runtime
 and on PyTorch, and the ONNX Runtime sample checked against the family's own diffusers pipeline loop
 driving the PyTorch model. One export per family (module-scoped fixtures)."""
-import json
 import subprocess
 import sys
 
@@ -189,14 +188,11 @@ def tiny_flow_family(name):
 @pytest.fixture(scope="module", params=["wan", "ltx", "mochi", "hunyuan"])
 def flow_family(request, tmp_path_factory):
     """A tiny flow-matching model in the pipeline layout with its pipeline's real scheduler config, and its
-    export through the Python API under a DDPM stand-in contract (the family's own conditioning, layout
-    and fixed arguments; an eps output on the linear schedule) until flow matching lands (issue 20)."""
+    export through the Python API: the family's own conditioning, layout and fixed arguments, the flow
+    objective and sigmas read from the scheduler config."""
     import torch
 
-    from vdit_deploy import families
-    from vdit_deploy.contract import Contract
     from vdit_deploy.export.onnx_export import export_source
-    from vdit_deploy.schedules import Schedule
     from vdit_deploy.sources import load_diffusers_source
 
     name = request.param
@@ -204,27 +200,24 @@ def flow_family(request, tmp_path_factory):
     torch.manual_seed(0)
     model, scheduler, latent, call = tiny_flow_family(name)
     path = save_pipeline(root, model, scheduler)
-    config = json.loads((path / "config.json").read_text())
-    family = families.by_class(config["_class_name"])
-    contract = Contract(latent, "eps", family.cond(config), Schedule(), axes={"seq": (1, SEQ)},
-                        family=family.record(config, latent))
-    source = load_diffusers_source(path, contract=contract)
+    source = load_diffusers_source(path, seq=(1, SEQ), latent=latent)
     notes = []
     export = export_source(source, root / "export", batch=(1, 3), log=notes.append)
-    return name, path, export, call, notes
+    return name, path, export, call, notes, latent
 
 
-def test_flow_family_export_is_refused_until_flow_matching(flow_family, tmp_path):
-    """`vdit export` refuses in one line, naming why; `vdit info` still says what the family is."""
-    name, path, *_ = flow_family
-    result = run_cli("export", path, "--out", tmp_path / "e", "--no-verify")
-    line = one_line_error(result)
-    assert "flow-matching model" in line and "issue 20" in line, line
-    assert not (tmp_path / "e").exists()
+def test_flow_family_exports_with_no_options_and_info_describes_it(flow_family, tmp_path):
+    """`vdit export DIR --out OUT` needs nothing else for a known flow family but, for a tiny model, the
+    latent (the family's default is its pipeline's resolution); `vdit info` names the family, its layout
+    and its flow schedule."""
+    name, path, *_, latent = flow_family     # a tiny model: not its pipeline's default resolution
+    result = run_cli("export", path, "--out", tmp_path / "e", "--no-verify", "--latent", ",".join(map(str, latent)))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "e" / "step.onnx").is_file() and "Traceback" not in result.stderr
     info = run_cli("info", path)
     assert info.returncode == 0, info.stderr
-    assert f"family      {name}: flow" in info.stdout and "the model is fed" in info.stdout, info.stdout
-    assert "export      refused:" in info.stdout and "latent      [" in info.stdout, info.stdout
+    assert f"family      {name}:" in info.stdout and "the model is fed" in info.stdout, info.stdout
+    assert '"kind": "flow"' in info.stdout, info.stdout
 
 
 def test_flow_family_graph_equals_the_pipeline_call(flow_family):
@@ -235,7 +228,7 @@ def test_flow_family_graph_equals_the_pipeline_call(flow_family):
     from vdit_deploy.export.metadata import read_metadata
     from vdit_deploy.runtimes import open_runtime
 
-    name, path, export, call, notes = flow_family
+    name, path, export, call, notes, _ = flow_family
     meta = read_metadata(export / "denoiser.onnx")
     if name in ("ltx", "mochi"):
         assert meta.batch == {"fixed": 1} and len(notes) == 1 and "fixed batch of 1" in notes[0], notes
@@ -269,7 +262,7 @@ def test_flow_family_verifies_and_samples_alike_on_ort_and_torch(flow_family):
     with open_runtime("ort", export) as ort_rt, TorchRuntime(None, source=source, device="cpu") as torch_rt:
         contract = ort_rt.contract
         cond = contract.example_cond(ort_rt.batch_range[0], np.random.default_rng(2), {"seq": SEQ})
-        plan = sampler_plan(contract, "unipc", 4)
+        plan = sampler_plan(contract, steps=4)           # the family's own sampler, from its scheduler config
         got = sample(ort_rt, contract, cond, plan, 3.0, 1)
         want = sample(torch_rt, contract, cond, plan, 3.0, 1)
     np.testing.assert_allclose(got, want, atol=1e-4)

@@ -165,10 +165,22 @@ class World:
     captured: dict = field(default_factory=dict)     # cudaGraph_t -> what its capture recorded
     exec_ops: dict = field(default_factory=dict)     # cudaGraphExec_t -> the same
     next_handle: int = 0x1000
+    # What a test says an engine's kernels write to an output tensor, one entry per run (eager or graph
+    # replay), by tensor name: the fake computes nothing, a download of such a buffer reads the entry.
+    kernel_writes: dict = field(default_factory=dict)   # output name -> [bytes, ...]
+    contents: dict = field(default_factory=dict)        # device pointer -> the bytes last scripted there
+    contexts: dict = field(default_factory=dict)        # id(IExecutionContext) -> it (for graph replays)
 
     def handle(self) -> int:
         self.next_handle += 0x100
         return self.next_handle
+
+    def run_kernels(self, context) -> None:
+        """An engine ran: the scripted writes of its outputs land at their bound addresses."""
+        for name, io in context._fake["engine"]._fake["io"].items():
+            queue = self.kernel_writes.get(name)
+            if io["mode"] != "INPUT" and queue:
+                self.contents[context._fake["addresses"][name]] = queue.pop(0)
 
     def check_device(self, ptr, nbytes: int) -> bool:
         """[ptr, ptr + nbytes) lies inside one live device allocation."""
@@ -575,6 +587,9 @@ class CudaBehaviour:
         if s is None or int(graphExec) not in world.graph_execs:
             return ("cudaErrorInvalidValue",)
         (s.captured if s.capture != "none" else world.launches).append(("graph", int(graphExec)))
+        for op in world.exec_ops.get(int(graphExec), []) if s.capture == "none" else ():
+            if op[0] == "execute":
+                world.run_kernels(world.contexts[op[1]])
         return ("cudaSuccess",)
 
     def cudaMalloc(world, m, n, size):
@@ -599,6 +614,15 @@ class CudaBehaviour:
     def cudaMemset(world, m, n, devPtr, value, count):
         return ("cudaSuccess",) if world.check_device(devPtr, int(count)) else ("cudaErrorInvalidValue",)
 
+    def cudaMemsetAsync(world, m, n, devPtr, value, count, stream):
+        s = CudaBehaviour._stream(world, stream)
+        if s is None:
+            return ("cudaErrorInvalidResourceHandle",)
+        if s.capture != "none":
+            s.captured.append(("memset", int(count)))
+        world.contents.pop(int(devPtr), None)
+        return ("cudaSuccess",) if world.check_device(devPtr, int(count)) else ("cudaErrorInvalidValue",)
+
     def _copy(world, m, dst, src, count, kind):
         kinds = m._enums["cudaMemcpyKind"]
         if not isinstance(kind, kinds):
@@ -609,8 +633,12 @@ class CudaBehaviour:
         if ok and kind == kinds.cudaMemcpyHostToDevice:
             world.uploads.append((int(dst), int(count)))
         if ok and kind == kinds.cudaMemcpyDeviceToHost:
-            # nothing is computed, so a download reads zeros: never the garbage of an uninitialised array
+            # nothing is computed, so a download reads zeros (never the garbage of an uninitialised array)
+            # or what a test scripted a kernel to write there (World.kernel_writes)
             ctypes.memset(int(dst), 0, int(count))
+            data = world.contents.get(int(src))
+            if data is not None:
+                ctypes.memmove(int(dst), data, min(len(data), int(count)))
         return "cudaSuccess" if ok else "cudaErrorInvalidValue"   # host memory is otherwise never touched
 
     def cudaMemcpy(world, m, n, dst, src, count, kind):
@@ -994,6 +1022,8 @@ class Behaviour:
             stream.captured.append(("execute", id(self)))
         else:
             world.launches.append(("execute", id(self)))
+            world.run_kernels(self)
+        world.contexts[id(self)] = self
         return True
 
     def tensorrt__nptype(world, trt_type):

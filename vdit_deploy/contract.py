@@ -4,12 +4,15 @@
 
 A contract names
   latent     (C, F, H, W) of x_t
-  output     what `out` is: eps; eps+var (eps, then a learned variance in [-1, 1]: 2C channels); v; x0
+  output     what `out` is: eps; eps+var (eps, then a learned variance in [-1, 1]: 2C channels); v; x0;
+             flow (the velocity v = noise - x0 of flow matching, x_t = (1 - sigma) x0 + sigma noise, fed
+             t = sigma * T as a float; a FlowSchedule with invert (Mochi): fed (1 - sigma) T, gives x0 - noise)
   cond       the conditioning inputs beyond x_t and t, in the denoiser's argument order: name, dtype and
              shape, whose first axis is "batch" and whose other named axes (e.g. "seq" for text tokens)
              may vary within `axes` (min, max). A class label is int32 (batch,) with `classes` values;
              text embeddings float32 (batch, seq, D); an attention mask (batch, seq)
-  schedule   the noise schedule it was trained with
+  schedule   the noise schedule it was trained with (schedules.Schedule: DDPM betas; flow.FlowSchedule:
+             flow matching's sigmas, shift, dynamic shift...) and its pipeline's default sampler
              Each input has a role: "cond" (guidance pairs it with the null conditioning), "mask" (0/1
              values: verify and the null conditioning use 0/1), or "scalar", a per-call value guidance
              does not double (HunyuanVideo's embedded guidance: the null pass gets the prompt's value).
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +41,7 @@ from vdit_deploy.schedules import Schedule
 from vdit_deploy.errors import VditError
 
 # output kind -> (channels as a multiple of C, the sampler's prediction type)
-OUTPUTS = {"eps": (1, "eps"), "eps+var": (2, "eps"), "v": (1, "v"), "x0": (1, "x0")}
+OUTPUTS = {"eps": (1, "eps"), "eps+var": (2, "eps"), "v": (1, "v"), "x0": (1, "x0"), "flow": (1, "flow")}
 DTYPES = ("float32", "float16", "int32", "int64", "bool")
 NULL_FILE = "null_cond.safetensors"
 BATCH = "batch"
@@ -81,7 +85,7 @@ class Contract:
     latent: tuple                   # (C, F, H, W)
     output: str                     # OUTPUTS
     cond: tuple                     # CondInput, in argument order
-    schedule: Schedule = field(default_factory=Schedule)
+    schedule: Schedule = field(default_factory=Schedule)   # or a FlowSchedule
     axes: dict = field(default_factory=dict)   # named axes other than batch -> (min, max)
     null_sha256: str = ""           # of the null conditioning (null_digest)
     family: dict = field(default_factory=dict)   # {"name", "layout", "args"} of a known family (families/)
@@ -89,7 +93,10 @@ class Contract:
     def __post_init__(self):
         if self.output not in OUTPUTS:
             raise VditError(f"unknown model output kind {self.output!r}: it must be one of {', '.join(OUTPUTS)} "
-                            "(eps+var: eps and a learned variance in 2C channels)")
+                            "(eps+var: eps and a learned variance in 2C channels; flow: the velocity noise - x0)")
+        if (self.output == "flow") != (self.schedule.kind == "flow"):
+            raise VditError(f"a {self.output} model output needs a {'flow-matching' if self.output == 'flow' else 'DDPM'} "
+                            f"schedule, got {self.schedule.kind}")
         names = [c.name for c in self.cond]
         taken = sorted(set(RESERVED) & set(names))
         if len(set(names)) != len(names) or taken:
@@ -141,11 +148,7 @@ class Contract:
         states the contract. Returns a dict in contract order."""
         if not isinstance(cond, dict):
             raise VditError(f"{what} must be a dict of named arrays ({self.describe_cond()})")
-        missing = [c.name for c in self.cond if c.name not in cond]
-        unknown = sorted(set(cond) - set(self.names))
-        if missing or unknown:
-            raise VditError(f"{what} lacks {', '.join(missing) or '-'} and has unknown {', '.join(unknown) or '-'}: "
-                            f"the model takes {self.describe_cond()}")
+        self.check_names(cond, what)
         sizes = {} if batch is None else {BATCH: batch}
         out = {}
         for spec in self.cond:
@@ -166,7 +169,9 @@ class Contract:
                                     f"({self.describe_cond()})")
                 lo, hi = self.axes.get(want, (1, None))
                 if got < lo or (hi is not None and got > hi):
-                    raise VditError(f"{what} {spec.name} has {want} = {got}, outside {lo}..{hi} the export takes")
+                    allowed = (f"outside {lo}..{hi} the export takes (the range `vdit export --seq MIN:MAX` sets)"
+                               if hi is not None else f"below {lo}")
+                    raise VditError(f"{what} {spec.name} has {want} = {got}, {allowed}")
                 sizes[want] = got
             if spec.classes is not None and a.size and (a.min() < 0 or a.max() > spec.classes):
                 raise VditError(f"{what} {spec.name} holds labels outside 0..{spec.classes} ({spec.classes} = null)")
@@ -174,6 +179,14 @@ class Contract:
                 raise VditError(f"{what} {spec.name} is a mask: its values must be 0 or 1")
             out[spec.name] = np.ascontiguousarray(a, dtype=spec.dtype)
         return out
+
+    def check_names(self, names, what: str) -> None:
+        """Refuse missing and unknown input names, naming a few of each (a file may hold 10^5)."""
+        missing = [c.name for c in self.cond if c.name not in names]
+        unknown = sorted(map(str, set(names) - set(self.names)))
+        if missing or unknown:
+            parts = [f"lacks {_names(missing)}" if missing else "", f"has unknown {_names(unknown)}" if unknown else ""]
+            raise VditError(f"{what} {' and '.join(filter(None, parts))}: the model takes {self.describe_cond()}")
 
     def batch_of(self, cond: dict) -> int:
         if not self.cond:
@@ -195,6 +208,11 @@ class Contract:
                                 f"{list(c.shape)}: make both with the same length (pad to max_length)")
             out[spec.name] = np.repeat(n.astype(c.dtype, copy=False), b, axis=0)   # writable: torch takes it
         return out
+
+    def axis_sizes(self, cond: dict) -> dict:
+        """The named axes' sizes in `cond` (the null conditioning's token count: the one guidance takes)."""
+        return {d: int(np.asarray(cond[spec.name]).shape[i]) for spec in self.cond
+                for i, d in enumerate(spec.shape) if isinstance(d, str) and d != BATCH}
 
     def example_cond(self, batch: int, rng: np.random.Generator, sizes: dict | None = None) -> dict:
         """Random conditioning of this contract (exports trace it, verify and benchmarks feed it):
@@ -276,6 +294,18 @@ class Contract:
                    v.sha256_hex(null, "null_sha256", where) if null else "", dict(family))
 
 
+def _names(names: list, shown: int = 4) -> str:
+    """A few names of a list that may be 10^5 long (an error stays one short line)."""
+    head = ", ".join(str(n)[:40] for n in names[:shown])
+    return head + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def timestep_doc(schedule) -> str:
+    """What the denoiser's t input holds (the exports' io doc)."""
+    T = schedule.num_timesteps
+    return f"flow timestep sigma * {T} (float)" if schedule.kind == "flow" else f"diffusion timestep 0..{T - 1}"
+
+
 # ---- the null conditioning ------------------------------------------------------------------------
 def null_digest(null: dict) -> str:
     h = hashlib.sha256()
@@ -326,9 +356,22 @@ def read_cond(path: str | Path, contract: Contract) -> dict:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    from vdit_deploy.config import check_memory
+    from vdit_deploy.weights import read_header
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise VditError(f"{path}: no such conditioning file")
+    try:   # the header first: a regular file, tensors that fit in it; names checked before any is read
+        header = read_header(path)
+    except VditError as e:
+        raise VditError(f"{path} is not a readable safetensors file ({str(e).removeprefix(str(path)).lstrip(': ')}); "
+                        f"the model takes {contract.describe_cond()}") from None
+    contract.check_names(header, str(path))
+    rows = header[contract.cond[0].name].shape[0] if contract.cond and header[contract.cond[0].name].shape else 0
+    # the file twice (read, checked) and a sampling loop over its rows (~32 bytes per latent value each)
+    check_memory(2 * sum(t.nbytes for t in header.values()) + 32 * rows * math.prod(contract.latent),
+                 f"{rows:,} conditioning rows of {path}")
     try:
         cond = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:

@@ -1,4 +1,4 @@
-"""The sampling loop: DDPM, DDIM, DPM-Solver++ or UniPC over any denoiser, with all noise drawn on the host.
+"""The sampling loop: any sampler plan (DDPM-family or flow matching) over any denoiser, with all noise drawn on the host.
 
 Noise comes from one seeded numpy Generator (x_T first, then each stochastic step's z in order),
 so every runtime, PyTorch, ONNX Runtime or TensorRT, sees bit-identical noise for the same seed.
@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from vdit_deploy.config import check_memory
 from vdit_deploy.contract import Contract, read_cond
-from vdit_deploy.samplers import SolverState, Step, guided_step, make_steps
+from vdit_deploy.samplers import DEFAULT_SAMPLER, SolverState, Step, guided_step, make_steps
 from vdit_deploy.errors import VditError
+from vdit_deploy.progress import bar
 
 
 @dataclass
@@ -51,12 +51,53 @@ class DenoiseRecorder:
         return out
 
 
-def sampler_plan(contract: Contract, sampler: str, steps: int | None = None, eta: float = 0.0,
-                 order: int | None = None, spacing: str = "linspace"):
-    """The sampler's steps for this model: its prediction type, and DDPM's learned variance for eps+var."""
-    return make_steps(contract.schedule, sampler, steps, eta, order=order, spacing=spacing,
-                      prediction=contract.prediction,
+def default_sampler(contract: Contract) -> str:
+    """The sampler a model is sampled and served with when none is named: its pipeline's (from its
+    scheduler config; a flow model's own), else the project's default (its steps: DEFAULT_STEPS)."""
+    return sampler_name(contract)
+
+
+def sampler_plan(contract: Contract, sampler: str | None = None, steps: int | None = None, eta: float = 0.0,
+                 order: int | None = None, spacing: str | None = None):
+    """The sampler's steps for this model: its prediction type, its schedule's x0 clipping, timestep
+    spacing and lambda_min, and DDPM's learned variance for eps+var. sampler / steps None: the
+    schedule's pipeline defaults (from its scheduler config), else the project's."""
+    schedule = contract.schedule
+    sampler = sampler_name(contract, sampler)
+    # "linspace" is also the CLI's --spacing default (until the sample stage's option defaults to none):
+    # read as not given, so the scheduler config's spacing (CogVideoX's trailing) and a flow model's sigmas hold
+    given = None if spacing == "linspace" else spacing
+    if schedule.kind == "flow":
+        return make_steps(schedule, sampler, steps, eta, order=order, spacing=given, prediction="flow")
+    if sampler == schedule.sampler:
+        steps = schedule.steps if steps is None else steps
+        order = schedule.order if order is None else order
+    spacing = given
+    if given is None and sampler in ("ddim", "dpm++", "unipc", "cogvideox-dpm"):
+        spacing = schedule.spacing
+    return make_steps(schedule, sampler, steps, eta, clip=schedule.clip, order=order, spacing=spacing,
+                      prediction=contract.prediction, lambda_min=schedule.lambda_min,
                       learned_variance=contract.output == "eps+var" and sampler == "ddpm")
+
+
+def sampler_name(contract: Contract, sampler: str | None = None) -> str:
+    """The sampler a model samples with: the one asked for, or its pipeline's, or the project's default."""
+    return sampler or contract.schedule.sampler or DEFAULT_SAMPLER
+
+
+def describe_sampling(contract: Contract) -> str:
+    """`vdit info`'s lines on how a model is sampled: its objective and schedule, the default sampler."""
+    schedule = contract.schedule
+    sampler = sampler_name(contract)
+    try:
+        plan = sampler_plan(contract)
+        steps = f"{len(plan)} steps, t fed {plan[0].t:g} .. {plan[-1].t:g}"
+    except VditError as e:
+        steps = f"not runnable: {e}"
+    whose = "its scheduler config's (its pipeline's)" if schedule.sampler else "the project's default"
+    order = f" order {schedule.order}," if sampler in ("unipc", "dpm++") and getattr(schedule, "order", None) else ""
+    return (f"objective   {schedule.describe()}; output {contract.output}\n"
+            f"sampler     {sampler},{order} {steps} ({whose})")
 
 
 def conditioning(contract: Contract, labels=None, cond=None) -> dict:
@@ -86,17 +127,21 @@ def sampling_bytes(contract: Contract, videos: int) -> int:
 
 
 def sample(denoiser, contract: Contract, cond, steps: list[Step], guidance: float = 1.0, seed: int = 0,
-           progress: bool = False, times: SampleTimes | None = None, null: dict | None = None) -> np.ndarray:
+           progress: bool = False, times: SampleTimes | None = None, null: dict | None = None,
+           cache=None) -> np.ndarray:
     """Sample videos (B, C, F, H, W) in float32, one per row of the conditioning.
 
     `denoiser` is a runtime (anything with the fused `step(x_t, t, cond, guidance, coefs, noise, state)`,
     which brings its own null conditioning) or a plain callable `denoise(x_t, t, cond) -> out` on numpy
     arrays (t float32 (B,)); guidance then needs `null` (batch 1, as null_cond.safetensors holds it).
     `cond`: name -> array with the batch first, or class labels (contract.labels).
-    A multistep plan (dpm++, unipc) carries one SolverState through its steps (on the runtime's device)."""
+    A multistep plan (dpm++, unipc) carries one SolverState through its steps (on the runtime's device).
+    cache: a step_cache.StepCache started for len(steps) (policy.start): the runtime's cached_step runs
+    each step and the cache records its decisions."""
+    from vdit_deploy import validate
+
+    validate.guidance(guidance)
     cond = as_cond(contract, cond)
-    if guidance < 0:
-        raise VditError(f"guidance scale must be >= 0, got {guidance}")
     b = contract.batch_of(cond)
     check_memory(sampling_bytes(contract, b), f"sampling {b} videos")     # before x_T is drawn
     step_fn = getattr(denoiser, "step", None)
@@ -105,12 +150,21 @@ def sample(denoiser, contract: Contract, cond, steps: list[Step], guidance: floa
 
         def step_fn(x, t, cond, g, coefs, noise, state):
             return guided_step(denoiser, x, t, cond, null_b, g, coefs, noise, state)
+    if cache is not None:
+        if getattr(denoiser, "cached_step", None) is None:
+            raise VditError("step caching needs a runtime (its split graphs), not a plain denoise function")
+        if cache.steps != len(steps) or cache.index:
+            raise VditError(f"the step cache was started for {cache.steps} steps (at {cache.index}), the plan has "
+                            f"{len(steps)}: start a new one per sample (policy.start(len(steps)))")
+
+        def step_fn(x, t, cond, g, coefs, noise, state):
+            return denoiser.cached_step(x, t, cond, g, coefs, noise, state, cache)
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
     x = rng.standard_normal((b, *contract.latent), dtype=np.float32)               # x_T ~ N(0, I)
     zeros = np.zeros_like(x)
     state = SolverState() if any(s.multistep for s in steps) else None
-    for step in tqdm(steps, desc="sample", unit="step", disable=not progress, leave=False):
+    for step in bar(steps, show=progress, desc="sample", unit="step"):
         noise = rng.standard_normal(x.shape, dtype=np.float32) if step.stochastic else zeros
         t0 = time.perf_counter()
         x = step_fn(x, step.t, cond, guidance, step.coefs, noise, state)

@@ -92,6 +92,12 @@ def format_markdown(report: dict, plots: dict) -> str:
            "fused step.onnx holds a second copy of the weights). eps relL2: mean over steps and seeds of "
            "the denoiser's relative L2 error on the reference's inputs. PSNR/SSIM/max err: final videos "
            "against the reference's, worst seed.", ""]
+    if report.get("cache"):
+        from vdit_deploy.compare.cache_rows import format_cache_table
+        md += ["## Step caching", "", "Each setting against the same runtime uncached, same noise and conditioning "
+               "(vdit_deploy/compare/cache_rows.py): full calls = steps that ran the tail; speed-up = median over "
+               "rounds of uncached / cached seconds; PSNR/SSIM: worst seed.", "", format_cache_table(report["cache"]),
+               ""]
     for name, path in plots.items():
         if path:
             md.append(f"![{name}]({Path(path).name})")
@@ -105,10 +111,13 @@ def write_outputs(report: dict, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     ok = [r for r in report["results"] if r["status"] == "ok"]
     files = {"json": "report.json", "markdown": "report.md", "latency_plot": None, "error_plot": None,
-             "gif": None}
+             "gif": None, **({"cache_plot": None} if report.get("cache") else {})}
     try:
         files["latency_plot"] = plot_latency(ok, out / "latency.png").name
         files["error_plot"] = plot_errors(ok, out / "error_vs_timestep.png").name
+        if any(r["status"] == "ok" for r in report.get("cache", [])):
+            from vdit_deploy.compare.cache_rows import plot_sweep
+            files["cache_plot"] = plot_sweep(report["cache"], out / "cache_sweep.png").name
     except ImportError:
         report["notes"].append("plots skipped: matplotlib is not installed (pip install 'vdit-deploy[report]')")
     smallest = min((r["batch"] for r in ok), default=None)
@@ -122,18 +131,18 @@ def write_outputs(report: dict, out: Path) -> dict:
         tmp.write_text(json.dumps(report, indent=1) + "\n")
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(format_markdown(report, {"latency": files["latency_plot"], "error": files["error_plot"],
-                                                "samples": files["gif"]}))
+                                                "samples": files["gif"], "cache sweep": files.get("cache_plot")}))
     return files
 
 
 def write_gif(path: Path, columns: dict[str, np.ndarray], notes: list[str]) -> str | None:
-    """A grid GIF, one column per key, one row per video of its (N, C, F, H, W) array -> its file name,
+    """A grid GIF, one column per key (its name drawn above it), one row per video of its (N, C, F, H, W) array -> its file name,
     or None with the reason in `notes` (a video it cannot draw is no reason to lose the report)."""
     from vdit_deploy.video import write_video
 
     grid = np.stack(list(columns.values()), axis=1)                 # (N, columns, C, F, H, W)
     try:
-        write_video(path, grid.reshape(-1, *grid.shape[2:]), columns=len(columns))
+        write_video(path, grid.reshape(-1, *grid.shape[2:]), columns=len(columns), titles=list(columns))
     except VditError as e:
         notes.append(f"GIF skipped: {e}")
         return None

@@ -64,8 +64,10 @@ class Family:
         return {"name": self.name, "layout": self.layout, "args": self.args(config, latent)}
 
     def adapter(self, net, contract):
-        """The torch module (x_t, t, *cond) -> out (B, kC, F, H, W) around the loaded diffusers model."""
-        raise NotImplementedError
+        """The torch module (x_t, t, *cond) -> out (B, kC, F, H, W) around the loaded diffusers model;
+        by default the model takes that layout as it is (families/base.Adapter)."""
+        from vdit_deploy.families.base import Adapter
+        return Adapter(net, contract)
 
     def row(self) -> dict:
         return {"class": self.cls, "objective": self.objective, "layout": self.layout,
@@ -98,3 +100,14 @@ def flow_supported() -> bool:
     from vdit_deploy.contract import OUTPUTS
 
     return "flow" in OUTPUTS
+
+
+def text_cond(width: int, doc: str, mask: bool = False) -> tuple:
+    """A T5-style prompt: embeddings (batch, seq, width), and with `mask` the 0/1 attention mask."""
+    from vdit_deploy.contract import BATCH, CondInput
+
+    cond = (CondInput("encoder_hidden_states", "float32", (BATCH, "seq", width), doc=doc),)
+    if mask:
+        cond += (CondInput("encoder_attention_mask", "float32", (BATCH, "seq"), role="mask",
+                           doc="1 = a prompt token, 0 = padding"),)
+    return cond

@@ -1,8 +1,7 @@
 """LTX-Video (LTXVideoTransformer3DModel): rectified flow (FlowMatchEuler), fed packed tokens (B, S, C*pt*p*p)
 with num_frames/height/width of the token grid and the RoPE interpolation scale as arguments (RoPE on
 fractional coordinates, computed inside the model from them); T5 text with an attention mask."""
-from vdit_deploy.contract import BATCH, CondInput
-from vdit_deploy.families import Family
+from vdit_deploy.families import Family, text_cond
 from vdit_deploy.families.base import Adapter
 
 VAE_SPATIAL, VAE_TEMPORAL, FRAME_RATE = 32, 8, 25    # LTXPipeline's VAE compression and default frame rate
@@ -19,10 +18,7 @@ class LTXVideo(Family):
     max_tokens = 128                      # LTXPipeline's max_sequence_length
 
     def cond(self, config):
-        return (CondInput("encoder_hidden_states", "float32", (BATCH, "seq", int(config["caption_channels"])),
-                          doc="T5-XXL embeddings"),
-                CondInput("encoder_attention_mask", "float32", (BATCH, "seq"), role="mask",
-                          doc="1 = a prompt token, 0 = padding"))
+        return text_cond(int(config["caption_channels"]), "T5-XXL embeddings", mask=True)
 
     def args(self, config, latent):
         _, frames, height, width = latent

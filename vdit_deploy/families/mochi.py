@@ -1,8 +1,6 @@
 """Mochi (MochiTransformer3DModel): flow matching (FlowMatchEuler, inverted sigmas), (B, C, F, H, W), T5 text
 with an attention mask; learned-frequency RoPE inside the model."""
-from vdit_deploy.contract import BATCH, CondInput
-from vdit_deploy.families import Family
-from vdit_deploy.families.base import Adapter
+from vdit_deploy.families import Family, text_cond
 
 
 class Mochi(Family):
@@ -15,13 +13,8 @@ class Mochi(Family):
     max_tokens = 256                      # MochiPipeline's max_sequence_length
 
     def cond(self, config):
-        return (CondInput("encoder_hidden_states", "float32", (BATCH, "seq", int(config["text_embed_dim"])),
-                          doc="T5-XXL embeddings"),
-                CondInput("encoder_attention_mask", "float32", (BATCH, "seq"), role="mask",
-                          doc="1 = a prompt token, 0 = padding"))
+        return text_cond(int(config["text_embed_dim"]), "T5-XXL embeddings", mask=True)
 
-    def adapter(self, net, contract):
-        return Adapter(net, contract)
 
 
 FAMILY = Mochi()

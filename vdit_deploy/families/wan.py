@@ -5,7 +5,6 @@ from pathlib import Path
 from vdit_deploy.contract import BATCH, CondInput
 from vdit_deploy.errors import VditError
 from vdit_deploy.families import Family
-from vdit_deploy.families.base import Adapter
 
 
 class Wan(Family):
@@ -28,8 +27,6 @@ class Wan(Family):
         return (CondInput("encoder_hidden_states", "float32", (BATCH, "seq", int(config["text_dim"])),
                           doc="umT5-XXL embeddings (the pipeline zero-pads them to 512 tokens)"),)
 
-    def adapter(self, net, contract):
-        return Adapter(net, contract)
 
 
 FAMILY = Wan()
