@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import median_seconds
+from common import time_calls, with_speedups
 
 # Latte-1 (maxin-cn/Latte-1, transformer/config.json) at 256 px: sample_size 32 latents
 LATTE1 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
@@ -96,7 +96,6 @@ def stage_time(model_dir: Path, out: Path, repeats: int) -> dict:
     """Each runtime timed, then closed, before the next is opened (24 GB: one 5.4 GB model at a time)."""
     import gc
 
-    from vdit_deploy.metrics import rel_l2
     from vdit_deploy.runtimes import open_runtime
 
     rows, ref = {}, None
@@ -106,17 +105,10 @@ def stage_time(model_dir: Path, out: Path, repeats: int) -> dict:
         options = {"device": "cpu"} if runtime == "torch" else {}
         with open_runtime(runtime, artifact, precision=precision, **options) as rt:
             x, t, cond = inputs(rt.contract)
-            got = rt.denoise(x, t, cond)
-            seconds = median_seconds(lambda: rt.denoise(x, t, cond), repeats, warmup=0)
-        ref = got if ref is None else ref
-        rows[name] = {"seconds_per_call": round(seconds, 2), "rel_l2_vs_torch": float(rel_l2(got, ref))}
-        print(f"{name:<18} {seconds:8.2f} s/call  rel L2 vs torch {rows[name]['rel_l2_vs_torch']:.2e}", flush=True)
+            ref = time_calls(rows, name, rt, x, t, cond, repeats, ref)
         del rt
         gc.collect()
-    base = rows["torch fp32"]["seconds_per_call"]
-    for row in rows.values():
-        row["speedup_vs_torch"] = round(base / row["seconds_per_call"], 2)
-    return rows
+    return with_speedups(rows)
 
 
 def main():

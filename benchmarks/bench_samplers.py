@@ -11,6 +11,12 @@ update).
     python benchmarks/bench_samplers.py --seeds 2,3          # the README table (seeds held out from the sweep)
     python benchmarks/bench_samplers.py --seeds 0,1 --steps 10,15,20 --lambda-mins=-inf,-5.1,-4.5,-4,-3.5,-3 \
         --no-s --out sweep.json --plot sweep.png              # the sweep that chose LAMBDA_MIN
+
+Flow section (--flow CHECKPOINT, the flow-matching tiny model trained here: vdit_deploy/assets/tiny-flow):
+flow euler, UniPC-flow and DPM-Solver++-flow (flow_samplers.py, as diffusers' schedulers) at 8/12/20/30
+steps against a 200-step flow euler reference of the same x_T and labels (guidance 2, the model's shift).
+
+    python benchmarks/bench_samplers.py --flow vdit_deploy/assets/tiny-flow --seeds 2,3 --out bench_flow.json
 """
 from __future__ import annotations
 
@@ -36,8 +42,22 @@ from vdit_deploy.runtimes import open_runtime
 from vdit_deploy.sampling import SampleTimes, sample
 
 SAMPLERS = ("ddim", "dpm++", "unipc")
+FLOW_SAMPLERS = ("euler", "unipc", "dpm++")
 REFERENCE_STEPS = 250
+FLOW_REFERENCE_STEPS = 200
 GUIDANCE = 2.0
+
+
+def score(rt, labels, plan, refs: dict) -> tuple[list, list, list]:
+    """Each seed's sample with `plan` against its reference: per-video PSNR and SSIM, the wall times."""
+    psnrs, ssims, totals = [], [], []
+    for s, ref in refs.items():
+        times = SampleTimes()
+        videos = sample(rt, rt.contract, labels, plan, GUIDANCE, s, times=times)
+        totals.append(times.total)
+        psnrs += [psnr(v, r) for v, r in zip(videos, ref)]
+        ssims += [ssim(v, r) for v, r in zip(videos, ref)]
+    return psnrs, ssims, totals
 
 
 def quality(steps_list, seeds, lambda_mins, log) -> dict:
@@ -52,13 +72,7 @@ def quality(steps_list, seeds, lambda_mins, log) -> dict:
         for sampler, lambda_min in configs:
             for n in steps_list:
                 plan = make_steps(rt.schedule, sampler, n, **({} if lambda_min is None else {"lambda_min": lambda_min}))
-                psnrs, ssims, totals = [], [], []
-                for s in seeds:
-                    times = SampleTimes()
-                    videos = sample(rt, contract, labels, plan, GUIDANCE, s, times=times)
-                    totals.append(times.total)
-                    psnrs += [psnr(v, r) for v, r in zip(videos, refs[s])]
-                    ssims += [ssim(v, r) for v, r in zip(videos, refs[s])]
+                psnrs, ssims, totals = score(rt, labels, plan, refs)
                 rows.append({"sampler": sampler, "lambda_min": None if lambda_min is None else f"{lambda_min:g}",
                              "first_t": plan[0].t, "steps": n,
                              "psnr_db": float(np.mean(psnrs)),
@@ -94,6 +108,45 @@ def s_timing(steps_list, timed_steps: int, log) -> dict:
             "timed_steps": timed_steps, "step_s": per_step,
             "sample_s": {s: {n: per_step[s] * n for n in steps_list} for s in SAMPLERS},
             "method": f"median of {timed_steps} timed guided steps x N (extrapolated, not a full sample)"}
+
+
+def flow_quality(checkpoint, steps_list, seeds, log) -> dict:
+    """PSNR / SSIM of each flow sampler's final videos against 200-step flow euler (same x_T, labels)."""
+    from vdit_deploy.flow_samplers import flow_steps
+
+    with open_runtime("torch", checkpoint, device="cpu") as rt:
+        contract = rt.contract
+        if contract.schedule.kind != "flow":
+            raise SystemExit(f"{checkpoint} is not a flow-matching checkpoint")
+        labels = list(range(contract.label_input().classes))
+        log(f"flow reference: {FLOW_REFERENCE_STEPS}-step flow euler, seeds {seeds}, labels {labels}")
+        ref_plan = flow_steps(contract.schedule, "euler", FLOW_REFERENCE_STEPS)
+        refs = {s: sample(rt, contract, labels, ref_plan, GUIDANCE, s) for s in seeds}
+        # how distinct the classes are: the reference videos' mean PSNR between different labels
+        between = [psnr(refs[s][i], refs[s][j]) for s in seeds for i in labels for j in labels if i < j]
+        rows = []
+        for sampler in FLOW_SAMPLERS:
+            for n in steps_list:
+                plan = flow_steps(contract.schedule, sampler, n)
+                psnrs, ssims, totals = score(rt, labels, plan, refs)
+                rows.append({"sampler": sampler, "steps": n, "psnr_db": float(np.mean(psnrs)),
+                             "psnr_min_db": float(np.min(psnrs)), "ssim": float(np.mean(ssims)),
+                             "sample_s": min(totals)})
+                log(f"  {sampler:6s} {n:3d} steps: {rows[-1]['psnr_db']:.1f} dB, SSIM {rows[-1]['ssim']:.4f}")
+    return {"checkpoint": str(checkpoint), "schedule": contract.schedule.to_dict(), "seeds": seeds, "labels": labels,
+            "guidance": GUIDANCE, "reference": f"{FLOW_REFERENCE_STEPS}-step flow euler",
+            "between_class_psnr_db": float(np.mean(between)), "rows": rows}
+
+
+def flow_table(result: dict) -> str:
+    f = result["flow"]
+    steps = sorted({r["steps"] for r in f["rows"]})
+    lines = ["| steps | " + " | ".join(FLOW_SAMPLERS) + " |", "|---:|" + "---:|" * len(FLOW_SAMPLERS)]
+    for n in steps:
+        cells = [next(f"{r['psnr_db']:.1f} / {r['ssim']:.3f}" for r in f["rows"] if r["sampler"] == s and r["steps"] == n)
+                 for s in FLOW_SAMPLERS]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\nbetween classes (reference videos of different labels): {f['between_class_psnr_db']:.1f} dB"
 
 
 def label(row: dict) -> str:
@@ -141,12 +194,24 @@ def main(argv=None):
     ap.add_argument("--lambda-mins", default=f"-inf,{LAMBDA_MIN:g}", help="solver starts (log alpha/sigma)")
     ap.add_argument("--timed-steps", type=int, default=3, help="S: guided steps timed per sampler")
     ap.add_argument("--no-s", action="store_true", help="skip the S timing")
+    ap.add_argument("--flow", default=None, metavar="CHECKPOINT",
+                    help="the flow section instead: flow samplers on this flow-matching checkpoint")
     ap.add_argument("--out", default="bench_samplers.json")
     ap.add_argument("--plot", default="docs/samplers.png")
     args = ap.parse_args(argv)
     steps_list = [int(s) for s in args.steps.split(",")]
     log = lambda m: print(m, file=sys.stderr, flush=True)
     started = time.perf_counter()
+    if args.flow:
+        steps = [int(s) for s in args.steps.split(",")] if args.steps != "5,10,15,20,25,50" else [8, 12, 20, 30]
+        result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
+                  "command": " ".join(["python", "benchmarks/bench_samplers.py", *(argv or sys.argv[1:])]),
+                  "flow": flow_quality(args.flow, steps, [int(s) for s in args.seeds.split(",")], log)}
+        result["seconds"] = time.perf_counter() - started
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(flow_table(result))
+        print(f"wrote {args.out} ({result['seconds']:.0f} s)")
+        return
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine_info(),
               "command": " ".join(["python", "benchmarks/bench_samplers.py", *(argv or sys.argv[1:])]),
               "tiny": quality(steps_list, [int(s) for s in args.seeds.split(",")],

@@ -41,3 +41,23 @@ def median_seconds(fn, repeats: int, warmup: int = 1, sync=None) -> float:
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def time_calls(rows: dict, name: str, rt, x, t, cond, repeats: int, ref):
+    """One runtime's per-call seconds and its error against `ref` (the first runtime's output) into
+    rows[name]; returns the reference."""
+    from vdit_deploy.metrics import rel_l2
+
+    got = rt.denoise(x, t, cond)
+    seconds = median_seconds(lambda: rt.denoise(x, t, cond), repeats, warmup=0)
+    ref = got if ref is None else ref
+    rows[name] = {"seconds_per_call": round(seconds, 2), "rel_l2_vs_torch": float(rel_l2(got, ref))}
+    print(f"{name:<18} {seconds:8.2f} s/call  rel L2 vs torch {rows[name]['rel_l2_vs_torch']:.2e}", flush=True)
+    return ref
+
+
+def with_speedups(rows: dict) -> dict:
+    base = rows["torch fp32"]["seconds_per_call"]
+    for row in rows.values():
+        row["speedup_vs_torch"] = round(base / row["seconds_per_call"], 2)
+    return rows

@@ -32,7 +32,7 @@ from vdit_deploy.config import check_memory
 from vdit_deploy.contract import Contract
 from vdit_deploy.samplers import DEFAULT_SAMPLER
 from vdit_deploy.errors import VditError
-from vdit_deploy.files import atomic_path, check_output
+from vdit_deploy.files import atomic_path, check_output, load_npy, read_json, save_npy
 from vdit_deploy.sampling import conditioning, sampler_plan
 
 FORMAT = "vdit-calibration/2"
@@ -52,6 +52,12 @@ def open_fp32(artifact):
         return rt, rt.source.sha256
     from vdit_deploy.export.metadata import find_onnx, read_metadata
     return open_runtime("ort", artifact), read_metadata(find_onnx(artifact)).checkpoint_sha256
+
+
+def _timestep(t) -> int | float:
+    """A record's timestep: the integer of a DDPM plan, sigma * T (a float) of a flow plan."""
+    t = float(t)
+    return int(t) if t.is_integer() else t
 
 
 def pick_steps(num_steps: int, timesteps: int) -> list[int]:
@@ -109,7 +115,7 @@ def collect(checkpoint_or_export, out_dir, sampler: str = DEFAULT_SAMPLER, steps
                 for name, a in {"x_t": x, "t": t, **call_cond}.items():
                     rows[name].append(a)
                 end = start + len(t)
-                records.append({"seed": seed, "step": index, "t": int(t[0]), "rows": [start, end],
+                records.append({"seed": seed, "step": index, "t": _timestep(t[0]), "rows": [start, end],
                                 "null_rows": [start + videos, end] if guidance != 1.0 else [end, end]})
     arrays = {name: np.concatenate(parts) for name, parts in rows.items()}
     for name, a in arrays.items():
@@ -130,7 +136,7 @@ def collect(checkpoint_or_export, out_dir, sampler: str = DEFAULT_SAMPLER, steps
     }
     with atomic_path(out_dir, is_dir=True, marker=MANIFEST) as tmp:
         for name, a in arrays.items():
-            np.save(tmp / f"{name}.npy", a)
+            save_npy(tmp / f"{name}.npy", a, out_dir)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return out_dir
 
@@ -202,7 +208,9 @@ def onnx_session(path, threads: int | None = None):
     """A plain ONNX Runtime CPU session (all graph optimizations) for calibration and reports."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
+    from vdit_deploy.threads import session_options
+
+    options = session_options()             # --threads, or the default that fits the machine's load
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
@@ -271,10 +279,7 @@ def load_calibration_set(path, expect_sha256: str | None = None,
     if not (path / MANIFEST).is_file():
         raise VditError(f"{path} is not a calibration set (no {MANIFEST}); run `vdit calibrate collect`")
     where = str(path / MANIFEST)
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (ValueError, RecursionError) as e:
-        raise VditError(f"{where} is corrupt: {str(e)[:200]}") from None
+    manifest = read_json(path / MANIFEST, "calibration manifest", root=path)   # regular, bounded
     check_manifest(manifest, where)
     contract = Contract.from_dict(manifest["contract"], where)
     if contract.sha256() != manifest["contract_sha256"]:
@@ -299,8 +304,8 @@ def load_calibration_set(path, expect_sha256: str | None = None,
             raise VditError(f"calibration set {path} lacks {file.name}")
         if name in expected and shapes[name] != expected[name]:
             raise VditError(f"{where}: shapes.{name} is {shapes[name]}, expected {expected[name]}")
-        try:
-            a = np.load(file, allow_pickle=False)   # never unpickle
+        try:   # never unpickled, its header's shape checked before the array is read
+            a = load_npy(file, path, shapes[name] if isinstance(shapes[name], list) else None)
         except (ValueError, OSError, EOFError) as e:
             raise VditError(f"{file} is not a readable .npy array (truncated, or holds objects): "
                             f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__}") from None

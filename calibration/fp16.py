@@ -136,10 +136,35 @@ def convert_fp16(export_dir, calib_dir=None, keep_fp32=FP32_LAYERS) -> Path:
         if report["nonfinite"]:
             raise VditError(f"fp16 graph makes inf/NaN on {report['nonfinite']} calibration rows "
                             f"(first at t={report['nonfinite_t'][0]:g}); not written")
-    save_variant(model, out, "fp16")
-    for path in step:
-        save_variant(to_fp16(path, STEP, keep_fp32), path.with_name(variant_file(STEP, FP16)), FP16)
+    graphs = {out: model, **{p.with_name(variant_file(STEP, FP16)): to_fp16(p, STEP, keep_fp32) for p in step}}
+    publish_variant(graphs, FP16)
     return out
+
+
+def publish_variant(graphs: dict, precision: str) -> None:
+    """{final path: onnx model} of one variant -> all written, or none: each is saved into one scratch
+    directory beside them first (a full disk fails there), then renamed into place, the denoiser last
+    (a reader that finds it finds its step graph too); a failed rename takes the others back out."""
+    import os
+
+    import onnx
+
+    first = next(iter(graphs))
+    with temp_dir(first) as tmp:
+        for path, model in graphs.items():
+            stamp(model, {"vdit.precision": precision})
+            model.producer_name = "vdit-deploy"
+            onnx.save(model, str(tmp / path.name))
+            os.chmod(tmp / path.name, 0o644)
+        placed = []
+        try:
+            for path in sorted(graphs, key=lambda p: p.name.startswith(DENOISER)):
+                os.replace(tmp / path.name, path)
+                placed.append(path)
+        except BaseException:
+            for path in placed:
+                path.unlink(missing_ok=True)
+            raise
 
 
 def check_fp16(export_dir, calib_dir, precision: str = "fp16") -> dict:

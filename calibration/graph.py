@@ -4,7 +4,7 @@ The dynamo exporter records each node's module path in the `pkg.torch.onnx.name_
     ['', 'model', 'model.blocks.0', 'model.blocks.0.attn_space', 'model.blocks.0.attn_space.qkv', 'linear_3']
 node_path() turns that into "blocks.0.attn_space.qkv/linear" (module path / op, numbering dropped);
 patterns (regular expressions, re.search) select nodes by that path, by node name or by op type.
-In the fused step graph the denoiser is the submodule `denoiser` (export/onnx_export.FusedStep): its
+In the fused step graph the denoiser is the submodule `denoiser` (export/step_module.FusedStep): its
 prefix is dropped too, so one pattern names the same layer in denoiser.onnx and step.onnx, and
 step_nodes() picks the step's own arithmetic (guidance mix, clip, affine update).
 """
@@ -55,6 +55,12 @@ def select(model, patterns, op_types=None) -> list[str]:
     check_patterns(patterns)
     return [n.name for n in model.graph.node
             if (op_types is None or n.op_type in op_types) and matches(n, patterns)]
+
+
+def matching(model, patterns, op_types=None) -> list[str]:
+    """The patterns that match some node (of op_types) of this graph: the rules that apply to it."""
+    nodes = [n for n in model.graph.node if op_types is None or n.op_type in op_types]
+    return [p for p in check_patterns(patterns) if any(matches(n, [p]) for n in nodes)]
 
 
 def layer_groups(model, op_types=COMPUTE_OPS) -> dict[str, list[str]]:

@@ -31,6 +31,8 @@ from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import find_onnx, read_metadata
 from vdit_deploy.export.variants import DENOISER, INT8_DYNAMIC, INT8_QDQ, STEP, variant_file
 from vdit_deploy.files import check_output, temp_dir
+from vdit_deploy.progress import bar
+from vdit_deploy.runtimes.cpu_isa import META_KEY, Int8Choice, choose
 
 MODES = {"qdq": INT8_QDQ, "dynamic": INT8_DYNAMIC}       # mode -> file precision tag
 METHODS = ("minmax", "percentile", "entropy")
@@ -60,17 +62,28 @@ def quiet():
 
 
 class _Reader:
-    """onnxruntime's CalibrationDataReader over an iterator of feed dicts."""
+    """onnxruntime's CalibrationDataReader over a list of feed dicts (views into the calibration set).
+    len() and set_range() let quantize_static feed the calibrator a slice at a time (CalibStridedMinMax):
+    its histogram calibrators otherwise keep every batch's activations of every calibrated tensor until
+    the end (5.2 GB on the 7 MB shipped model); per slice they fold each into the histograms and drop it."""
 
     def __init__(self, batches):
-        self.it = iter(batches)
+        self.batches = list(batches)
+        self.set_range(0, len(self.batches))
+
+    def __len__(self):
+        return len(self.batches)
+
+    def set_range(self, start_index: int, end_index: int):
+        self.it = iter(self.batches[start_index:end_index])
 
     def get_next(self):
         return next(self.it, None)
 
 
 def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str = DEFAULT_METHOD,
-                  keep_fp=DEFAULT_SENSITIVE, only=None, out=None, per_channel: bool = True) -> Path:
+                  keep_fp=DEFAULT_SENSITIVE, only=None, out=None, per_channel: bool = True,
+                  target: str | None = None, progress: bool = False) -> Path:
     """export_dir/denoiser.onnx -> denoiser.int8-dynamic.onnx (dynamic) or denoiser.int8-qdq.onnx (qdq); qdq
     also makes step.int8-qdq.onnx from the export's fused step graph (what TensorRT's int8 build
     compiles), calibrated on the same denoiser calls. Returns the denoiser's path.
@@ -78,11 +91,14 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
     keep_fp: patterns (calibration/graph.py) of layers left in float. only: if given, quantize only
     the nodes matching these patterns (the sensitivity sweep). out: another output path for the
     denoiser (no step graph then). calib_dir is required for qdq; for dynamic it is only checked
-    against the model."""
+    against the model. target: the CPU (vnni, avx2, arm64), tensorrt or a board profile the graph is
+    for (runtimes/cpu_isa.py), None for this CPU: it decides the INT8 types, recorded in the graph.
+    progress: a bar per calibration batch on stderr (vdit_deploy/progress.py)."""
     from vdit_deploy.calibration.collect import load_calibration_set
     from vdit_deploy.calibration.fp16 import variant_sources
 
     check_patterns([*keep_fp, *(only or ())])     # before any graph is loaded or written
+    choice = choose(mode, target)
     if method not in METHODS:
         raise VditError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
     src, *step = variant_sources(export_dir)
@@ -93,7 +109,8 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
         cset = load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.contract)
     elif mode == "qdq":
         raise VditError("static Q/DQ quantization needs a calibration set: run `vdit calibrate collect` first")
-    rules = dict(mode=mode, method=method, keep_fp=keep_fp, only=only, per_channel=per_channel)
+    rules = dict(mode=mode, method=method, keep_fp=keep_fp, only=only, per_channel=per_channel, choice=choice,
+                 progress=progress)
     path = quantize_graph(src, Path(out) if out else variant_path(export_dir, mode),
                           cset and (lambda lo, hi: cset.batches(lo, hi)), **rules)
     # dynamic INT8 is ONNX Runtime's CPU form, where a host-side step costs the same as a fused one
@@ -107,15 +124,19 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
     return path
 
 
-def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_fp, only, per_channel: bool) -> Path:
-    """One fp32 graph (denoiser or fused step) -> its INT8 variant at `out`. batches(lo, hi): feed
-    dicts in the graph's batch range for static calibration (qdq). The step's own arithmetic has no
-    MatMul / Gemm / Conv: it stays float."""
+def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_fp, only, per_channel: bool,
+                   choice: Int8Choice | None = None, progress: bool = False) -> Path:
+    """One fp32 graph (denoiser or fused step) -> its INT8 variant at `out`, with the types of `choice`
+    (default: this CPU's) stamped in its metadata. batches(lo, hi): feed dicts in the graph's batch
+    range for static calibration (qdq). The step's own arithmetic has no MatMul / Gemm / Conv: it
+    stays float. progress: a bar per calibration batch."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     from vdit_deploy.calibration.fp16 import save_variant
 
+    choice = choice or choose(mode)
+    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     model = onnx.load(str(src))
     compute = select(model, [*COMPUTE_OPS], COMPUTE_OPS)
     excluded = set(select(model, keep_fp, COMPUTE_OPS)) if keep_fp else set()
@@ -125,24 +146,35 @@ def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_f
     if not nodes:
         raise VditError("no layer is left to quantize (check --keep-fp / the layer patterns)")
     # MatMulConstBOnly: attention's activation x activation matmuls stay float.
-    common = dict(op_types_to_quantize=list(COMPUTE_OPS), per_channel=per_channel, nodes_to_quantize=nodes)
+    common = dict(op_types_to_quantize=list(COMPUTE_OPS), per_channel=per_channel, nodes_to_quantize=nodes,
+                  reduce_range=choice.reduce_range, weight_type=types[choice.weight_type])
+    props = [(p.key, p.value) for p in model.metadata_props]
     with temp_dir(out) as tmp, quiet():
-        raw = Path(tmp) / "q.onnx"
+        raw, fp32 = Path(tmp) / "q.onnx", Path(tmp) / "fp32.onnx"
+        # The exporter records the weights' shapes in value_info; onnxruntime 1.31.1's dynamic quantizer
+        # transposes every Gemm weight in place under its own name and its shape inference then fails
+        # ("Inferred shape and existing shape differ"). Those entries say nothing the initializers don't.
+        weights = {i.name for i in model.graph.initializer}
+        kept = [vi for vi in model.graph.value_info if vi.name not in weights]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept)
+        onnx.save(model, str(fp32), save_as_external_data=True, location="fp32.onnx.data")
+        del model          # onnxruntime.quantization loads its own copy: one fp32 graph in memory, not two
         try:
             if mode == "dynamic":
-                quantize_dynamic(model, raw, weight_type=QuantType.QInt8,
-                                 extra_options={"MatMulConstBOnly": True}, **common)
+                quantize_dynamic(fp32, raw, extra_options={"MatMulConstBOnly": True}, **common)
             else:
                 lo, hi = read_metadata(src).batch_range()
                 calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                          "entropy": CalibrationMethod.Entropy}[method]
                 # Symmetric int8 on both sides: what TensorRT's explicit quantization requires.
-                quantize_static(model, raw, _Reader(batches(lo, hi)), quant_format=QuantFormat.QDQ,
-                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                                calibrate_method=calib,
+                # CalibStridedMinMax: the calibrator takes one call's batch at a time (_Reader).
+                feeds = bar(batches(lo, hi), show=progress, desc=f"calibrate {src.name}", unit="batch")
+                quantize_static(fp32, raw, _Reader(feeds), quant_format=QuantFormat.QDQ,
+                                activation_type=types[choice.activation_type], calibrate_method=calib,
                                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                                "MatMulConstBOnly": True, "CalibPercentile": 99.99,
-                                               "CalibTensorRangeSymmetric": True},
+                                               "CalibTensorRangeSymmetric": True, "CalibStridedMinMax": 1},
                                 calibration_providers=["CPUExecutionProvider"], **common)
         except VditError:
             raise
@@ -151,7 +183,9 @@ def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_f
                             f"{str(e).splitlines()[0]}") from None
         quantized = onnx.load(str(raw))
         del quantized.metadata_props[:]
-        quantized.metadata_props.extend(model.metadata_props)
+        for key, value in props:
+            quantized.metadata_props.add(key=key, value=value)
+        quantized.metadata_props.add(key=META_KEY, value=choice.to_json())
     return save_variant(quantized, out, MODES[mode])
 
 

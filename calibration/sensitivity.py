@@ -15,6 +15,7 @@ from pathlib import Path
 from vdit_deploy.calibration.graph import check_patterns, layer_groups, matches
 from vdit_deploy.export.metadata import DENOISER, find_onnx, read_metadata
 from vdit_deploy.files import temp_dir
+from vdit_deploy.progress import bar, note
 
 
 @dataclass
@@ -27,7 +28,8 @@ class LayerError:
 
 def sensitivity(export_dir, calib_dir, mode: str = "dynamic", method: str = "minmax",
                 layers: str | None = None, keep_fp=None, progress=None) -> list[LayerError]:
-    """Errors per layer group, largest first. layers: a regex restricting which groups are tried."""
+    """Errors per layer group, largest first. layers: a regex restricting which groups are tried.
+    progress: True for a bar per layer group on stderr (progress.py), or a callable given each LayerError."""
     import onnx
 
     from vdit_deploy.calibration.collect import load_calibration_set, run_onnx
@@ -42,16 +44,20 @@ def sensitivity(export_dir, calib_dir, mode: str = "dynamic", method: str = "min
     model = onnx.load(str(src), load_external_data=False)
     by_name = {n.name: n for n in model.graph.node}
     groups = {k: v for k, v in layer_groups(model).items() if layers is None or re.search(layers, k)}
+    if progress is True:
+        note(f"sensitivity: {len(groups)} layer groups, each quantized alone and run on {len(cset)} calibration "
+             "rows (minutes for a small model: one quantization and one pass over the set per group)")
     ref = run_onnx(src, cset)
     out = []
     with temp_dir(src.with_name("sensitivity")) as tmp:
-        for i, (layer, nodes) in enumerate(groups.items()):
+        for i, (layer, nodes) in enumerate(bar(groups.items(), show=progress is True, desc="sensitivity",
+                                               unit="layer")):
             path = Path(tmp) / f"{i}.onnx"
             quantize_int8(export_dir, calib_dir, mode=mode, method=method, keep_fp=(),
                           only=[f"^{re.escape(n)}$" for n in nodes], out=path)
             err = rel_l2(run_onnx(path, cset), ref)
             out.append(LayerError(layer, len(nodes), err, any(matches(by_name[n], keep_fp) for n in nodes)))
-            if progress:
+            if callable(progress):
                 progress(out[-1])
     return sorted(out, key=lambda e: -e.eps_rel_l2)
 

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from vdit_deploy import validate as v
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.variants import DENOISER, DENOISER_HEAD, DENOISER_TAIL, STEP_HEAD, STEP_TAIL, variant_file
 
@@ -31,42 +30,32 @@ HEAD_OUTPUTS = ("hidden", "residual", "modulated", "stats")
 REF_INPUTS = ("residual_ref", "modulated_ref", "tail_residual")
 
 
-def check_cache_meta(cache, where: str) -> dict:
-    v.obj(cache, "vdit.cache", required=("blocks", "depth", "ctx", "error"), where=where, extra_ok=True)
-    depth = v.integer(cache["depth"], "cache depth", 2, where=where)
-    v.integer(cache["blocks"], "cache blocks", 1, depth - 1, where)
-    if not isinstance(cache["ctx"], list) or not all(isinstance(c, str) and c.isidentifier() for c in cache["ctx"]):
-        v.fail(where, "vdit.cache ctx must be a list of names")
-    v.number(cache["error"], "cache error", 0, where=where)
-    return cache
-
-
 def ctx_inputs(cache: dict) -> tuple:
     return tuple(f"ctx_{name}" for name in cache["ctx"])
 
 
 def head_inputs(contract, step: bool) -> tuple:
     from vdit_deploy.export.metadata import NULL_PREFIX
-    from vdit_deploy.export.onnx_export import STEP_TAIL as UPDATE
+    from vdit_deploy.export.tracing import STEP_TAIL as UPDATE
 
     null = tuple(NULL_PREFIX + n for n in contract.names) if step else ()
     return ("x_t", "t", *contract.names, *null, *REF_INPUTS, *(UPDATE if step else ()))
 
 
 def head_outputs(cache: dict, step: bool) -> tuple:
-    from vdit_deploy.export.onnx_export import STEP_OUTPUTS
+    from vdit_deploy.export.tracing import STEP_OUTPUTS
 
     return ("hidden", *ctx_inputs(cache), "residual", "modulated", "stats", *(STEP_OUTPUTS if step else ("out",)))
 
 
 def tail_inputs(cache: dict, step: bool) -> tuple:
-    from vdit_deploy.export.onnx_export import STEP_TAIL as UPDATE
+    from vdit_deploy.export.tracing import STEP_TAIL as UPDATE
 
     return ("x_t", "hidden", *ctx_inputs(cache), *UPDATE) if step else ("hidden", *ctx_inputs(cache))
 
 
 def tail_outputs(step: bool) -> tuple:
-    from vdit_deploy.export.onnx_export import STEP_OUTPUTS
+    from vdit_deploy.export.tracing import STEP_OUTPUTS
 
     return (*(STEP_OUTPUTS if step else ("out",)), "tail_residual")
 
@@ -103,7 +92,7 @@ def export_cache_graphs(source, out_dir: Path, k: int, den_range: tuple, step_ra
     from vdit_deploy.cache_split import split
     from vdit_deploy.contract import BATCH
     from vdit_deploy.export.metadata import ExportMetadata
-    from vdit_deploy.export.onnx_export import _export, example_inputs, fixed_sizes, traced_size
+    from vdit_deploy.export.tracing import _export, example_inputs, fixed_sizes, traced_size
 
     contract = source.contract
     head, tail = split(source.module, k, len(contract.names))
@@ -166,7 +155,7 @@ def _restamp(path: Path, cache: dict) -> None:
 def check_split(out_dir: Path, contract, cache: dict, example, refs) -> float:
     """ONNX Runtime: head + tail against denoiser.onnx on the traced inputs, and the head's skipped
     output fed the true tail residual -> the worst relative L2 (refused above CACHE_TOLERANCE)."""
-    from vdit_deploy.export.verify import _session
+    from vdit_deploy.export.graph_compare import _session
 
     feed = {name: t.numpy() for name, t in zip(("x_t", "t", *contract.names), example)}
     full = _session(out_dir / variant_file(DENOISER)).run(["out"], feed)[0]
@@ -193,11 +182,11 @@ def compose(denoiser_path: Path, path: Path, kind: str, contract, cache: dict, s
     from onnx import helper
 
     from vdit_deploy.export.metadata import NULL_PREFIX
-    from vdit_deploy.export.onnx_export import (STEP_OUTPUTS, STEP_TAIL as UPDATE, GuidedUpdate, _check_saved,
+    from vdit_deploy.export.tracing import (STEP_OUTPUTS, STEP_TAIL as UPDATE, GuidedUpdate, _check_saved,
                                                 _trace)
     from vdit_deploy.samplers import COEF_NAMES
 
-    from vdit_deploy.export.onnx_export import fixed_sizes, traced_size
+    from vdit_deploy.export.tracing import fixed_sizes, traced_size
 
     lo, hi = step_range
     n = traced_size(lo, hi, fixed_sizes(contract))
@@ -258,7 +247,7 @@ def verify_rows(export_dir: Path, graphs: dict, trajectories: dict, torch_rt, to
     cached sampler's first one) against PyTorch, the denoiser pair on the 2B rows a guided step feeds,
     the step pair's x_prev on the step's inputs (export/verify.py's scales)."""
     from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE
-    from vdit_deploy.export.verify import Comparison, _session, pieces, step_scale
+    from vdit_deploy.export.graph_compare import Comparison, _session, pieces, step_scale
     from vdit_deploy.samplers import apply_step
 
     kinds = {m.kind: (p, m) for p, m in graphs.items()}

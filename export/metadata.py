@@ -12,9 +12,11 @@ The model contract (vdit.contract: conditioning inputs, output kind, latent shap
 conditioning hash) is what every stage reads; vdit.model names the architecture and its own config.
 
 Metadata is checked before use: every field against its schema (vdit_deploy/validate.py), the
-`vdit.digest` of the fields that decide what a sample is (kind, contract, model, I/O, batch,
-checkpoint hash) against their content, so an edited schedule or frame count is refused rather
-than sampled, the video shape against the graph's own input, and, when a directory is opened,
+`vdit.digest` checksum of the fields that decide what a sample is (kind, contract, model, I/O, batch,
+checkpoint hash) against their content, so a hand-edited schedule or frame count is refused rather
+than sampled (a checksum, not a signature: it has no key, so it stops accidents, not an attacker who
+recomputes it; what metadata can do is bounded instead: it never names code to import, its sizes are
+checked and its external data must lie beside the graph), the video shape against the graph's own input, and, when a directory is opened,
 every graph in it against the others (one checkpoint, contract and model).
 """
 from __future__ import annotations
@@ -29,8 +31,9 @@ from vdit_deploy.config import ModelConfig
 from vdit_deploy.contract import BUILTIN, NULL_FILE, Contract
 from vdit_deploy.schedules import Schedule
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.variants import (DENOISER, GRAPH_PRECISIONS, KINDS, OLD_TAGS,
-                                         all_variant_files, find_variant, graph_precision, variant_file,
+from vdit_deploy.export.graph_files import check_external_data
+from vdit_deploy.export.variants import (DECODER_KINDS, DENOISER, FP16, GRAPH_PRECISIONS, KINDS, OLD_TAGS, TEXT_ENCODER,
+                                         STEP, all_variant_files, find_variant, graph_precision, variant_file,
                                          variant_files)
 
 # What a sample depends on: a digest of these catches edits. The precision tag is left out (variants
@@ -87,7 +90,7 @@ class ExportMetadata:
             hint = "; it was exported by an older vdit-deploy: re-export" if missing == ["vdit.digest"] else ""
             raise NotVditGraph(f"{source} is not a vdit export (metadata lacks {', '.join(missing)}){hint}")
         if props["vdit.digest"] != digest(props):
-            raise VditError(f"{source}: its vdit metadata was edited after export (the digest of kind, contract, "
+            raise VditError(f"{source}: its vdit metadata was edited after export (the checksum of kind, contract, "
                             "model, I/O, batch and checkpoint hash does not match); re-export it")
         where = f"{source} metadata"
 
@@ -118,7 +121,6 @@ class ExportMetadata:
         v.obj(versions, "vdit.versions", where=where, extra_ok=True)
         cache = parsed("vdit.cache") if "vdit.cache" in props else {}
         if cache:
-            from vdit_deploy.export.cache_export import check_cache_meta
             check_cache_meta(cache, where)
         return cls(kind=v.string(props["vdit.kind"], "vdit.kind", KINDS, where),
                    contract=Contract.from_dict(parsed("vdit.contract"), where), model=model, io=io,
@@ -157,7 +159,8 @@ def check_batch(batch, where: str) -> dict:
 
 def stamp(model, changes: dict[str, str]) -> None:
     """Set metadata props of an onnx ModelProto (a precision variant's tag, a test's edit) and
-    re-sign the digest: the one sanctioned way to change an export's metadata."""
+    recompute the checksum: the one sanctioned way to change an export's metadata. The checksum has no
+    key (anyone can recompute it): it catches accidental edits, not deliberate ones (README: Security model)."""
     props = {p.key: p.value for p in model.metadata_props}
     props.update(changes)
     if all(k in props for k in DIGESTED):
@@ -179,8 +182,9 @@ def read_metadata(path: str | Path) -> ExportMetadata:
     path = Path(path)
     if not path.is_file():
         raise VditError(f"{path}: no such ONNX file")
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    data = path.with_name(path.name + ".data")
+    key = tuple((str(p.resolve()), p.lstat().st_mtime_ns, p.lstat().st_size) if p.exists() or p.is_symlink() else ()
+                for p in (path, data))
     if key in _CACHE:
         return _CACHE[key]
     try:
@@ -188,6 +192,7 @@ def read_metadata(path: str | Path) -> ExportMetadata:
     except Exception as e:   # onnx raises DecodeError, ValueError... for non-ONNX bytes
         raise NotVditGraph(f"{path} is not an ONNX model: {type(e).__name__}") from None
     meta = ExportMetadata.from_props({p.key: p.value for p in model.metadata_props}, str(path))
+    check_external_data(model, path)     # before any command loads or copies it (graph_files.py)
     x_t = next((i for i in model.graph.input if i.name == "x_t"), None)
     if x_t is not None:
         dims = [d.dim_value if d.HasField("dim_value") else None for d in x_t.type.tensor_type.shape.dim]
@@ -212,7 +217,10 @@ def check_export_dir(path: str | Path, skipped: list[str] | None = None) -> dict
     path = Path(path)
     metas = {}
     ours = all_variant_files()
+    decoders = all_variant_files((*DECODER_KINDS, TEXT_ENCODER))   # the VAE's and text encoder's: other models
     for file in sorted(path.glob("*.onnx")):
+        if file.name in decoders:
+            continue
         if file.name not in ours:
             if skipped is not None:
                 skipped.append(f"{file.name}: not a file name vdit gives a graph ({', '.join(sorted(ours))})")
@@ -238,6 +246,16 @@ def check_export_dir(path: str | Path, skipped: list[str] | None = None) -> dict
     return metas
 
 
+def check_variant_complete(export_dir: Path, precision: str) -> None:
+    """An fp16 variant is both graphs or neither (calibration/fp16.publish_variant): a denoiser.fp16.onnx
+    without step.fp16.onnx beside a step.onnx would silently sample with the host-side step."""
+    export_dir = Path(export_dir)
+    if precision == FP16 and (export_dir / variant_file(STEP)).is_file() and \
+            find_variant(export_dir, DENOISER, FP16) and not find_variant(export_dir, STEP, FP16):
+        raise VditError(f"{export_dir} has {variant_file(DENOISER, FP16)} without {variant_file(STEP, FP16)} (from an "
+                        "interrupted or older `vdit calibrate fp16`): run `vdit calibrate fp16` again")
+
+
 def find_onnx(path: str | Path, kind: str = DENOISER, precision: str = "fp32") -> Path:
     """An export directory or a file -> the .onnx file of that kind and precision."""
     path = Path(path)
@@ -254,21 +272,24 @@ def find_onnx(path: str | Path, kind: str = DENOISER, precision: str = "fp32") -
     return found
 
 
-def check_export_out(out: str | Path) -> Path:
-    """Before exporting into `out`: it must be writable, and, when it exists, hold only what an export
-    writes. Re-exporting replaces the whole directory, so fp16/int8 variants, engines or calibration
-    sets kept there (made from the old graphs) would silently go: refuse and name them instead."""
-    from vdit_deploy.files import check_output
+def export_own_files(out: str | Path, refuse: bool = True) -> list[str]:
+    """Before exporting into `out`: it must be writable, and, when it holds an export, the names of
+    what else it holds. Re-exporting replaces the whole directory, so fp16/int8 variants, engines or
+    calibration sets kept there (made from the old graphs) would silently go: with `refuse`, name them
+    in a one-line error instead."""
+    from vdit_deploy.files import check_output, remove_dead_temporaries
 
     out = check_output(out, is_dir=True, marker=variant_file(DENOISER))
-    if out.is_dir():
-        own = {variant_file(k) for k in KINDS} | {variant_file(k) + ".data" for k in KINDS} | {NULL_FILE}
-        others = sorted(p.name for p in out.iterdir() if p.name not in own)
-        if others and (out / variant_file(DENOISER)).is_file():
-            raise VditError(f"{out} also holds {', '.join(others[:4])}{' ...' if len(others) > 4 else ''}, "
-                            "made from the graphs a new export replaces; move or delete them, or export to "
-                            "another --out")
-    return out
+    remove_dead_temporaries(out)      # a killed `calibrate` leaves its temporaries: not the user's files
+    if not (out / variant_file(DENOISER)).is_file():
+        return []
+    own = {variant_file(k) for k in KINDS} | {variant_file(k) + ".data" for k in KINDS} | {NULL_FILE}
+    others = sorted(p.name for p in out.iterdir() if p.name not in own)
+    if others and refuse:
+        raise VditError(f"{out} also holds {', '.join(others[:4])}{' ...' if len(others) > 4 else ''}, "
+                        "made from the graphs a new export replaces; move or delete them, or export to "
+                        "another --out")
+    return others
 
 
 def describe_onnx(path: str | Path) -> str:
@@ -277,6 +298,8 @@ def describe_onnx(path: str | Path) -> str:
     files = sorted(path.glob("*.onnx")) if path.is_dir() else [path]
     lines = []
     for file in files:
+        if file.name in all_variant_files(DECODER_KINDS):      # the VAE's: decode.describe_decoder (vdit info)
+            continue
         meta = read_metadata(file)
         cfg, contract = meta.config, meta.contract
         lines.append(f"{file}  ({file.stat().st_size / 1e6:.1f} MB, {meta.kind}, {meta.precision})")
@@ -284,6 +307,12 @@ def describe_onnx(path: str | Path) -> str:
         lines.append(f"  contract   latent {list(contract.latent)}, output {contract.output}, "
                      f"cond {contract.describe_cond()}")
         lines.append(f"  schedule   {json.dumps(meta.schedule.to_dict())}")
+        from vdit_deploy.sampling import describe_sampling
+
+        lines += [f"  {line}" for line in describe_sampling(contract).splitlines()]
+        if contract.family:   # the adapter every stage rebuilds (vdit_deploy/families/)
+            lines.append(f"  family     {contract.family['name']}: x_t (B, C, F, H, W), the model is fed "
+                         f"{contract.family['layout']}; args {json.dumps(contract.family['args'])}")
         lines.append(f"  batch      {meta.batch}")
         for direction in ("inputs", "outputs"):
             for spec in meta.io.get(direction, []):
@@ -299,3 +328,13 @@ def describe_onnx(path: str | Path) -> str:
 # step.onnx's solver state: (input, the output the next step feeds into it).
 STEP_STATE = (("x0_prev", "x0"), ("corr", "corr_next"))
 NULL_PREFIX = "null_"      # step.onnx's null conditioning inputs: null_<name> for each conditioning input
+
+
+def check_cache_meta(cache, where: str) -> dict:
+    v.obj(cache, "vdit.cache", required=("blocks", "depth", "ctx", "error"), where=where, extra_ok=True)
+    depth = v.integer(cache["depth"], "cache depth", 2, where=where)
+    v.integer(cache["blocks"], "cache blocks", 1, depth - 1, where)
+    if not isinstance(cache["ctx"], list) or not all(isinstance(c, str) and c.isidentifier() for c in cache["ctx"]):
+        v.fail(where, "vdit.cache ctx must be a list of names")
+    v.number(cache["error"], "cache error", 0, where=where)
+    return cache

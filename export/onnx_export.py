@@ -21,358 +21,73 @@ the contract's named axes (a text model's token count) stay dynamic.
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
 import shutil
-import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn as nn
-
 from vdit_deploy.config import check_memory
-from vdit_deploy.contract import BATCH, Contract
-from vdit_deploy.samplers import COEF_NAMES
+from vdit_deploy.contract import BATCH
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, ExportMetadata
+from vdit_deploy.export.metadata import ExportMetadata
+from vdit_deploy.export.step_module import GuidedUpdate  # noqa: F401 (callers import it from here)
+from vdit_deploy.export.tracing import (DEFAULT_BATCH, OPSET, ExportFailed, _check_batch, _export, _io,
+                                        _weights_bytes, check_options, compose_step, denoiser_inputs,
+                                        example_inputs, fixed_sizes, traced_size, versions)
+from vdit_deploy.export.tracing import _check_saved, _trace, export_denoiser, step_inputs  # noqa: F401
 from vdit_deploy.export.variants import DENOISER, STEP, variant_file
-from vdit_deploy.files import atomic_path, check_output, temp_dir
-
-OPSET = 18                     # LayerNormalization needs 17; 18 is the dynamo exporter's native opset
-DEFAULT_BATCH = (1, 8)         # videos per call; denoiser.onnx also takes 2x that (cond + null)
-PROTOBUF_LIMIT = 2 ** 31       # a single ONNX file cannot exceed 2 GB: larger models keep weights beside it
-
-STEP_TAIL = ("guidance", "coefs", "noise", *(i for i, _ in STEP_STATE))
-STEP_OUTPUTS = ("x_prev", *(o for _, o in STEP_STATE))
-
-
-def denoiser_inputs(contract: Contract) -> tuple:
-    return ("x_t", "t", *contract.names)
-
-
-def step_inputs(contract: Contract) -> tuple:
-    return ("x_t", "t", *contract.names, *(NULL_PREFIX + n for n in contract.names), *STEP_TAIL)
-
-
-# ---- the graphs ------------------------------------------------------------------------------
-def apply_step(x_t, out, coefs, noise, x0_prev, corr) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """samplers.apply_step in torch, op for op (tests compare the graph with the numpy version).
-    `out` is the model output: eps, v or x0 in its first C channels (the coefs convert), then, for an
-    eps+var model, the learned variance v_var in [-1, 1]: DDPM's noise std is then
-    exp((log_var_min + (v_var + 1) / 2 (log_var_max - log_var_min)) / 2) (Nichol & Dhariwal 2021)."""
-    (a, b, clip, c_x0, c_xt, c_eps, sigma, c_x0_prev, c_corr, d_x0, d_xt, d_x0_prev, d_corr,
-     log_var_min, log_var_max, learned_var) = coefs.unbind(0)
-    c = x_t.shape[1]
-    pred = out[:, :c]
-    ax = a * x_t
-    x0 = torch.minimum(torch.maximum(ax - b * pred, -clip), clip)                # Min/Max: no Clip-with-inputs
-    eps_hat = (ax - x0) / b
-    x_prev = c_x0 * x0 + c_xt * x_t + c_eps * eps_hat
-    x_prev = x_prev + c_x0_prev * x0_prev + c_corr * corr
-    corr_next = d_x0 * x0 + d_xt * x_t + d_x0_prev * x0_prev + d_corr * corr
-    std = sigma                                                                   # sigma = 0: noise is zeros
-    if out.shape[1] == 2 * c:                                                     # eps+var: learned std
-        frac = (out[:, c:] + 1) * 0.5
-        std = std + learned_var * torch.exp(0.5 * (log_var_min + frac * (log_var_max - log_var_min)))
-    return x_prev + std * noise, x0, corr_next
-
-
-def guide(out_cond, out_null, guidance, channels: int):
-    """Classifier-free guidance on the prediction's C channels; a learned variance comes from the
-    conditional pass (as DiT does: guidance would push it out of [-1, 1])."""
-    pred = out_null[:, :channels] + guidance * (out_cond[:, :channels] - out_null[:, :channels])
-    return torch.cat([pred, out_cond[:, channels:]], 1) if out_cond.shape[1] > channels else pred
-
-
-class GuidedUpdate(nn.Module):
-    """What follows the 2B denoiser call in a guided step: (x_t, out (2B, kC, F, H, W), guidance, coefs,
-    noise, x0_prev, corr) -> (x_prev, x0, corr_next)."""
-
-    def forward(self, x_t, out, guidance, coefs, noise, x0_prev, corr):
-        b = x_t.shape[0]
-        out = guide(out[:b], out[b:], guidance, x_t.shape[1])     # slices, not chunk(2): chunk pins B
-        return apply_step(x_t, out, coefs, noise, x0_prev, corr)
-
-
-class FusedStep(nn.Module):
-    """One guided sampler step: (x_t, t, *cond, *null_cond, guidance, coefs, noise, x0_prev, corr)
-    -> (x_prev, x0, corr_next). step.onnx is this, built from denoiser.onnx (compose_step)."""
-
-    def __init__(self, denoiser: nn.Module, n_cond: int):
-        super().__init__()
-        self.denoiser, self.n_cond, self.update = denoiser, n_cond, GuidedUpdate()
-
-    def forward(self, x_t, t, *rest):
-        n = self.n_cond
-        cond, null, tail = rest[:n], rest[n:2 * n], rest[2 * n:]
-        both = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                             *(torch.cat([c, u]) for c, u in zip(cond, null)))   # (2B, kC, F, H, W)
-        return self.update(x_t, both, *tail)
-
-
-class Unguided(nn.Module):
-    """A step without classifier-free guidance: one B batch, then the same update as FusedStep."""
-
-    def __init__(self, denoiser: nn.Module, n_cond: int):
-        super().__init__()
-        self.denoiser, self.n_cond = denoiser, n_cond
-
-    def forward(self, x_t, t, *rest):
-        cond, (coefs, noise, x0_prev, corr) = rest[:self.n_cond], rest[self.n_cond:]
-        return apply_step(x_t, self.denoiser(x_t, t, *cond), coefs, noise, x0_prev, corr)
-
-
-def _weights_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-
-
-def _dynamic_shapes(module: nn.Module, axes: list, ranges: dict):
-    """Per input, its named axes ("batch", "seq", ... or None for fixed) -> torch.export dynamic shapes,
-    grouped as forward's signature takes them (a *args parameter is one tuple); an axis whose range is
-    one value stays static. None when nothing is dynamic."""
-    import inspect
-
-    dims = {name: torch.export.Dim(name, min=lo, max=hi) for name, (lo, hi) in ranges.items() if lo < hi}
-    shapes = tuple({i: dims[a] for i, a in enumerate(names) if a in dims} or None for names in axes)
-    if not any(shapes):
-        return None
-    params = list(inspect.signature(module.forward).parameters.values())
-    star = next((i for i, p in enumerate(params) if p.kind is p.VAR_POSITIONAL), None)
-    return shapes if star is None else (*shapes[:star], shapes[star:])
-
-
-def _export(module: nn.Module, example_inputs: tuple, path: Path, input_names, output_names,
-            axes: list, ranges: dict, opset: int,
-            metadata: dict[str, str] | None, external_data: bool | None) -> Path:
-    """Export with dynamo, stamp metadata, save (external data over 2 GB), then check the saved file.
-    axes: each input's axis names (None for fixed axes); ranges: axis name -> (min, max)."""
-    module = module.eval()
-    if external_data is None:
-        external_data = _weights_bytes(module) > PROTOBUF_LIMIT * 0.9   # leave room for the graph
-    program = _trace(module, example_inputs, input_names, output_names, _dynamic_shapes(module, axes, ranges), opset)
-    for value, names in zip(program.model.graph.inputs, axes):   # the exporter may fall back to static shapes
-        for i, name in enumerate(names):                           # with only a warning
-            lo, hi = ranges.get(name, (1, 1))
-            if lo < hi and isinstance(value.shape[i], int):            # onnx_ir: int (static) or SymbolicDim
-                raise VditError(f"ONNX export of {type(module).__name__}: axis {name} of {value.name} came out "
-                                f"static ({value.shape[i]}); the model's forward must not depend on it")
-    program.model.metadata_props.update(metadata or {})
-    program.model.producer_name = "vdit-deploy"
-    program.save(str(path), external_data=external_data)
-    return _check_saved(path)
-
-
-def _trace(module: nn.Module, example_inputs: tuple, input_names, output_names, dynamic_shapes, opset: int):
-    """torch.onnx's dynamo export -> its ONNXProgram, quietly; failures as one VditError line."""
-    try:
-        # the exporter prints progress to stdout and warns about ops it skips: keep the CLI quiet
-        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            for name in ("torch.onnx", "onnxscript"):     # the optimizer logs what it does not fold
-                logging.getLogger(name).setLevel(logging.ERROR)
-            return torch.onnx.export(
-                module, tuple(example_inputs), dynamo=True, opset_version=opset, optimize=True,
-                input_names=list(input_names), output_names=list(output_names),
-                dynamic_shapes=dynamic_shapes, verbose=False, report=False)
-    except Exception as e:   # torch.export raises many types; keep the user-facing error one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise VditError(f"ONNX export of {type(module).__name__} failed: {type(e).__name__}: {first}") from None
-
-
-def _check_saved(path: Path) -> Path:
-    """full_check runs strict shape inference too; checking the path works for > 2 GB models."""
-    import onnx
-
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except Exception as e:
-        raise VditError(f"{path.name} fails the ONNX checker: {str(e).splitlines()[0]}") from None
-    return path
-
-
-def compose_step(denoiser_path: Path, path: Path, contract: Contract, batch: tuple[int, int], opset: int,
-                 metadata: dict[str, str], external_data: bool) -> Path:
-    """step.onnx from a denoiser graph that takes the 2B rows (denoiser.onnx, or for a fixed batch N one
-    traced at 2N), with no trace of the whole step: Concat nodes make the 2B batch
-    (x_t twice, t twice, each conditioning input with its null_<name>), the denoiser graph runs it, and
-    GuidedUpdate (traced alone: no weights) guides and updates. Tracing FusedStep whole makes
-    torch.export's symbolic shapes grow with the depth through the 2B batch (a 12-layer Latte: 440 s
-    against 34 s for its denoiser; 28 layers did not finish in 25 min); composing takes seconds.
-    The denoiser's weights are moved, not copied, into the step graph."""
-    import onnx
-    from onnx import helper
-
-    lo, hi = batch
-    n = traced_size(lo, hi, fixed_sizes(contract)) if lo < hi else lo   # the batch traced
-    video = lambda: torch.zeros(n, *contract.latent)           # distinct tensors: export ties aliased inputs
-    example = (video(), torch.zeros(2 * n, contract.out_channels, *contract.latent[1:]), torch.tensor([2.0]),
-               torch.linspace(0.1, 1.5, len(COEF_NAMES)), video(), video(), video())
-    dim = torch.export.Dim("batch", min=lo, max=hi) if lo < hi else None
-    shapes = None if dim is None else ({0: dim}, {0: 2 * dim}, None, None, {0: dim}, {0: dim}, {0: dim})
-    update = _trace(GuidedUpdate(), example, ("x_t", "out", *STEP_TAIL), STEP_OUTPUTS, shapes, opset).model_proto
-    onnx.compose.add_prefix_graph(update.graph, "update/", rename_inputs=False, rename_outputs=False, inplace=True)
-
-    model = onnx.load(str(denoiser_path))                       # weights and all
-    g = model.graph
-    inputs = {i.name: i for i in g.input}
-    names = denoiser_inputs(contract)                           # x_t, t, *cond: the 2B rows
-    doubled = {n: f"{n}_2b" for n in names}
-    for node in g.node:
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            raise VditError(f"{denoiser_path.name} has control flow ({node.op_type}): its step graph cannot be composed")
-        node.input[:] = [doubled.get(i, i) for i in node.input]
-    concat = [helper.make_node("Concat", [n, NULL_PREFIX + n if n in contract.names else n], [doubled[n]],
-                               name=f"step/concat_{n}", axis=0) for n in names]
-    nodes = [*concat, *g.node, *update.graph.node]             # in topological order
-    del g.node[:]
-    g.node.extend(nodes)
-    specs = {i.name: i for i in update.graph.input}             # x_t and the tail, batch B
-    for name in names[1:]:                                      # t and the conditioning: the denoiser's specs
-        for spec_name in (name, NULL_PREFIX + name) if name in contract.names else (name,):
-            spec = specs[spec_name] = onnx.ValueInfoProto()
-            spec.CopyFrom(inputs[name])
-            spec.name = spec_name
-            first = spec.type.tensor_type.shape.dim[0]          # the denoiser's 2B rows -> the step's B
-            if dim is None:
-                first.dim_value = lo
-            else:
-                first.dim_param = "batch"
-    del g.input[:]
-    g.input.extend(specs[name] for name in step_inputs(contract))
-    del g.output[:]
-    g.output.extend(update.graph.output)
-    del g.value_info[:]                                         # the denoiser's are of its 2B batch
-    g.initializer.extend(update.graph.initializer)
-    model.functions.extend(update.functions)
-    del model.metadata_props[:]
-    model.metadata_props.extend(onnx.StringStringEntryProto(key=k, value=v) for k, v in metadata.items())
-    onnx.save_model(model, str(path), save_as_external_data=external_data, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
-    return _check_saved(path)
-
-
-def export_denoiser(module: nn.Module, example_inputs: tuple, out_path: str | Path,
-                    input_names: tuple = ("x_t", "t", "y"), batch: tuple[int, int] | None = DEFAULT_BATCH,
-                    fixed_batch: int | None = None, opset: int = OPSET, metadata: dict[str, str] | None = None,
-                    external_data: bool | None = None) -> Path:
-    """Export any `module(x_t, t, *cond) -> out` to one .onnx file with a dynamic batch (no vdit metadata
-    unless given; export_source writes a whole export directory).
-
-    example_inputs: tensors named by input_names; their batch size must lie in `batch` (min, max), the
-    dynamic batch range, or equal `fixed_batch` for a fixed-shape export (edge builds). external_data:
-    keep weights in `<name>.data` beside the file (None: only when they exceed 2 GB). Written atomically."""
-    out_path = Path(out_path)
-    if out_path.suffix != ".onnx":
-        raise VditError(f"{out_path}: the output file must end in .onnx")
-    if len(example_inputs) != len(input_names):
-        raise VditError(f"example_inputs must be {', '.join(input_names)}: got {len(example_inputs)} tensors")
-    batch = _check_batch(batch, fixed_batch, example_inputs[0].shape[0])
-    check_output(out_path)
-    with temp_dir(out_path) as tmp:   # same filesystem: the renames below are atomic
-        _export(module, example_inputs, tmp / out_path.name, input_names, ("out",),
-                [[BATCH] + [None] * (x.dim() - 1) for x in example_inputs], {BATCH: batch or (1, 1)}, opset,
-                metadata, external_data)
-        for file in tmp.iterdir():   # the .onnx last: a reader never sees it without its .data
-            if file.suffix != ".onnx":
-                os.replace(file, out_path.parent / file.name)
-        os.replace(tmp / out_path.name, out_path)
-    return out_path
-
-
-def _check_batch(batch, fixed_batch, example_batch):
-    if fixed_batch is not None:
-        if fixed_batch < 1:
-            raise VditError(f"fixed batch must be >= 1, got {fixed_batch}")
-        if example_batch != fixed_batch:
-            raise VditError(f"example inputs have batch {example_batch}, the fixed batch is {fixed_batch}")
-        return None
-    lo, hi = batch
-    if not 1 <= lo <= hi:
-        raise VditError(f"batch range must be 1 <= MIN <= MAX, got {lo}:{hi}")
-    if hi < 2:   # torch.export specialises a dimension whose only value is 1
-        raise VditError(f"a dynamic batch range needs MAX >= 2 (got {lo}:{hi}); use a fixed batch of 1 instead")
-    if not lo <= example_batch <= hi:
-        raise VditError(f"example inputs have batch {example_batch}, outside the batch range {lo}:{hi}")
-    return lo, hi
-
-
-# ---- a model -> export directory ------------------------------------------------------------------
-def _io(contract: Contract, kind: str, batch_name: str) -> dict:
-    video = [batch_name, *contract.latent]
-    spec = lambda name, shape, dtype, layout: {"name": name, "shape": shape, "dtype": dtype, "layout": layout}
-    cond = [spec(c.name, [batch_name, *c.shape[1:]], c.dtype, c.doc or "conditioning") for c in contract.cond]
-    inputs = [spec("x_t", video, "float32", "NCFHW noisy video latents"),
-              spec("t", [batch_name], "float32", f"diffusion timestep 0..{contract.schedule.num_timesteps - 1}"),
-              *cond]
-    if kind == STEP:
-        inputs += [{**c, "name": NULL_PREFIX + c["name"], "layout": "null conditioning (null_cond.safetensors, "
-                                                                     "repeated over the batch)"} for c in cond]
-        inputs += [spec("guidance", [1], "float32", "classifier-free guidance scale"),
-                   spec("coefs", [len(COEF_NAMES)], "float32", " ".join(COEF_NAMES)),
-                   spec("noise", video, "float32", "N(0, I) for a stochastic step, else zeros"),
-                   spec("x0_prev", video, "float32", "the previous step's x0 output (zeros at the first step)"),
-                   spec("corr", video, "float32", "the previous step's corr_next output (zeros at the first step)")]
-        outputs = [spec("x_prev", video, "float32", "NCFHW video at the next (earlier) timestep"),
-                   spec("x0", video, "float32", "this step's clipped data prediction (the next x0_prev)"),
-                   spec("corr_next", video, "float32", "UniPC's corrector part for the next step (the next corr)")]
-    else:
-        out = [batch_name, contract.out_channels, *contract.latent[1:]]
-        outputs = [spec("out", out, "float32", f"NCFHW model output: {contract.output}")]
-    return {"inputs": inputs, "outputs": outputs}
-
-
-def versions() -> dict:
-    import onnx
-    import onnxscript
-
-    import vdit_deploy
-    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
-            "vdit-deploy": vdit_deploy.__version__, "exporter": "torch.onnx dynamo"}
-
-
-def fixed_sizes(contract: Contract) -> set:
-    """The sizes of the graphs' fixed axes: a traced dynamic size must differ from each (traced_size)."""
-    return {*contract.latent, contract.out_channels, *(d for c in contract.cond for d in c.shape if isinstance(d, int))}
-
-
-def traced_size(lo: int, hi: int, taken) -> int:
-    """A size in lo..hi (at least 2: torch.export specialises 0 and 1) that no fixed axis has: torch.export
-    ties equal sizes together (a batch of 2 traced with 2 frames comes out a static 2)."""
-    free = [n for n in range(max(lo, 2), hi + 1) if n not in taken]
-    return free[0] if free else max(lo, min(hi, 2))
-
-
-def example_inputs(contract: Contract, batch: int, seed: int = 0) -> tuple:
-    """Traced inputs: random video, mid-schedule t, random conditioning; named axes at a size inside
-    their range that no other axis has (torch.export would tie equal sizes together)."""
-    rng = np.random.default_rng(seed)
-    taken = {*fixed_sizes(contract), batch, 2 * batch}
-    sizes = {}
-    for name, (lo, hi) in contract.axes.items():
-        sizes[name] = traced_size(max(lo, 7) if hi >= 7 else lo, hi, taken)
-        taken.add(sizes[name])
-    cond = contract.example_cond(batch, rng, sizes)
-    x = torch.from_numpy(rng.standard_normal((batch, *contract.latent), dtype=np.float32))
-    t = torch.full((batch,), contract.schedule.num_timesteps / 2)
-    return (x, t, *(torch.from_numpy(cond[name]) for name in contract.names))
+from vdit_deploy.files import atomic_path
+from vdit_deploy.progress import note
+from vdit_deploy.threads import apply_torch
 
 
 def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_BATCH, fixed: int | None = None,
-                  opset: int = OPSET, external_data: bool | None = None, cache_split: int | None = None) -> Path:
+                  opset: int = OPSET, external_data: bool | None = None, keep_foreign: bool = False,
+                  progress: bool = False, cache_split: int | None = None, log=None) -> Path:
+    """export_directory with the batch fallback: a family whose forward pins the batch (families/) is
+    exported at a fixed batch (the range's minimum) at once, and a dynamic batch that fails to trace or
+    comes out static falls back to it; `log` gets the one-line note (default: stderr)."""
+    import sys
+
+    note_ = log or (lambda line: print(line, file=sys.stderr))
+    rest = dict(opset=opset, external_data=external_data, keep_foreign=keep_foreign, progress=progress,
+                cache_split=cache_split)
+    if fixed is None and source.contract.family:
+        from vdit_deploy import families
+
+        family = families.by_name(source.contract.family["name"])
+        if not family.dynamic_batch:
+            note_(f"note: {family.cls} is exported at a fixed batch of {batch[0]}: {family.batch_note} "
+                  "(--fixed-batch N for another)")
+            return export_directory(source, out_dir, batch, batch[0], **rest)
+    if fixed is not None or cache_split is not None:     # step caching's split needs the dynamic batch
+        return export_directory(source, out_dir, batch, fixed, **rest)
+    try:
+        return export_directory(source, out_dir, batch, None, **rest)
+    except ExportFailed as e:
+        note_(f"note: the batch could not stay dynamic ({e}); exporting at a fixed batch of {batch[0]} "
+              "(--fixed-batch N for another)")
+        return export_directory(source, out_dir, batch, batch[0], **rest)
+
+
+def export_directory(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_BATCH, fixed: int | None = None,
+                     opset: int = OPSET, external_data: bool | None = None, keep_foreign: bool = False,
+                     progress: bool = False, cache_split: int | None = None) -> Path:
     """A Source (sources.py: module + contract + null conditioning) -> out_dir/{denoiser,step}.onnx and
     null_cond.safetensors, written atomically (the directory is replaced).
 
     batch (min, max) is the number of videos per call; denoiser.onnx accepts up to 2*max so that a
     host-side guided step (cond + null) fits. fixed=N: a static batch, both graphs take exactly N (the
-    contract's named axes stay dynamic). cache_split=K: also step caching's head/tail graphs cut after
-    block K (export/cache_export.py)."""
-    from vdit_deploy.contract import save_null
+    contract's named axes stay dynamic). progress: one stderr line per stage (vdit_deploy/progress.py).
+    cache_split=K: also step caching's head/tail graphs cut after block K (export/cache_export.py).
 
-    if opset < 17:
-        raise VditError(f"opset must be >= 17 (LayerNormalization), got {opset}")
+    An existing export in out_dir is replaced whole. Other files beside its graphs (fp16/int8 variants,
+    engines, calibration sets: made from the graphs this export replaces) are refused, as `vdit export`
+    refuses them, unless keep_foreign: then they are carried into the new directory as they are."""
+    from vdit_deploy.contract import save_null
+    from vdit_deploy.export.metadata import export_own_files
+
+    apply_torch()
+    check_options(batch, fixed, opset)
     contract, denoiser = source.contract, source.module.eval()
     if cache_split is not None:   # before any work: a model it cannot split, a K out of range, a fixed batch
         from vdit_deploy.cache_split import split
@@ -394,11 +109,16 @@ def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_
     video_axes = [BATCH] + [None] * 4
     cond_axes = [[a if isinstance(a, str) else None for a in c.shape] for c in contract.cond]
     out_dir = Path(out_dir)
+    foreign = export_own_files(out_dir, refuse=not keep_foreign)
+    say = note if progress else (lambda message: None)
     with atomic_path(out_dir, is_dir=True, marker=variant_file(DENOISER)) as tmp:
+        say(f"export 1/2: tracing {variant_file(DENOISER)} with torch.export ({_weights_bytes(denoiser) / 1e6:.0f} MB "
+            "of weights; the longest stage: seconds for a small model, minutes for 1 B parameters)")
         meta = ExportMetadata(DENOISER, io=_io(contract, DENOISER, bname), batch=den_meta, **common)
         _export(denoiser, example, tmp / variant_file(DENOISER), denoiser_inputs(contract), ("out",),
                 [video_axes, [BATCH], *cond_axes], {**contract.axes, BATCH: den_range}, opset, meta.to_props(),
                 external_data)
+        say(f"export 2/2: composing {variant_file(STEP)} (the denoiser graph + the guided update)")
         meta = ExportMetadata(STEP, io=_io(contract, STEP, bname), batch=step_meta, **common)
         rows = tmp / variant_file(DENOISER)                      # a denoiser taking the 2B rows of a step
         if fixed is not None:                                    # denoiser.onnx takes N: trace one at 2N
@@ -416,21 +136,33 @@ def export_source(source, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_
                                 _io(contract, DENOISER, bname), _io(contract, STEP, bname), external_data)
         if contract.cond:
             save_null(source.null, tmp)
+        for name in foreign:                                     # keep_foreign: carried over as they are
+            os.replace(out_dir / name, tmp / name)
     return out_dir
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, batch: tuple[int, int] = DEFAULT_BATCH,
                       fixed: int | None = None, opset: int = OPSET, external_data: bool | None = None,
-                      cache_split: int | None = None, **source_options) -> Path:
+                      keep_foreign: bool = False, progress: bool = False, cache_split: int | None = None,
+                      log=None, **source_options) -> Path:
     """A model directory (vdit checkpoint or diffusers save_pretrained) -> export directory. The model
     is sized before it is loaded (a vdit checkpoint from its config, a diffusers one from its weights)."""
     from vdit_deploy.checkpoint import read_info
     from vdit_deploy.sources import is_diffusers_dir, load_source
 
-    if opset < 17:
-        raise VditError(f"opset must be >= 17 (LayerNormalization), got {opset}")
+    check_options(batch, fixed, opset)                       # before anything is loaded or traced
     n = fixed or max(2, batch[0])
-    if not is_diffusers_dir(checkpoint):
+    if not Path(checkpoint).is_dir():
+        raise VditError(f"{checkpoint}: no such model directory")
+    if is_diffusers_dir(checkpoint):
+        source_options["batch"] = 2 * n                      # sized from its config and headers, then loaded
+    else:
         check_memory(read_info(checkpoint).model.memory_bytes(2 * n), f"exporting at batch {n}")   # before loading
+    from vdit_deploy.export.metadata import export_own_files
+
+    export_own_files(out_dir, refuse=not keep_foreign)          # before the model is loaded
+    if progress:
+        note(f"export: loading {checkpoint}")
     source = load_source(checkpoint, **source_options)
-    return export_source(source, out_dir, batch, fixed, opset, external_data, cache_split)
+    return export_source(source, out_dir, batch, fixed, opset, external_data, keep_foreign, progress, cache_split,
+                         log)

@@ -1,20 +1,23 @@
 """An NVIDIA Triton Inference Server model repository for an export: `vdit serve-export EXPORT --triton DIR`.
 
-    DIR/vdit_denoiser/config.pbtxt   the denoiser (ONNX Runtime or a TensorRT plan), dynamic batching
-    DIR/vdit_denoiser/1/model.onnx   (or model.plan)
-    DIR/vdit_sampler/config.pbtxt    the DDIM loop as a Python-backend model
+    DIR/vdit_denoiser/config.pbtxt   the denoiser with dynamic batching, on one of BACKENDS:
+    DIR/vdit_denoiser/1/model.onnx     onnxruntime (Triton's ONNX Runtime backend), tensorrt (model.plan,
+                                       a `vdit build` engine: --engine), or python (model.py running vdit's
+                                       ONNX Runtime runtime in-process: the server `vdit serve` starts)
+    DIR/vdit_sampler/config.pbtxt    every sampler's loop as a Python-backend model
     DIR/vdit_sampler/1/model.py      calls the denoiser once per step through BLS
     DIR/vdit_sampler/1/null_cond.safetensors   the export's null conditioning (guidance's other half)
 
 One sampler request (the model contract's conditioning, each input by its name: `y` labels for the
-built-in model, `encoder_hidden_states` (B, L, D) text embeddings for a Latte; optional seed, steps,
-guidance, eta) runs a whole DDIM loop; the loop pairs the request's conditioning with the null
-conditioning it read from null_cond.safetensors beside model.py, so a client never sends it. The
-denoiser calls of concurrent requests are batched together by Triton's dynamic batcher (requests whose
-named axes, e.g. the token count, are equal), so throughput grows with load and the denoiser model can
-have instances on many GPUs. The step math is vdit_deploy's (the same noise for the same seed as
-`vdit sample`): the server's Python needs `pip install --no-deps vdit-deploy tqdm safetensors`.
-Nothing here imports tritonclient or torch; tests validate the configs against Triton's protobuf schema.
+built-in model, `encoder_hidden_states` (B, L, D) text embeddings for a Latte; optional seed, sampler,
+steps, order, eta, guidance: triton_python.REQUEST_OPTIONS) runs a whole sampling loop; the loop pairs the
+request's conditioning with the null conditioning it read from null_cond.safetensors beside model.py, so a
+client never sends it. The denoiser calls of concurrent requests are batched together by Triton's dynamic
+batcher (requests whose named axes, e.g. the token count, are equal), so throughput grows with load and
+the denoiser model can have instances on many GPUs. The Python models are vdit_deploy's
+(export/triton_python.py: the same noise for the same seed as `vdit sample`), so the server's Python needs
+`pip install vdit-deploy`. Nothing here imports tritonclient or torch; tests validate the configs against
+Triton's protobuf schema and run the python repository on a live server (tests/test_serve_live.py).
 """
 from __future__ import annotations
 
@@ -26,34 +29,18 @@ import numpy as np
 
 from vdit_deploy.contract import NULL_FILE, Contract, load_null
 from vdit_deploy.errors import VditError
+from vdit_deploy.export.triton_python import REQUEST_OPTIONS, model_py
 from vdit_deploy.files import atomic_path, check_inside
 
 DENOISER_MODEL, SAMPLER_MODEL = "vdit_denoiser", "vdit_sampler"
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
                  "bool": "TYPE_BOOL"}
 MAX_QUEUE_DELAY_US = 2000   # how long a denoiser call may wait for others to batch with
-OPTIONS = {"seed": ("TYPE_INT64", 0), "steps": ("TYPE_INT32", 50), "guidance": ("TYPE_FP32", 2.0),
-           "eta": ("TYPE_FP32", 0.0)}   # the sampler's optional request inputs and their defaults
-
-
-# ---- the sampling loop the Python model runs ----------------------------------------------------
-def sample_request(denoise, contract: Contract, cond: dict, null: dict, seed: int = 0, steps: int = 50,
-                   guidance: float = 2.0, eta: float = 0.0, max_videos: int | None = None) -> np.ndarray:
-    """One request: DDIM over `denoise(x_t, t, cond) -> out` (a BLS call in Triton), `cond` the
-    request's conditioning by name (batch first), `null` the export's batch-1 null conditioning.
-    -> (B, C, F, H, W) fp32."""
-    from vdit_deploy.samplers import make_steps
-    from vdit_deploy.sampling import sample
-
-    cond = contract.check_cond(cond, what="request")
-    b = contract.batch_of(cond)
-    if b == 0:
-        raise VditError(f"{contract.names[0]}: give the conditioning of at least one video")
-    if max_videos is not None and b > max_videos:
-        raise VditError(f"{contract.names[0]}: at most {max_videos} videos per request (the denoiser's batch limit), "
-                        f"got {b}")
-    plan = make_steps(contract.schedule, "ddim", int(steps), float(eta), prediction=contract.prediction)
-    return sample(denoise, contract, cond, plan, float(guidance), int(seed), null=null)
+# the denoiser's Triton backend -> its config line; python: vdit's ONNX Runtime runtime in a Python model,
+# what the tritonserver nvidia-pytriton ships can run (it has no ONNX Runtime or TensorRT backend)
+BACKENDS = {"onnxruntime": 'platform: "onnxruntime_onnx"', "tensorrt": 'platform: "tensorrt_plan"',
+            "python": 'backend: "python"'}
+SAMPLER_INSTANCES = 8       # concurrent sampling loops per server: the calls the dynamic batcher can merge
 
 
 # ---- config.pbtxt ---------------------------------------------------------------------------------
@@ -80,11 +67,12 @@ def _param(key: str, value: str) -> str:
     return f"parameters {{ key: {json.dumps(key)} value: {{ string_value: {json.dumps(value)} }} }}"
 
 
-def denoiser_config(io: dict, platform: str, max_batch: int, instances: int) -> str:
-    kind = "KIND_GPU" if platform == "tensorrt_plan" else "KIND_AUTO"   # AUTO: GPU if there is one
+def denoiser_config(io: dict, backend: str, max_batch: int, instances: int) -> str:
+    # AUTO: a GPU if there is one; the python model runs ONNX Runtime's CPU provider in its own process
+    kind = {"tensorrt": "KIND_GPU", "python": "KIND_CPU"}.get(backend, "KIND_AUTO")
     return "\n".join([
         f'name: "{DENOISER_MODEL}"',
-        f'platform: "{platform}"',
+        BACKENDS[backend],
         f"max_batch_size: {max_batch}",
         "input [", ",\n".join(_tensor(s) for s in io["inputs"]), "]",
         "output [", ",\n".join(_tensor(s) for s in io["outputs"]), "]",
@@ -100,7 +88,7 @@ def sampler_config(meta, max_videos: int, instances: int) -> str:
     cond = [f'  {{ name: "{c.name}" data_type: {TRITON_DTYPES[c.dtype]} dims: [ {", ".join(map(str, _dims(c.shape)))} ] }}'
             for c in contract.cond]
     options = [f'  {{ name: "{name}" data_type: {dtype} dims: [ 1 ] optional: true }}'
-               for name, (dtype, _) in OPTIONS.items()]
+               for name, dtype in REQUEST_OPTIONS.items()]
     return "\n".join([
         f'name: "{SAMPLER_MODEL}"',
         'backend: "python"',
@@ -117,69 +105,6 @@ def sampler_config(meta, max_videos: int, instances: int) -> str:
         _param("max_videos", str(max_videos)),
         _param("checkpoint_sha256", meta.checkpoint_sha256),
         ""])
-
-
-MODEL_PY = '''"""Triton Python-backend model: vdit DDIM sampling, one BLS call to {denoiser} per step.
-
-Generated by `vdit serve-export`. Needs vdit-deploy in the server's Python:
-    pip install --no-deps vdit-deploy tqdm safetensors
-Inputs: the model contract's conditioning by name ({cond}), one row per video; optional seed int64 [1]
-(0), steps int32 [1] (50), guidance fp32 [1] (2.0), eta fp32 [1] (0.0). The null conditioning guidance
-pairs it with is null_cond.safetensors beside this file. Output: video fp32 [B, C, F, H, W] in [-1, 1],
-the same as `vdit sample --seed`.
-"""
-import json
-from pathlib import Path
-
-import triton_python_backend_utils as pb_utils
-
-from vdit_deploy.contract import Contract, load_null
-from vdit_deploy.export.triton import OPTIONS, sample_request
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {{k: v["string_value"] for k, v in config.get("parameters", {{}}).items()}}
-        self.denoiser = params["denoiser"]
-        self.contract = Contract.from_dict(json.loads(params["contract"]))
-        self.null = load_null(self.contract, Path(__file__).parent)   # checked against the contract's hash
-        self.max_videos = int(params["max_videos"])
-        # the denoiser may run on a GPU: ask Triton for its output in host memory (numpy math here)
-        self.cpu = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
-
-    def denoise(self, x_t, t, cond):
-        # x_t (2B, C, F, H, W) with guidance; per-sample scalars (t, a label) go as (2B, 1): the
-        # denoiser config reshapes them to (2B,)
-        scalar = lambda a: a.reshape(-1, 1) if a.ndim == 1 else a
-        inputs = [pb_utils.Tensor("x_t", x_t), pb_utils.Tensor("t", scalar(t))]
-        inputs += [pb_utils.Tensor(name, scalar(value)) for name, value in cond.items()]
-        request = pb_utils.InferenceRequest(model_name=self.denoiser, requested_output_names=["out"],
-                                            inputs=inputs, preferred_memory=self.cpu)
-        response = request.exec()
-        if response.has_error():
-            raise pb_utils.TritonModelException(response.error().message())
-        return pb_utils.get_output_tensor_by_name(response, "out").as_numpy()
-
-    def read(self, request):
-        args = {{"cond": {{name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()
-                         for name in self.contract.names}}}}
-        for name, (_, default) in OPTIONS.items():
-            tensor = pb_utils.get_input_tensor_by_name(request, name)
-            args[name] = type(default)(tensor.as_numpy().reshape(-1)[0]) if tensor is not None else default
-        return args
-
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                video = sample_request(self.denoise, self.contract, null=self.null, max_videos=self.max_videos,
-                                       **self.read(request))
-                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("video", video)]))
-            except Exception as e:   # a bad request fails alone, with its message
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e))))
-        return responses
-'''
 
 
 # ---- the repository -----------------------------------------------------------------------------
@@ -208,10 +133,13 @@ def _engine_batch(engine: Path, contract: Contract) -> tuple[int, str]:
 
 
 def write_triton_repo(export_dir: str | Path, out_dir: str | Path, engine: str | Path | None = None,
-                      precision: str = "fp32", instances: int = 1, sampler_instances: int = 4) -> list[str]:
-    """Write the repository (atomically: DIR appears complete or not at all). -> notes for the user."""
+                      precision: str = "fp32", instances: int = 1, sampler_instances: int = SAMPLER_INSTANCES,
+                      backend: str | None = None) -> list[str]:
+    """Write the repository (atomically: DIR appears complete or not at all). -> notes for the user.
+    backend: one of BACKENDS for the denoiser (default: tensorrt with an engine, else onnxruntime)."""
     from vdit_deploy.export.metadata import DENOISER, find_onnx, read_metadata
 
+    backend = check_backend(backend, engine)
     onnx_path = find_onnx(export_dir, DENOISER, precision)
     meta = read_metadata(onnx_path)
     if meta.kind != DENOISER:
@@ -223,14 +151,14 @@ def write_triton_repo(export_dir: str | Path, out_dir: str | Path, engine: str |
     if engine is not None:
         engine = Path(engine)
         max_batch, note = _engine_batch(engine, meta.contract)
-        platform, model_file = "tensorrt_plan", "model.plan"
+        model_file = "model.plan"
         notes.append(note)
     else:
         lo, hi = meta.batch_range()
         if lo != 1:
             raise VditError(f"{onnx_path} accepts batch {lo}..{hi}; Triton's dynamic batcher needs batch 1 allowed")
         max_batch = min(hi, 256)
-        platform, model_file = "onnxruntime_onnx", "model.onnx"
+        model_file = "model.onnx"
     if max_batch < 2:
         raise VditError(f"the denoiser accepts at most batch {max_batch}; guidance needs 2 per video")
     max_videos = max_batch // 2          # guidance runs each video twice (cond + null) in one call
@@ -247,14 +175,37 @@ def write_triton_repo(export_dir: str | Path, out_dir: str | Path, engine: str |
             shutil.copyfile(onnx_path, den / model_file)
             if data.is_file():   # external weights keep the name the graph refers to
                 shutil.copyfile(data, den / data.name)
-        (tmp / DENOISER_MODEL / "config.pbtxt").write_text(denoiser_config(meta.io, platform, max_batch, instances))
-        sam = tmp / SAMPLER_MODEL / "1"
-        sam.mkdir(parents=True)
-        (sam / "model.py").write_text(MODEL_PY.format(denoiser=DENOISER_MODEL, cond=meta.contract.describe_cond()))
-        if meta.contract.cond:   # the loop's half of guidance, checked against the contract when loaded
-            load_null(meta.contract, onnx_path.parent)
-            shutil.copyfile(onnx_path.parent / NULL_FILE, sam / NULL_FILE)
+        (tmp / DENOISER_MODEL / "config.pbtxt").write_text(denoiser_config(meta.io, backend, max_batch, instances))
+        (tmp / SAMPLER_MODEL / "1").mkdir(parents=True)
+        _write_python_models(tmp, meta.contract, onnx_path.parent, backend)
         (tmp / SAMPLER_MODEL / "config.pbtxt").write_text(sampler_config(meta, max_videos, sampler_instances))
-    notes.append(f"{SAMPLER_MODEL}: up to {max_videos} videos per request; {DENOISER_MODEL}: {platform}, "
+    notes.append(f"{SAMPLER_MODEL}: up to {max_videos} videos per request; {DENOISER_MODEL}: {backend} backend, "
                  f"dynamic batching up to {max_batch}")
     return notes
+
+
+def check_backend(backend: str | None, engine) -> str:
+    """The denoiser's backend: a TensorRT plan (--engine) only on tensorrt, tensorrt only with a plan."""
+    if backend is None:
+        return "onnxruntime" if engine is None else "tensorrt"
+    if backend not in BACKENDS:
+        raise VditError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if (backend == "tensorrt") != (engine is not None):
+        raise VditError("--engine (a `vdit build` plan) goes with the tensorrt backend, and the tensorrt backend "
+                        f"needs one; got backend {backend} {'with' if engine is not None else 'without'} an engine")
+    return backend
+
+
+def _write_python_models(repo: Path, contract: Contract, export_dir: Path, backend: str) -> None:
+    """The Python models' files: each model.py (one import of export/triton_python.py) and, beside it,
+    the export's null conditioning (the sampler pairs requests with it; the python denoiser's runtime
+    loads it with the graph), checked against the contract before it is copied."""
+    models = [(SAMPLER_MODEL, "sampler", f"every sampler's loop over {DENOISER_MODEL} (BLS), {contract.describe_cond()}")]
+    if backend == "python":
+        models.append((DENOISER_MODEL, "denoiser", "model.onnx on vdit's ONNX Runtime runtime, batched calls"))
+    if contract.cond:
+        load_null(contract, export_dir)
+    for model, role, doc in models:
+        (repo / model / "1" / "model.py").write_text(model_py(model, role, doc))
+        if contract.cond:
+            shutil.copyfile(export_dir / NULL_FILE, repo / model / "1" / NULL_FILE)

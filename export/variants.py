@@ -21,6 +21,12 @@ DENOISER_HEAD, DENOISER_TAIL, STEP_HEAD, STEP_TAIL = "denoiser-head", "denoiser-
 CACHE_KINDS = (DENOISER_HEAD, DENOISER_TAIL, STEP_HEAD, STEP_TAIL)
 KINDS = (DENOISER, STEP, *CACHE_KINDS)
 CACHE_FIT_FILE = "cache_fit.json"   # teacache's polynomial, from `vdit calibrate cache`
+# The VAE decoder's graphs (vdit_deploy/decode.py): another model (the pipeline's vae/), its own metadata.
+# decoder.onnx decodes per frame or a causal VAE's first chunk; decoder-chunk.onnx a causal VAE's later
+# chunks, with the feature cache as inputs and outputs. Precision variants as the denoiser's (fp16).
+DECODER, DECODER_CHUNK = "decoder", "decoder-chunk"
+DECODER_KINDS = (DECODER, DECODER_CHUNK)
+TEXT_ENCODER = "text_encoder"     # the pipeline's text encoder (vdit_deploy/text_onnx.py), fp32
 
 FP32, FP16, INT8_DYNAMIC, INT8_QDQ = "fp32", "fp16", "int8-dynamic", "int8-qdq"
 GRAPH_PRECISIONS = (FP32, FP16, INT8_DYNAMIC, INT8_QDQ)   # one file per kind each
@@ -59,8 +65,8 @@ def variant_files(kind: str, precision: str = FP32) -> list[str]:
     return [variant_file(kind, precision), *(f"{kind}.{old}.onnx" for old, new in OLD_TAGS.items() if new == precision)]
 
 
-def all_variant_files() -> set[str]:
-    return {name for k in KINDS for p in GRAPH_PRECISIONS for name in variant_files(k, p)}
+def all_variant_files(kinds=KINDS) -> set[str]:
+    return {name for k in kinds for p in GRAPH_PRECISIONS for name in variant_files(k, p)}
 
 
 def find_variant(export_dir: str | Path, kind: str, precision: str = FP32) -> Path | None:

@@ -21,17 +21,18 @@ through its comparator (and are saved so `polygraphy run denoiser.onnx --onnxrt 
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from vdit_deploy.samplers import COEF_NAMES, apply_step, ddpm_steps, guide, guided_step, make_steps
+from vdit_deploy.samplers import apply_step, ddpm_steps, guide, guided_step, make_steps
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, check_export_dir
 from vdit_deploy.export.variants import (CACHE_KINDS, DENOISER, FP16, FP32, INT8_DYNAMIC, INT8_QDQ, STEP,
                                          variant_file)
+from vdit_deploy.export.graph_compare import Comparison, _session, pieces, step_scale
+from vdit_deploy.progress import bar, note
 
 FP32_TOLERANCE = 1e-4
 # Lossy variants: the mean relative L2 over the replayed calls against PyTorch fp32. Their worst calls,
@@ -39,38 +40,6 @@ FP32_TOLERANCE = 1e-4
 # (10-step eta=1 trajectory, a 1-seed 4-timestep calibration set): fp16 2.7e-3, int8-dynamic 4.5e-2, int8-qdq
 # 9.8e-2; the tolerances leave 3-7x for other models and sets, and a broken graph is off by ~1.
 PRECISION_TOLERANCE = {FP32: FP32_TOLERANCE, FP16: 2e-2, INT8_DYNAMIC: 2e-1, INT8_QDQ: 3e-1}   # by graph
-
-
-@dataclass
-class Comparison:
-    graph: str            # file name
-    output: str
-    tolerance: float
-    statistic: str = "worst"   # over calls: fp32 is held to its worst call, a lossy variant to its mean
-    max_abs: float = 0.0
-    rel_l2: float = 0.0   # worst call, ||got - ref|| / ||ref||
-    errors: list[float] = field(default_factory=list)   # per call, ||got - ref|| / ||scale||
-
-    def add(self, got: np.ndarray, ref: np.ndarray, scale: np.ndarray | None = None) -> None:
-        got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-        diff = float(np.linalg.norm(got - ref))
-        if not np.isfinite(diff):           # NaN/inf in the graph's output
-            diff = math.inf
-        self.max_abs = max(self.max_abs, float(np.abs(got - ref).max()) if diff < math.inf else math.inf)
-        self.rel_l2 = max(self.rel_l2, diff / max(float(np.linalg.norm(ref)), 1e-30))
-        self.errors.append(diff / max(float(np.linalg.norm(ref if scale is None else scale)), 1e-30))
-
-    @property
-    def calls(self) -> int:
-        return len(self.errors)
-
-    @property
-    def error(self) -> float:
-        return max(self.errors) if self.statistic == "worst" else float(np.mean(self.errors))
-
-    @property
-    def ok(self) -> bool:
-        return self.calls > 0 and self.error <= self.tolerance
 
 
 @dataclass
@@ -97,30 +66,19 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def step_scale(x_t: np.ndarray, out: np.ndarray, coefs: np.ndarray, noise: np.ndarray) -> np.ndarray:
-    """Elementwise sum of the magnitudes of the terms of samplers.apply_step (float64): the size
-    float32 rounding and an error in the model output are relative to."""
-    c = dict(zip(COEF_NAMES, np.asarray(coefs, np.float64)))
-    x, o = np.asarray(x_t, np.float64), np.asarray(out, np.float64)
-    e = o[:, :x.shape[1]]
-    ax, be = np.abs(c["a"] * x), np.abs(c["b"] * e)
-    x0 = np.clip(c["a"] * x - c["b"] * e, -c["clip"], c["clip"])
-    scale = abs(c["c_x0"]) * (ax + be) + np.abs(c["c_xt"] * x) + abs(c["c_eps"]) * (ax + np.abs(x0)) / abs(c["b"])
-    std = c["sigma"]
-    if o.shape[1] == 2 * x.shape[1] and c["learned_var"]:    # the learned std, a term of its own
-        frac = (o[:, x.shape[1]:] + 1) / 2
-        std = std + c["learned_var"] * np.exp(0.5 * (c["log_var_min"] + frac * (c["log_var_max"] - c["log_var_min"])))
-    return scale + np.abs(std * np.asarray(noise, np.float64))
-
-
-def record_trajectory(torch_rt, batch: int, num_steps: int, picks: int, seed: int = 0, guidance: float = 2.0):
+def record_trajectory(torch_rt, batch: int, num_steps: int, picks: int, seed: int = 0, guidance: float = 2.0,
+                      progress: bool = False):
     """Sample with the PyTorch runtime and keep `picks` evenly spaced steps: their inputs
     (x_t, t, cond, null, guidance, coefs, noise) and the guided model output. An eps+var model's steps
     carry DDPM's learned-variance coefs at the same t (the step graph's variance path)."""
     from vdit_deploy.sampling import sample
 
     contract = torch_rt.contract
-    plan = make_steps(torch_rt.schedule, "ddim", num_steps, eta=1.0, prediction=contract.prediction)
+    if contract.schedule.kind == "flow":   # flow euler, re-noised at each step where the schedule allows it
+        plan = make_steps(replace(contract.schedule, stochastic=not contract.schedule.invert), "euler", num_steps,
+                          prediction="flow")
+    else:
+        plan = make_steps(torch_rt.schedule, "ddim", num_steps, eta=1.0, prediction=contract.prediction)
     ddpm = ddpm_steps(torch_rt.schedule, prediction=contract.prediction, learned_variance=True) \
         if contract.output == "eps+var" else None
     keep = set(np.linspace(0, len(plan) - 1, picks).round().astype(int).tolist())
@@ -143,27 +101,10 @@ def record_trajectory(torch_rt, batch: int, num_steps: int, picks: int, seed: in
     if contract.label_input() is not None:
         cond = contract.labels([(seed + i) % contract.label_input().classes for i in range(batch)])
     else:
-        cond = contract.example_cond(batch, np.random.default_rng(seed))
-    sample(Recorder(), contract, cond, plan, guidance, seed)
+        # prompts as long as the null conditioning: a guided step pairs them (contract.null_batch)
+        cond = contract.example_cond(batch, np.random.default_rng(seed), contract.axis_sizes(torch_rt.null))
+    sample(Recorder(), contract, cond, plan, guidance, seed, progress=progress)
     return records
-
-
-def _session(path: Path):
-    """ONNX Runtime on the CPU; idle threads sleep instead of spinning (torch shares the process)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise VditError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from None
-
-
-def pieces(rows: int, lo: int, hi: int) -> list[tuple[int, int]]:
-    """[start, end) slices of `rows` rows that a graph taking lo..hi rows per call accepts."""
-    return [(i, min(i + hi, rows)) for i in range(0, rows, hi) if min(i + hi, rows) - i >= lo]
 
 
 def _polygraphy_compare(path: Path, feeds: list[dict], refs: list[dict], tolerance: float, save_dir) -> str:
@@ -201,8 +142,13 @@ def _polygraphy_compare(path: Path, feeds: list[dict], refs: list[dict], toleran
 
 def verify(export_dir: str | Path, checkpoint: str | Path | None = None, tolerance: float = FP32_TOLERANCE,
            batches: tuple[int, ...] = (1, 3), num_steps: int = 10, picks: int = 4, seed: int = 0,
-           polygraphy: bool = True, save_polygraphy: str | Path | None = None) -> VerifyReport:
-    """Compare ORT and PyTorch on every vdit graph of the export directory."""
+           polygraphy: bool = True, save_polygraphy: str | Path | None = None, progress: bool = False,
+           source=None, class_name: str | None = None) -> VerifyReport:
+    """Compare ORT and PyTorch on every vdit graph of the export directory. source: the Source it was
+    exported from (export_source's; default: the model directory it records or `checkpoint`).
+    class_name: the user's --class, needed (and imported) only for a model that is not one of
+    diffusers' own classes. progress: a line per stage and a bar per trajectory step and per graph on
+    stderr (progress.py)."""
     from vdit_deploy.runtimes.torch_runtime import TorchRuntime
     from vdit_deploy.sources import load_export_source
 
@@ -215,7 +161,10 @@ def verify(export_dir: str | Path, checkpoint: str | Path | None = None, toleran
         raise VditError(f"{export_dir} holds no vdit graph to verify"
                         + (f" ({'; '.join(report.skipped)})" if report.skipped else ""))
     meta = next(iter(graphs.values()))
-    source = load_export_source(meta, export_dir, checkpoint)
+    if source is None:
+        source = load_export_source(meta, export_dir, checkpoint, class_name=class_name)
+    elif source.contract.sha256() != meta.contract.sha256():
+        raise VditError(f"{export_dir} was not exported from this Source (its contract differs)")
     tolerances = {**PRECISION_TOLERANCE, "fp32": tolerance}
     # every graph's batch range decides the videos per step replayed: steps need B in range, denoisers 2B rows
     sizes = set()
@@ -226,9 +175,14 @@ def verify(export_dir: str | Path, checkpoint: str | Path | None = None, toleran
         else:
             sizes |= {min(max(b, -(-lo // 2)), max(hi // 2, -(-lo // 2))) for b in batches}
     torch_rt = TorchRuntime(source.path, device="cpu", source=source)
-    trajectories = {b: record_trajectory(torch_rt, b, num_steps, picks, seed) for b in sorted(sizes)}
+    if progress:
+        note(f"verify 1/2: PyTorch trajectories ({num_steps} DDIM steps at batch {', '.join(map(str, sorted(sizes)))})")
+    trajectories = {b: record_trajectory(torch_rt, b, num_steps, picks, seed, progress=progress)
+                    for b in sorted(sizes)}
+    if progress:
+        note(f"verify 2/2: {len(graphs)} graph(s) against PyTorch on {picks} steps each")
     feeds, refs = [], []
-    for path, m in graphs.items():
+    for path, m in bar(graphs.items(), show=progress, desc="verify", unit="graph"):
         if m.kind in CACHE_KINDS:   # step caching's split graphs: checked in pairs below
             continue
         row = Comparison(path.name, "x_prev" if m.kind == STEP else "out", tolerances[m.precision],

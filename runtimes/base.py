@@ -73,9 +73,21 @@ class Runtime(ABC):
 
     def step(self, x_t, t: int, cond: dict, guidance: float, coefs: np.ndarray, noise: np.ndarray,
              state: SolverState | None = None):
-        null = self.contract.null_batch(self.null, cond) if guidance != 1.0 else None
+        null = self.null_rows(cond) if guidance != 1.0 else None
         return guided_step(self.denoise, x_t, t, cond, null, guidance, coefs, noise, state)
 
+    def null_rows(self, cond: dict, convert=None) -> dict:
+        """The null conditioning repeated to cond's batch (contract.null_batch), passed through
+        `convert` (e.g. onto the device), made once per batch and shape: every step of a sample
+        reuses it instead of repeating (and uploading) the empty prompt's embeddings again."""
+        key = tuple((name, np.shape(value)) for name, value in sorted(cond.items()))
+        # a per-call scalar's null rows are the prompt's own values (contract.null_batch): part of the key
+        key += tuple(np.asarray(cond[c.name]).tobytes() for c in self.contract.cond if c.role == "scalar")
+        cached = getattr(self, "_null_rows", None)
+        if cached is None or cached[0] != (key, convert):
+            rows = self.contract.null_batch(self.null, cond)
+            self._null_rows = cached = (key, convert), (convert(rows) if convert else rows)
+        return cached[1]
     def cached_step(self, x_t, t: int, cond: dict, guidance: float, coefs: np.ndarray, noise: np.ndarray,
                     state: SolverState | None = None, cache=None):
         """`step` with step caching: runs the split graphs' head, asks `cache` (a step_cache.StepCache)

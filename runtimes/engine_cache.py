@@ -280,7 +280,7 @@ def gpu_info(device: int = 0) -> GpuInfo:
     """Name and compute capability of CUDA device `device`, via cuda-python (no torch)."""
     if not nvidia_device_present():
         raise VditError("TensorRT needs an NVIDIA GPU and none is present here (no /dev/nvidia* device); "
-                        "use --runtime ort on CPU")
+                        "on a CPU, run the ONNX export with ONNX Runtime instead (vdit sample --runtime ort)")
     cudart = import_cudart()
     err, count = cudart.cudaGetDeviceCount()
     if int(err) != 0 or count == 0:
@@ -331,7 +331,8 @@ def import_tensorrt():
     major = int(trt.__version__.split(".")[0])
     if major < 10:   # JetPack 5 (TensorRT 8.5/8.6): see the porting notes in trt_network.py
         raise VditError(f"TensorRT {trt.__version__} is not supported: vdit needs TensorRT >= 10 "
-                        "(JetPack 6 or later on Jetson); use --runtime ort there")
+                        "(JetPack 6 or later on Jetson); run the ONNX export with ONNX Runtime there "
+                        "(vdit sample --runtime ort)")
     return trt
 
 

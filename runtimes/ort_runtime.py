@@ -9,6 +9,7 @@ only noise and scalars.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import numpy as np
 from vdit_deploy.contract import load_null
 from vdit_deploy.samplers import SolverState, apply_step
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, find_onnx, read_metadata
+from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, check_variant_complete, find_onnx, read_metadata
 from vdit_deploy.export.variants import DENOISER, FP16, STEP, find_variant, runtime_graph, with_data
 from vdit_deploy.runtimes.base import Runtime, TensorSpec
 
@@ -122,6 +123,12 @@ class _Graph:
         self.session.run_with_iobinding(binding)
         return [DeviceArray(v) for v in binding.get_outputs()]
 
+    def saturation_warning(self) -> str | None:
+        """A line when this INT8 graph's types saturate on this CPU (runtimes/cpu_isa.py)."""
+        from vdit_deploy.runtimes.cpu_isa import saturation_warning
+
+        return saturation_warning(self.session.get_modelmeta().custom_metadata_map, self.meta.precision)
+
     @property
     def device_type(self) -> str:
         return "cuda" if self.on_device else "cpu"
@@ -134,14 +141,16 @@ class OrtRuntime(Runtime):
                  optimization: str = "all", spin: bool = True, provider_options: dict | None = None):
         import onnxruntime as ort
 
+        from vdit_deploy.threads import session_options
+
         self.providers = resolve_providers(providers, provider_options)
-        options = ort.SessionOptions()
+        options = session_options()   # threads: the configured count (--threads) or the machine's default
         options.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
         if threads:
-            options.intra_op_num_threads = threads
+            options.intra_op_num_threads = options.inter_op_num_threads = threads
         if not spin:   # idle ORT threads busy-wait by default: bad when torch shares the process (verify)
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         artifact, graph = Path(artifact), runtime_graph(self.name, precision)
@@ -150,11 +159,17 @@ class OrtRuntime(Runtime):
             raise VditError(f"{path} is a fused step graph: pass the export directory or its denoiser.onnx")
         self.graph = _Graph(path, DENOISER, self.providers, options)
         self.fused = None
+        if artifact.is_dir():
+            check_variant_complete(artifact, graph)
         step = find_variant(artifact, STEP, graph) if artifact.is_dir() else None
         if step is not None:
             self.fused = _Graph(step, STEP, self.providers, options)
         meta = self.graph.meta
         self.contract, self.precision = meta.contract, meta.precision
+        self.warnings = [] if self.graph.on_device else [w for g in (self.graph, self.fused) if g is not None
+                                                         if (w := g.saturation_warning())]
+        for w in self.warnings[:1]:      # one line, on stderr: the graph still runs
+            print(w, file=sys.stderr)
         self.null = load_null(self.contract, path.parent)
         self.device = self.graph.session.get_providers()[0].replace("ExecutionProvider", "")
         self._cache_args, self._cache = (path.parent, _Graph, self.providers, options), None
@@ -191,6 +206,14 @@ class OrtRuntime(Runtime):
         self.graph.check_batch(x_t.shape[0])
         return self.graph.run(x_t=x_t, t=t, **cond).astype(np.float32, copy=False)
 
+    def _null_feeds(self, rows: dict) -> dict:
+        """The fused graph's null_<name> inputs: OrtValues on the device when it runs there."""
+        feeds = self.fused.feeds(**{NULL_PREFIX + k: v for k, v in rows.items()})
+        if not self.fused.on_device:
+            return feeds
+        import onnxruntime as ort
+        return {k: ort.OrtValue.ortvalue_from_numpy(v, self.fused.device_type, 0) for k, v in feeds.items()}
+
     def step(self, x_t, t: int, cond, guidance: float, coefs, noise, state: SolverState | None = None):
         b = x_t.shape[0]
         # Without guidance the 2B fused graph would do twice the work: run the B denoiser + host update.
@@ -204,10 +227,12 @@ class OrtRuntime(Runtime):
             x_t = np.asarray(x_t)
         cond = self.check_inputs(x_t, ts, cond)
         self.fused.check_batch(b)
-        null = {NULL_PREFIX + k: v for k, v in self.contract.null_batch(self.null, cond).items()}
-        feeds = dict(t=ts, **cond, **null, guidance=np.float32([guidance]), coefs=np.asarray(coefs, np.float32),
+        null = self.null_rows(cond, self._null_feeds)     # made (and uploaded) once per batch and shape
+        feeds = dict(t=ts, **cond, guidance=np.float32([guidance]), coefs=np.asarray(coefs, np.float32),
                      noise=noise)
-        on_device = {}
+        on_device = dict(null) if self.fused.on_device else {}
+        if not self.fused.on_device:
+            feeds.update(null)
         for name in ["x_t", *(i for i, _ in STEP_STATE)]:
             value = x_t if name == "x_t" else getattr(state, name, None)
             if value is None:                 # before the first step the state is zeros

@@ -70,6 +70,7 @@ class BuildProfile:
     dla_core: int | None = None   # run on this DLA core (None: GPU only)
     gpu_fallback: bool = True     # layers DLA cannot take run on the GPU (else the build fails)
     axes: dict = field(default_factory=dict)   # named axis ("seq") -> (min, opt, max); default: the export's
+    vae_tile: int = 0             # VAE decode tile, output pixels (0: the decoder's diffusers default)
     path: str = field(default="", compare=False)
 
     @property
@@ -150,6 +151,8 @@ def profile_from_dict(data: dict, source: str = "profile") -> BuildProfile:
            f"optimization_level must be 0..5, got {d['optimization_level']!r}")
     d.setdefault("dla_cores", 0)
     number("dla_cores", 0, integer=True)
+    d.setdefault("vae_tile", 0)
+    number("vae_tile", 0, integer=True)
     core = d.setdefault("dla_core", None)
     if core is not None:
         _check(isinstance(core, int) and not isinstance(core, bool) and 0 <= core, source,

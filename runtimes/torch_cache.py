@@ -14,7 +14,7 @@ from vdit_deploy.export.metadata import STEP_STATE
 class TorchCache:
     def __init__(self, rt, blocks: int):
         from vdit_deploy.cache_split import split
-        from vdit_deploy.export.onnx_export import GuidedUpdate
+        from vdit_deploy.export.step_module import GuidedUpdate
 
         self.rt, self.blocks = rt, blocks
         self.head, self.tail = split(rt.model, blocks, len(rt.contract.names))
@@ -22,22 +22,13 @@ class TorchCache:
 
     @torch.inference_mode()
     def step(self, x_t, t: int, cond, guidance: float, coefs, noise, state, cache):
-        from vdit_deploy.export.onnx_export import apply_step
-        from vdit_deploy.runtimes.torch_runtime import DTYPES, TorchDeviceArray
+        from vdit_deploy.export.step_module import apply_step
+        from vdit_deploy.runtimes.torch_tensors import DTYPES, TorchDeviceArray
 
         rt = self.rt
         dtype = DTYPES[rt.precision]
         b = x_t.shape[0]
-        if isinstance(x_t, TorchDeviceArray):
-            x = x_t.tensor
-            cond = rt.contract.check_cond(cond, b)
-        else:
-            x_host = np.asarray(x_t, np.float32)
-            cond = rt.check_inputs(x_host, np.zeros(b, np.float32), cond)
-            x = rt._tensor(x_host)
-        solver = [getattr(state, name, None) for name, _ in STEP_STATE]
-        solver = [v.tensor if isinstance(v, TorchDeviceArray) else torch.zeros_like(x) if v is None else rt._tensor(v)
-                  for v in solver]
+        x, cond, solver = rt.device_inputs(x_t, cond, state)
         guided = guidance != 1.0
         t_, cond_ = rt._tensor(np.full(b, t, np.float32)), rt._cond(cond)
         if guided:

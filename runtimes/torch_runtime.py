@@ -2,7 +2,7 @@
 
 It runs any Source (sources.py): a vdit checkpoint, a diffusers model directory, or a module with a
 contract handed in by Python. Precisions fp32 / fp16 / bf16 cast the whole model (no autocast). On any device `step` runs the same
-fused guided step as step.onnx (export/onnx_export.FusedStep: cond + null batch, guidance, update) with
+fused guided step as step.onnx (export/step_module.FusedStep: cond + null batch, guidance, update) with
 the video kept on the device between steps; `compile` wraps that step in torch.compile
 ("reduce-overhead": CUDA graphs, "max-autotune": Triton GEMM autotuning plus CUDA graphs, "default").
 """
@@ -19,28 +19,8 @@ from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import STEP_STATE
 from vdit_deploy.export.variants import FP32, TORCH_PRECISIONS, check_precision
 from vdit_deploy.runtimes.base import COMPILE_MODES, Runtime, TensorSpec
-
-DTYPES = dict(zip(TORCH_PRECISIONS, (torch.float32, torch.float16, torch.bfloat16)))
-
-
-class TorchDeviceArray:
-    """A video that stays on the torch device between steps; np.asarray copies it to the host."""
-
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
-
-    @property
-    def shape(self) -> tuple:
-        return tuple(self.tensor.shape)
-
-    @property
-    def ndim(self) -> int:
-        return self.tensor.ndim
-
-    def __array__(self, dtype=None, copy=None):
-        out = self.tensor.float().cpu().numpy()
-        return out if dtype is None else out.astype(dtype, copy=False)
-
+from vdit_deploy.runtimes.torch_tensors import DTYPES, TorchDeviceArray
+from vdit_deploy.threads import apply_torch
 
 class _Float32IO(nn.Module):
     """The model in its precision behind float32 inputs/outputs, so the sampler state stays fp32."""
@@ -60,9 +40,10 @@ class TorchRuntime(Runtime):
     def __init__(self, checkpoint, precision: str = FP32, device: str | None = None,
                  compile: str | None = None, source=None):
         """checkpoint: a model directory (sources.load_source); or pass a loaded `source` (a Source)."""
-        from vdit_deploy.export.onnx_export import FusedStep, Unguided
+        from vdit_deploy.export.step_module import FusedStep, Unguided
         from vdit_deploy.sources import load_source
 
+        apply_torch()                      # the CLI's --threads (or its default), when one was configured
         check_precision(self.name, precision)
         if compile is not None and compile not in COMPILE_MODES:
             raise VditError(f"torch.compile mode must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
@@ -111,10 +92,9 @@ class TorchRuntime(Runtime):
         return [self._tensor(a, DTYPES[self.precision]) if np.issubdtype(a.dtype, np.floating)
                 else torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in cond.values()]
 
-    @torch.inference_mode()
-    def step(self, x_t, t: int, cond, guidance: float, coefs, noise, state: SolverState | None = None):
-        """One guided step on the device; returns a TorchDeviceArray (np.asarray copies it out). A
-        multistep solver's state (previous x0, UniPC's corrector part) stays on the device too."""
+    def device_inputs(self, x_t, cond, state: SolverState | None):
+        """x_t (numpy, or left on the device by the last step), the checked conditioning and the solver
+        state as device tensors (zeros before a solver's first step)."""
         b = x_t.shape[0]
         if isinstance(x_t, TorchDeviceArray):
             x = x_t.tensor
@@ -125,7 +105,15 @@ class TorchRuntime(Runtime):
             x = self._tensor(x_host)
         solver = [getattr(state, name, None) for name, _ in STEP_STATE]
         solver = [v.tensor if isinstance(v, TorchDeviceArray) else torch.zeros_like(x) if v is None else self._tensor(v)
-                  for v in solver]                                   # zeros before a solver's first step
+                  for v in solver]
+        return x, cond, solver
+
+    @torch.inference_mode()
+    def step(self, x_t, t: int, cond, guidance: float, coefs, noise, state: SolverState | None = None):
+        """One guided step on the device; returns a TorchDeviceArray (np.asarray copies it out). A
+        multistep solver's state (previous x0, UniPC's corrector part) stays on the device too."""
+        b = x_t.shape[0]
+        x, cond, solver = self.device_inputs(x_t, cond, state)
         if self.compile:   # a new step of a CUDA-graph tree: earlier outputs may be reused
             torch.compiler.cudagraph_mark_step_begin()
         t_, cond_ = self._tensor(np.full(b, t, np.float32)), self._cond(cond)
@@ -133,7 +121,7 @@ class TorchRuntime(Runtime):
         if guidance == 1.0:   # no null pass: half the work of the 2B guided batch
             outs = self.unguided(x, t_, *cond_, coefs_, noise_, *solver)
         else:
-            null_ = self._cond(self.contract.null_batch(self.null, cond))
+            null_ = self.null_rows(cond, self._cond)     # on the device once per batch and shape
             outs = self.guided(x, t_, *cond_, *null_, self._tensor(np.float32([guidance])), coefs_, noise_, *solver)
         # CUDA-graph outputs live in the graph's memory pool and are overwritten by the next replay
         x_prev, *next_state = (o.clone() if self.compile else o for o in outs)

@@ -27,7 +27,7 @@ class TrtCache:
     def __init__(self, rt):
         from vdit_deploy.export.metadata import find_onnx, read_metadata
         from vdit_deploy.export.variants import STEP_HEAD, STEP_TAIL
-        from vdit_deploy.runtimes.trt_runtime import _Engine
+        from vdit_deploy.runtimes.trt_engine import _Engine
 
         self.rt = rt
         metas = {kind: read_metadata(find_onnx(rt.export, kind)) for kind in (STEP_HEAD, STEP_TAIL)}
@@ -74,13 +74,13 @@ class TrtCache:
         check_cuda(self.rt.cudart.cudaMemsetAsync(self.head.buffers[name], 0, nbytes, self.rt.stream), "cudaMemsetAsync")
 
     def _mine(self, value) -> bool:
-        from vdit_deploy.runtimes.trt_runtime import TrtDeviceArray
+        from vdit_deploy.runtimes.trt_engine import TrtDeviceArray
 
         return isinstance(value, TrtDeviceArray) and value.runtime is self.rt and value.serial == self.rt.serial \
             and self.serial == self.rt.serial
 
     def step(self, x_t, t: int, cond, guidance: float, coefs, noise, state, cache):
-        from vdit_deploy.runtimes.trt_runtime import TrtDeviceArray
+        from vdit_deploy.runtimes.trt_engine import TrtDeviceArray
         from vdit_deploy.samplers import Step
 
         rt, head, tail, cudart = self.rt, self.head, self.tail, self.rt.cudart

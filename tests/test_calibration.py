@@ -239,9 +239,24 @@ def test_report_files(export, calib, tmp_path):
     assert report["files"]["gif_columns"] == ["fp32", "fp16", "int8"]
     import imageio.v3 as iio
     frames = iio.imread(out / "samples.gif", index=None)
-    assert frames.shape[:3] == (8, 4 * 65 + 1, 3 * 65 + 1)   # 4 labels in rows, fp32 | fp16 | int8 (16 px x4 + pad)
+    # 4 labels in rows, fp32 | fp16 | int8 (16 px x4 + pad), under a band with each column's name
+    assert frames.shape[0] == 8 and frames.shape[2] == 3 * 65 + 1 and frames.shape[1] > 4 * 65 + 1
     with pytest.raises(VditError, match="denoiser.bf16.onnx"):
         accuracy_report(export, ["bf16"], steps=2, out_dir=tmp_path / "r2")
+
+
+def test_cli_names_what_it_writes_and_keeps(export, calib, monkeypatch):
+    """fp16 names both graphs it writes; int8 lists only the keep-in-float patterns that match this model
+    (not Latte's), with sizes people read; qdq shows a bar per calibration batch where progress is on."""
+    monkeypatch.setenv("VDIT_PROGRESS", "1")
+    result = CliRunner().invoke(main, ["calibrate", "fp16", str(export)])
+    assert result.exit_code == 0, result.output
+    assert "denoiser.fp16.onnx (" in result.output and "step.fp16.onnx (" in result.output
+    result = CliRunner().invoke(main, ["calibrate", "int8", str(export), "--mode", "qdq", "--calib", str(calib)])
+    assert result.exit_code == 0, result.output
+    kept = result.stdout.split("kept in float: ")[1].splitlines()[0]
+    assert "adaLN_modulation" in kept and "net" not in kept and "step.int8-qdq.onnx" in result.stdout
+    assert "calibrate denoiser.onnx" in result.stderr and "calibrate step.onnx" in result.stderr
 
 
 def test_cli_collect(export, tmp_path):

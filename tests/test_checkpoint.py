@@ -26,7 +26,7 @@ def test_truncated_weights_give_one_line_error(tiny_checkpoint, tmp_path):
     shutil.copytree(tiny_checkpoint, broken)
     data = (broken / WEIGHTS).read_bytes()
     (broken / WEIGHTS).write_bytes(data[: len(data) // 2])
-    with pytest.raises(VditError, match="not a readable safetensors file") as e:
+    with pytest.raises(VditError, match="not a readable safetensors file|a forged or corrupt header") as e:
         load_model(broken)
     assert "\n" not in str(e.value)
 

@@ -288,8 +288,9 @@ def test_serve_export_writes_a_valid_repository(tiny_export, tmp_path):
     check_denoiser_tensors(den, repo)
     # sampler: Python backend, the contract's conditioning as request inputs, its parameters carry what model.py needs
     assert sam.backend == "python" and sam.max_batch_size == 0
-    assert [i.name for i in sam.input] == ["y", "seed", "steps", "guidance", "eta"]
-    assert [i.optional for i in sam.input] == [False, True, True, True, True]
+    assert [i.name for i in sam.input] == ["y", "seed", "sampler", "steps", "order", "eta", "guidance"]
+    assert [i.optional for i in sam.input] == [False] + [True] * 6
+    assert DataType.Name(sam.input[2].data_type) == "TYPE_STRING"
     assert list(sam.input[0].dims) == [-1] and DataType.Name(sam.input[0].data_type) == "TYPE_INT32"
     assert list(sam.output[0].dims) == [-1, *meta.contract.latent]
     check_sampler(sam, repo, tiny_export, max_videos=4)
@@ -328,8 +329,7 @@ def check_sampler(sam, repo, export, max_videos):
     assert set(null) == set(contract.names)
     model_py = repo / "vdit_sampler" / "1" / "model.py"
     py_compile.compile(str(model_py), doraise=True)
-    source = model_py.read_text()
-    assert "class TritonPythonModel" in source and "pb_utils.InferenceRequest(" in source
+    assert "import SamplerModel as TritonPythonModel" in model_py.read_text()   # vdit_deploy's code, imported
 
 
 def test_serve_export_text_conditioned(tiny_latte_export, tmp_path):
@@ -346,10 +346,68 @@ def test_serve_export_text_conditioned(tiny_latte_export, tmp_path):
     check_denoiser_tensors(den, repo)
     text = next(t for t in den.input if t.name == "encoder_hidden_states")
     assert list(text.dims) == [-1, 32] and list(den.output[0].dims) == [8, 2, 8, 8]
-    assert [i.name for i in sam.input] == ["encoder_hidden_states", "seed", "steps", "guidance", "eta"]
+    assert [i.name for i in sam.input] == ["encoder_hidden_states", "seed", "sampler", "steps", "order", "eta",
+                                           "guidance"]
     assert list(sam.input[0].dims) == [-1, -1, 32] and DataType.Name(sam.input[0].data_type) == "TYPE_FP32"
     assert not sam.input[0].optional
     check_sampler(sam, repo, tiny_latte_export, max_videos=4)
+
+
+def test_serve_export_python_backend(tiny_export, tmp_path):
+    """--backend python: the denoiser is a Python model (vdit's ORT runtime on model.onnx beside it, with the
+    export's null file) that keeps dynamic batching; the sampler is the same. Engines go with tensorrt only."""
+    from vdit_deploy.export.triton import write_triton_repo
+
+    repo = tmp_path / "models"
+    notes = write_triton_repo(tiny_export, repo, backend="python", sampler_instances=3)
+    den = parse_config(repo / "vdit_denoiser" / "config.pbtxt")
+    sam = parse_config(repo / "vdit_sampler" / "config.pbtxt")
+    assert den.backend == "python" and not den.platform and den.max_batch_size == 8
+    assert den.HasField("dynamic_batching") and den.instance_group[0].kind == den.instance_group[0].KIND_CPU
+    check_denoiser_tensors(den, repo)
+    files = repo / "vdit_denoiser" / "1"
+    assert (files / "model.onnx").read_bytes() == (tiny_export / "denoiser.onnx").read_bytes()
+    assert (files / "null_cond.safetensors").read_bytes() == (tiny_export / "null_cond.safetensors").read_bytes()
+    py_compile.compile(str(files / "model.py"), doraise=True)
+    assert "import DenoiserModel as TritonPythonModel" in (files / "model.py").read_text()
+    assert sam.instance_group[0].count == 3
+    check_sampler(sam, repo, tiny_export, max_videos=4)
+    assert any("python backend" in n for n in notes)
+    for backend, engine, message in [("tensorrt", None, "the tensorrt backend needs one"),
+                                     ("python", tmp_path / "x.engine", "goes with the tensorrt backend"),
+                                     ("onnx", None, "backend must be one of onnxruntime, tensorrt, python")]:
+        with pytest.raises(VditError, match=message):
+            write_triton_repo(tiny_export, tmp_path / "refused", backend=backend, engine=engine)
+    assert not (tmp_path / "refused").exists()
+
+
+def test_vdit_serve_refusals_before_starting(tiny_export, tmp_path):
+    """What `vdit serve` refuses in one line before it starts anything (no nvidia-pytriton needed here):
+    a directory that is no repository, a repository whose models need a backend the bundled server lacks,
+    a port in use."""
+    import socket
+
+    from vdit_deploy.export.triton import write_triton_repo
+    from vdit_deploy.serve import Distribution, check_repository, free_port, repository_backends
+
+    (tmp_path / "backends" / "python").mkdir(parents=True)     # the bundled server's one backend
+    dist = Distribution(tmp_path / "tritonserver", tmp_path / "backends", tmp_path / "stub", tmp_path / "libs")
+    with pytest.raises(VditError, match="no Triton model repository there"):
+        check_repository(tmp_path / "backends", dist)
+    write_triton_repo(tiny_export, tmp_path / "ort", sampler_instances=1)
+    assert repository_backends(tmp_path / "ort") == {"vdit_denoiser": "onnxruntime", "vdit_sampler": "python"}
+    with pytest.raises(VditError, match="vdit_denoiser runs on the onnxruntime backend, which the bundled "
+                                        "tritonserver lacks .it has python.: write the repository with"):
+        check_repository(tmp_path / "ort", dist)
+    write_triton_repo(tiny_export, tmp_path / "py", backend="python", sampler_instances=1)
+    assert check_repository(tmp_path / "py", dist) == tmp_path / "py"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(VditError, match=f"cannot listen on 127.0.0.1:{port} .--grpc-port.: "):
+            free_port("127.0.0.1", port, "--grpc-port")
+    assert free_port() > 0
 
 
 @pytest.mark.parametrize("which", ["class", "text"])
@@ -359,7 +417,7 @@ def test_triton_sampling_loop_matches_vdit_sample(tiny_export, tiny_latte_export
     sampler gives for the same seed (there the fused step graph runs, with null_<name> inputs)."""
     from vdit_deploy.contract import load_null
     from vdit_deploy.samplers import make_steps
-    from vdit_deploy.export.triton import sample_request
+    from vdit_deploy.export.triton_python import sample_request
     from vdit_deploy.runtimes import open_runtime
     from vdit_deploy.sampling import sample
 
@@ -371,7 +429,7 @@ def test_triton_sampling_loop_matches_vdit_sample(tiny_export, tiny_latte_export
         else:
             seq = null["encoder_hidden_states"].shape[1]
             cond = {"encoder_hidden_states": np.random.default_rng(0).standard_normal((2, seq, 32), dtype=np.float32)}
-        served = sample_request(rt.denoise, rt.contract, cond, null, seed=7, steps=4, guidance=2.0)
+        served = sample_request(rt.denoise, rt.contract, cond, null, seed=7, sampler="ddim", steps=4, guidance=2.0)
         plan = make_steps(rt.schedule, "ddim", 4, prediction=rt.contract.prediction)
         direct = sample(rt, rt.contract, cond, plan, 2.0, seed=7)
         assert served.shape == (2, *rt.contract.latent)
@@ -444,6 +502,7 @@ TORCH_FREE_MODULES = [
     "vdit_deploy.video", "vdit_deploy.cli", "vdit_deploy.runtimes", "vdit_deploy.runtimes.profiles",
     "vdit_deploy.runtimes.ort_runtime", "vdit_deploy.runtimes.engine_cache", "vdit_deploy.runtimes.trt_build", "vdit_deploy.runtimes.trt_network",
     "vdit_deploy.runtimes.trt_runtime", "vdit_deploy.export.metadata", "vdit_deploy.export.triton",
+    "vdit_deploy.export.triton_python", "vdit_deploy.serve",
 ]
 
 
@@ -495,7 +554,7 @@ def test_plan_serve_and_sample_without_torch(tiny_export, tmp_path):
         print("PLAN", r.exit_code, "verdict: fits" in r.output)
         r = CliRunner().invoke(main, ["serve-export", {str(tiny_export)!r}, "--triton", {str(repo)!r}])
         print("SERVE", r.exit_code)
-        from vdit_deploy.export.triton import sample_request
+        from vdit_deploy.export.triton_python import sample_request
         from vdit_deploy.runtimes import open_runtime
         with open_runtime("ort", {str(tiny_export)!r}) as rt:
             video = sample_request(rt.denoise, rt.contract, {{"y": np.array([0], np.int32)}}, rt.null, seed=1, steps=2)

@@ -182,3 +182,104 @@ def test_fuzz_conditioning_against_the_contract():
                 assert got[spec.name].dtype == np.dtype(spec.dtype) and got[spec.name].ndim == len(spec.shape)
             if paired is not None:
                 assert {k: a.shape for k, a in paired.items()} == {k: a.shape for k, a in got.items()}
+
+
+# ---- diffusers model directories: config values, index files, shard headers, links, special files ------
+def _dir_one_line_or_ok(path, load: bool):
+    """`vdit info` on a (mutated) diffusers directory, then loading it: accepted or one VditError line."""
+    from vdit_deploy.describe import describe_diffusers_dir
+    from vdit_deploy.sources import is_diffusers_dir, load_source
+
+    def check():
+        if is_diffusers_dir(path):
+            describe_diffusers_dir(path)
+        if load:
+            load_source(path)
+    assert_one_line_or_ok(check)
+
+
+def _copy_latte(src, dst):
+    dst.mkdir()
+    for p in src.iterdir():
+        (shutil.copy if p.name == "config.json" else os.link)(p, dst / p.name)
+    return dst
+
+
+def test_fuzz_diffusers_config(tiny_latte, tmp_path):
+    """Mutated Latte config.json values: described and built (tiny: the widths the weights do not have
+    are refused on the meta device, before allocation) or refused in one line."""
+    good = json.loads((tiny_latte / "config.json").read_text())
+    case = _copy_latte(tiny_latte, tmp_path / "m")
+    for i, doc in enumerate(mutations(6, good, 120)):
+        (case / "config.json").write_text(json.dumps(doc))
+        _dir_one_line_or_ok(case, load=i % 2 == 0)
+
+
+def test_fuzz_diffusers_index_and_shards(tiny_latte, tmp_path):
+    """A sharded copy (index + 2 shards): the index JSON mutated, shard headers' bytes flipped, shards
+    truncated: the same files are read by info and the loader, or one line refuses."""
+    from safetensors.numpy import load_file, save_file
+
+    state = load_file(tiny_latte / "diffusion_pytorch_model.safetensors")
+    keys = sorted(state)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    shutil.copy(tiny_latte / "config.json", sharded / "config.json")
+    shutil.copy(tiny_latte / "scheduler_config.json", sharded / "scheduler_config.json")
+    names = ["diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors"]
+    weight_map = {k: names[i % 2] for i, k in enumerate(keys)}
+    for name in names:
+        save_file({k: state[k] for k in keys if weight_map[k] == name}, str(sharded / name))
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (sharded / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    _dir_one_line_or_ok(sharded, load=True)                        # the good one loads
+    rng = np.random.default_rng(7)
+    for i, doc in enumerate(mutations(8, index, 80)):
+        case = _copy_latte(sharded, tmp_path / f"i{i}")
+        (case / "diffusion_pytorch_model.safetensors.index.json").unlink()
+        (case / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(doc))
+        _dir_one_line_or_ok(case, load=i % 4 == 0)
+        shutil.rmtree(case)
+    for i in range(60):
+        case = _copy_latte(sharded, tmp_path / f"h{i}")
+        shard = case / names[i % 2]
+        data = bytearray(shard.read_bytes())
+        shard.unlink()
+        n = int.from_bytes(data[:8], "little")
+        if i % 3 == 0:
+            data = data[:rng.integers(0, len(data))]              # truncated anywhere
+        else:
+            for _ in range(rng.integers(1, 4)):                    # bytes flipped in the length or the header
+                pos = int(rng.integers(0, 8 + n))
+                data[pos] = int(rng.integers(0, 256))
+        shard.write_bytes(bytes(data))
+        _dir_one_line_or_ok(case, load=i % 3 == 0)
+        shutil.rmtree(case)
+
+
+SPECIAL = [(target, kind) for target in ("config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json")
+           for kind in ("dev-zero", "fifo", "directory", "outside", "dangling", "self-loop")
+           if (target, kind) != ("scheduler_config.json", "outside")]   # ../scheduler/ is a pipeline's layout
+
+
+@pytest.mark.parametrize("target, kind", SPECIAL, ids=[f"{t}-{k}" for t, k in SPECIAL])
+def test_diffusers_special_files(tiny_latte, tmp_path, target, kind):
+    """Each file of the directory replaced by a link to /dev/zero, a FIFO, a directory, a link to a file
+    outside (model files: they are hashed), a dangling link or a link loop: refused in one line, at once
+    (a FIFO never blocks)."""
+    import time
+
+    case = _copy_latte(tiny_latte, tmp_path / "d")
+    (case / target).unlink()
+    outside = tmp_path / "outside"
+    shutil.copy(tiny_latte / target, outside)
+    make = {"dev-zero": lambda p: p.symlink_to("/dev/zero"), "fifo": lambda p: os.mkfifo(p), "directory": lambda p: p.mkdir(),
+            "outside": lambda p: p.symlink_to(outside), "dangling": lambda p: p.symlink_to(tmp_path / "nothing"),
+            "self-loop": lambda p: p.symlink_to(p)}
+    make[kind](case / target)
+    start = time.perf_counter()
+    result = CliRunner().invoke(main, ["export", str(case), "--out", str(tmp_path / "x"), "--no-verify"])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and result.output.startswith("Error: "), \
+        result.output
+    assert time.perf_counter() - start < 30 and not (tmp_path / "x").exists()

@@ -3,6 +3,7 @@ conditioned, learned sigma) through the command line, the contract's one-line re
 v-prediction model against diffusers' own DDIMScheduler loop."""
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,7 +87,7 @@ def test_text_model_refuses_labels_a_missing_cond_and_a_gif(tiny_latte_export, t
     cond = write_cond(tmp_path / "cond.safetensors", encoder_hidden_states=prompts(1))
     result = run_cli("sample", "--runtime", "ort", "--onnx", tiny_latte_export, "--cond", cond, "--steps", 2,
                      "--out", tmp_path / "v.gif")
-    assert_one_line_error(result, "this model's have 4", ".npy")      # before sampling: no progress bar
+    assert_one_line_error(result, "latents have 4 channels", "export-decoder", ".npy")   # before sampling
     for extra, needle in ((["--label", "1"], "not on class labels"), ([], "pass --cond")):
         result = run_cli("sample", "--runtime", "ort", "--onnx", tiny_latte_export, *extra, "--steps", 2,
                          "--out", tmp_path / "v.npy")
@@ -186,6 +187,14 @@ def test_python_api_module_with_mask_and_contract(tmp_path):
         again = sample(ort_rt, ort_rt.contract, padded, plan, 2.0, 3)
         np.testing.assert_allclose(again[0], got[0], atol=1e-4)
         assert np.abs(again[1] - got[1]).max() == 0
+    # verify from Python: the Source it came from (no model directory recorded: said so, not "model . is not
+    # there"); its prompts take the null's 6 tokens, not the range's 12
+    from vdit_deploy.errors import VditError
+    from vdit_deploy.export.verify import verify
+
+    with pytest.raises(VditError, match="records no model directory"):
+        verify(export)
+    assert verify(export, source=source, batches=(1,), num_steps=3, picks=2, polygraphy=False).ok
 
 
 def test_any_diffusers_model_by_class_name_from_the_command_line(tmp_path):
@@ -223,3 +232,39 @@ def test_any_diffusers_model_by_class_name_from_the_command_line(tmp_path):
     result = run("sample", "--runtime", "ort", "--onnx", export, "--cond", cond, "--steps", 3, "--out", tmp_path / "v.npy")
     assert result.returncode == 0, result.stderr
     assert np.load(tmp_path / "v.npy").shape == (2, 3, 2, 4, 4)
+
+
+def test_a_short_null_exports_and_verifies_with_the_default_seq(tiny_latte, tmp_path):
+    """README's Latte line (issue 26): an 8-token empty prompt and the default --seq 1:120 were written, then
+    refused by verify. The export takes them, verify pairs prompts of the null's length, and says so."""
+    null = write_cond(tmp_path / "null.safetensors", encoder_hidden_states=np.zeros((1, 8, D), np.float32))
+    result = run_cli("export", tiny_latte, "--out", tmp_path / "export", "--batch", "1:2", "--null", null)
+    assert result.returncode == 0, result.stderr
+    assert "FAIL" not in result.stdout and "prompts take seq = 8" in result.stdout
+    assert re.search(r"null_cond.safetensors 1\.[0-9] kB", result.stdout)   # 8 x 32 floats: not "0.0 MB"
+
+
+def test_a_null_outside_the_token_range_is_refused_before_loading(tiny_latte, tmp_path):
+    null = write_cond(tmp_path / "null.safetensors", encoder_hidden_states=np.zeros((1, 20, D), np.float32))
+    result = run_cli("export", tiny_latte, "--out", tmp_path / "export", "--seq", "1:16", "--null", null)
+    assert_one_line_error(result, "seq = 20", "outside 1..16", "--seq")
+    assert not (tmp_path / "export").exists()
+
+
+def test_compare_a_model_directory_takes_null_and_seq_and_refuses_cleanly(tiny_latte, tmp_path):
+    """`vdit compare` on a diffusers directory: --null and --seq as export takes them; a refusal (prompts
+    another length than the null, or no prompts at all) is one line and leaves no report directory."""
+    null = write_cond(tmp_path / "null.safetensors", encoder_hidden_states=np.zeros((1, 8, D), np.float32))
+    short = write_cond(tmp_path / "short.safetensors", encoder_hidden_states=prompts(2, seq=8))
+    common = ["compare", tiny_latte, "--runtimes", "ort:fp32", "--null", null, "--seq", f"1:{SEQ}"]
+    for extra, needle in ((["--cond", write_cond(tmp_path / "long.safetensors", encoder_hidden_states=prompts(1))],
+                           "same length"), ([], "pass --cond")):
+        result = run_cli(*common, *extra, "--out", tmp_path / "refused")
+        assert_one_line_error(result, needle)
+        assert not (tmp_path / "refused").exists()
+    result = run_cli(*common, "--cond", short, "--steps", 2, "--batch", 1, "--seeds", 0, "--repeats", 1,
+                     "--out", tmp_path / "report")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    ort = next(r for r in report["results"] if r["label"] == "ort:fp32")
+    assert report["reference"] == "torch:fp32" and ort["accuracy"]["psnr_db"] > 60   # both with the same null

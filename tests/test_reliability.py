@@ -374,3 +374,364 @@ def test_resume_with_fewer_steps_is_refused(tmp_path):
     result = run("train", "--steps", 1, "--batch-size", 2, "--out", tmp_path / "run")
     assert result.exit_code == 1 and "already trained to step 2" in result.output
     assert snapshot(tmp_path) == before
+
+
+# ==== issue 19: the trust boundary of model directories and exports ===================================
+def _latte_copy(src: Path, dst: Path, config=None, drop=(), add=None) -> Path:
+    """A copy of a tiny Latte directory (weights hard-linked unless changed): config edited by
+    config(dict) (a dict, or text written as is), tensors dropped or added (a new safetensors file)."""
+    from safetensors.numpy import load_file, save_file
+
+    dst.mkdir(parents=True)
+    for p in src.iterdir():
+        if p.name != "config.json":
+            os.link(p, dst / p.name)
+    cfg = json.loads((src / "config.json").read_text())
+    new = config(cfg) if config else None
+    (dst / "config.json").write_text(new if isinstance(new, str) else json.dumps(cfg if new is None else new))
+    if drop or add:
+        weights = dst / "diffusion_pytorch_model.safetensors"
+        state = load_file(weights)
+        weights.unlink()
+        for key in drop:
+            state.pop(key)
+        save_file({**state, **(add or {})}, str(weights))
+    return dst
+
+
+def _header_file(path: Path, header: bytes, data: bytes = b"") -> Path:
+    import struct
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
+def _external_initializer(src: Path, dst: Path, location: str) -> None:
+    """Graph `src` saved at `dst` with its largest initializer's bytes "outside", at `location`."""
+    from onnx import TensorProto
+    model = onnx.load(str(src))
+    tensor = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    size = len(tensor.raw_data)
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(size))):
+        tensor.external_data.add(key=key, value=value)
+    onnx.save(model, str(dst))
+
+
+@pytest.fixture(scope="module")
+def dws(tmp_path_factory, tiny_latte, tiny_export, tiny_checkpoint):
+    """The diffusers workspace: a tiny Latte directory and broken copies of it, exports with forged
+    external data or half a variant, and a good file that must survive every case."""
+    from safetensors.numpy import load_file, save_file
+
+    root = tmp_path_factory.mktemp("dws")
+    la = shutil.copytree(tiny_latte, root / "latte")
+    (root / "good.gif").write_bytes(b"GIF89a a good file")
+    weights = la / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    key = sorted(state)[0]
+    edits = {"layers_neg": lambda c: c.update(num_layers=-1), "layers_3": lambda c: c.update(num_layers=3),
+             "layers_huge": lambda c: c.update(num_layers=1000000), "side_huge": lambda c: c.update(sample_size=20000),
+             "frames_float": lambda c: c.update(video_length=1e6), "frames_huge": lambda c: c.update(video_length=10 ** 6),
+             "side_nan": lambda c: c.update(sample_size=float("nan")), "caption_str": lambda c: c.update(
+                 caption_channels="abc"), "caption_missing": lambda c: {k: x for k, x in c.items() if k != "caption_channels"},
+             "cfg_text": lambda c: "not json", "cfg_list": lambda c: "[1, 2]", "cfg_empty": lambda c: "{}",
+             "cfg_deep": lambda c: "[" * 100000 + "]" * 100000, "class_other": lambda c: c.update(_class_name="this"),
+             "class_pipeline": lambda c: c.update(_class_name="LattePipeline")}
+    for name, edit in edits.items():
+        _latte_copy(la, root / name, edit)
+    _latte_copy(la, root / "missing_weight", drop=[key])
+    _latte_copy(la, root / "unexpected_weight", config=lambda c: c.update(unused_option=1),
+                add={f"extra.{i}.weight": np.zeros(2, np.float32) for i in range(300)})
+    # 1: a decoy shard and an index that maps every key to real.safetensors
+    decoy = _latte_copy(la, root / "decoy")
+    os.replace(decoy / "diffusion_pytorch_model.safetensors", decoy / "real.safetensors")
+    save_file({"a": np.zeros(4, np.float32)}, str(decoy / "diffusion_pytorch_model-00001-of-00001.safetensors"))
+    (decoy / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: "real.safetensors" for k in state}}))
+    for name, target in (("index_outside", "../latte/diffusion_pytorch_model.safetensors"),
+                         ("index_lacking", "diffusion_pytorch_model-00001-of-00001.safetensors")):
+        d = _latte_copy(la, root / name)
+        (d / "diffusion_pytorch_model.safetensors").unlink()
+        save_file({"a": np.zeros(4, np.float32)}, str(d / "diffusion_pytorch_model-00001-of-00001.safetensors"))
+        (d / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+            k: target for k in state}}))
+    d = _latte_copy(la, root / "shards_no_index")
+    os.replace(d / "diffusion_pytorch_model.safetensors", d / "diffusion_pytorch_model-00001-of-00002.safetensors")
+    d = _latte_copy(la, root / "both_layouts")
+    (d / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        k: "diffusion_pytorch_model.safetensors" for k in state}}))
+    d = _latte_copy(la, root / "shard_link_out")
+    os.replace(d / "diffusion_pytorch_model.safetensors", root / "outside.safetensors")
+    (d / "diffusion_pytorch_model.safetensors").symlink_to(root / "outside.safetensors")
+    # 8/9: special files and broken headers
+    for name, target in (("cfg_zero", "config.json"), ("weights_zero", "diffusion_pytorch_model.safetensors")):
+        d = _latte_copy(la, root / name)
+        (d / target).unlink()
+        (d / target).symlink_to("/dev/zero")
+    d = _latte_copy(la, root / "cfg_fifo")
+    (d / "config.json").unlink()
+    os.mkfifo(d / "config.json")
+    for name, make in (("st_5_bytes", lambda p: p.write_bytes(b"\x01\x02\x03\x04\x05")),
+                       ("st_not_json", lambda p: _header_file(p, b"{not json", b"\0" * 16)),
+                       ("st_forged", lambda p: _header_file(p, json.dumps({"w": {
+                           "dtype": "F32", "shape": [10 ** 9, 10 ** 9], "data_offsets": [0, 16]}}).encode(),
+                           b"\0" * 16))):
+        d = _latte_copy(la, root / name)
+        (d / "diffusion_pytorch_model.safetensors").unlink()
+        make(d / "diffusion_pytorch_model.safetensors")
+    d = _latte_copy(la, root / "sched_bad")
+    (d / "scheduler_config.json").unlink()     # hard-linked to the others'
+    (d / "scheduler_config.json").write_text(json.dumps({**json.loads((la / "scheduler_config.json").read_text()),
+                                                         "num_train_timesteps": -5}))
+    # 3: graphs whose external data points outside the export
+    for name, location in (("ext_passwd", "../../../../etc/passwd"), ("ext_other", "weights.bin")):
+        d = shutil.copytree(tiny_export, root / name)
+        _external_initializer(tiny_export / "denoiser.onnx", d / "denoiser.onnx", location)
+    # 7: half an fp16 variant
+    half = shutil.copytree(tiny_export, root / "half_fp16")
+    model = onnx.load(str(tiny_export / "denoiser.onnx"))
+    stamp(model, {"vdit.precision": "fp16"})
+    onnx.save(model, str(half / "denoiser.fp16.onnx"))
+    # 2: an export whose metadata names a module to import (re-stamped: the checksum has no key)
+    foreign = shutil.copytree(tiny_export, root / "meta_this")
+    for name in ("denoiser.onnx", "step.onnx"):
+        model = onnx.load(str(foreign / name))
+        stamp(model, {"vdit.model": json.dumps({"class": "this:x", "config": {}})})
+        onnx.save(model, str(foreign / name))
+    save_null_file(root / "cond_rows.safetensors", {"y": np.zeros(10 ** 6, np.int32)})
+    ck = root / "ckpt_zero"
+    ck.mkdir()
+    shutil.copy(tiny_checkpoint / "config.json", ck / "config.json")
+    (ck / "model.safetensors").symlink_to("/dev/zero")
+    # a schedule changed to cosine and re-stamped: verify compares it with the scheduler config beside the model
+    sched = shutil.copytree(tiny_export, root / "meta_cosine")
+    for name in ("denoiser.onnx", "step.onnx"):
+        model = onnx.load(str(sched / name))
+        stamp(model, {"vdit.model": json.dumps({"class": "diffusers:LatteTransformer3DModel", "config": {}}),
+                      **edited(sched / name, "vdit.contract", lambda c: c.update(
+                          schedule={"kind": "cosine", "num_timesteps": 1000}))})
+        onnx.save(model, str(sched / name))
+    save_null_file(root / "cond_many.safetensors", {f"t{i}": np.zeros(1, np.float32) for i in range(100000)})
+    return root
+
+
+D_CASES = [
+    # 1: the files the index names, inside the directory
+    ("index-outside", "info {ws}/index_outside", "a shard must be a .safetensors file name in this directory"),
+    ("index-lacking-keys", "export {ws}/index_lacking --out {ws}/x --no-verify", "maps"),
+    ("shards-no-index", "info {ws}/shards_no_index", "but no diffusion_pytorch_model.safetensors.index.json"),
+    ("both-layouts", "export {ws}/both_layouts --out {ws}/x", "ambiguous"),
+    ("shard-link-out", "export {ws}/shard_link_out --out {ws}/x --no-verify", "outside"),
+    # 2: no module named by a file is imported
+    ("config-class-not-diffusers", "export {ws}/class_other --out {ws}/x", "is not a diffusers model class name"),
+    ("config-class-pipeline", "export {ws}/class_pipeline --out {ws}/x", "is not a diffusers model"),
+    ("meta-class-this", "verify {ws}/meta_this --checkpoint {ws}/latte", "not one of diffusers' own classes"),
+    ("meta-class-other-typed", "verify {ws}/meta_this --checkpoint {ws}/latte --class own_models:MaskedTextDiT",
+     "was exported from this:x, not --class own_models:MaskedTextDiT"),
+    ("meta-schedule-cosine", "verify {ws}/meta_cosine --checkpoint {ws}/latte", "the schedule in its metadata differs"),
+    # 3: external data outside the export, in every command that loads or copies a graph
+    ("ext-serve", "serve-export {ws}/ext_passwd --triton {ws}/triton", "keeps its data in '../../../../etc/passwd'"),
+    ("ext-sample", "sample --runtime ort --onnx {ws}/ext_passwd --out {ws}/v.gif", "keeps its data in"),
+    ("ext-fp16", "calibrate fp16 {ws}/ext_passwd", "keeps its data in"),
+    ("ext-int8", "calibrate int8 {ws}/ext_passwd", "keeps its data in"),
+    ("ext-info", "info {ws}/ext_passwd", "keeps its data in"),
+    ("ext-other-file", "sample --runtime ort --onnx {ws}/ext_other --out {ws}/v.gif", "keeps its data in 'weights.bin'"),
+    # 4: missing or unexpected weights
+    ("layers-negative", "export {ws}/layers_neg --out {ws}/x", "num_layers must be between 0"),
+    ("layers-more-than-weights", "export {ws}/layers_3 --out {ws}/x", "num_layers = 3, but the weights hold"),
+    ("weight-missing", "export {ws}/missing_weight --out {ws}/x", "1 missing"),
+    ("weight-unexpected", "export {ws}/unexpected_weight --out {ws}/x", "300 unexpected"),
+    # 5: options that do not apply
+    ("latte-input", "export {ws}/latte --out {ws}/x --input encoder_hidden_states:float32:seq,32", "drop --input"),
+    ("seq-without-named-axes", "export {ws}/latte --out {ws}/x --class own_models:MaskedTextDiT --latent 4,2,8,8 "
+     "--input context:float32:8,8 --input mask:float32:8 --seq 1:5", "no --input has one"),
+    # 6: float options bounded
+    ("guidance-1e308", "sample --runtime ort --onnx {ws}/half_fp16 --guidance 1e308 --out {ws}/good.gif",
+     "Invalid value for '--guidance'"),
+    ("tolerance-1e39", "verify {ws}/half_fp16 --tolerance 1e39", "Invalid value for '--tolerance'"),
+    # 7: half a variant is refused, not run with the host-side step
+    ("half-fp16", "sample --runtime ort --onnx {ws}/half_fp16 --precision fp16 --out {ws}/v.gif",
+     "without step.fp16.onnx"),
+    # 8: sizes before allocation
+    ("export-batch-1e11", "export {ws}/latte --out {ws}/x --batch 1:100000000000", "MAX <= 2147483647"),
+    ("export-fixed-batch-1e6", "export {ws}/latte --out {ws}/x --fixed-batch 1000000", "GiB of memory"),
+    ("export-seq-5e7", "export {ws}/latte --out {ws}/x --seq 1:50000000", "give a smaller --seq"),
+    ("layers-1e6", "export {ws}/layers_huge --out {ws}/x", "num_layers = 1000000"),
+    ("side-20000", "export {ws}/side_huge --out {ws}/x", "GiB of memory"),
+    ("frames-1e6-float", "export {ws}/frames_float --out {ws}/x", "video_length must be an integer"),
+    ("frames-1e6", "export {ws}/frames_huge --out {ws}/x", "GiB of memory"),
+    ("compare-batch-1e9", "compare {ws}/half_fp16 --runtimes ort:fp32 --batch 1000000000 --out {ws}/c", "GiB of memory"),
+    ("compare-batch-1e5", "compare {ws}/half_fp16 --runtimes ort:fp32 --batch 100000 --steps 2 --out {ws}/c",
+     "GiB of memory"),
+    ("compare-seeds-1e8", "compare {ws}/half_fp16 --runtimes ort:fp32 --seeds 0-100000000 --out {ws}/c",
+     "at most 10000 values"),
+    ("config-dev-zero", "info {ws}/cfg_zero", "is not a regular file"),
+    ("checkpoint-weights-dev-zero", "verify {ws}/half_fp16 --checkpoint {ws}/ckpt_zero", "is not a regular file"),
+    ("checkpoint-weights-dev-zero-sample", "sample --checkpoint {ws}/ckpt_zero --out {ws}/v.gif", "is not a regular file"),
+    ("cond-1e6-rows-sample", "sample --runtime ort --onnx {ws}/half_fp16 --cond {ws}/cond_rows.safetensors "
+     "--out {ws}/v.npy", "1,000,000 conditioning rows"),
+    ("cond-1e6-rows-compare", "compare {ws}/half_fp16 --runtimes ort:fp32 --cond {ws}/cond_rows.safetensors "
+     "--out {ws}/c", "1,000,000 conditioning rows"),
+    ("config-fifo", "export {ws}/cfg_fifo --out {ws}/x", "is not a regular file"),
+    ("weights-dev-zero", "info {ws}/weights_zero", "is not a regular file"),
+    # 9: tracebacks before
+    ("side-nan", "export {ws}/side_nan --out {ws}/x", "sample_size must be an integer"),
+    ("caption-missing", "info {ws}/caption_missing", "lacks caption_channels"),
+    ("caption-str", "export {ws}/caption_str --out {ws}/x", "caption_channels must be an integer"),
+    ("safetensors-5-bytes", "info {ws}/st_5_bytes", "is 5 bytes"),
+    ("safetensors-not-json", "info {ws}/st_not_json", "header is not valid JSON"),
+    ("input-dim-negative", "export {ws}/latte --out {ws}/x --class own_models:MaskedTextDiT --latent 4,2,8,8 "
+     "--input context:float32:-1 --input mask:float32:seq", "each dimension is a size"),
+    # 11: unclear before
+    ("config-not-json", "info {ws}/cfg_text", "is not valid JSON"),
+    ("config-list", "export {ws}/cfg_list --out {ws}/x", "is not a diffusers model config"),
+    ("config-empty", "info {ws}/cfg_empty", "is not a diffusers model config"),
+    ("config-deep", "info {ws}/cfg_deep", "is not valid JSON"),
+    ("safetensors-forged", "info {ws}/st_forged", "forged or corrupt header"),
+    ("cond-100k-tensors", "sample --runtime ort --onnx {ws}/half_fp16 --cond {ws}/cond_many.safetensors "
+     "--out {ws}/v.gif", "and 99996 more"),
+    ("scheduler-config-named", "export {ws}/sched_bad --out {ws}/x", "sched_bad/scheduler_config.json"),
+    ("input-duplicate", "export {ws}/latte --out {ws}/x --class own_models:MaskedTextDiT --latent 4,2,8,8 "
+     "--input context:float32:seq,8 --input context:float32:seq", "must be unique"),
+    ("opset-99", "export {ws}/latte --out {ws}/x --opset 99", "Invalid value for '--opset'"),
+]
+
+
+@pytest.mark.parametrize("case, args, message", D_CASES, ids=[c[0] for c in D_CASES])
+def test_untrusted_model_directories_and_exports(dws, case, args, message):
+    """Issue 19's cases: exit 1, one Error: line naming the cause, no traceback, nothing changed, at once."""
+    import resource
+
+    before = snapshot(dws)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    result = run(*args.format(ws=dws).split())
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = result.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and len(lines[0]) < 400, result.output[:2000]
+    assert message in lines[0] and "Traceback" not in result.output
+    assert snapshot(dws) == before
+    assert time.perf_counter() - start < 60
+    # peak RSS of this process grows by far less than 1 GB (ru_maxrss is in KiB)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 2 ** 20
+    assert "this" not in sys.modules or case != "meta-class-this"    # the Zen of Python never printed
+
+
+def test_decoy_shard_the_hash_size_and_loader_read_the_same_files(dws):
+    """The index names real.safetensors: info counts its parameters (not the decoy's 4), the hash covers
+    it (a changed real.safetensors changes the hash), and the loader loads it."""
+    from vdit_deploy.files import sha256_files
+    from vdit_deploy.sources import load_source, model_files
+
+    decoy, latte = dws / "decoy", dws / "latte"
+    files = model_files(decoy)
+    assert [f.name for f in files] == ["config.json", "diffusion_pytorch_model.safetensors.index.json",
+                                       "real.safetensors"]
+    result = run("info", decoy)
+    params = run("info", latte).output.split("file(s), ")[1].split(" parameters")[0]
+    assert result.exit_code == 0 and f"1 safetensors file(s), {params} parameters" in result.output
+    source = load_source(decoy)
+    assert source.files == files and sha256_files(files) == source.sha256
+    expected = load_source(latte).module.state_dict()
+    assert all(np.array_equal(v.numpy(), expected[k].numpy()) for k, v in source.module.state_dict().items())
+
+
+def test_model_class_comes_from_diffusers_or_the_command_line():
+    from vdit_deploy.diffusers_models import model_class
+    from vdit_deploy.errors import VditError
+
+    import diffusers
+    assert model_class("diffusers:LatteTransformer3DModel") is diffusers.LatteTransformer3DModel
+    for name, message in (("this:x", "imported only from a --class"), ("os:path", "imported only from a --class"),
+                          ("diffusers:__loader__", "not a diffusers model class name"),
+                          ("diffusers:DDPMScheduler", "is not a diffusers model")):
+        with pytest.raises(VditError, match=message):
+            model_class(name)
+    assert "this" not in sys.modules
+    assert model_class("own_models:MaskedTextDiT", typed=True).__name__ == "MaskedTextDiT"
+
+
+def test_unexpected_weights_are_one_line_on_a_real_stderr(dws):
+    """diffusers logs through its own stderr handler (which CliRunner does not capture): silenced."""
+    proc = subprocess.run([sys.executable, "-m", "vdit_deploy.cli", "export", str(dws / "unexpected_weight"), "--out",
+                           str(dws.parent / "never"), "--no-verify"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == "", proc.stdout
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("Error: ") and "300 unexpected" in proc.stderr
+
+
+def test_a_failed_trace_gives_the_first_line_of_its_cause(tmp_path):
+    import torch
+
+    from vdit_deploy.errors import VditError
+    from vdit_deploy.export.onnx_export import export_denoiser
+
+    class Broken(torch.nn.Module):
+        def forward(self, x_t, t, y):
+            raise ValueError("the real cause\nand more lines")
+
+    with pytest.raises(VditError) as e:
+        export_denoiser(Broken(), (torch.zeros(2, 1, 1, 2, 2), torch.zeros(2), torch.zeros(2, dtype=torch.int32)),
+                        tmp_path / "b.onnx", batch=(1, 4))
+    assert "ValueError: the real cause" in str(e.value) and "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_cond_messages_name_only_what_applies():
+    from vdit_deploy.contract import BATCH, CondInput, Contract
+    from vdit_deploy.errors import VditError
+
+    c = Contract((1, 1, 2, 2), "eps", (CondInput("emb", "float32", (BATCH, "seq")),))
+    with pytest.raises(VditError) as e:
+        c.check_cond({"emb": np.zeros((1, 3), np.float32), "extra": np.zeros(1)})
+    assert "has unknown extra" in str(e.value) and "lacks" not in str(e.value)
+    with pytest.raises(VditError) as e:
+        c.check_cond({})
+    assert "lacks emb" in str(e.value) and "unknown" not in str(e.value)
+    with pytest.raises(VditError) as e:
+        c.check_cond({"emb": np.zeros((1, 0), np.float32)})
+    assert "below 1" in str(e.value) and "None" not in str(e.value)
+
+
+def test_a_variant_is_written_whole_or_not_at_all(tiny_export, tmp_path, monkeypatch):
+    """A full disk while the step graph is saved: neither fp16 graph appears."""
+    from vdit_deploy.calibration.fp16 import convert_fp16
+
+    export = shutil.copytree(tiny_export, tmp_path / "e")
+    before = snapshot(export)
+    real_save = onnx.save
+
+    def save(model, path, *a, **k):
+        if "step" in Path(path).name:
+            raise OSError(28, "No space left on device", str(path))
+        return real_save(model, path, *a, **k)
+    monkeypatch.setattr(onnx, "save", save)
+    with pytest.raises(OSError):
+        convert_fp16(export)
+    assert snapshot(export) == before and not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
+
+
+def test_dead_processes_temporaries_do_not_block_an_export(tiny_export, tmp_path):
+    """A SIGKILLed `calibrate fp16` leaves .denoiser.fp16.onnx.PID.*.tmp.onnx: the next export into that
+    directory removes it (its process is gone) instead of asking the user to."""
+    from vdit_deploy.export.metadata import export_own_files
+
+    export = shutil.copytree(tiny_export, tmp_path / "e")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = export / f".denoiser.fp16.onnx.{dead}.k2j3_x.tmp.onnx"
+    stale.write_bytes(b"partial")
+    export_own_files(export)
+    assert not stale.exists()
+
+
+def test_a_full_disk_is_said_and_names_the_file(tmp_path):
+    """/dev/full: every write fails with ENOSPC, as a full disk during `calibrate collect` does."""
+    from vdit_deploy.errors import VditError
+    from vdit_deploy.files import save_npy
+
+    with pytest.raises(VditError) as e:
+        save_npy(Path("/dev/full"), np.zeros(196608, np.float32), tmp_path / "calib")
+    assert "cannot write full of" in str(e.value) and "786,432 bytes" in str(e.value)
+    assert "No space left on device" in str(e.value) or "disk full" in str(e.value)

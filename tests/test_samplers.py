@@ -196,7 +196,7 @@ def test_learned_variance_ends_are_the_fixed_variances():
     rng = np.random.default_rng(9)
     x, eps, z = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(3))
     for i in (0, 500, 998):
-        t = learned[i].t
+        t = int(learned[i].t)
         low, high = (np.concatenate([eps, np.full_like(eps, v)], axis=1) for v in (-1.0, 1.0))
         np.testing.assert_allclose(apply_step(x, low, learned[i].coefs, z), apply_step(x, eps, fixed[i].coefs, z),
                                    rtol=1e-5, atol=1e-5)
@@ -279,15 +279,17 @@ def test_spacings():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(sampler="euler"), "sampler must be one of ddpm, ddim, dpm.., unipc, got 'euler'"),
-    (dict(sampler="dpm++", order=3), r"dpm\+\+ has orders 1 and 2, got 3"),
+    (dict(sampler="euler"), "sampler must be one of ddpm, ddim, dpm.., unipc, cogvideox-dpm, got 'euler' "
+                            r"\(euler is for flow-matching models\)"),
+    (dict(sampler="dpm++", order=3), r"dpm\+\+ order 3 is not run: it needs the two previous x0"),
+    (dict(sampler="dpm++", order=4), r"dpm\+\+ has orders 1 and 2, got 4"),
     (dict(sampler="unipc", order=0), "unipc has orders 1 and 2, got 0"),
     (dict(sampler="ddim", order=2), "ddim has no order option"),
     (dict(sampler="dpm++", steps=0), "steps must be between 1 and 1000, got 0"),
     (dict(sampler="unipc", steps=1001), "steps must be between 1 and 1000, got 1001"),
     (dict(sampler="unipc", steps=1000, spacing="leading"), "repeat timesteps"),
     (dict(sampler="dpm++", spacing="karras"), "timestep spacing must be one of linspace, leading, trailing"),
-    (dict(sampler="dpm++", prediction="x1"), "prediction must be one of eps, v, x0, got 'x1'"),
+    (dict(sampler="dpm++", prediction="x1"), "prediction must be one of eps, v, x0 on a DDPM schedule, got 'x1'"),
     (dict(sampler="dpm++", eta=0.5), "deterministic ODE solver"),
 ])
 def test_bad_input_is_one_line(kwargs, message):
@@ -383,8 +385,8 @@ def run_cli(*args):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--sampler", "euler"], "sampler must be one of ddpm, ddim, dpm++, unipc, got 'euler'"),
-    (["--sampler", "dpm++", "--order", "3"], "dpm++ has orders 1 and 2, got 3"),
+    (["--sampler", "euler"], "sampler must be one of ddpm, ddim, dpm++, unipc, cogvideox-dpm, got 'euler'"),
+    (["--sampler", "dpm++", "--order", "3"], "dpm++ order 3 is not run"),
     (["--sampler", "unipc", "--steps", "0"], "steps must be between 1 and 1000, got 0"),
     (["--sampler", "unipc", "--steps", "1001"], "steps must be between 1 and 1000, got 1001"),
     (["--sampler", "ddim", "--order", "2"], "ddim has no order option"),

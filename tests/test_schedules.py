@@ -5,6 +5,7 @@ import pytest
 
 from vdit_deploy import validate
 from vdit_deploy.errors import VditError
+from vdit_deploy.scheduler_config import read_scheduler_config
 from vdit_deploy.samplers import apply_step, ddim_steps, ddpm_steps, guide, guided_step, make_steps
 from vdit_deploy.schedules import Schedule, timestep_subset
 
@@ -126,7 +127,7 @@ def test_guide_takes_a_learned_variance_from_the_conditional_pass():
 def test_from_diffusers_betas_are_diffusers_betas(config):
     from diffusers import DDPMScheduler
 
-    schedule, prediction, variance = Schedule.from_diffusers({**config, "prediction_type": "v_prediction",
+    schedule, prediction, variance = read_scheduler_config({**config, "prediction_type": "v_prediction",
                                                               "variance_type": "learned_range"})
     theirs = DDPMScheduler(**config)
     assert (prediction, variance) == ("v", "learned_range") and schedule.num_timesteps == len(theirs.betas)
@@ -136,13 +137,13 @@ def test_from_diffusers_betas_are_diffusers_betas(config):
 
 
 def test_from_diffusers_names_and_defaults():
-    assert Schedule.from_diffusers({}) == (Schedule("linear", 1000, 1e-4, 0.02), "eps", "fixed")
+    assert read_scheduler_config({}) == (Schedule("linear", 1000, 1e-4, 0.02), "eps", "fixed")
     for name, ours in (("epsilon", "eps"), ("v_prediction", "v"), ("sample", "x0")):
-        assert Schedule.from_diffusers({"prediction_type": name})[1] == ours
+        assert read_scheduler_config({"prediction_type": name})[1] == ours
     for name in (None, "fixed_small", "fixed_small_log"):
-        assert Schedule.from_diffusers({"variance_type": name})[2] == "fixed"
+        assert read_scheduler_config({"variance_type": name})[2] == "fixed"
     # the beta end points equal to the built-in linear schedule's give its betas, and only set ones are saved
-    assert np.array_equal(Schedule.from_diffusers({})[0].betas, Schedule().betas)
+    assert np.array_equal(read_scheduler_config({})[0].betas, Schedule().betas)
     assert Schedule().to_dict() == {"kind": "linear", "num_timesteps": 1000}
     scaled = Schedule("scaled_linear", 1000, 0.00085, 0.012)
     assert scaled.to_dict() == {"kind": "scaled_linear", "num_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012}
@@ -157,7 +158,7 @@ def test_from_diffusers_names_and_defaults():
     ({"variance_type": "fixed_large"}, "variance_type must be one of .*got 'fixed_large'"),
     ({"variance_type": ["learned_range"]}, "variance_type must be one of .*got \\['learned_range'\\]"),
     ({"trained_betas": [0.1, 0.2]}, "trained_betas are not supported"),
-    ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr is not supported"),
+    ({"thresholding": True}, "thresholding True: dynamic thresholding is not reproduced"),
     ({"num_train_timesteps": 1}, "num_train_timesteps must be between 2 and 100000, got 1"),
     ({"beta_start": "0.1"}, "beta_start must be a number, got '0.1'"),
     ({"beta_start": 0.02, "beta_end": 0.01}, "0 < beta_start < beta_end < 1, got 0.02 and 0.01"),
@@ -165,8 +166,8 @@ def test_from_diffusers_names_and_defaults():
 ])
 def test_from_diffusers_refuses_what_it_cannot_reproduce(config, message):
     with pytest.raises(VditError, match=message) as e:
-        Schedule.from_diffusers(config)
-    assert "\n" not in str(e.value) and (config == [] or str(e.value).startswith("scheduler config: "))
+        read_scheduler_config(config)
+    assert "\n" not in str(e.value) and (config == [] or str(e.value).startswith("scheduler config (DDPMScheduler): "))
 
 
 @pytest.mark.parametrize("data,message", [

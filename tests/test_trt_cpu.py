@@ -203,6 +203,8 @@ def test_cli_build_without_gpu(tmp_path):
     result = CliRunner().invoke(main, ["build", str(export), "--precision", "fp16", "--batch", "1:2:4"])
     assert result.exit_code == 1 and result.output.startswith("Error: ") and result.output.count("\n") == 1
     assert not (export / "engines").exists()
+    # the way on: an option that exists (build has no --runtime; sample has)
+    assert "use --runtime ort" not in result.output and "vdit sample --runtime ort" in result.output
     result = CliRunner().invoke(main, ["build", str(export), "--batch", "4:2:1"])
     assert result.exit_code == 1 and "MIN <= OPT <= MAX" in result.output
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -60,6 +62,47 @@ def check_inside(path: Path, root: Path) -> Path:
     return path
 
 
+JSON_LIMIT = 16 << 20            # config.json, scheduler configs, safetensors indexes: far below this
+
+
+def open_regular(path: str | os.PathLike, root: str | os.PathLike | None = None, what: str = "file"):
+    """Open an untrusted file for reading: a regular file (not a FIFO, device or directory, also when
+    reached through a link: /dev/zero would be read forever, a FIFO blocks), inside `root` when given.
+    Returns (binary file object, its size)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)     # O_NONBLOCK: opening a FIFO does not hang
+    except OSError as e:
+        raise VditError(f"cannot read {path}: {e.strerror or e}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise VditError(f"{path} is not a regular file (a device, FIFO or directory): the {what} must be one")
+    if root is not None and not path.resolve().is_relative_to(Path(root).resolve()):
+        os.close(fd)
+        raise VditError(f"{path}: the {what} leads to {path.resolve()}, outside {root}")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb"), info.st_size
+
+
+def read_bounded(path: str | os.PathLike, limit: int = JSON_LIMIT, root=None, what: str = "file") -> bytes:
+    """All of an untrusted regular file, refused (before reading) when larger than `limit`."""
+    f, size = open_regular(path, root, what)
+    with f:
+        if size > limit:
+            raise VditError(f"{path} is {size:,} bytes: too large for a {what} (at most {limit:,})")
+        return f.read(limit + 1)[:limit]
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file", root=None, limit: int = JSON_LIMIT):
+    """An untrusted JSON file -> its value: regular, bounded, valid (one line naming the file when not)."""
+    data = read_bounded(path, limit, root, what)
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:   # JSONDecodeError, UnicodeDecodeError, nested too deep
+        raise VditError(f"{path} is not valid JSON: {' '.join(str(e).split())[:100]}") from None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -83,6 +126,22 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
             or entry.name == f".{path.name}.old"
         if stale:
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def remove_dead_temporaries(directory: Path) -> list[Path]:
+    """Every `.<name>.<pid>.*.tmp*` in `directory` whose process is gone (whatever artifact it was for:
+    a SIGKILLed `calibrate fp16` leaves `.denoiser.fp16.onnx.<pid>.<random>.tmp.onnx`)."""
+    pattern = re.compile(r"^\..+?\.(\d+)(?:\.[^.]*)?\.tmp")
+    removed = []
+    if not Path(directory).is_dir():
+        return removed
+    for entry in Path(directory).iterdir():
+        m = pattern.match(entry.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() \
+                else entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
 
@@ -136,11 +195,47 @@ def atomic_path(path: str | os.PathLike, is_dir: bool = False, marker: str | Non
         raise
 
 
+def save_npy(path: Path, array, artifact: str | os.PathLike) -> None:
+    """np.save, and a full disk said as such: numpy reports it as "786432 requested and 34784 written"."""
+    import numpy as np
+
+    try:
+        with open(path, "wb") as f:       # a file object: np.save would append .npy to a name without it
+            np.save(f, array)
+    except OSError as e:
+        free = shutil.disk_usage(Path(path).parent).free
+        cause = e.strerror or ("disk full" if "requested and" in str(e) else str(e))
+        raise VditError(f"cannot write {Path(path).name} of {artifact} ({array.nbytes:,} bytes, "
+                        f"{free:,} free on its disk): {cause}") from None
+
+
+def load_npy(path: Path, root: Path, shape=None):
+    """A .npy array from an untrusted directory: a regular file inside it, its header read first and its
+    shape (when given) checked before the array is allocated; never unpickled."""
+    import numpy as np
+
+    f, size = open_regular(path, root, ".npy array")
+    with f:
+        try:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
+            header_shape, _, dtype = read(f)
+        except (ValueError, OSError, EOFError, SyntaxError) as e:
+            raise VditError(f"{path} is not a readable .npy array: {' '.join(str(e).split())[:120]}") from None
+        if shape is not None and list(header_shape) != list(shape):
+            raise VditError(f"{path} holds shape {list(header_shape)}, expected {list(shape)}")
+        if dtype.hasobject or int(np.prod(header_shape, dtype=object)) * dtype.itemsize > size - f.tell():
+            raise VditError(f"{path} is not a readable .npy array (truncated, or holds objects)")
+        f.seek(0)
+        return np.load(f, allow_pickle=False)
+
+
 def sha256_files(paths, chunk: int = 1 << 20) -> str:
     """One sha256 over the bytes of several files, in order (an .onnx and its external data)."""
     digest = hashlib.sha256()
     for path in paths:
-        with open(path, "rb") as f:
+        f, _ = open_regular(path, what="hashed file")    # /dev/zero would be hashed forever
+        with f:
             while block := f.read(chunk):
                 digest.update(block)
     return digest.hexdigest()

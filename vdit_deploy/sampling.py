@@ -1,20 +1,22 @@
-"""The sampling loop: DDPM, DDIM, DPM-Solver++ or UniPC over any denoiser, with all noise drawn on the host.
+"""The sampling loop: any sampler plan (DDPM-family or flow matching) over any denoiser, with all noise drawn on the host.
 
 Noise comes from one seeded numpy Generator (x_T first, then each stochastic step's z in order),
 so every runtime, PyTorch, ONNX Runtime or TensorRT, sees bit-identical noise for the same seed.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from vdit_deploy.config import check_memory
 from vdit_deploy.contract import Contract, read_cond
-from vdit_deploy.samplers import SolverState, Step, guided_step, make_steps
+from vdit_deploy.samplers import DEFAULT_SAMPLER, SolverState, Step, guided_step, make_steps
 from vdit_deploy.errors import VditError
+from vdit_deploy.progress import bar
 
 
 @dataclass
@@ -49,12 +51,53 @@ class DenoiseRecorder:
         return out
 
 
-def sampler_plan(contract: Contract, sampler: str, steps: int | None = None, eta: float = 0.0,
-                 order: int | None = None, spacing: str = "linspace"):
-    """The sampler's steps for this model: its prediction type, and DDPM's learned variance for eps+var."""
-    return make_steps(contract.schedule, sampler, steps, eta, order=order, spacing=spacing,
-                      prediction=contract.prediction,
+def default_sampler(contract: Contract) -> str:
+    """The sampler a model is sampled and served with when none is named: its pipeline's (from its
+    scheduler config; a flow model's own), else the project's default (its steps: DEFAULT_STEPS)."""
+    return sampler_name(contract)
+
+
+def sampler_plan(contract: Contract, sampler: str | None = None, steps: int | None = None, eta: float = 0.0,
+                 order: int | None = None, spacing: str | None = None):
+    """The sampler's steps for this model: its prediction type, its schedule's x0 clipping, timestep
+    spacing and lambda_min, and DDPM's learned variance for eps+var. sampler / steps None: the
+    schedule's pipeline defaults (from its scheduler config), else the project's."""
+    schedule = contract.schedule
+    sampler = sampler_name(contract, sampler)
+    # "linspace" is also the CLI's --spacing default (until the sample stage's option defaults to none):
+    # read as not given, so the scheduler config's spacing (CogVideoX's trailing) and a flow model's sigmas hold
+    given = None if spacing == "linspace" else spacing
+    if schedule.kind == "flow":
+        return make_steps(schedule, sampler, steps, eta, order=order, spacing=given, prediction="flow")
+    if sampler == schedule.sampler:
+        steps = schedule.steps if steps is None else steps
+        order = schedule.order if order is None else order
+    spacing = given
+    if given is None and sampler in ("ddim", "dpm++", "unipc", "cogvideox-dpm"):
+        spacing = schedule.spacing
+    return make_steps(schedule, sampler, steps, eta, clip=schedule.clip, order=order, spacing=spacing,
+                      prediction=contract.prediction, lambda_min=schedule.lambda_min,
                       learned_variance=contract.output == "eps+var" and sampler == "ddpm")
+
+
+def sampler_name(contract: Contract, sampler: str | None = None) -> str:
+    """The sampler a model samples with: the one asked for, or its pipeline's, or the project's default."""
+    return sampler or contract.schedule.sampler or DEFAULT_SAMPLER
+
+
+def describe_sampling(contract: Contract) -> str:
+    """`vdit info`'s lines on how a model is sampled: its objective and schedule, the default sampler."""
+    schedule = contract.schedule
+    sampler = sampler_name(contract)
+    try:
+        plan = sampler_plan(contract)
+        steps = f"{len(plan)} steps, t fed {plan[0].t:g} .. {plan[-1].t:g}"
+    except VditError as e:
+        steps = f"not runnable: {e}"
+    whose = "its scheduler config's (its pipeline's)" if schedule.sampler else "the project's default"
+    order = f" order {schedule.order}," if sampler in ("unipc", "dpm++") and getattr(schedule, "order", None) else ""
+    return (f"objective   {schedule.describe()}; output {contract.output}\n"
+            f"sampler     {sampler},{order} {steps} ({whose})")
 
 
 def conditioning(contract: Contract, labels=None, cond=None) -> dict:
@@ -77,6 +120,12 @@ def as_cond(contract: Contract, cond) -> dict:
     return contract.check_cond(cond) if isinstance(cond, dict) else contract.labels(cond)
 
 
+def sampling_bytes(contract: Contract, videos: int) -> int:
+    """Host memory the loop holds for `videos` videos: x_t, the noise, zeros and the solver's two states
+    (the denoiser's own memory is the runtime's)."""
+    return 4 * 8 * videos * math.prod(contract.latent)
+
+
 def sample(denoiser, contract: Contract, cond, steps: list[Step], guidance: float = 1.0, seed: int = 0,
            progress: bool = False, times: SampleTimes | None = None, null: dict | None = None,
            cache=None) -> np.ndarray:
@@ -89,10 +138,12 @@ def sample(denoiser, contract: Contract, cond, steps: list[Step], guidance: floa
     A multistep plan (dpm++, unipc) carries one SolverState through its steps (on the runtime's device).
     cache: a step_cache.StepCache started for len(steps) (policy.start): the runtime's cached_step runs
     each step and the cache records its decisions."""
+    from vdit_deploy import validate
+
+    validate.guidance(guidance)
     cond = as_cond(contract, cond)
-    if guidance < 0:
-        raise VditError(f"guidance scale must be >= 0, got {guidance}")
     b = contract.batch_of(cond)
+    check_memory(sampling_bytes(contract, b), f"sampling {b} videos")     # before x_T is drawn
     step_fn = getattr(denoiser, "step", None)
     if step_fn is None:
         null_b = None if null is None else contract.null_batch(null, cond)
@@ -113,7 +164,7 @@ def sample(denoiser, contract: Contract, cond, steps: list[Step], guidance: floa
     x = rng.standard_normal((b, *contract.latent), dtype=np.float32)               # x_T ~ N(0, I)
     zeros = np.zeros_like(x)
     state = SolverState() if any(s.multistep for s in steps) else None
-    for step in tqdm(steps, desc="sample", unit="step", disable=not progress, leave=False):
+    for step in bar(steps, show=progress, desc="sample", unit="step"):
         noise = rng.standard_normal(x.shape, dtype=np.float32) if step.stochastic else zeros
         t0 = time.perf_counter()
         x = step_fn(x, step.t, cond, guidance, step.coefs, noise, state)

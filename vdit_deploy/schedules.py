@@ -1,6 +1,6 @@
 """Noise schedules in numpy (no torch): betas and alpha_bar of a DDPM-family schedule, q(x_t|x_0) and the
-posterior, the timesteps a sampler visits, and the reading of a diffusers scheduler_config.json.
-What a sampler does at each of those timesteps lives in samplers.py."""
+posterior, the timesteps a sampler visits. Flow matching's schedules live in flow.py, the reading of a
+diffusers scheduler_config.json in scheduler_config.py, what a sampler does at each step in samplers.py."""
 from __future__ import annotations
 
 import math
@@ -12,12 +12,7 @@ from vdit_deploy import validate as v
 from vdit_deploy.errors import VditError
 
 SCHEDULES = ("linear", "scaled_linear", "cosine")
-# scheduler_config.json's names (diffusers) for ours
-DIFFUSERS_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
-DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 VARIANCES = ("fixed", "learned_range")    # the model's variance: the posterior's, or learned in 2C channels
-DIFFUSERS_VARIANCES = {None: "fixed", "fixed_small": "fixed", "fixed_small_log": "fixed",
-                       "learned_range": "learned_range"}
 
 SPACINGS = ("linspace", "leading", "trailing")
 # The solvers start where log(alpha/sigma) >= LAMBDA_MIN (diffusers' lambda_min_clipped): below it an
@@ -34,12 +29,27 @@ class Schedule:
     # linear and scaled_linear end points; None: Ho et al.'s 1e-4 .. 0.02, scaled by 1000 / num_timesteps
     beta_start: float | None = None
     beta_end: float | None = None
+    zero_snr: bool = False         # rescale_betas_zero_snr: alpha_bar rescaled to end at 0 (Lin et al. 2024)
+    snr_shift: float = 1.0         # CogVideoX's snr_shift_scale: alpha_bar / (s + (1 - s) alpha_bar)
+    clip: float | None = 1.0       # the x0 prediction is clipped to [-clip, clip]; None: not clipped
+    # the pipeline's sampler, step count and timestep spacing (a scheduler config's); None: the project's
+    sampler: str | None = None
+    steps: int | None = None
+    spacing: str | None = None
+    order: int | None = None
+    lambda_min: float | None = LAMBDA_MIN   # where the solvers start (None: all of T, as diffusers' UniPC)
 
     def __post_init__(self):
         if self.kind not in SCHEDULES:
             raise VditError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.kind!r}")
         if self.num_timesteps < 2:
             raise VditError(f"num_timesteps must be >= 2, got {self.num_timesteps}")
+        if not (isinstance(self.snr_shift, (int, float)) and self.snr_shift > 0):
+            raise VditError(f"snr_shift must be > 0, got {self.snr_shift}")
+        if self.clip is not None and not (isinstance(self.clip, (int, float)) and self.clip > 0):
+            raise VditError(f"clip must be > 0 (or None: no clipping), got {self.clip}")
+        if self.spacing is not None and self.spacing not in SPACINGS:
+            raise VditError(f"timestep spacing must be one of {', '.join(SPACINGS)}, got {self.spacing!r}")
         ends = (self.beta_start, self.beta_end)
         if ends == (None, None):
             return
@@ -52,40 +62,34 @@ class Schedule:
                             f"got {self.beta_start} and {self.beta_end}")
 
     @classmethod
-    def from_diffusers(cls, config: dict, where: str = "scheduler config") -> tuple["Schedule", str, str]:
-        """(schedule, prediction, variance) from a diffusers scheduler_config.json dict, with diffusers'
-        defaults for absent keys. What it cannot reproduce is refused, not approximated."""
-        v.obj(config, where, where="", extra_ok=True)
-        if config.get("trained_betas") is not None:
-            v.fail(where, "trained_betas are not supported (name a beta_schedule)")
-        if config.get("rescale_betas_zero_snr"):
-            v.fail(where, "rescale_betas_zero_snr is not supported")
-        T = v.integer(config.get("num_train_timesteps", 1000), "num_train_timesteps", 2, 100_000, where)
-        kind = DIFFUSERS_SCHEDULES[v.string(config.get("beta_schedule", "linear"), "beta_schedule",
-                                            DIFFUSERS_SCHEDULES, where)]
-        prediction = DIFFUSERS_PREDICTIONS[v.string(config.get("prediction_type", "epsilon"), "prediction_type",
-                                                    DIFFUSERS_PREDICTIONS, where)]
-        variance = config.get("variance_type")
-        if not (variance is None or isinstance(variance, str)) or variance not in DIFFUSERS_VARIANCES:
-            v.fail(where, f"variance_type must be one of {', '.join(k for k in DIFFUSERS_VARIANCES if k)} "
-                          f"(or absent), got {v.show(variance)}")
-        ends = {}
-        if kind != "cosine":    # diffusers ignores them for squaredcos_cap_v2
-            ends = {k: v.number(config.get(k, d), k, where=where) for k, d in (("beta_start", 1e-4), ("beta_end", 0.02))}
-        try:
-            return cls(kind, T, **ends), prediction, DIFFUSERS_VARIANCES[variance]
-        except VditError as e:
-            v.fail(where, str(e))
-
-    @classmethod
     def from_dict(cls, data, where: str = "") -> "Schedule":
         """A Schedule from its JSON dict (to_dict's), checked as untrusted input."""
+        v.obj(data, "schedule", required=("kind",), where=where, extra_ok=True)
+        if data["kind"] == "flow":
+            from vdit_deploy.flow import FlowSchedule
+
+            return FlowSchedule.from_dict(data, where)
         v.obj(data, "schedule", required=("kind", "num_timesteps"), where=where, extra_ok=True)
-        v.string(data["kind"], "schedule kind", SCHEDULES, where)
+        v.string(data["kind"], "schedule kind", (*SCHEDULES, "flow"), where)
         v.integer(data["num_timesteps"], "num_timesteps", 2, 100_000, where)
         for name in ("beta_start", "beta_end"):       # optional; absent in exports from before them
             if data.get(name) is not None:
                 v.number(data[name], name, 0, 1, lo_open=True, where=where)
+        if data.get("clip", 1.0) is not None:
+            v.number(data.get("clip", 1.0), "clip", 0, lo_open=True, where=where)
+        if "zero_snr" in data:
+            v.boolean(data["zero_snr"], "zero_snr", where)
+        if "snr_shift" in data:
+            v.number(data["snr_shift"], "snr_shift", 0, lo_open=True, where=where)
+        for name in ("sampler", "spacing"):
+            if data.get(name) is not None:
+                v.string(data[name], name, where=where)
+        if data.get("steps") is not None:
+            v.integer(data["steps"], "steps", 1, 100_000, where)
+        if data.get("order") is not None:
+            v.integer(data["order"], "order", 1, 2, where)
+        if data.get("lambda_min") is not None:
+            v.number(data["lambda_min"], "lambda_min", where=where)
         try:
             return cls(**data)       # checks 0 < beta_start < beta_end < 1
         except (TypeError, ValueError, VditError) as e:
@@ -93,6 +97,12 @@ class Schedule:
 
     @property
     def betas(self) -> np.ndarray:
+        if self.zero_snr or self.snr_shift != 1.0:    # from the rescaled alpha_bar
+            ab = self.alphas_cumprod
+            return 1 - ab / np.append(1.0, ab[:-1])
+        return self._betas()
+
+    def _betas(self) -> np.ndarray:
         T = self.num_timesteps
         if self.kind != "cosine":
             if self.beta_start is None:
@@ -112,11 +122,18 @@ class Schedule:
 
     @property
     def alphas_cumprod(self) -> np.ndarray:
-        return np.cumprod(1.0 - self.betas)
+        ab = np.cumprod(1.0 - self._betas())
+        if self.snr_shift != 1.0:     # SNR divided by snr_shift (CogVideoX)
+            ab = ab / (self.snr_shift + (1 - self.snr_shift) * ab)
+        if self.zero_snr:             # sqrt(alpha_bar) shifted to 0 at T, scaled to keep its value at t = 0
+            root = np.sqrt(ab)
+            root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+            ab = root ** 2
+        return ab
 
     def alpha_bar(self, t) -> np.ndarray:
         """alpha_bar_t, with alpha_bar at t = -1 equal to 1 (the clean video)."""
-        t = np.asarray(t)
+        t = np.rint(np.asarray(t)).astype(np.int64)     # a Step's t is a float holding the integer timestep
         return np.where(t >= 0, self.alphas_cumprod[np.maximum(t, 0)], 1.0)
 
     def q_sample(self, x0: np.ndarray, t, noise: np.ndarray) -> np.ndarray:
@@ -126,6 +143,7 @@ class Schedule:
 
     def posterior(self, t: int) -> tuple[float, float, float]:
         """q(x_{t-1} | x_t, x_0) = N(c0 x_0 + ct x_t, var): returns (c0, ct, var)."""
+        t = int(round(t))
         beta, ab, ab_prev = self.betas[t], self.alpha_bar(t), self.alpha_bar(t - 1)
         c0 = beta * math.sqrt(ab_prev) / (1 - ab)
         ct = (1 - ab_prev) * math.sqrt(1 - beta) / (1 - ab)
@@ -133,8 +151,19 @@ class Schedule:
         return float(c0), float(ct), float(var)
 
     def to_dict(self) -> dict:
+        """Only what differs from the defaults, so older exports' schedules read back equal."""
         ends = {} if self.beta_start is None else {"beta_start": self.beta_start, "beta_end": self.beta_end}
-        return {"kind": self.kind, "num_timesteps": self.num_timesteps, **ends}
+        extra = {k: getattr(self, k) for k, d in (("zero_snr", False), ("snr_shift", 1.0), ("clip", 1.0),
+                                                  ("sampler", None), ("steps", None), ("spacing", None),
+                                                  ("order", None), ("lambda_min", LAMBDA_MIN))
+                 if getattr(self, k) != d}
+        return {"kind": self.kind, "num_timesteps": self.num_timesteps, **ends, **extra}
+
+    def describe(self) -> str:
+        ends = "" if self.beta_start is None else f" {self.beta_start:g}..{self.beta_end:g}"
+        extra = [x for x in (self.zero_snr and "zero terminal SNR", self.snr_shift != 1 and f"SNR shift {self.snr_shift:g}",
+                             f"x0 clipped to +-{self.clip:g}" if self.clip is not None else "x0 not clipped") if x]
+        return f"DDPM {self.kind}{ends} betas over T={self.num_timesteps}, " + ", ".join(extra)
 
 
 # ---- the timesteps a sampler visits -----------------------------------------------------------

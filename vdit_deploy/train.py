@@ -1,4 +1,5 @@
-"""Training on Moving Shapes: eps-prediction MSE (Ho et al.), AdamW, EMA weights, label dropout.
+"""Training on Moving Shapes: eps-prediction MSE (Ho et al.) or flow matching's velocity MSE (a
+FlowSchedule), AdamW, EMA weights, label dropout.
 
 The output directory is itself a checkpoint (EMA weights in model.safetensors) plus
 training_state.safetensors (raw weights, optimizer moments), so `--out DIR` can be sampled from
@@ -21,10 +22,12 @@ from vdit_deploy.checkpoint import load_tensors, read_info, save_checkpoint
 from vdit_deploy import validate as v
 from vdit_deploy.config import ModelConfig, check_memory
 from vdit_deploy.data import MovingShapes
+from vdit_deploy.flow import FlowSchedule
 from vdit_deploy.schedules import Schedule
 from vdit_deploy.errors import VditError
 from vdit_deploy.files import check_output
 from vdit_deploy.model import VideoDiT
+from vdit_deploy.threads import apply_torch
 
 TRAINING_STATE = "training_state.safetensors"
 
@@ -83,6 +86,18 @@ def diffusion_loss(model: VideoDiT, x0: torch.Tensor, y: torch.Tensor, alphas_cu
     return per_sample.mean()
 
 
+def flow_loss(model: VideoDiT, x0: torch.Tensor, y: torch.Tensor, num_timesteps: int,
+              gen: torch.Generator) -> torch.Tensor:
+    """Flow matching (rectified flow, Lipman et al. 2023; Esser et al. 2024): x_s = (1 - s) x0 + s noise
+    at s drawn logit-normal (SD3's m = 0, s = 1: the middle of the path, where the velocity is hardest,
+    drawn most), fed t = s * num_timesteps; MSE between the model output and the velocity noise - x0."""
+    b = x0.shape[0]
+    s = torch.sigmoid(torch.randn(b, generator=gen))                                  # (B,) in (0, 1)
+    noise = torch.randn(x0.shape, generator=gen)
+    x_t = (1 - s).view(b, 1, 1, 1, 1) * x0 + s.view(b, 1, 1, 1, 1) * noise
+    return F.mse_loss(model(x_t, s * num_timesteps, y), noise - x0)
+
+
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
@@ -109,16 +124,26 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict) -> None:
 
 
 def train(model_cfg: ModelConfig, out: str | Path, cfg: TrainConfig = TrainConfig(),
-          schedule: Schedule = Schedule("cosine"), progress: bool = True) -> dict:
+          schedule: Schedule | FlowSchedule = Schedule("cosine"), progress: bool = True,
+          init: str | Path | None = None) -> dict:
+    """Train (or resume) into `out`. init: a checkpoint of the same model config whose weights a new
+    run starts from (e.g. a DDPM checkpoint fine-tuned to flow matching: it knows the data already)."""
     if model_cfg.in_channels != 3:
         raise VditError("Moving Shapes videos are RGB: the model needs in_channels=3")
     out = check_output(out, is_dir=True, marker=TRAINING_STATE)   # fail before training, not at a checkpoint
     check_memory(model_cfg.memory_bytes(cfg.batch_size, training=True), f"training at batch {cfg.batch_size}")
+    apply_torch()                       # --threads (a no-op unless the CLI configured a count)
     torch.manual_seed(cfg.seed)
     model = VideoDiT(model_cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
+    if init is not None and not (out / TRAINING_STATE).is_file():
+        start_info = read_info(init)
+        if start_info.model != model_cfg:
+            raise VditError(f"{init} holds another model config than the one trained; it cannot start this run")
+        model.load_state_dict(load_tensors(start_info.weights))
+        ema.load_state_dict(model.state_dict())
     if (out / TRAINING_STATE).is_file():   # resume
         info = read_info(out)
         if info.model != model_cfg or info.schedule != schedule:
@@ -131,7 +156,8 @@ def train(model_cfg: ModelConfig, out: str | Path, cfg: TrainConfig = TrainConfi
         if start >= cfg.steps:
             raise VditError(f"{out} is already trained to step {start}; pass --steps above {start} to go on")
     data = MovingShapes(model_cfg.frames, model_cfg.height, model_cfg.width, model_cfg.num_classes, cfg.seed)
-    alphas_cumprod = torch.from_numpy(schedule.alphas_cumprod).float()
+    flow = schedule.kind == "flow"
+    alphas_cumprod = None if flow else torch.from_numpy(schedule.alphas_cumprod).float()
 
     def save(step: int) -> None:
         extra = {k: v.contiguous() for k, v in _optimizer_tensors(opt).items()}
@@ -152,7 +178,10 @@ def train(model_cfg: ModelConfig, out: str | Path, cfg: TrainConfig = TrainConfi
         x0, y = data.batch(np.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size))
         y = torch.from_numpy(y)
         y[torch.rand(len(y), generator=gen) < cfg.label_dropout] = model_cfg.null_label
-        loss = diffusion_loss(model, torch.from_numpy(x0), y, alphas_cumprod, gen, cfg.min_snr_gamma)
+        if flow:
+            loss = flow_loss(model, torch.from_numpy(x0), y, schedule.num_timesteps, gen)
+        else:
+            loss = diffusion_loss(model, torch.from_numpy(x0), y, alphas_cumprod, gen, cfg.min_snr_gamma)
         if not math.isfinite(value := loss.item()):   # never step (or save) on NaN weights
             raise VditError(f"the loss became {value} at step {step + 1}: training diverged (try a lower --lr); "
                             f"{out} keeps its last checkpoint")

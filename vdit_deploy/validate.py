@@ -9,6 +9,8 @@ import math
 from vdit_deploy.errors import VditError
 
 INT32_MAX = 2 ** 31 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+GUIDANCE_MAX = 100.0     # classifier-free guidance scales in use are 1..20; beyond 100 only overflow follows
 
 
 def show(value) -> str:
@@ -38,6 +40,11 @@ def number(value, name: str, lo: float | None = None, hi: float | None = None, l
     if (lo is not None and (value < lo or (lo_open and value == lo))) or (hi is not None and value > hi):
         fail(where, f"{name} must be {_range(lo, hi, lo_open)}, got {show(value)}")
     return value
+
+
+def guidance(value, where: str = "") -> float:
+    """A classifier-free guidance scale: 0 (unconditional) .. GUIDANCE_MAX."""
+    return number(value, "guidance scale", 0, GUIDANCE_MAX, where=where)
 
 
 def _range(lo, hi, lo_open=False) -> str:

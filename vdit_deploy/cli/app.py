@@ -32,7 +32,8 @@ def _terminate(signum, frame):
 
 
 SAMPLER_HELP = ("unipc (UniPC-bh2, 15 steps by default) or dpm++ (DPM-Solver++ 2M, 20 steps): multistep ODE "
-                "solvers; ddim (50 steps by default); ddpm (all T steps).")
+                "solvers; ddim (50 steps by default); ddpm (all T steps); cogvideox-dpm (CogVideoX's SDE "
+                "DPM-Solver++). A flow-matching model: euler, unipc or dpm++ on its sigmas.")
 STEPS_HELP = "Denoiser calls, 1..T (default: the sampler's; ddpm always runs all T)."
 
 
@@ -73,21 +74,27 @@ class Cli(click.Group):
 
 
 class Finite(click.ParamType):
-    """A float that is finite and in range: nan and inf parse as floats, and would sample NaN videos."""
+    """A float that is finite and in range: nan and inf parse as floats, and would sample NaN videos;
+    and within what float32 holds (the graphs compute in it: 1e308 would be inf there)."""
     name = "number"
 
-    def __init__(self, lo: float | None = None, lo_open: bool = False):
-        self.lo, self.lo_open = lo, lo_open
+    def __init__(self, lo: float | None = None, lo_open: bool = False, hi: float | None = None):
+        from vdit_deploy.validate import FLOAT32_MAX
+
+        self.lo, self.lo_open, self.hi = lo, lo_open, FLOAT32_MAX if hi is None else hi
 
     def convert(self, value, param, ctx):
         from vdit_deploy import validate
 
         try:
-            return validate.number(float(value), "the value", self.lo, lo_open=self.lo_open)
+            return validate.number(float(value), "the value", self.lo, self.hi, lo_open=self.lo_open)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a number", param, ctx)
         except VditError as e:
             self.fail(str(e), param, ctx)
+
+
+GUIDANCE = Finite(0, hi=100.0)   # validate.GUIDANCE_MAX: classifier-free guidance in use is 1..20
 
 
 @click.group(cls=Cli)
@@ -120,8 +127,12 @@ def parse_batch_range(text: str, option: str = "--batch") -> tuple[int, int]:
         lo, hi = (int(v) for v in text.split(":"))
     except ValueError:
         raise VditError(f"{option} takes MIN:MAX (e.g. 1:8), got {text!r}") from None
+    from vdit_deploy.validate import INT32_MAX
+
     if option != "--batch" and not 1 <= lo <= hi:
         raise VditError(f"{option} takes 1 <= MIN <= MAX, got {text!r}")
+    if hi > INT32_MAX:   # a graph's axis is an int32 in TensorRT and the metadata
+        raise VditError(f"{option} takes MAX <= {INT32_MAX}, got {text!r}")
     return lo, hi
 
 
@@ -130,7 +141,9 @@ def parse_ints(text: str, option: str, count: int) -> tuple[int, ...]:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != count or min(values) < 1:
+    from vdit_deploy.validate import INT32_MAX
+
+    if len(values) != count or min(values) < 1 or max(values) > INT32_MAX:
         raise VditError(f"{option} takes {count} positive integers separated by commas, got {text!r}")
     return values
 
@@ -146,3 +159,32 @@ def needs_torch(what: str):
     except ImportError:
         pass
     raise VditError(f"vdit {what} needs torch: pip install 'vdit-deploy[torch]' (sampling an export does not)")
+
+
+THREADS_HELP = ("CPU threads for torch and ONNX Runtime alike (default: the cores not already busy, i.e. cores minus "
+                "the 1-minute load average, at least 1).")
+
+
+def _configure_threads(ctx, param, value):
+    """At parse time, before the command runs: torch and every ONNX Runtime session take this count."""
+    from vdit_deploy.progress import note
+    from vdit_deploy.threads import configure
+
+    count, warning = configure(value)
+    if warning:
+        note(warning)          # on a terminal: a refusal stays one `Error:` line in logs and pipes
+    return count
+
+
+def threads_option(f):
+    """--threads for a compute command; the command gets the count it runs with as `threads`."""
+    return click.option("--threads", type=click.IntRange(1), default=None, callback=_configure_threads,
+                        help=THREADS_HELP)(f)
+
+
+def human_size(n: int) -> str:
+    """Bytes as people read them: 812 B, 3.4 kB, 7.0 MB, 1.2 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"

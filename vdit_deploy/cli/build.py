@@ -43,6 +43,13 @@ def plan(target, preset_name, checkpoint, onnx_path, batch, precision, frames, l
         cfg = cfg.replace(frames=frames)
     result = plan_memory(cfg, batch or profile.batch[2], precision or profile.precision, profile,
                          onnx_bytes=onnx_bytes)
+    if onnx_path is not None:                   # the export's VAE decoder, resident beside the denoiser
+        from vdit_deploy.runtimes.decoder_plan import decoder_rows
+        extra = decoder_rows(onnx_path, result.precision, profile.vae_tile, cfg.video_shape)
+        if extra:
+            result.rows.update(extra)
+            result.notes.append("the decoder's engine is resident beside the denoiser's (vdit generate runs both in "
+                                "one process): its rows are added; tile from the profile's vae_tile")
     click.echo(f"{what}")
     click.echo(result.table())
     result.check()

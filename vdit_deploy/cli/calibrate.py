@@ -5,7 +5,9 @@ from pathlib import Path
 
 import click
 
-from vdit_deploy.cli.app import COND_ROWS_HELP, SAMPLER_HELP, STEPS_HELP, Cli, Finite, main, parse_labels
+from vdit_deploy.cli.app import (COND_ROWS_HELP, GUIDANCE, SAMPLER_HELP, STEPS_HELP, Cli, Finite, human_size, main,
+                                 parse_labels, threads_option)
+from vdit_deploy.errors import VditError
 from vdit_deploy.files import check_output
 from vdit_deploy.samplers import DEFAULT_SAMPLER
 
@@ -26,7 +28,7 @@ def calib_option(required=True):
 @click.option("--sampler", default=DEFAULT_SAMPLER, show_default=True,
               help=f"The sampler you deploy (its timesteps are the ones INT8 ranges must cover): {SAMPLER_HELP}")
 @click.option("--steps", default=None, type=click.IntRange(1), help=STEPS_HELP)
-@click.option("--guidance", default=2.0, show_default=True, type=Finite(0))
+@click.option("--guidance", default=2.0, show_default=True, type=GUIDANCE)
 @click.option("--eta", default=0.0, show_default=True, type=Finite(0))
 @click.option("--seeds", default=4, show_default=True, type=click.IntRange(1, 10 ** 6), help="Seeds 0..N-1.")
 @click.option("--label", "labels", multiple=True, help="Labels per sample, class models (default: every class).")
@@ -34,7 +36,8 @@ def calib_option(required=True):
               help=COND_ROWS_HELP + " One row per video of each sample.")
 @click.option("--timesteps", default=8, show_default=True, type=click.IntRange(1),
               help="Steps recorded per trajectory, spread from t=T-1 to 0.")
-def calibrate_collect(source, out, sampler, steps, guidance, eta, seeds, labels, cond_file, timesteps):
+@threads_option
+def calibrate_collect(source, out, sampler, steps, guidance, eta, seeds, labels, cond_file, timesteps, threads):
     """Record denoiser inputs (x_t, t and every conditioning input, null rows included) from the fp32
     sampler (SOURCE: model directory or export directory)."""
     import json
@@ -66,13 +69,20 @@ def calibrate_cache(export_dir, calib_dir, degree):
 @calibrate.command("fp16")
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @calib_option(required=False)
-def calibrate_fp16(export_dir, calib_dir):
+@threads_option
+def calibrate_fp16(export_dir, calib_dir, threads):
     """Write denoiser.fp16.onnx and step.fp16.onnx (norms, softmax, pow, exp, the timestep embedding
-    and the step's update stay fp32)."""
+    and the step's update stay fp32), and decoder.fp16.onnx where the export has a VAE decoder."""
     from vdit_deploy.calibration.fp16 import check_fp16, convert_fp16
+    from vdit_deploy.decode import find_decoder
+    from vdit_deploy.export.variants import FP16, STEP, variant_file
 
     path = convert_fp16(export_dir, calib_dir)
-    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    written = [p for p in (path, path.with_name(variant_file(STEP, FP16))) if p.is_file()]
+    if find_decoder(export_dir) is not None:              # the VAE's decoder, where the export has one
+        from vdit_deploy.export.decoder_verify import convert_decoder_fp16
+        written += convert_decoder_fp16(export_dir)
+    click.echo(f"wrote {', '.join(f'{p} ({human_size(p.stat().st_size)})' for p in written)}")
     if calib_dir is not None:
         r = check_fp16(export_dir, calib_dir)
         click.echo(f"checked on {r['rows']} calibration rows: no inf/NaN, eps rel L2 {r['eps_rel_l2']:.2e}")
@@ -88,13 +98,36 @@ def calibrate_fp16(export_dir, calib_dir):
               help="Activation range calibration for qdq (default: the measured best).")
 @click.option("--keep-fp", multiple=True, help="Layer pattern (regex on e.g. 'blocks.0.mlp.0/linear') kept in float; "
               "replaces the default sensitive set. 'none' quantizes everything.")
-def calibrate_int8(export_dir, calib_dir, mode, method, keep_fp):
-    """Write an INT8 denoiser graph; sensitive layers stay float."""
+@click.option("--target", default=None,
+              help="Where the graph runs: vnni (AVX-512 VNNI / AVX-VNNI), avx2 (x86 without VNNI: 7-bit weights, "
+              "its u8 x s8 sums saturate otherwise), arm64, tensorrt (qdq) or a board profile (`vdit plan --list`). "
+              "Default: this CPU.")
+@threads_option
+def calibrate_int8(export_dir, calib_dir, mode, method, keep_fp, target, threads):
+    """Write an INT8 denoiser graph with the types that do not saturate on its target CPU (recorded in
+    the graph); sensitive layers stay float."""
+    import onnx
+
+    from vdit_deploy.calibration.graph import COMPUTE_OPS, matching
     from vdit_deploy.calibration.int8 import DEFAULT_METHOD, DEFAULT_SENSITIVE, calibration_error, quantize_int8
+    from vdit_deploy.export.metadata import find_onnx
+    from vdit_deploy.export.variants import INT8_QDQ, STEP, variant_file
+    from vdit_deploy.progress import note
+    from vdit_deploy.runtimes.cpu_isa import choose
 
     keep = DEFAULT_SENSITIVE if not keep_fp else (() if keep_fp == ("none",) else keep_fp)
-    path = quantize_int8(export_dir, calib_dir, mode=mode, method=method or DEFAULT_METHOD, keep_fp=keep)
-    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); kept in float: {', '.join(keep) or 'nothing'}")
+    choice = choose(mode, target)        # a bad --target before any work
+    if mode == "qdq":
+        note("int8 qdq: calibrating the denoiser and then the step graph on the set, then quantizing "
+             "(minutes: every batch runs through a graph that outputs every activation)")
+    path = quantize_int8(export_dir, calib_dir, mode=mode, method=method or DEFAULT_METHOD, keep_fp=keep,
+                         target=target, progress=True)
+    # the patterns that name layers of this model (the default set also holds other families' names)
+    kept = matching(onnx.load(str(find_onnx(export_dir)), load_external_data=False), keep, COMPUTE_OPS)
+    step = path.with_name(variant_file(STEP, INT8_QDQ))
+    also = f", {step} ({human_size(step.stat().st_size)})" if mode == "qdq" and step.is_file() else ""
+    click.echo(f"wrote {path} ({human_size(path.stat().st_size)}){also}, {choice.describe()}; "
+               f"kept in float: {', '.join(kept) or 'nothing'}")
     if calib_dir is not None:
         click.echo(f"eps rel L2 vs fp32 on the calibration set: {calibration_error(path, export_dir, calib_dir):.3e}")
 
@@ -104,11 +137,12 @@ def calibrate_int8(export_dir, calib_dir, mode, method, keep_fp):
 @calib_option()
 @click.option("--mode", type=click.Choice(["dynamic", "qdq"]), default="dynamic", show_default=True)
 @click.option("--layers", default=None, help="Regex: only the layer groups it finds (e.g. 'blocks.0').")
-def calibrate_sensitivity(export_dir, calib_dir, mode, layers):
+@threads_option
+def calibrate_sensitivity(export_dir, calib_dir, mode, layers, threads):
     """Quantize one layer at a time and print the eps error each adds, largest first."""
     from vdit_deploy.calibration.sensitivity import sensitivity, table
 
-    click.echo(table(sensitivity(export_dir, calib_dir, mode=mode, layers=layers)))
+    click.echo(table(sensitivity(export_dir, calib_dir, mode=mode, layers=layers, progress=True)))
 
 
 @calibrate.command("report")
@@ -116,11 +150,12 @@ def calibrate_sensitivity(export_dir, calib_dir, mode, layers):
 @click.option("--precisions", default="fp16,int8", show_default=True, help="Comma-separated ONNX Runtime precisions (int8: the int8-dynamic graph; int8-qdq).")
 @click.option("--steps", default=50, show_default=True, type=click.IntRange(1))
 @click.option("--seeds", default=2, show_default=True, type=click.IntRange(1))
-@click.option("--guidance", default=2.0, show_default=True, type=Finite(0))
+@click.option("--guidance", default=2.0, show_default=True, type=GUIDANCE)
 @click.option("--cond", "cond_file", type=click.Path(path_type=Path), default=None,
               help=COND_ROWS_HELP + " One row per video.")
 @click.option("--out", default="calibration-report", show_default=True, type=click.Path(path_type=Path))
-def calibrate_report(export_dir, precisions, steps, seeds, guidance, cond_file, out):
+@threads_option
+def calibrate_report(export_dir, precisions, steps, seeds, guidance, cond_file, out, threads):
     """Each precision vs fp32, same noise and conditioning: output error per timestep (plot), PSNR/SSIM,
     GIF grid."""
     from vdit_deploy.calibration.report import accuracy_report, summary
@@ -132,6 +167,9 @@ def calibrate_report(export_dir, precisions, steps, seeds, guidance, cond_file, 
     click.echo(f"wrote {out}/: {', '.join(str(v) for k, v in report['files'].items() if k != 'gif_columns')}")
     for note in report["notes"]:
         click.echo(f"note: {note}")
+    missed = [p for p, r in report["results"].items() if not r["meets_target"]]
+    if missed:
+        raise VditError(f"{', '.join(missed)} missed the PSNR target against fp32 (report in {out})")
 
 
 @calibrate.command("trt-cache")

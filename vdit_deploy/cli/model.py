@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from vdit_deploy.cli.app import SEED, Finite, main
+from vdit_deploy.cli.app import SEED, Finite, main, threads_option
 
 # ---- info ---------------------------------------------------------------------------------------
 @main.command()
@@ -24,10 +24,20 @@ def info(path):
         click.echo("GFLOP/call: one denoiser forward at batch 1 (2 x multiply-adds, factorized attention).")
         return
     if path.suffix == ".onnx" or (path.is_dir() and any(path.glob("*.onnx"))):
+        from vdit_deploy.decode import describe_decoder
         from vdit_deploy.export.metadata import describe_onnx
-        click.echo(describe_onnx(path))
+        from vdit_deploy.export.variants import DECODER_KINDS, all_variant_files
+
+        if path.is_file() and path.name in all_variant_files(DECODER_KINDS):
+            click.echo(describe_decoder(path))
+        else:
+            click.echo(describe_onnx(path))
+            for file in sorted(path.glob("*.onnx")) if path.is_dir() else []:
+                if file.name in all_variant_files(DECODER_KINDS):
+                    click.echo(describe_decoder(file))
         return
-    from vdit_deploy.sources import describe_diffusers_dir, is_diffusers_dir
+    from vdit_deploy.describe import describe_diffusers_dir
+    from vdit_deploy.sources import is_diffusers_dir
 
     if is_diffusers_dir(path):
         click.echo(describe_diffusers_dir(path))
@@ -37,7 +47,7 @@ def info(path):
     ckpt = read_info(path)
     cfg = ckpt.model
     click.echo(f"checkpoint  {ckpt.path}  (step {ckpt.step}, {'EMA' if ckpt.ema else 'raw'} weights)")
-    click.echo(f"schedule    {ckpt.schedule.kind}, T={ckpt.schedule.num_timesteps}")
+    click.echo(f"schedule    {ckpt.schedule.describe()}")
     for key, value in cfg.to_dict().items():
         click.echo(f"{key:<16}{value}")
     click.echo(f"tokens      {cfg.num_tokens} (grid {'x'.join(map(str, cfg.grid))})")
@@ -52,16 +62,23 @@ def info(path):
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--lr", default=8e-4, show_default=True, type=Finite(0, lo_open=True))
 @click.option("--schedule", type=click.Choice(["linear", "cosine"]), default="cosine", show_default=True,
-              help="Cosine keeps more of T informative at these small frame sizes (Nichol & Dhariwal).")
+              help="DDPM: cosine keeps more of T informative at these small frame sizes (Nichol & Dhariwal).")
+@click.option("--objective", type=click.Choice(["ddpm", "flow"]), default="ddpm", show_default=True,
+              help="ddpm: eps-prediction on --schedule; flow: flow matching (the velocity noise - x0, t = sigma * 1000).")
+@click.option("--init", type=click.Path(path_type=Path), default=None,
+              help="Start a new run from this checkpoint's weights (same preset), e.g. flow from the shipped DDPM one.")
 @click.option("--attention", type=click.Choice(["factorized", "factorized_dot_product", "joint"]),
               default=None, help="Override the preset's attention mode.")
 @click.option("--checkpoint-every", default=250, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Run directory; it is a checkpoint (EMA weights) and resumes if it exists.")
-def train(preset_name, steps, batch_size, lr, schedule, attention, checkpoint_every, seed, out):
+@threads_option
+def train(preset_name, steps, batch_size, lr, schedule, objective, init, attention, checkpoint_every, seed, out,
+          threads):
     """Train on the generated Moving Shapes videos (resumable)."""
     from vdit_deploy.config import preset
+    from vdit_deploy.flow import FlowSchedule
     from vdit_deploy.schedules import Schedule
     from vdit_deploy.train import TrainConfig, moving_shapes_config, train as run_training
 
@@ -70,6 +87,6 @@ def train(preset_name, steps, batch_size, lr, schedule, attention, checkpoint_ev
         click.echo(f"note: {note}")
     result = run_training(cfg, out, TrainConfig(steps=steps, batch_size=batch_size, lr=lr,
                                                 checkpoint_every=checkpoint_every, seed=seed),
-                          Schedule(schedule))
-    click.echo(f"trained to step {result['steps']} in {result['seconds'] / 60:.1f} min, "
+                          FlowSchedule() if objective == "flow" else Schedule(schedule), init=init)
+    click.echo(f"trained to step {result['steps']} in {result['seconds'] / 60:.1f} min ({threads} CPU thread(s)), "
                f"final loss {result['final_loss']:.4f}; checkpoint: {out}")

@@ -22,7 +22,7 @@ compares ORT/TensorRT alone.
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,36 +33,76 @@ from vdit_deploy.compare.report import SCHEMA_VERSION, format_table, write_outpu
 from vdit_deploy.schedules import Schedule
 from vdit_deploy.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, make_steps
 from vdit_deploy.errors import VditError
+from vdit_deploy.validate import INT32_MAX
 
 __all__ = ["DEFAULT_RUNTIMES", "SCHEMA_VERSION", "Artifacts", "Target", "compare", "format_table", "parse_ints",
            "parse_runtimes"]
 
+MAX_VALUES = 10_000             # --seeds / --batch values
 DEFAULT_RUNTIMES = "torch:fp32,ort:fp32,ort:fp16,ort:int8,trt:fp16,trt:int8"
 REFERENCES = (Target("torch", "fp32"), Target("ort", "fp32"))   # the first that runs is the reference
 
 
 def parse_ints(text: str, what: str) -> list[int]:
-    """'0-3' -> [0, 1, 2, 3]; '1,4' -> [1, 4]; ranges and lists mix ('0-1,5')."""
+    """'0-3' -> [0, 1, 2, 3]; '1,4' -> [1, 4]; ranges and lists mix ('0-1,5'). At most MAX_VALUES values
+    (counted before a range is made into a list: 0-100000000 is refused at once)."""
     out = []
     try:
         for part in filter(None, (s.strip() for s in str(text).split(","))):
             lo, dash, hi = part.partition("-")
-            out += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+            lo, hi = int(lo), int(hi) if dash else int(lo)
+            if not 0 <= lo <= hi <= INT32_MAX or len(out) + hi - lo + 1 > MAX_VALUES:
+                raise VditError(f"{what} takes at most {MAX_VALUES} values, each 0..{INT32_MAX} (ranges LO-HI with "
+                                f"LO <= HI); got {text[:60]!r}")
+            out += range(lo, hi + 1)
     except ValueError:
-        raise VditError(f"{what} takes integers like 0-3 or 1,4; got {text!r}") from None
+        raise VditError(f"{what} takes integers like 0-3 or 1,4; got {text[:60]!r}") from None
     if not out:
         raise VditError(f"{what} is empty")
     return list(dict.fromkeys(out))
 
 
+def check_sizes(source: Path, batches: list[int], seeds: list[int], sampler: str, steps: int | None) -> None:
+    """Memory of the run, from the model's latent shape (config or export metadata, nothing loaded):
+    the largest batch's loop, and the reference's recorded calls (x_t and out of every call, per seed)."""
+    import math
+
+    from vdit_deploy.config import check_memory
+
+    latent = _latent(source)
+    if latent is None:
+        return
+    calls = 1000 if sampler == "ddpm" else steps or DEFAULT_STEPS.get(sampler, 50)
+    b = max(batches)
+    recorded = len(seeds) * calls * b * math.prod(latent) * 4 * 4
+    check_memory(32 * b * math.prod(latent) + recorded, f"comparing at batch {b} over {len(seeds)} seed(s)")
+
+
+def _latent(source: Path):
+    """(C, F, H, W) of a vdit checkpoint, a Latte directory or an export; None when it takes options."""
+    from vdit_deploy.checkpoint import read_info
+    from vdit_deploy.export.metadata import find_onnx, read_metadata
+    from vdit_deploy.files import read_json
+
+    if not source.is_dir() or not (source / "config.json").exists():
+        return read_metadata(find_onnx(source)).contract.latent
+    config = read_json(source / "config.json", "model config", root=source)
+    if isinstance(config, dict) and "_class_name" in config:     # a diffusers model: sized when it loads
+        return None
+    return read_info(source).model.video_shape
+
+
 def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps: int | None = None,
             batches=(1, 4), seeds=(0, 1), sampler: str = DEFAULT_SAMPLER, eta: float = 0.0, guidance: float = 2.0,
             repeats: int = 5, threads: int | None = None, min_psnr: float = 30.0, progress: bool = True,
-            log=print, command: str | None = None, cond=None, cache: list[dict] | None = None) -> dict:
+            log=print, command: str | None = None, cond=None, null=None, seq: tuple | None = None,
+            cache: list[dict] | None = None) -> dict:
     """Run the comparison and write report.json, report.md, the plots and the GIF under `out`.
     cond: the conditioning rows the videos take in turn (a .safetensors file or a dict; needed for a
-    model that is not class-conditioned); default: a class model's labels. cache: step-caching settings
-    (cache_rows.parse_cache): rows per runtime and setting against that runtime uncached."""
+    model that is not class-conditioned); default: a class model's labels. null, seq: a diffusers
+    model directory's null conditioning (.safetensors) and token range, as `vdit export --null --seq`.
+    cache: step-caching settings (cache_rows.parse_cache): rows per runtime and setting against that
+    runtime uncached. A refusal leaves no `out` behind when there was none."""
     from tqdm import tqdm
 
     from vdit_deploy.runtimes.base import RUNTIMES
@@ -76,11 +116,12 @@ def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps:
     batches, seeds = sorted(set(batches)), list(seeds)
     if min(batches) < 1 or repeats < 1:
         raise VditError("batch sizes and --repeats must be >= 1")
+    check_sizes(source, batches, seeds, sampler, steps)     # before anything is exported or run
     torch_ref, ort_ref = REFERENCES
     targets = [torch_ref] + [t for t in targets if t != torch_ref]   # the reference runs, asked for or not
-    if threads and importlib.util.find_spec("torch") and any(t.runtime == "torch" for t in targets):
-        import torch
-        torch.set_num_threads(threads)
+    if threads:   # torch (now or when it loads) and every ONNX Runtime session
+        from vdit_deploy.threads import configure
+        configure(threads)
     for t in targets:   # load backends before any memory baseline, so no row pays for an import
         try:
             importlib.import_module(RUNTIMES[t.runtime][0])
@@ -88,8 +129,14 @@ def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps:
             pass
     if cond is not None and not isinstance(cond, dict) and not Path(cond).is_file():
         raise VditError(f"{cond}: no such conditioning file")
-    arts = Artifacts(source, out, targets, batches, sampler, steps, eta, guidance, seeds, log=log, cond=cond,
-                     cache_split=1 if cache else None)
+    fresh = not out.exists()
+    try:
+        arts = Artifacts(source, out, targets, batches, sampler, steps, eta, guidance, seeds, log=log, cond=cond,
+                         model_options={"null_file": null, "seq": seq}, cache_split=1 if cache else None)
+    except BaseException:     # a refusal (or Ctrl-C) while exporting or checking: no half-made report dir
+        if fresh and out.is_dir():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     skipped, rows, done = dict(arts.skipped), [], set()
     recorded = {}   # {batch: {seed: (video, denoiser calls)}}: the reference's, what the others are scored on
     bar = tqdm(total=len(targets) * len(batches), desc="compare", unit="run", disable=not progress)

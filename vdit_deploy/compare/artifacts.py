@@ -57,7 +57,9 @@ def model_sha256(path: Path) -> str | None:
     return sha256_files([path / "config.json", *weights]) if weights else None
 
 
-def _export_covers(export_dir: Path, sha: str, max_batch: int) -> bool:
+def _export_covers(export_dir: Path, sha: str, max_batch: int, contract=None) -> bool:
+    """Whether the cached export is of this model, takes the batches and (when known) has its contract:
+    another --null or --seq is another export."""
     from vdit_deploy.export.metadata import read_metadata
 
     try:
@@ -65,7 +67,18 @@ def _export_covers(export_dir: Path, sha: str, max_batch: int) -> bool:
     except VditError:
         return False
     lo, hi = meta.batch_range()
-    return meta.checkpoint_sha256 == sha and lo <= 1 and hi >= 2 * max_batch
+    same_contract = contract is None or meta.contract.sha256() == contract.sha256()
+    return meta.checkpoint_sha256 == sha and lo <= 1 and hi >= 2 * max_batch and same_contract
+
+
+def _model_contract(source: Path, options: dict):
+    """(contract, null) of a model directory from its config alone, or None without torch (the export
+    that would need it says so)."""
+    try:
+        from vdit_deploy.sources import source_contract
+    except ImportError:
+        return None
+    return source_contract(source, **options)
 
 
 def _probe(target: Target) -> None:
@@ -84,18 +97,31 @@ class Artifacts:
 
     def __init__(self, source: Path, out: Path, targets: list[Target], batches: list[int], sampler: str,
                  steps: int, eta: float, guidance: float, seeds: list[int], log=print, cond=None,
-                 cache_split: int | None = None):
+                 model_options: dict | None = None, cache_split: int | None = None):
+        """model_options: how a model directory is loaded and exported (null_file, seq: sources.load_source)."""
+        from vdit_deploy.calibration.collect import conditioning
         from vdit_deploy.export.metadata import find_onnx, read_metadata
 
         self.log, self.cond, self.meta = log, cond, None
+        self.pool = cond                 # the videos' conditioning rows, checked against the contract below
+        self.model_options = {k: v for k, v in (model_options or {}).items() if v is not None}
         self.skipped: dict[Target, str] = {}
         sha = model_sha256(source) if source.is_dir() else None
+        if sha is None and self.model_options:
+            raise VditError(f"{', '.join(self.model_options)}: for a model directory; the export {source} carries "
+                            "its own contract and null conditioning")
         if sha is not None:
             self.kind, self.checkpoint, self.sha = "checkpoint", source, sha
             self.export = out / "artifacts" / self.sha[:16]
+            model = _model_contract(source, self.model_options)
+            if model is not None:   # the conditioning rows and the null, checked before anything is exported
+                contract, null = model
+                self.pool = conditioning(contract, cond=cond)
+                if guidance != 1.0:
+                    contract.null_batch(null, self.pool)
             if all(t.runtime == "torch" for t in targets):
                 pass                                   # nothing to export
-            elif not _export_covers(self.export, self.sha, max(batches)) or (
+            elif not _export_covers(self.export, self.sha, max(batches), model and model[0]) or (
                     cache_split and find_variant(self.export, DENOISER_HEAD) is None):
                 try:
                     from vdit_deploy.export.onnx_export import export_checkpoint
@@ -103,7 +129,11 @@ class Artifacts:
                     raise VditError("comparing ONNX/TensorRT runtimes from a checkpoint exports it, which needs "
                                     "torch: pip install 'vdit-deploy[torch]', or pass an export directory") from None
                 log(f"exporting {source} -> {self.export}")
-                export_checkpoint(source, self.export, batch=(1, max(8, max(batches))), cache_split=cache_split)
+                if self.export.is_dir():   # our stale cache (another batch range, --null or --seq): made anew
+                    import shutil
+                    shutil.rmtree(self.export)
+                export_checkpoint(source, self.export, batch=(1, max(8, max(batches))), cache_split=cache_split,
+                                  **self.model_options)
             else:
                 log(f"reusing {self.export} (checkpoint sha256 {self.sha[:12]} matches)")
         else:
@@ -124,10 +154,8 @@ class Artifacts:
                         self.skipped[t] = f"needs the checkpoint: {why}"
         if self.meta is None and (self.export / variant_file(DENOISER)).is_file():
             self.meta = read_metadata(self.export / variant_file(DENOISER))
-        # the videos' conditioning rows, checked against the contract before anything runs (one line)
-        self.pool = cond                 # (torch alone from a model directory: checked when it runs)
+        # the videos' conditioning rows, checked against the export's contract before anything runs (one line)
         if self.meta is not None:
-            from vdit_deploy.calibration.collect import conditioning
             from vdit_deploy.contract import load_null
 
             contract = self.meta.contract
@@ -152,7 +180,11 @@ class Artifacts:
         if target.runtime != "torch":
             return lambda: open_runtime(target.runtime, self.export, precision=target.precision, **options)
         if self.kind == "checkpoint":
-            return lambda: open_runtime("torch", self.checkpoint, precision=target.precision, **options)
+            def from_model():
+                from vdit_deploy.sources import load_source
+                source = load_source(self.checkpoint, **self.model_options) if self.model_options else None
+                return open_runtime("torch", self.checkpoint, precision=target.precision, source=source, **options)
+            return from_model
 
         def from_export():
             from vdit_deploy.sources import load_export_source
@@ -205,7 +237,9 @@ class Artifacts:
         if not calib_dir.is_dir():
             from vdit_deploy.calibration.collect import collect
             self.log(f"collecting a calibration set -> {calib_dir}")
-            collect(self.checkpoint if self.kind == "checkpoint" else self.export, calib_dir, sampler=c["sampler"],
+            # from the model (PyTorch fp32), or from the export when it was made with options of its own (its null)
+            source = self.checkpoint if self.kind == "checkpoint" and not self.model_options else self.export
+            collect(source, calib_dir, sampler=c["sampler"],
                     steps=c["steps"], guidance=c["guidance"], eta=c["eta"], seeds=c["seeds"],
                     timesteps=min(8, c["steps"]), cond=self.cond)
         return calib_dir

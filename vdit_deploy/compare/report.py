@@ -136,13 +136,13 @@ def write_outputs(report: dict, out: Path) -> dict:
 
 
 def write_gif(path: Path, columns: dict[str, np.ndarray], notes: list[str]) -> str | None:
-    """A grid GIF, one column per key, one row per video of its (N, C, F, H, W) array -> its file name,
+    """A grid GIF, one column per key (its name drawn above it), one row per video of its (N, C, F, H, W) array -> its file name,
     or None with the reason in `notes` (a video it cannot draw is no reason to lose the report)."""
     from vdit_deploy.video import write_video
 
     grid = np.stack(list(columns.values()), axis=1)                 # (N, columns, C, F, H, W)
     try:
-        write_video(path, grid.reshape(-1, *grid.shape[2:]), columns=len(columns))
+        write_video(path, grid.reshape(-1, *grid.shape[2:]), columns=len(columns), titles=list(columns))
     except VditError as e:
         notes.append(f"GIF skipped: {e}")
         return None

@@ -1,0 +1,317 @@
+"""The video DiT families vdit knows by class (vdit_deploy/families/): for each, a tiny random model saved
+with save_pretrained in the pipeline layout (transformer/ + scheduler/ with the family's scheduler
+config), exported with `vdit export DIR --out OUT` and nothing else, verified, sampled on ONNX Runtime
+and on PyTorch, and the ONNX Runtime sample checked against the family's own diffusers pipeline loop
+driving the PyTorch model. One export per family (module-scoped fixtures)."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+diffusers = pytest.importorskip("diffusers", reason="pip install 'vdit-deploy[dev]' for the diffusers model tests")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "vdit_deploy.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=900)
+
+
+def one_line_error(result):
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def save_pipeline(root, model, scheduler, seed: int = 0):
+    """transformer/ and scheduler/ as a pipeline's save_pretrained writes them; weights moved off their
+    zero initialisation (the output layers) so the output depends on every input."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(root / "transformer")
+    scheduler.save_pretrained(root / "scheduler")
+    return root / "transformer"
+
+
+def write_cond(path, **arrays):
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path))
+    return path
+
+
+# ---- CogVideoX: v-prediction DDPM, (B, F, C, H, W), 5B-style RoPE table from the pipeline ---------------
+COG_TEXT, COG_SEQ = 16, 12
+
+
+def tiny_cogvideox(rotary: bool):
+    return diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=COG_TEXT, num_layers=1, sample_width=8, sample_height=6, sample_frames=9, patch_size=2,
+        max_text_seq_length=COG_SEQ, use_rotary_positional_embeddings=rotary)
+
+
+def cogvideox_scheduler():
+    """CogVideoX's schedule (scaled_linear 0.00085..0.012, v_prediction, trailing) in a scheduler vdit reads
+    today: CogVideoXDDIMScheduler's zero terminal SNR and snr_shift_scale come with the flow-matching
+    work's scheduler reading (issue 20)."""
+    return diffusers.UniPCMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                             prediction_type="v_prediction", timestep_spacing="trailing")
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["5b-rope", "2b-sincos"])
+def cogvideox(request, tmp_path_factory):
+    """(model dir, export dir): `vdit export DIR --out OUT`, no other option (verify included)."""
+    root = tmp_path_factory.mktemp("cogvideox")
+    model = save_pipeline(root, tiny_cogvideox(request.param), cogvideox_scheduler())
+    out = root / "export"
+    result = run_cli("export", model, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "FAIL" not in result.stdout and "step.onnx" in result.stdout
+    return model, out
+
+
+def test_cogvideox_info_names_layout_and_contract(cogvideox):
+    model, export = cogvideox
+    for path in (model, export):
+        result = run_cli("info", path)
+        assert result.returncode == 0, result.stderr
+        assert "output v" in result.stdout and f"encoder_hidden_states: float32(batch, {COG_SEQ}, {COG_TEXT})" \
+            in result.stdout, result.stdout
+        assert "cogvideox" in result.stdout and "(B, F, C, H, W)" in result.stdout, result.stdout
+    result = run_cli("verify", export)
+    assert result.returncode == 0 and "FAIL" not in result.stdout, result.stdout + result.stderr
+
+
+def test_cogvideox_samples_equal_on_ort_torch_and_the_diffusers_pipeline(cogvideox, tmp_path):
+    """`vdit sample` on ORT and on torch from the same noise agree; ORT's sample equals CogVideoXPipeline's
+    own loop (its scheduler, its RoPE table, its (B, F, C, H, W) latents, classifier-free guidance)
+    driving the PyTorch model."""
+    import math
+
+    import torch
+
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.samplers import make_steps
+    from vdit_deploy.sampling import sample
+
+    model, export = cogvideox
+    rng = np.random.default_rng(1)
+    prompts = rng.standard_normal((2, COG_SEQ, COG_TEXT)).astype(np.float32)
+    cond = write_cond(tmp_path / "cond.safetensors", encoder_hidden_states=prompts)
+    steps, guidance, seed = 6, 3.0, 5
+    videos = {}
+    for name, args in (("ort", ["--runtime", "ort", "--onnx", export]),
+                       ("torch", ["--runtime", "torch", "--checkpoint", model, "--device", "cpu"])):
+        result = run_cli("sample", *args, "--cond", cond, "--sampler", "unipc", "--spacing", "trailing", "--steps",
+                         steps, "--guidance", guidance, "--seed", seed, "--out", tmp_path / f"{name}.npy")
+        assert result.returncode == 0, result.stderr
+        videos[name] = np.load(tmp_path / f"{name}.npy")
+    assert videos["ort"].shape == (2, 4, 3, 6, 8)
+    np.testing.assert_allclose(videos["ort"], videos["torch"], atol=1e-4)
+    assert np.abs(videos["ort"][0] - videos["ort"][1]).max() > 1e-2     # the prompt reaches the model
+
+    # diffusers' UniPC does not clip x0; the plan here does not either (clip inf) until the schedule
+    # carries the scheduler's clipping (issue 20: scheduler configs read by class)
+    with open_runtime("ort", export) as rt:
+        plan = make_steps(rt.contract.schedule, "unipc", steps, spacing="trailing", prediction="v", clip=math.inf)
+        ours = sample(rt, rt.contract, {"encoder_hidden_states": prompts}, plan, guidance, seed)
+    net = diffusers.CogVideoXTransformer3DModel.from_pretrained(model).eval()
+    scheduler = diffusers.UniPCMultistepScheduler.from_pretrained(model.parent / "scheduler")
+    pipe = diffusers.CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=net,
+                                       scheduler=scheduler)
+    x_T = np.random.default_rng(seed).standard_normal(ours.shape, dtype=np.float32)   # sample()'s x_T
+    with torch.no_grad():
+        theirs = pipe(prompt_embeds=torch.from_numpy(prompts), negative_prompt_embeds=torch.zeros(2, COG_SEQ, COG_TEXT),
+                      latents=torch.from_numpy(x_T).transpose(1, 2), num_inference_steps=steps,
+                      guidance_scale=guidance, height=6 * 8, width=8 * 8, num_frames=9, output_type="latent",
+                      return_dict=False)[0]
+    theirs = theirs.transpose(1, 2).numpy()                               # (B, F, C, H, W) -> (B, C, F, H, W)
+    assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 1e-4
+
+
+# ---- the flow-matching families: Wan, LTX-Video, Mochi, HunyuanVideo -------------------------------------
+SEQ, TEXT = 8, 16
+
+
+def tiny_flow_family(name):
+    """(model, its pipeline's scheduler, latent (C, F, H, W), the pipeline's call as a function of
+    (net, x_t (B, C, F, H, W), t, cond dict) -> out (B, C, F, H, W))."""
+    d = diffusers
+    if name == "wan":
+        model = d.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=4, out_channels=4, text_dim=TEXT, freq_dim=16, ffn_dim=32,
+                                        num_layers=1, rope_max_seq_len=32)
+        scheduler = d.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+        call = lambda net, x, t, c: net(hidden_states=x, timestep=t, encoder_hidden_states=c["encoder_hidden_states"],
+                                        return_dict=False)[0]
+        return model, scheduler, (4, 2, 8, 8), call
+    if name == "ltx":
+        model = d.LTXVideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8,
+                                             cross_attention_dim=16, num_layers=1, caption_channels=TEXT)
+        scheduler = d.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+                                                      base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
+
+        def call(net, x, t, c):   # LTXPipeline's packing, arguments and rope scale (8 / 25 fps, 32, 32)
+            b, _, f, h, w = x.shape
+            tokens = d.LTXPipeline._pack_latents(x, 1, 1)
+            out = net(hidden_states=tokens, encoder_hidden_states=c["encoder_hidden_states"], timestep=t,
+                      encoder_attention_mask=c["encoder_attention_mask"], num_frames=f, height=h, width=w,
+                      rope_interpolation_scale=(8 / 25, 32, 32), return_dict=False)[0]
+            return d.LTXPipeline._unpack_latents(out, f, h, w, 1, 1)
+        return model, scheduler, (8, 2, 4, 4), call
+    if name == "mochi":
+        model = d.MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                                          pooled_projection_dim=16, in_channels=4, text_embed_dim=TEXT,
+                                          time_embed_dim=16, max_sequence_length=SEQ)
+        scheduler = d.FlowMatchEulerDiscreteScheduler(invert_sigmas=True)
+        call = lambda net, x, t, c: net(hidden_states=x, encoder_hidden_states=c["encoder_hidden_states"], timestep=t,
+                                        encoder_attention_mask=c["encoder_attention_mask"], return_dict=False)[0]
+        return model, scheduler, (4, 2, 8, 8), call
+    model = d.HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12,
+                                             num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=2,
+                                             text_embed_dim=TEXT, pooled_projection_dim=8, rope_axes_dim=(4, 4, 4))
+    scheduler = d.FlowMatchEulerDiscreteScheduler(shift=7.0)
+    call = lambda net, x, t, c: net(hidden_states=x, timestep=t, encoder_hidden_states=c["encoder_hidden_states"],
+                                    encoder_attention_mask=c["encoder_attention_mask"],
+                                    pooled_projections=c["pooled_projections"],
+                                    guidance=c["embedded_guidance"] * 1000.0, return_dict=False)[0]  # the pipeline's
+    return model, scheduler, (4, 2, 8, 8), call
+
+
+@pytest.fixture(scope="module", params=["wan", "ltx", "mochi", "hunyuan"])
+def flow_family(request, tmp_path_factory):
+    """A tiny flow-matching model in the pipeline layout with its pipeline's real scheduler config, and its
+    export through the Python API: the family's own conditioning, layout and fixed arguments, the flow
+    objective and sigmas read from the scheduler config."""
+    import torch
+
+    from vdit_deploy.export.onnx_export import export_source
+    from vdit_deploy.sources import load_diffusers_source
+
+    name = request.param
+    root = tmp_path_factory.mktemp(name)
+    torch.manual_seed(0)
+    model, scheduler, latent, call = tiny_flow_family(name)
+    path = save_pipeline(root, model, scheduler)
+    source = load_diffusers_source(path, seq=(1, SEQ), latent=latent)
+    notes = []
+    export = export_source(source, root / "export", batch=(1, 3), log=notes.append)
+    return name, path, export, call, notes, latent
+
+
+def test_flow_family_exports_with_no_options_and_info_describes_it(flow_family, tmp_path):
+    """`vdit export DIR --out OUT` needs nothing else for a known flow family but, for a tiny model, the
+    latent (the family's default is its pipeline's resolution); `vdit info` names the family, its layout
+    and its flow schedule."""
+    name, path, *_, latent = flow_family     # a tiny model: not its pipeline's default resolution
+    result = run_cli("export", path, "--out", tmp_path / "e", "--no-verify", "--latent", ",".join(map(str, latent)))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "e" / "step.onnx").is_file() and "Traceback" not in result.stderr
+    info = run_cli("info", path)
+    assert info.returncode == 0, info.stderr
+    assert f"family      {name}:" in info.stdout and "the model is fed" in info.stdout, info.stdout
+    assert '"kind": "flow"' in info.stdout, info.stdout
+
+
+def test_flow_family_graph_equals_the_pipeline_call(flow_family):
+    """The exported denoiser (the adapter: layout, packing, fixed arguments, scalars) equals the diffusers
+    model called as its pipeline calls it; a fixed-batch family says so in one note."""
+    import torch
+
+    from vdit_deploy.export.metadata import read_metadata
+    from vdit_deploy.runtimes import open_runtime
+
+    name, path, export, call, notes, _ = flow_family
+    meta = read_metadata(export / "denoiser.onnx")
+    if name in ("ltx", "mochi"):
+        assert meta.batch == {"fixed": 1} and len(notes) == 1 and "fixed batch of 1" in notes[0], notes
+    net = getattr(diffusers, meta.model["class"].split(":")[1]).from_pretrained(path).eval()
+    rng = np.random.default_rng(0)
+    with open_runtime("ort", export) as rt:
+        b = rt.batch_range[0]
+        cond = rt.contract.example_cond(b, rng, {"seq": SEQ})
+        x = rng.standard_normal((b, *rt.contract.latent), dtype=np.float32)
+        t = np.full(b, 700.0, np.float32)
+        got = rt.denoise(x, t, cond)
+    with torch.no_grad():
+        want = call(net, torch.from_numpy(x), torch.from_numpy(t), {k: torch.from_numpy(v) for k, v in cond.items()})
+    want = want.numpy()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
+def test_flow_family_verifies_and_samples_alike_on_ort_and_torch(flow_family):
+    """verify passes; the torch runtime rebuilt from the export alone (the contract's family record)
+    samples what ONNX Runtime samples."""
+    from vdit_deploy.export.metadata import read_metadata
+    from vdit_deploy.export.verify import check, verify
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.runtimes.torch_runtime import TorchRuntime
+    from vdit_deploy.sampling import sample, sampler_plan
+    from vdit_deploy.sources import load_export_source
+
+    name, path, export, *_ = flow_family
+    check(verify(export, polygraphy=False), export)
+    source = load_export_source(read_metadata(export / "step.onnx"), export)
+    with open_runtime("ort", export) as ort_rt, TorchRuntime(None, source=source, device="cpu") as torch_rt:
+        contract = ort_rt.contract
+        cond = contract.example_cond(ort_rt.batch_range[0], np.random.default_rng(2), {"seq": SEQ})
+        plan = sampler_plan(contract, steps=4)           # the family's own sampler, from its scheduler config
+        got = sample(ort_rt, contract, cond, plan, 3.0, 1)
+        want = sample(torch_rt, contract, cond, plan, 3.0, 1)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+# ---- what the adapters rest on ---------------------------------------------------------------------------
+def test_trace_failure_names_the_real_cause():
+    """torch.onnx wraps the failure ("TorchExportError ... step 1/3 ... Next steps:"): the error is the
+    innermost exception's first line."""
+    import torch
+    import torch.nn as nn
+
+    from vdit_deploy.errors import VditError
+    from vdit_deploy.export.onnx_export import _trace
+
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    with pytest.raises(VditError) as e:
+        _trace(DataDependent(), (torch.randn(2, 3),), ["x"], ["out"], None, 18)
+    message = str(e.value)
+    assert "DataDependent failed: GuardOnDataDependentSymNode: Could not guard on data-dependent" in message, message
+    assert "Next steps" not in message and "\n" not in message
+
+
+def test_contract_roles_and_graph_names():
+    """Roles and forward arguments survive the stored form; a conditioning input may not take a step
+    graph's own input name; a mask holds 0/1 and the null pass of a per-call scalar is the prompt's value."""
+    from vdit_deploy.contract import BATCH, CondInput, Contract
+    from vdit_deploy.errors import VditError
+
+    cond = (CondInput("text", "float32", (BATCH, "seq", 4)), CondInput("mask", "float32", (BATCH, "seq"), role="mask"),
+            CondInput("embedded_guidance", "float32", (BATCH,), role="scalar", arg="guidance"))
+    contract = Contract((4, 2, 8, 8), "eps", cond, axes={"seq": (1, 6)},
+                        family={"name": "hunyuan", "layout": "(B, C, F, H, W)", "args": {}})
+    assert Contract.from_dict(contract.to_dict()) == contract
+    with pytest.raises(VditError, match="guidance"):
+        Contract((4, 2, 8, 8), "eps", (CondInput("guidance", "float32", (BATCH,)),))
+    bad = contract.to_dict()
+    bad["cond"][2]["name"] = "coefs"
+    with pytest.raises(VditError, match="coefs"):
+        Contract.from_dict(bad)
+    example = contract.example_cond(3, np.random.default_rng(0), {"seq": 6})
+    assert set(np.unique(example["mask"])) <= {0.0, 1.0} and (example["mask"][:, 0] == 1).all()
+    with pytest.raises(VditError, match="mask"):
+        contract.check_cond({**example, "mask": example["mask"] * 0.5})
+    null = {"text": np.zeros((1, 6, 4), np.float32), "mask": np.ones((1, 6), np.float32),
+            "embedded_guidance": np.zeros(1, np.float32)}
+    rows = contract.null_batch(null, example)
+    np.testing.assert_array_equal(rows["embedded_guidance"], example["embedded_guidance"])
+    assert rows["text"].shape == (3, 6, 4) and not rows["text"].any()

@@ -1,0 +1,120 @@
+"""INT8 types per instruction set (runtimes/cpu_isa.py): detection, the choice for each target, what
+the graph records, and the runtime's warning when a graph's types saturate on the CPU it runs on."""
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from vdit_deploy.calibration.int8 import quantize_int8
+from vdit_deploy.cli import main
+from vdit_deploy.errors import VditError
+from vdit_deploy.runtimes.cpu_isa import (META_KEY, TARGETS, choose, detect_isa, host_isa, read_choice,
+                                          saturation_warning)
+
+ICELAKE = {"AVX2": True, "AVX512F": True, "AVX512BW": True, "AVX512VNNI": True}
+SKYLAKE_SP = {"AVX2": True, "AVX512F": True, "AVX512BW": True, "AVX512VNNI": False}   # AVX-512, no VNNI
+EPYC_ZEN2 = {"AVX2": True, "AVX512F": False}
+
+
+@pytest.mark.parametrize("features,flags,machine,isa", [
+    (ICELAKE, {"avx2", "avx512f", "avx512_vnni"}, "x86_64", "vnni"),
+    (SKYLAKE_SP, {"avx2", "avx512f"}, "x86_64", "avx2"),         # VPMADDUBSW on AVX-512 saturates too
+    (EPYC_ZEN2, {"avx2"}, "x86_64", "avx2"),                     # the issue's AMD EPYC
+    (EPYC_ZEN2, {"avx2", "avx_vnni"}, "x86_64", "vnni"),         # AVX-VNNI: cpuid leaf 7.1, from /proc/cpuinfo
+    # an emulator shows the host's /proc/cpuinfo (VNNI) while cpuid says Haswell: cpuid wins
+    (EPYC_ZEN2, {"avx2", "avx512f", "avx512_vnni", "avx_vnni"}, "x86_64", "avx2"),
+    ({}, set(), "x86_64", "avx2"),                               # nothing known: the choice safe everywhere
+    ({}, {"asimddp"}, "aarch64", "arm64"),
+    ({}, set(), "arm64", "arm64"),
+])
+def test_detect_isa(features, flags, machine, isa):
+    assert detect_isa(features, flags, machine) == isa
+
+
+def test_this_machine_is_detected_as_mlas_sees_it():
+    from vdit_deploy.runtimes.cpu_isa import _cpuinfo_flags, _numpy_features
+
+    isa, flags = host_isa(), _cpuinfo_flags()
+    assert isa in ("vnni", "avx2", "arm64")
+    if "avx512_vnni" in flags and _numpy_features().get("AVX512VNNI"):
+        assert isa == "vnni"
+    if flags and not {"avx512_vnni", "avx_vnni", "amx_int8", "asimd"} & flags:
+        assert isa == "avx2"
+
+
+def test_choice_per_target():
+    # VNNI and arm64 sum u8 x s8 in 32 bits: full-range weights. AVX2 pairs them in 16 bits: 7-bit weights.
+    assert [choose("dynamic", t).reduce_range for t in ("vnni", "avx2", "arm64")] == [False, True, False]
+    assert {choose("dynamic", t).activation_type for t in ("vnni", "avx2", "arm64")} == {"uint8"}
+    # Q/DQ stays symmetric S8S8 everywhere (TensorRT's explicit quantization takes it)
+    assert {(c.weight_type, c.activation_type) for c in TARGETS["qdq"].values()} == {("int8", "int8")}
+    assert choose("qdq", "tensorrt").reduce_range is False and choose("qdq", "avx2").reduce_range is True
+    assert choose("dynamic", "avx2").saturation_safe and not choose("dynamic", "vnni").saturation_safe
+    assert choose("dynamic") == choose("dynamic", host_isa())
+    # a board profile: TensorRT builds its Q/DQ graph; a Jetson's CPU is arm64
+    assert choose("qdq", "orin-nano").target == "tensorrt"
+    assert choose("dynamic", "agx-orin").target == "arm64"
+    with pytest.raises(VditError, match="GPU build"):
+        choose("dynamic", "desktop-gpu")
+    with pytest.raises(VditError, match="GPU build"):
+        choose("dynamic", "tensorrt")
+    with pytest.raises(VditError, match="INT8 target must be one of"):
+        choose("dynamic", "avx9")
+
+
+@pytest.fixture(scope="module")
+def export(tiny_export, tmp_path_factory):
+    return shutil.copytree(tiny_export, tmp_path_factory.mktemp("isa") / "export")
+
+
+def quantized_weights(path) -> list[np.ndarray]:
+    model = onnx.load(str(path))
+    return [onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("_quantized")]
+
+
+def test_graph_records_its_types_and_avx2_weights_fit_7_bits(export):
+    vnni = quantize_int8(export, target="vnni", out=export / "vnni.onnx")
+    avx2 = quantize_int8(export, target="avx2", out=export / "avx2.onnx")
+    for path, target in ((vnni, "vnni"), (avx2, "avx2")):
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        assert read_choice(props) == json.loads(choose("dynamic", target).to_json())
+    full = max(int(np.abs(w.astype(np.int32)).max()) for w in quantized_weights(vnni))
+    seven = max(int(np.abs(w.astype(np.int32)).max()) for w in quantized_weights(avx2))
+    assert full == 127 and seven <= 64        # a pair of u8 x s7 products fits 16 bits: 2 * 255 * 64 < 32768
+
+
+def test_runtime_warns_once_when_the_graph_saturates_here(export, capsys):
+    from vdit_deploy.runtimes.ort_runtime import OrtRuntime
+
+    vnni = json.loads(choose("dynamic", "vnni").to_json())
+    made = {META_KEY: json.dumps(vnni)}
+    line = saturation_warning(made, "int8-dynamic", isa="avx2")
+    assert line.startswith("warning:") and "\n" not in line and "--target avx2" in line
+    assert saturation_warning(made, "int8-dynamic", isa="vnni") is None
+    assert saturation_warning(made, "int8-dynamic", isa="arm64") is None
+    assert saturation_warning({META_KEY: choose("dynamic", "avx2").to_json()}, "int8-dynamic", isa="avx2") is None
+    assert saturation_warning({}, "int8-dynamic", isa="avx2")       # made before the record: full-range weights
+    assert saturation_warning(made, "fp32", isa="avx2") is None
+
+    quantize_int8(export, target="vnni")                            # the graph `--precision int8` loads
+    capsys.readouterr()
+    with OrtRuntime(export, "int8", providers=["cpu"]) as rt:
+        err = capsys.readouterr().err
+        assert bool(rt.warnings) == (host_isa() == "avx2")
+        assert err.count("warning:") == (1 if host_isa() == "avx2" else 0)
+    quantize_int8(export, target="avx2")                            # safe everywhere: never warns
+    with OrtRuntime(export, "int8", providers=["cpu"]) as rt:
+        assert rt.warnings == [] and "warning" not in capsys.readouterr().err
+
+
+def test_cli_target(export, tmp_path):
+    result = CliRunner().invoke(main, ["calibrate", "int8", str(export), "--target", "avx2"])
+    assert result.exit_code == 0, result.output
+    assert "7-bit weights (reduce_range) for avx2" in result.output
+    before = sorted(p.name for p in export.iterdir())
+    result = CliRunner().invoke(main, ["calibrate", "int8", str(export), "--target", "sse9"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "Error: INT8 target" in result.output
+    assert sorted(p.name for p in export.iterdir()) == before      # refused before any work

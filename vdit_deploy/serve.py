@@ -1,0 +1,319 @@
+"""`vdit serve REPO`: NVIDIA Triton Inference Server on a local model repository, the `tritonserver` binary
+that nvidia-pytriton ships (pip install 'vdit-deploy[serve]'), its Python backend running in this Python.
+
+nvidia-pytriton lays the server out in its package as
+
+    pytriton/tritonserver/bin/tritonserver
+    pytriton/tritonserver/backends/python/          libtriton_python.so, triton_python_backend_utils.py
+    pytriton/tritonserver/python_backend_stubs/3.X/triton_python_backend_stub   one per Python version
+    nvidia_pytriton.libs/                           the server's shared libraries (beside the package)
+
+and, as pytriton does at start, the stub of this Python goes into backends/python/ (here: links in a
+temporary backend directory that lives as long as the server). The stub embeds libpython and finds its
+packages from the first `python` on PATH, so the server is started with this interpreter's library and
+bin directory first: the repository's Python models (export/triton_python.py) import this vdit_deploy.
+That server has only the Python backend: repositories from `vdit serve-export --backend python`.
+
+Nothing binds beyond loopback unless a host is given. The server runs in its own process group (a
+terminal's Ctrl-C reaches `vdit serve`, which stops it) and dies with the thread that started it, even on
+SIGKILL (PR_SET_PDEATHSIG); its Python stubs' shared memory is named after the starting process, so a
+later start removes what a killed one left in /dev/shm: a restart needs no repair. The server writes
+nothing into the repository.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from vdit_deploy.errors import VditError
+from vdit_deploy.files import _pid_alive, temp_dir
+
+INSTALL = "pip install 'vdit-deploy[serve]'"
+LOOPBACK = "127.0.0.1"
+DEFAULT_PORTS = (8000, 8001, 8002)    # HTTP, gRPC, metrics: Triton's own defaults
+SHM = Path("/dev/shm")
+SHM_PREFIX = "vdit-triton-"           # + the starting process's pid + "-": the Python stubs' shared memory
+NO_GPU_NOISE = re.compile(r"CudaDriverHelper|NVML|DCGM|pinned memory|CUDA driver")
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """Where nvidia-pytriton keeps the server: its binary, backends, this Python's stub and its libraries."""
+    binary: Path
+    backends: Path
+    stub: Path
+    libs: Path
+
+    @classmethod
+    def find(cls) -> "Distribution":
+        spec = importlib.util.find_spec("pytriton")   # not imported: only its files are needed
+        if spec is None or not spec.submodule_search_locations:
+            raise VditError(f"vdit serve runs the tritonserver that nvidia-pytriton ships: {INSTALL}")
+        root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        dist = cls(root / "bin" / "tritonserver", root / "backends", root / "python_backend_stubs" / version /
+                   "triton_python_backend_stub", root.parent.parent / "nvidia_pytriton.libs")
+        if not dist.binary.is_file():
+            raise VditError(f"{dist.binary}: nvidia-pytriton is installed without its tritonserver; reinstall it")
+        if not dist.stub.is_file():
+            have = ", ".join(sorted(p.name for p in dist.stub.parent.parent.glob("*"))) or "none"
+            raise VditError(f"nvidia-pytriton has no Python backend stub for Python {version} (it has {have}); "
+                            "run vdit serve with one of those Pythons")
+        return dist
+
+
+def check_python_env() -> None:
+    """The stub is built against numpy 1: under numpy 2 it reads tensors wrongly (measured: a request's
+    [1, 2] arrived as [1, 1], and outputs were refused), which is why nvidia-pytriton pins numpy < 2."""
+    import numpy as np
+
+    if int(np.__version__.split(".")[0]) >= 2:
+        raise VditError(f"the Python backend of nvidia-pytriton's tritonserver needs numpy < 2 (this Python has "
+                        f"{np.__version__}): pip install 'numpy<2' ({INSTALL} pins it)")
+
+
+def free_port(host: str = LOOPBACK, port: int = 0, what: str = "") -> int:
+    """`port` if nothing listens on it now (0: one the kernel chooses), else one line naming the option."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server binds: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise VditError(f"cannot listen on {host}:{port}{f' ({what})' if what else ''}: {e.strerror or e}; "
+                            "another port, or 0 for a free one") from None
+        return s.getsockname()[1]
+
+
+def repository_backends(repo: Path) -> dict[str, str]:
+    """model name -> the backend its config.pbtxt names (platforms mapped to theirs)."""
+    platforms = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt", "pytorch_libtorch": "pytorch"}
+    out = {}
+    for config in sorted(repo.glob("*/config.pbtxt")):
+        text = config.read_text(errors="replace")
+        backend = re.search(r'^\s*backend:\s*"([^"]+)"', text, re.M)
+        platform = re.search(r'^\s*platform:\s*"([^"]+)"', text, re.M)
+        out[config.parent.name] = backend.group(1) if backend else platforms.get(platform.group(1), platform.group(1)) \
+            if platform else "?"
+    return out
+
+
+def check_repository(repo: Path, dist: Distribution) -> Path:
+    repo = Path(repo)
+    backends = repository_backends(repo) if repo.is_dir() else {}
+    if not backends:
+        raise VditError(f"{repo}: no Triton model repository there (no */config.pbtxt); write one with "
+                        "`vdit serve-export EXPORT --triton DIR --backend python`")
+    have = {p.name for p in dist.backends.iterdir() if p.is_dir()}
+    missing = {m: b for m, b in backends.items() if b not in have}
+    if missing:
+        model, backend = next(iter(missing.items()))
+        raise VditError(f"{repo}/{model} runs on the {backend} backend, which the bundled tritonserver lacks (it has "
+                        f"{', '.join(sorted(have))}): write the repository with `vdit serve-export --backend python`, "
+                        "or serve it with a full Triton (docs/serving.md)")
+    return repo
+
+
+def remove_stale_shm() -> list[Path]:
+    """Shared memory of Python stubs whose starting process is gone (a server killed with SIGKILL)."""
+    removed = []
+    pattern = re.compile(rf"^{SHM_PREFIX}(\d+)-")
+    for entry in SHM.glob(SHM_PREFIX + "*") if SHM.is_dir() else []:
+        m = pattern.match(entry.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _die_with_parent() -> None:   # in the child, before exec: SIGKILL when the starting thread ends
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Addresses:
+    host: str
+    http: int
+    grpc: int
+    metrics: int
+
+    def url(self, kind: str) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{getattr(self, kind)}"
+
+
+class TritonServer:
+    """One tritonserver on `repo`: start() returns once every model is ready, stop() ends it (SIGTERM:
+    Triton finishes in-flight requests; SIGKILL to its process group after `exit_timeout`). Ports 0
+    are chosen free at start. Use as a context manager."""
+
+    def __init__(self, repo, host: str = LOOPBACK, http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
+                 log: Path | None = None, exit_timeout: float = 30.0):
+        self.dist = Distribution.find()
+        check_python_env()
+        self.repo = check_repository(Path(repo), self.dist)
+        self.host, self.ports, self.exit_timeout = host, (http_port, grpc_port, metrics_port), exit_timeout
+        self.log = log
+        self.process: subprocess.Popen | None = None
+        self.addresses: Addresses | None = None
+        self._backends = None
+
+    # ---- the command ----
+    def command(self, backends: Path, addresses: Addresses) -> list[str]:
+        bind = addresses.host
+        return [str(self.dist.binary), f"--model-repository={self.repo.resolve()}",
+                f"--backend-directory={backends}", "--strict-model-config=true", "--model-control-mode=none",
+                f"--http-address={bind}", f"--http-port={addresses.http}",
+                f"--grpc-address={bind}", f"--grpc-port={addresses.grpc}",
+                f"--metrics-address={bind}", f"--metrics-port={addresses.metrics}", "--allow-gpu-metrics=false",
+                f"--exit-timeout-secs={int(self.exit_timeout)}",
+                f"--backend-config=python,shm-region-prefix-name={SHM_PREFIX}{os.getpid()}-"]
+
+    def environment(self) -> dict:
+        """This Python's libpython and bin first: the stub embeds the one it finds, with its packages."""
+        env = dict(os.environ)
+        libs = [str(self.dist.libs)]
+        libdir = sysconfig.get_config_var("LIBDIR")
+        if libdir and (Path(libdir) / (sysconfig.get_config_var("INSTSONAME") or "-")).is_file():
+            libs.insert(0, libdir)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env.setdefault("OMP_NUM_THREADS", "1")   # one numpy/BLAS thread per sampler process: they are many
+        return env
+
+    def _backend_dir(self, tmp: Path) -> Path:
+        """pytriton's layout: the server's backends with this Python's stub beside libtriton_python.so."""
+        python = tmp / "backends" / "python"
+        python.mkdir(parents=True)
+        for f in (self.dist.backends / "python").iterdir():
+            if f.is_file():
+                (python / f.name).symlink_to(f)
+        (python / "triton_python_backend_stub").symlink_to(self.dist.stub)
+        return tmp / "backends"
+
+    # ---- life ----
+    def start(self, timeout: float = 180.0) -> Addresses:
+        remove_stale_shm()
+        ports = [free_port(self.host, p, f"--{kind}-port") for p, kind in zip(self.ports, ("http", "grpc", "metrics"))]
+        self.addresses = Addresses(self.host, *ports)
+        self._backends = temp_dir(Path(tempfile.gettempdir()) / "vdit-tritonserver")
+        tmp = self._backends.__enter__()
+        log = open(self.log or tmp / "tritonserver.log", "ab")
+        self.log = Path(log.name)
+        try:
+            self.process = subprocess.Popen(self.command(self._backend_dir(tmp), self.addresses), env=self.environment(),
+                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True, preexec_fn=_die_with_parent)
+        except OSError as e:
+            self._cleanup()
+            raise VditError(f"cannot start {self.dist.binary}: {e.strerror or e}") from None
+        finally:
+            log.close()
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self.addresses
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.addresses.url('http')}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if self.process.poll() is not None:
+                raise VditError(f"tritonserver exited with code {self.process.returncode} before it was ready: "
+                                f"{self.failure()}")
+            if time.monotonic() > deadline:
+                raise VditError(f"tritonserver was not ready after {timeout:.0f} s: {self.failure()} (log: {self.log})")
+            time.sleep(0.2)
+
+    def failure(self) -> str:
+        """What went wrong, in Triton's own words: the first model that failed to load, else the last
+        error line of its log (leaving out what a machine without a GPU always logs)."""
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return "no log"
+        errors = [ln for ln in lines if re.match(r"^E\d{4} ", ln) and not NO_GPU_NOISE.search(ln)]
+        loads = [ln for ln in errors if "failed to load" in ln]
+        line = (loads[:1] or errors[-1:] or lines[-1:] or ["no output"])[0]
+        line = re.sub(r"^[EIW]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] ", "", line).split("\\n")[0].strip('"')
+        return " ".join(line.split())[:400]   # Triton's message without the Python traceback after it
+
+    def wait(self) -> int:
+        return self.process.wait()
+
+    def stop(self) -> int | None:
+        """SIGTERM and wait (in-flight requests finish), then SIGKILL whatever is left of its group."""
+        code = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(self.exit_timeout + 5)
+                except subprocess.TimeoutExpired:
+                    pass
+            self._kill_group()
+            code = self.process.wait()
+        self._cleanup()
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL the server alone (what a crash or the OOM killer does), leaving the rest to stop()."""
+        self.process.kill()
+        self.process.wait()
+
+    def _kill_group(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)   # the Python stubs, if any outlived the server
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _cleanup(self) -> None:
+        for entry in SHM.glob(f"{SHM_PREFIX}{os.getpid()}-*") if SHM.is_dir() else []:
+            entry.unlink(missing_ok=True)
+        if self._backends is not None:
+            self._backends.__exit__(None, None, None)
+            self._backends = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def serve(repo, host: str = LOOPBACK, ports=DEFAULT_PORTS, echo=print, timeout: float = 180.0) -> int:
+    """`vdit serve`: start, print the addresses, run until the server exits or this process is told to
+    stop (SIGINT, SIGTERM: the CLI turns both into exceptions, and leaving the block stops the server)."""
+    with TritonServer(repo, host, *ports) as server:
+        a = server.addresses
+        echo(f"serving {server.repo} (models {', '.join(repository_backends(server.repo))})")
+        echo(f"  HTTP     http://{a.url('http')}")
+        echo(f"  gRPC     {a.url('grpc')}")
+        echo(f"  metrics  http://{a.url('metrics')}/metrics")
+        echo(f"  log      {server.log}; Ctrl-C stops it")
+        code = server.wait()
+        if code:
+            raise VditError(f"tritonserver exited with code {code}: {server.failure()}")
+    return code
