@@ -88,6 +88,7 @@ class Runtime(ABC):
             rows = self.contract.null_batch(self.null, cond)
             self._null_rows = cached = (key, convert), (convert(rows) if convert else rows)
         return cached[1]
+
     def cached_step(self, x_t, t: int, cond: dict, guidance: float, coefs: np.ndarray, noise: np.ndarray,
                     state: SolverState | None = None, cache=None):
         """`step` with step caching: runs the split graphs' head, asks `cache` (a step_cache.StepCache)
