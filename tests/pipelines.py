@@ -93,3 +93,73 @@ def save_latte_pipeline(path: Path):
         "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "transformer": ["diffusers", "LatteTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKL"]}))
     return path
+
+
+def _save_index(path: Path, cls: str, encoder: str, transformer: str, vae: str, scheduler: str):
+    import json
+
+    import diffusers
+
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": cls, "_diffusers_version": diffusers.__version__, "scheduler": ["diffusers", scheduler],
+        "text_encoder": ["transformers", encoder], "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "transformer": ["diffusers", transformer], "vae": ["diffusers", vae]}))
+
+
+def _perturbed(model, seed: int):
+    """Weights moved off their zero initialisation (output layers) so the output depends on every input."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+COG_LATENT = (4, 3, 6, 8)       # (C, F, H, W): 5 frames through a x2 temporal VAE, 24 x 32 pixels
+
+
+def save_cogvideox_pipeline(path: Path):
+    """CogVideoXPipeline's layout: a 1-layer 5B-style (RoPE) transformer taking the tiny T5's 16-wide
+    embeddings padded to the pipeline's 226 tokens, CogVideoXDDIMScheduler, the tiny CogVideoX VAE."""
+    import diffusers
+
+    path = Path(path)
+    c, f, h, w = COG_LATENT
+    net = diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=c, out_channels=c, time_embed_dim=8,
+        text_embed_dim=16, num_layers=1, sample_width=w, sample_height=h, sample_frames=(f - 1) * 2 + 1,
+        temporal_compression_ratio=2, patch_size=2, max_text_seq_length=226, use_rotary_positional_embeddings=True)
+    _perturbed(net, 1).save_pretrained(path / "transformer")
+    diffusers.CogVideoXDDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                     prediction_type="v_prediction", timestep_spacing="trailing",
+                                     rescale_betas_zero_snr=True, snr_shift_scale=1.0,
+                                     ).save_pretrained(path / "scheduler")
+    tiny_vae("cogvideox").save_pretrained(path / "vae")
+    save_text_encoder(path, 16)
+    _save_index(path, "CogVideoXPipeline", "T5EncoderModel", "CogVideoXTransformer3DModel", "AutoencoderKLCogVideoX",
+                "CogVideoXDDIMScheduler")
+    return path
+
+
+WAN_LATENT = (4, 2, 8, 8)       # 3 frames through the x2 temporal causal VAE, 32 x 32 pixels
+
+
+def save_wan_pipeline(path: Path):
+    """WanPipeline's layout: a 1-layer transformer on the tiny umT5's 16-wide embeddings (512 tokens, zeros
+    past the prompt), UniPC with flow sigmas, the tiny Wan VAE (latents_mean / latents_std)."""
+    import diffusers
+
+    path = Path(path)
+    net = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                          in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                          num_layers=1, rope_max_seq_len=32)
+    _perturbed(net, 2).save_pretrained(path / "transformer")
+    diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                      ).save_pretrained(path / "scheduler")
+    tiny_vae("wan").save_pretrained(path / "vae")
+    save_text_encoder(path, 16, umt5=True)
+    _save_index(path, "WanPipeline", "UMT5EncoderModel", "WanTransformer3DModel", "AutoencoderKLWan",
+                "UniPCMultistepScheduler")
+    return path
