@@ -7,6 +7,9 @@
     DIR/vdit_sampler/config.pbtxt    every sampler's loop as a Python-backend model
     DIR/vdit_sampler/1/model.py      calls the denoiser once per step through BLS
     DIR/vdit_sampler/1/null_cond.safetensors   the export's null conditioning (guidance's other half)
+    DIR/vdit_sampler/1/decoder.onnx  where the export has the VAE decoder (`vdit export-decoder`, + decoder-chunk.onnx):
+                                       the sampler's optional output `frames` (B, 3, F', H', W') in [-1, 1],
+                                       decoded in the sampler's process (ONNX Runtime) when a request asks for it
 
 One sampler request (the model contract's conditioning, each input by its name: `y` labels for the
 built-in model, `encoder_hidden_states` (B, L, D) text embeddings for a Latte; optional seed, sampler,
@@ -83,7 +86,8 @@ def denoiser_config(io: dict, backend: str, max_batch: int, instances: int) -> s
         ""])
 
 
-def sampler_config(meta, max_videos: int, instances: int) -> str:
+def sampler_config(meta, max_videos: int, instances: int, frames: tuple | None = None) -> str:
+    """frames: the decoded video's per-video shape (3, F', H', W') where the repository has a decoder."""
     contract = meta.contract
     cond = [f'  {{ name: "{c.name}" data_type: {TRITON_DTYPES[c.dtype]} dims: [ {", ".join(map(str, _dims(c.shape)))} ] }}'
             for c in contract.cond]
@@ -96,7 +100,9 @@ def sampler_config(meta, max_videos: int, instances: int) -> str:
         f"# the conditioning: {contract.describe_cond()} (one row per video)",
         "input [", ",\n".join(cond + options), "]",
         "output [",
-        f'  {{ name: "video" data_type: TYPE_FP32 dims: [ -1, {", ".join(map(str, contract.latent))} ] }}',
+        f'  {{ name: "video" data_type: TYPE_FP32 dims: [ -1, {", ".join(map(str, contract.latent))} ] }}'
+        + ("" if frames is None else
+           f',\n  {{ name: "frames" data_type: TYPE_FP32 dims: [ -1, {", ".join(map(str, frames))} ] }}'),
         "]",
         "# concurrent sampling loops: their denoiser calls are what the dynamic batcher batches",
         f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]",
@@ -104,7 +110,26 @@ def sampler_config(meta, max_videos: int, instances: int) -> str:
         _param("contract", json.dumps(contract.to_dict(), sort_keys=True)),
         _param("max_videos", str(max_videos)),
         _param("checkpoint_sha256", meta.checkpoint_sha256),
+        *([_param("decoder", "decoder.onnx")] if frames is not None else []),
         ""])
+
+
+def decoder_files(export_dir: Path, contract: Contract) -> tuple[list[Path], tuple | None]:
+    """The export's fp32 decoder graphs and the frames they make of the contract's latents (3, F', H', W'),
+    checked against the denoiser before they are copied; ([], None) without a decoder."""
+    from vdit_deploy.decode import find_decoder, read_decoder_meta
+    from vdit_deploy.export.variants import DECODER_CHUNK, find_variant
+
+    first = find_decoder(export_dir)
+    if first is None:
+        return [], None
+    dmeta = read_decoder_meta(first)
+    dmeta.check_latent(contract.latent)
+    chunk = find_variant(export_dir, DECODER_CHUNK) if dmeta.layout == "causal" else None
+    if dmeta.layout == "causal" and chunk is None:
+        raise VditError(f"{export_dir} has {first.name} but no {DECODER_CHUNK} graph; re-export the decoder")
+    _, f, h, w = contract.latent
+    return [first, *([chunk] if chunk else [])], (3, dmeta.frames_out(int(f)), h * dmeta.ratio, w * dmeta.ratio)
 
 
 # ---- the repository -----------------------------------------------------------------------------
@@ -163,7 +188,8 @@ def write_triton_repo(export_dir: str | Path, out_dir: str | Path, engine: str |
         raise VditError(f"the denoiser accepts at most batch {max_batch}; guidance needs 2 per video")
     max_videos = max_batch // 2          # guidance runs each video twice (cond + null) in one call
     data = onnx_path.with_name(onnx_path.name + ".data")
-    for file in (onnx_path, data):
+    decoders, frames = decoder_files(onnx_path.parent, meta.contract)
+    for file in (onnx_path, data, *decoders):
         if file.exists() or file.is_symlink():
             check_inside(file, onnx_path.parent)
     with atomic_path(out_dir, is_dir=True, marker=f"{DENOISER_MODEL}/config.pbtxt") as tmp:
@@ -178,9 +204,14 @@ def write_triton_repo(export_dir: str | Path, out_dir: str | Path, engine: str |
         (tmp / DENOISER_MODEL / "config.pbtxt").write_text(denoiser_config(meta.io, backend, max_batch, instances))
         (tmp / SAMPLER_MODEL / "1").mkdir(parents=True)
         _write_python_models(tmp, meta.contract, onnx_path.parent, backend)
-        (tmp / SAMPLER_MODEL / "config.pbtxt").write_text(sampler_config(meta, max_videos, sampler_instances))
+        for file in decoders:            # beside the sampler's model.py, under the names decode.py finds
+            shutil.copyfile(file, tmp / SAMPLER_MODEL / "1" / file.name)
+        (tmp / SAMPLER_MODEL / "config.pbtxt").write_text(sampler_config(meta, max_videos, sampler_instances, frames))
     notes.append(f"{SAMPLER_MODEL}: up to {max_videos} videos per request; {DENOISER_MODEL}: {backend} backend, "
                  f"dynamic batching up to {max_batch}")
+    if frames is not None:
+        notes.append(f"{SAMPLER_MODEL}: output frames {list(frames)} per video, decoded by {decoders[0].name} "
+                     "(ONNX Runtime, in the sampler) when a request asks for it")
     return notes
 
 

@@ -2,7 +2,9 @@
 
     vdit_sampler    one request = one sampling job: any sampler (unipc, dpm++, ddim, ddpm) with its own
                     noise and its own multistep SolverState; one BLS call to vdit_denoiser per step
-                    (cond and null as one 2B batch), the same loop as `vdit sample` (sampling.sample)
+                    (cond and null as one 2B batch), the same loop as `vdit sample` (sampling.sample);
+                    with decoder.onnx beside it, the output `frames` too (the latents decoded, as
+                    `vdit sample --out x.mp4` decodes them) when the request asks for that output
     vdit_denoiser   (`--backend python`) the export's denoiser on vdit's ONNX Runtime runtime, in-process:
                     Triton's dynamic batcher hands it the calls of concurrent sampling loops, it runs the
                     calls of one shape as one ONNX Runtime batch
@@ -79,6 +81,15 @@ def _error(pb, e: Exception):
     return pb.TritonError(f"{type(e).__name__}: {' '.join(str(e).split())}", pb.TritonError.INTERNAL)
 
 
+def sampler_outputs(video: np.ndarray, decoder=None, requested=()) -> dict:
+    """A sampler response's tensors: the latents as `video`, and with a decoder `frames` (decode.Decoder:
+    (B, 3, F', H', W') in [-1, 1]) when the request names that output (or names none: Triton's all)."""
+    out = {"video": video}
+    if decoder is not None and (not requested or "frames" in requested):
+        out["frames"] = decoder.decode(video)
+    return out
+
+
 class SamplerModel:
     """vdit_sampler: request inputs are the contract's conditioning by name and REQUEST_OPTIONS."""
 
@@ -91,6 +102,10 @@ class SamplerModel:
         self.contract = Contract.from_dict(json.loads(params["contract"]))
         self.null = load_null(self.contract, _version_dir(args))   # checked against the contract's hash
         self.max_videos = int(params["max_videos"])
+        self.decoder = None
+        if params.get("decoder"):                 # the repository's decoder.onnx (+ decoder-chunk.onnx)
+            from vdit_deploy.decode import Decoder
+            self.decoder = Decoder(_version_dir(args))
         # the denoiser may run on a GPU: ask Triton for its output in host memory (numpy math here)
         self.cpu = pb.PreferredMemory(pb.TRITONSERVER_MEMORY_CPU, 0)
 
@@ -139,7 +154,9 @@ class SamplerModel:
             try:
                 video = sample_request(self.denoiser_call(request), self.contract, null=self.null,
                                        max_videos=self.max_videos, **self.read(request))
-                responses.append(self.pb.InferenceResponse(output_tensors=[self.pb.Tensor("video", video)]))
+                outs = sampler_outputs(video, self.decoder, request.requested_output_names())
+                responses.append(self.pb.InferenceResponse(
+                    output_tensors=[self.pb.Tensor(name, value) for name, value in outs.items()]))
             except Exception as e:   # a bad request fails alone, with its message
                 responses.append(self.pb.InferenceResponse(output_tensors=[], error=_error(self.pb, e)))
         return responses

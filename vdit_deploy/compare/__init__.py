@@ -215,5 +215,21 @@ def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps:
         "results": rows, **({"cache": cache_rows} if cache else {}), "skipped": [{"runtime": t.runtime, "precision": t.precision, "label": t.label,
                                       "reason": r} for t, r in skipped.items()],
     }
-    write_outputs(report, out)
+    write_outputs(report, out, gif_decoder(arts, source))
     return report
+
+
+def gif_decoder(arts: Artifacts, source: Path):
+    """(decoder, its name) turning the samples' latents into samples.gif's frames, or None (latents as
+    they are): the export's decoder.onnx in ONNX Runtime, else a diffusers transformer's pipeline ../vae."""
+    from vdit_deploy.decode import Decoder, find_decoder
+
+    if find_decoder(arts.export) is not None:
+        return Decoder(arts.export), f"{find_decoder(arts.export).name} (ONNX Runtime)"
+    vae = source.parent / "vae"
+    if arts.kind == "checkpoint" and (vae / "config.json").is_file():    # a model directory: torch is here
+        from vdit_deploy.sources import is_diffusers_dir
+        if is_diffusers_dir(source):
+            from vdit_deploy.export.decoder_export import TorchDecoder
+            return TorchDecoder(vae), f"diffusers' {vae}"
+    return None

@@ -106,8 +106,9 @@ def format_markdown(report: dict, plots: dict) -> str:
     return "\n".join(md) + "\n"
 
 
-def write_outputs(report: dict, out: Path) -> dict:
-    """Write every output under `out` (each file atomically) -> report["files"]: their names."""
+def write_outputs(report: dict, out: Path, decoder=None) -> dict:
+    """Write every output under `out` (each file atomically) -> report["files"]: their names. decoder:
+    (what decodes latents, its name) for samples.gif, one for every column (compare.gif_decoder)."""
     out.mkdir(parents=True, exist_ok=True)
     ok = [r for r in report["results"] if r["status"] == "ok"]
     files = {"json": "report.json", "markdown": "report.md", "latency_plot": None, "error_plot": None,
@@ -122,6 +123,12 @@ def write_outputs(report: dict, out: Path) -> dict:
         report["notes"].append("plots skipped: matplotlib is not installed (pip install 'vdit-deploy[report]')")
     smallest = min((r["batch"] for r in ok), default=None)
     columns = {r["label"]: r["_video"][None] for r in ok if r["batch"] == smallest}   # (1, C, F, H, W) each
+    if columns and decoder is not None:
+        try:
+            columns = {k: decoder[0].decode(v) for k, v in columns.items()}
+            report["notes"].append(f"samples.gif: frames decoded by {decoder[1]}, the same decoder for every column")
+        except VditError as e:
+            report["notes"].append(f"samples.gif shows latents: decoding failed ({e})")
     if columns and (gif := write_gif(out / "samples.gif", columns, report["notes"])):
         files["gif"], report["gif_columns"] = gif, list(columns)
     for r in report["results"]:
