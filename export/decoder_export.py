@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from vdit_deploy.decode import CACHE_IN, CACHE_OUT, CAUSAL, FRAMES, VIDEO, DecoderMeta, Tiling
+from vdit_deploy.decode import CACHE_IN, CACHE_OUT, CAUSAL, EXAMPLE_HW, FRAMES, VIDEO, DecoderMeta, Tiling
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.variants import DECODER, DECODER_CHUNK, variant_file
 
@@ -215,6 +215,12 @@ class TorchDecoder:
     def decode(self, latents: np.ndarray) -> np.ndarray:
         return torch_decode(self.vae, latents, self.meta, self.tile)
 
+    def describe(self) -> str:
+        return f"diffusers' {self.meta.vae['class']}"
+
+    def close(self) -> None:
+        pass
+
 def _denoiser_frames(out_dir: Path) -> int | None:
     """The latent frame count of the denoiser exported in out_dir, if one is there."""
     from vdit_deploy.export.metadata import read_metadata
@@ -293,7 +299,7 @@ def export_decoder(vae_dir, out_dir, frames: int | None = None, opset: int = 18,
     check_output(out_dir / variant_file(DECODER))
     vae, config, files = load_vae(vae_dir)
     frames = frames or _denoiser_frames(out_dir) or 1
-    graphs, temporal = decoder_graphs(vae, config["_class_name"], frames, 5, 6)   # 5x6: sizes no other axis has
+    graphs, temporal = decoder_graphs(vae, config["_class_name"], frames, *EXAMPLE_HW)   # sizes no other axis has
     common = meta_fields(vae, config, tile)
     common.update(checkpoint_sha256=sha256_files(files), temporal=temporal, cache=len(graphs[0][4]) - 1,
                   versions=versions())

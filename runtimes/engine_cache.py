@@ -112,7 +112,8 @@ class EngineProfile:
                ) -> dict[str, tuple[tuple, tuple, tuple]]:
         """Input name -> (min, opt, max) shapes. A dynamic dimension (-1, as TensorRT's network shows
         it) takes the range of its axis, named by `axis_names` (the export's I/O spec: "batch", "seq",
-        ...; without one, axis 0 is the batch); any dynamic axis the profile lacks is refused."""
+        ...; without one, axis 0 is the batch; "h*4" is 4 times axis h); any dynamic axis the profile
+        lacks is refused."""
         out = {}
         b = self.batch   # "rows": the 2B cond + null rows of a guided step (step caching's split graphs)
         ranges = {**self.ranges, ROWS: AxisProfile(2 * b.min, 2 * b.opt, 2 * b.max)}
@@ -124,11 +125,12 @@ class EngineProfile:
                     dims.append((d, d, d))
                     continue
                 axis = d if isinstance(d, str) else names[i] if i < len(names) else BATCH if i == 0 else None
-                if axis not in ranges:
+                base, _, factor = str(axis).partition("*")       # "h*4": 4 x axis h (a decoder's inner sizes)
+                if base not in ranges or (factor and not factor.isdigit()):
                     raise VditError(f"input {name} has a dynamic axis {axis or i} ({tuple(shape)}) that the engine "
                                     f"profile {self} does not cover")
-                p = ranges[axis]
-                dims.append((p.min, p.opt, p.max))
+                p, k = ranges[base], int(factor or 1)
+                dims.append((p.min * k, p.opt * k, p.max * k))
             out[name] = tuple(tuple(d[k] for d in dims) for k in range(3))
         return out
 

@@ -3,7 +3,10 @@
     vdit build EXPORT_DIR --precision fp16 --batch 1:2:8 [--seq 1:120:120]
 
 builds step.onnx (the fused guided sampler step) and denoiser.onnx into <EXPORT_DIR>/engines, each
-with a manifest (engine_cache.py) so a later build or `vdit sample --runtime trt` reuses it.
+with a manifest (engine_cache.py) so a later build or `vdit sample --runtime trt` reuses it; and, where
+the export has the VAE decoder (`vdit export-decoder`), decoder.onnx (+ decoder-chunk.onnx), whose
+profile (decoder_profile) spans the frames of one video and the latent tile (the target's vae_tile) or
+the whole latent: `--runtime trt` then decodes on TensorRT too (runtimes/trt_decoder.py).
 One optimization profile covers every dynamic axis of every input: the batch, and each named axis of
 the model contract (a text model's token count "seq" on its conditioning and on step.onnx's
 null_<name> inputs alike), from the contract's range with opt = max unless --seq or the target says.
@@ -18,7 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from vdit_deploy.errors import VditError
-from vdit_deploy.export.variants import DENOISER, FP16, INT8, STEP, STEP_HEAD, STEP_TAIL, variant_file, with_data
+from vdit_deploy.export.variants import (BEST, DECODER, DECODER_CHUNK, DECODER_KINDS, DENOISER, FP16, INT8, STEP,
+                                         STEP_HEAD, STEP_TAIL, variant_file, with_data)
 from vdit_deploy.files import sha256_files
 from vdit_deploy.runtimes.engine_cache import (AxisProfile, CachedEngine, EngineCache, EngineKey, EngineProfile,
                                                gpu_info, import_tensorrt)
@@ -31,6 +35,60 @@ CACHE_ENGINES = (STEP_HEAD, STEP_TAIL)   # step caching's, where the export has 
 def onnx_digest(path: Path) -> str:
     """sha256 of an .onnx file and of its external-data file, if it has one (<name>.data)."""
     return sha256_files(with_data(path))
+
+
+def graph_identity(onnx_path: Path, kind: str) -> tuple[str, dict | None]:
+    """(what the engine key's `contract` holds, the inputs' axis names or None: the export's I/O spec):
+    a denoiser graph's model contract digest; a decoder's VAE weights digest and decoder_axes."""
+    if kind in DECODER_KINDS:
+        from vdit_deploy.decode import read_decoder_meta
+
+        meta = read_decoder_meta(onnx_path)
+        return f"vae:{meta.checkpoint_sha256}", decoder_axes(meta)
+    from vdit_deploy.export.metadata import read_metadata
+
+    return read_metadata(onnx_path).contract.sha256(), None
+
+
+def decoder_axes(meta) -> dict[str, list]:
+    """A decoder graph's inputs -> per-dimension axis names, from the example shapes export_decoder traced
+    (decode.EXAMPLE_HW latent pixels): "batch" (rows of latent frames, the frames layout), "h", "w", and
+    "h*4" for a cache tensor at 4 x the latent resolution."""
+    from vdit_deploy.decode import EXAMPLE_HW, FRAMES
+
+    axes = {}
+    for spec in meta.io["inputs"]:
+        names = list(spec["shape"])
+        if meta.layout == FRAMES:
+            names[0] = "batch"
+        for i, axis, size in ((-2, "h", EXAMPLE_HW[0]), (-1, "w", EXAMPLE_HW[1])):
+            k, rest = divmod(int(spec["shape"][i]), size)
+            if rest or not k:
+                raise VditError(f"{meta.kind} input {spec['name']} {spec['shape']}: no multiple of the traced latent "
+                                f"size {EXAMPLE_HW}; re-export the decoder with this vdit")
+            names[i] = axis if k == 1 else f"{axis}*{k}"
+        axes[spec["name"]] = names
+    return axes
+
+
+def decoder_profile(meta, latent, tile: int | None = None) -> EngineProfile:
+    """The decoder engines' profile for the denoiser's latents (C, F, H, W): rows 1..F of latent frames
+    (the frames layout; one video per call otherwise), h and w from 1 (tiles at the border) to the latent
+    tile of `tile` output pixels (as decode.Decoder tiles), else the whole latent; opt = max."""
+    from vdit_deploy.decode import FRAMES, Tiling
+
+    _, f, h, w = (int(d) for d in latent)
+    rows = AxisProfile(1, f, f) if meta.layout == FRAMES else AxisProfile.fixed(1)
+    if tile:
+        (th, *_), (tw, *_) = Tiling(**meta.tiling).plan(meta.ratio, Tiling(**meta.tiling).consistent(meta.ratio, tile))
+        if h > th or w > tw:                    # diffusers tiles only latents larger than a tile
+            h, w = min(h, th), min(w, tw)
+    return EngineProfile.of(rows, {"h": AxisProfile(1, h, h), "w": AxisProfile(1, w, w)})
+
+
+def decoder_precision(precision: str) -> str:
+    """A VAE decoder is built at the denoiser's precision, fp16 for int8 and best (no Q/DQ decoder)."""
+    return FP16 if precision in (INT8, BEST) else precision
 
 
 def default_profile(meta, batch: AxisProfile | None = None, axes: dict | None = None) -> EngineProfile:
@@ -62,14 +120,13 @@ def ensure_engine(export: str | Path, kind: str, precision: str, profile: Engine
     """The cached engine for (export, kind, contract, precision, profile) on this GPU and TensorRT,
     building it when missing or stale; with build=False a stale or missing engine is a one-line error.
     Returns (engine, whether it was built now)."""
-    from vdit_deploy.export.metadata import read_metadata
-
     gpu = gpu_info()   # first: without a GPU, installing TensorRT would not help
     trt = import_tensorrt()
     export = Path(export)
     onnx_path = onnx_for(export, kind, precision, strongly_typed_only(trt))
     cache = EngineCache(cache_dir or (export if export.is_dir() else export.parent) / "engines")
-    key = EngineKey(onnx_digest(onnx_path), read_metadata(onnx_path).contract.sha256(), precision,
+    identity, axes = graph_identity(onnx_path, kind)
+    key = EngineKey(onnx_digest(onnx_path), identity, precision,
                     str(profile), trt.__version__, gpu.name, gpu.compute_capability, options.to_dict())
     cached, why = cache.lookup(kind, key)
     if cached is not None:
@@ -78,7 +135,7 @@ def ensure_engine(export: str | Path, kind: str, precision: str, profile: Engine
         raise VditError(f"{why}; run `vdit build` without --no-build to rebuild it")
     log(f"building {kind} engine ({precision}, batch {profile}) from {onnx_path.name} on {gpu.name}: {why}")
     engine, facts = build_engine(onnx_path, precision, profile, options, cache.timing_cache, calibration,
-                                 progress, log)
+                                 progress, log, axis_names=axes)
     return cache.store(kind, key, engine, **facts), True
 
 
@@ -87,15 +144,14 @@ def find_engine(export: str | Path, kind: str, precision: str, build: bool = Fal
     """Any cached engine of this kind and precision that matches this GPU, TensorRT, ONNX and contract
     (whatever profile `vdit build` chose). None: a one-line error naming the `vdit build` to run, or
     with build=True (benchmarks, `vdit compare`) one is built with the export's default_profile."""
-    from vdit_deploy.export.metadata import read_metadata
+    from vdit_deploy.export.metadata import find_onnx, read_metadata
 
     gpu = gpu_info()
     trt = import_tensorrt()
     export = Path(export)
     onnx_path = onnx_for(export, kind, precision, strongly_typed_only(trt))
-    meta = read_metadata(onnx_path)
     cache = EngineCache(cache_dir or export / "engines")
-    want = {"onnx_sha256": onnx_digest(onnx_path), "contract": meta.contract.sha256(), "precision": precision,
+    want = {"onnx_sha256": onnx_digest(onnx_path), "contract": graph_identity(onnx_path, kind)[0], "precision": precision,
             "tensorrt": trt.__version__, "gpu": gpu.name, "compute_capability": gpu.compute_capability}
     for entry in cache.entries():
         key = entry.key
@@ -106,8 +162,12 @@ def find_engine(export: str | Path, kind: str, precision: str, build: bool = Fal
     if not build:
         raise VditError(f"{export} has no {kind} engine for {precision} on this GPU and TensorRT {trt.__version__} "
                         f"(from {onnx_path.name}); run `vdit build {export} --precision {precision}` first")
-    return ensure_engine(export, kind, precision, default_profile(meta), cache_dir=cache_dir, progress=progress,
-                         log=log)[0]
+    if kind in DECODER_KINDS:
+        from vdit_deploy.decode import read_decoder_meta
+        profile = decoder_profile(read_decoder_meta(onnx_path), read_metadata(find_onnx(export, STEP)).contract.latent)
+    else:
+        profile = default_profile(read_metadata(onnx_path))
+    return ensure_engine(export, kind, precision, profile, cache_dir=cache_dir, progress=progress, log=log)[0]
 
 
 @dataclass
@@ -155,6 +215,32 @@ def build_export(export: str | Path, precision: str | None = None, batch: str | 
         plan = plan_for_export(step_onnx, profile.batch.max, precision, board, dict(profile.axes))
         log(plan.table())
         plan.check()
+    built = [BuiltEngine(kind, *ensure_engine(export, kind, precision, profile, options, cache_dir, build=build, log=log),
+                         precision, profile) for kind in kinds]
+    return built + decoder_engines(export, precision, read_metadata(step_onnx).contract.latent,
+                                   board.vae_tile if board else None, options, cache_dir, build, log)
+
+
+def decoder_engines(export: Path, precision: str, latent, tile: int | None, options: BuildOptions,
+                    cache_dir=None, build: bool = True, log: Callable[[str], None] = print) -> list[BuiltEngine]:
+    """The VAE decoder's engines where the export has decoder.onnx: [] without one, and [] with a one-line
+    note when this TensorRT cannot build it at this precision (TensorRT 11 without decoder.fp16.onnx):
+    `--runtime trt` then decodes on ONNX Runtime, saying so."""
+    from vdit_deploy.decode import find_decoder, read_decoder_meta
+
+    first = find_decoder(export)
+    if first is None:
+        return []
+    meta = read_decoder_meta(first)
+    meta.check_latent(latent)
+    precision = decoder_precision(precision)
+    profile = decoder_profile(meta, latent, tile)
+    kinds = [DECODER] + ([DECODER_CHUNK] if (export / variant_file(DECODER_CHUNK)).is_file() else [])
+    try:
+        onnx_for(export, DECODER, precision, strongly_typed_only(import_tensorrt()))
+    except VditError as e:
+        log(f"note: the decoder is not built ({e}); --runtime trt decodes on ONNX Runtime")
+        return []
     return [BuiltEngine(kind, *ensure_engine(export, kind, precision, profile, options, cache_dir, build=build, log=log),
                         precision, profile) for kind in kinds]
 

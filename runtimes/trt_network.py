@@ -235,13 +235,15 @@ def use_timing_cache(config, path: Path, log: Callable[[str], None]):
 
 def build_engine(onnx_path: Path, precision: str, profile: EngineProfile, options: BuildOptions = BuildOptions(),
                  timing_cache: Path | None = None, calibration=None, progress: bool = True,
-                 log: Callable[[str], None] = print) -> tuple[bytes, dict]:
+                 log: Callable[[str], None] = print, axis_names: dict | None = None) -> tuple[bytes, dict]:
     """Parse `onnx_path`, build a serialized engine; returns (engine bytes, facts for the manifest).
-    The export's I/O spec names each dynamic axis, so `profile` gives it its range."""
-    from vdit_deploy.export.metadata import read_metadata
+    The export's I/O spec names each dynamic axis (or `axis_names`: input -> per-dimension names, a
+    decoder's), so `profile` gives it its range."""
+    if axis_names is None:
+        from vdit_deploy.export.metadata import read_metadata
 
-    io = read_metadata(onnx_path).io
-    axis_names = {spec["name"]: spec["shape"] for spec in io["inputs"]}
+        io = read_metadata(onnx_path).io
+        axis_names = {spec["name"]: spec["shape"] for spec in io["inputs"]}
     trt = import_tensorrt()
     logger = tensorrt_logger(trt)
     builder = trt.Builder(logger)

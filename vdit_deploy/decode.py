@@ -35,6 +35,7 @@ from vdit_deploy.export.variants import DECODER, DECODER_CHUNK, DECODER_KINDS, F
 FRAMES, CAUSAL, VIDEO = "frames", "causal", "video"
 DIGESTED = ("vdit.kind", "vdit.decoder", "vdit.vae", "vdit.io", "vdit.checkpoint_sha256")
 CACHE_IN, CACHE_OUT = "cache_", "cache_out_"
+EXAMPLE_HW = (5, 6)        # the latent size export_decoder traces at (no other axis has it): names the dynamic axes
 
 
 @dataclass(frozen=True)
@@ -239,29 +240,12 @@ class Decoder:
     diffusers tiled_decode does (None or 0: untiled, as diffusers decodes by default)."""
 
     def __init__(self, export_dir, precision: str = FP32, providers=None, tile: int | None = None, threads=None):
-        import onnxruntime as ort
-
-        from vdit_deploy.runtimes.ort_runtime import resolve_providers
-
         path = find_decoder(export_dir, precision)
         if path is None:
             raise VditError(f"{export_dir} has no decoder graph ({precision}); run `vdit export-decoder`")
         self.meta = read_decoder_meta(path)
-        from vdit_deploy.threads import session_options
-
-        options = session_options()                 # --threads, as the denoiser's sessions
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        providers = resolve_providers(providers)
         self.files = [path]
-
-        def session(file):
-            try:
-                return ort.InferenceSession(str(file), options, providers=providers)
-            except Exception as e:
-                raise VditError(f"ONNX Runtime cannot load {file}: {str(e).splitlines()[0]}") from None
-
-        self.first = session(path)
+        self.first = self.session(path, providers, threads)
         self.chunk = None
         if self.meta.layout == CAUSAL:
             chunk = find_variant(export_dir, DECODER_CHUNK, precision)
@@ -270,11 +254,32 @@ class Decoder:
             meta = read_decoder_meta(chunk)
             if meta.decoder_props() != self.meta.decoder_props() or meta.checkpoint_sha256 != self.meta.checkpoint_sha256:
                 raise VditError(f"{path.name} and {chunk.name} come from different decoder exports; re-export")
-            self.chunk = session(chunk)
+            self.chunk = self.session(chunk, providers, threads)
             self.files.append(chunk)
         self.tiling = Tiling(**self.meta.tiling)
         # (height, width) px: tiles that meet exactly; 0: untiled
         self.tile = self.tiling.consistent(self.meta.ratio, int(tile)) if tile else 0
+
+    def session(self, file: Path, providers=None, threads=None):
+        """One graph's ONNX Runtime session (--threads as the denoiser's); a subclass runs it elsewhere."""
+        import onnxruntime as ort
+
+        from vdit_deploy.runtimes.ort_runtime import resolve_providers
+        from vdit_deploy.threads import session_options
+
+        options = session_options()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        try:
+            return ort.InferenceSession(str(file), options, providers=resolve_providers(providers))
+        except Exception as e:
+            raise VditError(f"ONNX Runtime cannot load {file}: {str(e).splitlines()[0]}") from None
+
+    def describe(self) -> str:
+        return f"{self.files[0].name} (ONNX Runtime)"
+
+    def close(self) -> None:
+        """Sessions need no closing; a TensorRT decoder frees its device memory here."""
 
     def _run(self, session, feeds: dict) -> list:
         dtypes = {i.name: np.float16 if i.type == "tensor(float16)" else np.float32 for i in session.get_inputs()}

@@ -6,7 +6,8 @@ bar, timed, and its host memory peak measured:
              text_encoder.onnx (text_onnx.py, torch-free), both filling the prompt cache (EXPORT/prompts),
              else the cache alone
     sample   the denoiser on any runtime (sampling.py), guidance paired with the negative prompt
-    decode   decoder.onnx in ONNX Runtime (decode.py), spatial tiles from --tile or the profile's vae_tile
+    decode   decoder.onnx in ONNX Runtime (decode.py), or on --runtime trt its `vdit build` engines
+             (runtimes/trt_decoder.py); spatial tiles from --tile or the profile's vae_tile
     write    the video (.mp4, .gif) or the latents (.npy)
 """
 from __future__ import annotations
@@ -101,6 +102,12 @@ def encode_prompts(prompts: list, negative: str, cache_dir, pipeline=None, expor
     return from_cache(cache_dir, prompts, negative)
 
 
+def _note(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr)
+
+
 def has_text_encoder(export_dir) -> bool:
     from vdit_deploy.export.variants import TEXT_ENCODER, variant_file
 
@@ -152,21 +159,34 @@ def generate(export_dir, prompts: list, out, negative: str = "", pipeline=None, 
             with report.stage("decode"):
                 videos = np.concatenate([decoder.decode(v[None]) for v in
                                          bar(videos, show=progress, desc="decode", unit="video")])
+            decoder.close()
     with report.stage("write"):
         write_video(out, videos, scale=1 if videos.shape[-1] >= 64 else 4)
     return report
 
 
 def video_decoder(out, runtime: str, artifact, latent, tile: int | None = None, providers=None,
-                  precision: str | None = None):
+                  precision: str | None = None, log=None):
     """Before sampling: what turns this model's latents into the pixels `out` shows, or None (a .npy
-    output; a pixel-space model with 1 or 3 channels and no decoder). ONNX runtimes (ort, ort-trt, trt)
-    decode through the export's decoder.onnx in ONNX Runtime (its default providers: CUDA where there is
-    one); the torch runtime on a diffusers transformer in a pipeline layout uses diffusers' ../vae."""
+    output; a pixel-space model with 1 or 3 channels and no decoder). trt decodes on the decoder's
+    TensorRT engines (`vdit build`), or without one on ONNX Runtime with a one-line note (`log`, default
+    stderr); ort and ort-trt through the export's decoder.onnx in ONNX Runtime (its default providers:
+    CUDA where there is one); the torch runtime on a diffusers transformer in a pipeline layout uses
+    diffusers' ../vae."""
     from vdit_deploy.video import check_drawable
 
     if out is None or Path(out).suffix.lower() == ".npy":
         return None
+    if runtime == "trt" and find_decoder(artifact) is not None:
+        from vdit_deploy.export.variants import FP16
+        from vdit_deploy.runtimes.trt_decoder import NoDecoderEngine, TrtDecoder
+
+        try:
+            decoder = TrtDecoder(artifact, precision or FP16, tile=tile)
+            decoder.meta.check_latent(latent)
+            return decoder
+        except NoDecoderEngine as e:
+            (log or _note)(f"note: decoding on ONNX Runtime: {e}")
     if runtime == "torch":
         vae_dir = Path(artifact).parent / "vae"
         if (vae_dir / "config.json").is_file() and int(latent[0]) not in (1, 3):

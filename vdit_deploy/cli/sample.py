@@ -83,7 +83,8 @@ def run_sampler(runtime_name, artifact, precision, labels, sampler, steps, eta, 
             what += f"; {started.policy.mode}: {started.full_steps} of {len(plan)} steps in full"
         if decoder is not None:
             videos = decoder.decode(videos)
-            what += ", decoded by the VAE"
+            what += f", decoded by the VAE ({decoder.describe()})"
+            decoder.close()
         return videos, times, what
 
 
