@@ -30,7 +30,8 @@ from vdit_deploy.export.metadata import NULL_PREFIX, ExportMetadata
 from vdit_deploy.runtimes.engine_cache import AxisProfile, EngineProfile, import_tensorrt
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [ROOT / "runtimes" / f for f in ("trt_build.py", "trt_network.py", "trt_runtime.py", "trt_engine.py", "trt_cache.py", "engine_cache.py")]
+SOURCES = [ROOT / "runtimes" / f for f in ("trt_build.py", "trt_network.py", "trt_runtime.py", "trt_engine.py", "trt_cache.py",
+                                          "trt_decoder.py", "engine_cache.py")]
 CFG = preset("tiny")
 TRT_10_3, TRT_11 = "10.3.0", "11.4.0.106"
 PROFILE = EngineProfile.of(AxisProfile(1, 2, 4))

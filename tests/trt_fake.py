@@ -681,15 +681,15 @@ BINARY = {"Add": "SUM", "Sub": "SUB", "Mul": "PROD", "Div": "DIV", "Pow": "POW",
           "Equal": "EQUAL", "Less": "LESS", "Greater": "GREATER", "And": "AND", "Or": "OR"}
 LAYER_OF_OP = {
     **{op: "ELEMENTWISE" for op in BINARY},
-    **{op: "REDUCE" for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd")},
+    **{op: "REDUCE" for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2")},
     **{op: "UNARY" for op in ("Exp", "Log", "Sqrt", "Reciprocal", "Abs", "Neg", "Sin", "Cos", "Erf", "Not",
                               "Floor", "Ceil")},
-    **{op: "ACTIVATION" for op in ("Relu", "Sigmoid", "Tanh")},
+    **{op: "ACTIVATION" for op in ("Relu", "Sigmoid", "Tanh", "Clip")},
     **{op: "NORMALIZATION" for op in ("LayerNormalization", "GroupNormalization", "InstanceNormalization")},
     **{op: "SHUFFLE" for op in ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")},
     **{op: "SLICE" for op in ("Slice", "Split", "Expand")},
     "Softmax": "SOFTMAX", "MatMul": "MATRIX_MULTIPLY", "Gemm": "MATRIX_MULTIPLY", "Conv": "CONVOLUTION",
-    "Shape": "SHAPE", "Gather": "GATHER", "Concat": "CONCATENATION", "Constant": "CONSTANT", "Cast": "CAST",
+    "Shape": "SHAPE", "Gather": "GATHER", "GatherND": "GATHER", "Concat": "CONCATENATION", "Constant": "CONSTANT", "Cast": "CAST",
     "Where": "SELECT", "Identity": "IDENTITY", "QuantizeLinear": "QUANTIZE", "DequantizeLinear": "DEQUANTIZE",
     "ConstantOfShape": "FILL", "Range": "FILL", "Einsum": "EINSUM", "Resize": "RESIZE",
 }
