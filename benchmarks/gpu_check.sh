@@ -2,11 +2,12 @@
 # Every GPU check in one go, on an NVIDIA machine: the GPU tests (pytest -m gpu), then the GPU benchmark
 # (benchmarks/bench_gpu.py: torch eager fp32/fp16/bf16, torch.compile fp16 with CUDA graphs, ONNX Runtime
 # CUDA fp32/fp16 with the fused step bound on the device, TensorRT where it imports) for tiny and for the
-# B preset at 16x32x32 latents, with accuracy against PyTorch fp32 on the same noise.
+# B preset at 16x32x32 latents, with accuracy against PyTorch fp32 on the same noise; then the VAE decoder
+# on TensorRT (benchmarks/bench_decode.py --trt: fp32 and fp16 engines, untiled and tiled, against diffusers).
 #   bash benchmarks/gpu_check.sh                 (from anywhere; about 5-8 minutes on an H100)
 # Env: PRESETS (B16,tiny)  STEPS (50)  COMPILE_MODES (reduce-overhead)  WORK (/tmp/vdit-gpu)
 #      OUT (benchmarks/gpu): gpu_results.json, gpu_table.md and the logs land there
-#      PYTHON (python3)  TEST_TIMEOUT (240 s)  BENCH_TIMEOUT (420 s)
+#      PYTHON (python3)  TEST_TIMEOUT (240 s)  BENCH_TIMEOUT (420 s)  DECODE_TIMEOUT (420 s)
 # Nothing is installed from the network unless it is missing: onnxruntime-gpu (CUDA provider), tensorrt.
 # Each stage is time-bounded and a failing stage does not stop the next; the exit code is non-zero when
 # any stage failed.
@@ -67,6 +68,11 @@ timeout "${TEST_TIMEOUT:-240}" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider
 stage "benchmark ($PRESETS, $STEPS steps)"
 timeout "${BENCH_TIMEOUT:-420}" "$PYTHON" benchmarks/bench_gpu.py --presets "$PRESETS" --steps "$STEPS" \
     --compile-modes "$COMPILE_MODES" --work "$WORK" --out "$OUT" 2>&1 | tee "$OUT/bench_gpu.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+stage "VAE decode on TensorRT (bench_decode.py --trt)"
+timeout "${DECODE_TIMEOUT:-420}" "$PYTHON" benchmarks/bench_decode.py --trt --out "$OUT/decode_trt.json" \
+    2>&1 | tee "$OUT/bench_decode_trt.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 stage "done: exit $status; results in $OUT"

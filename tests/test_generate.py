@@ -144,3 +144,34 @@ def test_text_encoder_onnx_encodes_without_torch(latte_pipeline, tmp_path, capsy
     cond, null = TextEncoder(latte_pipeline).encode(["A dog on the beach"], "blue", tmp_path / "c")   # cache hits
     assert np.abs(edge["cond"] - cond).max() < 1e-5 and np.abs(edge["null"] - null).max() < 1e-5
     assert len(list((tmp_path / "c").glob("*.safetensors"))) == 2
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_text_encoder_fp16_and_int8(latte_pipeline, tmp_path, capsys, precision):
+    """`vdit export-text-encoder --precision fp16|int8`: the weights are fp16 / INT8 in the graph, its
+    embeddings match transformers within the check's relative L2 (fp16 1e-2, int8 5e-2), the edge
+    encoder fills the host's cache entries; a tolerance the graph misses refuses it with nothing written."""
+    import onnx
+
+    from vdit_deploy.errors import VditError
+    from vdit_deploy.text_encoder import TextEncoder
+    from vdit_deploy.text_onnx import OnnxTextEncoder, export_text_encoder
+
+    out = run_cli(["export-text-encoder", str(latte_pipeline), "--out", str(tmp_path), "--precision", precision],
+                  capsys)
+    assert f"({precision}," in out and "relative L2" in out and "cosine" in out
+    graph = onnx.load(str(tmp_path / "text_encoder.onnx"))
+    types = {init.data_type for init in graph.graph.initializer if len(init.dims) == 2}
+    assert (onnx.TensorProto.FLOAT16 if precision == "fp16" else onnx.TensorProto.INT8) in types
+    assert [i.type.tensor_type.elem_type for i in graph.graph.output] == [onnx.TensorProto.FLOAT]
+    edge = OnnxTextEncoder(tmp_path)
+    assert edge.info["precision"] == precision
+    cond, null = edge.encode(["A dog on the beach"], "blue", tmp_path / "c")
+    ref, ref_null = TextEncoder(latte_pipeline).encode(["A dog on the beach"], "blue")
+    tol = {"fp16": 1e-2, "int8": 5e-2}[precision]
+    for got, want in ((cond, ref), (null, ref_null)):
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol
+    with pytest.raises(VditError, match=rf"text_encoder.onnx \({precision}\) differs from transformers by relative "
+                                        r"L2 .*; not written"):
+        export_text_encoder(latte_pipeline, tmp_path / "strict", precision=precision, tolerance=1e-9)
+    assert [p.name for p in (tmp_path / "strict").iterdir()] == ["text_encoder.tokenizer.json"]

@@ -155,3 +155,35 @@ def test_causal_decoder_builds_with_its_cache_profiles(monkeypatch, tiny_latte_e
     assert len(decoder.files) == 2
     decoder.close()
     assert world.leaks() == {}
+
+
+# ---- on a GPU with TensorRT (benchmarks/gpu_check.sh runs `pytest -m gpu`) ----------------------------------
+def _gpu_reason():
+    from conftest import trt_skip_reason
+
+    return trt_skip_reason()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["kl", "wan", "cogvideox"])
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-4), ("fp16", 3e-2)])
+def test_trt_decode_equals_ort(tiny_latte_export, tmp_path, kind, precision, tol):
+    """Numerics: the decoder's engines decode what decoder.onnx decodes in ONNX Runtime (CPU), untiled and
+    in 8-pixel tiles (blended on the host alike), within fp32 / fp16 relative L2."""
+    reason = _gpu_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    from vdit_deploy.decode import Decoder
+    from vdit_deploy.runtimes.trt_build import build_export
+    from vdit_deploy.runtimes.trt_decoder import TrtDecoder
+
+    export = with_decoder(tiny_latte_export, tmp_path, kind)
+    build_export(export, precision, batch="1:2:4", log=lambda m: None)
+    z = np.random.default_rng(0).standard_normal((2, 4, 2, 8, 8)).astype(np.float32)
+    for tile in (None, 8 if kind == "kl" else 16):
+        ref = Decoder(export, providers=["cpu"], tile=tile).decode(z)
+        decoder = TrtDecoder(export, precision, tile=tile)
+        got = decoder.decode(z)
+        decoder.close()
+        assert got.shape == ref.shape
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < tol, (kind, precision, tile)

@@ -72,7 +72,8 @@ def plan(target, preset_name, checkpoint, onnx_path, batch, precision, frames, l
 @click.option("--no-build", is_flag=True, help="Only check the cache: fail, saying what differs, if an engine is stale.")
 def build(onnx_dir, precision, batch, fixed_batch, seq, target, workspace, opt_level, cache_dir, no_build):
     """Compile an export's step.onnx and denoiser.onnx into cached TensorRT engines (one optimization
-    profile over the batch and the model contract's named axes)."""
+    profile over the batch and the model contract's named axes), and its VAE decoder.onnx where it has
+    one (`vdit export-decoder`: one video's latent frames, the target's vae_tile)."""
     from vdit_deploy.runtimes.trt_build import build_export
 
     for b in build_export(onnx_dir, precision, batch, fixed_batch, target, workspace, opt_level, cache_dir,

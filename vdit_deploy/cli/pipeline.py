@@ -44,16 +44,23 @@ def export_decoder_cmd(vae_dir, out, frames, tile, verify, tolerance):
 @main.command("export-text-encoder")
 @click.argument("pipeline_dir", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The export directory.")
-def export_text_encoder_cmd(pipeline_dir, out):
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="fp16 weights and math (reductions kept fp32), or int8 weights (dynamic quantization); "
+                   "float32 inputs and outputs either way.")
+@click.option("--tolerance", type=Finite(0, lo_open=True), default=None,
+              help="Allowed difference from transformers: fp32 max abs / max |hidden| (1e-4), else relative "
+                   "L2 (fp16 1e-2, int8 5e-2).")
+def export_text_encoder_cmd(pipeline_dir, out, precision, tolerance):
     """Export a pipeline's text encoder (text_encoder/ + tokenizer/) to text_encoder.onnx and its
     tokenizer.json, checked against transformers: `vdit generate` then encodes new prompts without torch."""
     needs_torch("export-text-encoder")
     from vdit_deploy.text_onnx import export_text_encoder
 
     start = time.perf_counter()
-    path, worst = export_text_encoder(pipeline_dir, out)
-    click.echo(f"exported {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s; "
-               f"max abs difference from transformers {worst:.2e}")
+    path, stats = export_text_encoder(pipeline_dir, out, precision=precision, tolerance=tolerance)
+    click.echo(f"exported {path} ({precision}, {path.stat().st_size / 1e6:.1f} MB) in "
+               f"{time.perf_counter() - start:.1f} s; max abs difference from transformers {stats['max_abs']:.2e}, "
+               f"relative L2 {stats['rel_l2']:.2e}, cosine {stats['cosine']:.6f}")
 
 
 @main.command()
