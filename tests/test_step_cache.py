@@ -266,3 +266,37 @@ def test_cli_sample_and_export_options(cache_export, tmp_path):
         assert re.search(match, bad.output) and not (tmp_path / "w.npy").exists(), bad.output
     bad = runner.invoke(main, ["export", str(tmp_path), "--out", str(tmp_path / "e"), "--cache-split", "0"])
     assert bad.exit_code == 1 and "--cache-split" in bad.output
+
+
+def test_wan_splits_exports_and_samples_cached_as_torch(tmp_path):
+    """WanTransformer3DModel (2 tiny layers, pipeline layout): its RoPE has no batch axis, so the split
+    recomputes it from the static latent in each graph instead of passing it head to tail; the export's
+    check (head + tail = denoiser.onnx) passes and ORT takes torch's skips."""
+    diffusers = pytest.importorskip("diffusers")
+    from test_families import save_pipeline
+    from vdit_deploy.export.onnx_export import export_source
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.sampling import sample, sampler_plan
+    from vdit_deploy.sources import load_diffusers_source
+
+    torch.manual_seed(0)
+    net = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                          in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                          num_layers=2, rope_max_seq_len=32)
+    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  flow_shift=3.0)
+    path = save_pipeline(tmp_path, net, scheduler)
+    source = load_diffusers_source(path, seq=(1, 8), latent=(4, 2, 8, 8))
+    export = export_source(source, tmp_path / "export", batch=(1, 2), cache_split=1)
+    cond = {"encoder_hidden_states": np.random.default_rng(0).standard_normal((2, 8, 16)).astype(np.float32)}
+    with open_runtime("ort", export) as ort, open_runtime("torch", path, device="cpu") as tr:
+        c = ort.contract
+        assert ort.describe() and c.schedule.kind == "flow"
+        plan = sampler_plan(c, None, 10)
+        probe = CachePolicy("fbcache", 0.0, warmup=1).start(len(plan))
+        sample(ort, c, cond, plan, 2.0, 0, cache=probe)
+        policy = CachePolicy("fbcache", float(np.nanmedian(probe.signals)), warmup=1)
+        caches = [policy.start(len(plan)) for _ in range(2)]
+        videos = [sample(rt, c, cond, plan, 2.0, 0, cache=k) for rt, k in zip((ort, tr), caches)]
+    assert caches[0].decisions == caches[1].decisions and 0 < sum(caches[0].decisions) < len(plan) - 2
+    assert np.abs(videos[0] - videos[1]).max() < 1e-3
