@@ -154,15 +154,37 @@ def test_cache_split_is_refused_before_any_work(tiny_checkpoint, tmp_path):
         assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("guidance", [2.0, 1.0])
-def test_ort_and_torch_take_the_same_decisions(cache_export, tiny_checkpoint, guidance):
+@pytest.fixture(scope="module")
+def flow_cache_export(tmp_path_factory):
+    """The shipped flow-matching checkpoint (assets/tiny-flow, v output) with the split graphs."""
+    from vdit_deploy.checkpoint import SHIPPED_FLOW
+    from vdit_deploy.export.onnx_export import export_checkpoint
+
+    return export_checkpoint(SHIPPED_FLOW, tmp_path_factory.mktemp("cache") / "flow", batch=(1, 4), cache_split=1)
+
+
+@pytest.fixture(params=["ddpm", "flow"])
+def cached_model(request):
+    """(export, checkpoint, sampler): the tiny DDPM checkpoint with UniPC, the shipped flow checkpoint with
+    its default sampler (flow euler)."""
+    if request.param == "ddpm":
+        return request.getfixturevalue("cache_export"), request.getfixturevalue("tiny_checkpoint"), "unipc"
+    from vdit_deploy.checkpoint import SHIPPED_FLOW
+
+    return request.getfixturevalue("flow_cache_export"), SHIPPED_FLOW, None
+
+
+@pytest.mark.parametrize("cached_model,guidance", [("ddpm", 2.0), ("ddpm", 1.0), ("flow", 2.0)],
+                         indirect=["cached_model"])
+def test_ort_and_torch_take_the_same_decisions(cached_model, guidance):
     """The head graphs and the torch split give the policy the same stats: same skips, same videos."""
     from vdit_deploy.runtimes import open_runtime
     from vdit_deploy.sampling import sample, sampler_plan
 
-    with open_runtime("ort", cache_export) as ort, open_runtime("torch", tiny_checkpoint, device="cpu") as tr:
+    export, checkpoint, sampler = cached_model
+    with open_runtime("ort", export) as ort, open_runtime("torch", checkpoint, device="cpu") as tr:
         c = ort.contract
-        plan = sampler_plan(c, "unipc", 20)
+        plan = sampler_plan(c, sampler, 20)
         for mode in ("fbcache", "teacache"):
             probe = CachePolicy(mode, 0.0, warmup=1).start(len(plan))       # the signals, nothing skipped
             sample(ort, c, [0, 3], plan, guidance, 0, cache=probe)
@@ -211,7 +233,7 @@ def test_calibrate_cache_fits_on_a_calibration_set(cache_export, tmp_path):
     (cache_export / "cache_fit.json").unlink()
 
 
-def test_trt_fake_takes_the_same_decisions(monkeypatch, cache_export, tmp_path):
+def test_trt_fake_takes_the_same_decisions(monkeypatch, cached_model, tmp_path):
     """Control flow against the strict TensorRT/cuda-python fakes (no numerics: the head engine's stats
     are scripted with what ONNX Runtime's head gave): the same skips, a head launch per step, a tail
     launch per full step, each engine eager once and then a CUDA graph replay, nothing leaked."""
@@ -222,10 +244,11 @@ def test_trt_fake_takes_the_same_decisions(monkeypatch, cache_export, tmp_path):
     from vdit_deploy.runtimes.trt_build import find_engine
     from vdit_deploy.sampling import sample, sampler_plan
 
-    export = shutil.copytree(cache_export, tmp_path / "export", ignore=shutil.ignore_patterns("engines"))
+    source, _, sampler = cached_model
+    export = shutil.copytree(source, tmp_path / "export", ignore=shutil.ignore_patterns("engines"))
     with open_runtime("ort", export) as ort:
         c = ort.contract
-        plan = sampler_plan(c, "unipc", 12)
+        plan = sampler_plan(c, sampler, 12)
         probe = CachePolicy("fbcache", 0.0, warmup=1).start(len(plan))
         sample(ort, c, [0, 3], plan, 2.0, 0, cache=probe)
         policy = CachePolicy("fbcache", float(np.nanmedian(probe.signals)), warmup=1)
