@@ -170,6 +170,7 @@ def publish_files(tmp: Path, paths) -> None:
     for path in paths:
         if path.is_file():
             kept[path] = tmp / f"{path.name}.replaced"
+            kept[path].unlink(missing_ok=True)
             try:
                 os.link(path, kept[path])
             except OSError:          # a file system without hard links
@@ -182,10 +183,13 @@ def publish_files(tmp: Path, paths) -> None:
     except BaseException:
         for path in reversed(placed):
             if path in kept:
-                os.replace(kept[path], path)
+                os.replace(kept.pop(path), path)
             else:
                 path.unlink(missing_ok=True)
         raise
+    finally:
+        for link in kept.values():
+            link.unlink(missing_ok=True)
 
 
 def check_fp16(export_dir, calib_dir, precision: str = "fp16") -> dict:
