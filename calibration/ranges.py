@@ -11,12 +11,18 @@ before the next is drawn from the (lazy) feeds:
     percentile, entropy onnxruntime's own HistogramCollector, fed one batch at a time (its histograms
                         grow in place; the thresholds are computed by the same code as in onnxruntime)
 
-So peak memory is one copy of the weights in the ONNX Runtime session + one batch's activations of
-the calibrated tensors + the histograms (2048 bins per tensor), whatever the number of batches.
-The ranges go to quantize_static as its calibration cache (onnxruntime's own JSON format).
+A batch whose calibrated activations exceed `budget` bytes (shapes from the graph's value_info, its
+symbolic dims bound by the feed) is run once per group of tensors that fits, in graph order: ONNX
+Runtime frees every intermediate it is not asked to return, so the activations held at once stay
+under the budget (or one tensor, if larger) at the price of one forward pass per group.
+So peak memory is the ONNX Runtime session (weights, one forward's live intermediates) + at most
+`budget` of fetched activations + the histograms (2048 bins per tensor), whatever the number of
+batches. The ranges go to quantize_static as its calibration cache (onnxruntime's own JSON format).
 """
 from __future__ import annotations
 
+import ast
+import operator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +30,10 @@ import numpy as np
 from vdit_deploy.errors import VditError
 
 FLOAT_TYPES = (1, 10)        # TensorProto.FLOAT, FLOAT16: what onnxruntime's calibrators calibrate
+ITEMSIZE = {1: 4, 10: 2}
+BUDGET = 512 << 20           # bytes of activations fetched from one run
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
+        ast.Div: operator.floordiv}
 HISTOGRAM = {"percentile": dict(num_bins=2048, num_quantized_bins=128, percentile=99.99),
              "entropy": dict(num_bins=128, num_quantized_bins=128, percentile=99.999)}
 
@@ -44,6 +54,53 @@ def calibration_tensors(model, nodes) -> list[str]:
     return list(names)
 
 
+def _dim(expr: str, env: dict) -> int:
+    """A symbolic dim of the exporter ('batch', '4*batch', 's0 + 1') with the feed's values bound."""
+    def ev(n):
+        if isinstance(n, ast.Constant) and isinstance(n.value, int):
+            return n.value
+        if isinstance(n, ast.Name):
+            return env[n.id]
+        if isinstance(n, ast.BinOp) and type(n.op) in _OPS:
+            return _OPS[type(n.op)](ev(n.left), ev(n.right))
+        raise ValueError(expr)
+    return ev(ast.parse(expr, mode="eval").body)
+
+
+def tensor_bytes(model, tensors, feed: dict) -> dict[str, int]:
+    """Each tensor's size on this feed, from the graph's shapes (its inputs' symbolic dims bound to the
+    feed's arrays); a tensor of unknown shape counts as the largest known one."""
+    env = {}
+    for i in model.graph.input:
+        if i.name in feed:
+            for d, n in zip(i.type.tensor_type.shape.dim, np.shape(feed[i.name])):
+                if d.dim_param:
+                    env[d.dim_param] = int(n)
+    infos = {vi.name: vi for vi in (*model.graph.input, *model.graph.value_info, *model.graph.output)}
+    sizes = {}
+    for t in tensors:
+        try:
+            tt = infos[t].type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else _dim(d.dim_param, env) for d in tt.shape.dim]
+            sizes[t] = int(np.prod(dims, dtype=np.int64)) * ITEMSIZE.get(tt.elem_type, 4)
+        except (KeyError, ValueError, SyntaxError, ZeroDivisionError):
+            sizes[t] = None
+    largest = max((v for v in sizes.values() if v is not None), default=0)
+    return {t: largest if v is None else v for t, v in sizes.items()}
+
+
+def groups(tensors, sizes: dict, budget: int) -> list[list[str]]:
+    """Consecutive runs of tensors (graph order) whose sizes add up to at most budget (a larger tensor alone)."""
+    out, size = [[]], 0
+    for t in tensors:
+        if out[-1] and size + sizes[t] > budget:
+            out.append([])
+            size = 0
+        out[-1].append(t)
+        size += sizes[t]
+    return out
+
+
 def augmented_graph(src: Path, tensors, out: Path) -> Path:
     """src (its weights in external data beside it) -> a graph at `out` in the same directory whose
     outputs are `tensors` (the original outputs dropped), pointing at src's weight file: no copy."""
@@ -59,7 +116,7 @@ def augmented_graph(src: Path, tensors, out: Path) -> Path:
 
 class RangeCollector:
     """Running per-tensor statistics of a stream of batches: minmax, percentile or entropy, symmetric
-    (what TensorRT's explicit quantization takes). `held` is the most tensors held at once (one batch's)."""
+    (what TensorRT's explicit quantization takes). `held`: the most bytes of activations added at once."""
 
     def __init__(self, method: str):
         self.method, self.batches, self.held = method, 0, 0
@@ -72,9 +129,9 @@ class RangeCollector:
             self.histograms = HistogramCollector(method=method, symmetric=True, scenario="same", **HISTOGRAM[method])
 
     def add(self, outputs: dict[str, np.ndarray]) -> None:
-        """Fold one batch's activations in; nothing of them is kept."""
-        self.batches += 1
-        self.held = max(self.held, len(outputs))
+        """Fold activations of the current batch in (all of its tensors, or a group); nothing is kept.
+        Count a batch with next_batch() first."""
+        self.held = max(self.held, sum(a.nbytes for a in outputs.values()))
         for name, a in outputs.items():
             if not np.isfinite(a).all():
                 raise VditError(f"tensor {name[:60]!r} is NaN/inf on calibration batch {self.batches}: "
@@ -86,6 +143,9 @@ class RangeCollector:
             lo, hi = a.min(), a.max()
             self.lo[name] = np.minimum(self.lo[name], lo) if name in self.lo else lo
             self.hi[name] = np.maximum(self.hi[name], hi) if name in self.hi else hi
+
+    def next_batch(self) -> None:
+        self.batches += 1
 
     def ranges(self):
         """onnxruntime's TensorsData: symmetric [-m, m] per tensor (minmax), or its collector's thresholds."""
@@ -103,9 +163,10 @@ class RangeCollector:
         return TensorsData(CalibrationMethod.MinMax, pairs)
 
 
-def fit_ranges(fp32: Path, nodes, feeds, method: str, work: Path):
+def fit_ranges(fp32: Path, nodes, feeds, method: str, work: Path, budget: int = BUDGET):
     """Ranges of the activations of `nodes` in the graph at fp32 (weights beside it), from the feed
-    dicts `feeds` (an iterable, drawn one at a time). Returns (TensorsData, the RangeCollector)."""
+    dicts `feeds` (an iterable, drawn one at a time), at most `budget` bytes of activations fetched
+    per run. Returns (TensorsData, the RangeCollector)."""
     import onnx
     import onnxruntime as ort
 
@@ -114,15 +175,19 @@ def fit_ranges(fp32: Path, nodes, feeds, method: str, work: Path):
     model = onnx.load(str(fp32), load_external_data=False)
     tensors = calibration_tensors(model, nodes)
     inputs = [i.name for i in model.graph.input]
-    del model
     graph = augmented_graph(fp32, tensors, work / "augmented.onnx")
+    del model.graph.node[:], model.graph.initializer[:]       # shapes are all tensor_bytes needs
     options = session_options()       # --threads; the graph as exported, as onnxruntime's calibrators run it
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
     collector = RangeCollector(method)
     for feed in feeds:
-        outs = session.run(tensors, {k: np.ascontiguousarray(feed[k]) for k in inputs})
-        collector.add(dict(zip(tensors, outs)))
-        del outs, feed
+        feed = {k: np.ascontiguousarray(feed[k]) for k in inputs}
+        collector.next_batch()
+        for group in groups(tensors, tensor_bytes(model, tensors, feed), budget):
+            outs = session.run(group, feed)
+            collector.add(dict(zip(group, outs)))
+            del outs
+        del feed
     return collector.ranges(), collector
