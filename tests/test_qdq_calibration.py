@@ -13,7 +13,7 @@ from vdit_deploy.calibration.collect import collect, load_calibration_set
 from vdit_deploy.calibration.fp16 import publish_files
 from vdit_deploy.calibration.graph import COMPUTE_OPS, select
 from vdit_deploy.calibration.int8 import DEFAULT_SENSITIVE, quantize_int8
-from vdit_deploy.calibration.ranges import calibration_tensors, fit_ranges
+from vdit_deploy.calibration.ranges import calibration_tensors, fit_ranges, groups, tensor_bytes
 from vdit_deploy.errors import VditError
 from vdit_deploy.runtimes import open_runtime
 
@@ -79,7 +79,16 @@ def test_calibration_holds_one_batch_at_a_time(export, calib, tmp_path):
     ranges, collector = fit_ranges(fp32, nodes, feeds(), "minmax", tmp_path)
     tensors = calibration_tensors(onnx.load(str(src), load_external_data=False), nodes)
     assert len(drawn) == collector.batches == 6
-    assert collector.held == len(tensors)               # one batch's calibrated tensors, never more
+    model = onnx.load(str(src), load_external_data=False)
+    one = {k: np.asarray(a) for k, a in next(iter(cset.batches(lo, 1))).items()}
+    sizes = tensor_bytes(model, tensors, one)
+    assert collector.held == sum(sizes.values())        # one batch's calibrated tensors, never more
+    # a budget below one batch's activations: one run per group that fits, the same ranges
+    budget = sum(sizes.values()) // 3
+    small, grouped = fit_ranges(fp32, nodes, (dict(b) for b in cset.batches(lo, 1)), "minmax", tmp_path, budget)
+    assert len(groups(tensors, sizes, budget)) >= 3 and grouped.held <= max(budget, max(sizes.values()))
+    for name in tensors:
+        np.testing.assert_array_equal(np.ravel(small[name].range_value), np.ravel(ranges[name].range_value))
     assert not list(tmp_path.glob("augmented.onnx.data"))   # the augmented graph shares the fp32 weights
 
     ort_cal = MinMaxCalibrater(str(fp32), list(COMPUTE_OPS), str(tmp_path / "ort-aug.onnx"), symmetric=True)
