@@ -391,7 +391,7 @@ def test_vdit_serve_refusals_before_starting(tiny_export, tmp_path):
     from vdit_deploy.serve import Distribution, check_repository, free_port, repository_backends
 
     (tmp_path / "backends" / "python").mkdir(parents=True)     # the bundled server's one backend
-    dist = Distribution(tmp_path / "tritonserver", tmp_path / "backends", tmp_path / "stub", tmp_path / "libs")
+    dist = Distribution(tmp_path / "tritonserver", tmp_path / "backends", tmp_path / "stub", tmp_path / "libs", tmp_path)
     with pytest.raises(VditError, match="no Triton model repository there"):
         check_repository(tmp_path / "backends", dist)
     write_triton_repo(tiny_export, tmp_path / "ort", sampler_instances=1)
