@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 from vdit_deploy.cli import main
 from vdit_deploy.errors import VditError
+from vdit_deploy.samplers import SAMPLERS
 from vdit_deploy.serve import SHM, SHM_PREFIX, Distribution, TritonServer, free_port
 
 
@@ -168,10 +169,10 @@ def test_concurrent_requests_are_batched(client):
 @pytest.mark.parametrize("inputs,message", [
     (request([1], steps=0), "steps must be between 1 and 1000, got 0"),
     (request([1], steps=10 ** 9), "steps must be between 1 and 1000, got 1000000000"),
-    (request([1], sampler="heun-17"), "sampler must be one of ddpm, ddim, dpm++, unipc, got 'heun-17'"),
+    (request([1], sampler="heun-17"), f"sampler must be one of {', '.join(SAMPLERS)}, got 'heun-17'"),
     (request([1], guidance=float("nan")), "guidance must be a finite number, got nan"),
     (request([1], sampler="ddim", eta=float("inf")), "eta must be a finite number, got inf"),
-    (request([1], order=3), "unipc has orders 1 and 2, got 3"),
+    (request([1], order=3), "unipc order 3 is not run: it needs the two previous x0"),
     (request([1], sampler="ddim", order=2), "ddim has no order option"),
     (request([0, 1, 2, 3, 0]), "y: at most 4 videos per request (the denoiser's batch limit), got 5"),
     (request([9]), "request y holds labels outside 0..4 (4 = null)"),
