@@ -200,6 +200,23 @@ def test_server_serves_after_bad_requests(client):
     assert infer(client, request([0], sampler="ddim", steps=2)).shape == (1, 3, 8, 16, 16)
 
 
+
+def test_readme_client_writes_a_gif(server, tmp_path):
+    """The README's tritonclient example as printed there (only its address is this server's): run by
+    this Python in a fresh process, it writes served.gif, its 4 videos side by side."""
+    from PIL import Image
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Serving: NVIDIA Triton"):]
+    start = section.index("```python\n") + len("```python\n")
+    code = section[start:section.index("\n```", start)]
+    assert len(code.splitlines()) <= 10 and '"localhost:8001"' in code
+    code = code.replace('"localhost:8001"', repr(server.addresses.url("grpc")))
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    with Image.open(tmp_path / "served.gif") as gif:
+        assert gif.format == "GIF" and gif.n_frames == 8 and gif.width > 3 * gif.height
+
 CLIENT = """
 import numpy as np, sys, tritonclient.grpc as g
 c = g.InferenceServerClient(sys.argv[1])
