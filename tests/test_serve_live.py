@@ -281,10 +281,15 @@ def shm_of(pid):
     return sorted(SHM.glob(f"{SHM_PREFIX}{pid}-*"))
 
 
-def test_vdit_serve_killed_mid_request_restarts_with_nothing_to_repair(repo, tmp_path, client):
+def test_vdit_serve_killed_mid_request_restarts_with_nothing_to_repair(tiny_export, tmp_path, client):
     """`vdit serve` SIGKILLed during a request: its tritonserver and Python stubs go with it, the request
     fails; `vdit serve` on the same (unchanged) repository starts, removes the dead one's shared memory,
-    serves the same video, and stops cleanly on SIGTERM (exit 143, nothing of it left)."""
+    serves the module server's video, and stops cleanly on SIGTERM (exit 143, nothing of it left). Two
+    sampler instances: Triton stops them one after the other, about a second each."""
+    from vdit_deploy.export.triton import write_triton_repo
+
+    repo = tmp_path / "models"
+    write_triton_repo(tiny_export, repo, backend="python", sampler_instances=2)
     reference = infer(client, request([1, 2], seed=3))
     digest = tree_digest(repo)
     log = open(tmp_path / "serve.log", "w")
