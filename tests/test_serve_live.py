@@ -68,9 +68,10 @@ def infer(client, inputs, timeout=DEADLINE):
 
 
 def tree_digest(root: Path) -> str:
+    """The repository's files and contents; the bytecode Python writes beside model.py on first load aside."""
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):
-        if p.is_file():
+        if p.is_file() and "__pycache__" not in p.parts:
             h.update(str(p.relative_to(root)).encode() + p.read_bytes())
     return h.hexdigest()
 
