@@ -11,8 +11,8 @@ before the next is drawn from the (lazy) feeds:
     percentile, entropy onnxruntime's own HistogramCollector, fed one batch at a time (its histograms
                         grow in place; the thresholds are computed by the same code as in onnxruntime)
 
-A batch whose calibrated activations exceed `budget` bytes (shapes from the graph's value_info, its
-symbolic dims bound by the feed) is run once per group of tensors that fits, in graph order: ONNX
+A batch whose calibrated activations exceed `budget` bytes (shapes inferred on the weightless graph
+with its inputs bound to the feed's) is run once per group of tensors that fits, in graph order: ONNX
 Runtime frees every intermediate it is not asked to return, so the activations held at once stay
 under the budget (or one tensor, if larger) at the price of one forward pass per group.
 So peak memory is the ONNX Runtime session (weights, one forward's live intermediates) + at most
@@ -21,8 +21,6 @@ batches. The ranges go to quantize_static as its calibration cache (onnxruntime'
 """
 from __future__ import annotations
 
-import ast
-import operator
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +30,6 @@ from vdit_deploy.errors import VditError
 FLOAT_TYPES = (1, 10)        # TensorProto.FLOAT, FLOAT16: what onnxruntime's calibrators calibrate
 ITEMSIZE = {1: 4, 10: 2}
 BUDGET = 512 << 20           # bytes of activations fetched from one run
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
-        ast.Div: operator.floordiv}
 HISTOGRAM = {"percentile": dict(num_bins=2048, num_quantized_bins=128, percentile=99.99),
              "entropy": dict(num_bins=128, num_quantized_bins=128, percentile=99.999)}
 
@@ -54,39 +50,28 @@ def calibration_tensors(model, nodes) -> list[str]:
     return list(names)
 
 
-def _dim(expr: str, env: dict) -> int:
-    """A symbolic dim of the exporter ('batch', '4*batch', 's0 + 1') with the feed's values bound."""
-    def ev(n):
-        if isinstance(n, ast.Constant) and isinstance(n.value, int):
-            return n.value
-        if isinstance(n, ast.Name):
-            return env[n.id]
-        if isinstance(n, ast.BinOp) and type(n.op) in _OPS:
-            return _OPS[type(n.op)](ev(n.left), ev(n.right))
-        raise ValueError(expr)
-    return ev(ast.parse(expr, mode="eval").body)
-
-
 def tensor_bytes(model, tensors, feed: dict) -> dict[str, int]:
-    """Each tensor's size on this feed, from the graph's shapes (its inputs' symbolic dims bound to the
-    feed's arrays); a tensor of unknown shape counts as the largest known one."""
-    env = {}
-    for i in model.graph.input:
+    """Each tensor's size on this feed: the graph's shapes inferred with its inputs bound to the feed's
+    (model: the graph without its weights' data); a tensor of unknown shape counts as the largest known."""
+    import onnx
+
+    bound = onnx.ModelProto()
+    bound.CopyFrom(model)
+    for i in bound.graph.input:
         if i.name in feed:
             for d, n in zip(i.type.tensor_type.shape.dim, np.shape(feed[i.name])):
-                if d.dim_param:
-                    env[d.dim_param] = int(n)
-    infos = {vi.name: vi for vi in (*model.graph.input, *model.graph.value_info, *model.graph.output)}
+                d.dim_value = int(n)           # replaces a symbolic dim_param ('batch')
+    del bound.graph.value_info[:]
+    bound = onnx.shape_inference.infer_shapes(bound, data_prop=True)
+    infos = {vi.name: vi for vi in (*bound.graph.input, *bound.graph.value_info, *bound.graph.output)}
     sizes = {}
     for t in tensors:
-        try:
-            tt = infos[t].type.tensor_type
-            dims = [d.dim_value if d.HasField("dim_value") else _dim(d.dim_param, env) for d in tt.shape.dim]
-            sizes[t] = int(np.prod(dims, dtype=np.int64)) * ITEMSIZE.get(tt.elem_type, 4)
-        except (KeyError, ValueError, SyntaxError, ZeroDivisionError):
-            sizes[t] = None
-    largest = max((v for v in sizes.values() if v is not None), default=0)
-    return {t: largest if v is None else v for t, v in sizes.items()}
+        dims = infos[t].type.tensor_type.shape.dim if t in infos else []
+        if dims and all(d.HasField("dim_value") for d in dims):
+            sizes[t] = int(np.prod([d.dim_value for d in dims], dtype=np.int64)) * ITEMSIZE.get(
+                infos[t].type.tensor_type.elem_type, 4)
+    largest = max(sizes.values(), default=0)
+    return {t: sizes.get(t, largest) for t in tensors}
 
 
 def groups(tensors, sizes: dict, budget: int) -> list[list[str]]:
@@ -176,16 +161,19 @@ def fit_ranges(fp32: Path, nodes, feeds, method: str, work: Path, budget: int = 
     tensors = calibration_tensors(model, nodes)
     inputs = [i.name for i in model.graph.input]
     graph = augmented_graph(fp32, tensors, work / "augmented.onnx")
-    del model.graph.node[:], model.graph.initializer[:]       # shapes are all tensor_bytes needs
     options = session_options()       # --threads; the graph as exported, as onnxruntime's calibrators run it
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
     collector = RangeCollector(method)
+    sizes = {}      # per input shapes: the calibrated tensors' bytes (shape inference on the weightless graph)
     for feed in feeds:
         feed = {k: np.ascontiguousarray(feed[k]) for k in inputs}
         collector.next_batch()
-        for group in groups(tensors, tensor_bytes(model, tensors, feed), budget):
+        key = tuple(a.shape for a in feed.values())
+        if key not in sizes:
+            sizes[key] = tensor_bytes(model, tensors, feed)
+        for group in groups(tensors, sizes[key], budget):
             outs = session.run(group, feed)
             collector.add(dict(zip(group, outs)))
             del outs

@@ -153,3 +153,29 @@ def test_failed_second_rename_keeps_the_earlier_pair(tmp_path, monkeypatch, earl
         (tmp / p.name).write_text(f"new {p.name}")
     publish_files(tmp, paths)         # and a working rename places both
     assert [p.read_text() for p in paths] == [f"new {p.name}" for p in paths]
+
+
+def test_step_graph_without_shapes_is_fetched_within_the_budget(export, calib, tmp_path):
+    """step.onnx is composed and carries no value_info: its sizes come from shape inference, so a budget
+    below one batch's activations still splits the fetches (before, every tensor came out in one run)."""
+    from vdit_deploy.export.metadata import read_metadata
+
+    cset = load_calibration_set(calib)
+    src = export / "step.onnx"
+    model = onnx.load(str(src), load_external_data=False)
+    assert not model.graph.value_info
+    fp32 = tmp_path / "fp32.onnx"
+    onnx.save(onnx.load(str(src)), str(fp32), save_as_external_data=True, location="fp32.onnx.data")
+    names = [i.name for i in model.graph.input]
+    lo, _ = read_metadata(export / "denoiser.onnx").batch_range()
+    nodes = quantized_nodes(model)
+    tensors = calibration_tensors(model, nodes)
+    first = {k: np.asarray(a) for k, a in next(iter(cset.step_batches(lo, 1, names))).items()}
+    sizes = tensor_bytes(model, tensors, first)
+    assert min(sizes.values()) > 0
+    whole, _ = fit_ranges(fp32, nodes, cset.step_batches(lo, 1, names), "minmax", tmp_path)
+    budget = sum(sizes.values()) // 4
+    split, collector = fit_ranges(fp32, nodes, cset.step_batches(lo, 1, names), "minmax", tmp_path, budget)
+    assert collector.held <= max(budget, max(sizes.values()))
+    for name in tensors:
+        np.testing.assert_array_equal(np.ravel(split[name].range_value), np.ravel(whole[name].range_value))
