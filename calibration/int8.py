@@ -157,7 +157,7 @@ def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_f
                          "entropy": CalibrationMethod.Entropy}[method]
                 # One batch at a time, only the tensors Q/DQ quantizes (ranges.py); onnxruntime takes
                 # the ranges as its calibration cache and builds the graph from them.
-                feeds = bar(batches(lo, hi), show=progress, desc=f"calibrate {src.name}", unit="batch")
+                feeds = lambda: bar(batches(lo, hi), show=progress, desc=f"calibrate {src.name}", unit="batch")
                 ranges, _ = fit_ranges(fp32, nodes, feeds, method, Path(tmp))
                 save_tensors_data(ranges, Path(tmp) / "ranges.json")
                 # Symmetric int8 on both sides: what TensorRT's explicit quantization requires.

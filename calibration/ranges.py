@@ -11,13 +11,13 @@ before the next is drawn from the (lazy) feeds:
     percentile, entropy onnxruntime's own HistogramCollector, fed one batch at a time (its histograms
                         grow in place; the thresholds are computed by the same code as in onnxruntime)
 
-A batch whose calibrated activations exceed `budget` bytes (shapes inferred on the weightless graph
-with its inputs bound to the feed's) is run once per group of tensors that fits, in graph order: ONNX
-Runtime frees every intermediate it is not asked to return, so the activations held at once stay
-under the budget (or one tensor, if larger) at the price of one forward pass per group.
+ONNX Runtime keeps every output of a graph alive until a run ends, whichever are fetched, so a graph
+whose calibrated activations exceed `budget` bytes (shapes inferred on the weightless graph with its
+inputs bound to the first feed's) is fitted in passes: one augmented graph per group of tensors that
+fits (graph order), each over all the batches, at the price of one forward pass per group and batch.
 So peak memory is the ONNX Runtime session (weights, one forward's live intermediates) + at most
-`budget` of fetched activations + the histograms (2048 bins per tensor), whatever the number of
-batches. The ranges go to quantize_static as its calibration cache (onnxruntime's own JSON format).
+`budget` of calibrated activations (or one tensor, if larger) + the histograms (2048 bins per tensor),
+whatever the number of batches. The ranges go to quantize_static as its calibration cache (onnxruntime's own JSON format).
 """
 from __future__ import annotations
 
@@ -149,9 +149,9 @@ class RangeCollector:
 
 
 def fit_ranges(fp32: Path, nodes, feeds, method: str, work: Path, budget: int = BUDGET):
-    """Ranges of the activations of `nodes` in the graph at fp32 (weights beside it), from the feed
-    dicts `feeds` (an iterable, drawn one at a time), at most `budget` bytes of activations fetched
-    per run. Returns (TensorsData, the RangeCollector)."""
+    """Ranges of the activations of `nodes` in the graph at fp32 (weights beside it). feeds() returns a
+    fresh iterable of feed dicts, drawn one at a time, once per group of tensors (groups sized on the
+    first feed: the calibration batches share a shape). Returns (TensorsData, the RangeCollector)."""
     import onnx
     import onnxruntime as ort
 
@@ -160,22 +160,26 @@ def fit_ranges(fp32: Path, nodes, feeds, method: str, work: Path, budget: int = 
     model = onnx.load(str(fp32), load_external_data=False)
     tensors = calibration_tensors(model, nodes)
     inputs = [i.name for i in model.graph.input]
-    graph = augmented_graph(fp32, tensors, work / "augmented.onnx")
     options = session_options()       # --threads; the graph as exported, as onnxruntime's calibrators run it
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-    collector = RangeCollector(method)
-    sizes = {}      # per input shapes: the calibrated tensors' bytes (shape inference on the weightless graph)
-    for feed in feeds:
-        feed = {k: np.ascontiguousarray(feed[k]) for k in inputs}
-        collector.next_batch()
-        key = tuple(a.shape for a in feed.values())
-        if key not in sizes:
-            sizes[key] = tensor_bytes(model, tensors, feed)
-        for group in groups(tensors, sizes[key], budget):
-            outs = session.run(group, feed)
-            collector.add(dict(zip(group, outs)))
-            del outs
-        del feed
+    collector, plan, done = RangeCollector(method), None, 0
+    while plan is None or done < len(plan):
+        session = None
+        for feed in feeds():
+            feed = {k: np.ascontiguousarray(feed[k]) for k in inputs}
+            if plan is None:
+                plan = groups(tensors, tensor_bytes(model, tensors, feed), budget)
+            if session is None:      # this group's outputs only: the others are never computed into memory
+                graph = augmented_graph(fp32, plan[done], work / "augmented.onnx")
+                session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+            if done == 0:
+                collector.next_batch()
+            outs = session.run(plan[done], feed)
+            collector.add(dict(zip(plan[done], outs)))
+            del outs, feed
+        if plan is None:
+            break                    # no batch at all: ranges() says so
+        del session
+        done += 1
     return collector.ranges(), collector

@@ -76,7 +76,7 @@ def test_calibration_holds_one_batch_at_a_time(export, calib, tmp_path):
             del feed
 
     nodes = quantized_nodes(onnx.load(str(src), load_external_data=False))
-    ranges, collector = fit_ranges(fp32, nodes, feeds(), "minmax", tmp_path)
+    ranges, collector = fit_ranges(fp32, nodes, feeds, "minmax", tmp_path)
     tensors = calibration_tensors(onnx.load(str(src), load_external_data=False), nodes)
     assert len(drawn) == collector.batches == 6
     model = onnx.load(str(src), load_external_data=False)
@@ -85,7 +85,7 @@ def test_calibration_holds_one_batch_at_a_time(export, calib, tmp_path):
     assert collector.held == sum(sizes.values())        # one batch's calibrated tensors, never more
     # a budget below one batch's activations: one run per group that fits, the same ranges
     budget = sum(sizes.values()) // 3
-    small, grouped = fit_ranges(fp32, nodes, (dict(b) for b in cset.batches(lo, 1)), "minmax", tmp_path, budget)
+    small, grouped = fit_ranges(fp32, nodes, lambda: (dict(b) for b in cset.batches(lo, 1)), "minmax", tmp_path, budget)
     assert len(groups(tensors, sizes, budget)) >= 3 and grouped.held <= max(budget, max(sizes.values()))
     for name in tensors:
         np.testing.assert_array_equal(np.ravel(small[name].range_value), np.ravel(ranges[name].range_value))
@@ -173,9 +173,9 @@ def test_step_graph_without_shapes_is_fetched_within_the_budget(export, calib, t
     first = {k: np.asarray(a) for k, a in next(iter(cset.step_batches(lo, 1, names))).items()}
     sizes = tensor_bytes(model, tensors, first)
     assert min(sizes.values()) > 0
-    whole, _ = fit_ranges(fp32, nodes, cset.step_batches(lo, 1, names), "minmax", tmp_path)
+    whole, _ = fit_ranges(fp32, nodes, lambda: cset.step_batches(lo, 1, names), "minmax", tmp_path)
     budget = sum(sizes.values()) // 4
-    split, collector = fit_ranges(fp32, nodes, cset.step_batches(lo, 1, names), "minmax", tmp_path, budget)
+    split, collector = fit_ranges(fp32, nodes, lambda: cset.step_batches(lo, 1, names), "minmax", tmp_path, budget)
     assert collector.held <= max(budget, max(sizes.values()))
     for name in tensors:
         np.testing.assert_array_equal(np.ravel(split[name].range_value), np.ravel(whole[name].range_value))
