@@ -118,3 +118,31 @@ def test_cli_target(export, tmp_path):
     result = CliRunner().invoke(main, ["calibrate", "int8", str(export), "--target", "sse9"])
     assert result.exit_code == 1 and result.output.count("\n") == 1 and "Error: INT8 target" in result.output
     assert sorted(p.name for p in export.iterdir()) == before      # refused before any work
+
+
+def test_verify_and_report_exit_1_when_a_variant_misses(export, tiny_checkpoint, tmp_path):
+    """A variant off its tolerance (here: an 'int8' graph with every matrix 50 % off) fails `vdit verify`
+    and `vdit calibrate report`, each with one Error line and exit 1."""
+    from vdit_deploy.calibration.fp16 import save_variant
+    from vdit_deploy.calibration.int8 import variant_path
+    from vdit_deploy.export.variants import INT8_DYNAMIC
+
+    bad = shutil.copytree(export, tmp_path / "bad", ignore=shutil.ignore_patterns("*int8*", "*.fp16.*", "vnni*",
+                                                                                 "avx2*"))
+    model = onnx.load(str(bad / "denoiser.onnx"))
+    for weight in model.graph.initializer:                      # every matrix 50 % off
+        if len(weight.dims) == 2:
+            arr = onnx.numpy_helper.to_array(weight) * np.float32(1.5)
+            weight.CopyFrom(onnx.numpy_helper.from_array(arr, weight.name))
+    save_variant(model, variant_path(bad, "dynamic"), INT8_DYNAMIC)
+    result = CliRunner().invoke(main, ["verify", str(bad), "--checkpoint", str(tiny_checkpoint)])
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[-1].startswith("Error: ") and "denoiser.int8-dynamic.onnx out error" in result.output
+    assert "Traceback" not in result.output
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["calibrate", "report", str(bad), "--precisions", "int8", "--steps", "4",
+                                       "--seeds", "1", "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "MISSED" in result.output and result.output.splitlines()[-1] == \
+        f"Error: int8 missed the PSNR target against fp32 (report in {out})"
+    assert (out / "report.json").is_file()                          # the report is written before the verdict
