@@ -73,6 +73,26 @@ def accuracy_report(export_dir, precisions=(FP16, INT8), steps: int = 50, seeds=
     return report
 
 
+def video_psnr(export_dir, precisions, seeds=(0,), sampler: str | None = None, steps: int | None = None,
+               guidance: float = 2.0, labels=None) -> dict:
+    """Worst-seed PSNR (dB) of each precision's final videos against fp32 of the same export: full
+    independent trajectories, same noise and conditioning (every class by default), on ONNX Runtime CPU.
+    sampler None: the model's default (UniPC, 15 steps, for a DDPM model). Torch-free: the CI guard
+    (tests/test_int8_guard.py) and its emulated-CPU check (benchmarks/int8_haswell.sh) run it."""
+    from vdit_deploy.metrics import psnr
+    from vdit_deploy.runtimes.ort_runtime import OrtRuntime
+    from vdit_deploy.sampling import conditioning, sample, sampler_plan
+
+    def videos(precision):
+        with OrtRuntime(export_dir, precision, providers=["cpu"]) as rt:
+            served = conditioning(rt.contract, labels)
+            plan = sampler_plan(rt.contract, sampler, steps)
+            return [sample(rt.denoise, rt.contract, served, plan, guidance, seed, null=rt.null) for seed in seeds]
+
+    ref = videos(FP32)
+    return {p: min(psnr(got, want) for got, want in zip(videos(p), ref)) for p in precisions}
+
+
 def describe_served(contract, served: dict, cond) -> str:
     """What the videos were conditioned on, for the report: the labels, or the file and its rows."""
     spec = contract.label_input()

@@ -135,7 +135,12 @@ def compose_step(denoiser_path: Path, path: Path, contract: Contract, batch: tup
     dim = torch.export.Dim("batch", min=lo, max=hi) if lo < hi else None
     shapes = None if dim is None else ({0: dim}, {0: 2 * dim}, None, None, {0: dim}, {0: dim}, {0: dim})
     update = _trace(GuidedUpdate(), example, ("x_t", "out", *STEP_TAIL), STEP_OUTPUTS, shapes, opset).model_proto
-    onnx.compose.add_prefix_graph(update.graph, "update/", rename_inputs=False, rename_outputs=False, inplace=True)
+    # the update's inner edges get a prefix, its I/O keep their names; an explicit map: onnx 1.17 and 1.18 rename
+    # every node edge, the graph's inputs and outputs too, whatever rename_inputs / rename_outputs say
+    io = {v.name for v in (*update.graph.input, *update.graph.output)}
+    edges = {e: "update/" + e for n in update.graph.node for e in (*n.input, *n.output) if e and e not in io}
+    onnx.compose.add_prefix_graph(update.graph, "update/", rename_edges=False, rename_inputs=False,
+                                  rename_outputs=False, inplace=True, name_map=edges)
 
     model = onnx.load(str(denoiser_path))                       # weights and all
     g = model.graph

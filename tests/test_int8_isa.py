@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from vdit_deploy.calibration.int8 import quantize_int8
 from vdit_deploy.cli import main
 from vdit_deploy.errors import VditError
-from vdit_deploy.runtimes.cpu_isa import (META_KEY, TARGETS, choose, detect_isa, host_isa, read_choice,
+from vdit_deploy.runtimes.cpu_isa import (ISAS, META_KEY, TARGETS, choose, detect_isa, host_isa, read_choice,
                                           saturation_warning)
 
 ICELAKE = {"AVX2": True, "AVX512F": True, "AVX512BW": True, "AVX512VNNI": True}
@@ -75,15 +75,20 @@ def quantized_weights(path) -> list[np.ndarray]:
     return [onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("_quantized")]
 
 
-def test_graph_records_its_types_and_avx2_weights_fit_7_bits(export):
-    vnni = quantize_int8(export, target="vnni", out=export / "vnni.onnx")
-    avx2 = quantize_int8(export, target="avx2", out=export / "avx2.onnx")
-    for path, target in ((vnni, "vnni"), (avx2, "avx2")):
-        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        assert read_choice(props) == json.loads(choose("dynamic", target).to_json())
-    full = max(int(np.abs(w.astype(np.int32)).max()) for w in quantized_weights(vnni))
-    seven = max(int(np.abs(w.astype(np.int32)).max()) for w in quantized_weights(avx2))
-    assert full == 127 and seven <= 64        # a pair of u8 x s7 products fits 16 bits: 2 * 255 * 64 < 32768
+@pytest.mark.parametrize("target", ISAS)
+def test_graph_records_its_types_and_weights_fit_them(export, target):
+    """Each ISA's dynamic graph: the choice in its metadata, and weights in the range that choice
+    promises (full-range s8 on VNNI and arm64; 7 bits on AVX2: a pair of u8 x s7 products fits 16 bits,
+    2 * 255 * 64 < 32768), whatever CPU makes it."""
+    path = quantize_int8(export, target=target, out=export / f"{target}.onnx")
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    choice = choose("dynamic", target)
+    assert read_choice(props) == json.loads(choice.to_json())
+    weights = quantized_weights(path)
+    assert weights and all(w.dtype == np.int8 for w in weights)
+    peak = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    assert (peak <= 64) if choice.reduce_range else (peak == 127)
+    assert choice.saturation_safe == (target == "avx2")       # only AVX2 needs it: the others sum in 32 bits
 
 
 def test_runtime_warns_once_when_the_graph_saturates_here(export, capsys):
@@ -118,3 +123,32 @@ def test_cli_target(export, tmp_path):
     result = CliRunner().invoke(main, ["calibrate", "int8", str(export), "--target", "sse9"])
     assert result.exit_code == 1 and result.output.count("\n") == 1 and "Error: INT8 target" in result.output
     assert sorted(p.name for p in export.iterdir()) == before      # refused before any work
+
+
+def test_verify_and_report_exit_1_when_a_variant_misses(export, tiny_checkpoint, tmp_path):
+    """A variant off its tolerance (here: an 'int8' graph with every matrix 50 % off) fails `vdit verify`
+    and `vdit calibrate report`, each with one Error line and exit 1."""
+    from vdit_deploy.calibration.fp16 import save_variant
+    from vdit_deploy.calibration.int8 import variant_path
+    from vdit_deploy.export.variants import INT8_DYNAMIC
+
+    made_here = shutil.ignore_patterns("*int8*", "*.fp16.*", *(f"{isa}*" for isa in ISAS))
+    bad = shutil.copytree(export, tmp_path / "bad", ignore=made_here)
+    model = onnx.load(str(bad / "denoiser.onnx"))
+    for weight in model.graph.initializer:                      # every matrix 50 % off
+        if len(weight.dims) == 2:
+            arr = onnx.numpy_helper.to_array(weight) * np.float32(1.5)
+            weight.CopyFrom(onnx.numpy_helper.from_array(arr, weight.name))
+    save_variant(model, variant_path(bad, "dynamic"), INT8_DYNAMIC)
+    result = CliRunner().invoke(main, ["verify", str(bad), "--checkpoint", str(tiny_checkpoint)])
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[-1].startswith("Error: ")
+    assert "denoiser.int8-dynamic.onnx out error" in result.output
+    assert "Traceback" not in result.output
+    out = tmp_path / "report"
+    result = CliRunner().invoke(main, ["calibrate", "report", str(bad), "--precisions", "int8", "--steps", "4",
+                                       "--seeds", "1", "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "MISSED" in result.output and result.output.splitlines()[-1] == \
+        f"Error: int8 missed the PSNR target against fp32 (report in {out})"
+    assert (out / "report.json").is_file()                          # the report is written before the verdict
