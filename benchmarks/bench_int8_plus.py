@@ -184,7 +184,8 @@ def evaluate(path: Path, ref, cset, plan, served, refs, seeds, repeats: int) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True)
-    ap.add_argument("--bins", default="1,3,5", help="--t-bins values (1: one set of scales, the baseline)")
+    ap.add_argument("--bins", default="1,3,5", help="--t-bins values, each N or N:METHOD (1: one set of scales, "
+                    "the baseline; METHOD: minmax, percentile (default) or entropy)")
     ap.add_argument("--smooth", default="0.5,0.8", help="SmoothQuant alphas (one set of scales)")
     ap.add_argument("--modelopt", default="", help="int8,fp8: ModelOpt's PTQ too (needs nvidia-modelopt)")
     ap.add_argument("--timesteps", type=int, default=15, help="timesteps recorded per trajectory")
@@ -193,6 +194,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     from vdit_deploy.calibration.collect import load_calibration_set
+    from vdit_deploy.calibration.int8 import DEFAULT_METHOD
     from vdit_deploy.compare.measure import record_calls
     from vdit_deploy.runtimes.ort_runtime import OrtRuntime
     from vdit_deploy.samplers import DEFAULT_SAMPLER
@@ -210,8 +212,12 @@ def main() -> None:
     seeds = list(range(args.seeds))
     refs = {s: record_calls(ref.denoise, ref.contract, served, plan, 2.0, s, ref.null)[:2] for s in seeds}
     report.update(steps=len(plan), seeds=seeds, calibration_rows=len(cset), timesteps=cset.manifest["timesteps"])
-    jobs = [(f"ort-bins{n}", lambda n=n: (ort_variant(export, calib, args.work, f"ort-bins{n}", t_bins=n), {}))
-            for n in map(int, filter(None, args.bins.split(",")))]
+    jobs = []
+    for spec in filter(None, args.bins.split(",")):      # N or N:METHOD
+        n, _, method = spec.partition(":")
+        name = f"ort-bins{n}" + (f"-{method}" if method else "")
+        jobs.append((name, lambda n=int(n), name=name, method=method or DEFAULT_METHOD: (
+            ort_variant(export, calib, args.work, name, t_bins=n, method=method), {})))
     jobs += [(f"ort-smooth{a}", lambda a=a: (ort_variant(export, calib, args.work, f"ort-smooth{a}", smooth=a), {}))
              for a in map(float, filter(None, args.smooth.split(",")))]
     jobs += [(f"modelopt-{m}", lambda m=m: modelopt_variant(export, calib, args.work, m))

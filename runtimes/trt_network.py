@@ -240,7 +240,11 @@ def build_engine(onnx_path: Path, precision: str, profile: EngineProfile, option
     The export's I/O spec names each dynamic axis, so `profile` gives it its range."""
     from vdit_deploy.export.metadata import read_metadata
 
+    from vdit_deploy.runtimes.qdq_bins import bins_note
+
     io = read_metadata(onnx_path).io
+    if note := bins_note(onnx_path):
+        log(note)
     axis_names = {spec["name"]: spec["shape"] for spec in io["inputs"]}
     trt = import_tensorrt()
     logger = tensorrt_logger(trt)
