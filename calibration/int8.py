@@ -99,7 +99,6 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
     (calibration/smooth.py), None for none."""
     from vdit_deploy.calibration.collect import load_calibration_set
     from vdit_deploy.calibration.fp16 import variant_sources
-
     from vdit_deploy.calibration.int8_bins import check_bins, quantize_bins
     from vdit_deploy.calibration.smooth import check_alpha
 
@@ -109,7 +108,9 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
         raise VditError("--t-bins applies to the static Q/DQ graph (--mode qdq): dynamic INT8 measures its ranges per call")
     if smooth is not None and calib_dir is None:
         raise VditError("--smooth needs a calibration set (--calib): its scales come from the activations' ranges")
-    check_alpha(smooth)
+    if check_alpha(smooth) is not None and t_bins != 1:
+        raise VditError("--smooth with --t-bins is not supported: each bin would smooth (and so quantize) the "
+                        "weights differently; use one of them")
     if method not in METHODS:
         raise VditError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
     src, *step = variant_sources(export_dir)

@@ -116,7 +116,8 @@ def test_smoothing_alone_keeps_the_function(export, calib):
     (["--mode", "qdq", "--smooth", "2"], "--smooth (SmoothQuant's alpha) must be between 0 and 1"),
     (["--mode", "qdq", "--t-bins", "4", "--calib", "CALIB"], "needs at least 4 recorded timesteps"),
     (["--t-bins", "2", "--calib", "CALIB"], "applies to the static Q/DQ graph"),
-    (["--mode", "qdq", "--smooth", "0.5"], "--smooth needs a calibration set")])
+    (["--mode", "qdq", "--smooth", "0.5"], "--smooth needs a calibration set"),
+    (["--mode", "qdq", "--smooth", "0.5", "--t-bins", "2", "--calib", "CALIB"], "--smooth with --t-bins")])
 def test_bad_values_are_one_line(export, calib, args, message):
     before = sorted(p.name for p in export.iterdir())
     args = [str(calib) if a == "CALIB" else a for a in args]
