@@ -391,7 +391,7 @@ def test_vdit_serve_refusals_before_starting(tiny_export, tmp_path):
     from vdit_deploy.serve import Distribution, check_repository, free_port, repository_backends
 
     (tmp_path / "backends" / "python").mkdir(parents=True)     # the bundled server's one backend
-    dist = Distribution(tmp_path / "tritonserver", tmp_path / "backends", tmp_path / "stub", tmp_path / "libs")
+    dist = Distribution(tmp_path / "tritonserver", tmp_path / "backends", tmp_path / "stub", tmp_path / "libs", tmp_path)
     with pytest.raises(VditError, match="no Triton model repository there"):
         check_repository(tmp_path / "backends", dist)
     write_triton_repo(tiny_export, tmp_path / "ort", sampler_instances=1)
@@ -408,6 +408,34 @@ def test_vdit_serve_refusals_before_starting(tiny_export, tmp_path):
         with pytest.raises(VditError, match=f"cannot listen on 127.0.0.1:{port} .--grpc-port.: "):
             free_port("127.0.0.1", port, "--grpc-port")
     assert free_port() > 0
+
+
+def test_vdit_serve_without_its_server_directory(tiny_export, tmp_path, monkeypatch):
+    """`vdit serve` on a server directory `vdit serve-setup` has not set up (empty; a numpy 2 one):
+    one line naming the setup command, exit 1, nothing started; --dir and VDIT_TRITON_DIR choose it."""
+    from click.testing import CliRunner
+
+    from vdit_deploy.cli import main
+    from vdit_deploy.export.triton import write_triton_repo
+    from vdit_deploy.serve import Distribution, server_dir
+
+    write_triton_repo(tiny_export, tmp_path / "models", backend="python", sampler_instances=1)
+    monkeypatch.setenv("VDIT_TRITON_DIR", str(tmp_path / "env"))
+    assert server_dir() == tmp_path / "env" and server_dir(tmp_path / "opt") == tmp_path / "opt"
+    result = CliRunner().invoke(main, ["serve", str(tmp_path / "models"), "--http-port", "0", "--grpc-port", "0",
+                                       "--metrics-port", "0"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert f"no tritonserver in {tmp_path / 'env'}: `vdit serve-setup` installs it there" in result.output
+    site = tmp_path / "numpy2"
+    stub = site / "pytriton" / "tritonserver" / "python_backend_stubs" / f"{sys.version_info[0]}.{sys.version_info[1]}"
+    stub.mkdir(parents=True)
+    (stub / "triton_python_backend_stub").write_bytes(b"")
+    (site / "pytriton" / "tritonserver" / "bin").mkdir()
+    (site / "pytriton" / "tritonserver" / "bin" / "tritonserver").write_bytes(b"")
+    (site / "numpy-2.4.6.dist-info").mkdir()
+    with pytest.raises(VditError, match="has no numpy 1 for the server's Python backend"):
+        Distribution.find(site)
+    assert not (tmp_path / "env").exists()
 
 
 @pytest.mark.parametrize("which", ["class", "text"])

@@ -1,18 +1,26 @@
 """`vdit serve REPO`: NVIDIA Triton Inference Server on a local model repository, the `tritonserver` binary
-that nvidia-pytriton ships (pip install 'vdit-deploy[serve]'), its Python backend running in this Python.
+that nvidia-pytriton ships, its Python backend running in this Python.
 
-nvidia-pytriton lays the server out in its package as
+nvidia-pytriton pins numpy < 2 for its whole environment, and its Python-backend stub is built against
+numpy 1 (under numpy 2 it misreads tensors: a request's [1, 2] arrived as [1, 1]). So the server gets a
+directory of its own, apart from this environment: `vdit serve-setup` installs nvidia-pytriton and numpy 1
+there (pip --target, no dependencies: the binary, its libraries and stubs are all that is used), by
+default ~/.cache/vdit-deploy/triton (VDIT_TRITON_DIR, or --dir, to put it elsewhere). In it:
 
     pytriton/tritonserver/bin/tritonserver
     pytriton/tritonserver/backends/python/          libtriton_python.so, triton_python_backend_utils.py
     pytriton/tritonserver/python_backend_stubs/3.X/triton_python_backend_stub   one per Python version
-    nvidia_pytriton.libs/                           the server's shared libraries (beside the package)
+    nvidia_pytriton.libs/                           the server's shared libraries
+    numpy/                                          1.26: what the stubs import
 
 and, as pytriton does at start, the stub of this Python goes into backends/python/ (here: links in a
 temporary backend directory that lives as long as the server). The stub embeds libpython and finds its
-packages from the first `python` on PATH, so the server is started with this interpreter's library and
-bin directory first: the repository's Python models (export/triton_python.py) import this vdit_deploy.
-That server has only the Python backend: repositories from `vdit serve-export --backend python`.
+packages from the first `python3` on PATH, in isolated mode (PYTHONPATH ignored). So the server is started
+with this interpreter's library and, first on PATH, a scratch venv of this interpreter whose one .pth puts
+the server directory and then this environment's site directories on the path: the repository's Python
+models (export/triton_python.py) import numpy 1 from the server directory and this vdit_deploy and its
+onnxruntime from here, while this environment keeps its numpy 2. That server has only the Python backend: repositories from
+`vdit serve-export --backend python`.
 
 Nothing binds beyond loopback unless a host is given. The server runs in its own process group (a
 terminal's Ctrl-C reaches `vdit serve`, which stops it) and dies with the thread that started it, even on
@@ -26,7 +34,9 @@ import ctypes
 import importlib.util
 import os
 import re
+import shutil
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -41,7 +51,9 @@ from pathlib import Path
 from vdit_deploy.errors import VditError
 from vdit_deploy.files import _pid_alive, temp_dir
 
-INSTALL = "pip install 'vdit-deploy[serve]'"
+SETUP = "vdit serve-setup"
+SERVER_PACKAGES = ("nvidia-pytriton==0.7.0", "numpy<2")   # what `vdit serve-setup` installs, nothing else
+ENV_DIR = "VDIT_TRITON_DIR"
 LOOPBACK = "127.0.0.1"
 DEFAULT_PORTS = (8000, 8001, 8002)    # HTTP, gRPC, metrics: Triton's own defaults
 SHM = Path("/dev/shm")
@@ -49,40 +61,80 @@ SHM_PREFIX = "vdit-triton-"           # + the starting process's pid + "-": the 
 NO_GPU_NOISE = re.compile(r"CudaDriverHelper|NVML|DCGM|pinned memory|CUDA driver")
 
 
+def server_dir(path=None) -> Path:
+    """Where the server lives: `path`, else $VDIT_TRITON_DIR, else ~/.cache/vdit-deploy/triton."""
+    if path:
+        return Path(path).expanduser()
+    if os.environ.get(ENV_DIR):
+        return Path(os.environ[ENV_DIR]).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "vdit-deploy" / "triton"
+
+
 @dataclass(frozen=True)
 class Distribution:
-    """Where nvidia-pytriton keeps the server: its binary, backends, this Python's stub and its libraries."""
+    """A server directory of `vdit serve-setup`: the binary, backends, this Python's stub, the server's
+    libraries, and the numpy 1 the stub imports (PYTHONPATH)."""
     binary: Path
     backends: Path
     stub: Path
     libs: Path
+    site: Path
 
     @classmethod
-    def find(cls) -> "Distribution":
-        spec = importlib.util.find_spec("pytriton")   # not imported: only its files are needed
-        if spec is None or not spec.submodule_search_locations:
-            raise VditError(f"vdit serve runs the tritonserver that nvidia-pytriton ships: {INSTALL}")
-        root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+    def find(cls, path=None) -> "Distribution":
+        site = server_dir(path)
+        root = site / "pytriton" / "tritonserver"
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
         dist = cls(root / "bin" / "tritonserver", root / "backends", root / "python_backend_stubs" / version /
-                   "triton_python_backend_stub", root.parent.parent / "nvidia_pytriton.libs")
+                   "triton_python_backend_stub", site / "nvidia_pytriton.libs", site)
         if not dist.binary.is_file():
-            raise VditError(f"{dist.binary}: nvidia-pytriton is installed without its tritonserver; reinstall it")
+            raise VditError(f"no tritonserver in {site}: `{SETUP}` installs it there (nvidia-pytriton, numpy 1; "
+                            f"{ENV_DIR} or --dir for another directory)")
         if not dist.stub.is_file():
             have = ", ".join(sorted(p.name for p in dist.stub.parent.parent.glob("*"))) or "none"
             raise VditError(f"nvidia-pytriton has no Python backend stub for Python {version} (it has {have}); "
                             "run vdit serve with one of those Pythons")
+        numpy = sorted(site.glob("numpy-*.dist-info"))
+        if len(numpy) != 1 or not numpy[0].name.startswith("numpy-1."):
+            raise VditError(f"{site} has no numpy 1 for the server's Python backend (its stub is built against "
+                            f"numpy 1): `{SETUP} --dir {site}` again")
         return dist
 
 
-def check_python_env() -> None:
-    """The stub is built against numpy 1: under numpy 2 it reads tensors wrongly (measured: a request's
-    [1, 2] arrived as [1, 1], and outputs were refused), which is why nvidia-pytriton pins numpy < 2."""
-    import numpy as np
-
-    if int(np.__version__.split(".")[0]) >= 2:
-        raise VditError(f"the Python backend of nvidia-pytriton's tritonserver needs numpy < 2 (this Python has "
-                        f"{np.__version__}): pip install 'numpy<2' ({INSTALL} pins it)")
+def setup(path=None, echo=print) -> Path:
+    """`vdit serve-setup`: pip install --no-deps --target the server directory nvidia-pytriton and numpy 1,
+    into a scratch directory beside it that replaces it only once complete. Nothing when it is set up."""
+    site = server_dir(path)
+    try:
+        Distribution.find(site)
+        echo(f"{site}: tritonserver set up already")
+        return site
+    except VditError:
+        pass
+    try:
+        site.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VditError(f"cannot create {site.parent}: {e.strerror or e}") from None
+    with temp_dir(site) as tmp:
+        echo(f"installing {' '.join(SERVER_PACKAGES)} into {site} (about 230 MB)")
+        command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-input",
+                   "--disable-pip-version-check", "--target", str(tmp), *SERVER_PACKAGES]
+        try:
+            code = subprocess.run(command, stdin=subprocess.DEVNULL).returncode
+        except OSError as e:
+            raise VditError(f"cannot run pip: {e.strerror or e}") from None
+        if code:
+            raise VditError(f"pip install {' '.join(SERVER_PACKAGES)} failed (exit {code}; its messages are above)")
+        Distribution.find(tmp)
+        if site.is_symlink() or site.is_file():
+            site.unlink()
+        elif site.exists():
+            shutil.rmtree(site)     # an incomplete or older server directory: only find() says it is whole
+        os.replace(tmp, site)
+    Distribution.find(site)
+    echo(f"set up {site}: vdit serve runs its tritonserver")
+    return site
 
 
 def free_port(host: str = LOOPBACK, port: int = 0, what: str = "") -> int:
@@ -161,9 +213,8 @@ class TritonServer:
     are chosen free at start. Use as a context manager."""
 
     def __init__(self, repo, host: str = LOOPBACK, http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
-                 log: Path | None = None, exit_timeout: float = 30.0):
-        self.dist = Distribution.find()
-        check_python_env()
+                 log: Path | None = None, exit_timeout: float = 30.0, server: Path | None = None):
+        self.dist = Distribution.find(server)
         self.repo = check_repository(Path(repo), self.dist)
         self.host, self.ports, self.exit_timeout = host, (http_port, grpc_port, metrics_port), exit_timeout
         self.log = log
@@ -182,15 +233,15 @@ class TritonServer:
                 f"--exit-timeout-secs={int(self.exit_timeout)}",
                 f"--backend-config=python,shm-region-prefix-name={SHM_PREFIX}{os.getpid()}-"]
 
-    def environment(self) -> dict:
-        """This Python's libpython and bin first: the stub embeds the one it finds, with its packages."""
+    def environment(self, python: Path) -> dict:
+        """This Python's libpython, and `python` (the stub's view of this environment) first on PATH."""
         env = dict(os.environ)
         libs = [str(self.dist.libs)]
         libdir = sysconfig.get_config_var("LIBDIR")
         if libdir and (Path(libdir) / (sysconfig.get_config_var("INSTSONAME") or "-")).is_file():
             libs.insert(0, libdir)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env["PATH"] = os.pathsep.join([str(python / "bin"), env.get("PATH", "")])
         env.setdefault("OMP_NUM_THREADS", "1")   # one numpy/BLAS thread per sampler process: they are many
         return env
 
@@ -204,6 +255,26 @@ class TritonServer:
         (python / "triton_python_backend_stub").symlink_to(self.dist.stub)
         return tmp / "backends"
 
+    def _python(self, tmp: Path) -> Path:
+        """The stub's Python: a venv of this interpreter whose one .pth adds the server directory (numpy 1)
+        and then this environment's site directories (vdit_deploy, onnxruntime...). The stub runs Python
+        isolated (PYTHONPATH ignored) and takes its prefix from the first `python3` on PATH."""
+        venv = tmp / "python"
+        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        site_packages = venv / "lib" / version / "site-packages"
+        site_packages.mkdir(parents=True)
+        (venv / "bin").mkdir()
+        base = Path(getattr(sys, "_base_executable", None) or sys.executable)
+        for name in ("python", "python3", version):
+            (venv / "bin" / name).symlink_to(base)
+        (venv / "pyvenv.cfg").write_text(f"home = {base.parent}\ninclude-system-site-packages = false\n"
+                                         f"version = {'.'.join(map(str, sys.version_info[:3]))}\n")
+        dirs = [str(self.dist.site)] + site.getsitepackages() + \
+            ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+        (site_packages / "vdit-triton.pth").write_text(
+            "import site; " + "; ".join(f"site.addsitedir({d!r})" for d in dirs) + "\n")
+        return venv
+
     # ---- life ----
     def start(self, timeout: float = 180.0) -> Addresses:
         remove_stale_shm()
@@ -214,7 +285,8 @@ class TritonServer:
         log = open(self.log or tmp / "tritonserver.log", "ab")
         self.log = Path(log.name)
         try:
-            self.process = subprocess.Popen(self.command(self._backend_dir(tmp), self.addresses), env=self.environment(),
+            self.process = subprocess.Popen(self.command(self._backend_dir(tmp), self.addresses),
+                                            env=self.environment(self._python(tmp)),
                                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             start_new_session=True, preexec_fn=_die_with_parent)
         except OSError as e:
@@ -303,10 +375,10 @@ class TritonServer:
         self.stop()
 
 
-def serve(repo, host: str = LOOPBACK, ports=DEFAULT_PORTS, echo=print, timeout: float = 180.0) -> int:
+def serve(repo, host: str = LOOPBACK, ports=DEFAULT_PORTS, echo=print, server: Path | None = None) -> int:
     """`vdit serve`: start, print the addresses, run until the server exits or this process is told to
     stop (SIGINT, SIGTERM: the CLI turns both into exceptions, and leaving the block stops the server)."""
-    with TritonServer(repo, host, *ports) as server:
+    with TritonServer(repo, host, *ports, server=server) as server:
         a = server.addresses
         echo(f"serving {server.repo} (models {', '.join(repository_backends(server.repo))})")
         echo(f"  HTTP     http://{a.url('http')}")

@@ -8,6 +8,9 @@ import click
 from vdit_deploy.cli.app import main
 
 PORT = click.IntRange(0, 65535)
+SERVER_DIR = click.option("--dir", "server_dir", type=click.Path(path_type=Path), default=None, envvar="VDIT_TRITON_DIR",
+                          help="The server's own directory (nvidia-pytriton + numpy 1, apart from this environment). "
+                               "[default: $VDIT_TRITON_DIR, else ~/.cache/vdit-deploy/triton]")
 
 
 # ---- serve-export (NVIDIA Triton model repository) ----------------------------------------------
@@ -42,6 +45,17 @@ def serve_export(export_dir, triton_dir, backend, engine, precision, instances, 
 
 
 # ---- serve (Triton Inference Server, the binary nvidia-pytriton ships) ---------------------------
+@main.command("serve-setup")
+@SERVER_DIR
+def serve_setup(server_dir):
+    """Install the tritonserver that `vdit serve` runs into a directory of its own: pip install --no-deps
+    --target DIR nvidia-pytriton==0.7.0 'numpy<2' (about 230 MB; its Python backend needs numpy 1, this
+    environment keeps its numpy). Does nothing when DIR is set up already."""
+    from vdit_deploy.serve import setup
+
+    setup(server_dir, echo=click.echo)
+
+
 @main.command("serve")
 @click.argument("repo", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -49,10 +63,11 @@ def serve_export(export_dir, triton_dir, backend, engine, precision, instances, 
 @click.option("--http-port", default=8000, show_default=True, type=PORT, help="0: a free port.")
 @click.option("--grpc-port", default=8001, show_default=True, type=PORT, help="0: a free port.")
 @click.option("--metrics-port", default=8002, show_default=True, type=PORT, help="0: a free port.")
-def serve(repo, host, http_port, grpc_port, metrics_port):
+@SERVER_DIR
+def serve(repo, host, http_port, grpc_port, metrics_port, server_dir):
     """Run NVIDIA Triton Inference Server on a model repository from `vdit serve-export --backend python`
-    (the tritonserver of nvidia-pytriton: pip install 'vdit-deploy[serve]'); prints its addresses and
-    stops cleanly on Ctrl-C or SIGTERM."""
+    (nvidia-pytriton's tritonserver, which `vdit serve-setup` installs); prints its addresses and stops
+    cleanly on Ctrl-C or SIGTERM."""
     from vdit_deploy.serve import serve as run_server
 
-    run_server(repo, host, (http_port, grpc_port, metrics_port), echo=click.echo)
+    run_server(repo, host, (http_port, grpc_port, metrics_port), echo=click.echo, server=server_dir)
