@@ -63,7 +63,8 @@ def quiet():
 
 def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str = DEFAULT_METHOD,
                   keep_fp=DEFAULT_SENSITIVE, only=None, out=None, per_channel: bool = True,
-                  target: str | None = None, progress: bool = False) -> Path:
+                  target: str | None = None, progress: bool = False, t_bins: int = 1,
+                  smooth: float | None = None) -> Path:
     """export_dir/denoiser.onnx -> denoiser.int8-dynamic.onnx (dynamic) or denoiser.int8-qdq.onnx (qdq); qdq
     also makes step.int8-qdq.onnx from the export's fused step graph (what TensorRT's int8 build
     compiles), calibrated on the same denoiser calls. Returns the denoiser's path.
@@ -73,12 +74,23 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
     denoiser (no step graph then). calib_dir is required for qdq; for dynamic it is only checked
     against the model. target: the CPU (vnni, avx2, arm64), tensorrt or a board profile the graph is
     for (runtimes/cpu_isa.py), None for this CPU: it decides the INT8 types, recorded in the graph.
-    progress: a bar per calibration batch on stderr (vdit_deploy/progress.py)."""
+    progress: a bar per calibration batch on stderr (vdit_deploy/progress.py). t_bins: qdq only, one set
+    of activation scales per timestep bin (calibration/int8_bins.py). smooth: SmoothQuant's alpha
+    (calibration/smooth.py), None for none."""
     from vdit_deploy.calibration.collect import load_calibration_set
     from vdit_deploy.calibration.fp16 import variant_sources
+    from vdit_deploy.calibration.int8_bins import check_bins, quantize_bins
+    from vdit_deploy.calibration.smooth import check_alpha
 
     check_patterns([*keep_fp, *(only or ())])     # before any graph is loaded or written
     choice = choose(mode, target)
+    if check_bins(t_bins) != 1 and mode != "qdq":
+        raise VditError("--t-bins applies to the static Q/DQ graph (--mode qdq): dynamic INT8 measures its ranges per call")
+    if smooth is not None and calib_dir is None:
+        raise VditError("--smooth needs a calibration set (--calib): its scales come from the activations' ranges")
+    if check_alpha(smooth) is not None and t_bins != 1:
+        raise VditError("--smooth with --t-bins is not supported: each bin would smooth (and so quantize) the "
+                        "weights differently; use one of them")
     if method not in METHODS:
         raise VditError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
     src, *step = variant_sources(export_dir)
@@ -90,12 +102,18 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
     elif mode == "qdq":
         raise VditError("static Q/DQ quantization needs a calibration set: run `vdit calibrate collect` first")
     rules = dict(mode=mode, method=method, keep_fp=keep_fp, only=only, per_channel=per_channel, choice=choice,
-                 progress=progress)
+                 progress=progress, smooth=smooth)
+
+    def run(graph, dest, batches_of):     # batches_of(cset) -> batches(lo, hi) of that set
+        if t_bins == 1:
+            return quantize_graph(graph, dest, cset and batches_of(cset), **rules)
+        return quantize_bins(graph, dest, cset, batches_of, t_bins,
+                             lambda s, o, b: quantize_graph(s, o, b, **rules), progress)
+
     path = Path(out) if out else variant_path(export_dir, mode)
-    denoiser_batches = cset and (lambda lo, hi: cset.batches(lo, hi))
     # dynamic INT8 is ONNX Runtime's CPU form, where a host-side step costs the same as a fused one
     if not (mode == "qdq" and out is None and only is None and step):
-        return quantize_graph(src, path, denoiser_batches, **rules)
+        return run(src, path, lambda c: c.batches)
     import onnx
 
     from vdit_deploy.calibration.fp16 import publish_files
@@ -104,14 +122,14 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
     names = [i.name for i in onnx.load(str(graph), load_external_data=False).graph.input]
     step_out = graph.with_name(variant_file(STEP, MODES[mode]))
     with temp_dir(path) as tmp:      # both graphs, or neither: made in a scratch dir, then renamed into place
-        quantize_graph(src, tmp / path.name, denoiser_batches, **rules)
-        quantize_graph(graph, tmp / step_out.name, lambda lo, hi: cset.step_batches(lo, hi, names), **rules)
+        run(src, tmp / path.name, lambda c: c.batches)
+        run(graph, tmp / step_out.name, lambda c: (lambda lo, hi: c.step_batches(lo, hi, names)))
         publish_files(tmp, [path, step_out])
     return path
 
 
 def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_fp, only, per_channel: bool,
-                   choice: Int8Choice | None = None, progress: bool = False) -> Path:
+                   choice: Int8Choice | None = None, progress: bool = False, smooth: float | None = None) -> Path:
     """One fp32 graph (denoiser or fused step) -> its INT8 variant at `out`, with the types of `choice`
     (default: this CPU's) stamped in its metadata. batches(lo, hi): feed dicts in the graph's batch
     range for static calibration (qdq). The step's own arithmetic has no MatMul / Gemm / Conv: it
@@ -133,6 +151,9 @@ def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_f
         nodes = select(model, only, COMPUTE_OPS)
     if not nodes:
         raise VditError("no layer is left to quantize (check --keep-fp / the layer patterns)")
+    if smooth is not None:      # activation outliers into the weights first (calibration/smooth.py)
+        from vdit_deploy.calibration.smooth import smooth_model
+        model = smooth_model(model, batches(*read_metadata(src).batch_range()), nodes, smooth)
     # MatMulConstBOnly: attention's activation x activation matmuls stay float.
     common = dict(op_types_to_quantize=list(COMPUTE_OPS), per_channel=per_channel, nodes_to_quantize=nodes,
                   reduce_range=choice.reduce_range, weight_type=types[choice.weight_type])

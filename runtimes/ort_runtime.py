@@ -80,20 +80,58 @@ class _Graph:
     """One ONNX file: its metadata, session and the input dtypes it wants."""
 
     def __init__(self, path: Path, kind: str, providers: list[str], options):
-        import onnxruntime as ort
-
+        """options: SessionOptions, or a callable that makes them (a graph with per-bin scales needs
+        one per session)."""
         self.path, self.meta = path, read_metadata(path)
         if self.meta.kind != kind:
             raise VditError(f"{path} is a vdit {self.meta.kind} graph, expected a {kind} graph")
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as e:   # onnxruntime raises its own Fail / InvalidGraph types
-            raise VditError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from None
+        make = options if callable(options) else (lambda: options)
+        self.session = self._open(path, make(), providers)
+        # per-timestep-bin Q/DQ scales (calibration/int8_bins.py): one session per bin, same file
+        self.bins = self._bin_sessions(path, make, providers)
         self.dtypes = {i.name: ORT_DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.output = self.output_names[0]
         self.lo, self.hi = self.meta.batch_range()
         self.on_device = self.session.get_providers()[0] != PROVIDERS["cpu"]
+
+    @staticmethod
+    def _open(path, options, providers, overrides=None):
+        import onnxruntime as ort
+
+        for name, value in (overrides or {}).items():
+            options.add_initializer(name, value)
+        try:
+            return ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:   # onnxruntime raises its own Fail / InvalidGraph types
+            raise VditError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from None
+
+    def _bin_sessions(self, path, make, providers):
+        """(edges, [session per bin]) of a graph with per-bin Q/DQ scales, None for one set of scales.
+        Each bin's session overrides the file's initializers with its bin's (OrtValues kept alive here)."""
+        from vdit_deploy.runtimes.qdq_bins import read_bins
+
+        bins = read_bins(self.session.get_modelmeta().custom_metadata_map, str(path))
+        if bins is None:
+            return None
+        import onnxruntime as ort
+
+        edges, tables = bins
+        self._bin_values = [{k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for k, a in t.items()}
+                            for t in tables]
+        return edges, [self._open(path, make(), providers, values) for values in self._bin_values]
+
+    def session_for(self, t) -> "object":
+        """The session that runs a call at timesteps t: its bin's, or the graph's one."""
+        if self.bins is None or t is None:
+            return self.session
+        from vdit_deploy.runtimes.qdq_bins import bin_of
+
+        index = np.unique(bin_of(np.asarray(t).reshape(-1), self.bins[0]))
+        if len(index) != 1:
+            raise VditError(f"{self.path.name} has per-timestep-bin scales: one call's rows must share a bin "
+                            f"(t = {np.unique(t).tolist()})")
+        return self.bins[1][int(index[0])]
 
     def check_batch(self, b: int) -> None:
         if not self.lo <= b <= self.hi:
@@ -105,22 +143,23 @@ class _Graph:
         return {k: np.ascontiguousarray(v, dtype=self.dtypes[k]) for k, v in arrays.items()}
 
     def run(self, **arrays) -> np.ndarray:
-        return self.session.run([self.output], self.feeds(**arrays))[0]
+        return self.session_for(arrays.get("t")).run([self.output], self.feeds(**arrays))[0]
 
     def run_all(self, **arrays) -> list[np.ndarray]:
-        return self.session.run(self.output_names, self.feeds(**arrays))
+        return self.session_for(arrays.get("t")).run(self.output_names, self.feeds(**arrays))
 
     def run_on_device(self, device_inputs: dict, **arrays) -> list[DeviceArray]:
         """IO binding: OrtValues in `device_inputs` are bound in place, numpy arrays are copied once,
         and the outputs (in graph order) are left on the device for the next call."""
-        binding = self.session.io_binding()
+        session = self.session_for(arrays.get("t"))
+        binding = session.io_binding()
         for name, value in device_inputs.items():
             binding.bind_ortvalue_input(name, value)
         for name, value in self.feeds(**arrays).items():
             binding.bind_cpu_input(name, value)
         for name in self.output_names:
             binding.bind_output(name, self.device_type)
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         return [DeviceArray(v) for v in binding.get_outputs()]
 
     def saturation_warning(self) -> str | None:
@@ -144,15 +183,20 @@ class OrtRuntime(Runtime):
         from vdit_deploy.threads import session_options
 
         self.providers = resolve_providers(providers, provider_options)
-        options = session_options()   # threads: the configured count (--threads) or the machine's default
-        options.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
-        if threads:
-            options.intra_op_num_threads = options.inter_op_num_threads = threads
-        if not spin:   # idle ORT threads busy-wait by default: bad when torch shares the process (verify)
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+        def options():
+            made = session_options()   # threads: the configured count (--threads) or the machine's default
+            made.graph_optimization_level = {
+                "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
+            if threads:
+                made.intra_op_num_threads = made.inter_op_num_threads = threads
+            if not spin:   # idle ORT threads busy-wait by default: bad when torch shares the process (verify)
+                made.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            return made
+
         artifact, graph = Path(artifact), runtime_graph(self.name, precision)
         path = find_onnx(artifact, DENOISER, graph)
         if path.is_file() and artifact.is_file() and read_metadata(path).kind == STEP:

@@ -102,13 +102,21 @@ def calibrate_fp16(export_dir, calib_dir, threads):
               help="Where the graph runs: vnni (AVX-512 VNNI / AVX-VNNI), avx2 (x86 without VNNI: 7-bit weights, "
               "its u8 x s8 sums saturate otherwise), arm64, tensorrt (qdq) or a board profile (`vdit plan --list`). "
               "Default: this CPU.")
+@click.option("--t-bins", "t_bins", default=1, show_default=True, type=int,
+              help="qdq: one set of activation scales per timestep bin (the set's timesteps split into N); "
+              "ONNX Runtime picks each step's bin.")
+@click.option("--smooth", default=None, type=float,
+              help="SmoothQuant alpha in [0, 1]: migrate activation outliers into the weights (a Mul before "
+              "each quantized MatMul).")
 @threads_option
-def calibrate_int8(export_dir, calib_dir, mode, method, keep_fp, target, threads):
+def calibrate_int8(export_dir, calib_dir, mode, method, keep_fp, target, t_bins, smooth, threads):
     """Write an INT8 denoiser graph with the types that do not saturate on its target CPU (recorded in
     the graph); sensitive layers stay float."""
     import onnx
 
     from vdit_deploy.calibration.graph import COMPUTE_OPS, matching
+    from vdit_deploy.calibration.int8_bins import check_bins
+    from vdit_deploy.calibration.smooth import check_alpha
     from vdit_deploy.calibration.int8 import DEFAULT_METHOD, DEFAULT_SENSITIVE, calibration_error, quantize_int8
     from vdit_deploy.export.metadata import find_onnx
     from vdit_deploy.export.variants import INT8_QDQ, STEP, variant_file
@@ -117,11 +125,13 @@ def calibrate_int8(export_dir, calib_dir, mode, method, keep_fp, target, threads
 
     keep = DEFAULT_SENSITIVE if not keep_fp else (() if keep_fp == ("none",) else keep_fp)
     choice = choose(mode, target)        # a bad --target before any work
+    check_bins(t_bins)
+    check_alpha(smooth)
     if mode == "qdq":
         note("int8 qdq: calibrating the denoiser and then the step graph on the set, then quantizing "
              "(minutes: every batch runs through a graph that outputs every activation)")
     path = quantize_int8(export_dir, calib_dir, mode=mode, method=method or DEFAULT_METHOD, keep_fp=keep,
-                         target=target, progress=True)
+                         target=target, progress=True, t_bins=t_bins, smooth=smooth)
     # the patterns that name layers of this model (the default set also holds other families' names)
     kept = matching(onnx.load(str(find_onnx(export_dir)), load_external_data=False), keep, COMPUTE_OPS)
     step = path.with_name(variant_file(STEP, INT8_QDQ))

@@ -1,0 +1,126 @@
+"""INT8 beyond the fix on the tiny preset: per-timestep-bin Q/DQ scales (one file, a session per bin,
+each call on its timestep's bin), SmoothQuant migration (the fp32 function kept), bad values refused."""
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from vdit_deploy.calibration.collect import collect, load_calibration_set
+from vdit_deploy.calibration.int8 import quantize_int8
+from vdit_deploy.cli import main
+from vdit_deploy.errors import VditError
+from vdit_deploy.runtimes.qdq_bins import BINS_KEY, bin_of, read_bins
+
+
+@pytest.fixture(scope="module")
+def export(tiny_export, tmp_path_factory):
+    return shutil.copytree(tiny_export, tmp_path_factory.mktemp("i8p") / "export")
+
+
+@pytest.fixture(scope="module")
+def calib(export, tmp_path_factory):
+    # 6 DDIM steps, guidance 2, 3 recorded steps (t ~ 833, 500, 0): 6 rows
+    return collect(export, tmp_path_factory.mktemp("i8p") / "set", sampler="ddim", steps=6, seeds=range(1),
+                   labels=[1], timesteps=3)
+
+
+@pytest.fixture(scope="module")
+def binned(export, calib):
+    return quantize_int8(export, calib, mode="qdq", method="minmax", t_bins=3, out=export / "q-bins.onnx")
+
+
+def test_bins_share_the_weights(binned, export, calib):
+    model = onnx.load(str(binned))
+    edges, tables = read_bins({p.key: p.value for p in model.metadata_props}, str(binned))
+    cset = load_calibration_set(calib)
+    ts = sorted(cset.manifest["timesteps"])
+    assert len(tables) == 3 and len(edges) == 2 and ts[0] < edges[0] < ts[1] < edges[1] < ts[2]
+    names = set(tables[0])
+    assert names and all(set(t) == names for t in tables)
+    # only activation scales (and zero points) differ per bin: one copy of the int8 weights in the file
+    assert all(n.endswith(("_scale", "_zero_point")) for n in names)
+    inits = {i.name: i for i in model.graph.initializer}
+    weights = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    assert weights and not names & {w.name for w in weights}
+    assert any(not np.array_equal(tables[0][n], numpy_helper.to_array(inits[n])) for n in names)
+    single = quantize_int8(export, calib, mode="qdq", method="minmax", out=export / "q-one.onnx")
+    assert abs(binned.stat().st_size - single.stat().st_size) < 64 * 1024   # the tables are small
+
+
+def test_runtime_picks_the_bin_of_each_timestep(binned, calib):
+    import onnxruntime as ort
+
+    from vdit_deploy.runtimes.ort_runtime import OrtRuntime
+
+    rt = OrtRuntime(binned, providers=["cpu"])
+    edges, sessions = rt.graph.bins
+    cset = load_calibration_set(calib)
+    _, tables = read_bins(rt.graph.session.get_modelmeta().custom_metadata_map, "")
+    outs = []
+    for r in cset.manifest["records"]:
+        rows = cset.rows(*r["rows"])
+        k = int(bin_of(r["t"], edges))
+        assert rt.graph.session_for(rows["t"]) is sessions[k]
+        # the bin's session is the file with the bin's initializers in place
+        model = onnx.load(str(binned))
+        for init in model.graph.initializer:
+            if init.name in tables[k]:
+                init.CopyFrom(numpy_helper.from_array(tables[k][init.name].astype(
+                    numpy_helper.to_array(init).dtype), init.name))
+        want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            ["out"], rows)[0]
+        got = rt.denoise(rows["x_t"], rows["t"], {"y": rows["y"]})
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+        outs.append(k)
+    assert sorted(set(outs)) == [0, 1, 2]
+    rows = cset.rows(0, 6)
+    with pytest.raises(VditError, match="share a bin"):
+        rt.denoise(rows["x_t"][:2], np.float32([rows["t"][0], rows["t"][-1]]), {"y": rows["y"][:2]})
+
+
+def test_read_bins_refuses_bad_metadata():
+    assert read_bins({}, "g") is None
+    for bad in ["[", json.dumps({"edges": [5, 1], "tensors": {}}),
+                json.dumps({"edges": [1], "tensors": {"a": {"dtype": "float32", "shape": [], "bins": [[1.0]]}}}),
+                json.dumps({"edges": [1], "tensors": {"a": {"dtype": "object", "shape": [], "bins": [[1], [2]]}}})]:
+        with pytest.raises(VditError) as e:
+            read_bins({BINS_KEY: bad}, "g.onnx")
+        assert "\n" not in str(e.value)
+
+
+def test_smoothing_alone_keeps_the_function(export, calib):
+    from vdit_deploy.calibration.collect import onnx_session
+    from vdit_deploy.calibration.graph import COMPUTE_OPS, select
+    from vdit_deploy.calibration.smooth import smooth_model
+
+    model = onnx.load(str(export / "denoiser.onnx"))
+    cset = load_calibration_set(calib)
+    nodes = select(model, ["MatMul"], COMPUTE_OPS)
+    smoothed = smooth_model(onnx.load(str(export / "denoiser.onnx")), cset.batches(1, 4), nodes, 0.5)
+    muls = [n for n in smoothed.graph.node if n.name.endswith(".smooth/mul")]
+    assert len(muls) >= 16                      # every linear of the 4 blocks
+    path = export.parent / "smoothed.onnx"
+    onnx.save(smoothed, str(path))
+    rows = cset.rows(0, 4)
+    want = onnx_session(export / "denoiser.onnx").run(["out"], rows)[0]
+    got = onnx_session(path).run(["out"], rows)[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mode", "qdq", "--t-bins", "0"], "--t-bins must be"),
+    (["--mode", "qdq", "--smooth", "2"], "--smooth (SmoothQuant's alpha) must be between 0 and 1"),
+    (["--mode", "qdq", "--t-bins", "4", "--calib", "CALIB"], "needs at least 4 recorded timesteps"),
+    (["--t-bins", "2", "--calib", "CALIB"], "applies to the static Q/DQ graph"),
+    (["--mode", "qdq", "--smooth", "0.5"], "--smooth needs a calibration set"),
+    (["--mode", "qdq", "--smooth", "0.5", "--t-bins", "2", "--calib", "CALIB"], "--smooth with --t-bins")])
+def test_bad_values_are_one_line(export, calib, args, message):
+    before = sorted(p.name for p in export.iterdir())
+    args = [str(calib) if a == "CALIB" else a for a in args]
+    result = CliRunner().invoke(main, ["calibrate", "int8", str(export), *args])
+    assert result.exit_code == 1 and message in result.output and len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in export.iterdir()) == before            # nothing half-written
