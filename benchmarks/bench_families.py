@@ -98,6 +98,8 @@ def stage_time(out: Path, tokens: int, repeats: int) -> dict:
 
     rows, ref = {}, None
     for name, precision in (("torch fp32", "fp32"), ("ort fp32", "fp32"), ("ort int8-dynamic", "int8")):
+        if precision == "int8" and not (out / "denoiser.int8-dynamic.onnx").is_file():
+            continue   # the int8 stage did not finish (its row says why)
         if name.startswith("torch"):   # rebuilt from the export alone: the contract's family record
             rt = TorchRuntime(None, source=load_export_source(read_metadata(out / "denoiser.onnx"), out), device="cpu")
         else:

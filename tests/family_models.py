@@ -21,11 +21,33 @@ def save_pipeline(root, model, scheduler, seed: int = 0):
     return root / "transformer"
 
 
-def tiny_flow_family(name):
-    """(model, its pipeline's scheduler, latent (C, F, H, W), the pipeline's call as a function of
-    (net, x_t (B, C, F, H, W), t, cond dict) -> out (B, C, F, H, W))."""
+COG_TEXT, COG_SEQ = 16, 12
+
+
+def tiny_cogvideox(rotary: bool):
+    import diffusers
+
+    return diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=COG_TEXT, num_layers=1, sample_width=8, sample_height=6, sample_frames=9, patch_size=2,
+        max_text_seq_length=COG_SEQ, use_rotary_positional_embeddings=rotary)
+
+
+def cogvideox_scheduler():
+    """CogVideoX's schedule (scaled_linear 0.00085..0.012, v_prediction, trailing) in UniPC."""
+    import diffusers
+
+    return diffusers.UniPCMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                             prediction_type="v_prediction", timestep_spacing="trailing")
+
+
+def tiny_family(name):
+    """(model, its pipeline's scheduler, latent (C, F, H, W), for a flow family the pipeline's call as a
+    function of (net, x_t (B, C, F, H, W), t, cond dict) -> out (B, C, F, H, W), else None)."""
     import diffusers as d
 
+    if name == "cogvideox":   # the 2B's sincos positions
+        return tiny_cogvideox(False), cogvideox_scheduler(), (4, 3, 6, 8), None
     if name == "wan":
         model = d.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
                                         in_channels=4, out_channels=4, text_dim=TEXT, freq_dim=16, ffn_dim=32,

@@ -11,7 +11,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 diffusers = pytest.importorskip("diffusers", reason="pip install 'vdit-deploy[dev]' for the diffusers model tests")
-from family_models import SEQ, pipeline_sample, save_pipeline  # noqa: E402  (needs diffusers)
+from family_models import (COG_SEQ, COG_TEXT, SEQ, cogvideox_scheduler, pipeline_sample,  # noqa: E402
+                           save_pipeline, tiny_cogvideox)
 
 
 def run_cli(*args):
@@ -34,24 +35,6 @@ def write_cond(path, **arrays):
 
 
 # ---- CogVideoX: v-prediction DDPM, (B, F, C, H, W), 5B-style RoPE table from the pipeline ---------------
-COG_TEXT, COG_SEQ = 16, 12
-
-
-def tiny_cogvideox(rotary: bool):
-    return diffusers.CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
-        text_embed_dim=COG_TEXT, num_layers=1, sample_width=8, sample_height=6, sample_frames=9, patch_size=2,
-        max_text_seq_length=COG_SEQ, use_rotary_positional_embeddings=rotary)
-
-
-def cogvideox_scheduler():
-    """CogVideoX's schedule (scaled_linear 0.00085..0.012, v_prediction, trailing) in a scheduler vdit reads
-    today: CogVideoXDDIMScheduler's zero terminal SNR and snr_shift_scale come with the flow-matching
-    work's scheduler reading (issue 20)."""
-    return diffusers.UniPCMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                             prediction_type="v_prediction", timestep_spacing="trailing")
-
-
 @pytest.fixture(scope="module", params=[True, False], ids=["5b-rope", "2b-sincos"])
 def cogvideox(request, tmp_path_factory):
     """(model dir, export dir): `vdit export DIR --out OUT`, no other option (verify included)."""

@@ -3,6 +3,8 @@ flow_family: Wan, LTX-Video, Mochi, HunyuanVideo; and CogVideoX): `vdit info` wi
 `calibrate collect` + `fp16` + `int8` (dynamic), `compare` (ort:fp32 against torch), `plan`,
 `serve-export` (onnxruntime and python backends) and `build` through the strict TensorRT fakes
 (tests/trt_fake.py: API conformance and the profiles over each family's dynamic axes, not numerics)."""
+import re
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -31,12 +33,15 @@ def cond_file(export, path, rows: int = 1):
     return path
 
 
-@pytest.fixture(scope="module")
-def stages(flow_family, tmp_path_factory):
-    """A copy of the family's export (the stages write variants beside the graphs) and a --cond file."""
+@pytest.fixture(scope="module", params=["wan", "ltx", "mochi", "hunyuan", "cogvideox"])
+def stages(request, tmp_path_factory):
+    """A copy of the family's export (conftest.family_export; the stages write variants beside the
+    graphs) and a --cond file."""
     import shutil
 
-    name, path, export, *_ = flow_family
+    from conftest import family_export
+
+    name, path, export, *_ = family_export(request.param, tmp_path_factory)
     work = tmp_path_factory.mktemp(f"{name}-stages")
     copy = shutil.copytree(export, work / "export")
     return name, path, copy, cond_file(copy, work / "cond.safetensors")
@@ -48,9 +53,28 @@ def test_info_with_no_options(stages):
     name, path, export, _ = stages
     for target in (path, export):
         out = cli("info", target)
-        assert f"{name}" in out and "encoder_hidden_states" in out and "flow" in out, out
+        assert re.search(rf"family\s+{name}: x_t \(B, C, F, H, W\), the model is fed", out), out
+        assert "encoder_hidden_states" in out and f"output {'v' if name == 'cogvideox' else 'flow'}" in out, out
     if name in ("ltx", "mochi", "hunyuan"):
         assert "encoder_attention_mask" in cli("info", export)
+
+
+def test_cli_sample_takes_the_pipeline_defaults(stages, tmp_path):
+    """`vdit sample --runtime ort --onnx EXPORT --cond FILE` with no sampler or steps samples with the
+    family's pipeline sampler and step count (its scheduler config): what sampler_plan(contract) gives."""
+    from vdit_deploy.contract import read_cond
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.sampling import sample, sampler_plan
+
+    name, _, export, cond = stages
+    guidance = 1.0 if name == "hunyuan" else 3.0
+    cli("sample", "--runtime", "ort", "--onnx", export, "--cond", cond, "--guidance", guidance, "--seed", 4,
+        "--out", tmp_path / "v.npy")
+    with open_runtime("ort", export) as rt:
+        plan = sampler_plan(rt.contract)
+        assert len(plan) == {"mochi": 64, "cogvideox": 15}.get(name, 50)
+        want = sample(rt, rt.contract, read_cond(cond, rt.contract), plan, guidance, 4)
+    np.testing.assert_allclose(np.load(tmp_path / "v.npy"), want, atol=1e-6)
 
 
 def test_calibrate_collect_fp16_int8_and_compare(stages, tmp_path):
@@ -91,7 +115,7 @@ def test_plan_sizes_the_export(stages):
     result = CliRunner().invoke(main, ["plan", "--onnx", str(export), "--target", "orin-nano", "--precision", "fp16"])
     assert result.exit_code == 0 and "Traceback" not in result.output, result.output
     assert f"{latent} video" in result.output and "verdict: fits" in result.output, result.output
-    assert f"sized from its ONNX graph at seq {SEQ}" in result.output, result.output
+    assert "sized from its ONNX graph" in result.output, result.output
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "python"])
@@ -136,7 +160,7 @@ def test_build_profiles_over_the_family_axes(stages, monkeypatch, tmp_path):
     assert [b.kind for b in built] == ["step", "denoiser"] and len(world.builds) == 2
     step, den = (record["profiles"] for record in world.builds)
     assert len(step) == len(den) == 1
-    seq_hi = meta.contract.axes["seq"][1]
+    seq_hi = meta.contract.axes.get("seq", (0, 0))[1]
     for spec in meta.contract.cond:
         for graph, names in ((step[0], (spec.name, f"null_{spec.name}")), (den[0], (spec.name,))):
             for input_name in names:
