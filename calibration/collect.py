@@ -33,7 +33,7 @@ from vdit_deploy.contract import Contract
 from vdit_deploy.samplers import DEFAULT_SAMPLER
 from vdit_deploy.errors import VditError
 from vdit_deploy.files import atomic_path, check_output, load_npy, read_json, save_npy
-from vdit_deploy.sampling import conditioning, sampler_plan
+from vdit_deploy.sampling import conditioning, sampler_name, sampler_plan
 
 FORMAT = "vdit-calibration/2"
 MANIFEST = "manifest.json"
@@ -78,11 +78,11 @@ def chunked(denoise, max_batch: int):
     return call
 
 
-def collect(checkpoint_or_export, out_dir, sampler: str = DEFAULT_SAMPLER, steps: int | None = None,
+def collect(checkpoint_or_export, out_dir, sampler: str | None = DEFAULT_SAMPLER, steps: int | None = None,
             guidance: float = 2.0, eta: float = 0.0, seeds=range(4), labels=None, timesteps: int = 8,
             progress: bool = False, order: int | None = None, spacing: str = "linspace", cond=None) -> Path:
     """Run the fp32 sampler (the one deployed: its timesteps are the ones INT8 ranges must cover) and
-    record the denoiser inputs at `timesteps` steps of each trajectory. steps None: the sampler's
+    record the denoiser inputs at `timesteps` steps of each trajectory. sampler None: the model's default; steps None: the sampler's
     default. labels: one class label per video of a sample (class models; default: every class once);
     cond: the conditioning instead, one row per video (a dict or a .safetensors file). Written atomically."""
     from vdit_deploy.sampling import DenoiseRecorder, sample
@@ -98,6 +98,7 @@ def collect(checkpoint_or_export, out_dir, sampler: str = DEFAULT_SAMPLER, steps
         contract = rt.contract
         served = conditioning(contract, labels, cond)
         videos = contract.batch_of(served)
+        sampler = sampler_name(contract, sampler)                    # None: the model's own (a flow model's euler)
         plan = sampler_plan(contract, sampler, steps, eta, order, spacing)   # ddpm: all T; another count is refused
         keep = set(pick_steps(len(plan), timesteps))
         per_call = (2 if guidance != 1.0 else 1) * videos

@@ -143,8 +143,7 @@ def convert_fp16(export_dir, calib_dir=None, keep_fp32=FP32_LAYERS) -> Path:
 
 def publish_variant(graphs: dict, precision: str) -> None:
     """{final path: onnx model} of one variant -> all written, or none: each is saved into one scratch
-    directory beside them first (a full disk fails there), then renamed into place, the denoiser last
-    (a reader that finds it finds its step graph too); a failed rename takes the others back out."""
+    directory beside them first (a full disk fails there), then placed by publish_files."""
     import os
 
     import onnx
@@ -156,15 +155,41 @@ def publish_variant(graphs: dict, precision: str) -> None:
             model.producer_name = "vdit-deploy"
             onnx.save(model, str(tmp / path.name))
             os.chmod(tmp / path.name, 0o644)
-        placed = []
-        try:
-            for path in sorted(graphs, key=lambda p: p.name.startswith(DENOISER)):
-                os.replace(tmp / path.name, path)
-                placed.append(path)
-        except BaseException:
-            for path in placed:
+        publish_files(tmp, list(graphs))
+
+
+def publish_files(tmp: Path, paths) -> None:
+    """tmp/<name> -> each path, all or none: renamed into place the denoiser last (a reader that finds
+    it finds its step graph too). The files they replace are kept (hard links in tmp) until every
+    rename succeeded; if one fails, each replaced file is put back and each new one removed, so the
+    directory holds the earlier set (or none), never half of each."""
+    import os
+    import shutil
+
+    kept = {}
+    for path in paths:
+        if path.is_file():
+            kept[path] = tmp / f"{path.name}.replaced"
+            kept[path].unlink(missing_ok=True)
+            try:
+                os.link(path, kept[path])
+            except OSError:          # a file system without hard links
+                shutil.copy2(path, kept[path])
+    placed = []
+    try:
+        for path in sorted(paths, key=lambda p: p.name.startswith(DENOISER)):
+            os.replace(tmp / path.name, path)
+            placed.append(path)
+    except BaseException:
+        for path in reversed(placed):
+            if path in kept:
+                os.replace(kept.pop(path), path)
+            else:
                 path.unlink(missing_ok=True)
-            raise
+        raise
+    finally:
+        for link in kept.values():
+            link.unlink(missing_ok=True)
 
 
 def check_fp16(export_dir, calib_dir, precision: str = "fp16") -> dict:

@@ -61,26 +61,6 @@ def quiet():
         logging.getLogger().setLevel(level)
 
 
-class _Reader:
-    """onnxruntime's CalibrationDataReader over a list of feed dicts (views into the calibration set).
-    len() and set_range() let quantize_static feed the calibrator a slice at a time (CalibStridedMinMax):
-    its histogram calibrators otherwise keep every batch's activations of every calibrated tensor until
-    the end (5.2 GB on the 7 MB shipped model); per slice they fold each into the histograms and drop it."""
-
-    def __init__(self, batches):
-        self.batches = list(batches)
-        self.set_range(0, len(self.batches))
-
-    def __len__(self):
-        return len(self.batches)
-
-    def set_range(self, start_index: int, end_index: int):
-        self.it = iter(self.batches[start_index:end_index])
-
-    def get_next(self):
-        return next(self.it, None)
-
-
 def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str = DEFAULT_METHOD,
                   keep_fp=DEFAULT_SENSITIVE, only=None, out=None, per_channel: bool = True,
                   target: str | None = None, progress: bool = False) -> Path:
@@ -111,16 +91,22 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
         raise VditError("static Q/DQ quantization needs a calibration set: run `vdit calibrate collect` first")
     rules = dict(mode=mode, method=method, keep_fp=keep_fp, only=only, per_channel=per_channel, choice=choice,
                  progress=progress)
-    path = quantize_graph(src, Path(out) if out else variant_path(export_dir, mode),
-                          cset and (lambda lo, hi: cset.batches(lo, hi)), **rules)
+    path = Path(out) if out else variant_path(export_dir, mode)
+    denoiser_batches = cset and (lambda lo, hi: cset.batches(lo, hi))
     # dynamic INT8 is ONNX Runtime's CPU form, where a host-side step costs the same as a fused one
-    if mode == "qdq" and out is None and only is None:
-        import onnx
+    if not (mode == "qdq" and out is None and only is None and step):
+        return quantize_graph(src, path, denoiser_batches, **rules)
+    import onnx
 
-        for graph in step:
-            names = [i.name for i in onnx.load(str(graph), load_external_data=False).graph.input]
-            quantize_graph(graph, graph.with_name(variant_file(STEP, MODES[mode])),
-                           lambda lo, hi: cset.step_batches(lo, hi, names), **rules)
+    from vdit_deploy.calibration.fp16 import publish_files
+
+    graph = step[0]
+    names = [i.name for i in onnx.load(str(graph), load_external_data=False).graph.input]
+    step_out = graph.with_name(variant_file(STEP, MODES[mode]))
+    with temp_dir(path) as tmp:      # both graphs, or neither: made in a scratch dir, then renamed into place
+        quantize_graph(src, tmp / path.name, denoiser_batches, **rules)
+        quantize_graph(graph, tmp / step_out.name, lambda lo, hi: cset.step_batches(lo, hi, names), **rules)
+        publish_files(tmp, [path, step_out])
     return path
 
 
@@ -132,7 +118,9 @@ def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_f
     stays float. progress: a bar per calibration batch."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
 
+    from vdit_deploy.calibration.ranges import fit_ranges
     from vdit_deploy.calibration.fp16 import save_variant
 
     choice = choice or choose(mode)
@@ -167,15 +155,17 @@ def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_f
                 lo, hi = read_metadata(src).batch_range()
                 calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                          "entropy": CalibrationMethod.Entropy}[method]
-                # Symmetric int8 on both sides: what TensorRT's explicit quantization requires.
-                # CalibStridedMinMax: the calibrator takes one call's batch at a time (_Reader).
+                # One batch at a time, only the tensors Q/DQ quantizes (ranges.py); onnxruntime takes
+                # the ranges as its calibration cache and builds the graph from them.
                 feeds = bar(batches(lo, hi), show=progress, desc=f"calibrate {src.name}", unit="batch")
-                quantize_static(fp32, raw, _Reader(feeds), quant_format=QuantFormat.QDQ,
+                ranges, _ = fit_ranges(fp32, nodes, feeds, method, Path(tmp))
+                save_tensors_data(ranges, Path(tmp) / "ranges.json")
+                # Symmetric int8 on both sides: what TensorRT's explicit quantization requires.
+                quantize_static(fp32, raw, None, quant_format=QuantFormat.QDQ,
                                 activation_type=types[choice.activation_type], calibrate_method=calib,
+                                calibration_cache_path=Path(tmp) / "ranges.json", use_external_data_format=True,
                                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                               "MatMulConstBOnly": True, "CalibPercentile": 99.99,
-                                               "CalibTensorRangeSymmetric": True, "CalibStridedMinMax": 1},
-                                calibration_providers=["CPUExecutionProvider"], **common)
+                                               "MatMulConstBOnly": True}, **common)
         except VditError:
             raise
         except Exception as e:   # onnxruntime.quantization raises plain ValueError / RuntimeError

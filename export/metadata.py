@@ -32,8 +32,8 @@ from vdit_deploy.contract import BUILTIN, NULL_FILE, Contract
 from vdit_deploy.schedules import Schedule
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.graph_files import check_external_data
-from vdit_deploy.export.variants import (DECODER_KINDS, DENOISER, FP16, GRAPH_PRECISIONS, KINDS, OLD_TAGS, TEXT_ENCODER,
-                                         STEP, all_variant_files, find_variant, graph_precision, variant_file,
+from vdit_deploy.export.variants import (DECODER_KINDS, DENOISER, FP16, GRAPH_PRECISIONS, INT8_QDQ, KINDS, OLD_TAGS,
+                                         TEXT_ENCODER, STEP, all_variant_files, find_variant, graph_precision, variant_file,
                                          variant_files)
 
 # What a sample depends on: a digest of these catches edits. The precision tag is left out (variants
@@ -247,13 +247,14 @@ def check_export_dir(path: str | Path, skipped: list[str] | None = None) -> dict
 
 
 def check_variant_complete(export_dir: Path, precision: str) -> None:
-    """An fp16 variant is both graphs or neither (calibration/fp16.publish_variant): a denoiser.fp16.onnx
-    without step.fp16.onnx beside a step.onnx would silently sample with the host-side step."""
+    """An fp16 or int8-qdq variant is both graphs or neither (calibration/fp16.publish_files): a
+    denoiser.fp16.onnx without step.fp16.onnx beside a step.onnx would silently sample with the host-side step."""
     export_dir = Path(export_dir)
-    if precision == FP16 and (export_dir / variant_file(STEP)).is_file() and \
-            find_variant(export_dir, DENOISER, FP16) and not find_variant(export_dir, STEP, FP16):
-        raise VditError(f"{export_dir} has {variant_file(DENOISER, FP16)} without {variant_file(STEP, FP16)} (from an "
-                        "interrupted or older `vdit calibrate fp16`): run `vdit calibrate fp16` again")
+    if precision in (FP16, INT8_QDQ) and (export_dir / variant_file(STEP)).is_file() and \
+            find_variant(export_dir, DENOISER, precision) and not find_variant(export_dir, STEP, precision):
+        again = "`vdit calibrate " + ("fp16`" if precision == FP16 else "int8 --mode qdq`")
+        raise VditError(f"{export_dir} has {variant_file(DENOISER, precision)} without {variant_file(STEP, precision)} "
+                        f"(from an interrupted or older {again}): run {again} again")
 
 
 def find_onnx(path: str | Path, kind: str = DENOISER, precision: str = "fp32") -> Path:

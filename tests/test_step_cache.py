@@ -154,15 +154,37 @@ def test_cache_split_is_refused_before_any_work(tiny_checkpoint, tmp_path):
         assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("guidance", [2.0, 1.0])
-def test_ort_and_torch_take_the_same_decisions(cache_export, tiny_checkpoint, guidance):
+@pytest.fixture(scope="module")
+def flow_cache_export(tmp_path_factory):
+    """The shipped flow-matching checkpoint (assets/tiny-flow, v output) with the split graphs."""
+    from vdit_deploy.checkpoint import SHIPPED_FLOW
+    from vdit_deploy.export.onnx_export import export_checkpoint
+
+    return export_checkpoint(SHIPPED_FLOW, tmp_path_factory.mktemp("cache") / "flow", batch=(1, 4), cache_split=1)
+
+
+@pytest.fixture(params=["ddpm", "flow"])
+def cached_model(request):
+    """(export, checkpoint, sampler): the tiny DDPM checkpoint with UniPC, the shipped flow checkpoint with
+    its default sampler (flow euler)."""
+    if request.param == "ddpm":
+        return request.getfixturevalue("cache_export"), request.getfixturevalue("tiny_checkpoint"), "unipc"
+    from vdit_deploy.checkpoint import SHIPPED_FLOW
+
+    return request.getfixturevalue("flow_cache_export"), SHIPPED_FLOW, None
+
+
+@pytest.mark.parametrize("cached_model,guidance", [("ddpm", 2.0), ("ddpm", 1.0), ("flow", 2.0)],
+                         indirect=["cached_model"])
+def test_ort_and_torch_take_the_same_decisions(cached_model, guidance):
     """The head graphs and the torch split give the policy the same stats: same skips, same videos."""
     from vdit_deploy.runtimes import open_runtime
     from vdit_deploy.sampling import sample, sampler_plan
 
-    with open_runtime("ort", cache_export) as ort, open_runtime("torch", tiny_checkpoint, device="cpu") as tr:
+    export, checkpoint, sampler = cached_model
+    with open_runtime("ort", export) as ort, open_runtime("torch", checkpoint, device="cpu") as tr:
         c = ort.contract
-        plan = sampler_plan(c, "unipc", 20)
+        plan = sampler_plan(c, sampler, 20)
         for mode in ("fbcache", "teacache"):
             probe = CachePolicy(mode, 0.0, warmup=1).start(len(plan))       # the signals, nothing skipped
             sample(ort, c, [0, 3], plan, guidance, 0, cache=probe)
@@ -211,7 +233,7 @@ def test_calibrate_cache_fits_on_a_calibration_set(cache_export, tmp_path):
     (cache_export / "cache_fit.json").unlink()
 
 
-def test_trt_fake_takes_the_same_decisions(monkeypatch, cache_export, tmp_path):
+def test_trt_fake_takes_the_same_decisions(monkeypatch, cached_model, tmp_path):
     """Control flow against the strict TensorRT/cuda-python fakes (no numerics: the head engine's stats
     are scripted with what ONNX Runtime's head gave): the same skips, a head launch per step, a tail
     launch per full step, each engine eager once and then a CUDA graph replay, nothing leaked."""
@@ -222,10 +244,11 @@ def test_trt_fake_takes_the_same_decisions(monkeypatch, cache_export, tmp_path):
     from vdit_deploy.runtimes.trt_build import find_engine
     from vdit_deploy.sampling import sample, sampler_plan
 
-    export = shutil.copytree(cache_export, tmp_path / "export", ignore=shutil.ignore_patterns("engines"))
+    source, _, sampler = cached_model
+    export = shutil.copytree(source, tmp_path / "export", ignore=shutil.ignore_patterns("engines"))
     with open_runtime("ort", export) as ort:
         c = ort.contract
-        plan = sampler_plan(c, "unipc", 12)
+        plan = sampler_plan(c, sampler, 12)
         probe = CachePolicy("fbcache", 0.0, warmup=1).start(len(plan))
         sample(ort, c, [0, 3], plan, 2.0, 0, cache=probe)
         policy = CachePolicy("fbcache", float(np.nanmedian(probe.signals)), warmup=1)
@@ -266,3 +289,38 @@ def test_cli_sample_and_export_options(cache_export, tmp_path):
         assert re.search(match, bad.output) and not (tmp_path / "w.npy").exists(), bad.output
     bad = runner.invoke(main, ["export", str(tmp_path), "--out", str(tmp_path / "e"), "--cache-split", "0"])
     assert bad.exit_code == 1 and "--cache-split" in bad.output
+
+
+def test_wan_splits_exports_and_samples_cached_as_torch(tmp_path):
+    """WanTransformer3DModel (2 tiny layers, pipeline layout): its RoPE has no batch axis, so the split
+    recomputes it from the static latent in each graph instead of passing it head to tail; the export's
+    check (head + tail = denoiser.onnx) passes and ORT takes torch's skips."""
+    diffusers = pytest.importorskip("diffusers")
+    from test_families import save_pipeline
+    from vdit_deploy.export.onnx_export import export_source
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.runtimes.torch_runtime import TorchRuntime
+    from vdit_deploy.sampling import sample, sampler_plan
+    from vdit_deploy.sources import load_diffusers_source
+
+    torch.manual_seed(0)
+    net = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                          in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                          num_layers=2, rope_max_seq_len=32)
+    scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  flow_shift=3.0)
+    path = save_pipeline(tmp_path, net, scheduler)
+    source = load_diffusers_source(path, seq=(1, 8), latent=(4, 2, 8, 8))
+    export = export_source(source, tmp_path / "export", batch=(1, 2), cache_split=1)
+    cond = {"encoder_hidden_states": np.random.default_rng(0).standard_normal((2, 8, 16)).astype(np.float32)}
+    with open_runtime("ort", export) as ort, TorchRuntime(None, source=source, device="cpu") as tr:
+        c = ort.contract
+        assert c.schedule.kind == "flow"
+        plan = sampler_plan(c, None, 10)
+        probe = CachePolicy("fbcache", 0.0, warmup=1).start(len(plan))
+        sample(ort, c, cond, plan, 2.0, 0, cache=probe)
+        policy = CachePolicy("fbcache", float(np.nanmedian(probe.signals)), warmup=1)
+        caches = [policy.start(len(plan)) for _ in range(2)]
+        videos = [sample(rt, c, cond, plan, 2.0, 0, cache=k) for rt, k in zip((ort, tr), caches)]
+    assert caches[0].decisions == caches[1].decisions and 0 < sum(caches[0].decisions) < len(plan) - 2
+    assert np.abs(videos[0] - videos[1]).max() < 1e-3

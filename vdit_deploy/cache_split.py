@@ -10,8 +10,8 @@ text model's projected prompt ...); out_skip = final(h_K + tail_residual) is a s
 runs the head alone. Every tensor is batch first, so a guided step runs both on its 2B rows.
 
 A model is split through an adapter that knows its blocks (as diffusers' FirstBlockCache hooks find
-`transformer_blocks`): the built-in VideoDiT and diffusers' LatteTransformer3DModel, whose spatial
-and temporal blocks alternate, a pair being one block here.
+`transformer_blocks`): the built-in VideoDiT, diffusers' LatteTransformer3DModel, whose spatial
+and temporal blocks alternate, a pair being one block here, and WanTransformer3DModel (text-to-video).
 """
 from __future__ import annotations
 
@@ -112,6 +112,48 @@ class LatteBlocks(nn.Module):
         return x.reshape(b, f, c, hh * p, ww * p).permute(0, 2, 1, 3, 4)
 
 
+class WanBlocks(nn.Module):
+    """diffusers' WanTransformer3DModel, text-to-video (its forward, cut into pieces). h: (B, S, D); ctx:
+    the timestep projection (B, 6, D), the embedded timestep (B, D), the projected prompt (B, seq, D).
+    Its 3D RoPE is no ctx: it has no batch axis ((1, S, 1, d) cos and sin) and depends on the latent's
+    shape alone, so each graph computes it from the static latent (constants after tracing)."""
+    ctx_names = ("timestep_proj", "embedded_timestep", "prompt")
+
+    def __init__(self, net, latent):
+        super().__init__()
+        self.net, self.latent = net, tuple(int(d) for d in latent)             # (C, F, H, W)
+        self.depth = len(net.blocks)
+
+    def ctx_axes(self, contract):
+        return [["batch", None, None], ["batch", None], ["batch", "seq", None]]
+
+    def rope(self, h):
+        return self.net.rope(h.new_zeros(1, *self.latent))                     # reads the shape only
+
+    def embed(self, x_t, t, ehs):
+        net = self.net
+        tokens = net.patch_embedding(x_t).flatten(2).transpose(1, 2).contiguous()  # (B, S, D)
+        temb, proj, prompt, _ = net.condition_embedder(t, ehs, None)
+        return tokens, (proj.unflatten(1, (6, -1)), temb, prompt)
+
+    def modulated(self, h, ctx):
+        block = self.net.blocks[0]
+        shift, scale = (block.scale_shift_table + ctx[0].float()).chunk(6, dim=1)[:2]
+        return (block.norm1(h.float()) * (1 + scale) + shift).type_as(h)         # (B, S, D)
+
+    def block(self, i, h, ctx):
+        proj, _, prompt = ctx
+        return self.net.blocks[i](h, prompt, proj, self.rope(h))
+
+    def final(self, h, ctx):
+        net, (_, temb, _) = self.net, ctx
+        shift, scale = (net.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        x = net.proj_out((net.norm_out(h.float()) * (1 + scale) + shift).type_as(h))
+        (pt, ph, pw), (_, f, hh, ww) = net.config.patch_size, self.latent
+        x = x.reshape(h.shape[0], f // pt, hh // ph, ww // pw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
 def adapter_for(module: nn.Module) -> nn.Module:
     """The block adapter of a source's module (sources.py: the VideoDiT itself, or a DiffusersDenoiser)."""
     from vdit_deploy.model import VideoDiT
@@ -121,8 +163,10 @@ def adapter_for(module: nn.Module) -> nn.Module:
     net = getattr(module, "net", None)
     if net is not None and type(net).__name__ == "LatteTransformer3DModel":
         return LatteBlocks(net)
+    if net is not None and type(net).__name__ == "WanTransformer3DModel":
+        return WanBlocks(net, module.latent)
     raise VditError(f"step caching cannot split {type(net or module).__name__}: it knows the built-in VideoDiT and "
-                    "diffusers' LatteTransformer3DModel (their blocks)")
+                    "diffusers' LatteTransformer3DModel and WanTransformer3DModel (their blocks)")
 
 
 def l1_stats(residual, residual_ref, modulated, modulated_ref) -> torch.Tensor:

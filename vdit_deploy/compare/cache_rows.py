@@ -40,7 +40,7 @@ def measure_cache(label: str, open_rt, batch: int, seeds: list[int], sampler: st
                   guidance: float, repeats: int, pool, settings: list[dict], fit_dir=None) -> list[dict]:
     """Rows for one runtime: every setting against the runtime uncached."""
     from vdit_deploy.compare.measure import stats, videos_cond
-    from vdit_deploy.sampling import SampleTimes, conditioning, sample, sampler_plan
+    from vdit_deploy.sampling import SampleTimes, conditioning, sample, sampler_name, sampler_plan
     from vdit_deploy.step_cache import policy_for
 
     rows = []
@@ -79,7 +79,8 @@ def measure_cache(label: str, open_rt, batch: int, seeds: list[int], sampler: st
                 caches[id(p)].setdefault(seed, cache)
         base = np.asarray(seconds[id(None)])
         for s, p in zip(settings, policies):
-            row = {"label": label, "batch": batch, "setting": s, "steps": len(plan)}
+            row = {"label": label, "batch": batch, "setting": s, "sampler": sampler_name(contract, sampler),
+                   "steps": len(plan)}
             if isinstance(p, str):
                 rows.append({**row, "status": "skipped", "reason": p})
                 continue
