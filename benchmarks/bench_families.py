@@ -3,10 +3,9 @@ layers, 12 heads x 128 = 1536 wide, FFN 8960, umT5 width 4096; 1.42 B parameters
 memory allows, CogVideoX-2B (30 layers, 30 heads x 64, sincos positions), with random weights, saved as a
 pipeline is (transformer/ sharded safetensors + scheduler/ with the family's scheduler config), through:
 
-    export   in a child process: seconds, peak RSS, file sizes (external data over 2 GB). CogVideoX by
-             `vdit export DIR --out OUT --no-verify`; Wan, a flow-matching model, by the Python API under a
-             DDPM stand-in contract (the family's layout and conditioning, an eps output on the linear
-             schedule) until flow matching lands (issue 20): the graph is the same, only the sampler differs
+    export   `vdit export DIR --out OUT --no-verify --batch 1:2 --latent C,F,H,W` in a child process:
+             seconds, peak RSS, file sizes (external data over 2 GB); the contract is the family's own
+             (Wan: flow matching, UniPC with flow sigmas, from the scheduler config)
     verify   export/verify.verify on a short trajectory (1 video, 2 steps, 1 replayed step)
     int8     dynamic INT8 (calibration/int8.quantize_int8): seconds, size
     time     seconds per denoiser call at batch 1: PyTorch fp32 (the torch runtime rebuilt from the export),
@@ -76,45 +75,16 @@ def make_model(family: str, root: Path) -> Path:
     return path
 
 
-def standin_source(family: str, model_dir: Path):
-    """The family's own contract but for the schedule: eps on the linear DDPM schedule (see the docstring)."""
-    from vdit_deploy import families
-    from vdit_deploy.contract import Contract
-    from vdit_deploy.schedules import Schedule
-    from vdit_deploy.sources import load_diffusers_source
-
-    spec = FAMILIES[family]
-    config = json.loads((model_dir / "config.json").read_text())
-    fam = families.by_class(spec["cls"])
-    contract = Contract(spec["latent"], "eps", fam.cond(config), Schedule(), axes={"seq": (1, spec["tokens"])},
-                        family=fam.record(config, spec["latent"]))
-    return load_diffusers_source(model_dir, contract=contract)
-
-
-def export_child(family: str, model_dir: Path, out: Path) -> None:
-    from vdit_deploy.export.onnx_export import export_source
-
-    export_source(standin_source(family, model_dir), out, batch=(1, 2))
-
-
 def stage_export(family: str, model_dir: Path, out: Path) -> dict:
     start = time.perf_counter()
-    if families_flow(family):
-        command = [sys.executable, __file__, "--family", family, "--export-child", str(model_dir), str(out)]
-    else:
-        command = [sys.executable, "-m", "vdit_deploy.cli", "export", str(model_dir), "--out", str(out), "--no-verify",
-                   "--batch", "1:2"]
+    latent = ",".join(map(str, FAMILIES[family]["latent"]))    # not the pipeline's default resolution
+    command = [sys.executable, "-m", "vdit_deploy.cli", "export", str(model_dir), "--out", str(out), "--no-verify",
+               "--batch", "1:2", "--latent", latent]
     subprocess.run(command, check=True)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_gb": round(peak / 2 ** 20, 2),
             "how": " ".join(command[1:3]), "files_mb": {p.name: round(p.stat().st_size / 1e6, 1)
                                                          for p in sorted(out.iterdir())}}
-
-
-def families_flow(family: str) -> bool:
-    from vdit_deploy import families
-
-    return families.by_class(FAMILIES[family]["cls"]).objective == "flow" and not families.flow_supported()
 
 
 def stage_time(out: Path, tokens: int, repeats: int) -> dict:
@@ -128,6 +98,8 @@ def stage_time(out: Path, tokens: int, repeats: int) -> dict:
 
     rows, ref = {}, None
     for name, precision in (("torch fp32", "fp32"), ("ort fp32", "fp32"), ("ort int8-dynamic", "int8")):
+        if precision == "int8" and not (out / "denoiser.int8-dynamic.onnx").is_file():
+            continue   # the int8 stage did not finish (its row says why)
         if name.startswith("torch"):   # rebuilt from the export alone: the contract's family record
             rt = TorchRuntime(None, source=load_export_source(read_metadata(out / "denoiser.onnx"), out), device="cpu")
         else:
@@ -149,10 +121,7 @@ def main():
     parser.add_argument("--json", type=Path, default=None, help="default benchmarks/cpu/FAMILY.json")
     parser.add_argument("--stages", default="export,verify,int8,time")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--export-child", nargs=2, type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.export_child:
-        return export_child(args.family, *args.export_child)
     work, spec = args.work or Path(f"/tmp/{args.family}"), FAMILIES[args.family]
     json_path = args.json or Path(f"benchmarks/cpu/{args.family}.json")
     results = json.loads(json_path.read_text()) if json_path.is_file() else {}
@@ -164,6 +133,7 @@ def main():
     model_dir, out = make_model(args.family, work), work / "export"
     stages = {"export": lambda: stage_export(args.family, model_dir, out), "verify": lambda: stage_verify(out),
               "int8": lambda: stage_int8(out), "time": lambda: stage_time(out, spec["tokens"], args.repeats)}
+    # stages in this process (verify, int8, time): the process's peak RSS so far, recorded with each
     for name in args.stages.split(","):
         if name in results:
             print(f"{name}: done before ({json_path}), skipped")
@@ -172,6 +142,8 @@ def main():
         results[name] = stages[name]()
         results[name]["date"] = time.strftime("%Y-%m-%d %H:%M")
         results[name]["load_average"] = os.getloadavg()
+        if name != "export":   # the export's peak is its child's
+            results[name]["peak_rss_gb_so_far"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps(results[name], indent=1), flush=True)

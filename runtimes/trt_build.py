@@ -185,7 +185,7 @@ def build_export(export: str | Path, precision: str | None = None, batch: str | 
                  log: Callable[[str], None] = print) -> list[BuiltEngine]:
     """`vdit build`: every graph kind of an export dir to a cached engine. Explicit options win over the
     deployment profile `target` (its precision, batch and named-axis ranges, workspace, optimization
-    level, DLA core), which wins over the defaults (fp16, batch 1:2:8, each named axis over the export's
+    level, DLA core), which wins over the defaults (fp16, batch 1:2:8 within the export's range, each named axis over the export's
     range with opt = max); with a target the memory plan is checked (and logged) before a long build
     that cannot fit the board."""
     from vdit_deploy.export.metadata import find_onnx, read_metadata
@@ -198,12 +198,18 @@ def build_export(export: str | Path, precision: str | None = None, batch: str | 
         raise VditError("pass --batch or --fixed-batch, not both")
     board = load_profile(target) if target else None
     precision = precision or (board.precision if board else FP16)
-    batch_profile = (AxisProfile.fixed(fixed_batch) if fixed_batch else AxisProfile.parse(batch) if batch
-                     else AxisProfile(*board.batch) if board else AxisProfile(1, 2, 8))
     kinds = [k for k in (*KINDS, *CACHE_ENGINES) if (export / variant_file(k)).is_file()]   # cache: --cache-split
     if not kinds:
         raise VditError(f"{export} has no step.onnx or denoiser.onnx; run `vdit export` first")
     step_onnx = find_onnx(export, kinds[0])
+    lo, hi = read_metadata(step_onnx).batch_range()
+    batch_profile = (AxisProfile.fixed(fixed_batch) if fixed_batch else AxisProfile.parse(batch) if batch
+                     else AxisProfile(*board.batch) if board else
+                     AxisProfile(lo, min(max(lo, 2), hi), min(hi, max(lo, 8))))   # 1:2:8 within the export's
+    if batch_profile.min < lo or batch_profile.max > hi:    # a fixed-batch family's graph has a static batch
+        where = f"a fixed batch of {lo}" if lo == hi else f"batch {lo}..{hi}"
+        raise VditError(f"batch {batch_profile} is outside the export's range ({where}): pass --batch or "
+                        "--fixed-batch within it, or re-export with `vdit export --batch`")
     axes = {name: AxisProfile(*r) for name, r in (board.axes if board else {}).items()}
     if seq is not None:
         axes["seq"] = AxisProfile.parse(seq, "--seq")

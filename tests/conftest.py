@@ -115,3 +115,36 @@ def tiny_latte_export(tiny_latte, tmp_path_factory):
     from vdit_deploy.export.onnx_export import export_checkpoint
 
     return export_checkpoint(tiny_latte, tmp_path_factory.mktemp("onnx") / "latte", batch=(1, 4), seq=(1, 16))
+
+
+_FAMILY_EXPORTS = {}
+
+
+def family_export(name, tmp_path_factory):
+    """A tiny model of a family (tests/family_models.py) in the pipeline layout with its pipeline's real
+    scheduler config, exported once per session through the Python API (batch 1:3, 1..8 text tokens):
+    the family's own conditioning, layout and fixed arguments, the objective and sigmas read from the
+    scheduler config. (name, model dir, export dir, the pipeline's call or None, export notes, latent)."""
+    pytest.importorskip("diffusers", reason="pip install 'vdit-deploy[dev]' for the diffusers model tests")
+    if name not in _FAMILY_EXPORTS:
+        import torch
+
+        from family_models import SEQ, save_pipeline, tiny_family
+        from vdit_deploy.export.onnx_export import export_source
+        from vdit_deploy.sources import load_diffusers_source
+
+        root = tmp_path_factory.mktemp(name)
+        torch.manual_seed(0)
+        model, scheduler, latent, call = tiny_family(name)
+        path = save_pipeline(root, model, scheduler)
+        notes = []
+        export = export_source(load_diffusers_source(path, seq=(1, SEQ), latent=latent), root / "export",
+                               batch=(1, 3), log=notes.append)
+        _FAMILY_EXPORTS[name] = (name, path, export, call, notes, latent)
+    return _FAMILY_EXPORTS[name]
+
+
+@pytest.fixture(scope="session", params=["wan", "ltx", "mochi", "hunyuan"])
+def flow_family(request, tmp_path_factory):
+    """A flow-matching family's tiny model and export (family_export)."""
+    return family_export(request.param, tmp_path_factory)

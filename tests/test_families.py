@@ -11,6 +11,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 diffusers = pytest.importorskip("diffusers", reason="pip install 'vdit-deploy[dev]' for the diffusers model tests")
+from family_models import (COG_SEQ, COG_TEXT, SEQ, cogvideox_scheduler, pipeline_sample,  # noqa: E402
+                           save_pipeline, tiny_cogvideox)
 
 
 def run_cli(*args):
@@ -25,20 +27,6 @@ def one_line_error(result):
     return lines[0]
 
 
-def save_pipeline(root, model, scheduler, seed: int = 0):
-    """transformer/ and scheduler/ as a pipeline's save_pretrained writes them; weights moved off their
-    zero initialisation (the output layers) so the output depends on every input."""
-    import torch
-
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(root / "transformer")
-    scheduler.save_pretrained(root / "scheduler")
-    return root / "transformer"
-
-
 def write_cond(path, **arrays):
     from safetensors.numpy import save_file
 
@@ -47,24 +35,6 @@ def write_cond(path, **arrays):
 
 
 # ---- CogVideoX: v-prediction DDPM, (B, F, C, H, W), 5B-style RoPE table from the pipeline ---------------
-COG_TEXT, COG_SEQ = 16, 12
-
-
-def tiny_cogvideox(rotary: bool):
-    return diffusers.CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
-        text_embed_dim=COG_TEXT, num_layers=1, sample_width=8, sample_height=6, sample_frames=9, patch_size=2,
-        max_text_seq_length=COG_SEQ, use_rotary_positional_embeddings=rotary)
-
-
-def cogvideox_scheduler():
-    """CogVideoX's schedule (scaled_linear 0.00085..0.012, v_prediction, trailing) in a scheduler vdit reads
-    today: CogVideoXDDIMScheduler's zero terminal SNR and snr_shift_scale come with the flow-matching
-    work's scheduler reading (issue 20)."""
-    return diffusers.UniPCMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                             prediction_type="v_prediction", timestep_spacing="trailing")
-
-
 @pytest.fixture(scope="module", params=[True, False], ids=["5b-rope", "2b-sincos"])
 def cogvideox(request, tmp_path_factory):
     """(model dir, export dir): `vdit export DIR --out OUT`, no other option (verify included)."""
@@ -137,75 +107,6 @@ def test_cogvideox_samples_equal_on_ort_torch_and_the_diffusers_pipeline(cogvide
 
 
 # ---- the flow-matching families: Wan, LTX-Video, Mochi, HunyuanVideo -------------------------------------
-SEQ, TEXT = 8, 16
-
-
-def tiny_flow_family(name):
-    """(model, its pipeline's scheduler, latent (C, F, H, W), the pipeline's call as a function of
-    (net, x_t (B, C, F, H, W), t, cond dict) -> out (B, C, F, H, W))."""
-    d = diffusers
-    if name == "wan":
-        model = d.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                        in_channels=4, out_channels=4, text_dim=TEXT, freq_dim=16, ffn_dim=32,
-                                        num_layers=1, rope_max_seq_len=32)
-        scheduler = d.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-        call = lambda net, x, t, c: net(hidden_states=x, timestep=t, encoder_hidden_states=c["encoder_hidden_states"],
-                                        return_dict=False)[0]
-        return model, scheduler, (4, 2, 8, 8), call
-    if name == "ltx":
-        model = d.LTXVideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8,
-                                             cross_attention_dim=16, num_layers=1, caption_channels=TEXT)
-        scheduler = d.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
-                                                      base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
-
-        def call(net, x, t, c):   # LTXPipeline's packing, arguments and rope scale (8 / 25 fps, 32, 32)
-            b, _, f, h, w = x.shape
-            tokens = d.LTXPipeline._pack_latents(x, 1, 1)
-            out = net(hidden_states=tokens, encoder_hidden_states=c["encoder_hidden_states"], timestep=t,
-                      encoder_attention_mask=c["encoder_attention_mask"], num_frames=f, height=h, width=w,
-                      rope_interpolation_scale=(8 / 25, 32, 32), return_dict=False)[0]
-            return d.LTXPipeline._unpack_latents(out, f, h, w, 1, 1)
-        return model, scheduler, (8, 2, 4, 4), call
-    if name == "mochi":
-        model = d.MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=1,
-                                          pooled_projection_dim=16, in_channels=4, text_embed_dim=TEXT,
-                                          time_embed_dim=16, max_sequence_length=SEQ)
-        scheduler = d.FlowMatchEulerDiscreteScheduler(invert_sigmas=True)
-        call = lambda net, x, t, c: net(hidden_states=x, encoder_hidden_states=c["encoder_hidden_states"], timestep=t,
-                                        encoder_attention_mask=c["encoder_attention_mask"], return_dict=False)[0]
-        return model, scheduler, (4, 2, 8, 8), call
-    model = d.HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12,
-                                             num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=2,
-                                             text_embed_dim=TEXT, pooled_projection_dim=8, rope_axes_dim=(4, 4, 4))
-    scheduler = d.FlowMatchEulerDiscreteScheduler(shift=7.0)
-    call = lambda net, x, t, c: net(hidden_states=x, timestep=t, encoder_hidden_states=c["encoder_hidden_states"],
-                                    encoder_attention_mask=c["encoder_attention_mask"],
-                                    pooled_projections=c["pooled_projections"],
-                                    guidance=c["embedded_guidance"] * 1000.0, return_dict=False)[0]  # the pipeline's
-    return model, scheduler, (4, 2, 8, 8), call
-
-
-@pytest.fixture(scope="module", params=["wan", "ltx", "mochi", "hunyuan"])
-def flow_family(request, tmp_path_factory):
-    """A tiny flow-matching model in the pipeline layout with its pipeline's real scheduler config, and its
-    export through the Python API: the family's own conditioning, layout and fixed arguments, the flow
-    objective and sigmas read from the scheduler config."""
-    import torch
-
-    from vdit_deploy.export.onnx_export import export_source
-    from vdit_deploy.sources import load_diffusers_source
-
-    name = request.param
-    root = tmp_path_factory.mktemp(name)
-    torch.manual_seed(0)
-    model, scheduler, latent, call = tiny_flow_family(name)
-    path = save_pipeline(root, model, scheduler)
-    source = load_diffusers_source(path, seq=(1, SEQ), latent=latent)
-    notes = []
-    export = export_source(source, root / "export", batch=(1, 3), log=notes.append)
-    return name, path, export, call, notes, latent
-
-
 def test_flow_family_exports_with_no_options_and_info_describes_it(flow_family, tmp_path):
     """`vdit export DIR --out OUT` needs nothing else for a known flow family but, for a tiny model, the
     latent (the family's default is its pipeline's resolution); `vdit info` names the family, its layout
@@ -266,6 +167,32 @@ def test_flow_family_verifies_and_samples_alike_on_ort_and_torch(flow_family):
         got = sample(ort_rt, contract, cond, plan, 3.0, 1)
         want = sample(torch_rt, contract, cond, plan, 3.0, 1)
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_flow_family_ort_sample_equals_its_diffusers_pipeline(flow_family):
+    """ONNX Runtime's sample with the family's default sampler (read from its scheduler config: Wan's
+    UniPC with flow sigmas and shift 3, LTX's dynamically shifted Euler on its pipeline's sigmas, Mochi's
+    inverted Euler on linear-quadratic sigmas, Hunyuan's shift-7 Euler with embedded guidance) equals
+    the family's own diffusers pipeline driving the PyTorch model from the same noise and embeddings,
+    the export's null conditioning as the negative prompt."""
+    from vdit_deploy.contract import load_null
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.sampling import sample, sampler_plan
+
+    name, path, export, *_ = flow_family
+    steps, seed = 4, 1
+    guidance = 1.0 if name == "hunyuan" else 3.0       # Hunyuan: embedded guidance, no CFG (its pipeline's)
+    with open_runtime("ort", export) as rt:
+        contract = rt.contract
+        cond = contract.example_cond(min(2, rt.batch_range[1]), np.random.default_rng(2), {"seq": SEQ})
+        if name == "hunyuan":
+            cond["embedded_guidance"][:] = 6.0
+        ours = sample(rt, contract, cond, sampler_plan(contract, steps=steps), guidance, seed)
+        null = load_null(contract, export)
+    x_T = np.random.default_rng(seed).standard_normal(ours.shape, dtype=np.float32)    # sample()'s x_T
+    theirs = pipeline_sample(name, path, x_T, cond, null, steps, guidance)
+    assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 1e-4
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
 # ---- what the adapters rest on ---------------------------------------------------------------------------

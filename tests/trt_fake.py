@@ -678,20 +678,26 @@ for _name, _fn in list(vars(CudaBehaviour).items()):
 # ---- TensorRT behaviour --------------------------------------------------------------------------------
 ONNX_DTYPES = {1: "FLOAT", 10: "HALF", 16: "BF16", 6: "INT32", 7: "INT64", 3: "INT8", 2: "UINT8", 9: "BOOL"}
 BINARY = {"Add": "SUM", "Sub": "SUB", "Mul": "PROD", "Div": "DIV", "Pow": "POW", "Max": "MAX", "Min": "MIN",
-          "Equal": "EQUAL", "Less": "LESS", "Greater": "GREATER", "And": "AND", "Or": "OR"}
+          "Equal": "EQUAL", "Less": "LESS", "Greater": "GREATER", "And": "AND", "Or": "OR",
+          # the ONNX parser lowers these to GREATER / LESS and EQUAL, then their OR: the fake records the OR
+          "GreaterOrEqual": "OR", "LessOrEqual": "OR"}
 LAYER_OF_OP = {
     **{op: "ELEMENTWISE" for op in BINARY},
     **{op: "REDUCE" for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2")},
     **{op: "UNARY" for op in ("Exp", "Log", "Sqrt", "Reciprocal", "Abs", "Neg", "Sin", "Cos", "Erf", "Not",
-                              "Floor", "Ceil")},
+                              "Floor", "Ceil", "IsNaN")},
     **{op: "ACTIVATION" for op in ("Relu", "Sigmoid", "Tanh", "Clip")},
     **{op: "NORMALIZATION" for op in ("LayerNormalization", "GroupNormalization", "InstanceNormalization")},
     **{op: "SHUFFLE" for op in ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")},
     **{op: "SLICE" for op in ("Slice", "Split", "Expand")},
     "Softmax": "SOFTMAX", "MatMul": "MATRIX_MULTIPLY", "Gemm": "MATRIX_MULTIPLY", "Conv": "CONVOLUTION",
-    "Shape": "SHAPE", "Gather": "GATHER", "GatherND": "GATHER", "Concat": "CONCATENATION", "Constant": "CONSTANT", "Cast": "CAST",
+    "Shape": "SHAPE", "Gather": "GATHER", "Concat": "CONCATENATION", "Constant": "CONSTANT", "Cast": "CAST",
     "Where": "SELECT", "Identity": "IDENTITY", "QuantizeLinear": "QUANTIZE", "DequantizeLinear": "DEQUANTIZE",
     "ConstantOfShape": "FILL", "Range": "FILL", "Einsum": "EINSUM", "Resize": "RESIZE",
+    # what the video DiT families' graphs add (the ONNX parser's operator support, TensorRT 10.x): Wan's and
+    # HunyuanVideo's index writes, Mochi's per-prompt token selection and padding, HunyuanVideo's repeat
+    "ScatterND": "SCATTER", "ScatterElements": "SCATTER", "GatherND": "GATHER", "NonZero": "NON_ZERO",
+    "Pad": "SLICE", "Tile": "SLICE",
 }
 LAYER_CLASS = {"ELEMENTWISE": "IElementWiseLayer", "REDUCE": "IReduceLayer", "SOFTMAX": "ISoftMaxLayer",
                "NORMALIZATION": "INormalizationLayer"}

@@ -69,12 +69,15 @@ def estimate_bytes(tensors: dict[str, TensorInfo], config: dict, latent: tuple, 
     the float32 weights twice (built, then loaded), and activations of batch x tokens x the widest layer
     (tokens: F*H*W over the patch area; a few dozen live tensors of that size)."""
     weights = sum(t.numel for t in tensors.values()) * 4
+    size = lambda p: p if isinstance(p, int) and not isinstance(p, bool) and p >= 1 else 1
     patch = config.get("patch_size")
-    patch = patch if isinstance(patch, int) and not isinstance(patch, bool) and patch >= 1 else 1
-    patch_t = config.get("patch_size_t")
-    patch_t = patch_t if isinstance(patch_t, int) and not isinstance(patch_t, bool) and patch_t >= 1 else 1
+    if isinstance(patch, (list, tuple)) and len(patch) == 3:      # Wan's (t, h, w)
+        patch_t, patch_h, patch_w = map(size, patch)
+    else:
+        patch_t, patch_h = size(config.get("patch_size_t")), size(patch)
+        patch_w = patch_h
     c, f, h, w = latent
-    tokens = max(1, f // patch_t) * max(1, h // patch) * max(1, w // patch)
+    tokens = max(1, f // patch_t) * max(1, h // patch_h) * max(1, w // patch_w)
     width = max([c, *(max(t.shape, default=1) for t in tensors.values())])
     return 2 * weights + 32 * batch * tokens * width * 4 + batch * math.prod(latent) * 4 * 8
 

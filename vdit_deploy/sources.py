@@ -150,10 +150,10 @@ def token_count(config: dict, latent) -> int | None:
     return max(1, -(-f // pt)) * max(1, h // ph) * max(1, w // pw)
 
 
-def scheduler_options(model_dir: Path, scheduler_config: Path | None, seq_len: int | None = None):
+def scheduler_options(model_dir: Path, scheduler_config: Path | None, seq_len: int | None = None, family=None):
     """(schedule, prediction, variance) from a scheduler_config.json: the one given, beside the model
     or in ../scheduler (a pipeline's layout); None when there is none. seq_len: the model's token count
-    (a dynamic shift comes from it)."""
+    (a dynamic shift comes from it). family: a known family, whose pipeline's sigmas the schedule takes."""
     candidates = [scheduler_config] if scheduler_config else [model_dir / SCHEDULER_CONFIG,
                                                               model_dir.parent / "scheduler" / SCHEDULER_CONFIG]
     from vdit_deploy.files import read_json
@@ -162,7 +162,8 @@ def scheduler_options(model_dir: Path, scheduler_config: Path | None, seq_len: i
         if file is not None and Path(file).exists():
             data = read_json(file, "scheduler config")
             try:
-                return read_scheduler_config(data, str(file), seq_len)
+                schedule, *rest = read_scheduler_config(data, str(file), seq_len)
+                return (family.pipeline_schedule(schedule) if family else schedule, *rest)
             except VditError as e:   # name the file the value came from
                 raise VditError(str(e) if str(file) in str(e) else f"{file}: {e}") from None
     if scheduler_config:
@@ -284,7 +285,7 @@ def diffusers_contract(path: Path, config: dict, cls_name: str, output, schedule
             size(key)
     if family is not None and not any("seq" in c.shape for c in cond):
         axes.pop("seq", None)
-    from_scheduler = scheduler_options(path, scheduler_config, token_count(config, latent))
+    from_scheduler = scheduler_options(path, scheduler_config, token_count(config, latent), family)
     if from_scheduler is None and (schedule is None or output is None):   # refuse rather than guess
         raise VditError(f"{path} has no {SCHEDULER_CONFIG} beside it or in ../scheduler: pass --scheduler-config "
                         "FILE (the noise schedule and what the model predicts)")
@@ -414,7 +415,10 @@ def load_export_source(meta, export_dir, checkpoint=None, device: str = "cpu", c
         from vdit_deploy.files import read_json
 
         config = read_json(path / "config.json", "model config", root=path)
-        beside = scheduler_options(path, None, token_count(config, contract.latent))   # a dynamic shift's tokens
+        from vdit_deploy import families
+
+        beside = scheduler_options(path, None, token_count(config, contract.latent),   # a dynamic shift's tokens
+                                   families.by_class(cls_name))
         if beside is not None and beside[0] != contract.schedule:
             raise VditError(f"{export_dir}: the schedule in its metadata differs from {path}'s scheduler config "
                             "(edited, or exported with another --scheduler-config); re-export it")

@@ -46,6 +46,7 @@ class Family:
     batch_note = ""                   # why the batch is fixed
     pipeline_latent: tuple = ()       # (F, H, W) at the pipeline's default size, when the config has none
     max_tokens = 120                  # the pipeline's max_sequence_length: the "seq" axis' upper end
+    pipeline_sigmas = "default"       # the sigmas its pipeline hands a flow scheduler (flow.BASE_SIGMAS)
 
     def check(self, path, config: dict) -> None:
         """Refuse a variant of the class the adapter does not cover (one line)."""
@@ -68,6 +69,14 @@ class Family:
         by default the model takes that layout as it is (families/base.Adapter)."""
         from vdit_deploy.families.base import Adapter
         return Adapter(net, contract)
+
+    def pipeline_schedule(self, schedule):
+        """The schedule its pipeline samples with: a flow scheduler config's, on the pipeline's own sigmas
+        (LTX-Video's linspace(1, 1/n, n), HunyuanVideo's linspace(1, 0, n + 1)[:-1]), not the scheduler's."""
+        if getattr(schedule, "kind", "") != "flow" or self.pipeline_sigmas == "default":
+            return schedule
+        from dataclasses import replace
+        return replace(schedule, base_sigmas=self.pipeline_sigmas)
 
     def row(self) -> dict:
         return {"class": self.cls, "objective": self.objective, "layout": self.layout,

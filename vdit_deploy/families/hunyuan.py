@@ -14,6 +14,7 @@ class HunyuanVideo(Family):
     default_sampler = "flow-match euler, 50 steps; embedded guidance 6 (no CFG: --guidance 1)"
     pipeline_latent = (33, 90, 160)       # HunyuanVideoPipeline's default 129 x 720 x 1280 (4x, 8x)
     max_tokens = 256                      # HunyuanVideoPipeline's max_sequence_length (LLM tokens)
+    pipeline_sigmas = "linear_zero"       # HunyuanVideoPipeline: np.linspace(1, 0, n + 1)[:-1], then shift
 
     def cond(self, config):
         cond = (CondInput("encoder_hidden_states", "float32", (BATCH, "seq", int(config["text_embed_dim"])),

@@ -16,6 +16,7 @@ class LTXVideo(Family):
     batch_note = "its RoPE coordinates are built with shape arithmetic on the batch"
     pipeline_latent = (21, 16, 22)        # LTXPipeline's default 161 x 512 x 704 through its VAE (8x, 32x)
     max_tokens = 128                      # LTXPipeline's max_sequence_length
+    pipeline_sigmas = "linear"            # LTXPipeline: np.linspace(1, 1 / n, n), then the dynamic shift
 
     def cond(self, config):
         return text_cond(int(config["caption_channels"]), "T5-XXL embeddings", mask=True)
