@@ -128,6 +128,18 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
     return path
 
 
+def ranges_cache_writer():
+    """onnxruntime's calibration-cache writer: quantize_static takes the fitted ranges only through it."""
+    import onnxruntime
+
+    try:
+        from onnxruntime.quantization.calibrate import save_tensors_data
+    except ImportError:
+        raise VditError(f"INT8 Q/DQ needs onnxruntime >= 1.27 (its calibration cache); this is "
+                        f"{onnxruntime.__version__}: pip install -U 'onnxruntime>=1.27'") from None
+    return save_tensors_data
+
+
 def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_fp, only, per_channel: bool,
                    choice: Int8Choice | None = None, progress: bool = False, smooth: float | None = None) -> Path:
     """One fp32 graph (denoiser or fused step) -> its INT8 variant at `out`, with the types of `choice`
@@ -136,8 +148,6 @@ def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_f
     stays float. progress: a bar per calibration batch."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-    from onnxruntime.quantization.calibrate import save_tensors_data
-
     from vdit_deploy.calibration.ranges import fit_ranges
     from vdit_deploy.calibration.fp16 import save_variant
 
@@ -173,6 +183,7 @@ def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_f
             if mode == "dynamic":
                 quantize_dynamic(fp32, raw, extra_options={"MatMulConstBOnly": True}, **common)
             else:
+                save_tensors_data = ranges_cache_writer()
                 lo, hi = read_metadata(src).batch_range()
                 calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                          "entropy": CalibrationMethod.Entropy}[method]

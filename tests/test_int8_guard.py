@@ -14,11 +14,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory):
-    """The shipped checkpoint exported, with its fp16 and default INT8 graphs (dynamic; Q/DQ calibrated
-    on one seed's default-sampler trajectory: the denoiser only, the step graph is TensorRT's)."""
+    """The shipped checkpoint exported, with its fp16 and default INT8 graphs (dynamic; Q/DQ, denoiser
+    and step graph together as `vdit calibrate int8 --mode qdq` makes them, calibrated on one seed's
+    default-sampler trajectory)."""
     from vdit_deploy.calibration.collect import collect
     from vdit_deploy.calibration.fp16 import convert_fp16
-    from vdit_deploy.calibration.int8 import quantize_int8, variant_path
+    from vdit_deploy.calibration.int8 import quantize_int8
     from vdit_deploy.checkpoint import SHIPPED
     from vdit_deploy.export.onnx_export import export_checkpoint
 
@@ -27,7 +28,7 @@ def shipped(tmp_path_factory):
     calib = collect(export, root / "calib", seeds=range(1))
     convert_fp16(export)
     quantize_int8(export)
-    quantize_int8(export, calib, mode="qdq", out=variant_path(export, "qdq"))
+    quantize_int8(export, calib, mode="qdq")
     return export
 
 
