@@ -50,7 +50,7 @@ def accuracy_report(export_dir, precisions=(FP16, INT8), steps: int = 50, seeds=
     for p, rt in rts.items():
         # host step (plain denoise) for every precision: the same update as the fp32 trajectory
         videos[p] = {seed: sample(rt.denoise, contract, served, plan, guidance, seed, null=rt.null) for seed in seeds}
-        eps_err = [teacher_forced(rt.denoise, recorded[seed][1])[0] for seed in seeds]
+        eps_err = [teacher_forced(rt.denoise_rows, recorded[seed][1])[0] for seed in seeds]
         acc = accuracy(videos[p], videos[FP32], eps_err, seeds)
         target = PSNR_TARGETS.get(rt.precision)   # the loaded graph's: int8 is int8-dynamic
         results[p] = {"file": rt.files[0].name, **acc, "target_psnr_db": target,

@@ -74,7 +74,18 @@ class Runtime(ABC):
     def step(self, x_t, t: int, cond: dict, guidance: float, coefs: np.ndarray, noise: np.ndarray,
              state: SolverState | None = None):
         null = self.null_rows(cond) if guidance != 1.0 else None
-        return guided_step(self.denoise, x_t, t, cond, null, guidance, coefs, noise, state)
+        return guided_step(self.denoise_rows, x_t, t, cond, null, guidance, coefs, noise, state)
+
+    def denoise_rows(self, x_t, t, cond: dict) -> np.ndarray:
+        """denoise() on any number of rows, in calls of at most batch_range's max: a guided step's 2B rows
+        on a fixed-batch export (LTX-Video, Mochi) run as B-row calls. Inputs without the batch axis
+        (a per-call scalar) go whole to each call."""
+        n, hi = len(x_t), self.batch_range[1]
+        if n <= hi:
+            return self.denoise(x_t, t, cond)
+        rows = lambda v, i: v[i:i + hi] if np.ndim(v) and len(v) == n else v   # noqa: E731
+        return np.concatenate([self.denoise(x_t[i:i + hi], t[i:i + hi], {k: rows(v, i) for k, v in cond.items()})
+                               for i in range(0, n, hi)])
 
     def null_rows(self, cond: dict, convert=None) -> dict:
         """The null conditioning repeated to cond's batch (contract.null_batch), passed through

@@ -25,8 +25,9 @@ def calib_option(required=True):
 @calibrate.command("collect")
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Calibration set directory.")
-@click.option("--sampler", default=DEFAULT_SAMPLER, show_default=True,
-              help=f"The sampler you deploy (its timesteps are the ones INT8 ranges must cover): {SAMPLER_HELP}")
+@click.option("--sampler", default=None,
+              help=f"The sampler you deploy (its timesteps are the ones INT8 ranges must cover): {SAMPLER_HELP} "
+              f"Default: the model's pipeline's (its scheduler config's), else {DEFAULT_SAMPLER}.")
 @click.option("--steps", default=None, type=click.IntRange(1), help=STEPS_HELP)
 @click.option("--guidance", default=2.0, show_default=True, type=GUIDANCE)
 @click.option("--eta", default=0.0, show_default=True, type=Finite(0))
@@ -129,7 +130,7 @@ def calibrate_int8(export_dir, calib_dir, mode, method, keep_fp, target, t_bins,
     check_alpha(smooth)
     if mode == "qdq":
         note("int8 qdq: calibrating the denoiser and then the step graph on the set, then quantizing "
-             "(minutes: every batch runs through a graph that outputs every activation)")
+             "(minutes: every batch runs through the fp32 graph once per 512 MB of the activations Q/DQ ranges)")
     path = quantize_int8(export_dir, calib_dir, mode=mode, method=method or DEFAULT_METHOD, keep_fp=keep,
                          target=target, progress=True, t_bins=t_bins, smooth=smooth)
     # the patterns that name layers of this model (the default set also holds other families' names)

@@ -17,8 +17,8 @@ from vdit_deploy.samplers import DEFAULT_SAMPLER
 @click.option("--runtimes", default="torch:fp32,ort:fp32,ort:fp16,ort:int8,trt:fp16,trt:int8", show_default=True,
               help="RUNTIME:PRECISION list; those that cannot run here are listed as skipped, with the reason.")
 @click.option("--steps", default=None, type=click.IntRange(1), help=STEPS_HELP)
-@click.option("--sampler", default=DEFAULT_SAMPLER, show_default=True,
-              help=f"{SAMPLER_HELP} The calibration set for INT8 follows it.")
+@click.option("--sampler", default=None, help=f"{SAMPLER_HELP} Default: the model's pipeline's (its scheduler "
+              f"config's), else {DEFAULT_SAMPLER}. The calibration set for INT8 follows it.")
 @click.option("--guidance", default=2.0, show_default=True, type=GUIDANCE)
 @click.option("--batch", "batches", default="1,4", show_default=True, help="Batch sizes (videos per sample).")
 @click.option("--seeds", default="0-1", show_default=True, help="Seeds, e.g. 0-3 or 0,5.")

@@ -93,7 +93,7 @@ def _latent(source: Path):
 
 
 def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps: int | None = None,
-            batches=(1, 4), seeds=(0, 1), sampler: str = DEFAULT_SAMPLER, eta: float = 0.0, guidance: float = 2.0,
+            batches=(1, 4), seeds=(0, 1), sampler: str | None = None, eta: float = 0.0, guidance: float = 2.0,
             repeats: int = 5, threads: int | None = None, min_psnr: float = 30.0, progress: bool = True,
             log=print, command: str | None = None, cond=None, null=None, seq: tuple | None = None,
             cache: list[dict] | None = None) -> dict:
@@ -110,8 +110,8 @@ def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps:
     source, out = Path(source), Path(out)
     if not source.exists():
         raise VditError(f"{source}: no such checkpoint or export directory")
-    make_steps(Schedule(), sampler, steps, eta)      # a bad sampler, order or step count fails before any export
-    steps = DEFAULT_STEPS.get(sampler) if steps is None else steps
+    if sampler is None or sampler in DEFAULT_STEPS:   # a bad sampler, order or step count fails before any export
+        make_steps(Schedule(), sampler or DEFAULT_SAMPLER, steps, eta)
     targets = parse_runtimes(runtimes) if isinstance(runtimes, str) else list(runtimes)
     batches, seeds = sorted(set(batches)), list(seeds)
     if min(batches) < 1 or repeats < 1:
@@ -133,6 +133,7 @@ def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps:
     try:
         arts = Artifacts(source, out, targets, batches, sampler, steps, eta, guidance, seeds, log=log, cond=cond,
                          model_options={"null_file": null, "seq": seq}, cache_split=1 if cache else None)
+        sampler, steps = arts.calib["sampler"], arts.calib["steps"]     # None: the model's pipeline's
     except BaseException:     # a refusal (or Ctrl-C) while exporting or checking: no half-made report dir
         if fresh and out.is_dir():
             shutil.rmtree(out, ignore_errors=True)

@@ -162,6 +162,17 @@ class Artifacts:
             self.pool = conditioning(contract, cond=cond)
             if guidance != 1.0:   # the prompt rows and the null conditioning guidance pairs them with
                 contract.null_batch(load_null(contract, self.export), self.pool)
+        # sampler None: the model's own (its scheduler config's: a flow model's), else the project's default
+        from vdit_deploy.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
+        from vdit_deploy.sampling import sampler_name, sampler_plan
+
+        contract = self.meta.contract if self.meta is not None else (model[0] if sha is not None and model else None)
+        if contract is not None:
+            sampler = sampler_name(contract, sampler)
+            if steps is None and sampler != "ddpm":
+                steps = len(sampler_plan(contract, sampler, None, eta))
+        sampler = sampler or DEFAULT_SAMPLER
+        steps = steps if steps is not None or sampler == "ddpm" else DEFAULT_STEPS.get(sampler)
         self.calib = dict(sampler=sampler, steps=steps, eta=eta, guidance=guidance,
                           seeds=[CALIBRATION_SEED_OFFSET + s for s in seeds[:2]])
         if self.kind == "checkpoint":

@@ -123,7 +123,7 @@ def measure(target: Target, open_rt, batch: int, seeds: list[int], sampler: str,
                                                           rt.null)
                 denoise_s += seconds
             elif seed in reference:  # teacher forcing: this runtime's eps on the reference's inputs
-                errors, seconds = teacher_forced(rt.denoise, reference[seed][1])
+                errors, seconds = teacher_forced(rt.denoise_rows, reference[seed][1])
                 eps_err.append(errors)
                 denoise_s += seconds
         files = rt.files   # what it actually loaded (weights, graphs, engines), with external data
