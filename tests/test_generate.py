@@ -164,6 +164,11 @@ def test_text_encoder_fp16_and_int8(latte_pipeline, tmp_path, capsys, precision)
     types = {init.data_type for init in graph.graph.initializer if len(init.dims) == 2}
     assert (onnx.TensorProto.FLOAT16 if precision == "fp16" else onnx.TensorProto.INT8) in types
     assert [i.type.tensor_type.elem_type for i in graph.graph.output] == [onnx.TensorProto.FLOAT]
+    if precision == "int8":     # this CPU's types (7-bit weights on AVX2, where full-range s8 saturates)
+        from vdit_deploy.runtimes.cpu_isa import META_KEY, choose
+
+        meta = {p.key: p.value for p in graph.metadata_props}
+        assert meta[META_KEY] == choose("dynamic").to_json()
     edge = OnnxTextEncoder(tmp_path)
     assert edge.info["precision"] == precision
     cond, null = edge.encode(["A dog on the beach"], "blue", tmp_path / "c")

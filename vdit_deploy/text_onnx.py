@@ -108,13 +108,19 @@ def _reduced(src: Path, out: Path, precision: str, large: bool) -> None:
     else:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Gather"], use_external_data_format=large,
-                         extra_options={"MatMulConstBOnly": True})
+        from vdit_deploy.runtimes.cpu_isa import META_KEY, choose
+
+        # this CPU's INT8 types, as for the denoiser: 7-bit weights where u8 x s8 sums saturate (AVX2)
+        choice = choose("dynamic")
+        weight_type = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[choice.weight_type]
+        quantize_dynamic(str(src), str(out), weight_type=weight_type, per_channel=True,
+                         reduce_range=choice.reduce_range, op_types_to_quantize=["MatMul", "Gather"],
+                         use_external_data_format=large, extra_options={"MatMulConstBOnly": True})
         model = onnx.load(str(out))
         del model.metadata_props[:]                              # the source's, set again
         for prop in onnx.load(str(src), load_external_data=False).metadata_props:
             model.metadata_props.add(key=prop.key, value=prop.value)
+        model.metadata_props.add(key=META_KEY, value=choice.to_json())
     onnx.save(model, str(out), save_as_external_data=large, all_tensors_to_one_file=True,
               location=out.name + ".data")
 
