@@ -24,8 +24,9 @@ onnxruntime from here, while this environment keeps its numpy 2. That server has
 
 Nothing binds beyond loopback unless a host is given. The server runs in its own process group (a
 terminal's Ctrl-C reaches `vdit serve`, which stops it) and dies with the thread that started it, even on
-SIGKILL (PR_SET_PDEATHSIG); its Python stubs' shared memory is named after the starting process, so a
-later start removes what a killed one left in /dev/shm: a restart needs no repair. The server writes
+SIGKILL (PR_SET_PDEATHSIG); its Python stubs do not, but they and their shared memory are named after
+the starting process, so a later start kills the stubs and removes the /dev/shm regions a killed one
+left: a restart needs no repair. The server writes
 nothing into the repository.
 """
 from __future__ import annotations
@@ -190,6 +191,29 @@ def remove_stale_shm() -> list[Path]:
     return removed
 
 
+def kill_orphaned_stubs() -> list[int]:
+    """Python stubs of a server whose starting process is gone. The server dies with its starter
+    (PR_SET_PDEATHSIG) but its stubs do not: each would hold its model (an ONNX Runtime session) until
+    the machine restarts. A stub's argv names its shared memory region, after the starting process."""
+    pattern = re.compile(rf"^{SHM_PREFIX}(\d+)-")
+    killed = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not argv or not argv[0].endswith(b"triton_python_backend_stub"):
+            continue
+        owners = [int(m.group(1)) for a in argv[1:] if (m := pattern.match(a.decode(errors="replace")))]
+        if owners and owners[0] != os.getpid() and not _pid_alive(owners[0]):
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed.append(int(proc.name))
+            except OSError:
+                pass
+    return killed
+
+
 def _die_with_parent() -> None:   # in the child, before exec: SIGKILL when the starting thread ends
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
@@ -277,6 +301,7 @@ class TritonServer:
 
     # ---- life ----
     def start(self, timeout: float = 180.0) -> Addresses:
+        kill_orphaned_stubs()      # before their shared memory goes: a killed server's stubs still map it
         remove_stale_shm()
         ports = [free_port(self.host, p, f"--{kind}-port") for p, kind in zip(self.ports, ("http", "grpc", "metrics"))]
         self.addresses = Addresses(self.host, *ports)
