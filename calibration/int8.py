@@ -147,12 +147,11 @@ def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_f
     range for static calibration (qdq). The step's own arithmetic has no MatMul / Gemm / Conv: it
     stays float. progress: a bar per calibration batch."""
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static
     from vdit_deploy.calibration.ranges import fit_ranges
     from vdit_deploy.calibration.fp16 import save_variant
 
     choice = choice or choose(mode)
-    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     model = onnx.load(str(src))
     compute = select(model, [*COMPUTE_OPS], COMPUTE_OPS)
     excluded = set(select(model, keep_fp, COMPUTE_OPS)) if keep_fp else set()
@@ -166,7 +165,7 @@ def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_f
         model = smooth_model(model, batches(*read_metadata(src).batch_range()), nodes, smooth)
     # MatMulConstBOnly: attention's activation x activation matmuls stay float.
     common = dict(op_types_to_quantize=list(COMPUTE_OPS), per_channel=per_channel, nodes_to_quantize=nodes,
-                  reduce_range=choice.reduce_range, weight_type=types[choice.weight_type])
+                  reduce_range=choice.reduce_range, weight_type=choice.quant_type("weight"))
     props = [(p.key, p.value) for p in model.metadata_props]
     with temp_dir(out) as tmp, quiet():
         raw, fp32 = Path(tmp) / "q.onnx", Path(tmp) / "fp32.onnx"
@@ -194,7 +193,7 @@ def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_f
                 save_tensors_data(ranges, Path(tmp) / "ranges.json")
                 # Symmetric int8 on both sides: what TensorRT's explicit quantization requires.
                 quantize_static(fp32, raw, None, quant_format=QuantFormat.QDQ,
-                                activation_type=types[choice.activation_type], calibrate_method=calib,
+                                activation_type=choice.quant_type("activation"), calibrate_method=calib,
                                 calibration_cache_path=Path(tmp) / "ranges.json", use_external_data_format=True,
                                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                                "MatMulConstBOnly": True}, **common)

@@ -44,6 +44,12 @@ class Int8Choice:
         """Runs without 16-bit saturation on every CPU (7-bit weights, or a U8U8 kernel)."""
         return self.reduce_range or self.weight_type == "uint8"
 
+    def quant_type(self, tensor: str):
+        """onnxruntime.quantization's QuantType of the "weight" or "activation" side."""
+        from onnxruntime.quantization import QuantType
+
+        return {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[getattr(self, f"{tensor}_type")]
+
     def describe(self) -> str:
         types = f"{'U8' if self.activation_type == 'uint8' else 'S8'}{'U8' if self.weight_type == 'uint8' else 'S8'}"
         return f"{types}{', 7-bit weights (reduce_range)' if self.reduce_range else ''} for {self.target}"

@@ -106,14 +106,13 @@ def _reduced(src: Path, out: Path, precision: str, large: bool) -> None:
         model = drop_round_trips(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True,
                                                           op_block_list=DEFAULT_OP_BLOCK_LIST + list(FP32_OPS)))
     else:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization import quantize_dynamic
 
         from vdit_deploy.runtimes.cpu_isa import META_KEY, choose
 
         # this CPU's INT8 types, as for the denoiser: 7-bit weights where u8 x s8 sums saturate (AVX2)
         choice = choose("dynamic")
-        weight_type = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[choice.weight_type]
-        quantize_dynamic(str(src), str(out), weight_type=weight_type, per_channel=True,
+        quantize_dynamic(str(src), str(out), weight_type=choice.quant_type("weight"), per_channel=True,
                          reduce_range=choice.reduce_range, op_types_to_quantize=["MatMul", "Gather"],
                          use_external_data_format=large, extra_options={"MatMulConstBOnly": True})
         model = onnx.load(str(out))
