@@ -110,7 +110,8 @@ def compare(source, out, runtimes: str | list[Target] = DEFAULT_RUNTIMES, steps:
     source, out = Path(source), Path(out)
     if not source.exists():
         raise VditError(f"{source}: no such checkpoint or export directory")
-    if sampler is None or sampler in DEFAULT_STEPS:   # a bad sampler, order or step count fails before any export
+    # a bad sampler, order or step count fails before any export (euler, flow models' only, on the model's schedule)
+    if sampler != "euler":
         make_steps(Schedule(), sampler or DEFAULT_SAMPLER, steps, eta)
     targets = parse_runtimes(runtimes) if isinstance(runtimes, str) else list(runtimes)
     batches, seeds = sorted(set(batches)), list(seeds)
