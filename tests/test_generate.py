@@ -22,10 +22,22 @@ def latte_pipeline(tmp_path_factory):
 
 def run_cli(args, capsys):
     with pytest.raises(SystemExit) as e:
-        main(args)
+        main([str(a) for a in args])
     out = capsys.readouterr()
     assert e.value.code in (0, None), out.err
     return out.out
+
+
+def generate_without_torch(export, prompt: str, steps: int, out) -> str:
+    """`vdit generate EXPORT --prompt ... --seed 3 --guidance 4` in a process where torch cannot be
+    imported -> its stdout, which reports every stage."""
+    code = ("import sys; sys.modules['torch'] = None\nfrom vdit_deploy.cli import main\n"
+            f"main(['generate', {str(export)!r}, '--prompt', {prompt!r}, '--steps', '{steps}', '--seed', '3',"
+            f" '--guidance', '4', '--out', {str(out)!r}])")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert all(f"{s} " in run.stdout for s in ("encode", "sample", "decode", "write")), run.stdout
+    return run.stdout
 
 
 def test_encode_equals_latte_pipeline(latte_pipeline, tmp_path):
@@ -94,12 +106,7 @@ def test_latte_prompt_to_mp4_without_torch(latte_pipeline, tmp_path, capsys):
     run_cli(["export-decoder", str(pipe / "vae"), "--out", str(export)], capsys)
     out = run_cli(["encode", str(pipe), "--prompt", "a cat playing piano", "--cache", str(export / "prompts")], capsys)
     assert "encoded 1 prompt(s)" in out
-    code = ("import sys; sys.modules['torch'] = None\nfrom vdit_deploy.cli import main\n"
-            f"main(['generate', {str(export)!r}, '--prompt', 'a cat playing piano', '--steps', '4', '--seed', '3',"
-            f" '--guidance', '4', '--out', {str(tmp_path / 'a.mp4')!r}])")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert all(f"{s} " in run.stdout for s in ("encode", "sample", "decode", "write")), run.stdout
+    generate_without_torch(export, "a cat playing piano", 4, tmp_path / "a.mp4")
     frames = iio.imread(tmp_path / "a.mp4")
     assert frames.shape[0] == 2 and frames.shape[1] >= 16            # 2 frames of 16x16 (upscaled x4)
     # the same run in the library, to .npy latents, then diffusers decodes them

@@ -2,8 +2,6 @@
 scheduler, a tiny T5 / umT5 text encoder and its tokenizer), taken through `vdit encode`, `vdit export`,
 `vdit export-decoder` and `vdit generate` on ONNX Runtime with torch unimportable; the decoded frames
 equal the pipeline's own decode (its latent scaling, then diffusers' vae.decode) of the same latents."""
-import subprocess
-import sys
 import types
 
 import numpy as np
@@ -15,17 +13,9 @@ pytest.importorskip("transformers", reason="the text encoder tests need transfor
 
 from pipelines import COG_LATENT, WAN_LATENT, save_cogvideox_pipeline, save_wan_pipeline  # noqa: E402
 
-from vdit_deploy.cli import main  # noqa: E402
+from test_generate import generate_without_torch, run_cli  # noqa: E402
 
 PROMPT = "a cat playing piano"
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in args])
-    out = capsys.readouterr()
-    assert e.value.code in (0, None), out.err
-    return out.out
 
 
 def pipeline_decode(family: str, vae_dir, latents: np.ndarray) -> np.ndarray:
@@ -62,12 +52,7 @@ def test_prompt_to_mp4_through_ort(family, tmp_path, capsys):
     run_cli(["export-decoder", pipe / "vae", "--out", export, "--no-verify"], capsys)
     assert "encoded 1 prompt(s)" in run_cli(["encode", pipe, "--prompt", PROMPT, "--cache", export / "prompts"], capsys)
 
-    code = ("import sys; sys.modules['torch'] = None\nfrom vdit_deploy.cli import main\n"
-            f"main(['generate', {str(export)!r}, '--prompt', {PROMPT!r}, '--steps', '3', '--seed', '3',"
-            f" '--guidance', '4', '--out', {str(tmp_path / 'a.mp4')!r}])")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert all(f"{s} " in run.stdout for s in ("encode", "sample", "decode", "write")), run.stdout
+    generate_without_torch(export, PROMPT, 3, tmp_path / "a.mp4")
 
     # the same run in the library: its latents, and its decoded video, against the pipeline's decode
     generate(export, [PROMPT], tmp_path / "z.npy", steps=3, seed=3, guidance=4, progress=False)
