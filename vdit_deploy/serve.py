@@ -179,15 +179,18 @@ def check_repository(repo: Path, dist: Distribution) -> Path:
     return repo
 
 
+def _owner_gone(name: str) -> bool:
+    """Whether `name` is a stub's shared-memory region name (SHM_PREFIX + the starting process's pid
+    + "-...") whose starting process is gone (a server killed with SIGKILL)."""
+    m = re.match(rf"{SHM_PREFIX}(\d+)-", name)
+    return m is not None and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1)))
+
+
 def remove_stale_shm() -> list[Path]:
-    """Shared memory of Python stubs whose starting process is gone (a server killed with SIGKILL)."""
-    removed = []
-    pattern = re.compile(rf"^{SHM_PREFIX}(\d+)-")
-    for entry in SHM.glob(SHM_PREFIX + "*") if SHM.is_dir() else []:
-        m = pattern.match(entry.name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
-            entry.unlink(missing_ok=True)
-            removed.append(entry)
+    """Shared memory of Python stubs whose starting process is gone."""
+    removed = [e for e in (SHM.glob(SHM_PREFIX + "*") if SHM.is_dir() else []) if _owner_gone(e.name)]
+    for entry in removed:
+        entry.unlink(missing_ok=True)
     return removed
 
 
@@ -195,17 +198,14 @@ def kill_orphaned_stubs() -> list[int]:
     """Python stubs of a server whose starting process is gone. The server dies with its starter
     (PR_SET_PDEATHSIG) but its stubs do not: each would hold its model (an ONNX Runtime session) until
     the machine restarts. A stub's argv names its shared memory region, after the starting process."""
-    pattern = re.compile(rf"^{SHM_PREFIX}(\d+)-")
     killed = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if not argv or not argv[0].endswith(b"triton_python_backend_stub"):
-            continue
-        owners = [int(m.group(1)) for a in argv[1:] if (m := pattern.match(a.decode(errors="replace")))]
-        if owners and owners[0] != os.getpid() and not _pid_alive(owners[0]):
+        if argv[0].endswith(b"triton_python_backend_stub") and any(
+                _owner_gone(a.decode(errors="replace")) for a in argv[1:]):
             try:
                 os.kill(int(proc.name), signal.SIGKILL)
                 killed.append(int(proc.name))
