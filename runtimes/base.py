@@ -83,7 +83,9 @@ class Runtime(ABC):
         n, hi = len(x_t), self.batch_range[1]
         if n <= hi:
             return self.denoise(x_t, t, cond)
-        rows = lambda v, i: v[i:i + hi] if np.ndim(v) and len(v) == n else v   # noqa: E731
+        def rows(v, i):
+            return v[i:i + hi] if np.ndim(v) and len(v) == n else v
+
         return np.concatenate([self.denoise(x_t[i:i + hi], t[i:i + hi], {k: rows(v, i) for k, v in cond.items()})
                                for i in range(0, n, hi)])
 
