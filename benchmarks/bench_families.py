@@ -1,13 +1,14 @@
 """The video DiT families at full size on this CPU: the Wan 2.1 1.3B architecture (WanTransformer3DModel: 30
-layers, 12 heads x 128 = 1536 wide, FFN 8960, umT5 width 4096; 1.42 B parameters, 5.7 GB fp32) and, if
-memory allows, CogVideoX-2B (30 layers, 30 heads x 64, sincos positions), with random weights, saved as a
+layers, 12 heads x 128 = 1536 wide, FFN 8960, umT5 width 4096; 1.42 B parameters, 5.7 GB fp32) and
+CogVideoX-2B (30 layers, 30 heads x 64, sincos positions; 1.69 B, 6.8 GB), both at latents 16 x 5 x 30 x 52,
+with random weights, saved as a
 pipeline is (transformer/ sharded safetensors + scheduler/ with the family's scheduler config), through:
 
     export   `vdit export DIR --out OUT --no-verify --batch 1:2 --latent C,F,H,W` in a child process:
              seconds, peak RSS, file sizes (external data over 2 GB); the contract is the family's own
              (Wan: flow matching, UniPC with flow sigmas, from the scheduler config)
     verify   export/verify.verify on a short trajectory (1 video, 2 steps, 1 replayed step)
-    int8     dynamic INT8 (calibration/int8.quantize_int8): seconds, size
+    int8     dynamic INT8 (calibration/int8.quantize_int8, one weight at a time): seconds, size, peak RSS
     time     seconds per denoiser call at batch 1: PyTorch fp32 (the torch runtime rebuilt from the export),
              ONNX Runtime fp32 and INT8, median of --repeats after a warm-up call, in one run
 
@@ -39,8 +40,10 @@ FAMILIES = {
                 config=dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
                             out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
                             cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)),
-    # THUDM/CogVideoX-2b transformer/config.json at its own sample size: 13 x 60 x 90 latents (49 x 480 x 720)
-    "cogvideox": dict(cls="CogVideoXTransformer3DModel", latent=(16, 13, 60, 90), tokens=226,
+    # THUDM/CogVideoX-2b transformer/config.json at Wan's small latent, 16 x 5 x 30 x 52 (17 frames at 240 x 416:
+    # 1,950 video + 226 text tokens): at its own 13 x 60 x 90 (17,776 tokens) one attention's fp32 scores are
+    # 30 x 17,776^2 x 4 B = 37.9 GB, past this 24 GB machine
+    "cogvideox": dict(cls="CogVideoXTransformer3DModel", latent=(16, 5, 30, 52), tokens=226,
                       config=dict(num_attention_heads=30, attention_head_dim=64, in_channels=16, out_channels=16,
                                   time_embed_dim=512, text_embed_dim=4096, num_layers=30, sample_width=90,
                                   sample_height=60, sample_frames=49, patch_size=2, max_text_seq_length=226,
@@ -121,12 +124,17 @@ def main():
     parser.add_argument("--json", type=Path, default=None, help="default benchmarks/cpu/FAMILY.json")
     parser.add_argument("--stages", default="export,verify,int8,time")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch and ONNX Runtime alike (default: every core; vdit's own default subtracts the "
+                             "load, which would give the runtimes different counts within one run)")
     args = parser.parse_args()
+    from vdit_deploy import threads
+    threads.configure(args.threads)
     work, spec = args.work or Path(f"/tmp/{args.family}"), FAMILIES[args.family]
     json_path = args.json or Path(f"benchmarks/cpu/{args.family}.json")
     results = json.loads(json_path.read_text()) if json_path.is_file() else {}
     results.setdefault("machine", {"cpu": platform.processor() or platform.machine(), "threads": os.cpu_count(),
-                                   "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                                   "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "runtime_threads": args.threads,
                                    "python": platform.python_version()})
     results["config"] = {**spec["config"], "class": spec["cls"], "latents": list(spec["latent"]),
                          "tokens": spec["tokens"]}

@@ -30,14 +30,23 @@ FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Exp", "Sin", 
 FP32_LAYERS = (r"^t_embedder/", r"^net\.adaln_single\.")
 
 
-def save_variant(model, path: Path, precision: str) -> Path:
-    """Stamp vdit.precision on a converted graph and write it atomically beside the fp32 one."""
+def save_variant(model, path: Path, precision: str, data: Path | None = None) -> Path:
+    """Stamp vdit.precision on a converted graph and write it atomically beside the fp32 one. data: its
+    external data file, already written (named path.name + ".data" in the model): moved in first, so
+    a reader never finds the graph without it; without one, a stale <path>.data of an earlier variant goes."""
+    import os
+
     import onnx
 
     stamp(model, {"vdit.precision": precision})
     model.producer_name = "vdit-deploy"
+    beside = path.with_name(path.name + ".data")
     with atomic_path(path) as tmp:
         onnx.save(model, str(tmp))
+        if data is not None:
+            os.replace(data, beside)
+    if data is None:
+        beside.unlink(missing_ok=True)
     return path
 
 

@@ -5,7 +5,9 @@
                             Runtime runs it anywhere and TensorRT builds it as an INT8 engine.
     denoiser.int8-dynamic.onnx  dynamic: int8 weights, activation ranges measured per call
                             (DynamicQuantizeLinear + MatMulInteger). On AVX-512 VNNI CPUs it is the
-                            fastest INT8 form in ONNX Runtime, and needs no calibration ranges.
+                            fastest INT8 form in ONNX Runtime, and needs no calibration ranges. Written
+                            one weight at a time (int8_dynamic.py: onnxruntime's quantize_dynamic holds
+                            3.5x the fp32 weights), with <name>.data beside it past 256 MB.
     step.int8-qdq.onnx      the fused step graph with the same Q/DQ rules, calibrated on the same
                             denoiser calls (its guidance, clip and affine update stay float).
 `vdit sample --runtime ort --precision int8` picks the dynamic graph; `vdit build --precision int8`
@@ -145,14 +147,15 @@ def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_f
     """One fp32 graph (denoiser or fused step) -> its INT8 variant at `out`, with the types of `choice`
     (default: this CPU's) stamped in its metadata. batches(lo, hi): feed dicts in the graph's batch
     range for static calibration (qdq). The step's own arithmetic has no MatMul / Gemm / Conv: it
-    stays float. progress: a bar per calibration batch."""
+    stays float. progress: a bar per calibration batch (qdq) or over the graph's nodes (dynamic)."""
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static
-    from vdit_deploy.calibration.ranges import fit_ranges
+
     from vdit_deploy.calibration.fp16 import save_variant
+    from vdit_deploy.calibration.int8_dynamic import quantize_dynamic_streaming
 
     choice = choice or choose(mode)
-    model = onnx.load(str(src))
+    # dynamic INT8 reads the weights one at a time (int8_dynamic.py): the graph's structure is enough here
+    model = onnx.load(str(src), load_external_data=mode == "qdq" or smooth is not None)
     compute = select(model, [*COMPUTE_OPS], COMPUTE_OPS)
     excluded = set(select(model, keep_fp, COMPUTE_OPS)) if keep_fp else set()
     nodes = [n for n in compute if n not in excluded]
@@ -163,51 +166,70 @@ def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_f
     if smooth is not None:      # activation outliers into the weights first (calibration/smooth.py)
         from vdit_deploy.calibration.smooth import smooth_model
         model = smooth_model(model, batches(*read_metadata(src).batch_range()), nodes, smooth)
-    # MatMulConstBOnly: attention's activation x activation matmuls stay float.
-    common = dict(op_types_to_quantize=list(COMPUTE_OPS), per_channel=per_channel, nodes_to_quantize=nodes,
-                  reduce_range=choice.reduce_range, weight_type=choice.quant_type("weight"))
     props = [(p.key, p.value) for p in model.metadata_props]
     with temp_dir(out) as tmp, quiet():
-        raw, fp32 = Path(tmp) / "q.onnx", Path(tmp) / "fp32.onnx"
-        # The exporter records the weights' shapes in value_info; onnxruntime 1.31.1's dynamic quantizer
-        # transposes every Gemm weight in place under its own name and its shape inference then fails
-        # ("Inferred shape and existing shape differ"). Those entries say nothing the initializers don't.
-        weights = {i.name for i in model.graph.initializer}
-        kept = [vi for vi in model.graph.value_info if vi.name not in weights]
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(kept)
-        onnx.save(model, str(fp32), save_as_external_data=True, location="fp32.onnx.data")
-        del model          # onnxruntime.quantization loads its own copy: one fp32 graph in memory, not two
-        try:
-            if mode == "dynamic":
-                quantize_dynamic(fp32, raw, extra_options={"MatMulConstBOnly": True}, **common)
-            else:
-                save_tensors_data = ranges_cache_writer()
-                lo, hi = read_metadata(src).batch_range()
-                calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                         "entropy": CalibrationMethod.Entropy}[method]
-                # One batch at a time, only the tensors Q/DQ quantizes (ranges.py); onnxruntime takes
-                # the ranges as its calibration cache and builds the graph from them.
-                feeds = lambda: bar(batches(lo, hi), show=progress, desc=f"calibrate {src.name}", unit="batch")
-                ranges, _ = fit_ranges(fp32, nodes, feeds, method, Path(tmp))
-                save_tensors_data(ranges, Path(tmp) / "ranges.json")
-                # Symmetric int8 on both sides: what TensorRT's explicit quantization requires.
-                quantize_static(fp32, raw, None, quant_format=QuantFormat.QDQ,
-                                activation_type=choice.quant_type("activation"), calibrate_method=calib,
-                                calibration_cache_path=Path(tmp) / "ranges.json", use_external_data_format=True,
-                                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                               "MatMulConstBOnly": True}, **common)
-        except VditError:
-            raise
-        except Exception as e:   # onnxruntime.quantization raises plain ValueError / RuntimeError
-            raise VditError(f"{mode} INT8 quantization of {src.name} failed: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0]}") from None
-        quantized = onnx.load(str(raw))
+        fp32 = Path(tmp) / "fp32.onnx"
+        if mode == "dynamic":
+            if smooth is not None:
+                onnx.save(model, str(fp32), save_as_external_data=True, location="fp32.onnx.data")
+            del model
+            quantized, data = quantize_dynamic_streaming(fp32 if smooth is not None else src, Path(tmp) / out.name,
+                                                         nodes, choice, per_channel, progress)
+        else:
+            quantized, data = quantize_static_qdq(model, src, fp32, nodes, batches, method, per_channel, choice,
+                                                  progress), None
         del quantized.metadata_props[:]
         for key, value in props:
             quantized.metadata_props.add(key=key, value=value)
         quantized.metadata_props.add(key=META_KEY, value=choice.to_json())
-    return save_variant(quantized, out, MODES[mode])
+        return save_variant(quantized, out, MODES[mode], data)
+
+
+def quantize_static_qdq(model, src: Path, fp32: Path, nodes, batches, method: str, per_channel: bool,
+                        choice: Int8Choice, progress: bool):
+    """onnxruntime's quantize_static on the ranges fitted by ranges.py: the Q/DQ graph's ModelProto.
+    fp32: a scratch path the float graph is written to (onnxruntime.quantization loads its own copy)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+    from vdit_deploy.calibration.ranges import fit_ranges
+
+    tmp = fp32.parent
+    raw = tmp / "q.onnx"
+    # The exporter records the weights' shapes in value_info; onnxruntime 1.31.1's quantizer transposes
+    # every Gemm weight in place under its own name and its shape inference then fails ("Inferred shape
+    # and existing shape differ"). Those entries say nothing the initializers don't.
+    weights = {i.name for i in model.graph.initializer}
+    kept = [vi for vi in model.graph.value_info if vi.name not in weights]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+    onnx.save(model, str(fp32), save_as_external_data=True, location="fp32.onnx.data")
+    del model          # onnxruntime.quantization loads its own copy: one fp32 graph in memory, not two
+    try:
+        save_tensors_data = ranges_cache_writer()
+        lo, hi = read_metadata(src).batch_range()
+        calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                 "entropy": CalibrationMethod.Entropy}[method]
+        # One batch at a time, only the tensors Q/DQ quantizes (ranges.py); onnxruntime takes
+        # the ranges as its calibration cache and builds the graph from them.
+        feeds = lambda: bar(batches(lo, hi), show=progress, desc=f"calibrate {src.name}", unit="batch")
+        ranges, _ = fit_ranges(fp32, nodes, feeds, method, tmp)
+        save_tensors_data(ranges, tmp / "ranges.json")
+        # Symmetric int8 on both sides: what TensorRT's explicit quantization requires.
+        # MatMulConstBOnly: attention's activation x activation matmuls stay float.
+        quantize_static(fp32, raw, None, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(COMPUTE_OPS),
+                        per_channel=per_channel, nodes_to_quantize=nodes, reduce_range=choice.reduce_range,
+                        weight_type=choice.quant_type("weight"), activation_type=choice.quant_type("activation"),
+                        calibrate_method=calib, calibration_cache_path=tmp / "ranges.json",
+                        use_external_data_format=True,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                       "MatMulConstBOnly": True})
+    except VditError:
+        raise
+    except Exception as e:   # onnxruntime.quantization raises plain ValueError / RuntimeError
+        raise VditError(f"qdq INT8 quantization of {src.name} failed: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0]}") from None
+    return onnx.load(str(raw))
 
 
 def calibration_error(path, export_dir, calib_dir) -> float:

@@ -44,6 +44,7 @@ MAX_QUEUE_DELAY_US = 2000   # how long a denoiser call may wait for others to ba
 BACKENDS = {"onnxruntime": 'platform: "onnxruntime_onnx"', "tensorrt": 'platform: "tensorrt_plan"',
             "python": 'backend: "python"'}
 SAMPLER_INSTANCES = 8       # concurrent sampling loops per server: the calls the dynamic batcher can merge
+FIXED_BATCH_VIDEOS = 8      # videos per request on a fixed-batch export: its guided calls run one after another
 
 
 # ---- config.pbtxt ---------------------------------------------------------------------------------
@@ -52,15 +53,18 @@ def _dims(shape) -> list[int]:
     return [d if isinstance(d, int) else -1 for d in shape]
 
 
-def _tensor(spec: dict) -> str:
+def _tensor(spec: dict, fixed: int | None = None) -> str:
     """An export io spec {name, shape, dtype} -> a Triton input/output entry. With batching Triton owns
-    axis 0; a per-sample scalar (shape [batch]) is sent as [batch, 1] and reshaped to [batch]."""
+    axis 0; a per-sample scalar (shape [batch]) is sent as [batch, 1] and reshaped to [batch]. fixed: a
+    fixed-batch denoiser (no batching, max_batch_size 0): the batch axis is written out."""
     if spec["dtype"] not in TRITON_DTYPES:
         raise VditError(f"tensor {spec['name']}: dtype {spec['dtype']} has no Triton type here")
     dims = _dims(spec["shape"][1:])
     reshape = ""
     if not dims:
         dims, reshape = [1], " reshape: { shape: [ ] }"
+    if fixed is not None:
+        dims, reshape = [fixed, *dims], reshape and f" reshape: {{ shape: [ {fixed} ] }}"
     return (f'  {{ name: "{spec["name"]}" data_type: {TRITON_DTYPES[spec["dtype"]]} '
             f'dims: [ {", ".join(map(str, dims))} ]{reshape} }}')
 
@@ -70,24 +74,26 @@ def _param(key: str, value: str) -> str:
     return f"parameters {{ key: {json.dumps(key)} value: {{ string_value: {json.dumps(value)} }} }}"
 
 
-def denoiser_config(io: dict, backend: str, max_batch: int, instances: int) -> str:
+def denoiser_config(io: dict, backend: str, max_batch: int, instances: int, fixed: int | None = None) -> str:
+    """fixed: the batch of a fixed-batch export (LTX-Video, Mochi): Triton then has nothing to batch and
+    every call carries exactly that many rows (the sampler splits its guided calls to it)."""
     # AUTO: a GPU if there is one; the python model runs ONNX Runtime's CPU provider in its own process
     kind = {"tensorrt": "KIND_GPU", "python": "KIND_CPU"}.get(backend, "KIND_AUTO")
+    batching = ["dynamic_batching {", f"  max_queue_delay_microseconds: {MAX_QUEUE_DELAY_US}", "}"]
     return "\n".join([
         f'name: "{DENOISER_MODEL}"',
         BACKENDS[backend],
-        f"max_batch_size: {max_batch}",
-        "input [", ",\n".join(_tensor(s) for s in io["inputs"]), "]",
-        "output [", ",\n".join(_tensor(s) for s in io["outputs"]), "]",
-        "dynamic_batching {",
-        f"  max_queue_delay_microseconds: {MAX_QUEUE_DELAY_US}",
-        "}",
+        f"max_batch_size: {0 if fixed else max_batch}" + (f"   # a fixed batch of {fixed}: no batching" if fixed else ""),
+        "input [", ",\n".join(_tensor(s, fixed) for s in io["inputs"]), "]",
+        "output [", ",\n".join(_tensor(s, fixed) for s in io["outputs"]), "]",
+        *([] if fixed else batching),
         f"instance_group [ {{ count: {instances} kind: {kind} }} ]",
         ""])
 
 
 def sampler_config(meta, max_videos: int, instances: int, frames: tuple | None = None) -> str:
-    """frames: the decoded video's per-video shape (3, F', H', W') where the repository has a decoder."""
+    """frames: the decoded video's per-video shape (3, F', H', W') where the repository has a decoder.
+    A fixed-batch export's sampler calls the denoiser in calls of exactly that batch (denoiser_rows)."""
     contract = meta.contract
     cond = [f'  {{ name: "{c.name}" data_type: {TRITON_DTYPES[c.dtype]} dims: [ {", ".join(map(str, _dims(c.shape)))} ] }}'
             for c in contract.cond]
@@ -109,6 +115,7 @@ def sampler_config(meta, max_videos: int, instances: int, frames: tuple | None =
         _param("denoiser", DENOISER_MODEL),
         _param("contract", json.dumps(contract.to_dict(), sort_keys=True)),
         _param("max_videos", str(max_videos)),
+        *([_param("denoiser_rows", str(meta.batch["fixed"]))] if "fixed" in meta.batch else []),
         _param("checkpoint_sha256", meta.checkpoint_sha256),
         *([_param("decoder", "decoder.onnx")] if frames is not None else []),
         ""])
@@ -169,9 +176,10 @@ def write_triton_repo(export_dir: str | Path, out_dir: str | Path, engine: str |
     meta = read_metadata(onnx_path)
     if meta.kind != DENOISER:
         raise VditError(f"{onnx_path} is a {meta.kind} graph; serve-export needs the denoiser")
-    if "fixed" in meta.batch:
-        raise VditError(f"{onnx_path} has a fixed batch of {meta.batch['fixed']}; Triton's dynamic batching "
-                        "needs an export with a batch range (re-export without a fixed batch)")
+    fixed = meta.batch.get("fixed")
+    if fixed is not None and fixed not in (1, 2):    # a guided step's 2B rows must split into whole calls
+        raise VditError(f"{onnx_path} has a fixed batch of {fixed}; a served export needs a batch range, or a "
+                        "fixed batch of 1 or 2 (re-export with --batch 1:N)")
     notes = []
     if engine is not None:
         engine = Path(engine)
@@ -180,13 +188,14 @@ def write_triton_repo(export_dir: str | Path, out_dir: str | Path, engine: str |
         notes.append(note)
     else:
         lo, hi = meta.batch_range()
-        if lo != 1:
+        if lo != 1 and fixed is None:
             raise VditError(f"{onnx_path} accepts batch {lo}..{hi}; Triton's dynamic batcher needs batch 1 allowed")
         max_batch = min(hi, 256)
         model_file = "model.onnx"
-    if max_batch < 2:
+    if max_batch < 2 and fixed is None:
         raise VditError(f"the denoiser accepts at most batch {max_batch}; guidance needs 2 per video")
-    max_videos = max_batch // 2          # guidance runs each video twice (cond + null) in one call
+    # guidance runs each video twice (cond + null) in one call; a fixed batch's calls run one after another
+    max_videos = max_batch // 2 if fixed is None else FIXED_BATCH_VIDEOS
     data = onnx_path.with_name(onnx_path.name + ".data")
     decoders, frames = decoder_files(onnx_path.parent, meta.contract)
     for file in (onnx_path, data, *decoders):
@@ -201,14 +210,16 @@ def write_triton_repo(export_dir: str | Path, out_dir: str | Path, engine: str |
             shutil.copyfile(onnx_path, den / model_file)
             if data.is_file():   # external weights keep the name the graph refers to
                 shutil.copyfile(data, den / data.name)
-        (tmp / DENOISER_MODEL / "config.pbtxt").write_text(denoiser_config(meta.io, backend, max_batch, instances))
+        (tmp / DENOISER_MODEL / "config.pbtxt").write_text(denoiser_config(meta.io, backend, max_batch, instances,
+                                                                           fixed))
         (tmp / SAMPLER_MODEL / "1").mkdir(parents=True)
         _write_python_models(tmp, meta.contract, onnx_path.parent, backend)
         for file in decoders:            # beside the sampler's model.py, under the names decode.py finds
             shutil.copyfile(file, tmp / SAMPLER_MODEL / "1" / file.name)
         (tmp / SAMPLER_MODEL / "config.pbtxt").write_text(sampler_config(meta, max_videos, sampler_instances, frames))
     notes.append(f"{SAMPLER_MODEL}: up to {max_videos} videos per request; {DENOISER_MODEL}: {backend} backend, "
-                 f"dynamic batching up to {max_batch}")
+                 + (f"dynamic batching up to {max_batch}" if fixed is None else
+                    f"a fixed batch of {fixed} (no batching: each call is {fixed} row(s) of one request)"))
     if frames is not None:
         notes.append(f"{SAMPLER_MODEL}: output frames {list(frames)} per video, decoded by {decoders[0].name} "
                      "(ONNX Runtime, in the sampler) when a request asks for it")

@@ -24,6 +24,7 @@ import numpy as np
 from vdit_deploy import validate
 from vdit_deploy.contract import Contract, load_null
 from vdit_deploy.errors import VditError
+from vdit_deploy.runtimes.base import in_rows
 
 DEFAULT_GUIDANCE = 2.0     # as `vdit sample --guidance`
 # the sampler's optional request inputs, each of shape [1]: name -> Triton type (eta and guidance in float64:
@@ -102,6 +103,7 @@ class SamplerModel:
         self.contract = Contract.from_dict(json.loads(params["contract"]))
         self.null = load_null(self.contract, _version_dir(args))   # checked against the contract's hash
         self.max_videos = int(params["max_videos"])
+        self.rows = int(params.get("denoiser_rows", "0")) or None   # a fixed-batch denoiser's rows per call
         self.decoder = None
         if params.get("decoder"):                 # the repository's decoder.onnx (+ decoder-chunk.onnx)
             from vdit_deploy.decode import Decoder
@@ -136,9 +138,7 @@ class SamplerModel:
         pb = self.pb
         scalar = lambda a: a.reshape(-1, 1) if a.ndim == 1 else a   # per-sample scalars go as (B, 1)
 
-        def denoise(x_t, t, cond):
-            if request.is_cancelled():
-                raise Cancelled()
+        def call(x_t, t, cond):
             inputs = [pb.Tensor("x_t", x_t), pb.Tensor("t", scalar(t))]
             inputs += [pb.Tensor(name, scalar(value)) for name, value in cond.items()]
             response = pb.InferenceRequest(model_name=self.denoiser, requested_output_names=["out"], inputs=inputs,
@@ -146,6 +146,13 @@ class SamplerModel:
             if response.has_error():
                 raise RuntimeError(f"{self.denoiser}: {response.error().message()}")
             return pb.get_output_tensor_by_name(response, "out").as_numpy()
+
+        def denoise(x_t, t, cond):
+            if request.is_cancelled():
+                raise Cancelled()
+            if self.rows is None:
+                return call(x_t, t, cond)
+            return in_rows(call, self.rows, x_t, t, cond)     # a fixed batch: calls of exactly its rows
         return denoise
 
     def execute(self, requests):
@@ -184,7 +191,7 @@ class DenoiserModel:
         """The requests' inputs (name -> array, batch first, all of one shape) as one batch -> each one's out."""
         batch = {n: np.concatenate([a[n] for a in arrays]) for n in self.names}
         batch = {n: v.reshape(-1) if n in self.scalar else v for n, v in batch.items()}
-        out = self.runtime.denoise(batch["x_t"], batch["t"], {n: batch[n] for n in self.contract.names})
+        out = self.runtime.denoise_rows(batch["x_t"], batch["t"], {n: batch[n] for n in self.contract.names})
         return np.split(out, np.cumsum([len(a["x_t"]) for a in arrays])[:-1])
 
     def execute(self, requests):

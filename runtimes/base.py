@@ -80,14 +80,7 @@ class Runtime(ABC):
         """denoise() on any number of rows, in calls of at most batch_range's max: a guided step's 2B rows
         on a fixed-batch export (LTX-Video, Mochi) run as B-row calls. Inputs without the batch axis
         (a per-call scalar) go whole to each call."""
-        n, hi = len(x_t), self.batch_range[1]
-        if n <= hi:
-            return self.denoise(x_t, t, cond)
-        def rows(v, i):
-            return v[i:i + hi] if np.ndim(v) and len(v) == n else v
-
-        return np.concatenate([self.denoise(x_t[i:i + hi], t[i:i + hi], {k: rows(v, i) for k, v in cond.items()})
-                               for i in range(0, n, hi)])
+        return in_rows(self.denoise, self.batch_range[1], x_t, t, cond)
 
     def null_rows(self, cond: dict, convert=None) -> dict:
         """The null conditioning repeated to cond's batch (contract.null_batch), passed through
@@ -157,3 +150,19 @@ def open_runtime(name: str, artifact, **options) -> Runtime:
     except ImportError as e:
         raise VditError(f"runtime {name!r} needs {e.name or e}: {install}") from None
     return backend(artifact, **options)
+
+
+def in_rows(denoise, hi: int, x_t, t, cond: dict) -> np.ndarray:
+    """denoise(x_t, t, cond) on any number of rows, in calls of at most `hi` rows; inputs without the
+    batch axis (a per-call scalar) go whole to each call. Runtime.denoise_rows, and the Triton sampler's
+    calls to a fixed-batch denoiser (export/triton_python.py)."""
+    n = len(x_t)
+    if n <= hi:
+        return denoise(x_t, t, cond)
+
+    def rows(v, i):
+        return v[i:i + hi] if np.ndim(v) and len(v) == n else v
+
+    return np.concatenate([denoise(x_t[i:i + hi], t[i:i + hi], {k: rows(v, i) for k, v in cond.items()})
+                           for i in range(0, n, hi)])
+

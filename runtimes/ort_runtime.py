@@ -18,7 +18,7 @@ from vdit_deploy.contract import load_null
 from vdit_deploy.samplers import SolverState, apply_step
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, check_variant_complete, find_onnx, read_metadata
-from vdit_deploy.export.variants import DENOISER, FP16, STEP, find_variant, runtime_graph, with_data
+from vdit_deploy.export.variants import DENOISER, FP16, INT8_QDQ, STEP, find_variant, runtime_graph, with_data
 from vdit_deploy.runtimes.base import Runtime, TensorSpec
 
 # Short names accepted for providers; the default order is the first three where available.
@@ -76,6 +76,11 @@ def resolve_providers(providers, options: dict | None = None) -> list:
     return [(name, options[name]) if name in options else name for name in names]
 
 
+def _without_qdq_fusion(options):
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    return options
+
+
 class _Graph:
     """One ONNX file: its metadata, session and the input dtypes it wants."""
 
@@ -87,6 +92,14 @@ class _Graph:
             raise VditError(f"{path} is a vdit {self.meta.kind} graph, expected a {kind} graph")
         make = options if callable(options) else (lambda: options)
         self.session = self._open(path, make(), providers)
+        # A Q/DQ graph with full-range int8 weights (made for TensorRT, VNNI or arm64) on a CPU whose fused
+        # u8 x s8 kernels saturate (runtimes/cpu_isa.py): run its Q/DQ pairs unfused instead, the
+        # graph's own arithmetic in float (exact; the int8 kernels would not be faster on such a CPU).
+        self.unfused = self.meta.precision == INT8_QDQ and self._saturates()
+        if self.unfused:
+            fused = make
+            make = lambda: _without_qdq_fusion(fused())
+            self.session = self._open(path, make(), providers)
         # per-timestep-bin Q/DQ scales (calibration/int8_bins.py): one session per bin, same file
         self.bins = self._bin_sessions(path, make, providers)
         self.dtypes = {i.name: ORT_DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
@@ -162,10 +175,21 @@ class _Graph:
         session.run_with_iobinding(binding)
         return [DeviceArray(v) for v in binding.get_outputs()]
 
-    def saturation_warning(self) -> str | None:
-        """A line when this INT8 graph's types saturate on this CPU (runtimes/cpu_isa.py)."""
+    def _saturates(self) -> bool:
         from vdit_deploy.runtimes.cpu_isa import saturation_warning
 
+        on_cpu = self.session.get_providers()[0] == PROVIDERS["cpu"]
+        return on_cpu and saturation_warning(self.session.get_modelmeta().custom_metadata_map,
+                                             self.meta.precision) is not None
+
+    def saturation_warning(self) -> str | None:
+        """A line when this INT8 graph's types saturate on this CPU (runtimes/cpu_isa.py), or, for a Q/DQ
+        graph run unfused because of it, a note saying so."""
+        from vdit_deploy.runtimes.cpu_isa import host_isa, saturation_warning
+
+        if self.unfused:
+            return (f"note: {self.path.name} has full-range int8 weights, which this CPU's ({host_isa()}, no VNNI) "
+                    f"fused int8 kernels saturate: ONNX Runtime runs its Q/DQ pairs unfused (exact, at float speed)")
         return saturation_warning(self.session.get_modelmeta().custom_metadata_map, self.meta.precision)
 
     @property

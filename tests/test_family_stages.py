@@ -129,22 +129,21 @@ def test_serve_export_writes_a_valid_repository(stages, tmp_path, backend):
 
     name, _, export, _ = stages
     repo = tmp_path / "models"
-    if name in ("ltx", "mochi"):    # a fixed batch of 1: Triton's dynamic batching has nothing to batch (not yet served)
-        from vdit_deploy.cli import main
-
-        result = CliRunner().invoke(main, ["serve-export", str(export), "--triton", str(repo), "--backend", backend])
-        assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
-        assert "has a fixed batch of 1" in result.output and not repo.exists(), result.output
-        return
     cli("serve-export", export, "--triton", repo, "--backend", backend)
     meta = read_metadata(export / "denoiser.onnx")
+    fixed = meta.batch.get("fixed")
+    assert (fixed is not None) == (name in ("ltx", "mochi"))
     sam = parse_config(repo / "vdit_sampler" / "config.pbtxt")
     assert [i.name for i in sam.input][:len(meta.contract.cond)] == [c.name for c in meta.contract.cond]
+    # a fixed batch (LTX-Video, Mochi): no batching; the sampler calls it `fixed` rows at a time
+    params = {k: v.string_value for k, v in sam.parameters.items()}
+    assert params.get("denoiser_rows") == (str(fixed) if fixed else None)
     if backend == "onnxruntime":
         den = parse_config(repo / "vdit_denoiser" / "config.pbtxt")
         assert den.platform == "onnxruntime_onnx"
-        check_denoiser_tensors(den, repo)
-        check_sampler(sam, repo, export, max_videos=max(1, meta.batch_range()[1] // 2))
+        assert (den.max_batch_size == 0 and not den.HasField("dynamic_batching")) if fixed else den.max_batch_size > 0
+        check_denoiser_tensors(den, repo, fixed)
+        check_sampler(sam, repo, export, max_videos=8 if fixed else max(1, meta.batch_range()[1] // 2))
     else:
         assert (repo / "vdit_denoiser" / "1" / "model.py").is_file()
 

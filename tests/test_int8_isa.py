@@ -152,3 +152,43 @@ def test_verify_and_report_exit_1_when_a_variant_misses(export, tiny_checkpoint,
     assert "MISSED" in result.output and result.output.splitlines()[-1] == \
         f"Error: int8 missed the PSNR target against fp32 (report in {out})"
     assert (out / "report.json").is_file()                          # the report is written before the verdict
+
+
+def test_full_range_qdq_graph_runs_exact_on_a_saturating_cpu(export, tmp_path, capsys):
+    """A Q/DQ graph made for TensorRT (full-range int8 weights) on this CPU: where its fused u8 x s8
+    kernels saturate (AVX2), the runtime runs the Q/DQ pairs unfused, with a one-line note, and matches
+    the graph's own arithmetic (ONNX Runtime with every fusion off: QuantizeLinear, DequantizeLinear and
+    float MatMul as the ONNX spec writes them); the fused session is far off there. Elsewhere the fused
+    kernels sum in 32 bits and match it too."""
+    import onnxruntime as ort
+
+    from vdit_deploy.calibration.collect import collect
+    from vdit_deploy.calibration.int8 import variant_path
+    from vdit_deploy.runtimes.ort_runtime import OrtRuntime
+
+    work = shutil.copytree(export, tmp_path / "export", ignore=shutil.ignore_patterns("*int8*", "*.fp16.*"))
+    quantize_int8(work, collect(work, tmp_path / "calib", seeds=range(1)), mode="qdq", target="tensorrt")
+    capsys.readouterr()
+    rng = np.random.default_rng(0)
+    with OrtRuntime(work, "int8-qdq", providers=["cpu"]) as rt:
+        feeds = {"x_t": rng.standard_normal((2, *rt.contract.latent), dtype=np.float32),
+                 "t": np.array([900, 30]), "y": np.array([1, 2])}
+        got = rt.graph.run(**feeds)
+        saturates = host_isa() == "avx2"
+        assert rt.graph.unfused == saturates
+        err = capsys.readouterr().err
+        assert ("note:" in err and "unfused" in err and err.count("\n") == 1) if saturates else err == ""
+        feeds = rt.graph.feeds(**feeds)
+    path = variant_path(work, "qdq")
+
+    def session(level):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    spec = session(ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, feeds)[0]
+    fused = session(ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, feeds)[0]
+    rel = lambda a: float(np.linalg.norm(a - spec) / np.linalg.norm(spec))
+    assert rel(got) < 1e-3, rel(got)     # other fusions (LayerNorm, GELU) round differently: ~5e-5
+    if saturates:
+        assert rel(fused) > max(1e-3, 10 * rel(got)), rel(fused)    # what the runtime avoids: 5e-3 here

@@ -355,3 +355,36 @@ def test_text_conditioned_export_served(tiny_latte_export, tmp_path):
         assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
         assert refused.value.message() == "request encoder_hidden_states holds NaN or inf"
         c.close()
+
+
+def test_fixed_batch_family_served(tmp_path_factory, tmp_path):
+    """A fixed-batch export (tiny LTX-Video: batch 1, packed tokens, text prompt and its mask) on its own
+    server: no dynamic batching, the sampler splits each guided step's 2 rows into calls of 1, and the
+    video equals `vdit sample --cond`'s for the same seed and steps."""
+    from conftest import family_export
+    from safetensors.numpy import save_file
+
+    from test_edge import parse_config
+    from vdit_deploy.export.metadata import read_metadata
+    from vdit_deploy.export.triton import write_triton_repo
+
+    _, _, export, *_ = family_export("ltx", tmp_path_factory)
+    meta = read_metadata(export / "denoiser.onnx")
+    assert meta.batch.get("fixed") == 1
+    repo = tmp_path / "models"
+    write_triton_repo(export, repo, backend="python", sampler_instances=1)
+    assert parse_config(repo / "vdit_sampler" / "config.pbtxt").parameters["denoiser_rows"].string_value == "1"
+    cond = meta.contract.example_cond(1, np.random.default_rng(3), {"seq": 8})
+    save_file(cond, str(tmp_path / "prompt.safetensors"))
+    with TritonServer(repo) as server:
+        c = grpcclient.InferenceServerClient(server.addresses.url("grpc"))
+        inputs = [tensor(name, value) for name, value in cond.items()]
+        inputs += [tensor("seed", np.array([5], np.int64)), tensor("steps", np.array([3], np.int32))]
+        served = c.infer("vdit_sampler", inputs, client_timeout=DEADLINE).as_numpy("video")
+        c.close()
+    out = tmp_path / "ref.npy"
+    result = CliRunner().invoke(main, ["sample", "--runtime", "ort", "--onnx", str(export), "--cond",
+                                       str(tmp_path / "prompt.safetensors"), "--seed", "5", "--steps", "3",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert served.shape == np.load(out).shape and np.array_equal(served, np.load(out))
