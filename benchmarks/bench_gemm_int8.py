@@ -49,9 +49,9 @@ def graph(kind: str, k: int, n: int, rng):
         return [helper.make_node("MatMul", ["a", "w"], ["y"])], [w], f32, f32
     weights = (rng.integers(-64, 65, (k, n)).astype(np.int8) if kind != "u8u8"
                else rng.integers(0, 128, (k, n)).astype(np.uint8))
-    inits = [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(np.zeros(n, weights.dtype), "w_zp"),
-             numpy_helper.from_array(np.full(n, 1e-3, np.float32), "w_scale")]
+    inits = [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(np.zeros(n, weights.dtype), "w_zp")]
     if kind == "dynamic":
+        inits.append(numpy_helper.from_array(np.full(n, 1e-3, np.float32), "w_scale"))
         nodes = [helper.make_node("DynamicQuantizeLinear", ["a"], ["aq", "a_scale", "a_zp"]),
                  helper.make_node("MatMulInteger", ["aq", "w", "a_zp", "w_zp"], ["yi"]),
                  helper.make_node("Cast", ["yi"], ["yf"], to=f32),
