@@ -16,7 +16,7 @@ Each stage writes its row into --json as it ends and is skipped when there (a re
 Random weights: the speed, memory and numerics of the size, not a model's videos.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_families.py --family wan --work /tmp/wan13 \
-        --json benchmarks/cpu/wan1.3b.json
+        --json benchmarks/cpu/wan1.3b-HOST-DATE.json --threads 2
 """
 from __future__ import annotations
 

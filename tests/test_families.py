@@ -106,6 +106,37 @@ def test_cogvideox_samples_equal_on_ort_torch_and_the_diffusers_pipeline(cogvide
     assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 1e-4
 
 
+def test_cogvideox_2b_at_another_size_keeps_a_dynamic_batch(tmp_path):
+    """CogVideoX-2B at a latent other than its config's sample size (4 x 2 x 4 x 6 against 3 x 6 x 8): its
+    patch embedding recomputes the sincos table per call there, which torch.export refused; the adapter
+    bakes the table for the export's latent, so the batch stays dynamic and the graph equals the model
+    called at that size (diffusers computing the table itself)."""
+    import torch
+
+    from vdit_deploy.export.onnx_export import export_source
+    from vdit_deploy.runtimes import open_runtime
+    from vdit_deploy.sources import load_diffusers_source
+
+    torch.manual_seed(0)
+    model = save_pipeline(tmp_path, tiny_cogvideox(False), cogvideox_scheduler())
+    notes = []
+    export = export_source(load_diffusers_source(model, latent=(4, 2, 4, 6)), tmp_path / "export", batch=(1, 3),
+                           log=notes.append)
+    assert not any("fixed batch" in n for n in notes), notes
+    rng = np.random.default_rng(0)
+    with open_runtime("ort", export) as rt:
+        assert rt.batch_range[1] > rt.batch_range[0] == 1 and rt.contract.latent == (4, 2, 4, 6)
+        x = rng.standard_normal((2, 4, 2, 4, 6), dtype=np.float32)
+        prompts = rng.standard_normal((2, COG_SEQ, COG_TEXT)).astype(np.float32)
+        t = np.array([900.0, 40.0], np.float32)
+        got = rt.denoise(x, t, {"encoder_hidden_states": prompts})
+    net = diffusers.CogVideoXTransformer3DModel.from_pretrained(model).eval()
+    with torch.no_grad():
+        want = net(hidden_states=torch.from_numpy(x).transpose(1, 2), encoder_hidden_states=torch.from_numpy(prompts),
+                   timestep=torch.from_numpy(t), return_dict=False)[0].transpose(1, 2).numpy()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+
+
 # ---- the flow-matching families: Wan, LTX-Video, Mochi, HunyuanVideo -------------------------------------
 def test_flow_family_exports_with_no_options_and_info_describes_it(flow_family, tmp_path):
     """`vdit export DIR --out OUT` needs nothing else for a known flow family but, for a tiny model, the

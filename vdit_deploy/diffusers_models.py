@@ -67,7 +67,10 @@ def model_class(name: str, typed: bool = False):
 def estimate_bytes(tensors: dict[str, TensorInfo], config: dict, latent: tuple, batch: int) -> int:
     """Memory to build, load and run the model at `batch` videos, from the headers and the config only:
     the float32 weights twice (built, then loaded), and activations of batch x tokens x the widest layer
-    (tokens: F*H*W over the patch area; a few dozen live tensors of that size)."""
+    input (tokens: F*H*W over the patch area; a few dozen live tensors of that size). Widest input, not
+    widest tensor: a weight is (out, in, ...), and the widest outputs are often adaLN's per-sample 6 x
+    width modulation (CogVideoX-2B: 11,520), while the widest per-token activation is what the FFN's
+    down projection reads (7,680 there; Wan 1.3B 8,960)."""
     weights = sum(t.numel for t in tensors.values()) * 4
     size = lambda p: p if isinstance(p, int) and not isinstance(p, bool) and p >= 1 else 1
     patch = config.get("patch_size")
@@ -78,7 +81,7 @@ def estimate_bytes(tensors: dict[str, TensorInfo], config: dict, latent: tuple, 
         patch_w = patch_h
     c, f, h, w = latent
     tokens = max(1, f // patch_t) * max(1, h // patch_h) * max(1, w // patch_w)
-    width = max([c, *(max(t.shape, default=1) for t in tensors.values())])
+    width = max([c, *(t.shape[1] for t in tensors.values() if len(t.shape) >= 2)])
     return 2 * weights + 32 * batch * tokens * width * 4 + batch * math.prod(latent) * 4 * 8
 
 

@@ -1,6 +1,7 @@
 """CogVideoX (CogVideoXTransformer3DModel): v-prediction DDPM (zero terminal SNR, CogVideoXDDIM/DPM), fed
-(B, F, C, H, W); 2B has sincos positions inside the model, 5B (and 1.5) a 3D RoPE table the pipeline
-builds: here built once from the latent shape with the pipeline's own code, baked into the graph."""
+(B, F, C, H, W); 2B has sincos positions inside the model (recomputed per call at a size other than its
+sample size: baked for the export's), 5B (and 1.5) a 3D RoPE table the pipeline builds: here built once
+from the latent shape with the pipeline's own code, baked into the graph."""
 import torch
 
 from vdit_deploy.contract import BATCH, CondInput
@@ -75,10 +76,26 @@ def get_resize_crop_region_for_grid(src, tgt_width, tgt_height):
     return (crop_top, crop_left), (crop_top + resize_height, crop_left + resize_width)
 
 
+def bake_sincos_table(embed, latent) -> None:
+    """CogVideoX-2B's patch embedding recomputes its sincos table in every forward whose latent differs
+    from the config's sample size, writing into a fresh tensor (torch.export refuses: "lifted_tensor is
+    mutated"). For the export's latent shape that table is one constant: computed once here with the
+    model's own code and kept as the buffer its forward reads at the sample size."""
+    _, frames, height, width = latent
+    before = (frames - 1) * embed.temporal_compression_ratio + 1        # pre-VAE frames, as forward counts them
+    if (embed.sample_height, embed.sample_width, embed.sample_frames) == (height, width, before):
+        return
+    table = embed._get_positional_embeddings(height, width, before)     # (1, text + video tokens, width)
+    embed.sample_height, embed.sample_width, embed.sample_frames = height, width, before
+    embed.register_buffer("pos_embedding", table, persistent=False)
+
+
 class CogVideoXAdapter(Adapter):
     def __init__(self, net, contract):
         super().__init__(net, contract)
         self.rotary = self.args["rotary"]
+        if getattr(net.patch_embed, "use_positional_embeddings", False):
+            bake_sincos_table(net.patch_embed, self.latent)
         if self.rotary:   # constants of the graph: the latent shape is fixed
             cos, sin = rotary_table(net.config, self.latent)
             self.register_buffer("rotary_cos", cos.float(), persistent=False)
