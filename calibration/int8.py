@@ -185,6 +185,16 @@ def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_f
         return save_variant(quantized, out, MODES[mode], data)
 
 
+def drop_weight_shapes(model) -> None:
+    """The exporter records the weights' shapes in value_info; onnxruntime's quantizer (1.27 .. 1.31.1)
+    transposes every Gemm weight in place under its own name and its shape inference then fails ("Inferred
+    shape and existing shape differ"). Those entries say nothing the initializers don't: removed in place."""
+    weights = {i.name for i in model.graph.initializer}
+    kept = [vi for vi in model.graph.value_info if vi.name not in weights]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+
+
 def quantize_static_qdq(model, src: Path, fp32: Path, nodes, batches, method: str, per_channel: bool,
                         choice: Int8Choice, progress: bool):
     """onnxruntime's quantize_static on the ranges fitted by ranges.py: the Q/DQ graph's ModelProto.
@@ -196,13 +206,7 @@ def quantize_static_qdq(model, src: Path, fp32: Path, nodes, batches, method: st
 
     tmp = fp32.parent
     raw = tmp / "q.onnx"
-    # The exporter records the weights' shapes in value_info; onnxruntime 1.31.1's quantizer transposes
-    # every Gemm weight in place under its own name and its shape inference then fails ("Inferred shape
-    # and existing shape differ"). Those entries say nothing the initializers don't.
-    weights = {i.name for i in model.graph.initializer}
-    kept = [vi for vi in model.graph.value_info if vi.name not in weights]
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(kept)
+    drop_weight_shapes(model)
     onnx.save(model, str(fp32), save_as_external_data=True, location="fp32.onnx.data")
     del model          # onnxruntime.quantization loads its own copy: one fp32 graph in memory, not two
     try:

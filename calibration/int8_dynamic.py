@@ -184,6 +184,8 @@ def quantize_dynamic_streaming(src: Path, out: Path, nodes, choice: Int8Choice, 
     chosen = quantizable(model, nodes)
     if not chosen:
         raise VditError("no layer is left to quantize (check --keep-fp / the layer patterns)")
+    if not any(o.domain in ("", "ai.onnx") and o.version >= 11 for o in model.opset_import):
+        raise VditError(f"{Path(src).name}: dynamic INT8 needs opset >= 11 (DynamicQuantizeLinear)")
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | \
@@ -251,7 +253,5 @@ def quantize_dynamic_streaming(src: Path, out: Path, nodes, choice: Int8Choice, 
     graph.node.extend(new_nodes)
     del graph.initializer[:]
     graph.initializer.extend(new_inits)
-    if not any(o.domain in ("", "ai.onnx") and o.version >= 11 for o in model.opset_import):
-        raise VditError(f"{Path(src).name}: dynamic INT8 needs opset >= 11 (DynamicQuantizeLinear)")
     return model, data_file
 

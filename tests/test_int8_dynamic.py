@@ -12,7 +12,7 @@ from onnxruntime.quantization import quantize_dynamic
 
 from vdit_deploy.calibration import int8_dynamic
 from vdit_deploy.calibration.graph import COMPUTE_OPS, select
-from vdit_deploy.calibration.int8 import DEFAULT_SENSITIVE, quantize_int8
+from vdit_deploy.calibration.int8 import DEFAULT_SENSITIVE, drop_weight_shapes, quantize_int8
 from vdit_deploy.calibration.int8_dynamic import quantize_dynamic_streaming
 from vdit_deploy.runtimes.cpu_isa import ISAS, choose
 
@@ -22,14 +22,10 @@ def run(path, feeds):
 
 
 def reference(src, out, nodes, choice):
-    """What onnxruntime.quantization makes of the same graph with the same choice. The exporter's value_info
-    for the weights goes first: onnxruntime's quantizer (1.27 .. 1.31) transposes Gemm weights in place and
-    its shape inference then fails on them ("Inferred shape and existing shape differ")."""
+    """What onnxruntime.quantization makes of the same graph with the same choice (the weights' value_info
+    dropped first, as quantize_int8 does for its Q/DQ graph: onnxruntime 1.27 .. 1.31.1 fail on it)."""
     model = onnx.load(str(src))
-    weights = {t.name for t in model.graph.initializer}
-    kept = [vi for vi in model.graph.value_info if vi.name not in weights]
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(kept)
+    drop_weight_shapes(model)
     src = out.with_name("reference-input.onnx")
     onnx.save(model, str(src))
     quantize_dynamic(src, out, op_types_to_quantize=list(COMPUTE_OPS), per_channel=True, nodes_to_quantize=nodes,
