@@ -1,8 +1,9 @@
 """INT8 with onnxruntime.quantization: a static Q/DQ graph for TensorRT and a dynamic one for CPUs.
 
-    denoiser.int8-qdq.onnx  static: weights per-channel, activations per-tensor, symmetric int8 ranges
-                            fitted on a calibration set (collect.py). Explicit quantization: ONNX
-                            Runtime runs it anywhere and TensorRT builds it as an INT8 engine.
+    denoiser.int8-qdq.onnx  static: weights per-channel, activations per-tensor, ranges fitted on a
+                            calibration set (collect.py). Explicit quantization: for TensorRT
+                            (--target tensorrt) symmetric int8, which it builds as an INT8 engine; for a
+                            CPU asymmetric u8 activations, which ONNX Runtime runs (cpu_isa.py).
     denoiser.int8-dynamic.onnx  dynamic: int8 weights, activation ranges measured per call
                             (DynamicQuantizeLinear + MatMulInteger). On AVX-512 VNNI CPUs it is the
                             fastest INT8 form in ONNX Runtime, and needs no calibration ranges. Written
@@ -38,7 +39,7 @@ from vdit_deploy.runtimes.cpu_isa import META_KEY, Int8Choice, choose
 
 MODES = {"qdq": INT8_QDQ, "dynamic": INT8_DYNAMIC}       # mode -> file precision tag
 METHODS = ("minmax", "percentile", "entropy")
-DEFAULT_METHOD = "percentile"   # measured best on the shipped tiny model (docs/calibration.md)
+DEFAULT_METHOD = "minmax"       # measured best on held-out seeds of the shipped model (docs/calibration.md)
 DEFAULT_SENSITIVE = (r"adaLN_modulation", r"^final_layer", r"^t_embedder", r"^y_embedder", r"^tubelet_embed",
                      r"scaled_dot_product_attention",
                      # the same roles in diffusers' Latte / PixArt blocks (under the adapter's `net.`)
@@ -65,7 +66,7 @@ def quiet():
 
 def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str = DEFAULT_METHOD,
                   keep_fp=DEFAULT_SENSITIVE, only=None, out=None, per_channel: bool = True,
-                  target: str | None = None, progress: bool = False, t_bins: int = 1,
+                  target=None, progress: bool = False, t_bins: int = 1,
                   smooth: float | None = None) -> Path:
     """export_dir/denoiser.onnx -> denoiser.int8-dynamic.onnx (dynamic) or denoiser.int8-qdq.onnx (qdq); qdq
     also makes step.int8-qdq.onnx from the export's fused step graph (what TensorRT's int8 build
@@ -217,16 +218,16 @@ def quantize_static_qdq(model, src: Path, fp32: Path, nodes, batches, method: st
         # One batch at a time, only the tensors Q/DQ quantizes (ranges.py); onnxruntime takes
         # the ranges as its calibration cache and builds the graph from them.
         feeds = lambda: bar(batches(lo, hi), show=progress, desc=f"calibrate {src.name}", unit="batch")
-        ranges, _ = fit_ranges(fp32, nodes, feeds, method, tmp)
+        ranges, _ = fit_ranges(fp32, nodes, feeds, method, tmp, symmetric=choice.activation_symmetric)
         save_tensors_data(ranges, tmp / "ranges.json")
-        # Symmetric int8 on both sides: what TensorRT's explicit quantization requires.
+        # Symmetric weights; activations symmetric s8 for TensorRT, asymmetric u8 for a CPU (cpu_isa.py).
         # MatMulConstBOnly: attention's activation x activation matmuls stay float.
         quantize_static(fp32, raw, None, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(COMPUTE_OPS),
                         per_channel=per_channel, nodes_to_quantize=nodes, reduce_range=choice.reduce_range,
                         weight_type=choice.quant_type("weight"), activation_type=choice.quant_type("activation"),
                         calibrate_method=calib, calibration_cache_path=tmp / "ranges.json",
                         use_external_data_format=True,
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                        extra_options={"ActivationSymmetric": choice.activation_symmetric, "WeightSymmetric": True,
                                        "MatMulConstBOnly": True})
     except VditError:
         raise

@@ -11,6 +11,8 @@ before the next is drawn from the (lazy) feeds:
     percentile, entropy onnxruntime's own HistogramCollector, fed one batch at a time (its histograms
                         grow in place; the thresholds are computed by the same code as in onnxruntime)
 
+symmetric ranges [-m, m] for TensorRT's zero-point-free int8, [min, max] for a CPU's u8 activations.
+
 ONNX Runtime keeps every output of a graph alive until a run ends, whichever are fetched, so a graph
 whose calibrated activations exceed `budget` bytes (shapes inferred on the weightless graph with its
 inputs bound to the first feed's) is fitted in passes: one augmented graph per group of tensors that
@@ -100,18 +102,19 @@ def augmented_graph(src: Path, tensors, out: Path) -> Path:
 
 
 class RangeCollector:
-    """Running per-tensor statistics of a stream of batches: minmax, percentile or entropy, symmetric
-    (what TensorRT's explicit quantization takes). `held`: the most bytes of activations added at once."""
+    """Running per-tensor statistics of a stream of batches: minmax, percentile or entropy; symmetric
+    (what TensorRT's explicit quantization takes) or not. `held`: the most bytes of activations added at once."""
 
-    def __init__(self, method: str):
-        self.method, self.batches, self.held = method, 0, 0
+    def __init__(self, method: str, symmetric: bool = True):
+        self.method, self.symmetric, self.batches, self.held = method, symmetric, 0, 0
         self.lo: dict[str, np.ndarray] = {}
         self.hi: dict[str, np.ndarray] = {}
         self.histograms = None
         if method in HISTOGRAM:
             from onnxruntime.quantization.calibrate import HistogramCollector
 
-            self.histograms = HistogramCollector(method=method, symmetric=True, scenario="same", **HISTOGRAM[method])
+            self.histograms = HistogramCollector(method=method, symmetric=symmetric, scenario="same",
+                                                 **HISTOGRAM[method])
 
     def add(self, outputs: dict[str, np.ndarray]) -> None:
         """Fold activations of the current batch in (all of its tensors, or a group); nothing is kept.
@@ -133,7 +136,8 @@ class RangeCollector:
         self.batches += 1
 
     def ranges(self):
-        """onnxruntime's TensorsData: symmetric [-m, m] per tensor (minmax), or its collector's thresholds."""
+        """onnxruntime's TensorsData: [min, max] or symmetric [-m, m] per tensor (minmax), or its collector's
+        thresholds."""
         from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
 
         if not self.batches:
@@ -143,12 +147,13 @@ class RangeCollector:
             return TensorsData(method, self.histograms.compute_collection_result())
         pairs = {}
         for name in self.lo:
-            m = np.maximum(np.abs(self.lo[name]), np.abs(self.hi[name])).astype(np.float32)
-            pairs[name] = (-m, m)
+            lo, hi = np.float32(self.lo[name]), np.float32(self.hi[name])
+            m = np.maximum(np.abs(lo), np.abs(hi))
+            pairs[name] = (-m, m) if self.symmetric else (lo, hi)
         return TensorsData(CalibrationMethod.MinMax, pairs)
 
 
-def fit_ranges(fp32: Path, nodes, feeds, method: str, work: Path, budget: int = BUDGET):
+def fit_ranges(fp32: Path, nodes, feeds, method: str, work: Path, budget: int = BUDGET, symmetric: bool = True):
     """Ranges of the activations of `nodes` in the graph at fp32 (weights beside it). feeds() returns a
     fresh iterable of feed dicts, drawn one at a time, once per group of tensors (groups sized on the
     first feed: the calibration batches share a shape). Returns (TensorsData, the RangeCollector)."""
@@ -163,7 +168,7 @@ def fit_ranges(fp32: Path, nodes, feeds, method: str, work: Path, budget: int = 
     options = session_options()       # --threads; the graph as exported, as onnxruntime's calibrators run it
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    collector, plan, done = RangeCollector(method), None, 0
+    collector, plan, done = RangeCollector(method, symmetric), None, 0
     while plan is None or done < len(plan):
         session = None
         for feed in feeds():

@@ -4,7 +4,9 @@
 
 Each compute layer (a Linear / Conv module, graph.layer_groups) is quantized alone, everything else
 stays fp32, and the calibration set is run through it: the eps relative L2 against fp32 is the error
-that layer alone costs. The ranking shows why DEFAULT_SENSITIVE layers are kept in float.
+that layer alone costs. The ranking shows why DEFAULT_SENSITIVE layers are kept in float. Groups with
+no weight the mode quantizes are left out: the attention cores (activation x activation matmuls stay
+float in both modes) and, for dynamic INT8, Gemms (no integer Gemm kernel: int8_dynamic.py).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ def sensitivity(export_dir, calib_dir, mode: str = "dynamic", method: str = "min
 
     from vdit_deploy.calibration.collect import load_calibration_set, run_onnx
     from vdit_deploy.calibration.int8 import DEFAULT_SENSITIVE, quantize_int8
+    from vdit_deploy.calibration.int8_dynamic import quantizable
     from vdit_deploy.metrics import rel_l2
 
     keep_fp = DEFAULT_SENSITIVE if keep_fp is None else keep_fp
@@ -43,7 +46,11 @@ def sensitivity(export_dir, calib_dir, mode: str = "dynamic", method: str = "min
     cset = load_calibration_set(calib_dir, meta.checkpoint_sha256, meta.contract)
     model = onnx.load(str(src), load_external_data=False)
     by_name = {n.name: n for n in model.graph.node}
-    groups = {k: v for k, v in layer_groups(model).items() if layers is None or re.search(layers, k)}
+    weights = {i.name for i in model.graph.initializer}
+    has_weight = (lambda nodes: quantizable(model, nodes)) if mode == "dynamic" else \
+        (lambda nodes: [n for n in nodes if by_name[n].input[1:2] and by_name[n].input[1] in weights])
+    groups = {k: v for k, v in layer_groups(model).items()
+              if (layers is None or re.search(layers, k)) and has_weight(v)}
     if progress is True:
         note(f"sensitivity: {len(groups)} layer groups, each quantized alone and run on {len(cset)} calibration "
              "rows (minutes for a small model: one quantization and one pass over the set per group)")

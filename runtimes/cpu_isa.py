@@ -7,11 +7,12 @@ ONNX Runtime's MLAS chooses its u8 x s8 GEMM kernel by cpuid (mlas/lib/platform.
                                     nowhere). Activations spread over the full u8 range and full-range
                                     s8 weights hit it: the 16 dB INT8 of issue 25.
     arm64                           UDOT/SDOT (dotprod) or widening NEON multiplies: int32 sums.
-Static Q/DQ graphs are S8S8; on x86 ONNX Runtime turns their int8 activations into u8 (QDQS8ToU8)
-and runs the same u8 x s8 kernel, so they saturate the same way. Two cures (ONNX Runtime's
-quantization docs): reduce_range (7-bit weights: a pair sums to at most 255*64*2 = 32640, no
-saturation, the same fast kernel) or U8U8 (a 16-bit kernel with no pairwise step, slower). What each
-ISA gets (TARGETS) was measured: docs/calibration.md.
+Static Q/DQ graphs run on the same u8 x s8 kernel (ONNX Runtime turns s8 activations into u8 on x86:
+QDQS8ToU8), so they saturate the same way. Two cures (ONNX Runtime's quantization docs): reduce_range
+(7-bit weights: a pair sums to at most 255*64*2 = 32640, no saturation, the same fast kernel) or U8U8
+(a 16-bit kernel with no pairwise step, slower). A CPU's Q/DQ graph has asymmetric u8 activations (a
+zero point: the skewed ranges after GELU and adaLN's shift keep all 256 levels); TensorRT's explicit
+quantization takes symmetric s8 only. What each target gets (TARGETS) was measured: docs/calibration.md.
 
 Detection mirrors MLAS: cpuid, read through numpy's own CPU-feature table (numpy dispatches its
 SIMD loops by cpuid too), with /proc/cpuinfo for AVX-VNNI, which numpy does not list. Torch-free.
@@ -36,8 +37,9 @@ class Int8Choice:
     """The INT8 types of one graph for one target: what onnxruntime.quantization is called with."""
     target: str                   # vnni | avx2 | arm64 | tensorrt
     weight_type: str              # "int8" | "uint8"
-    activation_type: str          # "uint8" (dynamic: DynamicQuantizeLinear is u8 only) | "int8" (Q/DQ)
+    activation_type: str          # "uint8" (dynamic, and a CPU's Q/DQ) | "int8" (TensorRT's Q/DQ)
     reduce_range: bool            # 7-bit weights
+    activation_symmetric: bool    # zero point 0 (TensorRT) or fitted to each tensor's [min, max] (CPUs)
 
     @property
     def saturation_safe(self) -> bool:
@@ -52,24 +54,27 @@ class Int8Choice:
 
     def describe(self) -> str:
         types = f"{'U8' if self.activation_type == 'uint8' else 'S8'}{'U8' if self.weight_type == 'uint8' else 'S8'}"
-        return f"{types}{', 7-bit weights (reduce_range)' if self.reduce_range else ''} for {self.target}"
+        return (f"{types}, {'symmetric' if self.activation_symmetric else 'asymmetric'} activations"
+                f"{', 7-bit weights (reduce_range)' if self.reduce_range else ''} for {self.target}")
 
     def to_json(self) -> str:
         import json
         return json.dumps({"target": self.target, "weight_type": self.weight_type,
-                           "activation_type": self.activation_type, "reduce_range": self.reduce_range})
+                           "activation_type": self.activation_type, "reduce_range": self.reduce_range,
+                           "activation_symmetric": self.activation_symmetric})
 
 
-# mode -> target -> choice. dynamic: u8 activations (DynamicQuantizeLinear). qdq: symmetric S8S8, what
-# TensorRT's explicit quantization takes; avx2 keeps S8S8 (still a TensorRT graph) with 7-bit weights.
+# mode -> target -> choice. dynamic: asymmetric u8 activations (DynamicQuantizeLinear). qdq on a CPU: the
+# same u8 activations with ranges from the calibration set; for TensorRT symmetric S8S8, what its explicit
+# quantization takes. avx2: 7-bit weights in both modes.
 TARGETS = {
-    "dynamic": {VNNI: Int8Choice(VNNI, "int8", "uint8", False),
-                AVX2: Int8Choice(AVX2, "int8", "uint8", True),
-                ARM64: Int8Choice(ARM64, "int8", "uint8", False)},
-    "qdq": {VNNI: Int8Choice(VNNI, "int8", "int8", False),
-            AVX2: Int8Choice(AVX2, "int8", "int8", True),
-            ARM64: Int8Choice(ARM64, "int8", "int8", False),
-            TENSORRT: Int8Choice(TENSORRT, "int8", "int8", False)},
+    "dynamic": {VNNI: Int8Choice(VNNI, "int8", "uint8", False, False),
+                AVX2: Int8Choice(AVX2, "int8", "uint8", True, False),
+                ARM64: Int8Choice(ARM64, "int8", "uint8", False, False)},
+    "qdq": {VNNI: Int8Choice(VNNI, "int8", "uint8", False, False),
+            AVX2: Int8Choice(AVX2, "int8", "uint8", True, False),
+            ARM64: Int8Choice(ARM64, "int8", "uint8", False, False),
+            TENSORRT: Int8Choice(TENSORRT, "int8", "int8", False, True)},
 }
 
 
@@ -133,11 +138,14 @@ def profile_target(name_or_path: str, mode: str) -> str:
                     f"(--mode qdq); for the dynamic CPU graph pass --target {', '.join(ISAS)}")
 
 
-def choose(mode: str, target: str | None = None) -> Int8Choice:
+def choose(mode: str, target: str | Int8Choice | None = None) -> Int8Choice:
     """The INT8 types for `mode` (dynamic | qdq) on `target`: an ISA name, tensorrt, a board profile
-    (name or path), or None for this CPU."""
+    (name or path), None for this CPU, or an Int8Choice of one's own (benchmarks: other types than a
+    target's)."""
     if mode not in TARGETS:
         raise VditError(f"int8 mode must be one of {', '.join(TARGETS)}, got {mode!r}")
+    if isinstance(target, Int8Choice):
+        return target
     if target is None:
         target = host_isa()
     elif target not in TARGETS[mode]:
@@ -182,3 +190,17 @@ def saturation_warning(custom_metadata: dict, precision: str, isa: str | None = 
     return (f"warning: this INT8 graph was made for {record.get('target')} (full-range int8 weights) and this CPU "
             f"({isa}, no VNNI) saturates its u8 x s8 sums: expect a large error; remake it here with "
             f"`vdit calibrate int8` (or --target {isa})")
+
+
+def tensorrt_refusal(path) -> str | None:
+    """The line a TensorRT build refuses a CPU's Q/DQ graph with (asymmetric activations: TensorRT's
+    explicit quantization takes zero points of 0 only), None for any other graph."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    record = read_choice({p.key: p.value for p in model.metadata_props}) or {}
+    if record.get("activation_symmetric", True):     # TensorRT's, dynamic-free, or from before the record
+        return None
+    return (f"{Path(path).name} was made for a CPU ({record.get('target')}: asymmetric u8 activations, for ONNX "
+            f"Runtime) and TensorRT takes symmetric int8 only: remake it with `vdit calibrate int8 --mode qdq "
+            f"--target tensorrt` (or a board profile)")

@@ -241,8 +241,11 @@ def build_engine(onnx_path: Path, precision: str, profile: EngineProfile, option
     decoder's), so `profile` gives it its range."""
     if axis_names is None:
         from vdit_deploy.export.metadata import read_metadata
+        from vdit_deploy.runtimes.cpu_isa import tensorrt_refusal
         from vdit_deploy.runtimes.qdq_bins import bins_note
 
+        if refusal := tensorrt_refusal(onnx_path):
+            raise VditError(refusal)
         io = read_metadata(onnx_path).io
         axis_names = {spec["name"]: spec["shape"] for spec in io["inputs"]}
         if note := bins_note(onnx_path):

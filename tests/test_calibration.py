@@ -218,6 +218,12 @@ def test_sensitivity_ranks_layers(export, calib):
     assert errors == sorted(errors, key=lambda e: -e.eps_rel_l2)
     assert [e.kept_fp for e in errors if e.layer == "final_layer.linear"] == [True]
     assert "final_layer.linear" in table(errors)
+    # groups with nothing the mode quantizes are left out, not an error: the attention core (both modes),
+    # t_embedder's Gemms (dynamic INT8 has no integer Gemm)
+    some = r"^t_embedder\.mlp\.0$|blocks\.0\.attn_space\.(qkv|scaled_dot_product_attention)"
+    assert {e.layer for e in sensitivity(export, calib, layers=some)} == {"blocks.0.attn_space.qkv"}
+    assert {e.layer for e in sensitivity(export, calib, mode="qdq", layers=some)} == {
+        "t_embedder.mlp.0", "blocks.0.attn_space.qkv"}
 
 
 def test_report_files(export, calib, tmp_path):

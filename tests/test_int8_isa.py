@@ -49,8 +49,11 @@ def test_choice_per_target():
     # VNNI and arm64 sum u8 x s8 in 32 bits: full-range weights. AVX2 pairs them in 16 bits: 7-bit weights.
     assert [choose("dynamic", t).reduce_range for t in ("vnni", "avx2", "arm64")] == [False, True, False]
     assert {choose("dynamic", t).activation_type for t in ("vnni", "avx2", "arm64")} == {"uint8"}
-    # Q/DQ stays symmetric S8S8 everywhere (TensorRT's explicit quantization takes it)
-    assert {(c.weight_type, c.activation_type) for c in TARGETS["qdq"].values()} == {("int8", "int8")}
+    # Q/DQ: asymmetric u8 activations on a CPU; symmetric S8S8 for TensorRT (its explicit quantization)
+    assert {t: (c.weight_type, c.activation_type, c.activation_symmetric) for t, c in TARGETS["qdq"].items()} == {
+        "vnni": ("int8", "uint8", False), "avx2": ("int8", "uint8", False), "arm64": ("int8", "uint8", False),
+        "tensorrt": ("int8", "int8", True)}
+    assert "asymmetric activations" in choose("qdq", "avx2").describe()
     assert choose("qdq", "tensorrt").reduce_range is False and choose("qdq", "avx2").reduce_range is True
     assert choose("dynamic", "avx2").saturation_safe and not choose("dynamic", "vnni").saturation_safe
     assert choose("dynamic") == choose("dynamic", host_isa())
@@ -192,3 +195,31 @@ def test_full_range_qdq_graph_runs_exact_on_a_saturating_cpu(export, tmp_path, c
     assert rel(got) < 1e-3, rel(got)     # other fusions (LayerNorm, GELU) round differently: ~5e-5
     if saturates:
         assert rel(fused) > max(1e-3, 10 * rel(got)), rel(fused)    # what the runtime avoids: 5e-3 here
+
+
+def test_cpu_qdq_graph_is_asymmetric_and_tensorrt_refuses_it(export, tmp_path):
+    """The default (CPU) Q/DQ graph's activations have zero points fitted to their ranges (a post-GELU
+    input is skewed: not 128), the TensorRT one's are 0; a TensorRT build refuses the CPU graph in one
+    line before it imports TensorRT, and builds nothing."""
+    from vdit_deploy.calibration.collect import collect
+    from vdit_deploy.runtimes.cpu_isa import tensorrt_refusal
+    from vdit_deploy.runtimes.trt_network import build_engine
+
+    work = shutil.copytree(export, tmp_path / "export", ignore=shutil.ignore_patterns("*int8*", "*.fp16.*"))
+    calib = collect(work, tmp_path / "calib", seeds=range(1))
+    cpu = quantize_int8(work, calib, mode="qdq", target="avx2", out=work / "cpu.onnx")
+    trt = quantize_int8(work, calib, mode="qdq", target="tensorrt", out=work / "trt.onnx")
+
+    def zero_points(path):
+        model = onnx.load(str(path))
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+        return [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+
+    cpu_zp, trt_zp = zero_points(cpu), zero_points(trt)
+    assert cpu_zp and all(z.dtype == np.uint8 for z in cpu_zp) and len({int(z) for z in cpu_zp}) > 2
+    assert trt_zp and all(z.dtype == np.int8 and int(z) == 0 for z in trt_zp)
+    assert tensorrt_refusal(trt) is None and tensorrt_refusal(work / "denoiser.onnx") is None
+    line = tensorrt_refusal(cpu)
+    assert "\n" not in line and "--target tensorrt" in line and "avx2" in line
+    with pytest.raises(VditError, match="TensorRT takes symmetric int8 only"):
+        build_engine(cpu, "int8", None)

@@ -91,10 +91,6 @@ def test_calibration_holds_one_batch_at_a_time(export, calib, tmp_path):
         np.testing.assert_array_equal(np.ravel(small[name].range_value), np.ravel(ranges[name].range_value))
     assert not list(tmp_path.glob("augmented.onnx.data"))   # the augmented graph shares the fp32 weights
 
-    ort_cal = MinMaxCalibrater(str(fp32), list(COMPUTE_OPS), str(tmp_path / "ort-aug.onnx"), symmetric=True)
-    ort_cal.augment_graph()
-    ort_cal.create_inference_session()
-
     class Reader:
         def __init__(self):
             self.it = cset.batches(lo, 1)
@@ -102,10 +98,18 @@ def test_calibration_holds_one_batch_at_a_time(export, calib, tmp_path):
         def get_next(self):
             return next(self.it, None)
 
-    ort_cal.collect_data(Reader())
-    theirs = ort_cal.compute_data()
-    for name in tensors:
-        np.testing.assert_allclose(np.ravel(ranges[name].range_value), np.ravel(theirs[name].range_value), rtol=1e-6)
+    # symmetric (TensorRT's) and [min, max] (a CPU's u8 activations): onnxruntime's own calibrator's ranges
+    asymmetric, _ = fit_ranges(fp32, nodes, feeds, "minmax", tmp_path, symmetric=False)
+    for symmetric, ours in ((True, ranges), (False, asymmetric)):
+        ort_cal = MinMaxCalibrater(str(fp32), list(COMPUTE_OPS), str(tmp_path / f"ort-aug-{symmetric}.onnx"),
+                                   symmetric=symmetric)
+        ort_cal.augment_graph()
+        ort_cal.create_inference_session()
+        ort_cal.collect_data(Reader())
+        theirs = ort_cal.compute_data()
+        for name in tensors:
+            np.testing.assert_allclose(np.ravel(ours[name].range_value), np.ravel(theirs[name].range_value), rtol=1e-6)
+    assert any(float(asymmetric[n].range_value[0]) != -float(asymmetric[n].range_value[1]) for n in tensors)
 
 
 def test_qdq_pair_is_whole_or_refused(export, calib):

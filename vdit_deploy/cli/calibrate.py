@@ -93,16 +93,16 @@ def calibrate_fp16(export_dir, calib_dir, threads):
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @calib_option(required=False)
 @click.option("--mode", type=click.Choice(["dynamic", "qdq"]), default="dynamic", show_default=True,
-              help="dynamic: fastest on CPU (denoiser.int8-dynamic.onnx); qdq: static Q/DQ for TensorRT "
-              "(denoiser.int8-qdq.onnx and step.int8-qdq.onnx).")
+              help="dynamic: fastest on CPU (denoiser.int8-dynamic.onnx); qdq: static Q/DQ (denoiser.int8-qdq.onnx "
+              "and step.int8-qdq.onnx), for this CPU's ONNX Runtime or, with --target tensorrt, for TensorRT.")
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default=None,
-              help="Activation range calibration for qdq (default: the measured best).")
+              help="Activation range calibration for qdq (default: minmax, the measured best).")
 @click.option("--keep-fp", multiple=True, help="Layer pattern (regex on e.g. 'blocks.0.mlp.0/linear') kept in float; "
               "replaces the default sensitive set. 'none' quantizes everything.")
 @click.option("--target", default=None,
               help="Where the graph runs: vnni (AVX-512 VNNI / AVX-VNNI), avx2 (x86 without VNNI: 7-bit weights, "
-              "its u8 x s8 sums saturate otherwise), arm64, tensorrt (qdq) or a board profile (`vdit plan --list`). "
-              "Default: this CPU.")
+              "its u8 x s8 sums saturate otherwise), arm64, tensorrt (qdq: symmetric int8, what `vdit build` takes) or a "
+              "board profile (`vdit plan --list`). Default: this CPU (qdq: asymmetric u8 activations).")
 @click.option("--t-bins", "t_bins", default=1, show_default=True, type=int,
               help="qdq: one set of activation scales per timestep bin (the set's timesteps split into N); "
               "ONNX Runtime picks each step's bin.")
