@@ -180,7 +180,7 @@ def runs_for(ckpt, export, compile_modes, device):
         import tensorrt  # noqa: F401
         for p in ("fp32", "fp16", "int8"):
             if p == "int8" and find_variant(export, STEP, INT8_QDQ) is None:
-                runs.append(("trt int8", f"no {variant_file(STEP, INT8_QDQ)} (vdit calibrate int8 --mode qdq)"))
+                runs.append(("trt int8", f"no {variant_file(STEP, INT8_QDQ)} (vdit calibrate int8 --mode qdq --target tensorrt)"))
                 continue
             runs.append((f"trt {p}", lambda p=p: open_trt(export, p)))
     except Exception as e:   # ImportError, or OSError when the bindings find no libnvinfer

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import median_seconds
+from common import median_seconds, write_report
 from vdit_deploy.export.variants import DENOISER, INT8_QDQ, variant_file
 
 QDQ = variant_file(DENOISER, INT8_QDQ)
@@ -232,11 +232,8 @@ def main() -> None:
         print(f"{name:<18} PSNR {row.get('psnr_db') or float('nan'):6.2f} dB  call relL2 "
               f"{row.get('call_rel_l2_mean', float('nan')):.3e}  {row.get('ms_per_call_b2', float('nan')):.2f} ms",
               flush=True)
-        if args.json:
-            args.json.write_text(json.dumps(report, indent=1) + "\n")
-    report["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        write_report(args.json, report)
+    write_report(args.json, report, done=True)
 
 
 if __name__ == "__main__":

@@ -61,3 +61,14 @@ def with_speedups(rows: dict) -> dict:
     for row in rows.values():
         row["speedup_vs_torch"] = round(base / row["seconds_per_call"], 2)
     return rows
+
+
+def write_report(path: Path | None, report: dict, done: bool = False) -> None:
+    """The JSON report so far (written after each row, so a stopped run keeps its rows); done: the run
+    ended, its end load average is added. path None: nothing is written."""
+    import json
+
+    if done:
+        report["machine"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    if path is not None:
+        path.write_text(json.dumps(report, indent=1) + "\n")
