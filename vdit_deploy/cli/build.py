@@ -59,7 +59,8 @@ def plan(target, preset_name, checkpoint, onnx_path, batch, precision, frames, l
 @main.command()
 @click.argument("onnx_dir", type=click.Path(path_type=Path))
 @click.option("--precision", type=click.Choice(ENGINE_PRECISIONS), default=None,
-              help="Default: the target's, else fp16. int8 builds the Q/DQ graph from `vdit calibrate`.")
+              help="Default: the target's, else fp16. int8 builds the Q/DQ graph from `vdit calibrate int8 "
+              "--mode qdq --target tensorrt` (or a board profile).")
 @click.option("--batch", default=None, help="Engine batch range MIN:OPT:MAX (default 1:2:8 within the export's "
               "range, or the target's).")
 @click.option("--fixed-batch", type=click.IntRange(1), default=None, help="Static batch N (MIN=OPT=MAX=N).")
