@@ -103,6 +103,8 @@ def modelopt_variant(export, calib, work, mode: str) -> tuple[Path, dict]:
         from modelopt.onnx.quantization import quantize
 
         copy_export(export, dest)
+        for step in dest.glob("step.onnx*"):    # a denoiser-only variant: the runtime takes the host step
+            step.unlink()
         src = export / "denoiser.onnx"
         model = onnx.load(str(src))
         nodes = [n for n in select(model, list(COMPUTE_OPS), COMPUTE_OPS)

@@ -42,7 +42,11 @@ VARIANTS = {
     "smooth0.5": dict(smooth=0.5),
     "smooth0.8": dict(smooth=0.8),
     "dynamic": dict(mode="dynamic"),
+    # NVIDIA ModelOpt's ONNX PTQ (bench_int8_plus.modelopt_variant: its own calibration, TensorRT's Q/DQ
+    # placement; needs `nvidia-modelopt` in a venv of its own, see bench_int8_plus.py). Not in the default list.
+    "modelopt-int8": dict(modelopt="int8"),
 }
+DEFAULT_VARIANTS = [n for n in VARIANTS if not n.startswith("modelopt")]
 
 
 def options_of(name: str) -> dict:
@@ -53,6 +57,8 @@ def options_of(name: str) -> dict:
     from vdit_deploy.runtimes.cpu_isa import choose
 
     opts = {"mode": "qdq", **VARIANTS[name]}
+    if "modelopt" in opts:
+        return opts
     if opts.pop("symmetric", False):
         opts["target"] = replace(choose("qdq"), activation_type="int8", activation_symmetric=True)
     return opts
@@ -61,6 +67,9 @@ def options_of(name: str) -> dict:
 def make(export: Path, calib: Path, dest: Path, name: str) -> tuple[Path, str]:
     from vdit_deploy.calibration.int8 import quantize_int8
 
+    if "modelopt" in VARIANTS[name]:
+        from bench_int8_plus import modelopt_variant
+        return modelopt_variant(export, calib, dest, VARIANTS[name]["modelopt"])[0], "int8-qdq"
     opts = options_of(name)
     precision = "int8" if opts["mode"] == "dynamic" else "int8-qdq"
     if not (dest / "made.json").is_file():
@@ -74,7 +83,7 @@ def make(export: Path, calib: Path, dest: Path, name: str) -> tuple[Path, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
     ap.add_argument("--videos", type=int, default=16, help="seeds of the compare-style evaluation")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=20)
