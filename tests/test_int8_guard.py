@@ -33,7 +33,15 @@ def shipped(tmp_path_factory):
 
 
 def test_default_precisions_keep_their_psnr_on_this_cpu(shipped):
-    got = video_psnr(shipped, [FP16, INT8, INT8_QDQ])
+    """The median over seeds 0-2 of each seed's worst video: one video of a static INT8 graph swings by
+    several dB with small changes (onnxruntime 1.27 against 1.32: seed 0's Q/DQ video 29.6 against 32.2 dB,
+    seeds 1-2 33-36 on both; docs/calibration.md), while the saturation this guards against is low on
+    every seed (the full-range dynamic graph on the AVX2 EPYC: 21.5 / 23.4 / 25.6 dB)."""
+    import numpy as np
+
+    precisions = [FP16, INT8, INT8_QDQ]
+    per_seed = [video_psnr(shipped, precisions, seeds=(seed,)) for seed in range(3)]
+    got = {p: float(np.median([s[p] for s in per_seed])) for p in precisions}
     want = {FP16: PSNR_TARGETS[FP16], INT8: PSNR_TARGETS[INT8_DYNAMIC], INT8_QDQ: PSNR_TARGETS[INT8_QDQ]}
     missed = {p: round(db, 2) for p, db in got.items() if not db >= want[p]}
-    assert not missed, f"on {host_isa()}: {missed} dB below {want} (all: {got})"
+    assert not missed, f"on {host_isa()}: {missed} dB below {want} (per seed: {per_seed})"
