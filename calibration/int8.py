@@ -164,12 +164,11 @@ def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_f
         nodes = select(model, only, COMPUTE_OPS)
     if not nodes:
         raise VditError("no layer is left to quantize (check --keep-fp / the layer patterns)")
-    if smooth is not None:      # activation outliers into the weights first (calibration/smooth.py)
-        from vdit_deploy.calibration.smooth import smooth_model
-        model = smooth_model(model, batches(*read_metadata(src).batch_range()), nodes, smooth)
     props = [(p.key, p.value) for p in model.metadata_props]
     with temp_dir(out) as tmp, quiet():
         fp32 = Path(tmp) / "fp32.onnx"
+        if smooth is not None:      # activation outliers into the weights first (calibration/smooth.py)
+            model = smoothed(model, Path(tmp), nodes, lambda: batches(*read_metadata(src).batch_range()), smooth)
         if mode == "dynamic":
             if smooth is not None:
                 onnx.save(model, str(fp32), save_as_external_data=True, location="fp32.onnx.data")
@@ -184,6 +183,24 @@ def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_f
             quantized.metadata_props.add(key=key, value=value)
         quantized.metadata_props.add(key=META_KEY, value=choice.to_json())
         return save_variant(quantized, out, MODES[mode], data)
+
+
+def smoothed(model, tmp: Path, nodes, feeds, alpha: float):
+    """The model with SmoothQuant's scales folded in. Its layers' input statistics are streamed from a
+    copy written to tmp (as the range fit streams, in bounded memory); onnx.save empties the saved
+    proto's tensors, so the model is read back from that copy and smoothed."""
+    import onnx
+
+    from vdit_deploy.calibration.smooth import channel_max, smooth_model, smoothed_nodes
+
+    names = sorted({n.input[0] for n in smoothed_nodes(model, nodes)})
+    if not names:
+        return model
+    raw = tmp / "unsmoothed.onnx"
+    onnx.save(model, str(raw), save_as_external_data=True, location="unsmoothed.onnx.data")
+    del model
+    stats = channel_max(raw, names, feeds, tmp)
+    return smooth_model(onnx.load(str(raw)), stats, nodes, alpha)
 
 
 def drop_weight_shapes(model) -> None:

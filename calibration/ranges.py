@@ -153,22 +153,22 @@ class RangeCollector:
         return TensorsData(CalibrationMethod.MinMax, pairs)
 
 
-def fit_ranges(fp32: Path, nodes, feeds, method: str, work: Path, budget: int = BUDGET, symmetric: bool = True):
-    """Ranges of the activations of `nodes` in the graph at fp32 (weights beside it). feeds() returns a
-    fresh iterable of feed dicts, drawn one at a time, once per group of tensors (groups sized on the
-    first feed: the calibration batches share a shape). Returns (TensorsData, the RangeCollector)."""
+def stream_outputs(graph_path: Path, tensors, feeds, work: Path, fold, budget: int = BUDGET) -> None:
+    """Run the graph at graph_path (weights inline or beside it) over feeds() and hand each batch's values
+    of `tensors` to fold(first_pass, {name: array}), nothing kept: in one pass when a batch's tensors fit
+    in `budget` bytes, else one pass per group that fits (groups sized on the first feed: the calibration
+    batches share a shape), feeds() drawn anew for each. first_pass: count the batch there."""
     import onnx
     import onnxruntime as ort
 
     from vdit_deploy.threads import session_options
 
-    model = onnx.load(str(fp32), load_external_data=False)
-    tensors = calibration_tensors(model, nodes)
+    model = onnx.load(str(graph_path), load_external_data=False)
     inputs = [i.name for i in model.graph.input]
     options = session_options()       # --threads; the graph as exported, as onnxruntime's calibrators run it
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    collector, plan, done = RangeCollector(method, symmetric), None, 0
+    plan, done = None, 0
     while plan is None or done < len(plan):
         session = None
         for feed in feeds():
@@ -176,15 +176,30 @@ def fit_ranges(fp32: Path, nodes, feeds, method: str, work: Path, budget: int = 
             if plan is None:
                 plan = groups(tensors, tensor_bytes(model, tensors, feed), budget)
             if session is None:      # this group's outputs only: the others are never computed into memory
-                graph = augmented_graph(fp32, plan[done], work / "augmented.onnx")
+                graph = augmented_graph(graph_path, plan[done], work / "augmented.onnx")
                 session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-            if done == 0:
-                collector.next_batch()
             outs = session.run(plan[done], feed)
-            collector.add(dict(zip(plan[done], outs)))
+            fold(done == 0, dict(zip(plan[done], outs)))
             del outs, feed
         if plan is None:
-            break                    # no batch at all: ranges() says so
+            return                   # no batch at all
         del session
         done += 1
+
+
+def fit_ranges(fp32: Path, nodes, feeds, method: str, work: Path, budget: int = BUDGET, symmetric: bool = True):
+    """Ranges of the activations of `nodes` in the graph at fp32 (weights beside it). feeds() returns a
+    fresh iterable of feed dicts, drawn one at a time, once per group of tensors (stream_outputs).
+    Returns (TensorsData, the RangeCollector)."""
+    import onnx
+
+    tensors = calibration_tensors(onnx.load(str(fp32), load_external_data=False), nodes)
+    collector = RangeCollector(method, symmetric)
+
+    def fold(first_pass, outputs):
+        if first_pass:
+            collector.next_batch()
+        collector.add(outputs)
+
+    stream_outputs(fp32, tensors, feeds, work, fold, budget)
     return collector.ranges(), collector

@@ -11,9 +11,13 @@ whole range into the weights (quantized per output channel, where it costs less)
 inserted before each quantized MatMul (the Q/DQ pair then sits on the smoothed tensor); folding it into
 the preceding LayerNorm or adaLN modulation would save that Mul, but the modulation's shift term and a
 tensor read by several layers with different s make the Mul the general form. Without quantization the
-graph computes the same function (to float rounding: tested to ~1e-5).
+graph computes the same function (to float rounding: tested to ~1e-5). The per-channel statistics are
+streamed as the range fit streams (ranges.stream_outputs): each batch reduced and dropped, the tensors
+fetched in groups of at most 512 MB.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
@@ -41,43 +45,42 @@ def _weight(model, node, inits):
     return None
 
 
-def channel_max(model, batches, names) -> dict[str, np.ndarray]:
-    """max |x| per last-axis channel of each named tensor over the batches (one fp32 session, the
-    tensors added as graph outputs; each batch is reduced and dropped)."""
-    import onnx
-    import onnxruntime as ort
+def smoothed_nodes(model, nodes) -> list:
+    """The NodeProtos of `nodes` SmoothQuant can rescale: MatMul / Gemm with a constant weight."""
+    inits = {i.name: i for i in model.graph.initializer}
+    wanted = set(nodes)
+    return [n for n in model.graph.node if n.name in wanted and _weight(model, n, inits) is not None]
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    have = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in have:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    del probe
+
+def channel_max(graph_path, names, feeds, work) -> dict[str, np.ndarray]:
+    """max |x| per last-axis channel of each named tensor of the graph at graph_path over feeds() (fresh
+    feed dicts each call): each batch is reduced and dropped, and the tensors are fetched in groups of at
+    most ranges.BUDGET bytes, as the range fit does (ranges.stream_outputs)."""
+    from vdit_deploy.calibration.ranges import stream_outputs
+
     out: dict[str, np.ndarray] = {}
-    for feed in batches:
-        values = session.run(list(names), {k: np.ascontiguousarray(a) for k, a in feed.items()})
-        for name, a in zip(names, values):
+
+    def fold(first_pass, outputs):
+        for name, a in outputs.items():
             m = np.abs(a.reshape(-1, a.shape[-1])).max(axis=0)
             out[name] = m if name not in out else np.maximum(out[name], m)
+
+    stream_outputs(Path(graph_path), list(names), feeds, Path(work), fold)
     if not out:
         raise VditError("--smooth: the calibration set gave no batch for this graph")
     return out
 
 
-def smooth_model(model, batches, nodes, alpha: float):
+def smooth_model(model, stats: dict, nodes, alpha: float):
     """Insert X / s before each of `nodes` (MatMul / Gemm with constant weights) and fold s into its
-    weight; returns the model (changed in place). batches: feed dicts of the calibration set."""
+    weight; returns the model (changed in place). stats: channel_max of the nodes' inputs (their
+    names: `{n.input[0] for n in smoothed_nodes(model, nodes)}`) on the calibration set."""
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
-    chosen = [n for n in model.graph.node if n.name in set(nodes) and _weight(model, n, inits) is not None]
+    chosen = smoothed_nodes(model, nodes)
     if not chosen:
         return model
-    stats = channel_max(model, batches, sorted({n.input[0] for n in chosen}))
     uses: dict[str, int] = {}
     for n in model.graph.node:
         for i in n.input:

@@ -95,12 +95,22 @@ def test_read_bins_refuses_bad_metadata():
 def test_smoothing_alone_keeps_the_function(export, calib):
     from vdit_deploy.calibration.collect import onnx_session
     from vdit_deploy.calibration.graph import COMPUTE_OPS, select
-    from vdit_deploy.calibration.smooth import smooth_model
+    from vdit_deploy.calibration.ranges import stream_outputs
+    from vdit_deploy.calibration.smooth import channel_max, smooth_model, smoothed_nodes
 
     model = onnx.load(str(export / "denoiser.onnx"))
     cset = load_calibration_set(calib)
     nodes = select(model, ["MatMul"], COMPUTE_OPS)
-    smoothed = smooth_model(onnx.load(str(export / "denoiser.onnx")), cset.batches(1, 4), nodes, 0.5)
+    names = sorted({n.input[0] for n in smoothed_nodes(model, nodes)})
+    feeds = lambda: cset.batches(1, 4)
+    stats = channel_max(export / "denoiser.onnx", names, feeds, export.parent)
+    # the same statistics fetched in groups of a few tensors (a budget below one batch's): bounded memory
+    small = {}
+    stream_outputs(export / "denoiser.onnx", names, feeds, export.parent,
+                   lambda first, outs: small.update({k: np.maximum(small.get(k, 0), np.abs(
+                       a.reshape(-1, a.shape[-1])).max(axis=0)) for k, a in outs.items()}), budget=1)
+    assert small.keys() == stats.keys() and all(np.array_equal(small[k], stats[k]) for k in stats)
+    smoothed = smooth_model(onnx.load(str(export / "denoiser.onnx")), stats, nodes, 0.5)
     muls = [n for n in smoothed.graph.node if n.name.endswith(".smooth/mul")]
     assert len(muls) >= 16                      # every linear of the 4 blocks
     path = export.parent / "smoothed.onnx"
