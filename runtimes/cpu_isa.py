@@ -192,15 +192,12 @@ def saturation_warning(custom_metadata: dict, precision: str, isa: str | None = 
             f"`vdit calibrate int8` (or --target {isa})")
 
 
-def tensorrt_refusal(path) -> str | None:
-    """The line a TensorRT build refuses a CPU's Q/DQ graph with (asymmetric activations: TensorRT's
-    explicit quantization takes zero points of 0 only), None for any other graph."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    record = read_choice({p.key: p.value for p in model.metadata_props}) or {}
-    if record.get("activation_symmetric", True):     # TensorRT's, dynamic-free, or from before the record
+def tensorrt_refusal(custom_metadata: dict, name: str) -> str | None:
+    """The line a TensorRT build refuses a CPU's Q/DQ graph (file `name`) with: asymmetric activations,
+    and TensorRT's explicit quantization takes zero points of 0 only. None for any other graph."""
+    record = read_choice(custom_metadata) or {}
+    if record.get("activation_symmetric", True):     # TensorRT's, not INT8, or from before the record
         return None
-    return (f"{Path(path).name} was made for a CPU ({record.get('target')}: asymmetric u8 activations, for ONNX "
+    return (f"{name} was made for a CPU ({record.get('target')}: asymmetric u8 activations, for ONNX "
             f"Runtime) and TensorRT takes symmetric int8 only: remake it with `vdit calibrate int8 --mode qdq "
             f"--target tensorrt` (or a board profile)")

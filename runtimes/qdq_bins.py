@@ -62,13 +62,10 @@ def read_bins(custom_metadata: dict, where: str):
     return [float(e) for e in edges], bins
 
 
-def bins_note(path) -> str | None:
-    """A line for a stage that builds one engine from a graph with per-bin scales (TensorRT): it gets
-    the scales of every timestep, the file's own; None for a graph with one set of scales."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    if not any(p.key == BINS_KEY for p in model.metadata_props):
+def bins_note(custom_metadata: dict, name: str) -> str | None:
+    """A line for a stage that builds one engine from a graph (file `name`) with per-bin scales
+    (TensorRT): it gets the scales of every timestep, the file's own; None for one set of scales."""
+    if BINS_KEY not in custom_metadata:
         return None
-    return (f"note: {path.name} has per-timestep-bin Q/DQ scales ({BINS_KEY}); this engine uses the scales "
+    return (f"note: {name} has per-timestep-bin Q/DQ scales ({BINS_KEY}); this engine uses the scales "
             "fitted on every timestep (ONNX Runtime runs the per-bin ones)")

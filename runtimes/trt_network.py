@@ -239,17 +239,21 @@ def build_engine(onnx_path: Path, precision: str, profile: EngineProfile, option
     """Parse `onnx_path`, build a serialized engine; returns (engine bytes, facts for the manifest).
     The export's I/O spec names each dynamic axis (or `axis_names`: input -> per-dimension names, a
     decoder's), so `profile` gives it its range."""
+    import onnx
+
+    from vdit_deploy.runtimes.cpu_isa import tensorrt_refusal
+    from vdit_deploy.runtimes.qdq_bins import bins_note
+
+    props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    if refusal := tensorrt_refusal(props, onnx_path.name):
+        raise VditError(refusal)
+    if note := bins_note(props, onnx_path.name):
+        log(note)
     if axis_names is None:
         from vdit_deploy.export.metadata import read_metadata
-        from vdit_deploy.runtimes.cpu_isa import tensorrt_refusal
-        from vdit_deploy.runtimes.qdq_bins import bins_note
 
-        if refusal := tensorrt_refusal(onnx_path):
-            raise VditError(refusal)
         io = read_metadata(onnx_path).io
         axis_names = {spec["name"]: spec["shape"] for spec in io["inputs"]}
-        if note := bins_note(onnx_path):
-            log(note)
     trt = import_tensorrt()
     logger = tensorrt_logger(trt)
     builder = trt.Builder(logger)

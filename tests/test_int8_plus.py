@@ -49,6 +49,10 @@ def test_bins_share_the_weights(binned, export, calib):
     assert any(not np.array_equal(tables[0][n], numpy_helper.to_array(inits[n])) for n in names)
     single = quantize_int8(export, calib, mode="qdq", method="minmax", out=export / "q-one.onnx")
     assert abs(binned.stat().st_size - single.stat().st_size) < 64 * 1024   # the tables are small
+    # a TensorRT build of the binned graph says it takes the file's own scales; of the single one, nothing
+    from vdit_deploy.runtimes.qdq_bins import bins_note
+    assert "fitted on every timestep" in bins_note({p.key: p.value for p in model.metadata_props}, binned.name)
+    assert bins_note({p.key: p.value for p in onnx.load(str(single)).metadata_props}, single.name) is None
 
 
 def test_runtime_picks_the_bin_of_each_timestep(binned, calib):
