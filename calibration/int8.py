@@ -21,6 +21,13 @@ everywhere), the final projection (writes eps directly), the tubelet embedding (
 very different ranges from t=T-1 to 0: alone it cost most of the Q/DQ error), and the timestep /
 label embeddings. The
 attention cores (QK^T, softmax, AV) have no weights and stay float too.
+
+The first FLOAT_STEPS steps of the calibration set's sampler run in float (`--float-steps`, recorded in
+the graph: int8_bins.float_record; ONNX Runtime takes the export's fp32 graph for them). Those noisy
+steps decide each video's layout, and an INT8 error there is amplified along the whole trajectory: on
+the shipped checkpoint the Q/DQ graph's worst video of 16 went from 29.2 to 34.3 dB with its first 2
+of 15 UniPC steps in float (docs/calibration.md). Dynamic INT8 is 2.5x more accurate on those steps
+and keeps them.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ from vdit_deploy.runtimes.cpu_isa import META_KEY, Int8Choice, choose
 MODES = {"qdq": INT8_QDQ, "dynamic": INT8_DYNAMIC}       # mode -> file precision tag
 METHODS = ("minmax", "percentile", "entropy")
 DEFAULT_METHOD = "minmax"       # measured best on held-out seeds of the shipped model (docs/calibration.md)
+FLOAT_STEPS = {"qdq": 2, "dynamic": 0}     # per mode: the first steps that run in float (measured, above)
 DEFAULT_SENSITIVE = (r"adaLN_modulation", r"^final_layer", r"^t_embedder", r"^y_embedder", r"^tubelet_embed",
                      r"scaled_dot_product_attention",
                      # the same roles in diffusers' Latte / PixArt blocks (under the adapter's `net.`)
@@ -67,7 +75,7 @@ def quiet():
 def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str = DEFAULT_METHOD,
                   keep_fp=DEFAULT_SENSITIVE, only=None, out=None, per_channel: bool = True,
                   target=None, progress: bool = False, t_bins: int = 1,
-                  smooth: float | None = None) -> Path:
+                  smooth: float | None = None, float_steps: int | None = None) -> Path:
     """export_dir/denoiser.onnx -> denoiser.int8-dynamic.onnx (dynamic) or denoiser.int8-qdq.onnx (qdq); qdq
     also makes step.int8-qdq.onnx from the export's fused step graph (what TensorRT's int8 build
     compiles), calibrated on the same denoiser calls. Returns the denoiser's path.
@@ -79,10 +87,11 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
     for (runtimes/cpu_isa.py), None for this CPU: it decides the INT8 types, recorded in the graph.
     progress: a bar per calibration batch on stderr (vdit_deploy/progress.py). t_bins: qdq only, one set
     of activation scales per timestep bin (calibration/int8_bins.py). smooth: SmoothQuant's alpha
-    (calibration/smooth.py), None for none."""
+    (calibration/smooth.py), None for none. float_steps: the calibration sampler's first steps that run
+    in float (int8_bins.float_record), None for the mode's FLOAT_STEPS."""
     from vdit_deploy.calibration.collect import load_calibration_set
     from vdit_deploy.calibration.fp16 import variant_sources
-    from vdit_deploy.calibration.int8_bins import check_bins, quantize_bins
+    from vdit_deploy.calibration.int8_bins import check_bins, check_float_steps, float_record, quantize_bins
     from vdit_deploy.calibration.smooth import check_alpha
 
     check_patterns([*keep_fp, *(only or ())])     # before any graph is loaded or written
@@ -96,6 +105,9 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
                         "weights differently; use one of them")
     if method not in METHODS:
         raise VditError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
+    float_steps = FLOAT_STEPS.get(mode, 0) if float_steps is None else check_float_steps(float_steps)
+    if float_steps and calib_dir is None and mode != "qdq":     # (qdq without a set is refused below)
+        raise VditError("--float-steps needs a calibration set (--calib): its sampler's steps give the timesteps")
     src, *step = variant_sources(export_dir)
     meta = read_metadata(src)
     check_output(Path(out) if out else variant_path(export_dir, mode))
@@ -105,7 +117,7 @@ def quantize_int8(export_dir, calib_dir=None, mode: str = "dynamic", method: str
     elif mode == "qdq":
         raise VditError("static Q/DQ quantization needs a calibration set: run `vdit calibrate collect` first")
     rules = dict(mode=mode, method=method, keep_fp=keep_fp, only=only, per_channel=per_channel, choice=choice,
-                 progress=progress, smooth=smooth)
+                 progress=progress, smooth=smooth, float_above=float_record(cset, float_steps) if cset is not None else None)
 
     def run(graph, dest, batches_of):     # batches_of(cset) -> batches(lo, hi) of that set
         if t_bins == 1:
@@ -144,11 +156,13 @@ def ranges_cache_writer():
 
 
 def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_fp, only, per_channel: bool,
-                   choice: Int8Choice | None = None, progress: bool = False, smooth: float | None = None) -> Path:
+                   choice: Int8Choice | None = None, progress: bool = False, smooth: float | None = None,
+                   float_above: dict | None = None) -> Path:
     """One fp32 graph (denoiser or fused step) -> its INT8 variant at `out`, with the types of `choice`
     (default: this CPU's) stamped in its metadata. batches(lo, hi): feed dicts in the graph's batch
     range for static calibration (qdq). The step's own arithmetic has no MatMul / Gemm / Conv: it
-    stays float. progress: a bar per calibration batch (qdq) or over the graph's nodes (dynamic)."""
+    stays float. progress: a bar per calibration batch (qdq) or over the graph's nodes (dynamic).
+    float_above: int8_bins.float_record's record, stamped as qdq_bins.FLOAT_KEY (None: every call INT8)."""
     import onnx
 
     from vdit_deploy.calibration.fp16 import save_variant
@@ -182,6 +196,11 @@ def quantize_graph(src: Path, out: Path, batches, mode: str, method: str, keep_f
         for key, value in props:
             quantized.metadata_props.add(key=key, value=value)
         quantized.metadata_props.add(key=META_KEY, value=choice.to_json())
+        if float_above is not None:
+            import json
+
+            from vdit_deploy.runtimes.qdq_bins import FLOAT_KEY
+            quantized.metadata_props.add(key=FLOAT_KEY, value=json.dumps(float_above))
         return save_variant(quantized, out, MODES[mode], data)
 
 

@@ -15,6 +15,11 @@ e.g. a TensorRT build), and the per-bin values of every initializer that differs
 Bin k holds timesteps in [edges[k-1], edges[k]) (bin 0 the lowest t). ONNX Runtime (runtimes/ort_runtime.py)
 opens one session per bin from the same file, each with its bin's initializers overriding the
 file's (SessionOptions.add_initializer), and runs each call on the session of its timestep.
+
+`--float-steps K` (float_record) is the other per-timestep choice: the calls of the first K steps of the
+calibration set's sampler run on the fp32 graph (runtimes/qdq_bins.py, FLOAT_KEY), and so do any
+sampler's calls at those timesteps: the threshold t_f is halfway between that sampler's K-th and
+(K+1)-th timesteps.
 """
 from __future__ import annotations
 
@@ -43,6 +48,27 @@ def split_timesteps(timesteps, n: int) -> tuple[list[float], list[list[float]]]:
     groups = [list(g) for g in np.array_split(np.array(ts), n)]
     edges = [(a[-1] + b[0]) / 2 for a, b in zip(groups, groups[1:])]
     return [float(e) for e in edges], [[float(t) for t in g] for g in groups]
+
+
+def check_float_steps(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise VditError(f"--float-steps must be a whole number of steps >= 0, got {n!r}")
+    return n
+
+
+def float_record(cset, steps: int) -> dict | None:
+    """FLOAT_KEY's record for running the first `steps` steps of the calibration set's sampler in float,
+    None for 0: {"t": t_f, "steps", "sampler", "of": that sampler's step count}."""
+    from vdit_deploy.sampling import sampler_plan
+
+    if check_float_steps(steps) == 0:
+        return None
+    m = cset.manifest
+    ts = [float(s.t) for s in sampler_plan(cset.contract, m["sampler"], m["steps"], m["eta"], m.get("order"),
+                                           m.get("spacing"))]
+    if steps >= len(ts):
+        raise VditError(f"--float-steps {steps} leaves none of the calibration sampler's {len(ts)} steps in INT8")
+    return {"t": (ts[steps - 1] + ts[steps]) / 2, "steps": steps, "sampler": m["sampler"], "of": len(ts)}
 
 
 def subset(cset, timesteps):

@@ -33,7 +33,9 @@ import numpy as np
 from vdit_deploy.contract import NULL_FILE, Contract, load_null
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.triton_python import REQUEST_OPTIONS, model_py
+from vdit_deploy.export.variants import with_data
 from vdit_deploy.files import atomic_path, check_inside
+from vdit_deploy.runtimes.qdq_bins import float_note
 
 DENOISER_MODEL, SAMPLER_MODEL = "vdit_denoiser", "vdit_sampler"
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
@@ -198,7 +200,10 @@ def write_triton_repo(export_dir: str | Path, out_dir: str | Path, engine: str |
     max_videos = max_batch // 2 if fixed is None else FIXED_BATCH_VIDEOS
     data = onnx_path.with_name(onnx_path.name + ".data")
     decoders, frames = decoder_files(onnx_path.parent, meta.contract)
-    for file in (onnx_path, data, *decoders):
+    # an INT8 graph whose first steps run in float (runtimes/qdq_bins.py): the python backend runs them
+    first_steps = {} if engine is not None else _float_props(onnx_path)
+    fp32 = with_data(find_onnx(export_dir, DENOISER)) if first_steps and backend == "python" else []
+    for file in (onnx_path, data, *decoders, *fp32):
         if file.exists() or file.is_symlink():
             check_inside(file, onnx_path.parent)
     with atomic_path(out_dir, is_dir=True, marker=f"{DENOISER_MODEL}/config.pbtxt") as tmp:
@@ -210,6 +215,8 @@ def write_triton_repo(export_dir: str | Path, out_dir: str | Path, engine: str |
             shutil.copyfile(onnx_path, den / model_file)
             if data.is_file():   # external weights keep the name the graph refers to
                 shutil.copyfile(data, den / data.name)
+            for file in fp32:         # the python backend's OrtRuntime runs the first steps on it
+                shutil.copyfile(file, den / file.name)
         (tmp / DENOISER_MODEL / "config.pbtxt").write_text(denoiser_config(meta.io, backend, max_batch, instances,
                                                                            fixed))
         (tmp / SAMPLER_MODEL / "1").mkdir(parents=True)
@@ -223,7 +230,18 @@ def write_triton_repo(export_dir: str | Path, out_dir: str | Path, engine: str |
     if frames is not None:
         notes.append(f"{SAMPLER_MODEL}: output frames {list(frames)} per video, decoded by {decoders[0].name} "
                      "(ONNX Runtime, in the sampler) when a request asks for it")
+    if first_steps and backend != "python":
+        notes.append(float_note(first_steps, onnx_path.name, f"Triton's {backend} backend"))
     return notes
+
+
+def _float_props(onnx_path: Path) -> dict:
+    """The graph's metadata when it runs its first steps in float (qdq_bins.FLOAT_KEY), else {}."""
+    import onnx
+
+    from vdit_deploy.runtimes.qdq_bins import FLOAT_KEY
+    props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    return props if FLOAT_KEY in props else {}
 
 
 def check_backend(backend: str | None, engine) -> str:

@@ -18,7 +18,8 @@ from vdit_deploy.contract import load_null
 from vdit_deploy.samplers import SolverState, apply_step
 from vdit_deploy.errors import VditError
 from vdit_deploy.export.metadata import NULL_PREFIX, STEP_STATE, check_variant_complete, find_onnx, read_metadata
-from vdit_deploy.export.variants import DENOISER, FP16, INT8_QDQ, STEP, find_variant, runtime_graph, with_data
+from vdit_deploy.export.variants import (DENOISER, FP16, FP32, INT8_QDQ, STEP, find_variant, runtime_graph, variant_file,
+                                         with_data)
 from vdit_deploy.runtimes.base import Runtime, TensorSpec
 
 # Short names accepted for providers; the default order is the first three where available.
@@ -102,6 +103,8 @@ class _Graph:
             self.session = self._open(path, make(), providers)
         # per-timestep-bin Q/DQ scales (calibration/int8_bins.py): one session per bin, same file
         self.bins = self._bin_sessions(path, make, providers)
+        # the first, noisiest steps in float (qdq_bins.FLOAT_KEY): the export's fp32 graph of this kind
+        self.float_above, self.float_graph = self._float_graph(path, kind, providers, make)
         self.dtypes = {i.name: ORT_DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.output = self.output_names[0]
@@ -134,8 +137,30 @@ class _Graph:
                             for t in tables]
         return edges, [self._open(path, make(), providers, values) for values in self._bin_values]
 
+    def _float_graph(self, path, kind, providers, make):
+        """(t_f, the fp32 _Graph beside this INT8 one) for a graph whose calls at t >= t_f run in float,
+        else (None, None)."""
+        from vdit_deploy.runtimes.qdq_bins import read_float_above
+
+        t_f = read_float_above(self.session.get_modelmeta().custom_metadata_map, str(path))
+        if t_f is None:
+            return None, None
+        fp32 = find_variant(path.parent, kind, FP32)
+        if fp32 is None:
+            raise VditError(f"{path.name} runs its first steps (t >= {t_f:g}) in float: it needs the export's "
+                            f"{variant_file(kind, FP32)} beside it")
+        return t_f, _Graph(fp32, kind, providers, make)
+
     def session_for(self, t) -> "object":
-        """The session that runs a call at timesteps t: its bin's, or the graph's one."""
+        """The session that runs a call at timesteps t: the fp32 graph's above float_above, its bin's, or
+        the graph's one."""
+        if t is not None and self.float_above is not None:
+            high = np.asarray(t).reshape(-1) >= self.float_above
+            if high.all():
+                return self.float_graph.session
+            if high.any():
+                raise VditError(f"{self.path.name} runs calls at t >= {self.float_above:g} in float: one call's "
+                                f"rows must all be above or all below (t = {np.unique(t).tolist()})")
         if self.bins is None or t is None:
             return self.session
         from vdit_deploy.runtimes.qdq_bins import bin_of
@@ -156,7 +181,18 @@ class _Graph:
         return {k: np.ascontiguousarray(v, dtype=self.dtypes[k]) for k, v in arrays.items()}
 
     def run(self, **arrays) -> np.ndarray:
-        return self.session_for(arrays.get("t")).run([self.output], self.feeds(**arrays))[0]
+        t = arrays.get("t")
+        if self.float_above is not None and t is not None and np.ndim(t) == 1:
+            high = np.asarray(t) >= self.float_above
+            if high.any() and not high.all():     # rows of several calls (a server's batch): each on its graph
+                out = None
+                for rows in (high, ~high):
+                    part = self.session_for(t[rows]).run([self.output], self.feeds(
+                        **{k: v[rows] if np.ndim(v) and len(v) == len(t) else v for k, v in arrays.items()}))[0]
+                    out = np.empty((len(t), *part.shape[1:]), part.dtype) if out is None else out
+                    out[rows] = part
+                return out
+        return self.session_for(t).run([self.output], self.feeds(**arrays))[0]
 
     def run_all(self, **arrays) -> list[np.ndarray]:
         return self.session_for(arrays.get("t")).run(self.output_names, self.feeds(**arrays))
@@ -245,7 +281,8 @@ class OrtRuntime(Runtime):
     @property
     def files(self):
         split = self._cache.files if self._cache else []
-        return [f for g in (self.graph, self.fused) if g is not None for f in with_data(g.path)] + split
+        graphs = [h for g in (self.graph, self.fused) if g is not None for h in (g, g.float_graph) if h is not None]
+        return [f for g in graphs for f in with_data(g.path)] + split
 
     def cached_step(self, x_t, t: int, cond, guidance: float, coefs, noise, state=None, cache=None):
         """A step of step caching (runtimes/ort_cache.py): the head graph, the tail unless `cache` skips it."""
@@ -318,7 +355,9 @@ class OrtRuntime(Runtime):
 
     def describe(self) -> str:
         fused = "fused step" if self.fused else "host step"
-        return f"ort:{self.precision} on {self.device} ({fused})"
+        t_f = self.graph.float_above
+        first = f", fp32 at t >= {t_f:g}" if t_f is not None else ""
+        return f"ort:{self.precision} on {self.device} ({fused}{first})"
 
 
 class OrtTrtRuntime(OrtRuntime):

@@ -8,6 +8,13 @@ timestep as its initializers and, in the metadata, the values each timestep bin 
 
 Bin k holds timesteps in [edges[k-1], edges[k]) (bin 0 the lowest t). A runtime that knows nothing of
 bins runs the file's own (single) scales; ONNX Runtime opens one session per bin (runtimes/ort_runtime.py).
+
+An INT8 graph with `vdit.int8_float_above` metadata ({"t": t_f, "steps": K, "sampler": ..., "of": N})
+runs its calls at timesteps t >= t_f in float: ONNX Runtime opens the export's fp32 graph of the same
+kind beside it and takes it for those calls (`vdit calibrate int8 --float-steps K`, default 2 for Q/DQ:
+t_f is the K-th step of the calibration set's sampler). The first, noisiest steps decide each video's
+layout, and an error there is amplified along the whole trajectory: on the shipped checkpoint with
+UniPC 15, the Q/DQ error of step 2 alone costs more than that of the last 13 together (docs/calibration.md).
 """
 from __future__ import annotations
 
@@ -18,6 +25,22 @@ import numpy as np
 from vdit_deploy.errors import VditError
 
 BINS_KEY = "vdit.int8_bins"
+FLOAT_KEY = "vdit.int8_float_above"
+
+
+def _record(custom_metadata: dict, key: str, required, where: str) -> dict | None:
+    """The JSON object under `key` in a graph's metadata, with `required` keys, or None when absent."""
+    from vdit_deploy import validate as v
+
+    raw = custom_metadata.get(key)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise VditError(f"{where}: {key} is not JSON") from None
+    v.obj(data, key, required=required, where=where, extra_ok=True)
+    return data
 
 
 def bin_of(t, edges) -> np.ndarray:
@@ -30,14 +53,9 @@ def read_bins(custom_metadata: dict, where: str):
     Untrusted metadata: checked, one-line errors."""
     from vdit_deploy import validate as v
 
-    raw = custom_metadata.get(BINS_KEY)
-    if raw is None:
+    data = _record(custom_metadata, BINS_KEY, ("edges", "tensors"), where)
+    if data is None:
         return None
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        raise VditError(f"{where}: {BINS_KEY} is not JSON") from None
-    v.obj(data, BINS_KEY, required=("edges", "tensors"), where=where, extra_ok=True)
     edges = data["edges"]
     if not isinstance(edges, list) or not all(isinstance(e, (int, float)) and np.isfinite(e) for e in edges) \
             or edges != sorted(edges):
@@ -60,6 +78,24 @@ def read_bins(custom_metadata: dict, where: str):
                 v.fail(where, f"{BINS_KEY}.tensors[{name[:40]}] bin {k} must hold {int(np.prod(shape))} finite values")
             bins[k][name] = a.reshape(shape)
     return [float(e) for e in edges], bins
+
+
+def read_float_above(custom_metadata: dict, where: str) -> float | None:
+    """The timestep from which a graph's calls run in float (FLOAT_KEY), or None. Untrusted metadata:
+    checked, one-line errors."""
+    from vdit_deploy import validate as v
+
+    data = _record(custom_metadata, FLOAT_KEY, ("t",), where)
+    return None if data is None else float(v.number(data["t"], f"{FLOAT_KEY}.t", where=where))
+
+
+def float_note(custom_metadata: dict, name: str, who: str) -> str | None:
+    """A line for a stage whose runtime runs one graph for every step (`who`: TensorRT, Triton) given a
+    graph whose first steps ONNX Runtime runs in float; None for a graph without them."""
+    if FLOAT_KEY not in custom_metadata:
+        return None
+    return (f"note: {name} runs its first steps in float on ONNX Runtime ({FLOAT_KEY}); {who} runs every "
+            "step in INT8")
 
 
 def bins_note(custom_metadata: dict, name: str) -> str | None:

@@ -242,13 +242,14 @@ def build_engine(onnx_path: Path, precision: str, profile: EngineProfile, option
     import onnx
 
     from vdit_deploy.runtimes.cpu_isa import tensorrt_refusal
-    from vdit_deploy.runtimes.qdq_bins import bins_note
+    from vdit_deploy.runtimes.qdq_bins import bins_note, float_note
 
     props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
     if refusal := tensorrt_refusal(props, onnx_path.name):
         raise VditError(refusal)
-    if note := bins_note(props, onnx_path.name):
-        log(note)
+    for note in (bins_note(props, onnx_path.name), float_note(props, onnx_path.name, "TensorRT")):
+        if note:
+            log(note)
     if axis_names is None:
         from vdit_deploy.export.metadata import read_metadata
 

@@ -136,8 +136,8 @@ def test_fused_step_equals_host_step(export, calib, precision, tol):
 
     if precision == "fp16":
         convert_fp16(export)
-    else:
-        quantize_int8(export, calib, mode="qdq")
+    else:     # every step in INT8 (float_steps=0): the first steps' fp32 graphs are tested in test_int8_plus.py
+        quantize_int8(export, calib, mode="qdq", float_steps=0)
     tensorrt_precision = {"fp16": "fp16", "int8-qdq": "int8"}[precision]
     assert onnx_for(export, "step", tensorrt_precision, True).name == f"step.{precision}.onnx"
     cset = load_calibration_set(calib)
@@ -393,7 +393,7 @@ def test_latte_fused_step_equals_host_step(latte, precision):
     if precision == "fp16":
         convert_fp16(export)
     else:
-        quantize_int8(export, calib, mode="qdq")
+        quantize_int8(export, calib, mode="qdq", float_steps=0)     # every step in INT8, as above
     with open_runtime("ort", export, precision=precision) as rt:
         assert rt.describe() == f"ort:{precision} on CPU (fused step)"
         ddpm = sampler_plan(rt.contract, "ddpm")

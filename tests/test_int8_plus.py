@@ -30,7 +30,8 @@ def calib(export, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def binned(export, calib):
-    return quantize_int8(export, calib, mode="qdq", method="minmax", t_bins=3, out=export / "q-bins.onnx")
+    # float_steps=0: every call on its bin (the first steps in float are tested below)
+    return quantize_int8(export, calib, mode="qdq", method="minmax", t_bins=3, float_steps=0, out=export / "q-bins.onnx")
 
 
 def test_bins_share_the_weights(binned, export, calib):
@@ -53,6 +54,77 @@ def test_bins_share_the_weights(binned, export, calib):
     from vdit_deploy.runtimes.qdq_bins import bins_note
     assert "fitted on every timestep" in bins_note({p.key: p.value for p in model.metadata_props}, binned.name)
     assert bins_note({p.key: p.value for p in onnx.load(str(single)).metadata_props}, single.name) is None
+
+
+def test_first_steps_run_in_float(export, calib, tmp_path):
+    """--float-steps: calls at the calibration sampler's first timesteps run on the export's fp32 graph,
+    the others on the INT8 graph; the default is 2 steps for qdq, none for dynamic."""
+    import onnxruntime as ort
+
+    from vdit_deploy.runtimes.ort_runtime import OrtRuntime
+    from vdit_deploy.runtimes.qdq_bins import FLOAT_KEY, float_note, read_float_above
+    from vdit_deploy.sampling import sampler_plan
+
+    props = lambda p: {m.key: m.value for m in onnx.load(str(p), load_external_data=False).metadata_props}
+    path = quantize_int8(export, calib, mode="qdq", out=export / "q-float.onnx")      # the default: 2
+    cset = load_calibration_set(calib)
+    ts = [float(s.t) for s in sampler_plan(cset.contract, "ddim", 6)]
+    assert json.loads(props(path)[FLOAT_KEY]) == {"t": (ts[1] + ts[2]) / 2, "steps": 2, "sampler": "ddim", "of": 6}
+    assert FLOAT_KEY not in props(quantize_int8(export, calib, mode="qdq", float_steps=0, out=export / "q-0.onnx"))
+    assert FLOAT_KEY not in props(quantize_int8(export, calib, mode="dynamic", out=export / "d.onnx"))
+    rt, fp32 = OrtRuntime(path, "int8-qdq", providers=["cpu"]), OrtRuntime(export, "fp32", providers=["cpu"])
+    raw = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((2, *cset.contract.latent)).astype(np.float32)
+    y = {"y": np.int32([1, 1])}
+    for t, in_float in ((ts[0], True), (ts[1], True), (ts[2], False), (ts[-1], False)):
+        got = rt.denoise(x, np.float32([t, t]), y)
+        if in_float:
+            assert np.array_equal(got, fp32.denoise(x, np.float32([t, t]), y))
+        else:
+            want = raw.run(["out"], {"x_t": x, "t": np.float32([t, t]), **y})[0]
+            assert np.array_equal(got, want) and not np.allclose(got, fp32.denoise(x, np.float32([t, t]), y))
+    # rows at both sides of the threshold in one call: each row on its graph (test_served_first_steps)
+    mixed = rt.denoise(x, np.float32([ts[0], ts[-1]]), y)
+    assert np.array_equal(mixed[:1], fp32.denoise(x[:1], np.float32([ts[0]]), {"y": y["y"][:1]}))
+    assert "fp32 at t >=" in rt.describe() and export / "denoiser.onnx" in rt.files
+    # TensorRT and Triton run one graph for every step: they say so
+    assert "TensorRT runs every step in INT8" in float_note(props(path), path.name, "TensorRT")
+    assert float_note(props(export / "q-0.onnx"), "q-0.onnx", "TensorRT") is None
+    # the graph alone, without the export's fp32 graph beside it: refused in one line
+    alone = tmp_path / path.name
+    shutil.copyfile(path, alone)
+    with pytest.raises(VditError, match="needs the export's denoiser.onnx beside it"):
+        OrtRuntime(alone, "int8-qdq", providers=["cpu"])
+    for bad in ("[", '{"t": "high"}', '{"t": null}'):
+        with pytest.raises(VditError, match=FLOAT_KEY):
+            read_float_above({FLOAT_KEY: bad}, "g.onnx")
+
+
+def test_served_first_steps(export, calib, tmp_path):
+    """serve-export of a Q/DQ graph with its first steps in float: the python backend gets the fp32 graph
+    beside it, and a batch of rows at several timesteps (Triton's batcher merges calls of different
+    requests) runs each row on its graph; the onnxruntime backend runs every step in INT8 and says so."""
+    import onnxruntime as ort
+
+    from vdit_deploy.export.triton import write_triton_repo
+    from vdit_deploy.runtimes.ort_runtime import OrtRuntime
+
+    quantize_int8(export, calib, mode="qdq")
+    write_triton_repo(export, tmp_path / "py", precision="int8-qdq", backend="python")
+    version = tmp_path / "py" / "vdit_denoiser" / "1"
+    assert (version / "denoiser.onnx").is_file()
+    notes = write_triton_repo(export, tmp_path / "ort", precision="int8-qdq", backend="onnxruntime")
+    assert not (tmp_path / "ort" / "vdit_denoiser" / "1" / "denoiser.onnx").exists()
+    assert any("Triton's onnxruntime backend runs every step in INT8" in n for n in notes)
+    rt = OrtRuntime(version / "model.onnx", "int8-qdq", providers=["cpu"])     # as the python backend opens it
+    t = np.float32([999, 20, 999, 20])
+    x = np.random.default_rng(1).standard_normal((4, *rt.contract.latent)).astype(np.float32)
+    y = np.int32([0, 1, 2, 3])
+    got = rt.denoise_rows(x, t, {"y": y})
+    fp32 = OrtRuntime(export, "fp32", providers=["cpu"]).denoise(x[::2], t[::2], {"y": y[::2]})
+    raw = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
+    int8 = raw.run(["out"], {"x_t": x[1::2], "t": t[1::2], "y": y[1::2]})[0]
+    assert np.array_equal(got[::2], fp32) and np.array_equal(got[1::2], int8)
 
 
 def test_runtime_picks_the_bin_of_each_timestep(binned, calib):
@@ -131,7 +203,10 @@ def test_smoothing_alone_keeps_the_function(export, calib):
     (["--mode", "qdq", "--t-bins", "4", "--calib", "CALIB"], "needs at least 4 recorded timesteps"),
     (["--t-bins", "2", "--calib", "CALIB"], "applies to the static Q/DQ graph"),
     (["--mode", "qdq", "--smooth", "0.5"], "--smooth needs a calibration set"),
-    (["--mode", "qdq", "--smooth", "0.5", "--t-bins", "2", "--calib", "CALIB"], "--smooth with --t-bins")])
+    (["--mode", "qdq", "--smooth", "0.5", "--t-bins", "2", "--calib", "CALIB"], "--smooth with --t-bins"),
+    (["--mode", "qdq", "--float-steps", "-1", "--calib", "CALIB"], "--float-steps must be a whole number"),
+    (["--mode", "qdq", "--float-steps", "6", "--calib", "CALIB"], "leaves none of the calibration sampler's 6 steps"),
+    (["--float-steps", "1"], "--float-steps needs a calibration set")])
 def test_bad_values_are_one_line(export, calib, args, message):
     before = sorted(p.name for p in export.iterdir())
     args = [str(calib) if a == "CALIB" else a for a in args]

@@ -109,10 +109,16 @@ def calibrate_fp16(export_dir, calib_dir, threads):
 @click.option("--smooth", default=None, type=float,
               help="SmoothQuant alpha in [0, 1]: migrate activation outliers into the weights (a Mul before "
               "each quantized MatMul).")
+@click.option("--float-steps", "float_steps", default=None, type=int,
+              help="The first steps of the calibration set's sampler that run in float (the export's fp32 graph, "
+              "on ONNX Runtime; any sampler's calls at those timesteps too): they decide each video's layout. "
+              "Default: 2 for qdq, 0 for dynamic.")
 @threads_option
-def calibrate_int8(export_dir, calib_dir, mode, method, keep_fp, target, t_bins, smooth, threads):
+def calibrate_int8(export_dir, calib_dir, mode, method, keep_fp, target, t_bins, smooth, float_steps, threads):
     """Write an INT8 denoiser graph with the types that do not saturate on its target CPU (recorded in
-    the graph); sensitive layers stay float."""
+    the graph); sensitive layers stay float, and with qdq the first steps too."""
+    import json
+
     import onnx
 
     from vdit_deploy.calibration.graph import COMPUTE_OPS, matching
@@ -123,6 +129,7 @@ def calibrate_int8(export_dir, calib_dir, mode, method, keep_fp, target, t_bins,
     from vdit_deploy.export.variants import INT8_QDQ, STEP, variant_file
     from vdit_deploy.progress import note
     from vdit_deploy.runtimes.cpu_isa import choose
+    from vdit_deploy.runtimes.qdq_bins import FLOAT_KEY
 
     keep = DEFAULT_SENSITIVE if not keep_fp else (() if keep_fp == ("none",) else keep_fp)
     choice = choose(mode, target)        # a bad --target before any work
@@ -132,15 +139,20 @@ def calibrate_int8(export_dir, calib_dir, mode, method, keep_fp, target, t_bins,
         note("int8 qdq: calibrating the denoiser and then the step graph on the set, then quantizing "
              "(minutes: every batch runs through the fp32 graph once per 512 MB of the activations Q/DQ ranges)")
     path = quantize_int8(export_dir, calib_dir, mode=mode, method=method or DEFAULT_METHOD, keep_fp=keep,
-                         target=target, progress=True, t_bins=t_bins, smooth=smooth)
+                         target=target, progress=True, t_bins=t_bins, smooth=smooth, float_steps=float_steps)
     # the patterns that name layers of this model (the default set also holds other families' names)
     kept = matching(onnx.load(str(find_onnx(export_dir)), load_external_data=False), keep, COMPUTE_OPS)
     step = path.with_name(variant_file(STEP, INT8_QDQ))
     also = f", {step} ({human_size(step.stat().st_size)})" if mode == "qdq" and step.is_file() else ""
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    first = json.loads(props[FLOAT_KEY]) if FLOAT_KEY in props else None
+    steps = (f"; in float: calls at t >= {first['t']:g} (the first {first['steps']} of {first['of']} "
+             f"{first['sampler']} steps)") if first else ""
     click.echo(f"wrote {path} ({human_size(path.stat().st_size)}){also}, {choice.describe()}; "
-               f"kept in float: {', '.join(kept) or 'nothing'}")
+               f"kept in float: {', '.join(kept) or 'nothing'}{steps}")
     if calib_dir is not None:
-        click.echo(f"eps rel L2 vs fp32 on the calibration set: {calibration_error(path, export_dir, calib_dir):.3e}")
+        click.echo(f"eps rel L2 vs fp32 on the calibration set (every call in INT8): "
+                   f"{calibration_error(path, export_dir, calib_dir):.3e}")
 
 
 @calibrate.command("sensitivity")
