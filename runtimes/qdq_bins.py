@@ -14,7 +14,7 @@ runs its calls at timesteps t >= t_f in float: ONNX Runtime opens the export's f
 kind beside it and takes it for those calls (`vdit calibrate int8 --float-steps K`, default 2 for Q/DQ:
 t_f is the K-th step of the calibration set's sampler). The first, noisiest steps decide each video's
 layout, and an error there is amplified along the whole trajectory: on the shipped checkpoint with
-UniPC 15, the Q/DQ error of step 2 alone costs more than that of the last 13 together (docs/calibration.md).
+UniPC 15, the second step's Q/DQ error alone costs more than the other 14 steps' together (docs/calibration.md).
 """
 from __future__ import annotations
 
@@ -96,6 +96,34 @@ def float_note(custom_metadata: dict, name: str, who: str) -> str | None:
         return None
     return (f"note: {name} runs its first steps in float on ONNX Runtime ({FLOAT_KEY}); {who} runs every "
             "step in INT8")
+
+
+def int8_lines(path) -> list[str]:
+    """`vdit info`'s lines for an INT8 graph file: its types and target (cpu_isa.META_KEY), its first
+    steps in float and its per-bin scales; [] for a float graph."""
+    from dataclasses import fields
+
+    import onnx
+
+    from vdit_deploy.runtimes.cpu_isa import Int8Choice, read_choice
+
+    where = str(path)
+    custom_metadata = {p.key: p.value for p in onnx.load(where, load_external_data=False).metadata_props}
+    lines = []
+    record = read_choice(custom_metadata)
+    if record is not None:
+        try:
+            lines.append(f"int8       {Int8Choice(**{f.name: record[f.name] for f in fields(Int8Choice)}).describe()}")
+        except (KeyError, TypeError):
+            lines.append("int8       types not recorded in full (an older graph)")
+    if (t_f := read_float_above(custom_metadata, where)) is not None:
+        first = _record(custom_metadata, FLOAT_KEY, ("t",), where)
+        made = f" (the first {first['steps']} of {first['of']} {first['sampler']} steps)" \
+            if {"steps", "of", "sampler"} <= set(first) else ""
+        lines.append(f"float at   t >= {t_f:g}{made}: ONNX Runtime runs those calls on the fp32 graph")
+    if (bins := read_bins(custom_metadata, where)) is not None:
+        lines.append(f"t bins     {len(bins[1])} sets of activation scales, edges {[round(e, 1) for e in bins[0]]}")
+    return lines
 
 
 def bins_note(custom_metadata: dict, name: str) -> str | None:

@@ -56,7 +56,7 @@ def test_bins_share_the_weights(binned, export, calib):
     assert bins_note({p.key: p.value for p in onnx.load(str(single)).metadata_props}, single.name) is None
 
 
-def test_first_steps_run_in_float(export, calib, tmp_path):
+def test_first_steps_run_in_float(export, calib, binned, tmp_path):
     """--float-steps: calls at the calibration sampler's first timesteps run on the export's fp32 graph,
     the others on the INT8 graph; the default is 2 steps for qdq, none for dynamic."""
     import onnxruntime as ort
@@ -87,6 +87,10 @@ def test_first_steps_run_in_float(export, calib, tmp_path):
     mixed = rt.denoise(x, np.float32([ts[0], ts[-1]]), y)
     assert np.array_equal(mixed[:1], fp32.denoise(x[:1], np.float32([ts[0]]), {"y": y["y"][:1]}))
     assert "fp32 at t >=" in rt.describe() and export / "denoiser.onnx" in rt.files
+    # `vdit info` shows the types, the first steps in float and (for a binned graph) the bins
+    shown = CliRunner().invoke(main, ["info", str(path)]).output
+    assert f"float at   t >= {(ts[1] + ts[2]) / 2:g} (the first 2 of 6 ddim steps)" in shown and "asymmetric" in shown
+    assert "t bins     3 sets of activation scales" in CliRunner().invoke(main, ["info", str(binned)]).output
     # TensorRT and Triton run one graph for every step: they say so
     assert "TensorRT runs every step in INT8" in float_note(props(path), path.name, "TensorRT")
     assert float_note(props(export / "q-0.onnx"), "q-0.onnx", "TensorRT") is None

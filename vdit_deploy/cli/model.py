@@ -27,14 +27,21 @@ def info(path):
         from vdit_deploy.decode import describe_decoder
         from vdit_deploy.export.metadata import describe_onnx
         from vdit_deploy.export.variants import DECODER_KINDS, all_variant_files
+        from vdit_deploy.runtimes.qdq_bins import int8_lines
 
         if path.is_file() and path.name in all_variant_files(DECODER_KINDS):
             click.echo(describe_decoder(path))
-        else:
-            click.echo(describe_onnx(path))
-            for file in sorted(path.glob("*.onnx")) if path.is_dir() else []:
-                if file.name in all_variant_files(DECODER_KINDS):
-                    click.echo(describe_decoder(file))
+            return
+        files = sorted(path.glob("*.onnx")) if path.is_dir() else [path]
+        for file in files:
+            if file.name in all_variant_files(DECODER_KINDS):
+                continue
+            click.echo(describe_onnx(file))
+            for line in int8_lines(file):      # types, first steps in float, per-bin scales: INT8 graphs only
+                click.echo(f"  {line}")
+        for file in files:
+            if file.name in all_variant_files(DECODER_KINDS):
+                click.echo(describe_decoder(file))
         return
     from vdit_deploy.describe import describe_diffusers_dir
     from vdit_deploy.sources import is_diffusers_dir
