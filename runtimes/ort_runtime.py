@@ -185,12 +185,10 @@ class _Graph:
         if self.float_above is not None and t is not None and np.ndim(t) == 1:
             high = np.asarray(t) >= self.float_above
             if high.any() and not high.all():     # rows of several calls (a server's batch): each on its graph
-                out = None
-                for rows in (high, ~high):
-                    part = self.session_for(t[rows]).run([self.output], self.feeds(
-                        **{k: v[rows] if np.ndim(v) and len(v) == len(t) else v for k, v in arrays.items()}))[0]
-                    out = np.empty((len(t), *part.shape[1:]), part.dtype) if out is None else out
-                    out[rows] = part
+                rows_of = lambda m: {k: v[m] if np.ndim(v) and len(v) == len(t) else v for k, v in arrays.items()}
+                above, below = self.run(**rows_of(high)), self.run(**rows_of(~high))
+                out = np.empty((len(t), *above.shape[1:]), above.dtype)
+                out[high], out[~high] = above, below
                 return out
         return self.session_for(t).run([self.output], self.feeds(**arrays))[0]
 

@@ -89,6 +89,17 @@ def read_float_above(custom_metadata: dict, where: str) -> float | None:
     return None if data is None else float(v.number(data["t"], f"{FLOAT_KEY}.t", where=where))
 
 
+def float_steps_text(custom_metadata: dict, where: str) -> str | None:
+    """"t >= 881 (the first 2 of 15 unipc steps)" for a graph whose first steps run in float, else None."""
+    t_f = read_float_above(custom_metadata, where)
+    if t_f is None:
+        return None
+    first = _record(custom_metadata, FLOAT_KEY, ("t",), where)
+    made = f" (the first {first['steps']} of {first['of']} {first['sampler']} steps)" \
+        if {"steps", "of", "sampler"} <= set(first) else ""
+    return f"t >= {t_f:g}{made}"
+
+
 def float_note(custom_metadata: dict, name: str, who: str) -> str | None:
     """A line for a stage whose runtime runs one graph for every step (`who`: TensorRT, Triton) given a
     graph whose first steps ONNX Runtime runs in float; None for a graph without them."""
@@ -116,11 +127,8 @@ def int8_lines(path) -> list[str]:
             lines.append(f"int8       {Int8Choice(**{f.name: record[f.name] for f in fields(Int8Choice)}).describe()}")
         except (KeyError, TypeError):
             lines.append("int8       types not recorded in full (an older graph)")
-    if (t_f := read_float_above(custom_metadata, where)) is not None:
-        first = _record(custom_metadata, FLOAT_KEY, ("t",), where)
-        made = f" (the first {first['steps']} of {first['of']} {first['sampler']} steps)" \
-            if {"steps", "of", "sampler"} <= set(first) else ""
-        lines.append(f"float at   t >= {t_f:g}{made}: ONNX Runtime runs those calls on the fp32 graph")
+    if (first := float_steps_text(custom_metadata, where)) is not None:
+        lines.append(f"float at   {first}: ONNX Runtime runs those calls on the fp32 graph")
     if (bins := read_bins(custom_metadata, where)) is not None:
         lines.append(f"t bins     {len(bins[1])} sets of activation scales, edges {[round(e, 1) for e in bins[0]]}")
     return lines

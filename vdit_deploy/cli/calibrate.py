@@ -117,8 +117,6 @@ def calibrate_fp16(export_dir, calib_dir, threads):
 def calibrate_int8(export_dir, calib_dir, mode, method, keep_fp, target, t_bins, smooth, float_steps, threads):
     """Write an INT8 denoiser graph with the types that do not saturate on its target CPU (recorded in
     the graph); sensitive layers stay float, and with qdq the first steps too."""
-    import json
-
     import onnx
 
     from vdit_deploy.calibration.graph import COMPUTE_OPS, matching
@@ -129,7 +127,7 @@ def calibrate_int8(export_dir, calib_dir, mode, method, keep_fp, target, t_bins,
     from vdit_deploy.export.variants import INT8_QDQ, STEP, variant_file
     from vdit_deploy.progress import note
     from vdit_deploy.runtimes.cpu_isa import choose
-    from vdit_deploy.runtimes.qdq_bins import FLOAT_KEY
+    from vdit_deploy.runtimes.qdq_bins import float_steps_text
 
     keep = DEFAULT_SENSITIVE if not keep_fp else (() if keep_fp == ("none",) else keep_fp)
     choice = choose(mode, target)        # a bad --target before any work
@@ -145,9 +143,8 @@ def calibrate_int8(export_dir, calib_dir, mode, method, keep_fp, target, t_bins,
     step = path.with_name(variant_file(STEP, INT8_QDQ))
     also = f", {step} ({human_size(step.stat().st_size)})" if mode == "qdq" and step.is_file() else ""
     props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    first = json.loads(props[FLOAT_KEY]) if FLOAT_KEY in props else None
-    steps = (f"; in float: calls at t >= {first['t']:g} (the first {first['steps']} of {first['of']} "
-             f"{first['sampler']} steps)") if first else ""
+    first = float_steps_text(props, str(path))
+    steps = f"; in float: calls at {first}" if first else ""
     click.echo(f"wrote {path} ({human_size(path.stat().st_size)}){also}, {choice.describe()}; "
                f"kept in float: {', '.join(kept) or 'nothing'}{steps}")
     if calib_dir is not None:
